@@ -1,0 +1,281 @@
+//! HTTP handlers of the client. Thin: they parse, call the store or the runner, and shape the
+//! answer. Every error is a JSON body `{"error": "..."}` with a fitting status code.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use jobrelay_common::archive::zip_stream;
+use jobrelay_common::protocol::{ClientInfo, ErrorBody, PayloadRecord, PayloadStatus};
+use jobrelay_common::upload::{self, UploadError};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::load::LoadGauge;
+use crate::runner::{KillOutcome, Runner};
+use crate::store::{Created, PayloadStore, Refused};
+
+/// Longest a caller may ask `/events` to wait.
+const MAX_EVENTS_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<PayloadStore>,
+    pub runner: Arc<Runner>,
+    pub load: LoadGauge,
+    pub max_upload: u64,
+}
+
+/// A JSON error answer.
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(status, message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        ApiError::new(e.status(), e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(ping))
+        .route("/health", get(health))
+        .route("/load", get(load))
+        .route("/info", get(info))
+        .route("/submit", post(submit).layer(DefaultBodyLimit::disable()))
+        .route("/retrieve/{id}", get(retrieve))
+        .route("/retrieve_partial/{id}", get(retrieve_partial))
+        .route("/kill/{id}", post(kill))
+        .route("/release/{id}", post(release))
+        .route("/events", get(events))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint",
+    )
+}
+
+async fn ping() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "service": "jobrelay-client",
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "healthy" }))
+}
+
+async fn load(State(state): State<AppState>) -> Json<f64> {
+    Json(state.load.percent())
+}
+
+async fn info(State(state): State<AppState>) -> Json<ClientInfo> {
+    Json(ClientInfo {
+        name: "jobrelay-client".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        node: state.store.node().to_owned(),
+        instance: state.store.events.instance().to_owned(),
+        slots: state.runner.slots(),
+        running: state.runner.running_count(),
+        prepared: state.store.count(PayloadStatus::Prepared),
+        features: ["events", "key", "release", "kill", "retrieve_partial"]
+            .map(String::from)
+            .to_vec(),
+    })
+}
+
+fn parse_id(raw: &str) -> ApiResult<u64> {
+    raw.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("payload id must be a non-negative integer, not {raw:?}"),
+        )
+    })
+}
+
+fn find(state: &AppState, raw_id: &str) -> ApiResult<PayloadRecord> {
+    let id = parse_id(raw_id)?;
+    state
+        .store
+        .get(id)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no payload {id}")))
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> ApiResult<Json<PayloadRecord>> {
+    upload::check_content_length(&headers, state.max_upload)?;
+    let multipart = multipart.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("expected a multipart/form-data body: {e}"),
+        )
+    })?;
+    let received = upload::receive(multipart, state.store.staging_dir(), state.max_upload).await?;
+    let key = received
+        .fields
+        .get("key")
+        .cloned()
+        .filter(|k| !k.is_empty());
+    let store = state.store.clone();
+    let created = tokio::task::spawn_blocking(move || store.create(received, key))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "submission task failed"))?
+        .map_err(|e| {
+            let status = if jobrelay_common::fsutil::is_disk_full(&e) {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            ApiError::new(status, format!("could not store the payload: {e}"))
+        })?;
+    match created {
+        Created::New(record) => {
+            state.runner.enqueue(record.id);
+            Ok(Json(record))
+        }
+        Created::Existing(record) => Ok(Json(record)),
+    }
+}
+
+fn zip_response(state: &AppState, id: u64) -> ApiResult<Response> {
+    let dir = state.store.work_dir_of(id);
+    if !dir.is_dir() {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            format!("the work directory of payload {id} has been removed"),
+        ));
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/zip".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"payload-{id}.zip\""),
+            ),
+        ],
+        Body::from_stream(zip_stream(dir)),
+    )
+        .into_response())
+}
+
+async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let record = find(&state, &id)?;
+    if record.status == PayloadStatus::Completed {
+        zip_response(&state, record.id)
+    } else {
+        Ok(Json(record).into_response())
+    }
+}
+
+async fn retrieve_partial(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let record = find(&state, &id)?;
+    zip_response(&state, record.id)
+}
+
+async fn kill(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    match state.runner.kill(id).await {
+        KillOutcome::Killed(record) => Ok(Json(record).into_response()),
+        KillOutcome::AlreadyFinished(record) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("payload {id} has already finished ({})", record.status),
+        )),
+        KillOutcome::NotFound => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no payload {id}"),
+        )),
+    }
+}
+
+async fn release(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<PayloadRecord>> {
+    let id = parse_id(&id)?;
+    let store = state.store.clone();
+    let outcome = tokio::task::spawn_blocking(move || store.clean(id, "released by the server"))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "release task failed"))?;
+    match outcome {
+        Ok(record) => Ok(Json(record)),
+        Err(Refused::InState(record)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("payload {id} has not finished ({})", record.status),
+        )),
+        Err(Refused::NotFound) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no payload {id}"),
+        )),
+    }
+}
+
+async fn events(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let number = |name: &str| -> ApiResult<Option<f64>> {
+        query
+            .get(name)
+            .map(|v| {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|n| n.is_finite() && *n >= 0.0)
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            format!("{name} must be a non-negative number, not {v:?}"),
+                        )
+                    })
+            })
+            .transpose()
+    };
+    let after = number("after")?.unwrap_or(0.0) as u64;
+    let wait = Duration::from_secs_f64(number("wait")?.unwrap_or(0.0)).min(MAX_EVENTS_WAIT);
+    Ok(Json(state.store.events.after(after, wait).await).into_response())
+}

@@ -1,0 +1,118 @@
+//! The jobrelay executor client: accepts payloads over HTTP (the seed contract plus
+//! extensions), runs their `run.sh` in process groups, and serves their results as ZIPs.
+
+pub mod api;
+pub mod config;
+pub mod events;
+pub mod janitor;
+pub mod load;
+pub mod process;
+pub mod runner;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use config::{ClientArgs, ClientConfig};
+use jobrelay_common::protocol::PayloadStatus;
+
+use crate::runner::{Runner, RunnerConfig};
+use crate::store::PayloadStore;
+
+/// A client that is serving.
+pub struct RunningClient {
+    pub addr: SocketAddr,
+    pub runner: Arc<Runner>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningClient {
+    /// Stops serving and kills the payloads that are running (they are settled as
+    /// "client restarted" at the next start).
+    pub fn shutdown(self) {
+        self.server.abort();
+        self.runner.kill_all_now();
+    }
+}
+
+/// Settles what a previous client process left: payloads that were running are failed
+/// (their processes killed), prepared ones are queued again in arrival order.
+fn recover(store: &PayloadStore, runner: &Runner) {
+    for id in store.ids_in(PayloadStatus::Running) {
+        let killed = process::kill_marked(&process::marker(store.node(), id));
+        let _ = store.transition(id, &[PayloadStatus::Running], |r| {
+            r.status = PayloadStatus::Failed;
+            r.reason = Some("client restarted".into());
+        });
+        tracing::warn!(
+            id,
+            leftover_processes_killed = killed,
+            "payload was running when the client stopped"
+        );
+    }
+    for id in store.ids_in(PayloadStatus::Prepared) {
+        runner.enqueue(id);
+    }
+}
+
+/// Opens the data directory, settles leftovers and starts serving.
+pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
+    let store = Arc::new(PayloadStore::open(&config.data_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open data directory {}: {e}",
+            config.data_dir.display()
+        )
+    })?);
+    let runner = Runner::new(
+        store.clone(),
+        RunnerConfig {
+            slots: config.slots,
+            kill_grace: config.kill_grace,
+            max_runtime: config.max_runtime,
+        },
+    );
+    recover(&store, &runner);
+    runner.start();
+    janitor::start(store.clone(), config.max_age);
+    let load = load::LoadGauge::default();
+    load.start_sampler();
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let app = api::router(api::AppState {
+        store,
+        runner: runner.clone(),
+        load,
+        max_upload: config.max_upload,
+    });
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    tracing::info!(%addr, slots = config.slots, data_dir = %config.data_dir.display(), "client started");
+    Ok(RunningClient {
+        addr,
+        runner,
+        server,
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `jobrelay client`: serves until SIGINT or SIGTERM.
+pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let client = start(config).await?;
+    println!("jobrelay client listening on http://{}", client.addr);
+    shutdown_signal().await;
+    tracing::info!("client stopping");
+    client.shutdown();
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! Payload records: kept in memory, each persisted as one JSON file in the data directory
+//! (written atomically), with ids that only ever grow, also across restarts.
+//!
+//! Layout of the data directory:
+//! - `node-id`: identity of this data directory, made once;
+//! - `next-id`: the next payload id to hand out;
+//! - `payloads/<id>.json`: one record per payload;
+//! - `work/<id>/`: the payload's work directory;
+//! - `staging/`: uploads being received (emptied at start).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jobrelay_common::fsutil::{remove_dir_all_if_exists, write_atomic};
+use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
+use jobrelay_common::upload::ReceivedUpload;
+
+use crate::events::EventLog;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a submission turned into.
+pub enum Created {
+    New(PayloadRecord),
+    /// The idempotency key was seen before: this is the payload it created.
+    Existing(PayloadRecord),
+}
+
+/// Why a state change was not made.
+#[derive(Debug)]
+pub enum Refused {
+    NotFound,
+    /// The payload is in a state the change does not apply to.
+    InState(Box<PayloadRecord>),
+}
+
+struct Records {
+    by_id: BTreeMap<u64, PayloadRecord>,
+    by_key: HashMap<String, u64>,
+    next_id: u64,
+}
+
+pub struct PayloadStore {
+    records_dir: PathBuf,
+    work_dir: PathBuf,
+    staging_dir: PathBuf,
+    next_id_file: PathBuf,
+    node: String,
+    records: Mutex<Records>,
+    pub events: EventLog,
+}
+
+impl PayloadStore {
+    /// Opens (or creates) the store in `data_dir` and loads every record.
+    pub fn open(data_dir: &Path) -> io::Result<Self> {
+        let records_dir = data_dir.join("payloads");
+        let work_dir = data_dir.join("work");
+        let staging_dir = data_dir.join("staging");
+        for dir in [&records_dir, &work_dir] {
+            std::fs::create_dir_all(dir)?;
+        }
+        remove_dir_all_if_exists(&staging_dir)?;
+        std::fs::create_dir_all(&staging_dir)?;
+
+        let node_file = data_dir.join("node-id");
+        let node = match std::fs::read_to_string(&node_file) {
+            Ok(text) if !text.trim().is_empty() => text.trim().to_owned(),
+            _ => {
+                let node = uuid::Uuid::new_v4().to_string();
+                write_atomic(&node_file, node.as_bytes())?;
+                node
+            }
+        };
+
+        let mut by_id = BTreeMap::new();
+        for entry in std::fs::read_dir(&records_dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                // Leftover temporary file from an interrupted write.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    serde_json::from_slice::<PayloadRecord>(&b).map_err(|e| e.to_string())
+                }) {
+                Ok(record) => {
+                    by_id.insert(record.id, record);
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "unreadable payload record skipped")
+                }
+            }
+        }
+        let next_id_file = data_dir.join("next-id");
+        let stored_next = std::fs::read_to_string(&next_id_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(1);
+        let next_id = stored_next.max(by_id.keys().next_back().map_or(1, |id| id + 1));
+        let by_key = by_id
+            .values()
+            .filter_map(|r| r.key.clone().map(|k| (k, r.id)))
+            .collect();
+        Ok(PayloadStore {
+            records_dir,
+            work_dir,
+            staging_dir,
+            next_id_file,
+            events: EventLog::new(node.clone()),
+            node,
+            records: Mutex::new(Records {
+                by_id,
+                by_key,
+                next_id,
+            }),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn staging_dir(&self) -> &Path {
+        &self.staging_dir
+    }
+
+    pub fn work_dir_of(&self, id: u64) -> PathBuf {
+        self.work_dir.join(id.to_string())
+    }
+
+    fn persist(&self, record: &PayloadRecord) -> io::Result<()> {
+        let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
+        write_atomic(
+            &self.records_dir.join(format!("{}.json", record.id)),
+            &bytes,
+        )
+    }
+
+    /// Turns a received upload into a Prepared payload, or returns the payload an earlier
+    /// submission with the same idempotency key created.
+    pub fn create(&self, upload: ReceivedUpload, key: Option<String>) -> io::Result<Created> {
+        let mut records = self.records.lock().unwrap();
+        if let Some(id) = key.as_ref().and_then(|k| records.by_key.get(k)) {
+            // The upload's staging directory is removed when `upload` drops.
+            return Ok(Created::Existing(records.by_id[id].clone()));
+        }
+        let id = records.next_id;
+        write_atomic(&self.next_id_file, (id + 1).to_string().as_bytes())?;
+        records.next_id = id + 1;
+        let loc = self.work_dir_of(id);
+        upload.staging.persist(&loc)?;
+        let record = PayloadRecord {
+            id,
+            status: PayloadStatus::Prepared,
+            loc: loc.to_string_lossy().into_owned(),
+            pid: 0,
+            killed: false,
+            input: BTreeMap::new(),
+            exit_code: None,
+            signal: None,
+            reason: None,
+            key: key.clone(),
+            node: Some(self.node.clone()),
+            created_ms: Some(now_ms()),
+            started_ms: None,
+            finished_ms: None,
+        };
+        if let Err(e) = self.persist(&record) {
+            let _ = remove_dir_all_if_exists(&loc);
+            return Err(e);
+        }
+        if let Some(key) = key {
+            records.by_key.insert(key, id);
+        }
+        records.by_id.insert(id, record.clone());
+        tracing::info!(id, status = "Prepared", "payload state");
+        Ok(Created::New(record))
+    }
+
+    pub fn get(&self, id: u64) -> Option<PayloadRecord> {
+        self.records.lock().unwrap().by_id.get(&id).cloned()
+    }
+
+    /// Applies `change` to the record if its status is one of `from`, persists it and
+    /// publishes the change. Returns the new record.
+    pub fn transition(
+        &self,
+        id: u64,
+        from: &[PayloadStatus],
+        change: impl FnOnce(&mut PayloadRecord),
+    ) -> Result<PayloadRecord, Refused> {
+        let mut records = self.records.lock().unwrap();
+        let Some(current) = records.by_id.get(&id) else {
+            return Err(Refused::NotFound);
+        };
+        if !from.contains(&current.status) {
+            return Err(Refused::InState(Box::new(current.clone())));
+        }
+        let mut updated = current.clone();
+        change(&mut updated);
+        if updated.status.is_finished() && updated.finished_ms.is_none() {
+            updated.finished_ms = Some(now_ms());
+        }
+        if let Err(e) = self.persist(&updated) {
+            // Memory stays the truth for this run; the next write will try again.
+            tracing::error!(id, error = %e, "could not persist payload record");
+        }
+        if updated.status != current.status {
+            tracing::info!(
+                id,
+                status = %updated.status,
+                exit_code = ?updated.exit_code,
+                reason = updated.reason.as_deref().unwrap_or(""),
+                "payload state"
+            );
+            self.events.publish(&updated);
+        }
+        records.by_id.insert(id, updated.clone());
+        Ok(updated)
+    }
+
+    /// Ids of payloads in `status`, oldest first.
+    pub fn ids_in(&self, status: PayloadStatus) -> Vec<u64> {
+        let records = self.records.lock().unwrap();
+        records
+            .by_id
+            .values()
+            .filter(|r| r.status == status)
+            .map(|r| r.id)
+            .collect()
+    }
+
+    /// Finished payloads (not yet Cleaned) that finished before `cutoff_ms`.
+    pub fn finished_before(&self, cutoff_ms: u64) -> Vec<u64> {
+        let records = self.records.lock().unwrap();
+        records
+            .by_id
+            .values()
+            .filter(|r| r.status.is_finished() && r.status != PayloadStatus::Cleaned)
+            .filter(|r| r.finished_ms.unwrap_or(0) < cutoff_ms)
+            .map(|r| r.id)
+            .collect()
+    }
+
+    /// Number of payloads in each of the given states.
+    pub fn count(&self, status: PayloadStatus) -> usize {
+        let records = self.records.lock().unwrap();
+        records
+            .by_id
+            .values()
+            .filter(|r| r.status == status)
+            .count()
+    }
+
+    /// Removes a finished payload's work directory and marks it Cleaned.
+    pub fn clean(&self, id: u64, reason: &str) -> Result<PayloadRecord, Refused> {
+        const FINISHED: [PayloadStatus; 4] = [
+            PayloadStatus::Completed,
+            PayloadStatus::Failed,
+            PayloadStatus::Invalid,
+            PayloadStatus::Killed,
+        ];
+        match self.get(id) {
+            Some(r) if FINISHED.contains(&r.status) => {}
+            Some(r) if r.status == PayloadStatus::Cleaned => return Ok(r),
+            Some(r) => return Err(Refused::InState(Box::new(r))),
+            None => return Err(Refused::NotFound),
+        }
+        if let Err(e) = remove_dir_all_if_exists(&self.work_dir_of(id)) {
+            // Left as it is; the next clean-up round tries again.
+            tracing::error!(id, error = %e, "could not remove work directory");
+        }
+        self.transition(id, &FINISHED, |r| {
+            r.status = PayloadStatus::Cleaned;
+            r.reason = Some(match r.reason.take() {
+                Some(before) => format!("{before}; {reason}"),
+                None => reason.to_owned(),
+            });
+        })
+    }
+}

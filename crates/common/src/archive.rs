@@ -1,0 +1,203 @@
+//! Streams a directory as a ZIP archive in constant memory.
+//!
+//! Regular files are stored (no compression, as the protocol's reference peers do), directories
+//! become directory entries, and symbolic links are stored as links: their target is never
+//! followed, so no file outside the directory can reach the archive. Other file types
+//! (sockets, FIFOs, devices) are left out.
+
+use std::fs::{self, File, Metadata};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use zip::write::SimpleFileOptions;
+use zip::{CompressionMethod, ZipWriter};
+
+/// Size of the chunks handed to the network.
+const CHUNK: usize = 64 * 1024;
+/// Chunks buffered between the archiving thread and the network.
+const CHANNEL_DEPTH: usize = 4;
+/// Above this size an entry is written with ZIP64 sizes.
+const LARGE_FILE: u64 = 0xFFFF_0000;
+
+/// Writes `dir` as a ZIP archive to `out`.
+pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
+    let mut zip = ZipWriter::new_stream(out);
+    let mut entries = Vec::new();
+    collect_entries(dir, Path::new(""), &mut entries)?;
+    for (relative, meta) in entries {
+        let name = zip_name(&relative);
+        let mode = meta.permissions().mode() & 0o7777;
+        let options = SimpleFileOptions::default()
+            .compression_method(CompressionMethod::Stored)
+            .unix_permissions(mode)
+            .large_file(meta.len() >= LARGE_FILE);
+        let full = dir.join(&relative);
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            let target = fs::read_link(&full)?;
+            zip.add_symlink(name, target.to_string_lossy(), options)
+                .map_err(io::Error::other)?;
+        } else if kind.is_dir() {
+            zip.add_directory(name, options).map_err(io::Error::other)?;
+        } else if kind.is_file() {
+            // O_NOFOLLOW: if the file was swapped for a link since it was listed, refuse it.
+            let mut file = match File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&full)
+            {
+                Ok(file) => file,
+                // Removed while we were archiving (a running job): leave it out.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            zip.start_file(name, options).map_err(io::Error::other)?;
+            io::copy(&mut file, &mut zip)?;
+        }
+    }
+    let stream = zip.finish().map_err(io::Error::other)?;
+    Ok(stream.into_inner())
+}
+
+/// Lists every entry below `dir` (depth first, sorted by name) without following links.
+fn collect_entries(
+    root: &Path,
+    relative: &Path,
+    out: &mut Vec<(PathBuf, Metadata)>,
+) -> io::Result<()> {
+    let mut children: Vec<_> = fs::read_dir(root.join(relative))?
+        .collect::<io::Result<Vec<_>>>()?
+        .into_iter()
+        .map(|entry| entry.file_name())
+        .collect();
+    children.sort();
+    for name in children {
+        let child = relative.join(&name);
+        let meta = match fs::symlink_metadata(root.join(&child)) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let is_dir = meta.file_type().is_dir();
+        if is_dir || meta.file_type().is_file() || meta.file_type().is_symlink() {
+            out.push((child.clone(), meta));
+        }
+        if is_dir {
+            collect_entries(root, &child, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn zip_name(relative: &Path) -> String {
+    relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Hands bytes written by the archiving thread to an async receiver, in bounded chunks.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: BytesMut,
+}
+
+impl ChannelWriter {
+    fn send_buffer(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "receiver went away"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send_buffer()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buffer()
+    }
+}
+
+/// Streams `dir` as a ZIP archive. The archive is produced on a blocking thread; an error
+/// midway ends the stream with that error, so a consumer never mistakes a cut archive for a
+/// whole one.
+pub fn zip_stream(dir: PathBuf) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    tokio::task::spawn_blocking(move || {
+        let writer = ChannelWriter {
+            tx: tx.clone(),
+            buf: BytesMut::with_capacity(CHUNK),
+        };
+        let result = write_zip(&dir, writer).and_then(|mut writer| writer.flush());
+        if let Err(e) = result {
+            if e.kind() != io::ErrorKind::BrokenPipe {
+                tracing::warn!(dir = %dir.display(), error = %e, "archiving failed");
+            }
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn names_in(archive: &[u8]) -> Vec<String> {
+        let mut zip = zip::ZipArchive::new(io::Cursor::new(archive)).unwrap();
+        (0..zip.len())
+            .map(|i| zip.by_index(i).unwrap().name().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn archives_files_directories_and_links_without_following_them() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"do not leak").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("out.txt"), b"hello").unwrap();
+        std::fs::create_dir_all(dir.path().join("sub/empty")).unwrap();
+        std::fs::write(dir.path().join("sub/b.txt"), b"b").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("linkdir")).unwrap();
+
+        let bytes = write_zip(dir.path(), Vec::new()).unwrap();
+        assert!(!bytes.windows(11).any(|w| w == b"do not leak"));
+        let names = names_in(&bytes);
+        assert_eq!(
+            names,
+            [
+                "link",
+                "linkdir",
+                "out.txt",
+                "sub/",
+                "sub/b.txt",
+                "sub/empty/"
+            ]
+        );
+        let mut zip = zip::ZipArchive::new(io::Cursor::new(&bytes)).unwrap();
+        let mut content = String::new();
+        zip.by_name("out.txt")
+            .unwrap()
+            .read_to_string(&mut content)
+            .unwrap();
+        assert_eq!(content, "hello");
+        assert!(zip.by_name("link").unwrap().is_symlink());
+    }
+}

@@ -1,0 +1,9 @@
+//! Pieces shared by the jobrelay server and client: the wire types of the client protocol,
+//! the rules for uploaded file names, streaming multipart uploads to disk, streaming ZIP
+//! archives of a directory, and small file-system helpers.
+
+pub mod archive;
+pub mod filename;
+pub mod fsutil;
+pub mod protocol;
+pub mod upload;

@@ -1,0 +1,225 @@
+//! Receives a multipart upload into a fresh staging directory, streaming every file to disk
+//! as it arrives. The directory is removed again unless the caller persists it, so a refused
+//! or broken upload leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use axum::extract::multipart::{Field, Multipart};
+use axum::http::{HeaderMap, StatusCode};
+use tokio::io::AsyncWriteExt;
+
+use crate::filename::NameSet;
+use crate::fsutil::{is_disk_full, remove_dir_all_if_exists, unique_name};
+
+/// Name of the multipart field that carries files.
+pub const FILE_FIELD: &str = "file";
+/// Largest accepted text field, in bytes.
+pub const MAX_TEXT_FIELD: usize = 64 * 1024;
+/// Slack allowed for multipart framing when comparing `Content-Length` with the size limit.
+const FRAMING_SLACK: u64 = 1024 * 1024;
+const WRITE_BUFFER: usize = 256 * 1024;
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("malformed multipart request: {0}")]
+    Malformed(String),
+    #[error("no file in the upload: send one or more multipart fields named 'file'")]
+    NoFiles,
+    #[error("bad file name {name:?}: {why}")]
+    BadName { name: String, why: String },
+    #[error("unexpected file field {0:?}: files go in fields named 'file'")]
+    UnexpectedFileField(String),
+    #[error("text field {0:?} is larger than {MAX_TEXT_FIELD} bytes")]
+    FieldTooLarge(String),
+    #[error("upload is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("not enough disk space to store the upload")]
+    DiskFull,
+    #[error("could not store the upload: {0}")]
+    Io(io::Error),
+}
+
+impl UploadError {
+    /// The HTTP status that tells a caller what went wrong.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UploadError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
+            UploadError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn from_io(error: io::Error) -> Self {
+        if is_disk_full(&error) {
+            UploadError::DiskFull
+        } else {
+            UploadError::Io(error)
+        }
+    }
+}
+
+/// A directory that is deleted when dropped, unless persisted.
+#[derive(Debug)]
+pub struct StagingDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl StagingDir {
+    pub fn create(root: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let path = root.join(unique_name("upload-"));
+        std::fs::create_dir(&path)?;
+        Ok(StagingDir { path, keep: false })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves the directory to `dest` (same file system) and stops guarding it.
+    pub fn persist(mut self, dest: &Path) -> io::Result<()> {
+        std::fs::rename(&self.path, dest)?;
+        self.keep = true;
+        Ok(())
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = remove_dir_all_if_exists(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove staging directory");
+            }
+        }
+    }
+}
+
+/// A complete upload, still in its staging directory.
+#[derive(Debug)]
+pub struct ReceivedUpload {
+    pub staging: StagingDir,
+    /// Stored file names, in arrival order.
+    pub files: Vec<String>,
+    /// Text fields (the last value wins when a name repeats).
+    pub fields: BTreeMap<String, String>,
+    pub total_bytes: u64,
+}
+
+/// Refuses a request at once when its declared length is far beyond the limit.
+pub fn check_content_length(headers: &HeaderMap, limit: u64) -> Result<(), UploadError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit.saturating_add(FRAMING_SLACK) => {
+            Err(UploadError::TooLarge { limit })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads the whole multipart body: files into a new directory under `staging_root`, text
+/// fields into a map. At most `limit` bytes of file content are accepted in total.
+pub async fn receive(
+    mut multipart: Multipart,
+    staging_root: &Path,
+    limit: u64,
+) -> Result<ReceivedUpload, UploadError> {
+    let staging = StagingDir::create(staging_root).map_err(UploadError::from_io)?;
+    let mut upload = ReceivedUpload {
+        staging,
+        files: Vec::new(),
+        fields: BTreeMap::new(),
+        total_bytes: 0,
+    };
+    let mut names = NameSet::default();
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| UploadError::Malformed(e.body_text()))?
+    {
+        let field_name = field.name().unwrap_or_default().to_owned();
+        match field.file_name().map(str::to_owned) {
+            Some(file_name) => {
+                if field_name != FILE_FIELD {
+                    return Err(UploadError::UnexpectedFileField(field_name));
+                }
+                let relative = names
+                    .admit(&file_name)
+                    .map_err(|why| UploadError::BadName {
+                        name: file_name.clone(),
+                        why,
+                    })?;
+                let dest = upload.staging.path().join(relative);
+                store_file(field, &dest, limit, &mut upload.total_bytes).await?;
+                upload.files.push(file_name);
+            }
+            None if field_name == FILE_FIELD => {
+                return Err(UploadError::BadName {
+                    name: String::new(),
+                    why: "the 'file' field has no file name".into(),
+                });
+            }
+            None => {
+                let value = read_text_field(field, &field_name).await?;
+                upload.fields.insert(field_name, value);
+            }
+        }
+    }
+    if upload.files.is_empty() {
+        return Err(UploadError::NoFiles);
+    }
+    Ok(upload)
+}
+
+async fn store_file(
+    mut field: Field<'_>,
+    dest: &Path,
+    limit: u64,
+    total: &mut u64,
+) -> Result<(), UploadError> {
+    if let Some(parent) = dest.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(UploadError::from_io)?;
+    }
+    let file = tokio::fs::File::create(dest)
+        .await
+        .map_err(UploadError::from_io)?;
+    let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| UploadError::Malformed(e.body_text()))?
+    {
+        *total += chunk.len() as u64;
+        if *total > limit {
+            return Err(UploadError::TooLarge { limit });
+        }
+        out.write_all(&chunk).await.map_err(UploadError::from_io)?;
+    }
+    out.flush().await.map_err(UploadError::from_io)?;
+    Ok(())
+}
+
+async fn read_text_field(mut field: Field<'_>, name: &str) -> Result<String, UploadError> {
+    let mut value = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| UploadError::Malformed(e.body_text()))?
+    {
+        if value.len() + chunk.len() > MAX_TEXT_FIELD {
+            return Err(UploadError::FieldTooLarge(name.to_owned()));
+        }
+        value.extend_from_slice(&chunk);
+    }
+    String::from_utf8(value)
+        .map_err(|_| UploadError::Malformed(format!("text field {name:?} is not UTF-8")))
+}

@@ -1,0 +1,50 @@
+//! `jobrelay`: one binary for the orchestrator server, the executor client and the user CLI.
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jobrelay",
+    version,
+    about = "Job orchestration for scientific web platforms"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run an executor client: accepts payloads over HTTP and runs their run.sh.
+    Client(jobrelay_client::ClientArgs),
+    /// Run the orchestrator server: queues jobs and dispatches them to clients.
+    Server(jobrelay_server::ServerArgs),
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("JOBRELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Client(args) => jobrelay_client::run(args).await,
+        Command::Server(args) => jobrelay_server::run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jobrelay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
