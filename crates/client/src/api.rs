@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::multipart::MultipartRejection;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -141,19 +140,9 @@ fn find(state: &AppState, raw_id: &str) -> ApiResult<PayloadRecord> {
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no payload {id}")))
 }
 
-async fn submit(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    multipart: Result<Multipart, MultipartRejection>,
-) -> ApiResult<Json<PayloadRecord>> {
-    upload::check_content_length(&headers, state.max_upload)?;
-    let multipart = multipart.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("expected a multipart/form-data body: {e}"),
-        )
-    })?;
-    let received = upload::receive(multipart, state.store.staging_dir(), state.max_upload).await?;
+async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Json<PayloadRecord>> {
+    let received =
+        upload::receive_request(request, state.store.staging_dir(), state.max_upload).await?;
     let key = received
         .fields
         .get("key")

@@ -220,12 +220,19 @@ impl Runner {
             .unwrap()
             .get(&id)
             .map(|r| (r.kill.clone(), r.done.clone()));
-        if let Some((kill, mut done)) = handle {
-            kill.notify_one();
-            let _ = done.wait_for(|finished| *finished).await;
-        }
+        let Some((kill, mut done)) = handle else {
+            // Finished before this request arrived.
+            return match self.store.get(id) {
+                Some(record) => KillOutcome::AlreadyFinished(record),
+                None => KillOutcome::NotFound,
+            };
+        };
+        kill.notify_one();
+        let _ = done.wait_for(|finished| *finished).await;
         match self.store.get(id) {
+            // Killed by this request (or by a concurrent one: the same outcome).
             Some(record) if record.status == PayloadStatus::Killed => KillOutcome::Killed(record),
+            // It finished on its own before the signal reached it.
             Some(record) => KillOutcome::AlreadyFinished(record),
             None => KillOutcome::NotFound,
         }

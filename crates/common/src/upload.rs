@@ -7,7 +7,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use axum::extract::multipart::{Field, Multipart};
+use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode};
+use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use crate::filename::NameSet;
@@ -20,6 +22,9 @@ pub const MAX_TEXT_FIELD: usize = 64 * 1024;
 /// Slack allowed for multipart framing when comparing `Content-Length` with the size limit.
 const FRAMING_SLACK: u64 = 1024 * 1024;
 const WRITE_BUFFER: usize = 256 * 1024;
+/// After refusing an upload, up to this many more bytes are read and discarded, so that the
+/// sender finishes writing and reads the error instead of a reset connection.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -124,10 +129,65 @@ pub fn check_content_length(headers: &HeaderMap, limit: u64) -> Result<(), Uploa
     }
 }
 
+/// Receives a whole upload request: refuses a declared length far over `limit` at once,
+/// parses the multipart body with [`receive`], and on refusal drains what the sender is still
+/// sending (up to a bound) so that it reads the error.
+pub async fn receive_request(
+    request: Request,
+    staging_root: &Path,
+    limit: u64,
+) -> Result<ReceivedUpload, UploadError> {
+    if let Err(e) = check_content_length(request.headers(), limit) {
+        drain_body(request.into_body()).await;
+        return Err(e);
+    }
+    let multipart = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| UploadError::Malformed(format!("expected a multipart/form-data body: {e}")))?;
+    receive(multipart, staging_root, limit).await
+}
+
+async fn drain_body(body: axum::body::Body) {
+    let mut stream = body.into_data_stream();
+    let mut drained = 0u64;
+    while let Some(Ok(chunk)) = stream.next().await {
+        drained += chunk.len() as u64;
+        if drained > DRAIN_LIMIT {
+            break;
+        }
+    }
+}
+
+async fn drain_multipart(multipart: &mut Multipart) {
+    let mut drained = 0u64;
+    while let Ok(Some(mut field)) = multipart.next_field().await {
+        while let Ok(Some(chunk)) = field.chunk().await {
+            drained += chunk.len() as u64;
+            if drained > DRAIN_LIMIT {
+                return;
+            }
+        }
+    }
+}
+
 /// Reads the whole multipart body: files into a new directory under `staging_root`, text
 /// fields into a map. At most `limit` bytes of file content are accepted in total.
 pub async fn receive(
     mut multipart: Multipart,
+    staging_root: &Path,
+    limit: u64,
+) -> Result<ReceivedUpload, UploadError> {
+    let result = receive_fields(&mut multipart, staging_root, limit).await;
+    if let Err(e) = &result {
+        if !matches!(e, UploadError::Malformed(_)) {
+            drain_multipart(&mut multipart).await;
+        }
+    }
+    result
+}
+
+async fn receive_fields(
+    multipart: &mut Multipart,
     staging_root: &Path,
     limit: u64,
 ) -> Result<ReceivedUpload, UploadError> {

@@ -1,4 +1,4 @@
-//! The executor client through HTTP only: the seed contract round trip.
+//! The executor client through HTTP only: the seed contract, payload outcomes and kill.
 
 mod support;
 
@@ -7,53 +7,308 @@ use support::*;
 
 #[tokio::test]
 async fn seed_round_trip_submit_retrieve_zip() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let client = Proc::start(
-        &[
-            "client",
-            "--port",
-            "0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    let http = http();
+    let client = TestClient::start(&[]);
     let script = b"echo hello; echo result > out.txt; mkdir -p sub; echo deep > sub/d.txt\n";
-    let record: serde_json::Value = http
-        .post(format!("{}/submit", client.url))
-        .multipart(files_form(&[("run.sh", script), ("input.pdb", b"ATOM")]))
+    let (status, record) = client
+        .submit(&[("run.sh", script), ("inputs/input.pdb", b"ATOM")])
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(record["status"], "Prepared");
+    assert_eq!(record["pid"], 0);
+    assert_eq!(record["killed"], false);
+    assert_eq!(record["input"], serde_json::json!({}));
+    let id = record["id"].as_u64().unwrap();
+    assert!(std::path::Path::new(record["loc"].as_str().unwrap()).is_absolute());
+
+    let entries = client.retrieve_zip(id).await;
+    assert_eq!(entries["out.txt"], b"result\n");
+    assert_eq!(entries["sub/d.txt"], b"deep\n");
+    assert_eq!(entries["inputs/input.pdb"], b"ATOM");
+    assert_eq!(entries["run.sh"], script);
+    assert_eq!(entries[".jobrelay.stdout"], b"hello\n");
+    assert_eq!(entries[".jobrelay.stderr"], b"");
+}
+
+#[tokio::test]
+async fn ping_health_load_and_unknown_ids() {
+    let client = TestClient::start(&[]);
+    let health: serde_json::Value = client
+        .http
+        .get(client.url("/health"))
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(record["status"], "Prepared");
-    assert_eq!(record["pid"], 0);
-    assert_eq!(record["killed"], false);
-    assert_eq!(record["input"], serde_json::json!({}));
-    let id = record["id"].as_u64().unwrap();
-    let loc = record["loc"].as_str().unwrap();
-    assert!(std::path::Path::new(loc).is_absolute());
+    assert_eq!(health, serde_json::json!({"status": "healthy"}));
+    let ping = client.http.get(client.url("/")).send().await.unwrap();
+    assert_eq!(ping.status(), 200);
+    let load: f64 = client
+        .http
+        .get(client.url("/load"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!((0.0..=100.0).contains(&load));
 
-    let zip = eventually(Duration::from_secs(30), "a ZIP", || {
-        let http = http.clone();
-        let url = format!("{}/retrieve/{id}", client.url);
-        async move {
-            let response = http.get(url).send().await.ok()?;
-            assert_eq!(response.status(), 200);
-            let is_zip = response.headers()["content-type"] == "application/zip";
-            let body = response.bytes().await.ok()?;
-            is_zip.then_some(body)
-        }
-    })
+    for (path, code) in [
+        ("/retrieve/77", 404),
+        ("/retrieve/abc", 400),
+        ("/retrieve_partial/77", 404),
+        ("/nope", 404),
+    ] {
+        let response = client.http.get(client.url(path)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), code, "{path}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(body["error"].is_string(), "{path}: {body}");
+    }
+    let kill = client
+        .http
+        .post(client.url("/kill/77"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kill.status(), 404);
+}
+
+#[tokio::test]
+async fn failing_script_is_failed_with_its_exit_code() {
+    let client = TestClient::start(&[]);
+    let id = client.submit_script("echo oops >&2; exit 3\n").await;
+    let record = client.wait_for(id, "Failed").await;
+    assert_eq!(record["exit_code"], 3);
+    assert!(record["reason"].as_str().unwrap().contains('3'));
+    // The work directory, stderr included, is still available.
+    let partial = client
+        .http
+        .get(client.url(&format!("/retrieve_partial/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(unzip(&partial)[".jobrelay.stderr"], b"oops\n");
+}
+
+#[tokio::test]
+async fn script_killed_by_a_signal_is_failed_with_the_signal() {
+    let client = TestClient::start(&[]);
+    let id = client.submit_script("kill -9 $$\n").await;
+    let record = client.wait_for(id, "Failed").await;
+    assert_eq!(record["signal"], 9);
+}
+
+#[tokio::test]
+async fn payload_without_run_sh_is_invalid_and_never_runs() {
+    let client = TestClient::start(&[]);
+    let (status, record) = client.submit(&[("other.sh", b"touch ran\n")]).await;
+    assert_eq!(status, 200);
+    assert_eq!(record["status"], "Prepared");
+    let id = record["id"].as_u64().unwrap();
+    let record = client.wait_for(id, "Invalid").await;
+    assert!(record["reason"].as_str().unwrap().contains("run.sh"));
+    assert_eq!(record["pid"], 0);
+}
+
+#[tokio::test]
+async fn script_writing_its_own_exit_code_with_a_trap_runs_correctly() {
+    let client = TestClient::start(&[]);
+    let ok = client
+        .submit_script("trap 'echo $? > .orchestrator.exit' EXIT\necho fine > out.txt\n")
+        .await;
+    let entries = client.retrieve_zip(ok).await;
+    assert_eq!(entries[".orchestrator.exit"], b"0\n");
+    let failing = client
+        .submit_script("trap 'echo $? > .orchestrator.exit' EXIT\nfalse\n")
+        .await;
+    let record = client.wait_for(failing, "Failed").await;
+    assert_eq!(record["exit_code"], 1);
+}
+
+#[tokio::test]
+async fn kill_stops_the_whole_process_group_including_background_children() {
+    let client = TestClient::start(&["--kill-grace", "5"]);
+    let pids = tempfile::tempdir().unwrap();
+    let shell_pid = pids.path().join("shell");
+    let child_pid = pids.path().join("child");
+    let script = format!(
+        "sleep 300 &\necho $! > {child}\necho $$ > {shell}\nsleep 300\n",
+        child = child_pid.display(),
+        shell = shell_pid.display()
+    );
+    let id = client.submit_script(&script).await;
+    let shell = read_pid(&shell_pid).await;
+    let child = read_pid(&child_pid).await;
+    assert!(pid_alive(shell) && pid_alive(child));
+
+    let response = client
+        .http
+        .post(client.url(&format!("/kill/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let record: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(record["status"], "Killed");
+    assert_eq!(record["killed"], true);
+    // /kill answers once the group is dead.
+    assert!(!pid_alive(shell), "run.sh survived the kill");
+    assert!(!pid_alive(child), "the background child survived the kill");
+
+    let again = client
+        .http
+        .post(client.url(&format!("/kill/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    let body: serde_json::Value = again.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("Killed"));
+}
+
+#[tokio::test]
+async fn kill_reaches_children_that_ignore_sigterm_after_the_grace_period() {
+    let client = TestClient::start(&["--kill-grace", "1"]);
+    let pids = tempfile::tempdir().unwrap();
+    let child_pid = pids.path().join("child");
+    let script = format!(
+        "bash -c 'trap \"\" TERM; echo $$ > {child}; while true; do sleep 1; done' &\nwait\n",
+        child = child_pid.display()
+    );
+    let id = client.submit_script(&script).await;
+    let child = read_pid(&child_pid).await;
+    let response = client
+        .http
+        .post(client.url(&format!("/kill/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    eventually(
+        Duration::from_secs(10),
+        "the stubborn child to die",
+        || async { (!pid_alive(child)).then_some(()) },
+    )
     .await;
-    let entries = unzip(&zip);
-    assert_eq!(entries["out.txt"], b"result\n");
-    assert_eq!(entries["sub/d.txt"], b"deep\n");
-    assert_eq!(entries["input.pdb"], b"ATOM");
-    assert_eq!(entries["run.sh"], script);
-    assert_eq!(entries[".jobrelay.stdout"], b"hello\n");
+}
+
+#[tokio::test]
+async fn killed_prepared_payload_never_starts_and_finished_one_answers_409() {
+    let client = TestClient::start(&["--slots", "1"]);
+    let marker = tempfile::tempdir().unwrap();
+    let blocker = client.submit_script("sleep 300\n").await;
+    client.wait_for(blocker, "Running").await;
+    let waiting = client
+        .submit_script(&format!("touch {}/started\n", marker.path().display()))
+        .await;
+    let response = client
+        .http
+        .post(client.url(&format!("/kill/{waiting}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let killed: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(killed["status"], "Killed");
+    let kill_blocker = client
+        .http
+        .post(client.url(&format!("/kill/{blocker}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kill_blocker.status(), 200);
+
+    let done = client.submit_script("true\n").await;
+    client.wait_for(done, "Completed").await;
+    assert!(!marker.path().join("started").exists());
+    assert_eq!(client.record(waiting).await["status"], "Killed");
+    let late = client
+        .http
+        .post(client.url(&format!("/kill/{done}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 409);
+    // Killing a finished payload leaves it Completed and retrievable.
+    assert_eq!(client.retrieve_zip(done).await.len(), 3);
+}
+
+#[tokio::test]
+async fn walltime_limit_kills_and_fails_the_payload() {
+    let client = TestClient::start(&["--max-runtime", "1", "--kill-grace", "1"]);
+    let id = client.submit_script("sleep 300\n").await;
+    let record = client.wait_for(id, "Failed").await;
+    assert!(
+        record["reason"].as_str().unwrap().contains("walltime"),
+        "{record}"
+    );
+}
+
+#[tokio::test]
+async fn symlink_to_a_file_outside_never_leaks_its_content() {
+    let client = TestClient::start(&[]);
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, "TOP-SECRET-CONTENT").unwrap();
+    let script = format!(
+        "ln -s {secret} leak.txt\nln -s {dir} leakdir\necho ok > out.txt\n",
+        secret = secret.display(),
+        dir = outside.path().display()
+    );
+    let id = client.submit_script(&script).await;
+    let entries = client.retrieve_zip(id).await;
+    assert_eq!(entries["out.txt"], b"ok\n");
+    for (name, content) in &entries {
+        assert!(
+            !String::from_utf8_lossy(content).contains("TOP-SECRET-CONTENT"),
+            "{name} leaked the file outside the work directory"
+        );
+    }
+    assert!(!entries.contains_key("leakdir/secret.txt"));
+}
+
+#[tokio::test]
+async fn waiting_payloads_start_in_arrival_order() {
+    let client = TestClient::start(&["--slots", "1"]);
+    let log = tempfile::tempdir().unwrap();
+    let order = log.path().join("order");
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let script = format!("echo {n} >> {}\n", order.display());
+        ids.push(client.submit_script(&script).await);
+    }
+    for id in &ids {
+        client.wait_for(*id, "Completed").await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(&order).unwrap(),
+        "0\n1\n2\n3\n4\n5\n"
+    );
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+}
+
+#[tokio::test]
+async fn hundred_concurrent_submissions_all_complete() {
+    let client = TestClient::start(&["--slots", "4"]);
+    let submissions = (0..100).map(|n| {
+        let client = &client;
+        async move {
+            let script = format!("echo {n} > n.txt\n");
+            client.submit_script(&script).await
+        }
+    });
+    let ids = futures_util::future::join_all(submissions).await;
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 100, "every submission got its own id");
+    for id in ids {
+        let entries = client.retrieve_zip(id).await;
+        assert!(entries.contains_key("n.txt"));
+    }
 }

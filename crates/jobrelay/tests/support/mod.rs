@@ -178,3 +178,137 @@ pub fn pid_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A client started for one test, with its data directory in a temporary folder.
+pub struct TestClient {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+impl TestClient {
+    pub fn start(extra: &[&str]) -> TestClient {
+        let dir = tempfile::tempdir().unwrap();
+        let proc = Self::launch(dir.path(), extra);
+        TestClient {
+            proc,
+            dir,
+            http: http(),
+        }
+    }
+
+    fn launch(dir: &Path, extra: &[&str]) -> Proc {
+        let data = dir.join("data");
+        let mut args = vec![
+            "client",
+            "--port",
+            "0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(&args, &dir.join("logs"))
+    }
+
+    /// kill -9 the client and start it again on the same data directory.
+    pub fn restart_after_kill9(&mut self, extra: &[&str]) {
+        self.proc.kill9();
+        self.proc = Self::launch(self.dir.path(), extra);
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.proc.url)
+    }
+
+    /// Submits files; returns (HTTP status, JSON body).
+    pub async fn submit(&self, files: &[(&str, &[u8])]) -> (u16, serde_json::Value) {
+        self.submit_form(files_form(files)).await
+    }
+
+    pub async fn submit_form(&self, form: reqwest::multipart::Form) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.url("/submit"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// Submits a job with this run.sh and returns its id.
+    pub async fn submit_script(&self, script: &str) -> u64 {
+        let (status, record) = self.submit(&[("run.sh", script.as_bytes())]).await;
+        assert_eq!(status, 200, "{record}");
+        record["id"].as_u64().unwrap()
+    }
+
+    pub async fn record(&self, id: u64) -> serde_json::Value {
+        let response = self
+            .http
+            .get(self.url(&format!("/retrieve/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        if response.headers()["content-type"] == "application/zip" {
+            serde_json::json!({"id": id, "status": "Completed", "zip": true})
+        } else {
+            response.json().await.unwrap()
+        }
+    }
+
+    /// Waits until the payload reaches `status` and returns its record (JSON; for Completed a
+    /// marker object, since /retrieve answers with the ZIP then).
+    pub async fn wait_for(&self, id: u64, status: &str) -> serde_json::Value {
+        eventually(
+            Duration::from_secs(60),
+            &format!("payload {id} to be {status}"),
+            || async {
+                let record = self.record(id).await;
+                (record["status"] == status).then_some(record)
+            },
+        )
+        .await
+    }
+
+    pub async fn retrieve_zip(&self, id: u64) -> std::collections::BTreeMap<String, Vec<u8>> {
+        self.wait_for(id, "Completed").await;
+        let bytes = self
+            .http
+            .get(self.url(&format!("/retrieve/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        unzip(&bytes)
+    }
+
+    /// Files and directories left in the client's data sub-directory `sub`.
+    pub fn entries_in(&self, sub: &str) -> Vec<String> {
+        match std::fs::read_dir(self.data_dir().join(sub)) {
+            Ok(entries) => entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Reads a pid written by a test script, once the file is complete.
+pub async fn read_pid(path: &Path) -> i32 {
+    eventually(Duration::from_secs(30), "a pid file", || async {
+        std::fs::read_to_string(path)
+            .ok()
+            .filter(|t| t.ends_with('\n'))
+            .and_then(|t| t.trim().parse().ok())
+    })
+    .await
+}
