@@ -5,11 +5,14 @@
 //! and the walltime limit reach the running task through a `Notify`.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use jobrelay_common::protocol::{PayloadRecord, PayloadStatus, RUN_SCRIPT};
+use tokio::process::Child;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::process;
@@ -158,37 +161,19 @@ impl Runner {
 
         tokio::spawn(async move {
             let _permit = permit;
-            let walltime = async {
-                match self.config.max_runtime {
-                    Some(limit) => tokio::time::sleep(limit).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let ending = tokio::select! {
-                status = child.wait() => Ending::Exited(status),
-                _ = kill.notified() => Ending::KillRequested,
-                _ = walltime => Ending::Walltime,
-            };
-            let grace = self.config.kill_grace;
-            let finished = match ending {
-                Ending::Exited(status) => {
+            // A panic while supervising must not leave the payload Running forever.
+            let finished = AssertUnwindSafe(self.supervise(&mut child, pgid, &kill))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
                     process::kill_leftovers(pgid);
-                    finish_exited(status)
-                }
-                Ending::KillRequested => {
-                    let status = process::terminate(&mut child, pgid, grace).await;
-                    Finished::from_status(PayloadStatus::Killed, status, "killed on request")
-                }
-                Ending::Walltime => {
-                    let status = process::terminate(&mut child, pgid, grace).await;
-                    let limit = self.config.max_runtime.unwrap_or_default().as_secs_f64();
-                    Finished::from_status(
-                        PayloadStatus::Failed,
-                        status,
-                        &format!("walltime of {limit} s exceeded, killed"),
-                    )
-                }
-            };
+                    Finished {
+                        status: PayloadStatus::Failed,
+                        exit_code: None,
+                        signal: None,
+                        reason: "internal error while supervising the payload".into(),
+                    }
+                });
             let _ = self.store.transition(id, &[PayloadStatus::Running], |r| {
                 r.status = finished.status;
                 r.exit_code = finished.exit_code;
@@ -199,6 +184,41 @@ impl Runner {
             self.running.lock().unwrap().remove(&id);
             let _ = done_tx.send(true);
         });
+    }
+
+    /// Waits for the payload's end: its own exit, a kill request or the walltime.
+    async fn supervise(&self, child: &mut Child, pgid: u32, kill: &Notify) -> Finished {
+        let walltime = async {
+            match self.config.max_runtime {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        let ending = tokio::select! {
+            status = child.wait() => Ending::Exited(status),
+            _ = kill.notified() => Ending::KillRequested,
+            _ = walltime => Ending::Walltime,
+        };
+        let grace = self.config.kill_grace;
+        match ending {
+            Ending::Exited(status) => {
+                process::kill_leftovers(pgid);
+                finish_exited(status)
+            }
+            Ending::KillRequested => {
+                let status = process::terminate(child, pgid, grace).await;
+                Finished::from_status(PayloadStatus::Killed, status, "killed on request")
+            }
+            Ending::Walltime => {
+                let status = process::terminate(child, pgid, grace).await;
+                let limit = self.config.max_runtime.unwrap_or_default().as_secs_f64();
+                Finished::from_status(
+                    PayloadStatus::Failed,
+                    status,
+                    &format!("walltime of {limit} s exceeded, killed"),
+                )
+            }
+        }
     }
 
     /// Stops a payload: a Prepared one never starts, a Running one has its whole process

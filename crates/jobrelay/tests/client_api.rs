@@ -311,4 +311,58 @@ async fn hundred_concurrent_submissions_all_complete() {
         let entries = client.retrieve_zip(id).await;
         assert!(entries.contains_key("n.txt"));
     }
+    assert_eq!(
+        zombie_children(client.proc.pid()),
+        0,
+        "every run.sh is reaped"
+    );
+}
+
+/// Children of `parent` that have exited but were never waited for.
+fn zombie_children(parent: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            fields.first() == Some(&"Z") && fields.get(1) == Some(&parent.to_string().as_str())
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn port_and_data_path_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("from-env");
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let client = Proc::start_with_env(
+        &["client"],
+        &dir.path().join("logs"),
+        &[
+            ("PORT", &port.to_string()),
+            ("DATA_PATH", data.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(client.url, format!("http://127.0.0.1:{port}"));
+    let record: serde_json::Value = http()
+        .post(format!("{}/submit", client.url))
+        .multipart(files_form(&[("run.sh", b"true\n")]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(record["loc"]
+        .as_str()
+        .unwrap()
+        .starts_with(data.to_str().unwrap()));
 }
