@@ -20,6 +20,8 @@ enum Command {
     Client(jobrelay_client::ClientArgs),
     /// Run the orchestrator server: queues jobs and dispatches them to clients.
     Server(jobrelay_server::ServerArgs),
+    #[command(flatten)]
+    User(jobrelay_cli::UserCommand),
 }
 
 fn init_logging() {
@@ -35,10 +37,16 @@ fn init_logging() {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let result = match cli.command {
-        Command::Client(args) => jobrelay_client::run(args).await,
-        Command::Server(args) => jobrelay_server::run(args).await,
+        Command::User(command) => return jobrelay_cli::run(command).await,
+        Command::Client(args) => {
+            init_logging();
+            jobrelay_client::run(args).await
+        }
+        Command::Server(args) => {
+            init_logging();
+            jobrelay_server::run(args).await
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

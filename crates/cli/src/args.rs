@@ -1,0 +1,108 @@
+//! Command-line arguments of the user commands.
+
+use std::path::PathBuf;
+
+/// Where the server is and who is asking; shared by every user command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectionOpts {
+    /// Base URL of the jobrelay server.
+    #[arg(long, env = "JOBRELAY_SERVER", default_value = "http://127.0.0.1:5000")]
+    pub server: String,
+    /// Your user id.
+    #[arg(long, env = "JOBRELAY_USER")]
+    pub user: Option<i64>,
+    /// Print machine-readable JSON instead of human output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum UserCommand {
+    /// Upload a job (a run.sh plus inputs; a directory uploads its files).
+    Submit(SubmitArgs),
+    /// Show a job's state.
+    Status(JobArgs),
+    /// Follow a job until it finishes (exit code tells how it ended).
+    Wait(WaitArgs),
+    /// Download a job's results.
+    Download(DownloadArgs),
+    /// Cancel a job wherever it is.
+    Cancel(JobArgs),
+    /// List jobs.
+    Jobs(JobsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub conn: ConnectionOpts,
+    /// Service that runs the job.
+    #[arg(long)]
+    pub service: String,
+    /// Files and directories to upload; one of them must be (or contain) run.sh.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Follow the job until it finishes.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: download the results and unpack them into this directory.
+    #[arg(long, requires = "wait")]
+    pub output: Option<PathBuf>,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, requires = "wait")]
+    pub timeout: Option<f64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub conn: ConnectionOpts,
+    /// Job id.
+    pub id: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WaitArgs {
+    #[command(flatten)]
+    pub conn: ConnectionOpts,
+    /// Job id.
+    pub id: u64,
+    /// Give up after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DownloadArgs {
+    #[command(flatten)]
+    pub conn: ConnectionOpts,
+    /// Job id.
+    pub id: u64,
+    /// Write the ZIP to this file (default: job-<id>.zip).
+    #[arg(short = 'o', long = "file", conflicts_with = "output")]
+    pub file: Option<PathBuf>,
+    /// Unpack the results into this directory instead of saving the ZIP.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// The work directory as it is now (also for jobs that failed or were killed).
+    #[arg(long)]
+    pub partial: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub conn: ConnectionOpts,
+    /// Only this service's jobs.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only jobs in this state (Queued, Running, Completed, ...).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Most jobs to list.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Skip this many jobs (paging).
+    #[arg(long, default_value_t = 0)]
+    pub offset: u32,
+}
