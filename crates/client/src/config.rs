@@ -4,6 +4,22 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::executor::slurm::SlurmConfig;
+
+/// Where payloads run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutorKind {
+    /// `bash run.sh` in a process group on this machine.
+    Local,
+    /// An `sbatch` job on a Slurm cluster (the work directory must be on a file system the
+    /// compute nodes share).
+    Slurm,
+}
+
+/// Default `--slots` with `--executor slurm`: payloads handed to Slurm at once (pending or
+/// running there); Slurm's own queue and limits decide what runs.
+pub const DEFAULT_SLURM_SLOTS: usize = 256;
+
 /// Options of `jobrelay client`. `PORT` and `DATA_PATH` are honoured as deployed peers of the
 /// protocol do; a flag wins over its variable.
 #[derive(clap::Args, Debug, Clone)]
@@ -17,7 +33,8 @@ pub struct ClientArgs {
     /// Directory for payload records and work directories.
     #[arg(long, env = "DATA_PATH", default_value = "./data/client")]
     pub data_dir: PathBuf,
-    /// Payloads running at once (default: the number of CPUs).
+    /// Payloads running at once (default: the number of CPUs; with `--executor slurm`,
+    /// payloads handed to Slurm at once, default 256).
     #[arg(long)]
     pub slots: Option<usize>,
     /// Largest accepted submission, in bytes of file content.
@@ -32,6 +49,22 @@ pub struct ClientArgs {
     /// Seconds a finished payload's work directory is kept.
     #[arg(long, default_value_t = 864000.0)]
     pub max_age: f64,
+    /// Where payloads run: `local` (process groups on this machine) or `slurm` (sbatch jobs).
+    #[arg(long, value_enum, default_value_t = ExecutorKind::Local)]
+    pub executor: ExecutorKind,
+    /// Slurm partition for the payloads' jobs (`sbatch --partition`).
+    #[arg(long)]
+    pub slurm_partition: Option<String>,
+    /// Slurm account for the payloads' jobs (`sbatch --account`).
+    #[arg(long)]
+    pub slurm_account: Option<String>,
+    /// Extra `sbatch` option, passed through as it is; repeatable
+    /// (e.g. `--slurm-arg=--time=01:00:00 --slurm-arg=--mem=2G`).
+    #[arg(long = "slurm-arg", allow_hyphen_values = true)]
+    pub slurm_args: Vec<String>,
+    /// Seconds between two `squeue` calls (one call for all followed jobs).
+    #[arg(long, default_value_t = 2.0)]
+    pub slurm_poll_interval: f64,
 }
 
 /// Everything the client needs to run, checked.
@@ -45,6 +78,13 @@ pub struct ClientConfig {
     pub kill_grace: Duration,
     pub max_runtime: Option<Duration>,
     pub max_age: Duration,
+    pub executor: ExecutorConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum ExecutorConfig {
+    Local,
+    Slurm(SlurmConfig),
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -54,10 +94,36 @@ fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
 
 impl ClientArgs {
     pub fn into_config(self) -> anyhow::Result<ClientConfig> {
-        let slots = match self.slots {
-            Some(0) => anyhow::bail!("--slots must be at least 1"),
-            Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        let slots = match (self.slots, self.executor) {
+            (Some(0), _) => anyhow::bail!("--slots must be at least 1"),
+            (Some(n), _) => n,
+            (None, ExecutorKind::Local) => {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            }
+            (None, ExecutorKind::Slurm) => DEFAULT_SLURM_SLOTS,
+        };
+        let executor = match self.executor {
+            ExecutorKind::Local => {
+                if self.slurm_partition.is_some()
+                    || self.slurm_account.is_some()
+                    || !self.slurm_args.is_empty()
+                {
+                    anyhow::bail!("--slurm-* options need --executor slurm");
+                }
+                ExecutorConfig::Local
+            }
+            ExecutorKind::Slurm => {
+                let poll_interval = seconds("slurm-poll-interval", self.slurm_poll_interval)?;
+                if poll_interval < Duration::from_millis(50) {
+                    anyhow::bail!("--slurm-poll-interval must be at least 0.05 seconds");
+                }
+                ExecutorConfig::Slurm(SlurmConfig {
+                    partition: self.slurm_partition.filter(|p| !p.is_empty()),
+                    account: self.slurm_account.filter(|a| !a.is_empty()),
+                    extra_args: self.slurm_args,
+                    poll_interval,
+                })
+            }
         };
         std::fs::create_dir_all(&self.data_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -77,6 +143,7 @@ impl ClientArgs {
                 .map(|s| seconds("max-runtime", s))
                 .transpose()?,
             max_age: seconds("max-age", self.max_age)?,
+            executor,
         })
     }
 }

@@ -110,6 +110,7 @@ mod tests {
             created_ms: None,
             started_ms: None,
             finished_ms: None,
+            slurm_job_id: None,
         }
     }
 

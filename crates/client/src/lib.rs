@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod events;
+pub mod executor;
 pub mod janitor;
 pub mod load;
 pub mod process;
@@ -13,9 +14,10 @@ pub mod store;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use config::{ClientArgs, ClientConfig};
+pub use config::{ClientArgs, ClientConfig, ExecutorConfig};
 use jobrelay_common::protocol::PayloadStatus;
 
+use crate::executor::{local::LocalExecutor, slurm, Executor};
 use crate::runner::{Runner, RunnerConfig};
 use crate::store::PayloadStore;
 
@@ -27,23 +29,52 @@ pub struct RunningClient {
 }
 
 impl RunningClient {
-    /// Stops serving and kills the payloads that are running (they are settled as
-    /// "client restarted" at the next start).
+    /// Stops serving and kills the payloads that are running locally (they are settled as
+    /// "client restarted" at the next start); Slurm jobs keep running and are followed again
+    /// at the next start.
     pub fn shutdown(self) {
         self.server.abort();
         self.runner.kill_all_now();
     }
 }
 
-/// Settles what a previous client process left: payloads that were running are failed
-/// (their processes killed), prepared ones are queued again in arrival order.
-fn recover(store: &PayloadStore, runner: &Runner) {
-    for id in store.ids_in(PayloadStatus::Running) {
+/// Settles what a previous client process left. Payloads it had handed to an executor that
+/// keeps them without us (Slurm jobs) are followed again; other payloads that were running are
+/// failed (their processes killed); prepared ones are queued again in arrival order.
+fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
+    let mut started = store.ids_in(PayloadStatus::Running);
+    started.extend(
+        store
+            .ids_in(PayloadStatus::Prepared)
+            .into_iter()
+            .filter(|id| store.get(*id).is_some_and(|r| r.slurm_job_id.is_some())),
+    );
+    started.sort_unstable();
+    for id in started {
+        let Some(record) = store.get(id) else {
+            continue;
+        };
+        if let Some(job) = runner.executor().reattach(&record) {
+            tracing::info!(id, slurm_job_id = ?record.slurm_job_id, "following the payload's job again");
+            runner.adopt(id, job);
+            continue;
+        }
+        let reason = match record.slurm_job_id {
+            Some(job_id) => format!(
+                "client restarted with --executor {}; Slurm job {job_id} is no longer followed",
+                runner.executor().name()
+            ),
+            None => "client restarted".to_owned(),
+        };
         let killed = process::kill_marked(&process::marker(store.node(), id));
-        let _ = store.transition(id, &[PayloadStatus::Running], |r| {
-            r.status = PayloadStatus::Failed;
-            r.reason = Some("client restarted".into());
-        });
+        let _ = store.transition(
+            id,
+            &[PayloadStatus::Running, PayloadStatus::Prepared],
+            |r| {
+                r.status = PayloadStatus::Failed;
+                r.reason = Some(reason);
+            },
+        );
         tracing::warn!(
             id,
             leftover_processes_killed = killed,
@@ -63,8 +94,16 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
             config.data_dir.display()
         )
     })?);
+    let executor = match &config.executor {
+        ExecutorConfig::Local => Executor::Local(LocalExecutor::default()),
+        ExecutorConfig::Slurm(slurm_config) => {
+            slurm::check_commands().await.map_err(anyhow::Error::msg)?;
+            Executor::Slurm(slurm::SlurmExecutor::start(slurm_config.clone()))
+        }
+    };
     let runner = Runner::new(
         store.clone(),
+        executor,
         RunnerConfig {
             slots: config.slots,
             kill_grace: config.kill_grace,
@@ -75,7 +114,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
     runner.start();
     janitor::start(store.clone(), config.max_age);
     let load = load::LoadGauge::default();
-    load.start_sampler();
+    runner.executor().start_load_sampler(&load);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -88,7 +127,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
         max_upload: config.max_upload,
     });
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    tracing::info!(%addr, slots = config.slots, data_dir = %config.data_dir.display(), "client started");
+    tracing::info!(%addr, slots = config.slots, executor = runner.executor().name(), data_dir = %config.data_dir.display(), "client started");
     Ok(RunningClient {
         addr,
         runner,

@@ -16,7 +16,7 @@ impl LoadGauge {
         f64::from_bits(self.0.load(Ordering::Relaxed))
     }
 
-    fn set(&self, percent: f64) {
+    pub(crate) fn set(&self, percent: f64) {
         self.0.store(percent.to_bits(), Ordering::Relaxed);
     }
 

@@ -1,8 +1,10 @@
 //! Runs payloads: a first-in first-out queue of Prepared payloads, a fixed number of slots,
-//! and one task per running payload that owns its process group until it has ended.
+//! and one task per started payload that owns its executor job until it has ended.
 //!
 //! A payload starts the moment it is queued and a slot is free (no polling). Kill requests
-//! and the walltime limit reach the running task through a `Notify`.
+//! and the walltime limit reach the payload's task through a `Notify`. Where the payload runs
+//! (a local process group, a Slurm job) is the executor's business: the runner only sees
+//! `Job::next` (started / ended) and `Job::terminate`.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -12,9 +14,10 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use jobrelay_common::protocol::{PayloadRecord, PayloadStatus, RUN_SCRIPT};
-use tokio::process::Child;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use crate::executor::{Ended, Executor, Job, Progress, Stopper};
 use crate::process;
 use crate::store::{now_ms, PayloadStore, Refused};
 
@@ -25,11 +28,10 @@ pub struct RunnerConfig {
     pub max_runtime: Option<Duration>,
 }
 
-/// Handle to a running payload's task.
+/// Handle to a started payload's task.
 struct Running {
     kill: Arc<Notify>,
     done: watch::Receiver<bool>,
-    pgid: u32,
 }
 
 /// Outcome of a kill request.
@@ -41,23 +43,21 @@ pub enum KillOutcome {
 
 pub struct Runner {
     store: Arc<PayloadStore>,
+    executor: Executor,
     config: RunnerConfig,
     queue: Mutex<VecDeque<u64>>,
     queued: Notify,
     slots: Arc<Semaphore>,
+    /// Payloads handed to the executor whose task has not ended yet. A payload in here may
+    /// still be Prepared (a Slurm job waiting in Slurm's queue).
     running: Mutex<HashMap<u64, Running>>,
 }
 
-enum Ending {
-    Exited(std::io::Result<std::process::ExitStatus>),
-    KillRequested,
-    Walltime,
-}
-
 impl Runner {
-    pub fn new(store: Arc<PayloadStore>, config: RunnerConfig) -> Arc<Self> {
+    pub fn new(store: Arc<PayloadStore>, executor: Executor, config: RunnerConfig) -> Arc<Self> {
         Arc::new(Runner {
             store,
+            executor,
             slots: Arc::new(Semaphore::new(config.slots)),
             config,
             queue: Mutex::new(VecDeque::new()),
@@ -70,6 +70,12 @@ impl Runner {
         self.config.slots
     }
 
+    pub fn executor(&self) -> &Executor {
+        &self.executor
+    }
+
+    /// Payloads handed to the executor and not ended (for Slurm, also those still queued in
+    /// Slurm).
     pub fn running_count(&self) -> usize {
         self.running.lock().unwrap().len()
     }
@@ -113,133 +119,192 @@ impl Runner {
                 .await
                 .expect("the slot semaphore is never closed");
             let id = self.next_queued().await;
-            self.clone().start_payload(id, permit);
+            self.clone().launch(id, None, Some(permit));
         }
     }
 
-    fn start_payload(self: Arc<Self>, id: u64, permit: OwnedSemaphorePermit) {
-        let loc = self.store.work_dir_of(id);
-        let marker = process::marker(self.store.node(), id);
+    /// Takes over a payload the previous client process handed to the executor (a Slurm job
+    /// that kept running). Call before `start`, so that it holds a slot like the others.
+    pub fn adopt(self: &Arc<Self>, id: u64, job: Job) {
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        self.clone().launch(id, Some(job), permit);
+    }
+
+    /// Registers the payload as started and spawns the task that owns it until it ends.
+    fn launch(
+        self: Arc<Self>,
+        id: u64,
+        adopted: Option<Job>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         let kill = Arc::new(Notify::new());
         let (done_tx, done_rx) = watch::channel(false);
-        // Hold the running-map lock across the state change, so that a kill request sees
-        // either a Prepared payload or a registered running one, never a gap in between.
-        let mut running = self.running.lock().unwrap();
-        let mut child = match process::spawn_run_script(&loc, &marker) {
-            Ok(child) => child,
-            Err(e) => {
-                drop(running);
-                let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
-                    r.status = PayloadStatus::Failed;
-                    r.reason = Some(format!("could not start run.sh: {e}"));
-                });
-                return;
+        {
+            // The running-map lock is held across the check and the registration, and `kill`
+            // takes it too: a kill request sees either a Prepared payload that is not
+            // registered (and kills it in place) or a registered one (and asks its task),
+            // never a gap in between.
+            let mut running = self.running.lock().unwrap();
+            match self.store.get(id) {
+                Some(r) if matches!(r.status, PayloadStatus::Prepared | PayloadStatus::Running) => {
+                }
+                // Killed (or gone) while it waited: it must not run.
+                _ => return,
             }
-        };
-        let pgid = child.id().unwrap_or(0);
-        let started = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
-            r.status = PayloadStatus::Running;
-            r.pid = pgid;
-            r.started_ms = Some(now_ms());
-        });
-        if started.is_err() {
-            // Killed (or gone) while it waited: it must not run.
-            drop(running);
-            process::kill_leftovers(pgid);
-            tokio::spawn(async move { child.wait().await });
-            return;
+            running.insert(
+                id,
+                Running {
+                    kill: kill.clone(),
+                    done: done_rx,
+                },
+            );
         }
-        running.insert(
-            id,
-            Running {
-                kill: kill.clone(),
-                done: done_rx,
-                pgid,
-            },
-        );
-        drop(running);
 
         tokio::spawn(async move {
             let _permit = permit;
+            let stopper: Mutex<Option<Stopper>> = Mutex::new(None);
             // A panic while supervising must not leave the payload Running forever.
-            let finished = AssertUnwindSafe(self.supervise(&mut child, pgid, &kill))
+            let ended = AssertUnwindSafe(self.run_payload(id, adopted, &kill, &stopper))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
-                    process::kill_leftovers(pgid);
-                    Finished {
-                        status: PayloadStatus::Failed,
-                        exit_code: None,
-                        signal: None,
-                        reason: "internal error while supervising the payload".into(),
+                    if let Some(stopper) = stopper.lock().unwrap().take() {
+                        stopper.stop_now();
                     }
+                    Ended::failed("internal error while supervising the payload")
                 });
-            let _ = self.store.transition(id, &[PayloadStatus::Running], |r| {
-                r.status = finished.status;
-                r.exit_code = finished.exit_code;
-                r.signal = finished.signal;
-                r.reason = Some(finished.reason);
-                r.killed = finished.status == PayloadStatus::Killed;
-            });
+            let _ = self.store.transition(
+                id,
+                &[PayloadStatus::Prepared, PayloadStatus::Running],
+                |r| {
+                    r.status = ended.status;
+                    r.exit_code = ended.exit_code;
+                    r.signal = ended.signal;
+                    r.reason = Some(ended.reason);
+                    r.killed = ended.status == PayloadStatus::Killed;
+                },
+            );
             self.running.lock().unwrap().remove(&id);
             let _ = done_tx.send(true);
         });
     }
 
-    /// Waits for the payload's end: its own exit, a kill request or the walltime.
-    async fn supervise(&self, child: &mut Child, pgid: u32, kill: &Notify) -> Finished {
-        let walltime = async {
-            match self.config.max_runtime {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
+    /// Starts the payload (unless it was adopted already started) and follows it to its end.
+    async fn run_payload(
+        &self,
+        id: u64,
+        adopted: Option<Job>,
+        kill: &Notify,
+        stopper: &Mutex<Option<Stopper>>,
+    ) -> Ended {
+        let mut job = match adopted {
+            Some(job) => job,
+            None => {
+                if kill.notified().now_or_never().is_some() {
+                    return Ended {
+                        status: PayloadStatus::Killed,
+                        exit_code: None,
+                        signal: None,
+                        reason: "killed on request before it started".into(),
+                    };
+                }
+                let dir = self.store.work_dir_of(id);
+                let marker = process::marker(self.store.node(), id);
+                let name = job_name(self.store.node(), id);
+                let accepted = match self.executor.start(&dir, &marker, &name).await {
+                    Ok(accepted) => accepted,
+                    Err(reason) => return Ended::failed(reason),
+                };
+                if let Some(job_id) = accepted.slurm_job_id {
+                    let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
+                        r.slurm_job_id = Some(job_id);
+                    });
+                }
+                accepted.job
             }
         };
-        let ending = tokio::select! {
-            status = child.wait() => Ending::Exited(status),
-            _ = kill.notified() => Ending::KillRequested,
-            _ = walltime => Ending::Walltime,
-        };
+        *stopper.lock().unwrap() = Some(job.stopper());
+        self.supervise(id, &mut job, kill).await
+    }
+
+    /// Waits for the payload's end: its own, a kill request or the walltime (counted from the
+    /// moment it runs).
+    async fn supervise(&self, id: u64, job: &mut Job, kill: &Notify) -> Ended {
+        let mut deadline = self.store.get(id).and_then(|r| {
+            (r.status == PayloadStatus::Running)
+                .then(|| self.deadline_from(r.started_ms.unwrap_or_else(now_ms)))
+                .flatten()
+        });
         let grace = self.config.kill_grace;
-        match ending {
-            Ending::Exited(status) => {
-                process::kill_leftovers(pgid);
-                finish_exited(status)
-            }
-            Ending::KillRequested => {
-                let status = process::terminate(child, pgid, grace).await;
-                Finished::from_status(PayloadStatus::Killed, status, "killed on request")
-            }
-            Ending::Walltime => {
-                let status = process::terminate(child, pgid, grace).await;
-                let limit = self.config.max_runtime.unwrap_or_default().as_secs_f64();
-                Finished::from_status(
-                    PayloadStatus::Failed,
-                    status,
-                    &format!("walltime of {limit} s exceeded, killed"),
-                )
+        loop {
+            let walltime = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                progress = job.next() => match progress {
+                    Progress::Running { pid } => {
+                        let started = now_ms();
+                        let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
+                            r.status = PayloadStatus::Running;
+                            r.pid = pid;
+                            r.started_ms = Some(started);
+                        });
+                        deadline = self.deadline_from(started);
+                    }
+                    Progress::Ended(ended) => return ended,
+                },
+                _ = kill.notified() => {
+                    let ended = job.terminate(grace).await;
+                    return Ended {
+                        status: PayloadStatus::Killed,
+                        reason: "killed on request".into(),
+                        ..ended
+                    };
+                }
+                _ = walltime => {
+                    let ended = job.terminate(grace).await;
+                    let limit = self.config.max_runtime.unwrap_or_default().as_secs_f64();
+                    return Ended {
+                        status: PayloadStatus::Failed,
+                        reason: format!("walltime of {limit} s exceeded, killed"),
+                        ..ended
+                    };
+                }
             }
         }
     }
 
-    /// Stops a payload: a Prepared one never starts, a Running one has its whole process
-    /// group terminated. Answers once the payload has reached Killed.
+    fn deadline_from(&self, started_ms: u64) -> Option<Instant> {
+        let limit = self.config.max_runtime?;
+        let elapsed = Duration::from_millis(now_ms().saturating_sub(started_ms));
+        Some(Instant::now() + limit.saturating_sub(elapsed))
+    }
+
+    /// Stops a payload: a Prepared one that was not handed to the executor never starts, a
+    /// started one is stopped by its executor. Answers once the payload has reached Killed.
     pub async fn kill(&self, id: u64) -> KillOutcome {
-        let killed_before_start = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
-            r.status = PayloadStatus::Killed;
-            r.killed = true;
-            r.reason = Some("killed on request before it started".into());
-        });
-        match killed_before_start {
-            Ok(record) => return KillOutcome::Killed(record),
-            Err(Refused::NotFound) => return KillOutcome::NotFound,
-            Err(Refused::InState(_)) => {}
-        }
-        let handle = self
-            .running
-            .lock()
-            .unwrap()
-            .get(&id)
-            .map(|r| (r.kill.clone(), r.done.clone()));
+        let handle = {
+            let running = self.running.lock().unwrap();
+            match running.get(&id) {
+                Some(r) => Some((r.kill.clone(), r.done.clone())),
+                None => {
+                    let killed_before_start =
+                        self.store.transition(id, &[PayloadStatus::Prepared], |r| {
+                            r.status = PayloadStatus::Killed;
+                            r.killed = true;
+                            r.reason = Some("killed on request before it started".into());
+                        });
+                    match killed_before_start {
+                        Ok(record) => return KillOutcome::Killed(record),
+                        Err(Refused::NotFound) => return KillOutcome::NotFound,
+                        Err(Refused::InState(_)) => None,
+                    }
+                }
+            }
+        };
         let Some((kill, mut done)) = handle else {
             // Finished before this request arrived.
             return match self.store.get(id) {
@@ -258,65 +323,19 @@ impl Runner {
         }
     }
 
-    /// Sends SIGKILL to every running payload's group (used when the client shuts down; the
-    /// records stay Running and are settled at the next start).
+    /// Stops every started payload at once (the client is shutting down): local process
+    /// groups get SIGKILL and their records stay Running, settled at the next start; Slurm
+    /// jobs keep running and are re-attached at the next start.
     pub fn kill_all_now(&self) {
-        for running in self.running.lock().unwrap().values() {
-            process::kill_leftovers(running.pgid);
-        }
+        self.executor.stop_all_now();
     }
 }
 
-struct Finished {
-    status: PayloadStatus,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
-    reason: String,
-}
-
-impl Finished {
-    fn from_status(
-        status: PayloadStatus,
-        exit: std::io::Result<std::process::ExitStatus>,
-        reason: &str,
-    ) -> Self {
-        let (exit_code, signal) = exit.map(process::describe).unwrap_or((None, None));
-        Finished {
-            status,
-            exit_code,
-            signal,
-            reason: reason.to_owned(),
-        }
-    }
-}
-
-fn finish_exited(exit: std::io::Result<std::process::ExitStatus>) -> Finished {
-    match exit.map(process::describe) {
-        Ok((Some(0), _)) => Finished {
-            status: PayloadStatus::Completed,
-            exit_code: Some(0),
-            signal: None,
-            reason: "run.sh exited with code 0".into(),
-        },
-        Ok((Some(code), _)) => Finished {
-            status: PayloadStatus::Failed,
-            exit_code: Some(code),
-            signal: None,
-            reason: format!("run.sh exited with code {code}"),
-        },
-        Ok((None, signal)) => Finished {
-            status: PayloadStatus::Failed,
-            exit_code: None,
-            signal,
-            reason: format!("run.sh was killed by signal {}", signal.unwrap_or(0)),
-        },
-        Err(e) => Finished {
-            status: PayloadStatus::Failed,
-            exit_code: None,
-            signal: None,
-            reason: format!("could not wait for run.sh: {e}"),
-        },
-    }
+/// The name a payload carries where its executor names jobs (Slurm's `--job-name`):
+/// `jobrelay-<first 8 characters of the node id>-<payload id>`.
+pub fn job_name(node: &str, id: u64) -> String {
+    let short: String = node.chars().take(8).collect();
+    format!("jobrelay-{short}-{id}")
 }
 
 /// A payload can run only with a regular file `run.sh` at the top of its work directory.

@@ -174,6 +174,7 @@ impl PayloadStore {
             created_ms: Some(now_ms()),
             started_ms: None,
             finished_ms: None,
+            slurm_job_id: None,
         };
         if let Err(e) = self.persist(&record) {
             let _ = remove_dir_all_if_exists(&loc);

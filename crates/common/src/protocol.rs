@@ -93,6 +93,11 @@ pub struct PayloadRecord {
     pub started_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_ms: Option<u64>,
+    /// Id of the Slurm job running this payload, when the client hands its payloads to Slurm
+    /// (`--executor slurm`). Set once `sbatch` accepted it; a Prepared record that has one is
+    /// queued in Slurm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job_id: Option<u64>,
 }
 
 /// One state change of a payload, as delivered by the change feed `GET /events`.

@@ -1,0 +1,176 @@
+//! The executor seam: where a payload's `run.sh` actually runs. The runner (queue, slots, kill
+//! requests, walltime, state changes) drives an [`Executor`] and the [`Job`] handles it returns,
+//! and never learns whether a payload is a local process group or a Slurm job.
+//!
+//! - [`local`]: `bash run.sh` in a process group of its own on this machine.
+//! - [`slurm`]: an `sbatch` job on a Slurm cluster, watched with one `squeue` call per interval
+//!   for all jobs, re-attached after a client restart.
+//!
+//! Executors change no payload state themselves: they report progress ([`Progress`]) and the
+//! runner applies it through `PayloadStore::transition`, the one place a state changes.
+
+pub mod local;
+pub mod slurm;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
+
+use crate::load::LoadGauge;
+
+/// Where payloads run.
+pub enum Executor {
+    Local(local::LocalExecutor),
+    Slurm(Arc<slurm::SlurmExecutor>),
+}
+
+/// What a payload did, as its executor saw it.
+pub enum Progress {
+    /// It has started running (for Slurm: the job left PENDING). `pid` is the process group of
+    /// a local payload, 0 for a Slurm job.
+    Running { pid: u32 },
+    /// It has ended on its own.
+    Ended(Ended),
+}
+
+/// How a payload ended.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    /// Completed or Failed for an end on its own; the runner sets Killed or the walltime
+    /// failure when it stopped the payload.
+    pub status: PayloadStatus,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: String,
+}
+
+impl Ended {
+    pub fn failed(reason: impl Into<String>) -> Self {
+        Ended {
+            status: PayloadStatus::Failed,
+            exit_code: None,
+            signal: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A started payload, owned by the runner's task for that payload.
+pub enum Job {
+    Local(local::LocalJob),
+    Slurm(slurm::SlurmJob),
+}
+
+/// A cheap handle that stops a payload at once, usable when its [`Job`] is out of reach (a
+/// panic while supervising it).
+#[derive(Clone)]
+pub enum Stopper {
+    Local(u32),
+    Slurm(Arc<slurm::SlurmExecutor>, u64),
+}
+
+impl Stopper {
+    pub fn stop_now(&self) {
+        match self {
+            Stopper::Local(pgid) => crate::process::kill_leftovers(*pgid),
+            Stopper::Slurm(executor, job_id) => executor.cancel_in_background(*job_id),
+        }
+    }
+}
+
+/// What a payload's record needs once its executor accepted it.
+pub struct Accepted {
+    pub job: Job,
+    /// Slurm job id to store in the record.
+    pub slurm_job_id: Option<u64>,
+}
+
+impl Executor {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Executor::Local(_) => "local",
+            Executor::Slurm(_) => "slurm",
+        }
+    }
+
+    /// Starts the payload in `dir`. `marker` tags its processes (see `process::MARKER_VAR`),
+    /// `job_name` names it where the executor has names (Slurm).
+    pub async fn start(
+        &self,
+        dir: &Path,
+        marker: &str,
+        job_name: &str,
+    ) -> Result<Accepted, String> {
+        match self {
+            Executor::Local(local) => local.start(dir, marker).map(|job| Accepted {
+                job: Job::Local(job),
+                slurm_job_id: None,
+            }),
+            Executor::Slurm(slurm) => {
+                let job = slurm.submit(dir, marker, job_name).await?;
+                let id = job.job_id();
+                Ok(Accepted {
+                    job: Job::Slurm(job),
+                    slurm_job_id: Some(id),
+                })
+            }
+        }
+    }
+
+    /// After a client restart: takes over a payload that the previous client process had
+    /// started, if this executor can (a Slurm job keeps running without us). `None` means
+    /// it cannot be followed and must be settled as interrupted.
+    pub fn reattach(&self, record: &PayloadRecord) -> Option<Job> {
+        match self {
+            Executor::Local(_) => None,
+            Executor::Slurm(slurm) => record.slurm_job_id.map(|job_id| {
+                Job::Slurm(slurm.follow(job_id, record.status == PayloadStatus::Running))
+            }),
+        }
+    }
+
+    /// Stops every payload at once (client shutdown). Local process groups are killed; Slurm
+    /// jobs are left running in Slurm and re-attached at the next start.
+    pub fn stop_all_now(&self) {
+        match self {
+            Executor::Local(local) => local.kill_all_now(),
+            Executor::Slurm(_) => {}
+        }
+    }
+
+    /// Starts the background sampler behind `GET /load`.
+    pub fn start_load_sampler(&self, gauge: &LoadGauge) {
+        match self {
+            Executor::Local(_) => gauge.start_sampler(),
+            Executor::Slurm(slurm) => slurm.start_load_sampler(gauge.clone()),
+        }
+    }
+}
+
+impl Job {
+    /// Waits for the next thing the payload does: it starts running, or it ends.
+    pub async fn next(&mut self) -> Progress {
+        match self {
+            Job::Local(job) => job.next().await,
+            Job::Slurm(job) => job.next().await,
+        }
+    }
+
+    /// Stops the payload: asks it to end, forces it after `grace`, and returns once it has
+    /// ended (the runner decides the final state).
+    pub async fn terminate(&mut self, grace: Duration) -> Ended {
+        match self {
+            Job::Local(job) => job.terminate(grace).await,
+            Job::Slurm(job) => job.terminate(grace).await,
+        }
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        match self {
+            Job::Local(job) => Stopper::Local(job.pgid()),
+            Job::Slurm(job) => job.stopper(),
+        }
+    }
+}
