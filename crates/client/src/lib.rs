@@ -41,7 +41,24 @@ impl RunningClient {
 /// Settles what a previous client process left. Payloads it had handed to an executor that
 /// keeps them without us (Slurm jobs) are followed again; other payloads that were running are
 /// failed (their processes killed); prepared ones are queued again in arrival order.
-fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
+async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
+    // Submitted, but the client died before the record got the job id.
+    let unrecorded: Vec<(u64, String)> = store
+        .ids_in(PayloadStatus::Prepared)
+        .into_iter()
+        .filter(|id| store.get(*id).is_some_and(|r| r.slurm_job_id.is_none()))
+        .map(|id| (id, runner::job_name(store.node(), id)))
+        .collect();
+    for (id, job_id) in runner.executor().find_unrecorded(&unrecorded).await {
+        tracing::warn!(
+            id,
+            slurm_job_id = job_id,
+            "found the payload's job submitted before the restart"
+        );
+        let _ = store.transition(id, &[PayloadStatus::Prepared], |r| {
+            r.slurm_job_id = Some(job_id);
+        });
+    }
     let mut started = store.ids_in(PayloadStatus::Running);
     started.extend(
         store
@@ -110,7 +127,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
             max_runtime: config.max_runtime,
         },
     );
-    recover(&store, &runner);
+    recover(&store, &runner).await;
     runner.start();
     janitor::start(store.clone(), config.max_age);
     let load = load::LoadGauge::default();

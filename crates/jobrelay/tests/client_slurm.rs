@@ -349,3 +349,40 @@ async fn load_is_the_share_of_allocated_cpus() {
     let (status, _) = kill(&client, id).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn restart_finds_a_job_whose_id_never_reached_the_record() {
+    require_slurm!();
+    // --begin keeps the job pending, so the test controls when it could run.
+    let flags = [&SLURM[..], &["--slurm-arg=--begin=now+1hour"]].concat();
+    let mut client = TestClient::start(&flags);
+    let id = client.submit_script("echo once >> runs.txt\n").await;
+    let job_id = eventually(Duration::from_secs(30), "the Slurm job id", || async {
+        stored_record(&client, id)["slurm_job_id"].as_u64()
+    })
+    .await;
+    client.proc.kill9();
+    // As if the client had died between sbatch's answer and writing the record.
+    let path = client.data_dir().join(format!("payloads/{id}.json"));
+    let mut record = stored_record(&client, id);
+    record.as_object_mut().unwrap().remove("slurm_job_id");
+    std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    client.restart_after_kill9(&flags);
+    let found = eventually(
+        Duration::from_secs(30),
+        "the job id found again",
+        || async { stored_record(&client, id)["slurm_job_id"].as_u64() },
+    )
+    .await;
+    assert_eq!(found, job_id, "the same job, not a second submission");
+    assert_eq!(client.record(id).await["status"], "Prepared");
+    // Let it run now: it runs once and completes.
+    let released = Command::new("scontrol")
+        .args(["update", &format!("JobId={job_id}"), "StartTime=now"])
+        .status()
+        .unwrap();
+    assert!(released.success());
+    let entries = client.retrieve_zip(id).await;
+    assert_eq!(entries["runs.txt"], b"once\n");
+}

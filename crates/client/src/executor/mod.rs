@@ -12,6 +12,7 @@
 pub mod local;
 pub mod slurm;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,6 +129,17 @@ impl Executor {
             Executor::Slurm(slurm) => record.slurm_job_id.map(|job_id| {
                 Job::Slurm(slurm.follow(job_id, record.status == PayloadStatus::Running))
             }),
+        }
+    }
+
+    /// After a client restart: finds jobs that were submitted for Prepared payloads whose
+    /// record did not get the job id (the client died between `sbatch` and writing the
+    /// record), so that they are followed instead of submitted twice. Takes (payload id, job
+    /// name) pairs; returns payload id to Slurm job id.
+    pub async fn find_unrecorded(&self, named: &[(u64, String)]) -> HashMap<u64, u64> {
+        match self {
+            Executor::Local(_) => HashMap::new(),
+            Executor::Slurm(slurm) => slurm.find_by_names(named).await,
         }
     }
 

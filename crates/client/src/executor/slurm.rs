@@ -354,6 +354,7 @@ impl SlurmExecutor {
                 notified.await;
                 continue;
             }
+            let mut vanished = Vec::new();
             match squeue(&ids).await {
                 Ok(rows) => {
                     if last_error.take().is_some() {
@@ -375,12 +376,8 @@ impl SlurmExecutor {
                             None => {
                                 let n = misses.entry(*id).or_insert(0);
                                 *n += 1;
-                                if *n >= MISSES_BEFORE_VANISHED {
-                                    sender.send_if_modified(|current| {
-                                        let changed = *current != Seen::Vanished;
-                                        *current = Seen::Vanished;
-                                        changed
-                                    });
+                                if *n == MISSES_BEFORE_VANISHED {
+                                    vanished.push(*id);
                                 }
                             }
                         }
@@ -395,8 +392,70 @@ impl SlurmExecutor {
                     }
                 }
             }
+            if !vanished.is_empty() {
+                self.settle_vanished(&vanished).await;
+            }
             tokio::time::sleep(self.config.poll_interval).await;
         }
+    }
+
+    /// Jobs the controller no longer lists (purged after its MinJobAge, e.g. while the client
+    /// was down): their end from the accounting database (`sacct`, one call) where there is
+    /// one, otherwise they count as vanished with an unknown outcome.
+    async fn settle_vanished(&self, ids: &[u64]) {
+        let accounted = match sacct(ids).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = ?ids, "Slurm forgot these jobs and sacct cannot tell their end");
+                HashMap::new()
+            }
+        };
+        let jobs = self.jobs.lock().unwrap();
+        for id in ids {
+            let Some(sender) = jobs.get(id) else { continue };
+            let seen = match accounted.get(id) {
+                Some(row) if phase(&row.state) == Phase::Ended => Seen::Row(row.clone()),
+                _ => Seen::Vanished,
+            };
+            sender.send_replace(seen);
+        }
+    }
+
+    /// Slurm jobs (in any state the controller remembers) carrying the given job names, by
+    /// one `squeue --name` call. Errors are logged and answer nothing found.
+    pub async fn find_by_names(&self, named: &[(u64, String)]) -> HashMap<u64, u64> {
+        if named.is_empty() {
+            return HashMap::new();
+        }
+        let names = named
+            .iter()
+            .map(|(_, name)| name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let args = ["-h", "-t", "all", "--name", &names, "-O", "JobID:|,Name:|"].map(String::from);
+        let output = match run("squeue", &args).await {
+            Ok(output) => output,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look for jobs submitted before the restart");
+                return HashMap::new();
+            }
+        };
+        let by_name: HashMap<&str, u64> = named.iter().map(|(id, n)| (n.as_str(), *id)).collect();
+        let mut found = HashMap::new();
+        for line in output.lines() {
+            let mut fields = line.split('|').map(str::trim);
+            let (Some(Ok(job_id)), Some(name)) =
+                (fields.next().map(str::parse::<u64>), fields.next())
+            else {
+                continue;
+            };
+            if let Some(payload) = by_name.get(name) {
+                // Several (should not happen): follow the newest.
+                let newest = found.entry(*payload).or_insert(job_id);
+                *newest = (*newest).max(job_id);
+            }
+        }
+        found
     }
 
     /// Samples `sinfo` in the background for `GET /load`.
@@ -439,6 +498,38 @@ async fn squeue(ids: &[u64]) -> Result<HashMap<u64, JobRow>, String> {
         Err(e) if e.contains("Invalid job id specified") => Ok(HashMap::new()),
         Err(e) => Err(e),
     }
+}
+
+/// One `sacct` call (accounting database) for jobs `squeue` no longer lists.
+async fn sacct(ids: &[u64]) -> Result<HashMap<u64, JobRow>, String> {
+    let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let args = ["-n", "-P", "-X", "-j", &list, "-o", "JobID,State,ExitCode"].map(String::from);
+    Ok(parse_sacct(&run("sacct", &args).await?))
+}
+
+/// Parses `sacct -n -P -X -o JobID,State,ExitCode` output (exit code as `code:signal`).
+pub fn parse_sacct(output: &str) -> HashMap<u64, JobRow> {
+    let mut rows = HashMap::new();
+    for line in output.lines() {
+        let fields: Vec<&str> = line.split('|').map(str::trim).collect();
+        let [id, state, exit] = fields[..] else {
+            continue;
+        };
+        let Ok(id) = id.parse::<u64>() else { continue };
+        let exit_raw = exit.split_once(':').and_then(|(code, signal)| {
+            Some((code.parse::<i32>().ok()? << 8) | signal.parse::<i32>().ok()?)
+        });
+        rows.insert(
+            id,
+            JobRow {
+                // "CANCELLED by 1000": the state word.
+                state: state.split_whitespace().next().unwrap_or("").to_owned(),
+                exit_raw,
+                reason: "from sacct".to_owned(),
+            },
+        );
+    }
+    rows
 }
 
 impl SlurmJob {
@@ -583,6 +674,15 @@ mod tests {
         assert_eq!(timeout.signal, Some(15));
         assert!(timeout.reason.contains("TIMEOUT"));
         assert_eq!(decode_exit(Some(0)), (Some(0), None));
+    }
+
+    #[test]
+    fn sacct_lines_become_rows() {
+        let rows = parse_sacct("41|TIMEOUT|0:15\n42|CANCELLED by 0|0:0\n43|FAILED|2:0\nbad\n");
+        assert_eq!(rows.len(), 3);
+        assert_eq!(ended_from(41, &rows[&41]).signal, Some(15));
+        assert_eq!(rows[&42].state, "CANCELLED");
+        assert_eq!(ended_from(43, &rows[&43]).exit_code, Some(2));
     }
 
     #[test]
