@@ -201,19 +201,29 @@ impl Runner {
             Some(job) => job,
             None => {
                 if kill.notified().now_or_never().is_some() {
-                    return Ended {
-                        status: PayloadStatus::Killed,
-                        exit_code: None,
-                        signal: None,
-                        reason: "killed on request before it started".into(),
-                    };
+                    return killed_before_start();
                 }
                 let dir = self.store.work_dir_of(id);
                 let marker = process::marker(self.store.node(), id);
                 let name = job_name(self.store.node(), id);
-                let accepted = match self.executor.start(&dir, &marker, &name).await {
-                    Ok(accepted) => accepted,
-                    Err(reason) => return Ended::failed(reason),
+                let mut attempt: u32 = 0;
+                let accepted = loop {
+                    match self.executor.start(&dir, &marker, &name, attempt > 0).await {
+                        Ok(accepted) => break accepted,
+                        Err(e) if e.transient => {
+                            // The payload stays Prepared and keeps its slot; a kill ends the
+                            // wait (a start in progress is never interrupted, so nothing is
+                            // left submitted behind our back).
+                            attempt += 1;
+                            let backoff = Duration::from_secs(1 << attempt.min(6)).min(RETRY_MAX);
+                            tracing::warn!(id, error = %e.reason, retry_in = ?backoff, "could not start the payload; trying again");
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = kill.notified() => return killed_before_start(),
+                            }
+                        }
+                        Err(e) => return Ended::failed(e.reason),
+                    }
                 };
                 if let Some(job_id) = accepted.slurm_job_id {
                     let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
@@ -328,6 +338,18 @@ impl Runner {
     /// jobs keep running and are re-attached at the next start.
     pub fn kill_all_now(&self) {
         self.executor.stop_all_now();
+    }
+}
+
+/// Longest wait between two attempts to start a payload whose executor is unreachable.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+fn killed_before_start() -> Ended {
+    Ended {
+        status: PayloadStatus::Killed,
+        exit_code: None,
+        signal: None,
+        reason: "killed on request before it started".into(),
     }
 }
 

@@ -386,3 +386,76 @@ async fn restart_finds_a_job_whose_id_never_reached_the_record() {
     let entries = client.retrieve_zip(id).await;
     assert_eq!(entries["runs.txt"], b"once\n");
 }
+
+#[tokio::test]
+async fn unreachable_controller_is_waited_out_not_failed() {
+    require_slurm!();
+    // An sbatch in front of the real one that fails the first submission as if the
+    // controller were down.
+    let real = String::from_utf8(
+        Command::new("bash")
+            .args(["-c", "command -v sbatch"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let flag = dir.path().join("failed-once");
+    let fake = bin.join("sbatch");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/bash\n\
+             if [ \"$1\" = --parsable ] && [ ! -e {flag} ]; then\n\
+               touch {flag}\n\
+               echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2\n\
+               exit 1\n\
+             fi\n\
+             exec {real} \"$@\"\n",
+            flag = flag.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let data = dir.path().join("data");
+    let args = [
+        &[
+            "client",
+            "--port",
+            "0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &SLURM[..],
+    ]
+    .concat();
+    let proc = Proc::start_with_env(&args, &dir.path().join("logs"), &[("PATH", &path)]);
+    let client = TestClient {
+        proc,
+        dir,
+        http: http(),
+    };
+
+    let id = client.submit_script("echo ok > ok.txt\n").await;
+    eventually(
+        Duration::from_secs(10),
+        "the failed first attempt",
+        || async { flag.exists().then_some(()) },
+    )
+    .await;
+    assert_eq!(client.record(id).await["status"], "Prepared");
+    let entries = client.retrieve_zip(id).await;
+    assert_eq!(entries["ok.txt"], b"ok\n");
+    assert!(client.proc.log().contains("trying again"));
+}

@@ -88,6 +88,15 @@ pub struct Accepted {
     pub slurm_job_id: Option<u64>,
 }
 
+/// Why a payload could not be started.
+#[derive(Debug)]
+pub struct StartError {
+    pub reason: String,
+    /// The cause may pass (Slurm's controller unreachable): the payload stays Prepared and
+    /// the runner tries again, instead of failing it.
+    pub transient: bool,
+}
+
 impl Executor {
     pub fn name(&self) -> &'static str {
         match self {
@@ -97,20 +106,29 @@ impl Executor {
     }
 
     /// Starts the payload in `dir`. `marker` tags its processes (see `process::MARKER_VAR`),
-    /// `job_name` names it where the executor has names (Slurm).
+    /// `job_name` names it where the executor has names (Slurm). `retrying`: an earlier
+    /// attempt failed in a way that may still have started it (Slurm: look the job up by its
+    /// name before submitting again).
     pub async fn start(
         &self,
         dir: &Path,
         marker: &str,
         job_name: &str,
-    ) -> Result<Accepted, String> {
+        retrying: bool,
+    ) -> Result<Accepted, StartError> {
         match self {
-            Executor::Local(local) => local.start(dir, marker).map(|job| Accepted {
-                job: Job::Local(job),
-                slurm_job_id: None,
-            }),
+            Executor::Local(local) => local
+                .start(dir, marker)
+                .map(|job| Accepted {
+                    job: Job::Local(job),
+                    slurm_job_id: None,
+                })
+                .map_err(|reason| StartError {
+                    reason,
+                    transient: false,
+                }),
             Executor::Slurm(slurm) => {
-                let job = slurm.submit(dir, marker, job_name).await?;
+                let job = slurm.submit(dir, marker, job_name, retrying).await?;
                 let id = job.job_id();
                 Ok(Accepted {
                     job: Job::Slurm(job),

@@ -26,7 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::{Ended, Progress, Stopper};
+use super::{Ended, Progress, StartError, Stopper};
 use crate::load::LoadGauge;
 use crate::process::MARKER_VAR;
 
@@ -187,6 +187,22 @@ pub fn parse_cpu_load(output: &str) -> Option<f64> {
     Some(((allocated as f64 / (allocated + idle) as f64) * 1000.0).round() / 10.0)
 }
 
+/// True for `sbatch` errors that say the controller could not be reached or was busy, not
+/// that the job itself was refused.
+pub fn is_transient(stderr: &str) -> bool {
+    const PASSING: [&str; 7] = [
+        "Unable to contact slurm controller",
+        "Socket timed out",
+        "Connection refused",
+        "Zero Bytes were transmitted",
+        "temporarily unable",
+        "Transport endpoint is not connected",
+        "Slurm backup controller in standby mode",
+    ];
+    let lower = stderr.to_lowercase();
+    PASSING.iter().any(|p| lower.contains(&p.to_lowercase()))
+}
+
 /// Runs a Slurm command; its stdout on success, a one-line explanation otherwise.
 async fn run(program: &str, args: &[String]) -> Result<String, String> {
     let output = Command::new(program)
@@ -249,14 +265,27 @@ impl SlurmExecutor {
         executor
     }
 
-    /// Submits the payload in `dir` as a batch job.
+    /// Submits the payload in `dir` as a batch job. When `retrying`, first looks for a job
+    /// an earlier, seemingly failed attempt submitted after all.
     pub async fn submit(
         self: &Arc<Self>,
         dir: &Path,
         marker: &str,
         job_name: &str,
-    ) -> Result<SlurmJob, String> {
+        retrying: bool,
+    ) -> Result<SlurmJob, StartError> {
         let _turn = self.submissions.acquire().await.expect("never closed");
+        if retrying {
+            let named = [(0, job_name.to_owned())];
+            if let Some(job_id) = self.find_by_names(&named).await.get(&0) {
+                tracing::warn!(
+                    job_name,
+                    slurm_job_id = job_id,
+                    "an earlier submission went through after all"
+                );
+                return Ok(self.follow(*job_id, false));
+            }
+        }
         let mut args = vec![
             "--parsable".to_owned(),
             format!("--job-name={job_name}"),
@@ -272,6 +301,10 @@ impl SlurmExecutor {
             args.push(format!("--account={account}"));
         }
         args.extend(self.config.extra_args.iter().cloned());
+        let transient = |reason: String| StartError {
+            reason,
+            transient: true,
+        };
         let mut child = Command::new("sbatch")
             .args(&args)
             .env(MARKER_VAR, marker)
@@ -280,7 +313,10 @@ impl SlurmExecutor {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("could not run sbatch: {e}"))?;
+            .map_err(|e| StartError {
+                reason: format!("could not run sbatch: {e}"),
+                transient: false,
+            })?;
         let mut stdin = child.stdin.take().expect("piped");
         let submitted = async {
             stdin.write_all(BATCH_SCRIPT.as_bytes()).await?;
@@ -288,27 +324,35 @@ impl SlurmExecutor {
             child.wait_with_output().await
         };
         let output = match tokio::time::timeout(COMMAND_TIMEOUT, submitted).await {
-            Err(_) => return Err(format!("sbatch did not answer within {COMMAND_TIMEOUT:?}")),
-            Ok(Err(e)) => return Err(format!("could not run sbatch: {e}")),
+            Err(_) => {
+                return Err(transient(format!(
+                    "sbatch did not answer within {COMMAND_TIMEOUT:?}"
+                )))
+            }
+            Ok(Err(e)) => return Err(transient(format!("could not run sbatch: {e}"))),
             Ok(Ok(output)) => output,
         };
         let stdout = String::from_utf8_lossy(&output.stdout);
-        // --parsable: "<job id>" or "<job id>;<cluster>".
+        // --parsable: "<job id>" or "<job id>;<cluster>" (on the last line, should a site's
+        // wrapper print anything before it).
         let job_id = stdout
             .trim()
-            .split(';')
-            .next()
-            .and_then(|id| id.parse::<u64>().ok());
+            .lines()
+            .last()
+            .and_then(|line| line.split(';').next())
+            .and_then(|id| id.trim().parse::<u64>().ok());
         match job_id {
             Some(job_id) if output.status.success() => {
                 tracing::info!(job_name, slurm_job_id = job_id, "submitted to Slurm");
                 Ok(self.follow(job_id, false))
             }
-            _ => Err(format!(
-                "sbatch refused the payload ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )),
+            _ => {
+                let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+                Err(StartError {
+                    transient: is_transient(&stderr),
+                    reason: format!("sbatch refused the payload ({}): {stderr}", output.status),
+                })
+            }
         }
     }
 
