@@ -459,3 +459,19 @@ async fn unreachable_controller_is_waited_out_not_failed() {
     assert_eq!(entries["ok.txt"], b"ok\n");
     assert!(client.proc.log().contains("trying again"));
 }
+
+#[tokio::test]
+async fn max_runtime_cancels_a_slurm_job_that_runs_too_long() {
+    require_slurm!();
+    let client = slurm_client(&["--max-runtime", "1", "--kill-grace", "1"]);
+    let id = client.submit_script("sleep 300\n").await;
+    let record = client.wait_for(id, "Failed").await;
+    let reason = record["reason"].as_str().unwrap();
+    assert!(reason.contains("walltime"), "{reason}");
+    let job_id = stored_record(&client, id)["slurm_job_id"].as_u64().unwrap();
+    let state = slurm_state(job_id);
+    assert!(
+        ["CANCELLED", "FAILED"].contains(&state.as_str()),
+        "Slurm says {state}"
+    );
+}
