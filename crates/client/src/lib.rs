@@ -1,5 +1,6 @@
 //! The jobrelay executor client: accepts payloads over HTTP (the seed contract plus
-//! extensions), runs their `run.sh` in process groups, and serves their results as ZIPs.
+//! extensions), runs their `run.sh` through an executor (local process groups, or Slurm
+//! jobs), and serves their results as ZIPs.
 
 pub mod api;
 pub mod config;
