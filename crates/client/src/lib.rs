@@ -99,8 +99,12 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
             "payload was running when the client stopped"
         );
     }
+    // Prepared payloads that were never handed to the executor; those that were (a job
+    // pending in Slurm) are followed above and must not be submitted again.
     for id in store.ids_in(PayloadStatus::Prepared) {
-        runner.enqueue(id);
+        if store.get(id).is_some_and(|r| r.slurm_job_id.is_none()) {
+            runner.enqueue(id);
+        }
     }
 }
 

@@ -145,6 +145,11 @@ impl Runner {
             // registered (and kills it in place) or a registered one (and asks its task),
             // never a gap in between.
             let mut running = self.running.lock().unwrap();
+            if running.contains_key(&id) {
+                // Already handed to the executor (never start a payload twice).
+                tracing::error!(id, "payload queued while it is already started; ignored");
+                return;
+            }
             match self.store.get(id) {
                 Some(r) if matches!(r.status, PayloadStatus::Prepared | PayloadStatus::Running) => {
                 }

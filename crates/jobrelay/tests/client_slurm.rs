@@ -76,6 +76,20 @@ fn slurm_state(job_id: u64) -> String {
         .to_owned()
 }
 
+/// Ids of the Slurm jobs (any state) with this name.
+fn jobs_named(name: &str) -> Vec<u64> {
+    let out = Command::new("squeue")
+        .args(["-h", "-t", "all", "--name", name, "-o", "%i"])
+        .output()
+        .unwrap();
+    let mut ids: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 async fn wait_long(
     client: &TestClient,
     id: u64,
@@ -377,6 +391,12 @@ async fn restart_finds_a_job_whose_id_never_reached_the_record() {
     .await;
     assert_eq!(found, job_id, "the same job, not a second submission");
     assert_eq!(client.record(id).await["status"], "Prepared");
+    let name = format!(
+        "jobrelay-{}-{id}",
+        &std::fs::read_to_string(client.data_dir().join("node-id")).unwrap()[..8]
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(jobs_named(&name), [job_id], "one Slurm job for the payload");
     // Let it run now: it runs once and completes.
     let released = Command::new("scontrol")
         .args(["update", &format!("JobId={job_id}"), "StartTime=now"])
