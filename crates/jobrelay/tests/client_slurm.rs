@@ -495,3 +495,41 @@ async fn max_runtime_cancels_a_slurm_job_that_runs_too_long() {
         "Slurm says {state}"
     );
 }
+
+/// Runs `jobrelay client <args>` expecting it to refuse to start; returns its stderr.
+fn refused_start(args: &[&str], path: Option<&str>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut command = Command::new(binary());
+    command
+        .args([
+            "client",
+            "--port",
+            "0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .args(args)
+        .env_remove("PORT")
+        .env_remove("DATA_PATH");
+    if let Some(path) = path {
+        command.env("PATH", path);
+    }
+    let out = command.output().unwrap();
+    assert!(!out.status.success(), "it started: {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn slurm_options_need_the_slurm_executor_and_its_commands() {
+    // No Slurm needed: these are refusals at start.
+    let stderr = refused_start(&["--slurm-partition", "batch"], None);
+    assert!(stderr.contains("--executor slurm"), "{stderr}");
+    let stderr = refused_start(&["--executor", "slurm"], Some("/nonexistent"));
+    assert!(stderr.contains("needs sbatch on PATH"), "{stderr}");
+    let stderr = refused_start(&["--executor", "cluster"], None);
+    assert!(
+        stderr.contains("local") && stderr.contains("slurm"),
+        "{stderr}"
+    );
+}
