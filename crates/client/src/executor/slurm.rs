@@ -39,6 +39,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const PARALLEL_SUBMISSIONS: usize = 4;
 /// Polls in a row a followed job may be missing from `squeue` before it counts as vanished.
 const MISSES_BEFORE_VANISHED: u32 = 3;
+/// Most job ids or names in one `squeue` argument (a single argument must stay below the
+/// kernel's 128 KiB).
+const LIST_CHUNK: usize = 1000;
 /// How often `/load` asks `sinfo`.
 const LOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// After a kill, longest wait beyond the grace for Slurm to report the job's end.
@@ -471,19 +474,23 @@ impl SlurmExecutor {
         if named.is_empty() {
             return HashMap::new();
         }
-        let names = named
-            .iter()
-            .map(|(_, name)| name.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        let args = ["-h", "-t", "all", "--name", &names, "-O", "JobID:|,Name:|"].map(String::from);
-        let output = match run("squeue", &args).await {
-            Ok(output) => output,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not look for jobs submitted before the restart");
-                return HashMap::new();
+        let mut output = String::new();
+        for chunk in named.chunks(LIST_CHUNK) {
+            let names = chunk
+                .iter()
+                .map(|(_, name)| name.as_str())
+                .collect::<Vec<_>>()
+                .join(",");
+            let args =
+                ["-h", "-t", "all", "--name", &names, "-O", "JobID:|,Name:|"].map(String::from);
+            match run("squeue", &args).await {
+                Ok(out) => output.push_str(&out),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for jobs submitted before the restart");
+                    return HashMap::new();
+                }
             }
-        };
+        }
         let by_name: HashMap<&str, u64> = named.iter().map(|(id, n)| (n.as_str(), *id)).collect();
         let mut found = HashMap::new();
         for line in output.lines() {
@@ -525,30 +532,47 @@ impl SlurmExecutor {
 
 /// One `squeue` call for all `ids` (in every state Slurm still remembers).
 async fn squeue(ids: &[u64]) -> Result<HashMap<u64, JobRow>, String> {
-    let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-    let args = [
-        "-h",
-        "-t",
-        "all",
-        "-j",
-        &list,
-        "-O",
-        "JobID:|,State:|,exit_code:|,Reason:|",
-    ]
-    .map(String::from);
-    match run("squeue", &args).await {
-        Ok(out) => Ok(parse_squeue(&out)),
-        // Asked only for jobs the controller has forgotten.
-        Err(e) if e.contains("Invalid job id specified") => Ok(HashMap::new()),
-        Err(e) => Err(e),
+    let mut rows = HashMap::new();
+    // One call in practice; chunks keep each argument far below the kernel's limit.
+    for chunk in ids.chunks(LIST_CHUNK) {
+        let list = chunk
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let args = [
+            "-h",
+            "-t",
+            "all",
+            "-j",
+            &list,
+            "-O",
+            "JobID:|,State:|,exit_code:|,Reason:|",
+        ]
+        .map(String::from);
+        match run("squeue", &args).await {
+            Ok(out) => rows.extend(parse_squeue(&out)),
+            // Asked only for jobs the controller has forgotten.
+            Err(e) if e.contains("Invalid job id specified") => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(rows)
 }
 
 /// One `sacct` call (accounting database) for jobs `squeue` no longer lists.
 async fn sacct(ids: &[u64]) -> Result<HashMap<u64, JobRow>, String> {
-    let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-    let args = ["-n", "-P", "-X", "-j", &list, "-o", "JobID,State,ExitCode"].map(String::from);
-    Ok(parse_sacct(&run("sacct", &args).await?))
+    let mut rows = HashMap::new();
+    for chunk in ids.chunks(LIST_CHUNK) {
+        let list = chunk
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let args = ["-n", "-P", "-X", "-j", &list, "-o", "JobID,State,ExitCode"].map(String::from);
+        rows.extend(parse_sacct(&run("sacct", &args).await?));
+    }
+    Ok(rows)
 }
 
 /// Parses `sacct -n -P -X -o JobID,State,ExitCode` output (exit code as `code:signal`).
