@@ -11,16 +11,22 @@
 //! - Stopping: `scancel --signal=TERM --full` (the batch script and every process of the job),
 //!   then, if the job has not ended after the kill grace, `scancel` (Slurm's own cancel: TERM,
 //!   then KILL after the cluster's KillWait). A job still pending is cancelled at once.
-//! - Restarts: the job id is in the payload record; a restarted client follows the job again.
+//! - Restarts: the job id is in the payload record; a restarted client follows the job again
+//!   (a job whose id never reached the record is found by its job name). Jobs the controller
+//!   has purged are settled from `sacct` where accounting exists.
+//! - An unreachable controller at submission is reported as transient: the runner keeps the
+//!   payload Prepared and tries again.
 //! - `/load`: the share of usable CPUs allocated, `sinfo -h -o %C` (allocated/idle/other/total)
 //!   over the configured partition or the whole cluster: allocated / (allocated + idle).
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use jobrelay_common::protocol::{PayloadStatus, STDERR_FILE, STDOUT_FILE};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
@@ -264,7 +270,16 @@ impl SlurmExecutor {
             submissions: Semaphore::new(PARALLEL_SUBMISSIONS),
         });
         let watcher = executor.clone();
-        tokio::spawn(async move { watcher.watch_loop().await });
+        tokio::spawn(async move {
+            // Every payload on Slurm waits on this loop: a panic in it must not stop it.
+            loop {
+                let _ = AssertUnwindSafe(watcher.clone().watch_loop())
+                    .catch_unwind()
+                    .await;
+                tracing::error!("the Slurm watcher panicked; restarting it");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
         executor
     }
 
