@@ -109,7 +109,22 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that a client stops the payloads it runs (a kill -9 would leave them
+    /// running as orphans after the test); SIGKILL if it has not exited within 5 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         self.kill9();
     }
 }
