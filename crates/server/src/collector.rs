@@ -170,7 +170,7 @@ fn mark_running(shared: &Shared, job: &Job) {
     }
 }
 
-/// Removes the job from the in-flight set when the check ends, however it ends.
+/// Removes the job from the in-flight map when the checks end, however they end.
 struct InFlight<'a>(&'a Shared, i64);
 
 impl Drop for InFlight<'_> {
@@ -180,14 +180,32 @@ impl Drop for InFlight<'_> {
 }
 
 /// Asks the client where one job is and acts on the answer. At most one check per job runs
-/// at a time; a check that finds another one running returns at once.
+/// at a time; a check asked for while one runs makes that one check again when it is done,
+/// so no news is lost between its request and its end.
 pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job) {
-    if !shared.in_flight.lock().unwrap().insert(job.id) {
-        return;
+    {
+        let mut in_flight = shared.in_flight.lock().unwrap();
+        if let Some(again) = in_flight.get_mut(&job.id) {
+            *again = true;
+            return;
+        }
+        in_flight.insert(job.id, false);
     }
     let _guard = InFlight(&shared, job.id);
+    loop {
+        check_once(&shared, &client, job.id).await;
+        let mut in_flight = shared.in_flight.lock().unwrap();
+        match in_flight.get_mut(&job.id) {
+            Some(again) if *again => *again = false,
+            _ => break,
+        }
+    }
+}
+
+async fn check_once(shared: &Arc<Shared>, client: &Arc<ClientHandle>, id: i64) {
+    let (shared, client) = (shared.clone(), client.clone());
     // Read again: the job may have moved since it was listed.
-    let job = match shared.store.get(job.id) {
+    let job = match shared.store.get(id) {
         Ok(Some(job)) if JobStatus::ON_CLIENT.contains(&job.status) => job,
         _ => return,
     };

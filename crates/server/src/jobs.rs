@@ -98,7 +98,12 @@ pub fn backoff(attempts: u32) -> Duration {
 /// Streams a ZIP answer into `dest` through `dest.part`, checks it is a whole archive, and
 /// renames it into place. Nothing is left at `dest` unless the archive is complete.
 pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), String> {
-    let part = dest.with_extension("zip.part");
+    // A name of its own: two fetches of one job (terminate and the collector) never share it.
+    let part = dest.with_file_name(format!(
+        "{}.{}.part",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
+        jobrelay_common::fsutil::unique_name("")
+    ));
     let result = async {
         let mut file = tokio::fs::File::create(&part)
             .await
@@ -366,6 +371,10 @@ async fn terminate_on_client(
             release(shared, &client, dest).await;
             Some(Terminated::Done(done))
         }
-        None => None,
+        None => {
+            // The collector saw the kill first and recorded it: still our doing.
+            let now = shared.store.get(job.id)?.expect("job exists");
+            (now.status == JobStatus::Killed).then_some(Terminated::Done(now))
+        }
     })
 }

@@ -23,7 +23,7 @@ pub mod jobs;
 pub mod scheduler;
 pub mod store;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -48,8 +48,9 @@ pub struct Shared {
     pub client_by_base: HashMap<String, usize>,
     pub service_ids: HashMap<String, ServiceId>,
     pub http: reqwest::Client,
-    /// Jobs whose state is being fetched from their client right now.
-    pub in_flight: Mutex<HashSet<i64>>,
+    /// Jobs whose state is being checked on their client right now; `true` when another
+    /// check was asked for meanwhile.
+    pub in_flight: Mutex<HashMap<i64, bool>>,
     /// `<data>/jobs/<id>/`: the uploaded files of each job.
     pub jobs_dir: PathBuf,
     /// `<data>/results/<id>.zip`: the stored work directory of each finished job.
@@ -142,7 +143,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         client_by_base,
         service_ids,
         http,
-        in_flight: Mutex::new(HashSet::new()),
+        in_flight: Mutex::new(HashMap::new()),
         jobs_dir,
         results_dir,
         staging_dir,
