@@ -79,7 +79,15 @@ type ApiResult<T> = Result<T, ApiError>;
         description = "Job orchestration: upload a job (run.sh and its inputs) for a service, \
                        follow it, download the ZIP of its work directory."
     ),
-    paths(upload, download, download_partial, terminate, health, ping),
+    paths(
+        upload,
+        download,
+        download_partial,
+        terminate,
+        job_status,
+        health,
+        ping
+    ),
     components(schemas(JobAnswer, Job, JobStatus, UploadForm))
 )]
 pub struct ApiDoc;
@@ -104,6 +112,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/upload", post(upload).layer(DefaultBodyLimit::disable()))
         .route("/download/{id}", get(download))
+        .route("/jobs/{id}", get(job_status))
         .route("/download_partial/{id}", get(download_partial))
         .route("/terminate/{id}", post(terminate))
         .route("/openapi.json", get(openapi))
@@ -326,6 +335,23 @@ async fn download(
     } else {
         Ok(Json(job).into_response())
     }
+}
+
+/// The job as JSON, whatever its state (jobrelay's addition to the reference API).
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}",
+    params(("id" = i64, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job", body = Job),
+        (status = 404, description = "Unknown job", body = JobAnswer),
+    )
+)]
+async fn job_status(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Job>> {
+    Ok(Json(find(&shared, &id)?))
 }
 
 /// ZIP of the job's work directory as it is now: from its client while it runs, from the

@@ -19,6 +19,10 @@ use crate::scheduler::Decision;
 use crate::store::{Change, Job, JobStatus};
 use crate::Shared;
 
+/// When this environment variable is set, the server exits right after a client accepted a
+/// payload and before the payload's id is committed (used by the tests of restarts).
+pub const CRASH_AFTER_SUBMIT: &str = "JOBRELAY_TEST_CRASH_AFTER_SUBMIT";
+
 /// Runs forever: waits for a wake-up, dispatches what the scheduler decides.
 pub async fn run(shared: Arc<Shared>) {
     loop {
@@ -220,6 +224,12 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
         }
     };
     clients::reached(client);
+    if std::env::var_os(CRASH_AFTER_SUBMIT).is_some() {
+        // Fault injection for the tests: die in the worst place, after the client took the
+        // payload and before its id is recorded.
+        tracing::error!(job = job.id, "{CRASH_AFTER_SUBMIT} is set: exiting");
+        std::process::exit(86);
+    }
     let node = record.node.clone().or_else(|| client.node());
     let change = Change {
         message: Some(format!(
