@@ -486,3 +486,38 @@ async fn a_client_speaking_only_the_seed_contract_works() {
         "{job}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_cannot_be_sent_fails_after_max_attempts_with_the_reason() {
+    use axum::routing::{get, post};
+    // A client that answers /health but fails every /submit.
+    let app = axum::Router::new()
+        .route(
+            "/submit",
+            post(|| async {
+                (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "disk on fire",
+                )
+            }),
+        )
+        .route(
+            "/health",
+            get(|| async { axum::Json(serde_json::json!({"status": "healthy"})) }),
+        )
+        .route("/load", get(|| async { axum::Json(1.0) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server_config(dir.path(), &[("broken", vec![url], 5, 10)]);
+    let server = start_server(dir.path(), &config, &[]);
+    let http = http();
+    let id = upload_job(&http, &server.url, 1, "broken", &[("run.sh", b"true\n")]).await;
+    let job = wait_status(&http, &server.url, id, &["Failed"], LONG).await;
+    assert_eq!(job["attempts"], 3, "{job}");
+    let message = job["message"].as_str().unwrap();
+    assert!(message.contains("gave up after 3 attempts"), "{message}");
+    assert!(message.contains("500"), "{message}");
+}

@@ -202,3 +202,107 @@ async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
         .unwrap();
     assert_eq!(job["attempts"], 1, "{job}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let log = root.join("runs.log");
+    let port = free_port().to_string();
+    let data = root.join("client");
+    let client_args = |data: &Path| {
+        vec![
+            "client".to_owned(),
+            "--port".to_owned(),
+            port.clone(),
+            "--data-dir".to_owned(),
+            data.to_str().unwrap().to_owned(),
+            "--slots".to_owned(),
+            "4".to_owned(),
+        ]
+    };
+    let start = |data: &Path| {
+        let args = client_args(data);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::start(&args, root)
+    };
+    let mut client = start(&data);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
+    let server = start_server(root, &config, &[]);
+    let http = http();
+
+    // Phase 1: the client is killed and restarted with its data: it reports the running
+    // payloads Failed with "client restarted", and the server sends them again.
+    let mut ids = Vec::new();
+    for n in 1..=2 {
+        let script = logging_script(&log, &format!("a{n}"), 1.5);
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1,
+                "example",
+                &[("run.sh", script.as_bytes())],
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        wait_status(&http, &server.url, *id, &["Running"], LONG).await;
+    }
+    client.kill9();
+    let mut client = start(&data);
+    for id in &ids {
+        wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
+        let job: serde_json::Value = http
+            .get(format!("{}/jobs/{id}", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["attempts"], 2, "{job}");
+    }
+
+    // Phase 2: the client comes back with an empty data directory (a new node, ids from 1
+    // again): the server must not take another payload's results for its jobs.
+    let mut ids = Vec::new();
+    for n in 1..=2 {
+        let script = logging_script(&log, &format!("b{n}"), 1.5);
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1,
+                "example",
+                &[("run.sh", script.as_bytes())],
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        wait_status(&http, &server.url, *id, &["Running"], LONG).await;
+    }
+    client.kill9();
+    let _client = start(&root.join("client-wiped"));
+    for (n, id) in ids.iter().enumerate() {
+        wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
+        let entries = unzip(&download_zip(&http, &server.url, *id).await);
+        assert_eq!(entries["out.txt"], format!("b{}\n", n + 1).as_bytes());
+    }
+    let log_text = server.log();
+    assert!(
+        log_text.contains("client restarted"),
+        "phase 1 reason logged"
+    );
+    assert!(log_text.contains("node changed"), "phase 2 reason logged");
+}

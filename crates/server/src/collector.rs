@@ -54,10 +54,17 @@ struct Feed {
 }
 
 async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &mut Feed) {
-    let url = client.endpoint.path(&format!(
-        "/events?after={}&wait={EVENTS_WAIT_SECS}",
-        feed.after
-    ));
+    // Until the feed's instance is known (first call, or after the client went away) ask
+    // without waiting: a restarted client would otherwise hold the call for the whole wait
+    // before saying that our sequence number is from its previous instance.
+    let wait = if feed.instance.is_some() {
+        EVENTS_WAIT_SECS
+    } else {
+        0
+    };
+    let url = client
+        .endpoint
+        .path(&format!("/events?after={}&wait={wait}", feed.after));
     let page = async {
         let response = shared
             .http

@@ -189,18 +189,23 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 /// quotas again. Returns the jobs that were being sent (Processing): they are sent again with
 /// the same idempotency key.
 fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
-    let known = shared.store.all_ids()?;
+    let known = shared.store.ids_with_files()?;
     for entry in std::fs::read_dir(&shared.jobs_dir)? {
         let entry = entry?;
         let id = entry.file_name().to_string_lossy().parse::<i64>().ok();
         if id.is_none_or(|id| !known.contains(&id)) {
-            tracing::warn!(path = %entry.path().display(), "removing files of an upload that was never committed");
+            tracing::warn!(path = %entry.path().display(), "removing files of an uncommitted upload or a cleaned job");
             let _ = remove_dir_all_if_exists(&entry.path());
         }
     }
     for entry in std::fs::read_dir(&shared.results_dir)? {
         let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) == Some("part") {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let id = name
+            .strip_suffix(".zip")
+            .and_then(|id| id.parse::<i64>().ok());
+        // Half-fetched results (`*.part`) and results of cleaned jobs.
+        if id.is_none_or(|id| !known.contains(&id)) {
             let _ = std::fs::remove_file(&path);
         }
     }

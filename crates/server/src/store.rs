@@ -417,10 +417,13 @@ impl Store {
         Ok(rows)
     }
 
-    /// Every job id (for removing files of jobs that were never committed).
-    pub fn all_ids(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
+    /// Ids of the jobs that may have files (all but Cleaned ones): files of any other id
+    /// belong to an upload that was never committed or to a clean-up cut short.
+    pub fn ids_with_files(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
         let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare("SELECT id FROM jobs").map_err(sql_err)?;
+        let mut stmt = conn
+            .prepare("SELECT id FROM jobs WHERE status != 'Cleaned'")
+            .map_err(sql_err)?;
         let rows = stmt
             .query_map([], |r| r.get(0))
             .map_err(sql_err)?
