@@ -521,3 +521,93 @@ async fn a_job_that_cannot_be_sent_fails_after_max_attempts_with_the_reason() {
     assert!(message.contains("gave up after 3 attempts"), "{message}");
     assert!(message.contains("500"), "{message}");
 }
+
+/// Throughput and latency of trivial jobs; run with `--ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_of_trivial_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), "client", &["--slots", "4"]);
+    let config = write_server_config(
+        dir.path(),
+        &[("example", vec![client.url.clone()], 1000, 1000)],
+    );
+    let server = start_server(dir.path(), &config, &[]);
+    let http = http();
+    // Latency of one job, polling its state every 2 ms.
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let id = upload_job(&http, &server.url, 1, "example", &[("run.sh", b"true\n")]).await;
+        loop {
+            let job: serde_json::Value = http
+                .get(format!("{}/jobs/{id}", server.url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if job["status"] == "Completed" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        eprintln!("one trivial job: {:?}", start.elapsed());
+    }
+    let n = 300;
+    let start = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(20) {
+        let uploads = chunk.iter().map(|i| {
+            let http = http.clone();
+            let url = server.url.clone();
+            async move { upload_job(&http, &url, i % 10, "example", &[("run.sh", b"true\n")]).await }
+        });
+        ids.extend(futures_join_all(uploads).await);
+    }
+    let uploaded = start.elapsed();
+    for id in &ids {
+        wait_status(
+            &http,
+            &server.url,
+            *id,
+            &["Completed"],
+            Duration::from_secs(300),
+        )
+        .await;
+    }
+    let all = start.elapsed();
+    eprintln!(
+        "{n} trivial jobs: uploaded in {uploaded:?}, all completed in {all:?} ({:.0} jobs/s)",
+        n as f64 / all.as_secs_f64()
+    );
+}
+
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let handles: Vec<_> = futures.collect();
+    let mut out = Vec::new();
+    // Polls every future in turn until all are done (no futures-util in the test's deps).
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = handles.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if done[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => done[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.extend(done.into_iter().map(Option::unwrap));
+    out
+}
