@@ -199,6 +199,9 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
         in_flight.insert(job.id, false);
     }
     let _guard = InFlight(&shared, job.id);
+    let Ok(_permit) = shared.checks.acquire().await else {
+        return;
+    };
     loop {
         check_once(&shared, &client, job.id).await;
         let mut in_flight = shared.in_flight.lock().unwrap();

@@ -37,6 +37,9 @@ use crate::clients::ClientHandle;
 use crate::scheduler::{Scheduler, ServiceId};
 use crate::store::{JobStatus, Store};
 
+/// Most job checks (`/retrieve` calls and result downloads) in progress at once.
+const MAX_CONCURRENT_CHECKS: usize = 64;
+
 /// State shared by every part of a running server.
 pub struct Shared {
     pub config: ServerConfig,
@@ -51,6 +54,8 @@ pub struct Shared {
     /// Jobs whose state is being checked on their client right now; `true` when another
     /// check was asked for meanwhile.
     pub in_flight: Mutex<HashMap<i64, bool>>,
+    /// Bounds the checks of jobs running at once (a reconcile of thousands of jobs).
+    pub checks: tokio::sync::Semaphore,
     /// `<data>/jobs/<id>/`: the uploaded files of each job.
     pub jobs_dir: PathBuf,
     /// `<data>/results/<id>.zip`: the stored work directory of each finished job.
@@ -144,6 +149,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         service_ids,
         http,
         in_flight: Mutex::new(HashMap::new()),
+        checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
         jobs_dir,
         results_dir,
         staging_dir,
