@@ -41,6 +41,13 @@ async fn upload_then_download_the_result_zip() {
     assert_eq!(entries["inputs/a.pdb"], b"ATOM");
     assert_eq!(entries["run.sh"], script);
     assert_eq!(entries[".jobrelay.stdout"], b"hello\n");
+    // Results stored once, as a whole ZIP; the uploaded copy is gone (it is in the ZIP).
+    let data = dir.path().join("server");
+    assert_eq!(
+        tree(&data.join("results")),
+        [data.join(format!("results/{id}.zip"))]
+    );
+    assert!(!data.join(format!("jobs/{id}")).exists());
 
     // The stored results also answer /download_partial.
     let partial = http

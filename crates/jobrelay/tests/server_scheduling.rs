@@ -220,6 +220,19 @@ async fn terminate_queued_running_and_finished_jobs() {
     .await;
     assert!(pids.iter().all(|p| pid_alive(*p)));
 
+    // While it runs, /download_partial comes from the client.
+    let partial = eventually(LONG, "started.txt in the partial ZIP", || async {
+        let response = http
+            .get(format!("{}/download_partial/{running}", server.url))
+            .send()
+            .await
+            .ok()?;
+        let entries = unzip(&response.bytes().await.ok()?);
+        entries.contains_key("started.txt").then_some(entries)
+    })
+    .await;
+    assert!(partial.contains_key("run.sh"));
+
     // Queued (max_runs 1 holds it back): Killed without reaching any client.
     assert_eq!(
         job_json(&http, &server.url, queued).await["status"],

@@ -89,6 +89,20 @@ pub fn requeue(shared: &Arc<Shared>, job: &Job, from: &[JobStatus], reason: &str
     }
 }
 
+/// Removes a finished job's uploaded files once its results (whole or partial) are stored:
+/// they are in the result ZIP too, and may be large. Without stored results they stay, for
+/// `/download_partial`, until the janitor.
+pub async fn drop_inputs(shared: &Shared, id: i64) {
+    if !shared.result_path(id).is_file() {
+        return;
+    }
+    let dir = shared.job_dir(id);
+    let _ = tokio::task::spawn_blocking(move || {
+        jobrelay_common::fsutil::remove_dir_all_if_exists(&dir)
+    })
+    .await;
+}
+
 /// Backoff before sending a job again after `attempts` failed sends.
 pub fn backoff(attempts: u32) -> Duration {
     let exp = attempts.saturating_sub(1).min(6);
@@ -211,6 +225,7 @@ pub async fn finish_on_client(
     {
         Ok(Some(_)) => {
             free_slot(shared, job.id);
+            drop_inputs(shared, job.id).await;
             if let Some(dest) = job.dest_id {
                 release(shared, client, dest).await;
             }
@@ -244,6 +259,7 @@ pub async fn complete(
     {
         Ok(Some(_)) => {
             free_slot(shared, job.id);
+            drop_inputs(shared, job.id).await;
             if let Some(dest) = job.dest_id {
                 release(shared, client, dest).await;
             }
@@ -368,6 +384,7 @@ async fn terminate_on_client(
     Ok(match done {
         Some(done) => {
             free_slot(shared, job.id);
+            drop_inputs(shared, job.id).await;
             release(shared, &client, dest).await;
             Some(Terminated::Done(done))
         }
