@@ -618,3 +618,45 @@ async fn futures_join_all<F: std::future::Future>(
     out.extend(done.into_iter().map(Option::unwrap));
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_files_stream_through_the_server_in_small_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), "client", &[]);
+    let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
+    let server = start_server(dir.path(), &config, &[]);
+    let http = http();
+    let size = 200 * 1024 * 1024;
+    let big: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[
+            ("run.sh", b"wc -c < big.bin > size.txt\n"),
+            ("big.bin", &big),
+        ],
+    )
+    .await;
+    drop(big);
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    // Download as a stream, counting bytes.
+    let mut response = http
+        .get(format!("{}/download/{id}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "application/zip");
+    let mut total = 0usize;
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        total += chunk.len();
+    }
+    assert!(total > size, "the ZIP holds the input: {total} bytes");
+    let peak = server.peak_rss_kib();
+    eprintln!("server peak RSS {peak} KiB for a {size}-byte job");
+    assert!(
+        peak < 100 * 1024,
+        "server peak memory {peak} KiB for a {size}-byte job"
+    );
+}

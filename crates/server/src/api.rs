@@ -24,6 +24,9 @@ use crate::jobs::{self, Terminated};
 use crate::store::{Job, JobStatus};
 use crate::Shared;
 
+/// Size of the chunks files are read in when streamed over HTTP.
+const STREAM_CHUNK: usize = 256 * 1024;
+
 /// The answer of `/upload`, and of every error (the reference's shape).
 #[derive(Serialize, ToSchema, Debug)]
 pub struct JobAnswer {
@@ -303,7 +306,10 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
                 format!("attachment; filename=\"job-{id}{what}.zip\""),
             ),
         ],
-        Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            STREAM_CHUNK,
+        )),
     )
         .into_response();
     if let Some(length) = length {

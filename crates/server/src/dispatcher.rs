@@ -19,6 +19,9 @@ use crate::scheduler::Decision;
 use crate::store::{Change, Job, JobStatus};
 use crate::Shared;
 
+/// Size of the chunks files are read in when streamed over HTTP.
+const STREAM_CHUNK: usize = 256 * 1024;
+
 /// When this environment variable is set, the server exits right after a client accepted a
 /// payload and before the payload's id is committed (used by the tests of restarts).
 pub const CRASH_AFTER_SUBMIT: &str = "JOBRELAY_TEST_CRASH_AFTER_SUBMIT";
@@ -134,7 +137,10 @@ async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
     for (name, path) in files {
         let file = tokio::fs::File::open(&path).await?;
         let length = file.metadata().await?.len();
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            STREAM_CHUNK,
+        ));
         form = form.part(
             "file",
             Part::stream_with_length(body, length).file_name(name),
