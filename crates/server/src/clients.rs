@@ -181,9 +181,12 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                     }
                 };
                 let first = client.probed.lock().unwrap().replace(has_info).is_none();
-                let was_healthy = {
+                let (was_healthy, old_slots) = {
                     let mut sched = shared.sched.lock().unwrap();
-                    let was = sched.client_healthy(client.id);
+                    let was = (
+                        sched.client_healthy(client.id),
+                        sched.client_slots(client.id),
+                    );
                     sched.set_client(client.id, true, slots, load);
                     was
                 };
@@ -195,6 +198,8 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                         seed_only = !has_info,
                         "client healthy"
                     );
+                }
+                if !was_healthy || old_slots != slots {
                     shared.wake.notify_one();
                 }
                 if first {

@@ -109,6 +109,10 @@ impl Scheduler {
         self.clients[client].healthy = healthy;
     }
 
+    pub fn client_slots(&self, client: ClientId) -> Option<usize> {
+        self.clients[client].slots
+    }
+
     pub fn client_healthy(&self, client: ClientId) -> bool {
         self.clients[client].healthy
     }
