@@ -319,3 +319,64 @@ async fn terminate_queued_running_and_finished_jobs() {
         .any(|p| p.ends_with("ran.txt"));
     assert!(!ran, "the queued job ran: {}", server.log());
 }
+
+#[tokio::test]
+async fn terminate_while_the_job_is_being_sent_kills_the_payload_it_became() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ran = root.join("ran.log");
+    let client = start_client(root, "client", &["--kill-grace", "1"]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
+    let data = root.join("server");
+    let server = Proc::start_with_env(
+        &[
+            "server",
+            "--port",
+            "0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        root,
+        // The client has the payload; the server waits 2 s before recording it.
+        &[("JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS", "2000")],
+    );
+    let http = http();
+    let script = format!("sleep 5\necho ran >> {}\n", ran.display());
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", script.as_bytes())],
+    )
+    .await;
+    wait_status(&http, &server.url, id, &["Processing"], LONG).await;
+    let response = http
+        .post(format!("{}/terminate/{id}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let job: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(job["status"], "Killed");
+    // Once the pause is over, the server kills the payload on the client.
+    eventually(LONG, "the payload killed on the client", || async {
+        let record: serde_json::Value = http
+            .get(format!("{}/retrieve/1", client.url))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let status = record["status"].as_str()?;
+        // Killed, then released (Cleaned) once the server has its partial results.
+        (status == "Killed" || (status == "Cleaned" && record["killed"] == true)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!ran.exists(), "the job ran to its end");
+    assert_eq!(job_json(&http, &server.url, id).await["status"], "Killed");
+}

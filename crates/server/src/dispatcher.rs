@@ -25,6 +25,8 @@ const STREAM_CHUNK: usize = 256 * 1024;
 /// When this environment variable is set, the server exits right after a client accepted a
 /// payload and before the payload's id is committed (used by the tests of restarts).
 pub const CRASH_AFTER_SUBMIT: &str = "JOBRELAY_TEST_CRASH_AFTER_SUBMIT";
+/// Milliseconds to wait at that same point (used by the test of terminate while sending).
+pub const PAUSE_AFTER_SUBMIT: &str = "JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS";
 
 /// Runs forever: waits for a wake-up, dispatches what the scheduler decides.
 pub async fn run(shared: Arc<Shared>) {
@@ -230,6 +232,12 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
         }
     };
     clients::reached(client);
+    if let Some(ms) = std::env::var(PAUSE_AFTER_SUBMIT)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     if std::env::var_os(CRASH_AFTER_SUBMIT).is_some() {
         // Fault injection for the tests: die in the worst place, after the client took the
         // payload and before its id is recorded.
