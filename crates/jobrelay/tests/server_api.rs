@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(90);

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(120);

@@ -5,6 +5,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
+use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(90);
