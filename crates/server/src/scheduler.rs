@@ -589,4 +589,111 @@ mod tests {
             assert_eq!(jobs, expected, "FIFO for user {user}");
         }
     }
+
+    /// A small deterministic pseudo-random generator (no dependency needed).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    #[test]
+    fn random_operations_keep_every_invariant() {
+        for seed in 0..40 {
+            let mut rng = Lcg(seed);
+            let mut s = Scheduler::new();
+            let clients: Vec<_> = (0..3).map(|_| s.add_client()).collect();
+            let slots = [Some(2), Some(3), None];
+            for (c, n) in clients.iter().zip(slots) {
+                s.set_client(*c, true, n, 0.0);
+            }
+            let rpu = 1 + rng.below(3) as usize;
+            let max = 1 + rng.below(6) as usize;
+            s.add_service(rpu, max, clients.clone());
+            // The model: queued jobs per user in order, and active jobs with their client.
+            let mut queued: HashMap<UserId, VecDeque<JobId>> = HashMap::new();
+            let mut active: HashMap<JobId, (UserId, ClientId)> = HashMap::new();
+            let mut next = 1;
+            for _ in 0..3000 {
+                match rng.below(10) {
+                    0..=3 => {
+                        let user = rng.below(5) as i64;
+                        s.enqueue(0, user, next);
+                        queued.entry(user).or_default().push_back(next);
+                        next += 1;
+                    }
+                    4..=5 if !active.is_empty() => {
+                        let job = *active
+                            .keys()
+                            .nth(rng.below(active.len() as u64) as usize)
+                            .unwrap();
+                        let (user, _) = active.remove(&job).unwrap();
+                        if rng.below(4) == 0 {
+                            assert!(s.requeue(job));
+                            queued.entry(user).or_default().push_front(job);
+                        } else {
+                            assert!(s.finish(job));
+                        }
+                    }
+                    6 => {
+                        let user = rng.below(5) as i64;
+                        if let Some(job) = queued.get(&user).and_then(|q| q.back().copied()) {
+                            assert!(s.remove_queued(0, user, job));
+                            queued.get_mut(&user).unwrap().pop_back();
+                        }
+                    }
+                    7 => {
+                        let c = clients[rng.below(3) as usize];
+                        let healthy = rng.below(3) != 0;
+                        s.set_client_health(c, healthy);
+                    }
+                    _ => {}
+                }
+                for d in s.decide() {
+                    // FIFO: the job is the first of its user's queue.
+                    let q = queued.get_mut(&d.user).expect("user had queued jobs");
+                    assert_eq!(q.pop_front(), Some(d.job), "FIFO within a user");
+                    assert!(s.client_healthy(d.client));
+                    assert!(active.insert(d.job, (d.user, d.client)).is_none());
+                }
+                queued.retain(|_, q| !q.is_empty());
+                // Quotas and capacities hold.
+                assert!(active.len() <= max);
+                let mut per_user: HashMap<UserId, usize> = HashMap::new();
+                let mut per_client: HashMap<ClientId, usize> = HashMap::new();
+                for (user, client) in active.values() {
+                    *per_user.entry(*user).or_default() += 1;
+                    *per_client.entry(*client).or_default() += 1;
+                }
+                assert!(per_user.values().all(|n| *n <= rpu));
+                for (c, n) in clients.iter().zip(slots) {
+                    let used = per_client.get(c).copied().unwrap_or(0);
+                    assert!(used <= n.unwrap_or(max));
+                    assert_eq!(s.active_on_client(*c), used);
+                }
+                // Work-conserving: nothing waits that could run.
+                let free_client = clients.iter().zip(slots).any(|(c, n)| {
+                    s.client_healthy(*c)
+                        && per_client.get(c).copied().unwrap_or(0) < n.unwrap_or(max)
+                });
+                let runnable_user = queued
+                    .keys()
+                    .any(|u| per_user.get(u).copied().unwrap_or(0) < rpu);
+                assert!(
+                    !(active.len() < max && free_client && runnable_user),
+                    "a job could run but waits (seed {seed})"
+                );
+                assert_eq!(
+                    s.queued(0),
+                    queued.values().map(VecDeque::len).sum::<usize>()
+                );
+            }
+        }
+    }
 }
