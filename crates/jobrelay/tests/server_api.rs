@@ -84,6 +84,28 @@ async fn upload_then_download_the_result_zip() {
         b"partial\n"
     );
 
+    // The list the CLI's `jobrelay jobs` shows: newest first, filtered, with a total.
+    let list: serde_json::Value = http
+        .get(format!("{}/jobs?user_id=42&limit=1", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["total"], 2, "{list}");
+    assert_eq!(list["jobs"][0]["id"], failing);
+    assert!(list["jobs"][0]["created_at"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    let bad = http
+        .get(format!("{}/jobs?status=Sleeping", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
     // Unknown job; health, ping, OpenAPI and its page.
     let unknown = http
         .get(format!("{}/download/999999", server.url))
@@ -123,6 +145,8 @@ async fn upload_then_download_the_result_zip() {
         "/download/{id}",
         "/download_partial/{id}",
         "/terminate/{id}",
+        "/jobs",
+        "/jobs/{id}",
         "/health",
         "/",
     ] {

@@ -88,10 +88,11 @@ type ApiResult<T> = Result<T, ApiError>;
         download_partial,
         terminate,
         job_status,
+        list_jobs,
         health,
         ping
     ),
-    components(schemas(JobAnswer, Job, JobStatus, UploadForm))
+    components(schemas(JobAnswer, Job, JobStatus, UploadForm, JobList))
 )]
 pub struct ApiDoc;
 
@@ -115,6 +116,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/upload", post(upload).layer(DefaultBodyLimit::disable()))
         .route("/download/{id}", get(download))
+        .route("/jobs", get(list_jobs))
         .route("/jobs/{id}", get(job_status))
         .route("/download_partial/{id}", get(download_partial))
         .route("/terminate/{id}", post(terminate))
@@ -358,6 +360,81 @@ async fn job_status(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Job>> {
     Ok(Json(find(&shared, &id)?))
+}
+
+/// Query of `GET /jobs`.
+#[derive(serde::Deserialize, utoipa::IntoParams, Debug)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only this user's jobs.
+    user_id: Option<i64>,
+    /// Only this service's jobs.
+    service: Option<String>,
+    /// Only jobs in this state (Queued, Running, Completed, ...).
+    status: Option<String>,
+    /// Most jobs returned (default 50, at most 1000).
+    limit: Option<i64>,
+    /// Jobs to skip, newest first.
+    offset: Option<i64>,
+}
+
+/// A page of jobs.
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+    /// Jobs matching the filters, in all.
+    pub total: i64,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// Jobs, newest first, filtered and paged (jobrelay's addition to the reference API).
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobList),
+        (status = 400, description = "A bad filter", body = JobAnswer),
+    )
+)]
+async fn list_jobs(
+    State(shared): State<Arc<Shared>>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<JobList>> {
+    let axum::extract::Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let status = query
+        .status
+        .as_deref()
+        .map(|s| {
+            JobStatus::parse(s).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("unknown status {s:?}"))
+            })
+        })
+        .transpose()?;
+    let limit = query.limit.unwrap_or(50);
+    let offset = query.offset.unwrap_or(0);
+    if !(1..=1000).contains(&limit) || offset < 0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "limit must be 1 to 1000 and offset not negative",
+        ));
+    }
+    let filter = crate::store::ListFilter {
+        user_id: query.user_id,
+        service: query.service,
+        status,
+        limit,
+        offset,
+    };
+    let (jobs, total) = shared.store.list(&filter)?;
+    Ok(Json(JobList {
+        jobs,
+        total,
+        limit,
+        offset,
+    }))
 }
 
 /// ZIP of the job's work directory as it is now: from its client while it runs, from the

@@ -115,6 +115,34 @@ pub struct Job {
     pub created_ms: i64,
     pub updated_ms: i64,
     pub finished_ms: Option<i64>,
+    /// The same times in RFC 3339 (UTC), for people.
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-28T09:37:47.123Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86400);
+    let rest = secs.rem_euclid(86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, dest_id, node, \
@@ -122,6 +150,9 @@ const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, 
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
     let status: String = row.get(1)?;
+    let created_ms: i64 = row.get(11)?;
+    let updated_ms: i64 = row.get(12)?;
+    let finished_ms: Option<i64> = row.get(13)?;
     Ok(Job {
         id: row.get(0)?,
         status: JobStatus::parse(&status).unwrap_or(JobStatus::Failed),
@@ -134,9 +165,12 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         node: row.get(8)?,
         dispatch_key: row.get(9)?,
         exit_code: row.get(10)?,
-        created_ms: row.get(11)?,
-        updated_ms: row.get(12)?,
-        finished_ms: row.get(13)?,
+        created_ms,
+        updated_ms,
+        finished_ms,
+        created_at: rfc3339(created_ms),
+        updated_at: rfc3339(updated_ms),
+        finished_at: finished_ms.map(rfc3339),
     })
 }
 
@@ -159,6 +193,16 @@ impl Change {
             ..Default::default()
         }
     }
+}
+
+/// Which jobs `GET /jobs` lists.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub user_id: Option<i64>,
+    pub service: Option<String>,
+    pub status: Option<JobStatus>,
+    pub limit: i64,
+    pub offset: i64,
 }
 
 pub struct Store {
@@ -432,6 +476,56 @@ impl Store {
         Ok(rows)
     }
 
+    /// A page of jobs, newest first, filtered by user, service and status; and how many
+    /// jobs match in all.
+    pub fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
+        let conn = self.conn.lock().unwrap();
+        let mut conditions = Vec::new();
+        let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if let Some(user) = filter.user_id {
+            values.push(Box::new(user));
+            conditions.push(format!("user_id = ?{}", values.len()));
+        }
+        if let Some(service) = &filter.service {
+            values.push(Box::new(service.clone()));
+            conditions.push(format!("service = ?{}", values.len()));
+        }
+        if let Some(status) = filter.status {
+            values.push(Box::new(status.as_str()));
+            conditions.push(format!("status = ?{}", values.len()));
+        }
+        let clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let total: i64 = conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM jobs {clause}"),
+                rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        values.push(Box::new(filter.limit));
+        values.push(Box::new(filter.offset));
+        let n = values.len();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?{} OFFSET ?{n}",
+                n - 1
+            ))
+            .map_err(sql_err)?;
+        let jobs = stmt
+            .query_map(
+                rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
+                job_from_row,
+            )
+            .map_err(sql_err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql_err)?;
+        Ok((jobs, total))
+    }
+
     pub fn count(&self) -> anyhow::Result<i64> {
         let conn = self.conn.lock().unwrap();
         conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
@@ -480,6 +574,36 @@ mod tests {
         let again = store.get(job.id).unwrap().unwrap();
         assert_eq!(again.status, JobStatus::Processing);
         assert_eq!(again.client.as_deref(), Some("http://c"));
+    }
+
+    #[test]
+    fn times_format_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_859_341_823), "2026-11-28T09:49:01.823Z");
+    }
+
+    #[test]
+    fn listing_filters_and_pages_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        for user in [1, 2, 1, 1] {
+            store.insert_job(user, "x", |_| Ok(())).unwrap();
+        }
+        let filter = ListFilter {
+            user_id: Some(1),
+            limit: 2,
+            ..Default::default()
+        };
+        let (jobs, total) = store.list(&filter).unwrap();
+        assert_eq!(total, 3);
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [4, 3]);
+        let filter = ListFilter {
+            status: Some(JobStatus::Running),
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(store.list(&filter).unwrap().1, 0);
     }
 
     #[test]
