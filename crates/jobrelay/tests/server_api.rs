@@ -685,3 +685,44 @@ async fn large_files_stream_through_the_server_in_small_memory() {
         "server peak memory {peak} KiB for a {size}-byte job"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_that_is_never_a_whole_zip_fails_the_job_instead_of_completing_it() {
+    use axum::routing::{get, post};
+    // A client whose every result is a cut ZIP (as when archiving fails midway).
+    let app = axum::Router::new()
+        .route(
+            "/submit",
+            post(|| async {
+                axum::Json(serde_json::json!({"id": 1, "status": "Prepared", "loc": "/x"}))
+            }),
+        )
+        .route(
+            "/retrieve/{id}",
+            get(|| async {
+                (
+                    [("content-type", "application/zip")],
+                    b"PK\x03\x04cut".to_vec(),
+                )
+            }),
+        )
+        .route(
+            "/health",
+            get(|| async { axum::Json(serde_json::json!({"status": "healthy"})) }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server_config(dir.path(), &[("cut", vec![url], 5, 10)]);
+    let server = start_server(dir.path(), &config, &["--client-timeout", "2"]);
+    let http = http();
+    let id = upload_job(&http, &server.url, 1, "cut", &[("run.sh", b"true\n")]).await;
+    let job = wait_status(&http, &server.url, id, &["Failed", "Completed"], LONG).await;
+    assert_eq!(job["status"], "Failed", "{job}");
+    let message = job["message"].as_str().unwrap();
+    assert!(message.contains("not a complete archive"), "{message}");
+    // Nothing half-written is left among the results.
+    assert!(tree(&dir.path().join("server/results")).is_empty());
+}

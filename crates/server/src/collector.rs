@@ -198,28 +198,77 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
         }
         in_flight.insert(job.id, false);
     }
-    let _guard = InFlight(&shared, job.id);
-    let Ok(_permit) = shared.checks.acquire().await else {
+    let guard = InFlight(&shared, job.id);
+    let Ok(permit) = shared.checks.acquire().await else {
         return;
     };
+    let mut outcome;
     loop {
-        check_once(&shared, &client, job.id).await;
+        outcome = check_once(&shared, &client, job.id).await;
         let mut in_flight = shared.in_flight.lock().unwrap();
         match in_flight.get_mut(&job.id) {
             Some(again) if *again => *again = false,
             _ => break,
         }
     }
+    drop(permit);
+    drop(guard);
+    match outcome {
+        Ok(()) => {
+            shared.fetch_failures.lock().unwrap().remove(&job.id);
+        }
+        Err(why) => retry_later(shared, client, job, why),
+    }
 }
 
-async fn check_once(shared: &Arc<Shared>, client: &Arc<ClientHandle>, id: i64) {
+/// A check that failed short of the client being unreachable (an error answer, a broken
+/// ZIP): check again with backoff, and fail the job once this has lasted longer than the
+/// client timeout (a work directory that cannot be archived must not stay Running forever).
+fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, why: String) {
+    let (since, tries) = {
+        let mut failures = shared.fetch_failures.lock().unwrap();
+        let entry = failures
+            .entry(job.id)
+            .or_insert_with(|| (std::time::Instant::now(), 0));
+        entry.1 += 1;
+        *entry
+    };
+    if since.elapsed() > shared.config.client_timeout {
+        shared.fetch_failures.lock().unwrap().remove(&job.id);
+        jobs::fail(
+            &shared,
+            &job,
+            &JobStatus::ON_CLIENT,
+            format!(
+                "its state or results could not be fetched from {} for {}s: {why}",
+                client.base(),
+                since.elapsed().as_secs()
+            ),
+        );
+        return;
+    }
+    let delay = jobs::backoff(tries);
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        check_job(shared, client, job).await;
+    });
+}
+
+/// Acts on what the client says of one job. `Err` when it should be asked again later.
+async fn check_once(
+    shared: &Arc<Shared>,
+    client: &Arc<ClientHandle>,
+    id: i64,
+) -> Result<(), String> {
     let (shared, client) = (shared.clone(), client.clone());
     // Read again: the job may have moved since it was listed.
     let job = match shared.store.get(id) {
         Ok(Some(job)) if JobStatus::ON_CLIENT.contains(&job.status) => job,
-        _ => return,
+        _ => return Ok(()),
     };
-    let Some(dest) = job.dest_id else { return };
+    let Some(dest) = job.dest_id else {
+        return Ok(());
+    };
     if let (Some(theirs), Some(ours)) = (client.node(), job.node.as_deref()) {
         if theirs != ours {
             lost(
@@ -227,7 +276,7 @@ async fn check_once(shared: &Arc<Shared>, client: &Arc<ClientHandle>, id: i64) {
                 &job,
                 "the client lost its data directory (its node changed)",
             );
-            return;
+            return Ok(());
         }
     }
     let url = format!("{}/{dest}", client.endpoint.retrieve);
@@ -236,22 +285,22 @@ async fn check_once(shared: &Arc<Shared>, client: &Arc<ClientHandle>, id: i64) {
         Err(e) => {
             clients::failed(&shared, &client, &e.to_string());
             check_unreachable(&shared, &client);
-            return;
+            return Ok(());
         }
     };
     clients::reached(&client);
     let status = response.status();
     if status == reqwest::StatusCode::NOT_FOUND {
         lost(&shared, &job, "the client no longer knows the payload");
-        return;
+        return Ok(());
     }
     if status == reqwest::StatusCode::GONE {
         lost(&shared, &job, "the client removed the payload's files");
-        return;
+        return Ok(());
     }
     if !status.is_success() {
         tracing::warn!(job = job.id, %status, "client could not tell the job's state");
-        return;
+        return Err(format!("GET {url} answered {status}"));
     }
     let is_zip = response
         .headers()
@@ -259,14 +308,13 @@ async fn check_once(shared: &Arc<Shared>, client: &Arc<ClientHandle>, id: i64) {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/zip"));
     if is_zip {
-        jobs::complete(&shared, &client, &job, response).await;
-        return;
+        return jobs::complete(&shared, &client, &job, response).await;
     }
     let record = match response.json::<PayloadRecord>().await {
         Ok(record) => record,
         Err(e) => {
             tracing::warn!(job = job.id, error = %e, "unreadable payload record");
-            return;
+            return Err(format!("unreadable payload record: {e}"));
         }
     };
     if let (Some(theirs), Some(ours)) = (record.node.as_deref(), job.node.as_deref()) {
@@ -276,11 +324,15 @@ async fn check_once(shared: &Arc<Shared>, client: &Arc<ClientHandle>, id: i64) {
                 &job,
                 "the client lost its data directory (its node changed)",
             );
-            return;
+            return Ok(());
         }
     }
     match record.status {
-        PayloadStatus::Prepared | PayloadStatus::Unknown | PayloadStatus::Completed => {}
+        PayloadStatus::Prepared | PayloadStatus::Unknown => {}
+        // Completed answers a ZIP; a record saying Completed is a race: ask again.
+        PayloadStatus::Completed => {
+            return Err("the client reported Completed without its ZIP".into())
+        }
         PayloadStatus::Running => mark_running(&shared, &job),
         PayloadStatus::Cleaned => lost(
             &shared,
@@ -307,6 +359,7 @@ async fn check_once(shared: &Arc<Shared>, client: &Arc<ClientHandle>, id: i64) {
             .await;
         }
     }
+    Ok(())
 }
 
 fn lost(shared: &Arc<Shared>, job: &Job, why: &str) {

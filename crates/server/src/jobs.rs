@@ -242,11 +242,11 @@ pub async fn complete(
     client: &ClientHandle,
     job: &Job,
     response: reqwest::Response,
-) {
+) -> Result<(), String> {
     if let Err(e) = store_zip(response, &shared.result_path(job.id)).await {
-        // The job stays where it is; the next check fetches again.
+        // The job stays where it is; the collector fetches again.
         tracing::warn!(job = job.id, error = %e, "result not stored; will fetch again");
-        return;
+        return Err(format!("the result ZIP could not be stored: {e}"));
     }
     let change = Change {
         message: Some("Job completed".into()),
@@ -267,6 +267,7 @@ pub async fn complete(
         Ok(None) => {}
         Err(e) => tracing::error!(job = job.id, error = %e, "could not record completion"),
     }
+    Ok(())
 }
 
 /// What `/terminate` did.

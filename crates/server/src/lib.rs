@@ -54,6 +54,9 @@ pub struct Shared {
     /// Jobs whose state is being checked on their client right now; `true` when another
     /// check was asked for meanwhile.
     pub in_flight: Mutex<HashMap<i64, bool>>,
+    /// Jobs whose checks keep failing short of their client being unreachable: since when,
+    /// and how many times.
+    pub fetch_failures: Mutex<HashMap<i64, (std::time::Instant, u32)>>,
     /// Bounds the checks of jobs running at once (a reconcile of thousands of jobs).
     pub checks: tokio::sync::Semaphore,
     /// `<data>/jobs/<id>/`: the uploaded files of each job.
@@ -150,6 +153,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         http,
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
+        fetch_failures: Mutex::new(HashMap::new()),
         jobs_dir,
         results_dir,
         staging_dir,
