@@ -1,9 +1,290 @@
-//! The jobrelay orchestrator server (see issue 3; not built yet).
+//! The jobrelay orchestrator server: accepts jobs over HTTP, stores them durably in SQLite,
+//! schedules them fairly under quotas, dispatches them to executor clients, follows them to
+//! the end, stores their results and serves them.
+//!
+//! Modules, each with one job:
+//! - [`config`]: flags, TOML file and the reference's environment variables;
+//! - [`store`]: the SQLite job table, every state change committed and guarded;
+//! - [`scheduler`]: pure quotas, round-robin fair share and placement;
+//! - [`clients`]: the pool of executor clients, their health and `/info`;
+//! - [`dispatcher`]: sends the scheduler's decisions to clients, idempotently;
+//! - [`collector`]: follows jobs on clients (change feed or polling) and fetches results;
+//! - [`jobs`]: the job state changes that touch store, scheduler and files together;
+//! - [`api`]: thin HTTP handlers and the OpenAPI document;
+//! - [`janitor`]: removes files of jobs past the retention period.
 
-/// Command-line options of `jobrelay server`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ServerArgs {}
+pub mod api;
+pub mod clients;
+pub mod collector;
+pub mod config;
+pub mod dispatcher;
+pub mod janitor;
+pub mod jobs;
+pub mod scheduler;
+pub mod store;
 
-pub async fn run(_args: ServerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("jobrelay server is not built yet")
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use config::{ClientEndpoint, ServerArgs, ServerConfig, ServiceConfig};
+use jobrelay_common::fsutil::remove_dir_all_if_exists;
+use tokio::sync::Notify;
+
+use crate::clients::ClientHandle;
+use crate::scheduler::{Scheduler, ServiceId};
+use crate::store::{JobStatus, Store};
+
+/// Most job checks (`/retrieve` calls and result downloads) in progress at once.
+const MAX_CONCURRENT_CHECKS: usize = 64;
+
+/// State shared by every part of a running server.
+pub struct Shared {
+    pub config: ServerConfig,
+    pub store: Store,
+    pub sched: Mutex<Scheduler>,
+    /// Wakes the dispatcher: a new job, a freed slot, a client back.
+    pub wake: Notify,
+    pub clients: Vec<Arc<ClientHandle>>,
+    pub client_by_base: HashMap<String, usize>,
+    pub service_ids: HashMap<String, ServiceId>,
+    pub http: reqwest::Client,
+    /// Jobs whose state is being checked on their client right now; `true` when another
+    /// check was asked for meanwhile.
+    pub in_flight: Mutex<HashMap<i64, bool>>,
+    /// Jobs whose checks keep failing short of their client being unreachable: since when,
+    /// and how many times.
+    pub fetch_failures: Mutex<HashMap<i64, (std::time::Instant, u32)>>,
+    /// Bounds the checks of jobs running at once (a reconcile of thousands of jobs).
+    pub checks: tokio::sync::Semaphore,
+    /// `<data>/jobs/<id>/`: the uploaded files of each job.
+    pub jobs_dir: PathBuf,
+    /// `<data>/results/<id>.zip`: the stored work directory of each finished job.
+    pub results_dir: PathBuf,
+    /// `<data>/staging/`: uploads being received.
+    pub staging_dir: PathBuf,
+}
+
+impl Shared {
+    pub fn job_dir(&self, id: i64) -> PathBuf {
+        self.jobs_dir.join(id.to_string())
+    }
+
+    pub fn result_path(&self, id: i64) -> PathBuf {
+        self.results_dir.join(format!("{id}.zip"))
+    }
+
+    pub fn client_of(&self, base: Option<&str>) -> Option<Arc<ClientHandle>> {
+        base.and_then(|b| self.client_by_base.get(b))
+            .map(|&i| self.clients[i].clone())
+    }
+}
+
+/// A server that is serving.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stops serving and stops every background task. Jobs stay in the database as they are;
+    /// the next start resumes them.
+    pub fn shutdown(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Opens the database, recovers what a previous process left, and starts serving.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    if config.services.is_empty() {
+        anyhow::bail!("no service configured");
+    }
+    let data_dir = config.data_dir.clone();
+    let jobs_dir = data_dir.join("jobs");
+    let results_dir = data_dir.join("results");
+    let staging_dir = data_dir.join("staging");
+    remove_dir_all_if_exists(&staging_dir)?;
+    for dir in [&jobs_dir, &results_dir, &staging_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    }
+    let store = Store::open(&config.db_path)?;
+
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(120))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()?;
+
+    let mut sched = Scheduler::new();
+    let mut clients = Vec::new();
+    let mut client_by_base = HashMap::new();
+    let mut service_ids = HashMap::new();
+    for (name, service) in &config.services {
+        let mut ids = Vec::new();
+        for endpoint in &service.clients {
+            let id = *client_by_base
+                .entry(endpoint.base.clone())
+                .or_insert_with(|| {
+                    let id = sched.add_client();
+                    clients.push(Arc::new(ClientHandle::new(id, endpoint.clone())));
+                    id
+                });
+            ids.push(id);
+        }
+        let sid = sched.add_service(service.runs_per_user, service.max_runs, ids);
+        service_ids.insert(name.clone(), sid);
+    }
+
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        sched: Mutex::new(sched),
+        wake: Notify::new(),
+        clients,
+        client_by_base,
+        service_ids,
+        http,
+        in_flight: Mutex::new(HashMap::new()),
+        checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
+        fetch_failures: Mutex::new(HashMap::new()),
+        jobs_dir,
+        results_dir,
+        staging_dir,
+    });
+
+    let resend = recover(&shared)?;
+
+    let listener = tokio::net::TcpListener::bind(shared.config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", shared.config.listen))?;
+    let addr = listener.local_addr()?;
+    let app = api::router(shared.clone());
+    // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
+    // ACK (about 40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let mut tasks = vec![tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    })];
+    for client in &shared.clients {
+        tasks.push(tokio::spawn(clients::probe_loop(
+            shared.clone(),
+            client.clone(),
+        )));
+        tasks.push(tokio::spawn(collector::watch(
+            shared.clone(),
+            client.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(dispatcher::run(shared.clone())));
+    tasks.push(tokio::spawn(janitor::run(shared.clone())));
+    for job in resend {
+        tasks.push(tokio::spawn(dispatcher::resend(shared.clone(), job)));
+    }
+    tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), db = %shared.config.db_path.display(), "server started");
+    Ok(RunningServer {
+        addr,
+        shared,
+        tasks,
+    })
+}
+
+/// Settles what a previous process left: files of uncommitted uploads and half-fetched
+/// results are removed; Queued jobs are queued again in order; active jobs count against the
+/// quotas again. Returns the jobs that were being sent (Processing): they are sent again with
+/// the same idempotency key.
+fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
+    let known = shared.store.ids_with_files()?;
+    for entry in std::fs::read_dir(&shared.jobs_dir)? {
+        let entry = entry?;
+        let id = entry.file_name().to_string_lossy().parse::<i64>().ok();
+        if id.is_none_or(|id| !known.contains(&id)) {
+            tracing::warn!(path = %entry.path().display(), "removing files of an uncommitted upload or a cleaned job");
+            let _ = remove_dir_all_if_exists(&entry.path());
+        }
+    }
+    for entry in std::fs::read_dir(&shared.results_dir)? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let id = name
+            .strip_suffix(".zip")
+            .and_then(|id| id.parse::<i64>().ok());
+        // Half-fetched results (`*.part`) and results of cleaned jobs.
+        if id.is_none_or(|id| !known.contains(&id)) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let mut resend = Vec::new();
+    let mut orphans = Vec::new();
+    let mut sched = shared.sched.lock().unwrap();
+    for job in shared.store.in_states(&JobStatus::NOT_FINISHED)? {
+        let Some(&service) = shared.service_ids.get(&job.service) else {
+            drop(sched);
+            jobs::fail(
+                shared,
+                &job,
+                JobStatus::NOT_FINISHED.as_slice(),
+                format!("service {:?} is no longer configured", job.service),
+            );
+            sched = shared.sched.lock().unwrap();
+            continue;
+        };
+        match job.status {
+            JobStatus::Queued => sched.enqueue(service, job.user_id, job.id),
+            _ => {
+                let client = job
+                    .client
+                    .as_deref()
+                    .and_then(|b| shared.client_by_base.get(b).copied());
+                sched.activate(service, job.user_id, job.id, client);
+                if job.status == JobStatus::Processing {
+                    resend.push(job);
+                } else if client.is_none() {
+                    orphans.push(job);
+                }
+            }
+        }
+    }
+    drop(sched);
+    for job in orphans {
+        jobs::requeue(
+            shared,
+            &job,
+            &JobStatus::ON_CLIENT,
+            "its client is no longer configured",
+            Duration::ZERO,
+        );
+    }
+    Ok(resend)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// `jobrelay server`: serves until SIGINT or SIGTERM.
+pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let server = start(config).await?;
+    println!("jobrelay server listening on http://{}", server.addr);
+    shutdown_signal().await;
+    tracing::info!("server stopping");
+    server.shutdown();
+    Ok(())
 }

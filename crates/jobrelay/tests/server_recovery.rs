@@ -1,0 +1,309 @@
+//! No job lost: the server killed with SIGKILL and restarted, a client killed mid-run.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use support::server::*;
+use support::*;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// A job that appends its name to `log` (outside its work directory), works a while, and
+/// writes its name to out.txt.
+fn logging_script(log: &Path, name: &str, seconds: f64) -> String {
+    format!(
+        "echo {name} >> {log}\nsleep {seconds}\necho {name} > out.txt\n",
+        log = log.display()
+    )
+}
+
+fn count_lines(log: &Path) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        *counts.entry(line.to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn server_killed_mid_run_and_restarted_completes_every_job_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let log = root.join("runs.log");
+    let client = start_client(root, "client", &["--slots", "2"]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
+    let mut server = start_server(root, &config, &[]);
+    let http = http();
+
+    let names: Vec<String> = (1..=8).map(|n| format!("job{n}")).collect();
+    let mut ids = Vec::new();
+    for (n, name) in names.iter().enumerate() {
+        let script = logging_script(&log, name, 0.7);
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1 + (n as i64 % 2),
+                "example",
+                &[("run.sh", script.as_bytes())],
+            )
+            .await,
+        );
+    }
+    // Kill the server while jobs run on the client and others wait.
+    eventually(LONG, "a job running", || async {
+        (count_lines(&log).len() >= 2).then_some(())
+    })
+    .await;
+    server.kill9();
+
+    // Jobs finish on the client while the server is down.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let server = start_server(root, &config, &[]);
+    for (id, name) in ids.iter().zip(&names) {
+        wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
+        let entries = unzip(&download_zip(&http, &server.url, *id).await);
+        assert_eq!(entries["out.txt"], format!("{name}\n").as_bytes());
+    }
+    let counts = count_lines(&log);
+    for name in &names {
+        assert_eq!(counts.get(name), Some(&1), "{name} ran once: {counts:?}");
+    }
+    // Each job's results stored once, and nothing half-written left.
+    let results = tree(&root.join("server/results"));
+    assert_eq!(results.len(), names.len(), "{results:?}");
+    assert!(results.iter().all(|p| p.extension().unwrap() == "zip"));
+}
+
+#[tokio::test]
+async fn a_client_killed_mid_run_loses_no_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let log = root.join("runs.log");
+    let mut first = start_client(root, "first", &["--slots", "2"]);
+    let second = start_client(root, "second", &["--slots", "2"]);
+    let config = write_server_config(
+        root,
+        &[(
+            "example",
+            vec![first.url.clone(), second.url.clone()],
+            10,
+            10,
+        )],
+    );
+    let server = start_server(root, &config, &["--client-timeout", "3"]);
+    let http = http();
+
+    let names: Vec<String> = (1..=6).map(|n| format!("job{n}")).collect();
+    let mut ids = Vec::new();
+    for name in &names {
+        let script = logging_script(&log, name, 2.0);
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1,
+                "example",
+                &[("run.sh", script.as_bytes())],
+            )
+            .await,
+        );
+    }
+    // Wait until both clients run jobs, then kill the first one.
+    let on_first: Vec<i64> = eventually(LONG, "jobs running on both clients", || async {
+        let mut on = BTreeMap::<String, Vec<i64>>::new();
+        for id in &ids {
+            let job = job_json(&http, &server.url, *id).await;
+            if job["status"] == "Running" {
+                on.entry(job["client"].as_str().unwrap().to_owned())
+                    .or_default()
+                    .push(*id);
+            }
+        }
+        (on.len() == 2).then(|| on.remove(&first.url).unwrap())
+    })
+    .await;
+    first.kill9();
+
+    for (id, name) in ids.iter().zip(&names) {
+        wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
+        let entries = unzip(&download_zip(&http, &server.url, *id).await);
+        assert_eq!(entries["out.txt"], format!("{name}\n").as_bytes());
+    }
+    // The jobs that were on the dead client ran again on the other: attempt 2, visible.
+    for id in &on_first {
+        let job: serde_json::Value = http
+            .get(format!("{}/jobs/{id}", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["status"], "Completed");
+        assert_eq!(job["attempts"], 2, "{job}");
+        assert_eq!(job["client"], second.url.as_str(), "{job}");
+    }
+    let log_text = server.log();
+    assert!(
+        log_text.contains("unreachable"),
+        "the server said why the jobs were queued again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let log = root.join("runs.log");
+    let client = start_client(root, "client", &["--slots", "2"]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
+    let data = root.join("server");
+    let args = [
+        "server",
+        "--port",
+        "0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let mut server =
+        Proc::start_with_env(&args, root, &[("JOBRELAY_TEST_CRASH_AFTER_SUBMIT", "1")]);
+    let http = http();
+    let script = logging_script(&log, "once", 0.2);
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", script.as_bytes())],
+    )
+    .await;
+    // The server exits once the client has the payload, before recording it.
+    let status = tokio::task::block_in_place(|| server.child.wait().unwrap());
+    assert_eq!(status.code(), Some(86), "{}", server.log());
+
+    let server = Proc::start(&args, root);
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    let entries = unzip(&download_zip(&http, &server.url, id).await);
+    assert_eq!(entries["out.txt"], b"once\n");
+    // Sent twice with the same key, run once.
+    assert_eq!(count_lines(&log).get("once"), Some(&1));
+    let job: serde_json::Value = http
+        .get(format!("{}/jobs/{id}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["attempts"], 1, "{job}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let log = root.join("runs.log");
+    let port = free_port().to_string();
+    let data = root.join("client");
+    let client_args = |data: &Path| {
+        vec![
+            "client".to_owned(),
+            "--port".to_owned(),
+            port.clone(),
+            "--data-dir".to_owned(),
+            data.to_str().unwrap().to_owned(),
+            "--slots".to_owned(),
+            "4".to_owned(),
+        ]
+    };
+    let start = |data: &Path| {
+        let args = client_args(data);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::start(&args, root)
+    };
+    let mut client = start(&data);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
+    let server = start_server(root, &config, &[]);
+    let http = http();
+
+    // Phase 1: the client is killed and restarted with its data: it reports the running
+    // payloads Failed with "client restarted", and the server sends them again.
+    let mut ids = Vec::new();
+    for n in 1..=2 {
+        let script = logging_script(&log, &format!("a{n}"), 1.5);
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1,
+                "example",
+                &[("run.sh", script.as_bytes())],
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        wait_status(&http, &server.url, *id, &["Running"], LONG).await;
+    }
+    client.kill9();
+    let mut client = start(&data);
+    for id in &ids {
+        wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
+        let job: serde_json::Value = http
+            .get(format!("{}/jobs/{id}", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["attempts"], 2, "{job}");
+    }
+
+    // Phase 2: the client comes back with an empty data directory (a new node, ids from 1
+    // again): the server must not take another payload's results for its jobs.
+    let mut ids = Vec::new();
+    for n in 1..=2 {
+        let script = logging_script(&log, &format!("b{n}"), 1.5);
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1,
+                "example",
+                &[("run.sh", script.as_bytes())],
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        wait_status(&http, &server.url, *id, &["Running"], LONG).await;
+    }
+    client.kill9();
+    let _client = start(&root.join("client-wiped"));
+    for (n, id) in ids.iter().enumerate() {
+        wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
+        let entries = unzip(&download_zip(&http, &server.url, *id).await);
+        assert_eq!(entries["out.txt"], format!("b{}\n", n + 1).as_bytes());
+    }
+    let log_text = server.log();
+    assert!(
+        log_text.contains("client restarted"),
+        "phase 1 reason logged"
+    );
+    assert!(log_text.contains("node changed"), "phase 2 reason logged");
+}

@@ -1,0 +1,226 @@
+//! The pool of executor clients: what each one advertises (`/info`), whether it answers, and
+//! a probe per client that checks it periodically, or with backoff while it does not answer.
+//!
+//! A client without `/info` (seed contract only) is healthy when `/health` answers; it then
+//! has no features (no change feed, no idempotency key, no release, kill tried and tolerated).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jobrelay_common::protocol::ClientInfo;
+use tokio::sync::Notify;
+
+use crate::config::ClientEndpoint;
+use crate::scheduler::ClientId;
+use crate::Shared;
+
+/// Time between two probes of a healthy client.
+const PROBE_HEALTHY: Duration = Duration::from_secs(3);
+/// First and longest wait between two probes of an unhealthy client.
+const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(200);
+const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Timeout of the small requests (`/info`, `/health`, `/load`).
+pub const SMALL_REQUEST: Duration = Duration::from_secs(10);
+
+pub struct ClientHandle {
+    pub id: ClientId,
+    pub endpoint: ClientEndpoint,
+    /// The last `/info` answer; `None` for a client without `/info` or not reached yet.
+    pub info: Mutex<Option<ClientInfo>>,
+    /// Whether the client was reached at all, and whether `/info` exists there.
+    pub probed: Mutex<Option<bool>>,
+    /// When requests to the client started failing.
+    pub unreachable_since: Mutex<Option<Instant>>,
+    /// Wakes the probe at once (a request just failed).
+    pub kick: Notify,
+    /// Wakes whoever waits for the first probe.
+    pub first_probe: Notify,
+}
+
+impl ClientHandle {
+    pub fn new(id: ClientId, endpoint: ClientEndpoint) -> Self {
+        ClientHandle {
+            id,
+            endpoint,
+            info: Mutex::new(None),
+            probed: Mutex::new(None),
+            unreachable_since: Mutex::new(None),
+            kick: Notify::new(),
+            first_probe: Notify::new(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.endpoint.base
+    }
+
+    /// True if the client advertised this extension in `/info`.
+    pub fn has(&self, feature: &str) -> bool {
+        self.info
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|i| i.features.iter().any(|f| f == feature))
+    }
+
+    /// Identity of the client's data directory, as last seen.
+    pub fn node(&self) -> Option<String> {
+        self.info.lock().unwrap().as_ref().map(|i| i.node.clone())
+    }
+
+    pub fn set_node(&self, node: &str) {
+        if let Some(info) = self.info.lock().unwrap().as_mut() {
+            info.node = node.to_owned();
+        }
+    }
+
+    /// True once the first probe got an answer.
+    pub fn known(&self) -> bool {
+        self.probed.lock().unwrap().is_some()
+    }
+
+    /// How long the client has been failing requests, if it is.
+    pub fn unreachable_for(&self) -> Option<Duration> {
+        self.unreachable_since.lock().unwrap().map(|t| t.elapsed())
+    }
+}
+
+/// A request to the client failed: stop placing jobs there and probe it now.
+pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
+    let was_healthy = {
+        let mut sched = shared.sched.lock().unwrap();
+        let was = sched.client_healthy(client.id);
+        sched.set_client_health(client.id, false);
+        was
+    };
+    client
+        .unreachable_since
+        .lock()
+        .unwrap()
+        .get_or_insert_with(Instant::now);
+    if was_healthy {
+        tracing::warn!(client = client.base(), why, "client marked unhealthy");
+    }
+    client.kick.notify_one();
+}
+
+/// A request to the client succeeded.
+pub fn reached(client: &ClientHandle) {
+    *client.unreachable_since.lock().unwrap() = None;
+}
+
+enum Probe {
+    /// `/info` answered.
+    Info(ClientInfo),
+    /// No `/info`, but `/health` answered (a seed-contract client).
+    Seed,
+}
+
+async fn probe_once(shared: &Shared, client: &ClientHandle) -> Result<Probe, String> {
+    let response = shared
+        .http
+        .get(client.endpoint.path("/info"))
+        .timeout(SMALL_REQUEST)
+        .send()
+        .await
+        .map_err(|e| format!("GET /info: {e}"))?;
+    if response.status().is_success() {
+        if let Ok(info) = response.json::<ClientInfo>().await {
+            return Ok(Probe::Info(info));
+        }
+    }
+    let health = shared
+        .http
+        .get(client.endpoint.path("/health"))
+        .timeout(SMALL_REQUEST)
+        .send()
+        .await
+        .map_err(|e| format!("GET /health: {e}"))?;
+    if health.status().is_success() {
+        Ok(Probe::Seed)
+    } else {
+        Err(format!("GET /health answered {}", health.status()))
+    }
+}
+
+async fn load_of(shared: &Shared, client: &ClientHandle) -> f64 {
+    let answer = shared
+        .http
+        .get(client.endpoint.path("/load"))
+        .timeout(SMALL_REQUEST)
+        .send()
+        .await;
+    match answer {
+        Ok(r) if r.status().is_success() => r.json::<f64>().await.unwrap_or(0.0),
+        _ => 0.0,
+    }
+}
+
+/// Probes one client forever: every few seconds while it answers, with backoff while not.
+pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
+    let mut backoff = PROBE_BACKOFF_MIN;
+    loop {
+        let wait = match probe_once(&shared, &client).await {
+            Ok(probe) => {
+                backoff = PROBE_BACKOFF_MIN;
+                let load = load_of(&shared, &client).await;
+                let (slots, has_info) = match probe {
+                    Probe::Info(info) => {
+                        let slots = Some(info.slots.max(1));
+                        let previous = client.info.lock().unwrap().replace(info.clone());
+                        if let Some(previous) = previous {
+                            if previous.node != info.node {
+                                tracing::warn!(client = client.base(), old = %previous.node, new = %info.node, "client lost its data directory");
+                            }
+                        }
+                        (slots, true)
+                    }
+                    Probe::Seed => {
+                        *client.info.lock().unwrap() = None;
+                        (None, false)
+                    }
+                };
+                let first = client.probed.lock().unwrap().replace(has_info).is_none();
+                let (was_healthy, old_slots) = {
+                    let mut sched = shared.sched.lock().unwrap();
+                    let was = (
+                        sched.client_healthy(client.id),
+                        sched.client_slots(client.id),
+                    );
+                    sched.set_client(client.id, true, slots, load);
+                    was
+                };
+                reached(&client);
+                if !was_healthy {
+                    tracing::info!(
+                        client = client.base(),
+                        slots,
+                        seed_only = !has_info,
+                        "client healthy"
+                    );
+                }
+                if !was_healthy || old_slots != slots {
+                    shared.wake.notify_one();
+                }
+                if first {
+                    client.first_probe.notify_waiters();
+                }
+                PROBE_HEALTHY
+            }
+            Err(why) => {
+                failed(&shared, &client, &why);
+                crate::collector::check_unreachable(&shared, &client);
+                let wait = backoff;
+                backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = client.kick.notified() => {
+                // A burst of failures probes once, not once each.
+                tokio::time::sleep(PROBE_BACKOFF_MIN.min(wait)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Follows the jobs on each client to their end.
+//!
+//! Towards a client with the change feed (`/info` lists `events`), one long-poll of
+//! `/events` per client tells at once which payload changed; towards a client without it,
+//! every job there is checked with `/retrieve/{id}` each poll interval. Either way a check of
+//! one job is [`check_job`]: `/retrieve` answers a ZIP once the payload is Completed (stored,
+//! then the job is Completed, then the client's copy released), or the record otherwise.
+//!
+//! A run is lost, and the job queued again, when the client answers 404 for it, reports it
+//! Failed with reason "client restarted", reports a different node (its data directory was
+//! lost), or stays unreachable longer than the client timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobrelay_common::protocol::{EventsPage, PayloadRecord, PayloadStatus};
+
+use crate::clients::{self, ClientHandle};
+use crate::jobs;
+use crate::store::{Change, Job, JobStatus};
+use crate::Shared;
+
+/// How long one `/events` call may wait on the client.
+const EVENTS_WAIT_SECS: u64 = 20;
+/// Pause after a failed request before the next one.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// Follows one client forever.
+pub async fn watch(shared: Arc<Shared>, client: Arc<ClientHandle>) {
+    // Wait for the first probe, to know whether the client has the change feed.
+    loop {
+        let waiting = client.first_probe.notified();
+        if client.known() {
+            break;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+    }
+    let mut feed = Feed::default();
+    loop {
+        if client.has("events") {
+            events_round(&shared, &client, &mut feed).await;
+        } else {
+            feed.instance = None;
+            poll_round(&shared, &client).await;
+            tokio::time::sleep(shared.config.poll_interval).await;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Feed {
+    instance: Option<String>,
+    after: u64,
+}
+
+async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &mut Feed) {
+    // Until the feed's instance is known (first call, or after the client went away) ask
+    // without waiting: a restarted client would otherwise hold the call for the whole wait
+    // before saying that our sequence number is from its previous instance.
+    let wait = if feed.instance.is_some() {
+        EVENTS_WAIT_SECS
+    } else {
+        0
+    };
+    let url = client
+        .endpoint
+        .path(&format!("/events?after={}&wait={wait}", feed.after));
+    let page = async {
+        let response = shared
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(EVENTS_WAIT_SECS + 15))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("GET /events answered {}", response.status()));
+        }
+        response
+            .json::<EventsPage>()
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let page = match page {
+        Ok(page) => page,
+        Err(e) => {
+            clients::failed(shared, client, &e);
+            check_unreachable(shared, client);
+            // Whatever happened meanwhile is learnt by reconciling once it answers again.
+            feed.instance = None;
+            tokio::time::sleep(RETRY_PAUSE).await;
+            return;
+        }
+    };
+    clients::reached(client);
+    let restarted = feed.instance.as_deref() != Some(page.instance.as_str());
+    if restarted || page.truncated {
+        if restarted && feed.instance.is_some() {
+            tracing::info!(
+                client = client.base(),
+                "client restarted; reconciling its jobs"
+            );
+        }
+        client.set_node(&page.node);
+        feed.instance = Some(page.instance.clone());
+        feed.after = page.next;
+        reconcile(shared, client);
+        return;
+    }
+    feed.after = page.next;
+    for event in page.events {
+        let job = match shared.store.by_dest(client.base(), event.id as i64) {
+            Ok(Some(job)) if JobStatus::ON_CLIENT.contains(&job.status) => job,
+            _ => continue,
+        };
+        match event.status {
+            PayloadStatus::Prepared | PayloadStatus::Unknown => {}
+            PayloadStatus::Running => mark_running(shared, &job),
+            _ => {
+                tokio::spawn(check_job(shared.clone(), client.clone(), job));
+            }
+        }
+    }
+}
+
+/// Checks every job on the client (after a restart of the client or of the feed).
+fn reconcile(shared: &Arc<Shared>, client: &Arc<ClientHandle>) {
+    match shared.store.on_client(client.base()) {
+        Ok(list) => {
+            for job in list {
+                tokio::spawn(check_job(shared.clone(), client.clone(), job));
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot list jobs on client"),
+    }
+}
+
+async fn poll_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>) {
+    reconcile(shared, client);
+}
+
+/// Requeues the jobs of a client that has been unreachable longer than the client timeout.
+pub fn check_unreachable(shared: &Arc<Shared>, client: &ClientHandle) {
+    let Some(down) = client.unreachable_for() else {
+        return;
+    };
+    if down < shared.config.client_timeout {
+        return;
+    }
+    let Ok(list) = shared.store.on_client(client.base()) else {
+        return;
+    };
+    for job in list {
+        jobs::requeue(
+            shared,
+            &job,
+            &JobStatus::ON_CLIENT,
+            &format!(
+                "client {} unreachable for {}s",
+                client.base(),
+                down.as_secs()
+            ),
+            Duration::ZERO,
+        );
+    }
+}
+
+fn mark_running(shared: &Shared, job: &Job) {
+    if job.status == JobStatus::Submitted {
+        let _ = shared.store.transition(
+            job.id,
+            &[JobStatus::Submitted],
+            JobStatus::Running,
+            Change::message("Job running"),
+        );
+    }
+}
+
+/// Removes the job from the in-flight map when the checks end, however they end.
+struct InFlight<'a>(&'a Shared, i64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.lock().unwrap().remove(&self.1);
+    }
+}
+
+/// Asks the client where one job is and acts on the answer. At most one check per job runs
+/// at a time; a check asked for while one runs makes that one check again when it is done,
+/// so no news is lost between its request and its end.
+pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job) {
+    {
+        let mut in_flight = shared.in_flight.lock().unwrap();
+        if let Some(again) = in_flight.get_mut(&job.id) {
+            *again = true;
+            return;
+        }
+        in_flight.insert(job.id, false);
+    }
+    let guard = InFlight(&shared, job.id);
+    let Ok(permit) = shared.checks.acquire().await else {
+        return;
+    };
+    let mut outcome;
+    loop {
+        outcome = check_once(&shared, &client, job.id).await;
+        let mut in_flight = shared.in_flight.lock().unwrap();
+        match in_flight.get_mut(&job.id) {
+            Some(again) if *again => *again = false,
+            _ => break,
+        }
+    }
+    drop(permit);
+    drop(guard);
+    match outcome {
+        Ok(()) => {
+            shared.fetch_failures.lock().unwrap().remove(&job.id);
+        }
+        Err(why) => retry_later(shared, client, job, why),
+    }
+}
+
+/// A check that failed short of the client being unreachable (an error answer, a broken
+/// ZIP): check again with backoff, and fail the job once this has lasted longer than the
+/// client timeout (a work directory that cannot be archived must not stay Running forever).
+fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, why: String) {
+    let (since, tries) = {
+        let mut failures = shared.fetch_failures.lock().unwrap();
+        let entry = failures
+            .entry(job.id)
+            .or_insert_with(|| (std::time::Instant::now(), 0));
+        entry.1 += 1;
+        *entry
+    };
+    if since.elapsed() > shared.config.client_timeout {
+        shared.fetch_failures.lock().unwrap().remove(&job.id);
+        jobs::fail(
+            &shared,
+            &job,
+            &JobStatus::ON_CLIENT,
+            format!(
+                "its state or results could not be fetched from {} for {}s: {why}",
+                client.base(),
+                since.elapsed().as_secs()
+            ),
+        );
+        return;
+    }
+    let delay = jobs::backoff(tries);
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        check_job(shared, client, job).await;
+    });
+}
+
+/// Acts on what the client says of one job. `Err` when it should be asked again later.
+async fn check_once(
+    shared: &Arc<Shared>,
+    client: &Arc<ClientHandle>,
+    id: i64,
+) -> Result<(), String> {
+    let (shared, client) = (shared.clone(), client.clone());
+    // Read again: the job may have moved since it was listed.
+    let job = match shared.store.get(id) {
+        Ok(Some(job)) if JobStatus::ON_CLIENT.contains(&job.status) => job,
+        _ => return Ok(()),
+    };
+    let Some(dest) = job.dest_id else {
+        return Ok(());
+    };
+    if let (Some(theirs), Some(ours)) = (client.node(), job.node.as_deref()) {
+        if theirs != ours {
+            lost(
+                &shared,
+                &job,
+                "the client lost its data directory (its node changed)",
+            );
+            return Ok(());
+        }
+    }
+    let url = format!("{}/{dest}", client.endpoint.retrieve);
+    let response = match shared.http.get(&url).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            clients::failed(&shared, &client, &e.to_string());
+            check_unreachable(&shared, &client);
+            return Ok(());
+        }
+    };
+    clients::reached(&client);
+    let status = response.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        lost(&shared, &job, "the client no longer knows the payload");
+        return Ok(());
+    }
+    if status == reqwest::StatusCode::GONE {
+        lost(&shared, &job, "the client removed the payload's files");
+        return Ok(());
+    }
+    if !status.is_success() {
+        tracing::warn!(job = job.id, %status, "client could not tell the job's state");
+        return Err(format!("GET {url} answered {status}"));
+    }
+    let is_zip = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/zip"));
+    if is_zip {
+        return jobs::complete(&shared, &client, &job, response).await;
+    }
+    let record = match response.json::<PayloadRecord>().await {
+        Ok(record) => record,
+        Err(e) => {
+            tracing::warn!(job = job.id, error = %e, "unreadable payload record");
+            return Err(format!("unreadable payload record: {e}"));
+        }
+    };
+    if let (Some(theirs), Some(ours)) = (record.node.as_deref(), job.node.as_deref()) {
+        if theirs != ours {
+            lost(
+                &shared,
+                &job,
+                "the client lost its data directory (its node changed)",
+            );
+            return Ok(());
+        }
+    }
+    match record.status {
+        PayloadStatus::Prepared | PayloadStatus::Unknown => {}
+        // Completed answers a ZIP; a record saying Completed is a race: ask again.
+        PayloadStatus::Completed => {
+            return Err("the client reported Completed without its ZIP".into())
+        }
+        PayloadStatus::Running => mark_running(&shared, &job),
+        PayloadStatus::Cleaned => lost(
+            &shared,
+            &job,
+            "the client removed the payload before its results were fetched",
+        ),
+        PayloadStatus::Failed if record.reason.as_deref() == Some("client restarted") => {
+            lost(&shared, &job, "the client restarted while the job ran")
+        }
+        finished => {
+            let status = match finished {
+                PayloadStatus::Invalid => JobStatus::Invalid,
+                PayloadStatus::Killed => JobStatus::Killed,
+                _ => JobStatus::Failed,
+            };
+            jobs::finish_on_client(
+                &shared,
+                &client,
+                &job,
+                status,
+                record.exit_code,
+                record.reason,
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
+fn lost(shared: &Arc<Shared>, job: &Job, why: &str) {
+    tracing::warn!(
+        job = job.id,
+        client = job.client.as_deref().unwrap_or(""),
+        why,
+        "run lost"
+    );
+    jobs::requeue(shared, job, &JobStatus::ON_CLIENT, why, Duration::ZERO);
+}

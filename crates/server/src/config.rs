@@ -1,0 +1,516 @@
+//! Command-line options, the TOML service file and the reference's environment variables,
+//! merged into one checked [`ServerConfig`].
+//!
+//! Services come from two sources, merged by name:
+//! - the TOML file (`[services.NAME]` with `clients`, `runs_per_user`, `max_runs`);
+//! - `SERVICE_<NAME>_UPLOAD_URL`, `_DOWNLOAD_URL`, `_TERMINATE_URL`, `_RUNS_PER_USER`,
+//!   `_MAX_RUNS` as the deployed reference reads them (`<NAME>` lower-cased is the service).
+//!   Those URLs are full endpoint URLs (`http://host:9000/submit`); the client's base URL is
+//!   the upload URL without its `/submit`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default number of active jobs per user and service.
+pub const DEFAULT_RUNS_PER_USER: usize = 5;
+/// Default number of active jobs per service.
+pub const DEFAULT_MAX_RUNS: usize = 10;
+
+/// Options of `jobrelay server`. A flag wins over its environment variable.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 5000)]
+    pub port: u16,
+    /// Directory for uploaded jobs and stored results.
+    #[arg(long, env = "DATA_PATH", default_value = "./data/server")]
+    pub data_dir: PathBuf,
+    /// SQLite database file (default: <data-dir>/jobrelay.sqlite).
+    #[arg(long, env = "DB_PATH")]
+    pub db: Option<PathBuf>,
+    /// TOML file describing the services and their clients.
+    #[arg(long, env = "JOBRELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Seconds a finished job's files are kept before it becomes Cleaned.
+    #[arg(long, env = "MAX_AGE", default_value_t = 864000.0)]
+    pub max_age: f64,
+    /// Largest accepted upload, in bytes of file content.
+    #[arg(long, default_value_t = 400 * 1024 * 1024)]
+    pub max_upload: u64,
+    /// Dispatch attempts of a job before it is Failed.
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Seconds between two `/retrieve` polls towards a client without a change feed.
+    #[arg(long, default_value_t = 0.5)]
+    pub poll_interval: f64,
+    /// Seconds a client may stay unreachable before its jobs are queued again.
+    #[arg(long, default_value_t = 30.0)]
+    pub client_timeout: f64,
+}
+
+/// One executor client of a service, with the endpoints the server calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientEndpoint {
+    /// Base URL without a trailing slash, e.g. `http://127.0.0.1:9000`.
+    pub base: String,
+    /// `POST` target of submissions.
+    pub submit: String,
+    /// `GET {retrieve}/{id}`.
+    pub retrieve: String,
+    /// `POST {kill}/{id}`.
+    pub kill: String,
+}
+
+impl ClientEndpoint {
+    /// A client given by its base URL; endpoints are the protocol's paths below it.
+    pub fn from_base(raw: &str) -> anyhow::Result<Self> {
+        let base = parse_http_url(raw)?;
+        let base = base.as_str().trim_end_matches('/').to_owned();
+        Ok(ClientEndpoint {
+            submit: format!("{base}/submit"),
+            retrieve: format!("{base}/retrieve"),
+            kill: format!("{base}/kill"),
+            base,
+        })
+    }
+
+    /// A client given the reference's way: the full upload URL, optionally the download and
+    /// terminate URLs.
+    pub fn from_reference(
+        upload: &str,
+        download: Option<&str>,
+        terminate: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let url = parse_http_url(upload)?;
+        let text = url.as_str().trim_end_matches('/');
+        let mut endpoint = match text.strip_suffix("/submit") {
+            Some(base) => {
+                let mut e = ClientEndpoint::from_base(base)?;
+                e.submit = text.to_owned();
+                e
+            }
+            None => ClientEndpoint::from_base(text)?,
+        };
+        if let Some(download) = download {
+            endpoint.retrieve = parse_http_url(download)?
+                .as_str()
+                .trim_end_matches('/')
+                .to_owned();
+        }
+        if let Some(terminate) = terminate {
+            endpoint.kill = parse_http_url(terminate)?
+                .as_str()
+                .trim_end_matches('/')
+                .to_owned();
+        }
+        Ok(endpoint)
+    }
+
+    /// URL of another endpoint below the base, e.g. `path("/info")`.
+    pub fn path(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+fn parse_http_url(raw: &str) -> anyhow::Result<url::Url> {
+    let url = url::Url::parse(raw.trim()).map_err(|e| anyhow::anyhow!("bad URL {raw:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        anyhow::bail!("bad URL {raw:?}: expected http://host:port");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        anyhow::bail!("bad URL {raw:?}: a client URL takes no query or fragment");
+    }
+    Ok(url)
+}
+
+/// A named kind of work and the clients that run it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub clients: Vec<ClientEndpoint>,
+    pub runs_per_user: usize,
+    pub max_runs: usize,
+}
+
+/// Everything the server needs to run, checked.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub db_path: PathBuf,
+    pub services: BTreeMap<String, ServiceConfig>,
+    pub max_age: Duration,
+    pub max_upload: u64,
+    pub max_attempts: u32,
+    pub poll_interval: Duration,
+    pub client_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with the defaults of `jobrelay server` and the given services.
+    pub fn new(data_dir: PathBuf, services: BTreeMap<String, ServiceConfig>) -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db_path: data_dir.join("jobrelay.sqlite"),
+            data_dir,
+            services,
+            max_age: Duration::from_secs(864000),
+            max_upload: 400 * 1024 * 1024,
+            max_attempts: 3,
+            poll_interval: Duration::from_millis(500),
+            client_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct TomlFile {
+    #[serde(default)]
+    services: BTreeMap<String, TomlService>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct TomlService {
+    #[serde(default)]
+    clients: Vec<String>,
+    runs_per_user: Option<usize>,
+    max_runs: Option<usize>,
+}
+
+#[derive(Default)]
+struct EnvService {
+    upload: Option<String>,
+    download: Option<String>,
+    terminate: Option<String>,
+    runs_per_user: Option<String>,
+    max_runs: Option<String>,
+}
+
+/// Builds the services from the TOML text (if any) and the environment variables given.
+pub fn services_from(
+    toml_text: Option<&str>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<BTreeMap<String, ServiceConfig>> {
+    let file: TomlFile = match toml_text {
+        Some(text) => {
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("bad configuration file: {e}"))?
+        }
+        None => TomlFile::default(),
+    };
+    let mut services = BTreeMap::new();
+    for (name, service) in file.services {
+        check_name(&name)?;
+        let clients = service
+            .clients
+            .iter()
+            .map(|c| ClientEndpoint::from_base(c))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
+        services.insert(
+            name,
+            ServiceConfig {
+                clients,
+                runs_per_user: service.runs_per_user.unwrap_or(DEFAULT_RUNS_PER_USER),
+                max_runs: service.max_runs.unwrap_or(DEFAULT_MAX_RUNS),
+            },
+        );
+    }
+
+    let mut from_env: BTreeMap<String, EnvService> = BTreeMap::new();
+    for (key, value) in env {
+        let Some(rest) = key.strip_prefix("SERVICE_") else {
+            continue;
+        };
+        let suffixes = [
+            "_UPLOAD_URL",
+            "_DOWNLOAD_URL",
+            "_TERMINATE_URL",
+            "_RUNS_PER_USER",
+            "_MAX_RUNS",
+        ];
+        let Some((suffix, name)) = suffixes
+            .iter()
+            .find_map(|s| rest.strip_suffix(s).map(|name| (*s, name)))
+        else {
+            continue;
+        };
+        if name.is_empty() {
+            continue;
+        }
+        let entry = from_env.entry(name.to_lowercase()).or_default();
+        let slot = match suffix {
+            "_UPLOAD_URL" => &mut entry.upload,
+            "_DOWNLOAD_URL" => &mut entry.download,
+            "_TERMINATE_URL" => &mut entry.terminate,
+            "_RUNS_PER_USER" => &mut entry.runs_per_user,
+            _ => &mut entry.max_runs,
+        };
+        *slot = Some(value);
+    }
+    for (name, env) in from_env {
+        check_name(&name)?;
+        let number = |what: &str, value: &Option<String>| -> anyhow::Result<Option<usize>> {
+            value
+                .as_deref()
+                .map(|v| {
+                    v.trim().parse::<usize>().map_err(|_| {
+                        anyhow::anyhow!(
+                            "SERVICE_{}_{what} must be a non-negative integer, not {v:?}",
+                            name.to_uppercase()
+                        )
+                    })
+                })
+                .transpose()
+        };
+        let runs_per_user = number("RUNS_PER_USER", &env.runs_per_user)?;
+        let max_runs = number("MAX_RUNS", &env.max_runs)?;
+        let service = services.entry(name.clone()).or_insert(ServiceConfig {
+            clients: Vec::new(),
+            runs_per_user: DEFAULT_RUNS_PER_USER,
+            max_runs: DEFAULT_MAX_RUNS,
+        });
+        match &env.upload {
+            Some(upload) => {
+                let endpoint = ClientEndpoint::from_reference(
+                    upload,
+                    env.download.as_deref(),
+                    env.terminate.as_deref(),
+                )
+                .map_err(|e| anyhow::anyhow!("SERVICE_{}_*: {e}", name.to_uppercase()))?;
+                if !service.clients.contains(&endpoint) {
+                    service.clients.push(endpoint);
+                }
+            }
+            None if env.download.is_some() || env.terminate.is_some() => anyhow::bail!(
+                "SERVICE_{}_DOWNLOAD_URL/_TERMINATE_URL given without SERVICE_{}_UPLOAD_URL",
+                name.to_uppercase(),
+                name.to_uppercase()
+            ),
+            None => {}
+        }
+        if let Some(n) = runs_per_user {
+            service.runs_per_user = n;
+        }
+        if let Some(n) = max_runs {
+            service.max_runs = n;
+        }
+    }
+
+    for (name, service) in &services {
+        if service.clients.is_empty() {
+            anyhow::bail!("service {name:?} has no clients");
+        }
+        if service.runs_per_user == 0 || service.max_runs == 0 {
+            anyhow::bail!("service {name:?}: runs_per_user and max_runs must be at least 1");
+        }
+        // One client serving a service twice would be counted twice.
+        for (i, client) in service.clients.iter().enumerate() {
+            if service.clients[..i].iter().any(|c| c.base == client.base) {
+                anyhow::bail!("service {name:?} lists client {} twice", client.base);
+            }
+        }
+    }
+    Ok(services)
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !ok {
+        anyhow::bail!("bad service name {name:?}: use letters, digits, '_' and '-'");
+    }
+    Ok(())
+}
+
+fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("--{name} must be a non-negative number of seconds"))
+}
+
+impl ServerArgs {
+    /// Reads the TOML file and the process environment, and checks everything.
+    pub fn into_config(self) -> anyhow::Result<ServerConfig> {
+        let text = match &self.config {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read configuration {}: {e}", path.display())
+            })?),
+            None => None,
+        };
+        let services = services_from(text.as_deref(), std::env::vars())?;
+        if services.is_empty() {
+            anyhow::bail!(
+                "no service configured: give --config with [services.NAME] or SERVICE_<NAME>_UPLOAD_URL"
+            );
+        }
+        if self.max_attempts == 0 {
+            anyhow::bail!("--max-attempts must be at least 1");
+        }
+        std::fs::create_dir_all(&self.data_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create data directory {}: {e}",
+                self.data_dir.display()
+            )
+        })?;
+        let data_dir = std::fs::canonicalize(&self.data_dir)?;
+        let db_path = self
+            .db
+            .clone()
+            .unwrap_or_else(|| data_dir.join("jobrelay.sqlite"));
+        Ok(ServerConfig {
+            listen: SocketAddr::new(self.bind, self.port),
+            data_dir,
+            db_path,
+            services,
+            max_age: seconds("max-age", self.max_age)?,
+            max_upload: self.max_upload,
+            max_attempts: self.max_attempts,
+            poll_interval: seconds("poll-interval", self.poll_interval)?
+                .max(Duration::from_millis(10)),
+            client_timeout: seconds("client-timeout", self.client_timeout)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn toml_services_with_defaults() {
+        let services = services_from(
+            Some(
+                r#"
+                [services.example]
+                clients = ["http://127.0.0.1:9000", "http://127.0.0.1:9001/"]
+                [services.nmr]
+                clients = ["http://10.0.0.1:9000"]
+                runs_per_user = 2
+                max_runs = 3
+                "#,
+            ),
+            env(&[]),
+        )
+        .unwrap();
+        let example = &services["example"];
+        assert_eq!(example.runs_per_user, 5);
+        assert_eq!(example.max_runs, 10);
+        assert_eq!(example.clients[1].base, "http://127.0.0.1:9001");
+        assert_eq!(example.clients[1].submit, "http://127.0.0.1:9001/submit");
+        assert_eq!(example.clients[1].kill, "http://127.0.0.1:9001/kill");
+        assert_eq!(services["nmr"].runs_per_user, 2);
+        assert_eq!(services["nmr"].max_runs, 3);
+    }
+
+    #[test]
+    fn reference_environment_variables() {
+        let services = services_from(
+            None,
+            env(&[
+                ("SERVICE_DOCKING_UPLOAD_URL", "http://host:9000/submit"),
+                ("SERVICE_DOCKING_DOWNLOAD_URL", "http://host:9000/retrieve"),
+                ("SERVICE_DOCKING_TERMINATE_URL", "http://host:9000/kill"),
+                ("SERVICE_DOCKING_RUNS_PER_USER", "3"),
+                ("SERVICE_DOCKING_MAX_RUNS", "7"),
+                ("SERVICE_MY_NMR_UPLOAD_URL", "http://other:9100/submit"),
+                ("PATH", "/usr/bin"),
+            ]),
+        )
+        .unwrap();
+        let docking = &services["docking"];
+        assert_eq!(docking.runs_per_user, 3);
+        assert_eq!(docking.max_runs, 7);
+        assert_eq!(
+            docking.clients,
+            vec![ClientEndpoint {
+                base: "http://host:9000".into(),
+                submit: "http://host:9000/submit".into(),
+                retrieve: "http://host:9000/retrieve".into(),
+                kill: "http://host:9000/kill".into(),
+            }]
+        );
+        let nmr = &services["my_nmr"];
+        assert_eq!(nmr.clients[0].base, "http://other:9100");
+        assert_eq!(nmr.runs_per_user, DEFAULT_RUNS_PER_USER);
+    }
+
+    #[test]
+    fn environment_adds_to_and_overrides_the_file() {
+        let services = services_from(
+            Some("[services.example]\nclients = [\"http://a:1\"]\n"),
+            env(&[
+                ("SERVICE_EXAMPLE_UPLOAD_URL", "http://b:2/submit"),
+                ("SERVICE_EXAMPLE_MAX_RUNS", "4"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(services["example"].clients.len(), 2);
+        assert_eq!(services["example"].max_runs, 4);
+    }
+
+    #[test]
+    fn bad_configurations_name_the_problem() {
+        type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            (
+                Some("[services.x]\nclients = [\"http://a:1\"]\nmax_run = 3\n"),
+                &[],
+                "max_run",
+            ),
+            (Some("[service.x]\n"), &[], "service"),
+            (
+                Some("[services.x]\nclients = [\"not a url\"]\n"),
+                &[],
+                "not a url",
+            ),
+            (
+                Some("[services.x]\nclients = [\"ftp://a:1\"]\n"),
+                &[],
+                "ftp://a:1",
+            ),
+            (Some("[services.x]\nclients = []\n"), &[], "has no clients"),
+            (
+                Some("[services.x]\nclients = [\"http://a:1\"]\nruns_per_user = 0\n"),
+                &[],
+                "at least 1",
+            ),
+            (None, &[("SERVICE_Y_MAX_RUNS", "3")], "\"y\" has no clients"),
+            (
+                None,
+                &[
+                    ("SERVICE_Y_UPLOAD_URL", "http://a:1/submit"),
+                    ("SERVICE_Y_RUNS_PER_USER", "many"),
+                ],
+                "SERVICE_Y_RUNS_PER_USER",
+            ),
+            (
+                None,
+                &[("SERVICE_Z_UPLOAD_URL", "http//oops")],
+                "http//oops",
+            ),
+        ];
+        for (text, vars, needle) in cases {
+            let error = services_from(*text, env(vars)).unwrap_err().to_string();
+            assert!(
+                error.contains(needle),
+                "error {error:?} should mention {needle:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Sends the scheduler's decisions to clients.
+//!
+//! Woken by the [`Shared::wake`] notification (upload, freed slot, finished job, client back),
+//! it asks the scheduler what may go now, and for each job: commits Processing with a new
+//! attempt number and an idempotency key `<server id>:<job id>:<attempt>`, streams the job's
+//! files to the client's `/submit` with that key, and commits Submitted with the payload id
+//! and the client's node. A server that dies in between sends again with the same key after
+//! restart; a client with the `key` extension answers with the payload it already has.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jobrelay_common::protocol::PayloadRecord;
+use reqwest::multipart::{Form, Part};
+
+use crate::clients::{self, ClientHandle};
+use crate::jobs;
+use crate::scheduler::Decision;
+use crate::store::{Change, Job, JobStatus};
+use crate::Shared;
+
+/// Size of the chunks files are read in when streamed over HTTP.
+const STREAM_CHUNK: usize = 256 * 1024;
+
+/// When this environment variable is set, the server exits right after a client accepted a
+/// payload and before the payload's id is committed (used by the tests of restarts).
+pub const CRASH_AFTER_SUBMIT: &str = "JOBRELAY_TEST_CRASH_AFTER_SUBMIT";
+/// Milliseconds to wait at that same point (used by the test of terminate while sending).
+pub const PAUSE_AFTER_SUBMIT: &str = "JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS";
+
+/// Runs forever: waits for a wake-up, dispatches what the scheduler decides.
+pub async fn run(shared: Arc<Shared>) {
+    loop {
+        let decisions = shared.sched.lock().unwrap().decide();
+        for decision in decisions {
+            tokio::spawn(dispatch(shared.clone(), decision));
+        }
+        shared.wake.notified().await;
+    }
+}
+
+async fn dispatch(shared: Arc<Shared>, decision: Decision) {
+    let client = shared.clients[decision.client].clone();
+    let job = match shared.store.get(decision.job) {
+        Ok(Some(job)) => job,
+        _ => {
+            release_slot(&shared, decision.job);
+            return;
+        }
+    };
+    let attempt = job.attempts + 1;
+    let key = format!("{}:{}:{attempt}", shared.store.server_id(), job.id);
+    let change = Change {
+        message: Some(format!("sending to {}", client.base())),
+        attempts: Some(attempt),
+        client: Some(Some(client.base().to_owned())),
+        dest_id: Some(None),
+        node: Some(None),
+        dispatch_key: Some(Some(key)),
+        ..Default::default()
+    };
+    let job =
+        match shared
+            .store
+            .transition(job.id, &[JobStatus::Queued], JobStatus::Processing, change)
+        {
+            Ok(Some(job)) => job,
+            // Terminated (or otherwise moved) since it was queued.
+            _ => {
+                release_slot(&shared, decision.job);
+                return;
+            }
+        };
+    send(&shared, &client, job).await;
+}
+
+fn release_slot(shared: &Shared, id: i64) {
+    if shared.sched.lock().unwrap().finish(id) {
+        shared.wake.notify_one();
+    }
+}
+
+/// Sends a job that was Processing when the previous server process stopped, with the key
+/// it had then.
+pub async fn resend(shared: Arc<Shared>, job: Job) {
+    match shared.client_of(job.client.as_deref()) {
+        Some(client) => {
+            // Give the client's first probe a moment, so its features are known.
+            let waiting = client.first_probe.notified();
+            if !client.known() {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+            }
+            tracing::info!(
+                job = job.id,
+                client = client.base(),
+                "sending again after restart"
+            );
+            send(&shared, &client, job).await;
+        }
+        None => jobs::requeue(
+            &shared,
+            &job,
+            &[JobStatus::Processing],
+            "its client is no longer configured",
+            std::time::Duration::ZERO,
+        ),
+    }
+}
+
+/// Lists the regular files below `dir` as (relative name with '/', path).
+fn files_of(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![(String::new(), dir.to_path_buf())];
+    while let Some((prefix, path)) = stack.pop() {
+        let mut entries = std::fs::read_dir(&path)?.collect::<std::io::Result<Vec<_>>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push((format!("{name}/"), entry.path()));
+            } else if kind.is_file() {
+                out.push((name, entry.path()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
+    let mut form = Form::new();
+    if let Some(key) = key {
+        form = form.text("key", key.to_owned());
+    }
+    let dir = dir.to_path_buf();
+    let files = tokio::task::spawn_blocking(move || files_of(&dir))
+        .await
+        .map_err(std::io::Error::other)??;
+    for (name, path) in files {
+        let file = tokio::fs::File::open(&path).await?;
+        let length = file.metadata().await?.len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            STREAM_CHUNK,
+        ));
+        form = form.part(
+            "file",
+            Part::stream_with_length(body, length).file_name(name),
+        );
+    }
+    Ok(form)
+}
+
+/// Streams the job's files to the client and records the payload it became.
+async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
+    let key = client
+        .has("key")
+        .then(|| job.dispatch_key.clone())
+        .flatten();
+    let form = match form_for(&shared.job_dir(job.id), key.as_deref()).await {
+        Ok(form) => form,
+        Err(e) => {
+            jobs::fail(
+                shared,
+                &job,
+                &[JobStatus::Processing],
+                format!("the job's files could not be read: {e}"),
+            );
+            return;
+        }
+    };
+    let answer = shared
+        .http
+        .post(&client.endpoint.submit)
+        .multipart(form)
+        .send()
+        .await;
+    let response = match answer {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("could not send to {}: {e}", client.base());
+            clients::failed(shared, client, &why);
+            jobs::requeue(
+                shared,
+                &job,
+                &[JobStatus::Processing],
+                &why,
+                jobs::backoff(job.attempts),
+            );
+            return;
+        }
+    };
+    let status = response.status();
+    if status.is_client_error()
+        && status != reqwest::StatusCode::REQUEST_TIMEOUT
+        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+    {
+        let body = response.text().await.unwrap_or_default();
+        jobs::fail(
+            shared,
+            &job,
+            &[JobStatus::Processing],
+            format!(
+                "client {} refused the job ({status}): {}",
+                client.base(),
+                body.chars().take(500).collect::<String>()
+            ),
+        );
+        return;
+    }
+    let record = if status.is_success() {
+        response
+            .json::<PayloadRecord>()
+            .await
+            .map_err(|e| format!("unreadable answer: {e}"))
+    } else {
+        Err(format!("answered {status}"))
+    };
+    let record = match record {
+        Ok(record) => record,
+        Err(e) => {
+            let why = format!("{} /submit failed: {e}", client.base());
+            clients::failed(shared, client, &why);
+            jobs::requeue(
+                shared,
+                &job,
+                &[JobStatus::Processing],
+                &why,
+                jobs::backoff(job.attempts),
+            );
+            return;
+        }
+    };
+    clients::reached(client);
+    if let Some(ms) = std::env::var(PAUSE_AFTER_SUBMIT)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    if std::env::var_os(CRASH_AFTER_SUBMIT).is_some() {
+        // Fault injection for the tests: die in the worst place, after the client took the
+        // payload and before its id is recorded.
+        tracing::error!(job = job.id, "{CRASH_AFTER_SUBMIT} is set: exiting");
+        std::process::exit(86);
+    }
+    let node = record.node.clone().or_else(|| client.node());
+    let change = Change {
+        message: Some(format!(
+            "submitted to {} as payload {}",
+            client.base(),
+            record.id
+        )),
+        dest_id: Some(Some(record.id as i64)),
+        node: Some(node),
+        ..Default::default()
+    };
+    match shared.store.transition(
+        job.id,
+        &[JobStatus::Processing],
+        JobStatus::Submitted,
+        change,
+    ) {
+        Ok(Some(job)) => {
+            // Anything the client reported before this commit is seen by this check.
+            tokio::spawn(crate::collector::check_job(
+                shared.clone(),
+                client.clone(),
+                job,
+            ));
+        }
+        Ok(None) => {
+            // Terminated while it was being sent: stop the payload we just created.
+            tracing::info!(
+                job = job.id,
+                dest = record.id,
+                "job terminated while being sent; killing its payload"
+            );
+            let url = format!("{}/{}", client.endpoint.kill, record.id);
+            let _ = shared.http.post(&url).send().await;
+            jobs::release(shared, client, record.id as i64).await;
+        }
+        Err(e) => tracing::error!(job = job.id, error = %e, "could not record submission"),
+    }
+}

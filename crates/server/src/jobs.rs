@@ -1,0 +1,398 @@
+//! Job state changes that touch the store, the scheduler and the files together. The order
+//! is always: commit the new state, then free the quota and wake the dispatcher.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::clients::ClientHandle;
+use crate::store::{Change, Job, JobStatus};
+use crate::Shared;
+
+/// Longest wait before a job that could not be sent is offered to the scheduler again.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+fn free_slot(shared: &Shared, id: i64) {
+    if shared.sched.lock().unwrap().finish(id) {
+        shared.wake.notify_one();
+    }
+}
+
+/// Ends a job as Failed with `reason`, from any of `from`.
+pub fn fail(shared: &Shared, job: &Job, from: &[JobStatus], reason: String) {
+    match shared
+        .store
+        .transition(job.id, from, JobStatus::Failed, Change::message(reason))
+    {
+        Ok(_) => free_slot(shared, job.id),
+        Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
+    }
+}
+
+/// The job's run was lost (client unreachable, restarted, lost its data; or the job could
+/// not be sent): queue it again, after `delay`, or fail it once `max_attempts` are used up.
+pub fn requeue(shared: &Arc<Shared>, job: &Job, from: &[JobStatus], reason: &str, delay: Duration) {
+    if job.attempts >= shared.config.max_attempts {
+        fail(
+            shared,
+            job,
+            from,
+            format!("gave up after {} attempts; last: {reason}", job.attempts),
+        );
+        return;
+    }
+    let change = Change {
+        message: Some(format!(
+            "queued again after attempt {}: {reason}",
+            job.attempts
+        )),
+        client: Some(None),
+        dest_id: Some(None),
+        node: Some(None),
+        ..Default::default()
+    };
+    match shared
+        .store
+        .transition(job.id, from, JobStatus::Queued, change)
+    {
+        Ok(Some(_)) => {}
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(job = job.id, error = %e, "could not queue job again");
+            return;
+        }
+    }
+    let Some(&service) = shared.service_ids.get(&job.service) else {
+        return;
+    };
+    let (id, user) = (job.id, job.user_id);
+    let enqueue = move |shared: &Shared| {
+        let mut sched = shared.sched.lock().unwrap();
+        sched.finish(id);
+        sched.push_front(service, user, id);
+        drop(sched);
+        shared.wake.notify_one();
+    };
+    if delay.is_zero() {
+        enqueue(shared);
+    } else {
+        // The quota is freed now; the job is offered again after the delay.
+        free_slot(shared, id);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay.min(MAX_BACKOFF)).await;
+            enqueue(&shared);
+        });
+    }
+}
+
+/// Removes a finished job's uploaded files once its results (whole or partial) are stored:
+/// they are in the result ZIP too, and may be large. Without stored results they stay, for
+/// `/download_partial`, until the janitor.
+pub async fn drop_inputs(shared: &Shared, id: i64) {
+    if !shared.result_path(id).is_file() {
+        return;
+    }
+    let dir = shared.job_dir(id);
+    let _ = tokio::task::spawn_blocking(move || {
+        jobrelay_common::fsutil::remove_dir_all_if_exists(&dir)
+    })
+    .await;
+}
+
+/// Backoff before sending a job again after `attempts` failed sends.
+pub fn backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(6);
+    (Duration::from_millis(500) * (1 << exp)).min(MAX_BACKOFF)
+}
+
+/// Streams a ZIP answer into `dest` through `dest.part`, checks it is a whole archive, and
+/// renames it into place. Nothing is left at `dest` unless the archive is complete.
+pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), String> {
+    // A name of its own: two fetches of one job (terminate and the collector) never share it.
+    let part = dest.with_file_name(format!(
+        "{}.{}.part",
+        dest.file_name().unwrap_or_default().to_string_lossy(),
+        jobrelay_common::fsutil::unique_name("")
+    ));
+    let result = async {
+        let mut file = tokio::fs::File::create(&part)
+            .await
+            .map_err(|e| format!("create {}: {e}", part.display()))?;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("reading the ZIP: {e}"))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| format!("writing the ZIP: {e}"))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| format!("writing the ZIP: {e}"))?;
+        drop(file);
+        let check = part.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&check).map_err(|e| e.to_string())?;
+            let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
+            // Reading each entry's header catches an archive cut inside its entries.
+            for i in 0..archive.len() {
+                archive.by_index_raw(i).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>(())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("the ZIP is not a complete archive: {e}"))?;
+        tokio::fs::rename(&part, dest)
+            .await
+            .map_err(|e| format!("rename into {}: {e}", dest.display()))
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&part).await;
+    }
+    result
+}
+
+/// Fetches the job's work directory as it is now from its client into the results, best
+/// effort (used for Failed, Invalid and Killed jobs).
+pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) {
+    let Some(dest) = job.dest_id else { return };
+    let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
+    let response = match shared.http.get(&url).send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            tracing::info!(job = job.id, status = %r.status(), "no partial results from the client");
+            return;
+        }
+        Err(e) => {
+            tracing::info!(job = job.id, error = %e, "no partial results from the client");
+            return;
+        }
+    };
+    if let Err(e) = store_zip(response, &shared.result_path(job.id)).await {
+        tracing::warn!(job = job.id, error = %e, "partial results not stored");
+    }
+}
+
+/// Lets the client remove its copy of a payload whose results are stored.
+pub async fn release(shared: &Shared, client: &ClientHandle, dest: i64) {
+    if !client.has("release") {
+        return;
+    }
+    let url = client.endpoint.path(&format!("/release/{dest}"));
+    match shared
+        .http
+        .post(&url)
+        .timeout(crate::clients::SMALL_REQUEST)
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::info!(dest, status = %r.status(), "client did not release payload"),
+        Err(e) => tracing::info!(dest, error = %e, "could not release payload"),
+    }
+}
+
+/// Records a final state reported by the client (Failed, Invalid, Killed), after fetching
+/// what the job left in its work directory.
+pub async fn finish_on_client(
+    shared: &Arc<Shared>,
+    client: &ClientHandle,
+    job: &Job,
+    status: JobStatus,
+    exit_code: Option<i32>,
+    reason: Option<String>,
+) {
+    fetch_partial(shared, client, job).await;
+    let message = reason.unwrap_or_else(|| match (status, exit_code) {
+        (JobStatus::Failed, Some(code)) => format!("run.sh exited with code {code}"),
+        (JobStatus::Invalid, _) => "the job has no usable run.sh".into(),
+        (JobStatus::Killed, _) => "killed on the client".into(),
+        _ => format!("{status} on the client"),
+    });
+    let change = Change {
+        message: Some(message),
+        exit_code: exit_code.map(Some),
+        ..Default::default()
+    };
+    match shared
+        .store
+        .transition(job.id, &JobStatus::ON_CLIENT, status, change)
+    {
+        Ok(Some(_)) => {
+            free_slot(shared, job.id);
+            drop_inputs(shared, job.id).await;
+            if let Some(dest) = job.dest_id {
+                release(shared, client, dest).await;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(job = job.id, error = %e, "could not record final state"),
+    }
+}
+
+/// Stores the result ZIP of a Completed payload, then marks the job Completed, then releases
+/// the client's copy.
+pub async fn complete(
+    shared: &Arc<Shared>,
+    client: &ClientHandle,
+    job: &Job,
+    response: reqwest::Response,
+) -> Result<(), String> {
+    if let Err(e) = store_zip(response, &shared.result_path(job.id)).await {
+        // The job stays where it is; the collector fetches again.
+        tracing::warn!(job = job.id, error = %e, "result not stored; will fetch again");
+        return Err(format!("the result ZIP could not be stored: {e}"));
+    }
+    let change = Change {
+        message: Some("Job completed".into()),
+        exit_code: Some(Some(0)),
+        ..Default::default()
+    };
+    match shared
+        .store
+        .transition(job.id, &JobStatus::ON_CLIENT, JobStatus::Completed, change)
+    {
+        Ok(Some(_)) => {
+            free_slot(shared, job.id);
+            drop_inputs(shared, job.id).await;
+            if let Some(dest) = job.dest_id {
+                release(shared, client, dest).await;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(job = job.id, error = %e, "could not record completion"),
+    }
+    Ok(())
+}
+
+/// What `/terminate` did.
+pub enum Terminated {
+    Done(Job),
+    AlreadyFinished(Job),
+    NotFound,
+}
+
+/// Cancels a job wherever it is.
+pub async fn terminate(shared: &Arc<Shared>, id: i64) -> anyhow::Result<Terminated> {
+    // A job may move while we look at it; retry with its new state.
+    for _ in 0..10 {
+        let Some(job) = shared.store.get(id)? else {
+            return Ok(Terminated::NotFound);
+        };
+        match job.status {
+            JobStatus::Queued => {
+                let done = shared.store.transition(
+                    id,
+                    &[JobStatus::Queued],
+                    JobStatus::Killed,
+                    Change::message("terminated while queued; never sent to a client"),
+                )?;
+                if let Some(done) = done {
+                    if let Some(&service) = shared.service_ids.get(&job.service) {
+                        shared
+                            .sched
+                            .lock()
+                            .unwrap()
+                            .remove_queued(service, job.user_id, id);
+                    }
+                    return Ok(Terminated::Done(done));
+                }
+            }
+            JobStatus::Processing => {
+                // The dispatcher sees the change when it records the submission, and kills
+                // the payload it just created.
+                let done = shared.store.transition(
+                    id,
+                    &[JobStatus::Processing],
+                    JobStatus::Killed,
+                    Change::message("terminated while being sent to a client"),
+                )?;
+                if let Some(done) = done {
+                    free_slot(shared, id);
+                    return Ok(Terminated::Done(done));
+                }
+            }
+            JobStatus::Submitted | JobStatus::Running => {
+                if let Some(done) = terminate_on_client(shared, &job).await? {
+                    return Ok(done);
+                }
+            }
+            _ => return Ok(Terminated::AlreadyFinished(job)),
+        }
+    }
+    anyhow::bail!("job {id} kept changing state; try again")
+}
+
+async fn terminate_on_client(
+    shared: &Arc<Shared>,
+    job: &Job,
+) -> anyhow::Result<Option<Terminated>> {
+    let client = shared.client_of(job.client.as_deref());
+    let (Some(client), Some(dest)) = (client, job.dest_id) else {
+        let done = shared.store.transition(
+            job.id,
+            &JobStatus::ON_CLIENT,
+            JobStatus::Killed,
+            Change::message("terminated; its client is no longer configured"),
+        )?;
+        return Ok(done.map(|d| {
+            free_slot(shared, job.id);
+            Terminated::Done(d)
+        }));
+    };
+    let url = format!("{}/{dest}", client.endpoint.kill);
+    // The client answers once the process group is gone, which takes up to its kill grace.
+    let answer = shared
+        .http
+        .post(&url)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await;
+    let message = match answer {
+        Ok(r) if r.status().is_success() => "terminated by request".to_owned(),
+        Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+            // It finished on the client first: take its real outcome.
+            crate::collector::check_job(shared.clone(), client.clone(), job.clone()).await;
+            let now = shared.store.get(job.id)?.expect("job exists");
+            if now.status.is_finished() {
+                return Ok(Some(Terminated::AlreadyFinished(now)));
+            }
+            // Someone else is fetching its outcome; look again shortly.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Ok(None);
+        }
+        Ok(r) => format!(
+            "terminated; the client could not stop it (POST {url} answered {})",
+            r.status()
+        ),
+        Err(e) => {
+            crate::clients::failed(shared, &client, &e.to_string());
+            format!("terminated; the client could not be reached to stop it: {e}")
+        }
+    };
+    fetch_partial(shared, &client, job).await;
+    let done = shared.store.transition(
+        job.id,
+        &JobStatus::ON_CLIENT,
+        JobStatus::Killed,
+        Change::message(message),
+    )?;
+    Ok(match done {
+        Some(done) => {
+            free_slot(shared, job.id);
+            drop_inputs(shared, job.id).await;
+            release(shared, &client, dest).await;
+            Some(Terminated::Done(done))
+        }
+        None => {
+            // The collector saw the kill first and recorded it: still our doing.
+            let now = shared.store.get(job.id)?.expect("job exists");
+            (now.status == JobStatus::Killed).then_some(Terminated::Done(now))
+        }
+    })
+}

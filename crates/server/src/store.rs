@@ -1,0 +1,618 @@
+//! The durable job table (SQLite, WAL). Every state change is one committed statement guarded
+//! by the states it may come from, so two actors racing on a job (terminate and completion,
+//! say) cannot both win, and a restart finds each job where the last commit left it.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::Serialize;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// State of a job on the server.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, utoipa::ToSchema)]
+pub enum JobStatus {
+    Queued,
+    Processing,
+    Submitted,
+    Running,
+    Completed,
+    Failed,
+    Invalid,
+    Killed,
+    Cleaned,
+}
+
+impl JobStatus {
+    pub const ACTIVE: [JobStatus; 3] = [
+        JobStatus::Processing,
+        JobStatus::Submitted,
+        JobStatus::Running,
+    ];
+    pub const ON_CLIENT: [JobStatus; 2] = [JobStatus::Submitted, JobStatus::Running];
+    pub const NOT_FINISHED: [JobStatus; 4] = [
+        JobStatus::Queued,
+        JobStatus::Processing,
+        JobStatus::Submitted,
+        JobStatus::Running,
+    ];
+    pub const FINISHED: [JobStatus; 4] = [
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Invalid,
+        JobStatus::Killed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "Queued",
+            JobStatus::Processing => "Processing",
+            JobStatus::Submitted => "Submitted",
+            JobStatus::Running => "Running",
+            JobStatus::Completed => "Completed",
+            JobStatus::Failed => "Failed",
+            JobStatus::Invalid => "Invalid",
+            JobStatus::Killed => "Killed",
+            JobStatus::Cleaned => "Cleaned",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            JobStatus::Queued,
+            JobStatus::Processing,
+            JobStatus::Submitted,
+            JobStatus::Running,
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Invalid,
+            JobStatus::Killed,
+            JobStatus::Cleaned,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    pub fn is_finished(self) -> bool {
+        !JobStatus::NOT_FINISHED.contains(&self)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One job, as stored.
+#[derive(Serialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
+pub struct Job {
+    pub id: i64,
+    pub status: JobStatus,
+    pub message: String,
+    pub user_id: i64,
+    pub service: String,
+    /// Dispatch attempts made so far.
+    pub attempts: u32,
+    /// Base URL of the client the job was last sent to.
+    pub client: Option<String>,
+    /// Payload id on that client.
+    pub dest_id: Option<i64>,
+    /// Identity of that client's data directory when the job was sent.
+    pub node: Option<String>,
+    /// Idempotency key of the last dispatch.
+    #[serde(skip)]
+    pub dispatch_key: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Unix time in milliseconds.
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// The same times in RFC 3339 (UTC), for people.
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-28T09:37:47.123Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86400);
+    let rest = secs.rem_euclid(86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, dest_id, node, \
+                       dispatch_key, exit_code, created_ms, updated_ms, finished_ms";
+
+fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
+    let status: String = row.get(1)?;
+    let created_ms: i64 = row.get(11)?;
+    let updated_ms: i64 = row.get(12)?;
+    let finished_ms: Option<i64> = row.get(13)?;
+    Ok(Job {
+        id: row.get(0)?,
+        status: JobStatus::parse(&status).unwrap_or(JobStatus::Failed),
+        message: row.get(2)?,
+        user_id: row.get(3)?,
+        service: row.get(4)?,
+        attempts: row.get(5)?,
+        client: row.get(6)?,
+        dest_id: row.get(7)?,
+        node: row.get(8)?,
+        dispatch_key: row.get(9)?,
+        exit_code: row.get(10)?,
+        created_ms,
+        updated_ms,
+        finished_ms,
+        created_at: rfc3339(created_ms),
+        updated_at: rfc3339(updated_ms),
+        finished_at: finished_ms.map(rfc3339),
+    })
+}
+
+/// Fields a transition may set besides the status. `None` leaves a field as it is.
+#[derive(Default, Debug, Clone)]
+pub struct Change {
+    pub message: Option<String>,
+    pub attempts: Option<u32>,
+    pub client: Option<Option<String>>,
+    pub dest_id: Option<Option<i64>>,
+    pub node: Option<Option<String>>,
+    pub dispatch_key: Option<Option<String>>,
+    pub exit_code: Option<Option<i32>>,
+}
+
+impl Change {
+    pub fn message(message: impl Into<String>) -> Self {
+        Change {
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Which jobs `GET /jobs` lists.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub user_id: Option<i64>,
+    pub service: Option<String>,
+    pub status: Option<JobStatus>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    server_id: String,
+}
+
+fn sql_err(e: rusqlite::Error) -> anyhow::Error {
+    anyhow::anyhow!("database error: {e}")
+}
+
+impl Store {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql_err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS jobs (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 status TEXT NOT NULL,
+                 message TEXT NOT NULL DEFAULT '',
+                 user_id INTEGER NOT NULL,
+                 service TEXT NOT NULL,
+                 attempts INTEGER NOT NULL DEFAULT 0,
+                 client TEXT,
+                 dest_id INTEGER,
+                 node TEXT,
+                 dispatch_key TEXT,
+                 exit_code INTEGER,
+                 created_ms INTEGER NOT NULL,
+                 updated_ms INTEGER NOT NULL,
+                 finished_ms INTEGER
+             );
+             CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status);
+             CREATE INDEX IF NOT EXISTS jobs_by_dest ON jobs(client, dest_id);",
+        )
+        .map_err(sql_err)?;
+        let existing: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'server_id'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(sql_err)?;
+        let server_id = match existing {
+            Some(id) => id,
+            None => {
+                let id = uuid::Uuid::new_v4().to_string();
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('server_id', ?1)",
+                    [&id],
+                )
+                .map_err(sql_err)?;
+                id
+            }
+        };
+        Ok(Store {
+            conn: Mutex::new(conn),
+            server_id,
+        })
+    }
+
+    /// Identity of this database, part of every dispatch key.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// Inserts a Queued job and runs `place_files(id)` inside the same transaction: the job
+    /// exists if and only if its files were put in place.
+    pub fn insert_job(
+        &self,
+        user_id: i64,
+        service: &str,
+        place_files: impl FnOnce(i64) -> std::io::Result<()>,
+    ) -> anyhow::Result<Job> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction().map_err(sql_err)?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms)
+             VALUES ('Queued', 'Job queued', ?1, ?2, ?3, ?3)",
+            params![user_id, service, now],
+        )
+        .map_err(sql_err)?;
+        let id = tx.last_insert_rowid();
+        place_files(id)?;
+        let job = tx
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+                [id],
+                job_from_row,
+            )
+            .map_err(sql_err)?;
+        tx.commit().map_err(sql_err)?;
+        tracing::info!(job = id, user_id, service, status = "Queued", "job state");
+        Ok(job)
+    }
+
+    pub fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
+        let conn = self.conn.lock().unwrap();
+        conn.query_row(
+            &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+            [id],
+            job_from_row,
+        )
+        .optional()
+        .map_err(sql_err)
+    }
+
+    /// Moves job `id` from one of `from` to `to`, setting the fields of `change`. Returns the
+    /// job as it is after the change, or `None` if it was in none of `from` (nothing changed).
+    pub fn transition(
+        &self,
+        id: i64,
+        from: &[JobStatus],
+        to: JobStatus,
+        change: Change,
+    ) -> anyhow::Result<Option<Job>> {
+        let conn = self.conn.lock().unwrap();
+        let now = now_ms();
+        let mut sets = vec!["status = ?1".to_owned(), "updated_ms = ?2".to_owned()];
+        let mut values: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(to.as_str()), Box::new(now)];
+        let mut push = |column: &str, value: Box<dyn rusqlite::ToSql>| {
+            values.push(value);
+            sets.push(format!("{column} = ?{}", values.len()));
+        };
+        if let Some(v) = change.message.clone() {
+            push("message", Box::new(v));
+        }
+        if let Some(v) = change.attempts {
+            push("attempts", Box::new(v));
+        }
+        if let Some(v) = change.client.clone() {
+            push("client", Box::new(v));
+        }
+        if let Some(v) = change.dest_id {
+            push("dest_id", Box::new(v));
+        }
+        if let Some(v) = change.node.clone() {
+            push("node", Box::new(v));
+        }
+        if let Some(v) = change.dispatch_key.clone() {
+            push("dispatch_key", Box::new(v));
+        }
+        if let Some(v) = change.exit_code {
+            push("exit_code", Box::new(v));
+        }
+        if to.is_finished() && to != JobStatus::Cleaned {
+            push("finished_ms", Box::new(now));
+        }
+        values.push(Box::new(id));
+        let id_param = values.len();
+        let states = from
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE jobs SET {} WHERE id = ?{id_param} AND status IN ({states}) RETURNING {COLUMNS}",
+            sets.join(", ")
+        );
+        let job = conn
+            .query_row(
+                &sql,
+                rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
+                job_from_row,
+            )
+            .optional()
+            .map_err(sql_err)?;
+        if let Some(job) = &job {
+            tracing::info!(
+                job = id,
+                status = %to,
+                attempts = job.attempts,
+                client = job.client.as_deref().unwrap_or(""),
+                dest_id = job.dest_id,
+                message = %job.message,
+                "job state"
+            );
+        }
+        Ok(job)
+    }
+
+    /// Jobs in any of `states`, oldest first.
+    pub fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
+        let conn = self.conn.lock().unwrap();
+        let list = states
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE status IN ({list}) ORDER BY id"
+            ))
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([], job_from_row)
+            .map_err(sql_err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql_err)?;
+        Ok(rows)
+    }
+
+    /// Jobs on client `base` in Submitted or Running.
+    pub fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND status IN ('Submitted', 'Running') ORDER BY id"
+            ))
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([base], job_from_row)
+            .map_err(sql_err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql_err)?;
+        Ok(rows)
+    }
+
+    /// The job that payload `dest_id` of client `base` belongs to.
+    pub fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND dest_id = ?2 ORDER BY id DESC LIMIT 1"
+            ))
+            .map_err(sql_err)?;
+        stmt.query_row(params![base, dest_id], job_from_row)
+            .optional()
+            .map_err(sql_err)
+    }
+
+    /// Finished jobs whose end is older than `cutoff_ms`.
+    pub fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id FROM jobs WHERE status IN ('Completed', 'Failed', 'Invalid', 'Killed')
+                 AND COALESCE(finished_ms, updated_ms) < ?1 ORDER BY id",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([cutoff_ms], |r| r.get(0))
+            .map_err(sql_err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql_err)?;
+        Ok(rows)
+    }
+
+    /// Ids of the jobs that may have files (all but Cleaned ones): files of any other id
+    /// belong to an upload that was never committed or to a clean-up cut short.
+    pub fn ids_with_files(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT id FROM jobs WHERE status != 'Cleaned'")
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(sql_err)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(sql_err)?;
+        Ok(rows)
+    }
+
+    /// A page of jobs, newest first, filtered by user, service and status; and how many
+    /// jobs match in all.
+    pub fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
+        let conn = self.conn.lock().unwrap();
+        let mut conditions = Vec::new();
+        let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if let Some(user) = filter.user_id {
+            values.push(Box::new(user));
+            conditions.push(format!("user_id = ?{}", values.len()));
+        }
+        if let Some(service) = &filter.service {
+            values.push(Box::new(service.clone()));
+            conditions.push(format!("service = ?{}", values.len()));
+        }
+        if let Some(status) = filter.status {
+            values.push(Box::new(status.as_str()));
+            conditions.push(format!("status = ?{}", values.len()));
+        }
+        let clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let total: i64 = conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM jobs {clause}"),
+                rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
+        values.push(Box::new(filter.limit));
+        values.push(Box::new(filter.offset));
+        let n = values.len();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?{} OFFSET ?{n}",
+                n - 1
+            ))
+            .map_err(sql_err)?;
+        let jobs = stmt
+            .query_map(
+                rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
+                job_from_row,
+            )
+            .map_err(sql_err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql_err)?;
+        Ok((jobs, total))
+    }
+
+    pub fn count(&self) -> anyhow::Result<i64> {
+        let conn = self.conn.lock().unwrap();
+        conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
+            .map_err(sql_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transitions_are_guarded_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let store = Store::open(&path).unwrap();
+        let job = store.insert_job(7, "example", |_| Ok(())).unwrap();
+        assert_eq!(job.status, JobStatus::Queued);
+        let moved = store
+            .transition(
+                job.id,
+                &[JobStatus::Queued],
+                JobStatus::Processing,
+                Change {
+                    attempts: Some(1),
+                    client: Some(Some("http://c".into())),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.attempts, 1);
+        assert!(store
+            .transition(
+                job.id,
+                &[JobStatus::Queued],
+                JobStatus::Killed,
+                Change::default()
+            )
+            .unwrap()
+            .is_none());
+        let server_id = store.server_id().to_owned();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.server_id(), server_id);
+        let again = store.get(job.id).unwrap().unwrap();
+        assert_eq!(again.status, JobStatus::Processing);
+        assert_eq!(again.client.as_deref(), Some("http://c"));
+    }
+
+    #[test]
+    fn times_format_as_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_859_341_823), "2026-11-28T09:49:01.823Z");
+    }
+
+    #[test]
+    fn listing_filters_and_pages_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        for user in [1, 2, 1, 1] {
+            store.insert_job(user, "x", |_| Ok(())).unwrap();
+        }
+        let filter = ListFilter {
+            user_id: Some(1),
+            limit: 2,
+            ..Default::default()
+        };
+        let (jobs, total) = store.list(&filter).unwrap();
+        assert_eq!(total, 3);
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [4, 3]);
+        let filter = ListFilter {
+            status: Some(JobStatus::Running),
+            limit: 10,
+            ..Default::default()
+        };
+        assert_eq!(store.list(&filter).unwrap().1, 0);
+    }
+
+    #[test]
+    fn a_failed_file_placement_leaves_no_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        assert!(store
+            .insert_job(1, "x", |_| Err(std::io::Error::other("disk")))
+            .is_err());
+        assert_eq!(store.count().unwrap(), 0);
+    }
+}
