@@ -56,7 +56,10 @@ impl EventLog {
     /// Events after `after`; waits up to `wait` for the first one when there is none yet.
     pub async fn after(&self, after: u64, wait: Duration) -> EventsPage {
         let mut rx = self.latest.subscribe();
-        if *rx.borrow_and_update() <= after && !wait.is_zero() {
+        let latest = *rx.borrow_and_update();
+        // `after` beyond the latest event comes from a previous instance: answer at once
+        // (truncated), so the caller reconciles without waiting.
+        if latest == after && !wait.is_zero() {
             let _ = tokio::time::timeout(wait, rx.wait_for(|latest| *latest > after)).await;
         }
         self.page(after)

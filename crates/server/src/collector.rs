@@ -55,8 +55,8 @@ struct Feed {
 
 async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &mut Feed) {
     // Until the feed's instance is known (first call, or after the client went away) ask
-    // without waiting: a restarted client would otherwise hold the call for the whole wait
-    // before saying that our sequence number is from its previous instance.
+    // without waiting: a restarted client of an older version holds the call for the whole
+    // wait before saying that our sequence number is from its previous instance.
     let wait = if feed.instance.is_some() {
         EVENTS_WAIT_SECS
     } else {
