@@ -1,5 +1,7 @@
 //! `jobrelay`: one binary for the orchestrator server, the executor client and the user CLI.
 
+mod up;
+
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -18,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run an executor client: accepts payloads over HTTP and runs their run.sh.
     Client(jobrelay_client::ClientArgs),
+    /// Run a server and a local client with a service `example`: a working system in one command.
+    Up(up::UpArgs),
     /// Run the orchestrator server: queues jobs and dispatches them to clients.
     Server(jobrelay_server::ServerArgs),
     #[command(flatten)]
@@ -46,6 +50,10 @@ async fn main() -> std::process::ExitCode {
         Command::Server(args) => {
             init_logging();
             jobrelay_server::run(args).await
+        }
+        Command::Up(args) => {
+            init_logging();
+            up::run(args).await
         }
     };
     match result {
