@@ -125,6 +125,35 @@ impl ServerApi {
             .with_context(|| format!("cannot cancel job {id}"))
     }
 
+    /// A window of a job's output: (bytes, offset to continue from, job status).
+    pub async fn log(
+        &self,
+        id: u64,
+        stream: &str,
+        offset: u64,
+    ) -> anyhow::Result<(bytes::Bytes, u64, String)> {
+        let response = self
+            .send(self.http.get(self.url(&format!("/jobs/{id}/log"))).query(&[
+                ("stream", stream.to_owned()),
+                ("offset", offset.to_string()),
+            ]))
+            .await
+            .with_context(|| format!("cannot read the log of job {id}"))?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let status = header("x-job-status").unwrap_or_default();
+        let next: Option<u64> =
+            header(jobrelay_common::logtail::NEXT_OFFSET_HEADER).and_then(|v| v.parse().ok());
+        let bytes = response.bytes().await?;
+        let next = next.unwrap_or(offset + bytes.len() as u64);
+        Ok((bytes, next, status))
+    }
+
     pub async fn jobs(&self, query: &[(&str, String)]) -> anyhow::Result<Value> {
         self.json(self.http.get(self.url("/jobs")).query(query))
             .await

@@ -30,6 +30,22 @@ pub enum UserCommand {
     Cancel(JobArgs),
     /// List jobs.
     Jobs(JobsArgs),
+    /// Print a job's stdout or stderr (--follow: keep printing until the job ends).
+    Logs(LogsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub conn: ConnectionOpts,
+    /// Job id.
+    pub id: u64,
+    /// Which output: stdout or stderr.
+    #[arg(long, default_value = "stdout", value_parser = ["stdout", "stderr"])]
+    pub stream: String,
+    /// Keep printing new output until the job has finished.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 #[derive(clap::Args, Debug)]

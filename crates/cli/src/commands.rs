@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
 
 use crate::api::{collect_files, ServerApi};
-use crate::args::{DownloadArgs, JobArgs, JobsArgs, SubmitArgs, UserCommand, WaitArgs};
+use crate::args::{DownloadArgs, JobArgs, JobsArgs, LogsArgs, SubmitArgs, UserCommand, WaitArgs};
 use crate::output::{self, exit, exit_code_for};
 use crate::progress;
 
@@ -26,6 +26,7 @@ pub async fn run(command: UserCommand) -> ExitCode {
         UserCommand::Download(args) => download(args).await,
         UserCommand::Cancel(args) => cancel(args).await,
         UserCommand::Jobs(args) => jobs(args).await,
+        UserCommand::Logs(args) => logs(args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -335,4 +336,27 @@ async fn jobs(args: JobsArgs) -> anyhow::Result<u8> {
         );
     }
     Ok(exit::OK)
+}
+
+async fn logs(args: LogsArgs) -> anyhow::Result<u8> {
+    use std::io::Write;
+    let api = ServerApi::new(&args.conn.server)?;
+    let mut offset = 0;
+    let mut stdout = std::io::stdout();
+    let mut delay = POLL_FIRST;
+    loop {
+        let (bytes, next, status) = api.log(args.id, &args.stream, offset).await?;
+        stdout.write_all(&bytes)?;
+        stdout.flush()?;
+        offset = next;
+        if !bytes.is_empty() {
+            delay = POLL_FIRST;
+            continue;
+        }
+        if !args.follow || exit_code_for(&status).is_some() {
+            return Ok(exit::OK);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(POLL_MAX);
+    }
 }

@@ -68,6 +68,8 @@ pub fn router(state: AppState) -> Router {
         .route("/kill/{id}", post(kill))
         .route("/release/{id}", post(release))
         .route("/events", get(events))
+        .route("/log/{id}", get(log))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -117,9 +119,16 @@ async fn info(State(state): State<AppState>) -> Json<ClientInfo> {
         slots: state.runner.slots(),
         running: state.runner.running_count(),
         prepared: state.store.count(PayloadStatus::Prepared),
-        features: ["events", "key", "release", "kill", "retrieve_partial"]
-            .map(String::from)
-            .to_vec(),
+        features: [
+            "events",
+            "key",
+            "release",
+            "kill",
+            "retrieve_partial",
+            "log",
+        ]
+        .map(String::from)
+        .to_vec(),
     })
 }
 
@@ -162,6 +171,7 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
         })?;
     match created {
         Created::New(record) => {
+            metrics::counter!("jobrelay_client_submissions_total").increment(1);
             state.runner.enqueue(record.id);
             Ok(Json(record))
         }
@@ -267,4 +277,85 @@ async fn events(
     let after = number("after")?.unwrap_or(0.0) as u64;
     let wait = Duration::from_secs_f64(number("wait")?.unwrap_or(0.0)).min(MAX_EVENTS_WAIT);
     Ok(Json(state.store.events.after(after, wait).await).into_response())
+}
+
+/// `GET /log/{id}?stream=stdout|stderr&offset=N`: up to 1 MiB of the payload's output from
+/// `offset`; the `X-Log-Next-Offset` header says where to continue.
+async fn log(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    use jobrelay_common::logtail::{self, Stream};
+    let record = find(&state, &id)?;
+    let stream = Stream::parse(query.get("stream").map(String::as_str))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let offset = match query.get("offset") {
+        None => 0,
+        Some(raw) => raw.parse::<u64>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("offset must be a non-negative integer, not {raw:?}"),
+            )
+        })?,
+    };
+    if record.status == PayloadStatus::Cleaned {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            format!(
+                "the work directory of payload {} has been removed",
+                record.id
+            ),
+        ));
+    }
+    let path = state.store.work_dir_of(record.id).join(stream.file_name());
+    let bytes = tokio::task::spawn_blocking(move || logtail::read_from(&path, offset))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "log task failed"))?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read the log: {e}"),
+            )
+        })?;
+    let next = offset + bytes.len() as u64;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (
+                header::HeaderName::from_static(logtail::NEXT_OFFSET_HEADER),
+                next.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    use metrics::gauge;
+    gauge!("jobrelay_client_slots").set(state.runner.slots() as f64);
+    gauge!("jobrelay_client_slots_in_use").set(state.runner.running_count() as f64);
+    for status in [
+        PayloadStatus::Prepared,
+        PayloadStatus::Running,
+        PayloadStatus::Completed,
+        PayloadStatus::Failed,
+        PayloadStatus::Invalid,
+        PayloadStatus::Killed,
+        PayloadStatus::Cleaned,
+    ] {
+        gauge!("jobrelay_client_payloads", "status" => status.as_str())
+            .set(state.store.count(status) as f64);
+    }
+    gauge!("jobrelay_client_load_percent").set(state.load.percent());
+    (
+        [(
+            header::CONTENT_TYPE,
+            jobrelay_common::telemetry::CONTENT_TYPE,
+        )],
+        jobrelay_common::telemetry::render(),
+    )
+        .into_response()
 }

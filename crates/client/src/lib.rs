@@ -110,6 +110,7 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
 
 /// Opens the data directory, settles leftovers and starts serving.
 pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
+    jobrelay_common::telemetry::install();
     let store = Arc::new(PayloadStore::open(&config.data_dir).map_err(|e| {
         anyhow::anyhow!(
             "cannot open data directory {}: {e}",

@@ -5,5 +5,7 @@
 pub mod archive;
 pub mod filename;
 pub mod fsutil;
+pub mod logtail;
 pub mod protocol;
+pub mod telemetry;
 pub mod upload;

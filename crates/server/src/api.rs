@@ -41,10 +41,10 @@ pub struct JobAnswer {
 pub struct ApiError(StatusCode, i64, String);
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError(status, 0, message.into())
     }
-    fn for_job(status: StatusCode, id: i64, message: impl Into<String>) -> Self {
+    pub(crate) fn for_job(status: StatusCode, id: i64, message: impl Into<String>) -> Self {
         ApiError(status, id, message.into())
     }
 }
@@ -73,7 +73,7 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -122,6 +122,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/terminate/{id}", post(terminate))
         .route("/openapi.json", get(openapi))
         .route("/docs", get(docs))
+        .merge(crate::observe::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
@@ -165,7 +166,10 @@ async fn health() -> Json<serde_json::Value> {
 async fn openapi() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
+        ApiDoc::openapi()
+            .merge_from(crate::observe::ObserveDoc::openapi())
+            .to_pretty_json()
+            .unwrap_or_default(),
     )
         .into_response()
 }
@@ -263,6 +267,7 @@ async fn upload(
         bytes = received.total_bytes,
         "job uploaded"
     );
+    metrics::counter!("jobrelay_server_upload_bytes_total").increment(received.total_bytes);
     Ok((
         StatusCode::CREATED,
         Json(JobAnswer {
@@ -283,7 +288,7 @@ fn parse_id(raw: &str) -> ApiResult<i64> {
     })
 }
 
-fn find(shared: &Shared, raw: &str) -> ApiResult<Job> {
+pub(crate) fn find(shared: &Shared, raw: &str) -> ApiResult<Job> {
     let id = parse_id(raw)?;
     shared
         .store
@@ -300,6 +305,7 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
         )
     })?;
     let length = file.metadata().await.map(|m| m.len()).ok();
+    metrics::counter!("jobrelay_server_download_bytes_total").increment(length.unwrap_or(0));
     let mut response = (
         [
             (header::CONTENT_TYPE, "application/zip".to_owned()),

@@ -35,6 +35,8 @@ pub struct ClientHandle {
     pub kick: Notify,
     /// Wakes whoever waits for the first probe.
     pub first_probe: Notify,
+    /// When a request to the client last succeeded (Unix ms).
+    pub last_seen_ms: std::sync::atomic::AtomicI64,
 }
 
 impl ClientHandle {
@@ -47,6 +49,7 @@ impl ClientHandle {
             unreachable_since: Mutex::new(None),
             kick: Notify::new(),
             first_probe: Notify::new(),
+            last_seen_ms: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -107,6 +110,9 @@ pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
 /// A request to the client succeeded.
 pub fn reached(client: &ClientHandle) {
     *client.unreachable_since.lock().unwrap() = None;
+    client
+        .last_seen_ms
+        .store(crate::store::now_ms(), std::sync::atomic::Ordering::Relaxed);
 }
 
 enum Probe {

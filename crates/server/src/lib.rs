@@ -20,8 +20,10 @@ pub mod config;
 pub mod dispatcher;
 pub mod janitor;
 pub mod jobs;
+pub mod observe;
 pub mod scheduler;
 pub mod store;
+pub mod telemetry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -101,6 +103,7 @@ impl RunningServer {
 
 /// Opens the database, recovers what a previous process left, and starts serving.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    jobrelay_common::telemetry::install();
     if config.services.is_empty() {
         anyhow::bail!("no service configured");
     }

@@ -113,6 +113,39 @@ impl Scheduler {
         self.clients[client].slots
     }
 
+    /// Last reported CPU load of a client, 0 to 100.
+    pub fn client_load(&self, client: ClientId) -> f64 {
+        self.clients[client].load
+    }
+
+    /// (user, active, queued) for every user with jobs active or queued in a service.
+    pub fn user_usage(&self, service: ServiceId) -> Vec<(UserId, usize, usize)> {
+        let state = &self.services[service];
+        let mut users: Vec<UserId> = state
+            .queues
+            .keys()
+            .chain(state.active_by_user.keys())
+            .copied()
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        users
+            .into_iter()
+            .map(|user| {
+                let active = state.active_by_user.get(&user).copied().unwrap_or(0);
+                let queued = state.queues.get(&user).map_or(0, |q| q.len());
+                (user, active, queued)
+            })
+            .filter(|(_, active, queued)| active + queued > 0)
+            .collect()
+    }
+
+    /// Quotas of a service: (runs_per_user, max_runs).
+    pub fn quotas(&self, service: ServiceId) -> (usize, usize) {
+        let state = &self.services[service];
+        (state.runs_per_user, state.max_runs)
+    }
+
     pub fn client_healthy(&self, client: ClientId) -> bool {
         self.clients[client].healthy
     }

@@ -174,6 +174,47 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
     })
 }
 
+/// One state a job went through.
+#[derive(Serialize, utoipa::ToSchema, Debug, Clone, PartialEq)]
+pub struct JobEvent {
+    pub at_ms: i64,
+    /// RFC 3339 time of the change.
+    pub at: String,
+    pub status: String,
+    pub message: String,
+    /// Dispatch attempts so far.
+    pub attempts: u32,
+    /// Client the job was on, if any.
+    pub client: Option<String>,
+}
+
+fn record_event(
+    conn: &Connection,
+    id: i64,
+    at_ms: i64,
+    status: JobStatus,
+    message: &str,
+    attempts: u32,
+    client: Option<&str>,
+) -> anyhow::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO job_events (job_id, at_ms, status, message, attempts, client)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id,
+            at_ms,
+            status.as_str(),
+            message,
+            attempts,
+            client
+        ])
+    })
+    .map_err(sql_err)?;
+    Ok(())
+}
+
 /// Fields a transition may set besides the status. `None` leaves a field as it is.
 #[derive(Default, Debug, Clone)]
 pub struct Change {
@@ -245,6 +286,16 @@ impl Store {
                  updated_ms INTEGER NOT NULL,
                  finished_ms INTEGER
              );
+             CREATE TABLE IF NOT EXISTS job_events (
+                 job_id INTEGER NOT NULL,
+                 at_ms INTEGER NOT NULL,
+                 status TEXT NOT NULL,
+                 message TEXT NOT NULL,
+                 attempts INTEGER NOT NULL,
+                 client TEXT
+             );
+             CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
+             CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs(finished_ms);
              CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status);
              CREATE INDEX IF NOT EXISTS jobs_by_dest ON jobs(client, dest_id);",
         )
@@ -296,6 +347,7 @@ impl Store {
         )
         .map_err(sql_err)?;
         let id = tx.last_insert_rowid();
+        record_event(&tx, id, now, JobStatus::Queued, "Job queued", 0, None)?;
         place_files(id)?;
         let job = tx
             .query_row(
@@ -305,6 +357,8 @@ impl Store {
             )
             .map_err(sql_err)?;
         tx.commit().map_err(sql_err)?;
+        metrics::counter!("jobrelay_server_jobs_uploaded_total", "service" => service.to_owned())
+            .increment(1);
         tracing::info!(job = id, user_id, service, status = "Queued", "job state");
         Ok(job)
     }
@@ -329,7 +383,8 @@ impl Store {
         to: JobStatus,
         change: Change,
     ) -> anyhow::Result<Option<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction().map_err(sql_err)?;
         let now = now_ms();
         let mut sets = vec!["status = ?1".to_owned(), "updated_ms = ?2".to_owned()];
         let mut values: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(to.as_str()), Box::new(now)];
@@ -372,7 +427,7 @@ impl Store {
             "UPDATE jobs SET {} WHERE id = ?{id_param} AND status IN ({states}) RETURNING {COLUMNS}",
             sets.join(", ")
         );
-        let job = conn
+        let job = tx
             .query_row(
                 &sql,
                 rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
@@ -381,6 +436,19 @@ impl Store {
             .optional()
             .map_err(sql_err)?;
         if let Some(job) = &job {
+            record_event(
+                &tx,
+                id,
+                now,
+                to,
+                &job.message,
+                job.attempts,
+                job.client.as_deref(),
+            )?;
+        }
+        tx.commit().map_err(sql_err)?;
+        if let Some(job) = &job {
+            crate::telemetry::job_changed(job);
             tracing::info!(
                 job = id,
                 status = %to,
@@ -392,6 +460,58 @@ impl Store {
             );
         }
         Ok(job)
+    }
+
+    /// Every state a job went through, oldest first.
+    pub fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
+        let conn = self.conn.lock().unwrap();
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT at_ms, status, message, attempts, client FROM job_events
+                 WHERE job_id = ?1 ORDER BY rowid",
+            )
+            .map_err(sql_err)?;
+        let rows = statement
+            .query_map([id], |row| {
+                let at_ms: i64 = row.get(0)?;
+                Ok(JobEvent {
+                    at_ms,
+                    at: rfc3339(at_ms),
+                    status: row.get(1)?,
+                    message: row.get(2)?,
+                    attempts: row.get(3)?,
+                    client: row.get(4)?,
+                })
+            })
+            .map_err(sql_err)?;
+        rows.collect::<Result<_, _>>().map_err(sql_err)
+    }
+
+    /// Number of jobs per (service, status).
+    pub fn counts(&self) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let conn = self.conn.lock().unwrap();
+        let mut statement = conn
+            .prepare_cached("SELECT service, status, COUNT(*) FROM jobs GROUP BY service, status")
+            .map_err(sql_err)?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .map_err(sql_err)?;
+        rows.collect::<Result<_, _>>().map_err(sql_err)
+    }
+
+    /// Jobs that finished in each minute since `since_ms` (minute start in ms, count).
+    pub fn finished_per_minute(&self, since_ms: i64) -> anyhow::Result<Vec<(i64, i64)>> {
+        let conn = self.conn.lock().unwrap();
+        let mut statement = conn
+            .prepare_cached(
+                "SELECT finished_ms / 60000 * 60000 AS minute, COUNT(*) FROM jobs
+                 WHERE finished_ms >= ?1 GROUP BY minute ORDER BY minute",
+            )
+            .map_err(sql_err)?;
+        let rows = statement
+            .query_map([since_ms], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(sql_err)?;
+        rows.collect::<Result<_, _>>().map_err(sql_err)
     }
 
     /// Jobs in any of `states`, oldest first.

@@ -28,8 +28,10 @@ pub struct LocalJob {
 
 impl LocalExecutor {
     pub fn start(&self, dir: &Path, marker: &str) -> Result<LocalJob, String> {
-        let child = process::spawn_run_script(dir, marker)
-            .map_err(|e| format!("could not start run.sh: {e}"))?;
+        let child = process::spawn_run_script(dir, marker).map_err(|e| {
+            metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
+            format!("could not start run.sh: {e}")
+        })?;
         let pgid = child.id().unwrap_or(0);
         self.groups.lock().unwrap().insert(pgid);
         Ok(LocalJob {
