@@ -59,6 +59,7 @@ fn readme_commands_work() {
             "first-job",
             "first-job-curl",
             "cli",
+            "observe",
             "server-api",
             "client-api"
         ],
