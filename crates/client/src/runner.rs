@@ -51,6 +51,9 @@ pub struct Runner {
     /// Payloads handed to the executor whose task has not ended yet. A payload in here may
     /// still be Prepared (a Slurm job waiting in Slurm's queue).
     running: Mutex<HashMap<u64, Running>>,
+    /// Set when the client shuts down: the ends it causes are not recorded, so that the next
+    /// start settles those payloads as interrupted ("client restarted") rather than Failed.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Runner {
@@ -63,6 +66,7 @@ impl Runner {
             queue: Mutex::new(VecDeque::new()),
             queued: Notify::new(),
             running: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -119,6 +123,10 @@ impl Runner {
                 .await
                 .expect("the slot semaphore is never closed");
             let id = self.next_queued().await;
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                // Shutting down: it stays Prepared and runs at the next start.
+                return;
+            }
             self.clone().launch(id, None, Some(permit));
         }
     }
@@ -178,6 +186,9 @@ impl Runner {
                     }
                     Ended::failed("internal error while supervising the payload")
                 });
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let _ = self.store.transition(
                 id,
                 &[PayloadStatus::Prepared, PayloadStatus::Running],
@@ -342,6 +353,8 @@ impl Runner {
     /// groups get SIGKILL and their records stay Running, settled at the next start; Slurm
     /// jobs keep running and are re-attached at the next start.
     pub fn kill_all_now(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.executor.stop_all_now();
     }
 }
