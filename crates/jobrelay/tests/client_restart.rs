@@ -43,3 +43,21 @@ async fn state_survives_kill_9_and_restart() {
     let next = client.submit_script("true\n").await;
     assert!(next > waiting, "new id {next} must be above {waiting}");
 }
+
+#[tokio::test]
+async fn a_clean_stop_kills_running_payloads_and_reports_them_interrupted() {
+    let mut client = TestClient::start(&[]);
+    let scratch = tempfile::tempdir().unwrap();
+    let shell_pid = scratch.path().join("shell");
+    let id = client
+        .submit_script(&format!("echo $$ > {}\nsleep 300\n", shell_pid.display()))
+        .await;
+    let shell = read_pid(&shell_pid).await;
+    client.restart_after_sigterm(&[]);
+    assert!(!pid_alive(shell), "the payload died with the client");
+    let record = client.wait_for(id, "Failed").await;
+    assert_eq!(
+        record["reason"], "client restarted",
+        "an interruption, not the payload's own failure: {record}"
+    );
+}

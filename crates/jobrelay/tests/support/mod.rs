@@ -233,6 +233,16 @@ impl TestClient {
         self.proc = Self::launch(self.dir.path(), extra);
     }
 
+    /// Stops the client with SIGTERM (as systemd or Ctrl-C would) and starts it again.
+    pub fn restart_after_sigterm(&mut self, extra: &[&str]) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.proc.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.proc.child.wait();
+        self.proc = Self::launch(self.dir.path(), extra);
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
