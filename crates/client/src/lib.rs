@@ -3,7 +3,9 @@
 //! jobs), and serves their results as ZIPs.
 
 pub mod api;
+pub mod auth;
 pub mod config;
+pub mod confine;
 pub mod events;
 pub mod executor;
 pub mod janitor;
@@ -117,7 +119,19 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
         )
     })?);
     let executor = match &config.executor {
-        ExecutorConfig::Local => Executor::Local(LocalExecutor::default()),
+        ExecutorConfig::Local => {
+            let confinement = &config.confinement;
+            if confinement.run_as.is_some() && !confine::can_change_user() {
+                anyhow::bail!("--run-as needs the client to run as root");
+            }
+            if confinement.sandbox {
+                confine::check_sandbox().await?;
+            }
+            if let Some(run_as) = &confinement.run_as {
+                confine::prepare_data_dir(&config.data_dir, run_as)?;
+            }
+            Executor::Local(LocalExecutor::confined(confinement.clone()))
+        }
         ExecutorConfig::Slurm(slurm_config) => {
             slurm::check_commands().await.map_err(anyhow::Error::msg)?;
             Executor::Slurm(slurm::SlurmExecutor::start(slurm_config.clone()))
@@ -147,7 +161,15 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
         runner: runner.clone(),
         load,
         max_upload: config.max_upload,
+        token: config.token.clone().map(Arc::new),
     });
+    if config.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "NO TOKEN: anyone who can reach this address can run any code on this machine; \
+             give --token-file (and the server --client-token-file) or bind to 127.0.0.1"
+        );
+    }
     // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
     // ACK (about 40 ms on Linux).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

@@ -2,12 +2,15 @@
 //!
 //! Regular files are stored (no compression, as the protocol's reference peers do), directories
 //! become directory entries, and symbolic links are stored as links: their target is never
-//! followed, so no file outside the directory can reach the archive. Other file types
-//! (sockets, FIFOs, devices) are left out.
+//! followed, so no file outside the directory can reach the archive. Files are opened one path
+//! component at a time with `O_NOFOLLOW`, so a running job that swaps a file or a directory
+//! for a link while the archive is written cannot lead it out either. Other file types
+//! (sockets, FIFOs, devices) are left out, and so are files of another owner than the
+//! directory's (with `--run-as`, a hard link to a file the job could not read).
 
 use std::fs::{self, File, Metadata};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +29,11 @@ const LARGE_FILE: u64 = 0xFFFF_0000;
 /// Writes `dir` as a ZIP archive to `out`.
 pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
     let mut zip = ZipWriter::new_stream(out);
+    let root = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?;
+    let owner = root.metadata()?.uid();
     let mut entries = Vec::new();
     collect_entries(dir, Path::new(""), &mut entries)?;
     for (relative, meta) in entries {
@@ -44,23 +52,76 @@ pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
         } else if kind.is_dir() {
             zip.add_directory(name, options).map_err(io::Error::other)?;
         } else if kind.is_file() {
-            // O_NOFOLLOW: if the file was swapped for a link since it was listed, refuse it.
-            let mut file = match File::options()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&full)
-            {
+            // Opened one component at a time without following any link, so a file or a
+            // directory on its path swapped for a link since it was listed cannot lead out.
+            let mut file = match open_beneath(&root, &relative) {
                 Ok(file) => file,
-                // Removed while we were archiving (a running job): leave it out.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Removed or swapped for a link while we were archiving (a running job):
+                // leave it out.
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ELOOP)
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    continue
+                }
                 Err(e) => return Err(e),
             };
+            let opened = file.metadata()?;
+            // Swapped for a FIFO or a device: leave it out. A file of another owner than the
+            // directory's (a hard link to a file the job could not read itself, made where
+            // protected_hardlinks is off): leave it out.
+            if !opened.file_type().is_file() || opened.uid() != owner {
+                continue;
+            }
             zip.start_file(name, options).map_err(io::Error::other)?;
             io::copy(&mut file, &mut zip)?;
         }
     }
     let stream = zip.finish().map_err(io::Error::other)?;
     Ok(stream.into_inner())
+}
+
+/// Opens the regular file `relative` below the directory `root` one component at a time with
+/// `O_NOFOLLOW` (directories with `O_DIRECTORY`), so no symbolic link anywhere on the path is
+/// followed; `O_NONBLOCK` so that a FIFO put in the file's place does not block the opening.
+fn open_beneath(root: &File, relative: &Path) -> io::Result<File> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let components: Vec<_> = relative.components().collect();
+    let mut dir: Option<File> = None;
+    for (i, component) in components.iter().enumerate() {
+        let std::path::Component::Normal(part) = component else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "unexpected path",
+            ));
+        };
+        let name = CString::new(part.as_bytes()).map_err(io::Error::other)?;
+        let last = i + 1 == components.len();
+        let flags = libc::O_RDONLY
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC
+            | if last {
+                libc::O_NONBLOCK
+            } else {
+                libc::O_DIRECTORY
+            };
+        let at = dir.as_ref().unwrap_or(root).as_raw_fd();
+        // SAFETY: `at` is an open directory descriptor and `name` a NUL-terminated string;
+        // the descriptor returned is owned by the `File` made from it.
+        let fd = unsafe { libc::openat(at, name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let file = unsafe { File::from_raw_fd(fd) };
+        if last {
+            return Ok(file);
+        }
+        dir = Some(file);
+    }
+    Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"))
 }
 
 /// Lists every entry below `dir` (depth first, sorted by name) without following links.
@@ -199,5 +260,31 @@ mod tests {
             .unwrap();
         assert_eq!(content, "hello");
         assert!(zip.by_name("link").unwrap().is_symlink());
+    }
+
+    #[test]
+    fn open_beneath_follows_no_link_on_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/ok"), b"ok").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("linkdir")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("link")).unwrap();
+        let root = File::open(dir.path()).unwrap();
+        let mut text = String::new();
+        io::Read::read_to_string(
+            &mut open_beneath(&root, Path::new("sub/ok")).unwrap(),
+            &mut text,
+        )
+        .unwrap();
+        assert_eq!(text, "ok");
+        for path in ["linkdir/secret", "link"] {
+            let e = open_beneath(&root, Path::new(path)).unwrap_err();
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)),
+                "{path}: {e}"
+            );
+        }
     }
 }

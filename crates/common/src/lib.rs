@@ -3,6 +3,7 @@
 //! archives of a directory, and small file-system helpers.
 
 pub mod archive;
+pub mod auth;
 pub mod filename;
 pub mod fsutil;
 pub mod protocol;

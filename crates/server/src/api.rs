@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Multipart, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,6 +20,7 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use utoipa::{OpenApi, ToSchema};
 
+use crate::auth::{self, Caller};
 use crate::jobs::{self, Terminated};
 use crate::store::{Job, JobStatus};
 use crate::Shared;
@@ -111,6 +112,7 @@ pub struct UploadForm {
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
+    let users = shared.config.users.clone();
     Router::new()
         .route("/", get(ping))
         .route("/health", get(health))
@@ -125,6 +127,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
+        .layer(axum::middleware::from_fn_with_state(users, auth::identify))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
         }))
@@ -189,6 +192,7 @@ async fn docs() -> Html<&'static str> {
 )]
 async fn upload(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Response> {
@@ -201,19 +205,35 @@ async fn upload(
     })?;
     let received =
         upload::receive(multipart, &shared.staging_dir, shared.config.max_upload).await?;
-    let user_id = match received.fields.get("user_id").map(|v| v.trim()) {
-        None | Some("") => {
+    let given = match received.fields.get("user_id").map(|v| v.trim()) {
+        None | Some("") => None,
+        Some(text) => Some(text.parse::<i64>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("user_id must be an integer, not {text:?}"),
+            )
+        })?),
+    };
+    let user_id = match (caller, given) {
+        (Caller::Trusted, Some(id)) => id,
+        (Caller::Trusted, None) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "user_id is required (an integer)",
             ))
         }
-        Some(text) => text.parse::<i64>().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("user_id must be an integer, not {text:?}"),
-            )
-        })?,
+        // The token decides; an admin may upload for another user.
+        (Caller::User(user), None) => user.id,
+        (Caller::User(user), Some(id)) if id == user.id || user.admin => id,
+        (Caller::User(user), Some(id)) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "user_id {id} is not yours: your token is user {}'s",
+                    user.id
+                ),
+            ))
+        }
     };
     let service = match received.fields.get("service").map(|v| v.trim()) {
         None | Some("") => {
@@ -283,11 +303,13 @@ fn parse_id(raw: &str) -> ApiResult<i64> {
     })
 }
 
-fn find(shared: &Shared, raw: &str) -> ApiResult<Job> {
+/// The job, if it exists and the caller may see it; another user's job is as unknown.
+fn find(shared: &Shared, caller: &Caller, raw: &str) -> ApiResult<Job> {
     let id = parse_id(raw)?;
     shared
         .store
         .get(id)?
+        .filter(|job| caller.may_see(job.user_id))
         .ok_or_else(|| ApiError::for_job(StatusCode::NOT_FOUND, id, format!("no job {id}")))
 }
 
@@ -335,9 +357,10 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
 )]
 async fn download(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &caller, &id)?;
     if job.status == JobStatus::Completed {
         zip_file(&shared.result_path(job.id), job.id, "").await
     } else {
@@ -357,9 +380,10 @@ async fn download(
 )]
 async fn job_status(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Job>> {
-    Ok(Json(find(&shared, &id)?))
+    Ok(Json(find(&shared, &caller, &id)?))
 }
 
 /// Query of `GET /jobs`.
@@ -400,6 +424,7 @@ pub struct JobList {
 )]
 async fn list_jobs(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<JobList>> {
     let axum::extract::Query(query) =
@@ -421,8 +446,21 @@ async fn list_jobs(
             "limit must be 1 to 1000 and offset not negative",
         ));
     }
+    // A user lists only their own jobs; asking for another's finds none.
+    let user_id = match (caller.restricted_to(), query.user_id) {
+        (Some(own), Some(asked)) if asked != own => {
+            return Ok(Json(JobList {
+                jobs: Vec::new(),
+                total: 0,
+                limit,
+                offset,
+            }))
+        }
+        (Some(own), _) => Some(own),
+        (None, asked) => asked,
+    };
     let filter = crate::store::ListFilter {
-        user_id: query.user_id,
+        user_id,
         service: query.service,
         status,
         limit,
@@ -452,9 +490,10 @@ async fn list_jobs(
 )]
 async fn download_partial(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &caller, &id)?;
     let stored = shared.result_path(job.id);
     if job.status.is_finished() && stored.is_file() {
         return zip_file(&stored, job.id, "-partial").await;
@@ -462,7 +501,7 @@ async fn download_partial(
     if JobStatus::ON_CLIENT.contains(&job.status) {
         if let (Some(client), Some(dest)) = (shared.client_of(job.client.as_deref()), job.dest_id) {
             let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
-            let response = shared.http.get(&url).send().await.map_err(|e| {
+            let response = client.http.get(&url).send().await.map_err(|e| {
                 ApiError::for_job(
                     StatusCode::BAD_GATEWAY,
                     job.id,
@@ -519,9 +558,10 @@ async fn download_partial(
 )]
 async fn terminate(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let id = parse_id(&id)?;
+    let id = find(&shared, &caller, &id)?.id;
     match jobs::terminate(&shared, id).await? {
         Terminated::Done(job) => Ok(Json(job).into_response()),
         Terminated::AlreadyFinished(job) => Ok((

@@ -14,6 +14,7 @@
 //! - [`janitor`]: removes files of jobs past the retention period.
 
 pub mod api;
+pub mod auth;
 pub mod clients;
 pub mod collector;
 pub mod config;
@@ -133,7 +134,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .entry(endpoint.base.clone())
                 .or_insert_with(|| {
                     let id = sched.add_client();
-                    clients.push(Arc::new(ClientHandle::new(id, endpoint.clone())));
+                    let http = clients::http_for(endpoint);
+                    clients.push(
+                        http.map(|http| Arc::new(ClientHandle::new(id, endpoint.clone(), http))),
+                    );
                     id
                 });
             ids.push(id);
@@ -142,6 +146,25 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         service_ids.insert(name.clone(), sid);
     }
 
+    let clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
+    match &config.users {
+        Some(users) => tracing::info!(
+            users = users.len(),
+            "users file: requests need a user's token; users see only their own jobs"
+        ),
+        None => tracing::warn!(
+            "no users file: every caller is trusted with the user_id it gives and can see, \
+             download and terminate every job (give --users-file to change that)"
+        ),
+    }
+    for client in &clients {
+        if client.endpoint.token.is_none() {
+            tracing::info!(
+                client = client.base(),
+                "no client token: requests to this client carry no Authorization"
+            );
+        }
+    }
     let shared = Arc::new(Shared {
         config,
         store,
