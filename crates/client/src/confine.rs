@@ -43,12 +43,13 @@ impl RunAs {
     }
 }
 
-/// Resource limits of every payload process (soft = hard, so a payload cannot raise them).
+/// Resource limits of every payload process (hard limits, so a payload cannot raise them;
+/// for CPU time the hard limit is one second past the soft one).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
     /// Bytes of virtual memory (RLIMIT_AS): allocations past it fail.
     pub address_space: Option<u64>,
-    /// Seconds of CPU time per process (RLIMIT_CPU): SIGXCPU, then SIGKILL.
+    /// Seconds of CPU time per process (RLIMIT_CPU): SIGXCPU, then SIGKILL a second later.
     pub cpu_seconds: Option<u64>,
     /// Processes of the payload's user (RLIMIT_NPROC; counted per user, and not enforced for
     /// root: use it with `--run-as`).
@@ -92,24 +93,30 @@ impl Confinement {
 
 /// Checks at start that bubblewrap exists and can make its namespaces here, so that
 /// `--sandbox` fails at once with a clear error instead of failing every payload.
-pub async fn check_sandbox() -> anyhow::Result<()> {
-    let output = Command::new("bwrap")
-        .args([
-            "--die-with-parent",
-            "--unshare-net",
-            "--ro-bind",
-            "/",
-            "/",
-            "--dev",
-            "/dev",
-            "--proc",
-            "/proc",
-            "--",
-            "true",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .await;
+/// With `run_as`, also that `setpriv` (util-linux) can become that user inside it.
+pub async fn check_sandbox(run_as: Option<&RunAs>) -> anyhow::Result<()> {
+    let mut command = Command::new("bwrap");
+    command.args([
+        "--die-with-parent",
+        "--unshare-net",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+    ]);
+    match run_as {
+        Some(run_as) => command
+            .args(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--"])
+            .arg("setpriv")
+            .arg(format!("--reuid={}", run_as.uid))
+            .arg(format!("--regid={}", run_as.gid))
+            .args(["--clear-groups", "--", "true"]),
+        None => command.args(["--", "true"]),
+    };
+    let output = command.stdin(Stdio::null()).output().await;
     match output {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
             "--sandbox needs bubblewrap (`bwrap`), which is not installed \
@@ -246,7 +253,13 @@ pub fn command(dir: &Path, confinement: &Confinement) -> std::io::Result<Command
             command.pre_exec(move || {
                 for (resource, value) in limits.each() {
                     if let Some(value) = value {
-                        setrlimit(resource, value, value)?;
+                        // CPU: SIGXCPU at the limit (a job may catch it and stop cleanly),
+                        // SIGKILL one second later.
+                        let hard = match resource {
+                            Resource::RLIMIT_CPU => value.saturating_add(1),
+                            _ => value,
+                        };
+                        setrlimit(resource, value, hard)?;
                     }
                 }
                 Ok(())

@@ -125,7 +125,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
                 anyhow::bail!("--run-as needs the client to run as root");
             }
             if confinement.sandbox {
-                confine::check_sandbox().await?;
+                confine::check_sandbox(confinement.run_as.as_ref()).await?;
             }
             if let Some(run_as) = &confinement.run_as {
                 confine::prepare_data_dir(&config.data_dir, run_as)?;
