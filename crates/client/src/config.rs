@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use jobrelay_common::auth::Secret;
+use jobrelay_common::tls::TlsFiles;
 
 use crate::confine::{Confinement, Limits, RunAs};
 use crate::executor::slurm::SlurmConfig;
@@ -97,6 +98,12 @@ pub struct ClientArgs {
     /// Limit of a payload process's open files (RLIMIT_NOFILE).
     #[arg(long)]
     pub limit_open_files: Option<u64>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Everything the client needs to run, checked.
@@ -115,6 +122,8 @@ pub struct ClientConfig {
     pub token: Option<Secret>,
     /// How local payloads are confined; the default confines nothing.
     pub confinement: Confinement,
+    /// Serve HTTPS with these files; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +214,7 @@ impl ClientArgs {
             executor,
             token,
             confinement,
+            tls: TlsFiles::from_args(self.tls_cert, self.tls_key).map_err(anyhow::Error::msg)?,
         })
     }
 }

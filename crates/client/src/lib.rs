@@ -27,6 +27,8 @@ use crate::store::PayloadStore;
 /// A client that is serving.
 pub struct RunningClient {
     pub addr: SocketAddr,
+    /// `http` or `https` (with `ClientConfig.tls`).
+    pub scheme: &'static str,
     pub runner: Arc<Runner>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -172,13 +174,29 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
     }
     // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
     // ACK (about 40 ms on Linux).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = match &config.tls {
+        Some(files) => {
+            let acceptor = files.acceptor().map_err(anyhow::Error::msg)?;
+            let listener = jobrelay_common::tls::TlsListener::new(listener, acceptor)?;
+            tokio::spawn(async move { axum::serve(listener, app).await })
+        }
+        None => {
+            // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's
+            // delayed ACK (about 40 ms on Linux).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move { axum::serve(listener, app).await })
+        }
+    };
     tracing::info!(%addr, slots = config.slots, executor = runner.executor().name(), data_dir = %config.data_dir.display(), "client started");
     Ok(RunningClient {
         addr,
+        scheme: if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         runner,
         server,
     })
@@ -198,7 +216,10 @@ pub async fn shutdown_signal() {
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let client = start(config).await?;
-    println!("jobrelay client listening on http://{}", client.addr);
+    println!(
+        "jobrelay client listening on {}://{}",
+        client.scheme, client.addr
+    );
     shutdown_signal().await;
     tracing::info!("client stopping");
     client.shutdown();

@@ -7,4 +7,5 @@ pub mod auth;
 pub mod filename;
 pub mod fsutil;
 pub mod protocol;
+pub mod tls;
 pub mod upload;

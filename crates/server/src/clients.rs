@@ -93,7 +93,11 @@ impl ClientHandle {
 
 /// The HTTP client for requests to `endpoint`: timeouts as the server's, and its token (if
 /// any) in every request's `Authorization` header.
-pub fn http_for(endpoint: &ClientEndpoint) -> reqwest::Result<reqwest::Client> {
+/// `ca`: the only certificates an `https://` client's certificate may be signed by.
+pub fn http_for(
+    endpoint: &ClientEndpoint,
+    ca: Option<&[reqwest::Certificate]>,
+) -> reqwest::Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder()
         .no_proxy()
         .connect_timeout(Duration::from_secs(5))
@@ -103,6 +107,9 @@ pub fn http_for(endpoint: &ClientEndpoint) -> reqwest::Result<reqwest::Client> {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, token.header_value());
         builder = builder.default_headers(headers);
+    }
+    if let Some(ca) = ca {
+        builder = builder.tls_certs_only(ca.iter().cloned());
     }
     builder.build()
 }

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use jobrelay_common::auth::Secret;
+use jobrelay_common::tls::TlsFiles;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -66,6 +67,16 @@ pub struct ServerArgs {
     /// Without it the `user_id` a caller gives is trusted.
     #[arg(long, env = "JOBRELAY_USERS_FILE")]
     pub users_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that `https://` clients' certificates must be signed by; the
+    /// system's trusted roots are not used then.
+    #[arg(long, env = "JOBRELAY_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// One executor client of a service, with the endpoints the server calls.
@@ -168,6 +179,11 @@ pub struct ServerConfig {
     pub client_timeout: Duration,
     /// Users and their tokens; `None`: the caller's `user_id` is trusted.
     pub users: Option<Arc<Users>>,
+    /// Serve HTTPS with these files; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// CA file that `https://` clients' certificates are verified against (only these CAs);
+    /// `None`: the system's roots.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -184,6 +200,8 @@ impl ServerConfig {
             poll_interval: Duration::from_millis(500),
             client_timeout: Duration::from_secs(30),
             users: None,
+            tls: None,
+            client_ca: None,
         }
     }
 }
@@ -428,6 +446,8 @@ impl ServerArgs {
                 .max(Duration::from_millis(10)),
             client_timeout: seconds("client-timeout", self.client_timeout)?,
             users,
+            tls: TlsFiles::from_args(self.tls_cert, self.tls_key).map_err(anyhow::Error::msg)?,
+            client_ca: self.client_ca,
         })
     }
 }

@@ -86,6 +86,8 @@ impl Shared {
 /// A server that is serving.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// `http` or `https` (with `ServerConfig.tls`).
+    pub scheme: &'static str,
     pub shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -123,6 +125,23 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .pool_idle_timeout(Duration::from_secs(30))
         .build()?;
 
+    let client_ca = match &config.client_ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read --client-ca {}: {e}", path.display()))?;
+            Some(reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                anyhow::anyhow!("no usable CA certificate in {}: {e}", path.display())
+            })?)
+        }
+        None => None,
+    };
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|files| files.acceptor())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+
     let mut sched = Scheduler::new();
     let mut clients = Vec::new();
     let mut client_by_base = HashMap::new();
@@ -134,7 +153,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .entry(endpoint.base.clone())
                 .or_insert_with(|| {
                     let id = sched.add_client();
-                    let http = clients::http_for(endpoint);
+                    let http = clients::http_for(endpoint, client_ca.as_deref());
                     clients.push(
                         http.map(|http| Arc::new(ClientHandle::new(id, endpoint.clone(), http))),
                     );
@@ -189,16 +208,30 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", shared.config.listen))?;
     let addr = listener.local_addr()?;
     let app = api::router(shared.clone());
-    // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
-    // ACK (about 40 ms on Linux).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let mut tasks = vec![tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP server stopped");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let serving = match tls {
+        Some(acceptor) => {
+            let listener = jobrelay_common::tls::TlsListener::new(listener, acceptor)?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "HTTPS server stopped");
+                }
+            })
         }
-    })];
+        None => {
+            // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's
+            // delayed ACK (about 40 ms on Linux).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "HTTP server stopped");
+                }
+            })
+        }
+    };
+    let mut tasks = vec![serving];
     for client in &shared.clients {
         tasks.push(tokio::spawn(clients::probe_loop(
             shared.clone(),
@@ -217,6 +250,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), db = %shared.config.db_path.display(), "server started");
     Ok(RunningServer {
         addr,
+        scheme,
         shared,
         tasks,
     })
@@ -305,7 +339,10 @@ pub async fn shutdown_signal() {
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let server = start(config).await?;
-    println!("jobrelay server listening on http://{}", server.addr);
+    println!(
+        "jobrelay server listening on {}://{}",
+        server.scheme, server.addr
+    );
     shutdown_signal().await;
     tracing::info!("server stopping");
     server.shutdown();
