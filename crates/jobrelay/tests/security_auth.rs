@@ -296,6 +296,21 @@ async fn users_see_and_act_on_their_own_jobs_only() {
         let r = anonymous.get(format!("{url}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
+    let doc: serde_json::Value = anonymous
+        .get(format!("{url}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert!(doc["paths"]["/jobs"]["get"]["responses"]
+        .get("401")
+        .is_some());
 
     // The user id comes from the token; a user_id that disagrees is refused.
     let (status, body) = upload_as(&alice, &url, None, b"echo alice > out.txt\n").await;

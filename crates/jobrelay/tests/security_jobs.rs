@@ -422,11 +422,14 @@ async fn a_hard_link_to_a_file_the_job_cannot_read_stays_out_of_the_zip() {
             .or_else(|| work.join("leak").exists().then_some(()))
     })
     .await;
-    let _ = std::fs::remove_file(work.join("leak"));
     std::fs::hard_link(&secret, work.join("planted")).unwrap();
     std::fs::write(work.join("go"), "").unwrap();
     let entries = client.retrieve_zip(id).await;
-    assert_eq!(text(&entries, "ln.txt"), "refused\n");
+    let protected =
+        std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() == "1");
+    if protected {
+        assert_eq!(text(&entries, "ln.txt"), "refused\n");
+    }
     assert!(!entries.contains_key("leak"));
     assert!(!entries.contains_key("planted"));
     assert!(entries.values().all(|c| c != b"ROOT-ONLY"));

@@ -93,9 +93,35 @@ type ApiResult<T> = Result<T, ApiError>;
         health,
         ping
     ),
-    components(schemas(JobAnswer, Job, JobStatus, UploadForm, JobList))
+    components(schemas(JobAnswer, Job, JobStatus, UploadForm, JobList)),
+    modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
+
+/// The `bearer` security scheme: a user's token from the users file, needed by every endpoint
+/// but `/`, `/health`, `/openapi.json` and `/docs` when the server has one.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(
+                            "A user's token (server started with --users-file); the user id \
+                             then comes from it and only that user's jobs are visible.",
+                        ))
+                        .build(),
+                ),
+            );
+    }
+}
 
 /// The multipart form of `/upload`.
 #[derive(ToSchema)]
@@ -182,8 +208,11 @@ async fn docs() -> Html<&'static str> {
 #[utoipa::path(
     post,
     path = "/upload",
+    security((), ("bearer" = [])),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
+        (status = 403, description = "With a users file: user_id is not the token's user", body = JobAnswer),
         (status = 201, description = "Job queued", body = JobAnswer),
         (status = 400, description = "Missing or bad field, unknown service, no file, bad file name", body = JobAnswer),
         (status = 413, description = "Upload larger than --max-upload", body = JobAnswer),
@@ -349,8 +378,10 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
 #[utoipa::path(
     get,
     path = "/download/{id}",
+    security((), ("bearer" = [])),
     params(("id" = i64, Path, description = "Job id")),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "The result ZIP (application/zip) once Completed; the job as JSON before", body = Job),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
@@ -372,8 +403,10 @@ async fn download(
 #[utoipa::path(
     get,
     path = "/jobs/{id}",
+    security((), ("bearer" = [])),
     params(("id" = i64, Path, description = "Job id")),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "The job", body = Job),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
@@ -416,8 +449,10 @@ pub struct JobList {
 #[utoipa::path(
     get,
     path = "/jobs",
+    security((), ("bearer" = [])),
     params(ListQuery),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "A page of jobs", body = JobList),
         (status = 400, description = "A bad filter", body = JobAnswer),
     )
@@ -480,8 +515,10 @@ async fn list_jobs(
 #[utoipa::path(
     get,
     path = "/download_partial/{id}",
+    security((), ("bearer" = [])),
     params(("id" = i64, Path, description = "Job id")),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "application/zip of the work directory now"),
         (status = 404, description = "Unknown job", body = JobAnswer),
         (status = 410, description = "The job's files were removed", body = JobAnswer),
@@ -549,8 +586,10 @@ async fn download_partial(
 #[utoipa::path(
     post,
     path = "/terminate/{id}",
+    security((), ("bearer" = [])),
     params(("id" = i64, Path, description = "Job id")),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "The job, now Killed", body = Job),
         (status = 404, description = "Unknown job", body = JobAnswer),
         (status = 409, description = "The job had already finished", body = JobAnswer),
