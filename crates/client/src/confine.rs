@@ -98,6 +98,8 @@ pub async fn check_sandbox(run_as: Option<&RunAs>) -> anyhow::Result<()> {
     let mut command = Command::new("bwrap");
     command.args([
         "--die-with-parent",
+        "--cap-drop",
+        "ALL",
         "--unshare-net",
         "--ro-bind",
         "/",
@@ -198,7 +200,8 @@ pub fn command(dir: &Path, confinement: &Confinement) -> std::io::Result<Command
     let mut command = if confinement.sandbox {
         let dir_text = dir.to_string_lossy().into_owned();
         let mut c = Command::new("bwrap");
-        c.args(["--die-with-parent", "--unshare-net"])
+        // As root bwrap would leave the payload every capability: drop them all.
+        c.args(["--die-with-parent", "--unshare-net", "--cap-drop", "ALL"])
             .args(["--ro-bind", "/", "/"])
             .args(["--dev", "/dev", "--proc", "/proc"])
             .args(["--perms", "1777", "--tmpfs", "/tmp"]);
@@ -208,11 +211,13 @@ pub fn command(dir: &Path, confinement: &Confinement) -> std::io::Result<Command
         }
         c.args(["--bind", &dir_text, &dir_text, "--chdir", &dir_text]);
         match &confinement.run_as {
-            // bwrap runs as root (it needs no user namespaces then) and drops every
-            // capability but the two `setpriv` needs to become the user; the change of user
-            // clears them too.
+            // bwrap runs as root (it needs no user namespaces then) and keeps only what it
+            // needs to enter the user's private work directory (DAC_READ_SEARCH) and what
+            // `setpriv` needs to become the user (SETUID, SETGID); the change of user clears
+            // all three (all uids become non-zero).
             Some(run_as) => {
-                c.args(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--"])
+                c.args(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"])
+                    .args(["--cap-add", "CAP_DAC_READ_SEARCH", "--"])
                     .arg("setpriv")
                     .arg(format!("--reuid={}", run_as.uid))
                     .arg(format!("--regid={}", run_as.gid))

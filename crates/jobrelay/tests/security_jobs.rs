@@ -271,6 +271,7 @@ async fn sandbox_gives_no_network_no_writes_outside_and_a_private_tmp() {
          touch {data}/{marker} 2>data.err || echo refused > data.txt\n\
          ls -A {data} > data-listing.txt\n\
          echo private > /tmp/{marker}; cat /tmp/{marker} > tmp.txt\n\
+         grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status | cut -f2 | sort -u > caps.txt\n\
          echo written > out.txt\n",
         data = data.display()
     );
@@ -286,6 +287,11 @@ async fn sandbox_gives_no_network_no_writes_outside_and_a_private_tmp() {
     // The client's records and other payloads are hidden: only the way to its own directory.
     assert_eq!(text(&entries, "data-listing.txt"), "work\n");
     assert_eq!(text(&entries, "tmp.txt"), "private\n");
+    assert_eq!(
+        text(&entries, "caps.txt"),
+        "0000000000000000\n",
+        "capabilities left"
+    );
     assert_eq!(text(&entries, "out.txt"), "written\n");
     assert!(!Path::new(&format!("/etc/{marker}")).exists());
     assert!(!data.join(&marker).exists());
@@ -433,4 +439,34 @@ async fn a_hard_link_to_a_file_the_job_cannot_read_stays_out_of_the_zip() {
     assert!(!entries.contains_key("leak"));
     assert!(!entries.contains_key("planted"));
     assert!(entries.values().all(|c| c != b"ROOT-ONLY"));
+}
+
+#[tokio::test]
+async fn sandbox_without_run_as_still_confines_a_root_job() {
+    if skip_unless_sandbox("--sandbox") {
+        return;
+    }
+    let client = start_client(&["--sandbox"]);
+    let port = client.proc.url.rsplit(':').next().unwrap().to_owned();
+    let marker = format!("jobrelay-sandbox-root-{}", std::process::id());
+    let script = format!(
+        "id -u > uid.txt\n\
+         (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo connected > net.txt\n\
+         touch /etc/{marker} 2>/dev/null || echo refused > etc.txt\n\
+         mount -t tmpfs none /etc 2>/dev/null && echo mounted > mount.txt\n\
+         grep -E '^Cap(Prm|Eff|Amb)' /proc/self/status | cut -f2 | sort -u > caps.txt\n\
+         echo done > out.txt\n"
+    );
+    let record = run_to_end(&client, &script).await;
+    assert_eq!(record["status"], "Completed", "{record}");
+    let entries = client.retrieve_zip(record["id"].as_u64().unwrap()).await;
+    assert_eq!(text(&entries, "uid.txt"), "0\n");
+    assert!(!entries.contains_key("net.txt"));
+    assert!(
+        !entries.contains_key("mount.txt"),
+        "root kept its capabilities"
+    );
+    assert_eq!(text(&entries, "caps.txt"), "0000000000000000\n");
+    assert_eq!(text(&entries, "etc.txt"), "refused\n");
+    assert!(!Path::new(&format!("/etc/{marker}")).exists());
 }
