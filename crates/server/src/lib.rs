@@ -176,7 +176,25 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
              download and terminate every job (give --users-file to change that)"
         ),
     }
+    if config.users.is_some() && config.tls.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "users' tokens and results cross the network in clear: give --tls-cert/--tls-key"
+        );
+    }
     for client in &clients {
+        let on_loopback = url::Url::parse(client.base()).is_ok_and(|u| match u.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(name)) => name == "localhost",
+            None => false,
+        });
+        if client.endpoint.token.is_some() && client.base().starts_with("http://") && !on_loopback {
+            tracing::warn!(
+                client = client.base(),
+                "the client token crosses the network in clear: use an https:// client URL"
+            );
+        }
         if client.endpoint.token.is_none() {
             tracing::info!(
                 client = client.base(),
