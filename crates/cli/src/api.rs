@@ -44,12 +44,41 @@ async fn error_from(response: reqwest::Response) -> anyhow::Error {
 
 impl ServerApi {
     pub fn new(base: &str) -> anyhow::Result<Self> {
+        Self::with_token(base, None)
+    }
+
+    /// The server and token of a user command's options.
+    pub fn connect(conn: &crate::args::ConnectionOpts) -> anyhow::Result<Self> {
+        Self::build(&conn.server, conn.token.as_deref(), conn.ca_cert.as_deref())
+    }
+
+    /// A server that wants `Authorization: Bearer <token>` (one with a users file).
+    pub fn with_token(base: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        Self::build(base, token, None)
+    }
+
+    fn build(base: &str, token: Option<&str>, ca: Option<&Path>) -> anyhow::Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
         reqwest::Url::parse(&base).with_context(|| format!("--server {base:?} is not a URL"))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()?;
-        Ok(ServerApi { base, http })
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read --ca-cert {}", ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("no usable certificate in {}", ca.display()))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        if let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) {
+            let secret = jobrelay_common::auth::Secret::new(token)
+                .map_err(|e| anyhow!("bad token (--token or JOBRELAY_TOKEN): {e}"))?;
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::AUTHORIZATION, secret.header_value());
+            builder = builder.default_headers(headers);
+        }
+        Ok(ServerApi {
+            base,
+            http: builder.build()?,
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -87,13 +116,14 @@ impl ServerApi {
     pub async fn upload(
         &self,
         service: &str,
-        user: i64,
+        user: Option<i64>,
         files: &[UploadFile],
         bar: &ProgressBar,
     ) -> anyhow::Result<Value> {
-        let mut form = Form::new()
-            .text("user_id", user.to_string())
-            .text("service", service.to_owned());
+        let mut form = Form::new().text("service", service.to_owned());
+        if let Some(user) = user {
+            form = form.text("user_id", user.to_string());
+        }
         for file in files {
             let handle = tokio::fs::File::open(&file.path)
                 .await

@@ -11,6 +11,13 @@ pub struct ConnectionOpts {
     /// Your user id.
     #[arg(long, env = "JOBRELAY_USER")]
     pub user: Option<i64>,
+    /// Your token, for a server with a users file (sent as `Authorization: Bearer`); the
+    /// server then knows your user id from it. Prefer the variable: a flag shows in `ps`.
+    #[arg(long, env = "JOBRELAY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Extra CA certificates (PEM) to trust for an `https://` server, besides the system's.
+    #[arg(long, env = "JOBRELAY_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Print machine-readable JSON instead of human output.
     #[arg(long)]
     pub json: bool,

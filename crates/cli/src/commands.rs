@@ -117,9 +117,14 @@ async fn download_into(
 
 async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
     let json = args.conn.json;
-    let user = args.conn.user.ok_or_else(|| {
-        anyhow!("a user id is needed to submit: pass --user or set JOBRELAY_USER")
-    })?;
+    // With a token the server takes the user id from it.
+    let user = args.conn.user;
+    if user.is_none() && args.conn.token.is_none() {
+        return Err(anyhow!(
+            "a user id is needed to submit: pass --user or set JOBRELAY_USER (or a token: \
+             --token or JOBRELAY_TOKEN)"
+        ));
+    }
     let files = collect_files(&args.files)?;
     if !files
         .iter()
@@ -127,7 +132,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
     {
         eprintln!("jobrelay: warning: no run.sh among the files; the job will end Invalid");
     }
-    let api = ServerApi::new(&args.conn.server)?;
+    let api = ServerApi::connect(&args.conn)?;
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = progress::transfer(json || total < BAR_THRESHOLD, Some(total), "uploading");
     let answer = api.upload(&args.service, user, &files, &bar).await?;
@@ -189,7 +194,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
 }
 
 async fn status(args: JobArgs) -> anyhow::Result<u8> {
-    let api = ServerApi::new(&args.conn.server)?;
+    let api = ServerApi::connect(&args.conn)?;
     let record = api.job(args.id).await?;
     if args.conn.json {
         output::print_json(&record);
@@ -215,7 +220,7 @@ async fn status(args: JobArgs) -> anyhow::Result<u8> {
 }
 
 async fn wait(args: WaitArgs) -> anyhow::Result<u8> {
-    let api = ServerApi::new(&args.conn.server)?;
+    let api = ServerApi::connect(&args.conn)?;
     let json = args.conn.json;
     match follow(&api, args.id, args.timeout, json).await? {
         Followed::Finished(record) => {
@@ -242,7 +247,7 @@ async fn wait(args: WaitArgs) -> anyhow::Result<u8> {
 }
 
 async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
-    let api = ServerApi::new(&args.conn.server)?;
+    let api = ServerApi::connect(&args.conn)?;
     let json = args.conn.json;
     if let Some(dir) = &args.output {
         let files = download_into(&api, args.id, args.partial, dir, json).await?;
@@ -281,7 +286,7 @@ async fn download(args: DownloadArgs) -> anyhow::Result<u8> {
 }
 
 async fn cancel(args: JobArgs) -> anyhow::Result<u8> {
-    let api = ServerApi::new(&args.conn.server)?;
+    let api = ServerApi::connect(&args.conn)?;
     let answer = api.terminate(args.id).await?;
     if args.conn.json {
         output::print_json(&answer);
@@ -292,7 +297,7 @@ async fn cancel(args: JobArgs) -> anyhow::Result<u8> {
 }
 
 async fn jobs(args: JobsArgs) -> anyhow::Result<u8> {
-    let api = ServerApi::new(&args.conn.server)?;
+    let api = ServerApi::connect(&args.conn)?;
     let mut query = vec![
         ("limit", args.limit.to_string()),
         ("offset", args.offset.to_string()),

@@ -31,6 +31,8 @@ pub struct AppState {
     pub runner: Arc<Runner>,
     pub load: LoadGauge,
     pub max_upload: u64,
+    /// The token the server must send; `None`: no check (see `auth`).
+    pub token: Option<Arc<jobrelay_common::auth::Secret>>,
 }
 
 /// A JSON error answer.
@@ -57,7 +59,8 @@ impl From<UploadError> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let token = state.token.clone();
+    let router = Router::new()
         .route("/", get(ping))
         .route("/health", get(health))
         .route("/load", get(load))
@@ -72,7 +75,15 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    let router = match token {
+        Some(token) => router.layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::auth::require_token,
+        )),
+        None => router,
+    };
+    router
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
         }))

@@ -4,6 +4,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use jobrelay_common::auth::Secret;
+use jobrelay_common::tls::TlsFiles;
+
+use crate::confine::{Confinement, Limits, RunAs};
 use crate::executor::slurm::SlurmConfig;
 
 /// Where payloads run.
@@ -65,6 +69,41 @@ pub struct ClientArgs {
     /// Seconds between two `squeue` calls (one call for all followed jobs).
     #[arg(long, default_value_t = 2.0)]
     pub slurm_poll_interval: f64,
+    /// File holding the token the server must send (`Authorization: Bearer <token>`); every
+    /// request but `GET /` and `GET /health` without it is refused with 401. Without it anyone
+    /// who can reach the client can run code on it.
+    #[arg(long, env = "JOBRELAY_CLIENT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Run every payload as this unprivileged user (name or uid); needs the client to run as
+    /// root. Its work directory is given to that user.
+    #[arg(long)]
+    pub run_as: Option<String>,
+    /// Run every payload inside a bubblewrap sandbox: no network, a private /tmp, the system
+    /// read-only, only its work directory writable, the client's data directory hidden.
+    #[arg(long)]
+    pub sandbox: bool,
+    /// Limit of a payload process's virtual memory, in bytes (RLIMIT_AS).
+    #[arg(long)]
+    pub limit_memory: Option<u64>,
+    /// Limit of a payload process's CPU time, in seconds (RLIMIT_CPU).
+    #[arg(long)]
+    pub limit_cpu: Option<u64>,
+    /// Limit of the processes of the payloads' user (RLIMIT_NPROC; not enforced for root, so
+    /// use it with --run-as).
+    #[arg(long)]
+    pub limit_processes: Option<u64>,
+    /// Limit of the size of one file a payload writes, in bytes (RLIMIT_FSIZE).
+    #[arg(long)]
+    pub limit_file_size: Option<u64>,
+    /// Limit of a payload process's open files (RLIMIT_NOFILE).
+    #[arg(long)]
+    pub limit_open_files: Option<u64>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Everything the client needs to run, checked.
@@ -79,6 +118,12 @@ pub struct ClientConfig {
     pub max_runtime: Option<Duration>,
     pub max_age: Duration,
     pub executor: ExecutorConfig,
+    /// Token the server must send; `None` accepts every request (the seed contract).
+    pub token: Option<Secret>,
+    /// How local payloads are confined; the default confines nothing.
+    pub confinement: Confinement,
+    /// Serve HTTPS with these files; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +170,29 @@ impl ClientArgs {
                 })
             }
         };
+        let confinement = Confinement {
+            run_as: self.run_as.as_deref().map(RunAs::lookup).transpose()?,
+            limits: Limits {
+                address_space: self.limit_memory,
+                cpu_seconds: self.limit_cpu,
+                processes: self.limit_processes,
+                file_size: self.limit_file_size,
+                open_files: self.limit_open_files,
+            },
+            sandbox: self.sandbox,
+        };
+        if !confinement.is_none() && !matches!(executor, ExecutorConfig::Local) {
+            anyhow::bail!(
+                "--run-as, --sandbox and --limit-* apply to the local executor; with \
+                 --executor slurm confine jobs with Slurm's own limits (--slurm-arg)"
+            );
+        }
+        let token = self
+            .token_file
+            .as_deref()
+            .map(Secret::read_file)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&self.data_dir).map_err(|e| {
             anyhow::anyhow!(
                 "cannot create data directory {}: {e}",
@@ -144,6 +212,9 @@ impl ClientArgs {
                 .transpose()?,
             max_age: seconds("max-age", self.max_age)?,
             executor,
+            token,
+            confinement,
+            tls: TlsFiles::from_args(self.tls_cert, self.tls_key).map_err(anyhow::Error::msg)?,
         })
     }
 }

@@ -3,7 +3,9 @@
 //! jobs), and serves their results as ZIPs.
 
 pub mod api;
+pub mod auth;
 pub mod config;
+pub mod confine;
 pub mod events;
 pub mod executor;
 pub mod janitor;
@@ -25,6 +27,8 @@ use crate::store::PayloadStore;
 /// A client that is serving.
 pub struct RunningClient {
     pub addr: SocketAddr,
+    /// `http` or `https` (with `ClientConfig.tls`).
+    pub scheme: &'static str,
     pub runner: Arc<Runner>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -118,7 +122,19 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
         )
     })?);
     let executor = match &config.executor {
-        ExecutorConfig::Local => Executor::Local(LocalExecutor::default()),
+        ExecutorConfig::Local => {
+            let confinement = &config.confinement;
+            if confinement.run_as.is_some() && !confine::can_change_user() {
+                anyhow::bail!("--run-as needs the client to run as root");
+            }
+            if confinement.sandbox {
+                confine::check_sandbox(confinement.run_as.as_ref()).await?;
+            }
+            if let Some(run_as) = &confinement.run_as {
+                confine::prepare_data_dir(&config.data_dir, run_as)?;
+            }
+            Executor::Local(LocalExecutor::confined(confinement.clone()))
+        }
         ExecutorConfig::Slurm(slurm_config) => {
             slurm::check_commands().await.map_err(anyhow::Error::msg)?;
             Executor::Slurm(slurm::SlurmExecutor::start(slurm_config.clone()))
@@ -148,16 +164,40 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
         runner: runner.clone(),
         load,
         max_upload: config.max_upload,
+        token: config.token.clone().map(Arc::new),
     });
+    if config.token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "NO TOKEN: anyone who can reach this address can run any code on this machine; \
+             give --token-file (and the server --client-token-file) or bind to 127.0.0.1"
+        );
+    }
     // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
     // ACK (about 40 ms on Linux).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = match &config.tls {
+        Some(files) => {
+            let acceptor = files.acceptor().map_err(anyhow::Error::msg)?;
+            let listener = jobrelay_common::tls::TlsListener::new(listener, acceptor)?;
+            tokio::spawn(async move { axum::serve(listener, app).await })
+        }
+        None => {
+            // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's
+            // delayed ACK (about 40 ms on Linux).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move { axum::serve(listener, app).await })
+        }
+    };
     tracing::info!(%addr, slots = config.slots, executor = runner.executor().name(), data_dir = %config.data_dir.display(), "client started");
     Ok(RunningClient {
         addr,
+        scheme: if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         runner,
         server,
     })
@@ -177,7 +217,10 @@ pub async fn shutdown_signal() {
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let client = start(config).await?;
-    println!("jobrelay client listening on http://{}", client.addr);
+    println!(
+        "jobrelay client listening on {}://{}",
+        client.scheme, client.addr
+    );
     shutdown_signal().await;
     tracing::info!("client stopping");
     client.shutdown();

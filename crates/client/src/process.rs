@@ -7,10 +7,12 @@ use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use jobrelay_common::protocol::{RUN_SCRIPT, STDERR_FILE, STDOUT_FILE};
+use jobrelay_common::protocol::{STDERR_FILE, STDOUT_FILE};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
+
+use crate::confine::{self, Confinement};
 use tokio::time::Instant;
 
 /// Environment variable that marks every process of a payload, so that a restarted client can
@@ -23,13 +25,15 @@ pub fn marker(node: &str, id: u64) -> String {
 }
 
 /// Starts `bash run.sh` in `dir`, in a new process group, with stdin from /dev/null and
-/// stdout/stderr going to files in `dir`.
-pub fn spawn_run_script(dir: &Path, marker: &str) -> std::io::Result<Child> {
+/// stdout/stderr going to files in `dir`, confined as `confinement` says.
+pub fn spawn_run_script(
+    dir: &Path,
+    marker: &str,
+    confinement: &Confinement,
+) -> std::io::Result<Child> {
     let stdout = std::fs::File::create(dir.join(STDOUT_FILE))?;
     let stderr = std::fs::File::create(dir.join(STDERR_FILE))?;
-    Command::new("bash")
-        .arg(RUN_SCRIPT)
-        .current_dir(dir)
+    confine::command(dir, confinement)?
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)

@@ -2,12 +2,15 @@
 //!
 //! Regular files are stored (no compression, as the protocol's reference peers do), directories
 //! become directory entries, and symbolic links are stored as links: their target is never
-//! followed, so no file outside the directory can reach the archive. Other file types
-//! (sockets, FIFOs, devices) are left out.
+//! followed, so no file outside the directory can reach the archive. Files are opened one path
+//! component at a time with `O_NOFOLLOW`, so a running job that swaps a file or a directory
+//! for a link while the archive is written cannot lead it out either. Other file types
+//! (sockets, FIFOs, devices) are left out, and so are files of another owner than the
+//! directory's (with `--run-as`, a hard link to a file the job could not read).
 
 use std::fs::{self, File, Metadata};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
@@ -25,36 +28,50 @@ const LARGE_FILE: u64 = 0xFFFF_0000;
 
 /// Writes `dir` as a ZIP archive to `out`.
 pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
-    let mut zip = ZipWriter::new_stream(out);
+    let root = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?;
     let mut entries = Vec::new();
-    collect_entries(dir, Path::new(""), &mut entries)?;
-    for (relative, meta) in entries {
+    collect_entries(&root, Path::new(""), &mut entries)?;
+    write_entries(&root, entries, out)
+}
+
+/// Writes the listed entries of the directory `root` as a ZIP archive to `out`. Whatever
+/// changed since the listing (a running job) cannot lead outside `root`.
+fn write_entries<W: Write>(root: &File, entries: Vec<Entry>, out: W) -> io::Result<W> {
+    let mut zip = ZipWriter::new_stream(out);
+    let owner = root.metadata()?.uid();
+    for (relative, meta, link) in entries {
         let name = zip_name(&relative);
         let mode = meta.permissions().mode() & 0o7777;
         let options = SimpleFileOptions::default()
             .compression_method(CompressionMethod::Stored)
             .unix_permissions(mode)
             .large_file(meta.len() >= LARGE_FILE);
-        let full = dir.join(&relative);
         let kind = meta.file_type();
-        if kind.is_symlink() {
-            let target = fs::read_link(&full)?;
+        if let Some(target) = link {
             zip.add_symlink(name, target.to_string_lossy(), options)
                 .map_err(io::Error::other)?;
         } else if kind.is_dir() {
             zip.add_directory(name, options).map_err(io::Error::other)?;
         } else if kind.is_file() {
-            // O_NOFOLLOW: if the file was swapped for a link since it was listed, refuse it.
-            let mut file = match File::options()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&full)
-            {
+            // Opened one component at a time without following any link, so a file or a
+            // directory on its path swapped for a link since it was listed cannot lead out.
+            let mut file = match open_beneath(root, &relative, false) {
                 Ok(file) => file,
-                // Removed while we were archiving (a running job): leave it out.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Removed or swapped for a link while we were archiving (a running job):
+                // leave it out.
+                Err(e) if vanished(&e) => continue,
                 Err(e) => return Err(e),
             };
+            let opened = file.metadata()?;
+            // Swapped for a FIFO or a device: leave it out. A file of another owner than the
+            // directory's (a hard link to a file the job could not read itself, made where
+            // protected_hardlinks is off): leave it out.
+            if !opened.file_type().is_file() || opened.uid() != owner {
+                continue;
+            }
             zip.start_file(name, options).map_err(io::Error::other)?;
             io::copy(&mut file, &mut zip)?;
         }
@@ -63,13 +80,70 @@ pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
     Ok(stream.into_inner())
 }
 
-/// Lists every entry below `dir` (depth first, sorted by name) without following links.
-fn collect_entries(
-    root: &Path,
-    relative: &Path,
-    out: &mut Vec<(PathBuf, Metadata)>,
-) -> io::Result<()> {
-    let mut children: Vec<_> = fs::read_dir(root.join(relative))?
+/// Opens `relative` below the directory `root` one component at a time with `O_NOFOLLOW`
+/// (directories on the way with `O_DIRECTORY`), so no symbolic link anywhere on the path is
+/// followed. The last component is opened as a directory if `directory`, else with
+/// `O_NONBLOCK` so that a FIFO put in a file's place does not block the opening.
+fn open_beneath(root: &File, relative: &Path, directory: bool) -> io::Result<File> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let components: Vec<_> = relative.components().collect();
+    let mut dir: Option<File> = None;
+    for (i, component) in components.iter().enumerate() {
+        let std::path::Component::Normal(part) = component else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "unexpected path",
+            ));
+        };
+        let name = CString::new(part.as_bytes()).map_err(io::Error::other)?;
+        let last = i + 1 == components.len();
+        let flags = libc::O_RDONLY
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC
+            | if last && !directory {
+                libc::O_NONBLOCK
+            } else {
+                libc::O_DIRECTORY
+            };
+        let at = dir.as_ref().unwrap_or(root).as_raw_fd();
+        // SAFETY: `at` is an open directory descriptor and `name` a NUL-terminated string;
+        // the descriptor returned is owned by the `File` made from it.
+        let fd = unsafe { libc::openat(at, name.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let file = unsafe { File::from_raw_fd(fd) };
+        if last {
+            return Ok(file);
+        }
+        dir = Some(file);
+    }
+    Err(io::Error::new(io::ErrorKind::InvalidInput, "empty path"))
+}
+
+/// One entry to archive: its path below the root, its metadata, and for a link its target.
+type Entry = (PathBuf, Metadata, Option<PathBuf>);
+
+/// Lists every entry below `root` (depth first, sorted by name) without following links:
+/// each directory is opened with [`open_beneath`] and read through its descriptor, so a
+/// directory swapped for a link since its parent was listed is left out, not followed.
+fn collect_entries(root: &File, relative: &Path, out: &mut Vec<Entry>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = if relative.as_os_str().is_empty() {
+        root.try_clone()?
+    } else {
+        match open_beneath(root, relative, true) {
+            Ok(dir) => dir,
+            // Removed or swapped for a link (a running job): nothing of it goes in.
+            Err(e) if vanished(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    };
+    // The descriptor's own path: names below it resolve in that very directory.
+    let base = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let mut children: Vec<_> = fs::read_dir(&base)?
         .collect::<io::Result<Vec<_>>>()?
         .into_iter()
         .map(|entry| entry.file_name())
@@ -77,20 +151,33 @@ fn collect_entries(
     children.sort();
     for name in children {
         let child = relative.join(&name);
-        let meta = match fs::symlink_metadata(root.join(&child)) {
+        let meta = match fs::symlink_metadata(base.join(&name)) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let is_dir = meta.file_type().is_dir();
-        if is_dir || meta.file_type().is_file() || meta.file_type().is_symlink() {
-            out.push((child.clone(), meta));
-        }
-        if is_dir {
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            match fs::read_link(base.join(&name)) {
+                Ok(target) => out.push((child, meta, Some(target))),
+                Err(e) if vanished(&e) || e.kind() == io::ErrorKind::InvalidInput => {}
+                Err(e) => return Err(e),
+            }
+        } else if kind.is_dir() {
+            out.push((child.clone(), meta, None));
             collect_entries(root, &child, out)?;
+        } else if kind.is_file() {
+            out.push((child, meta, None));
         }
     }
     Ok(())
+}
+
+/// An entry removed, or swapped for a link or a file, while a job runs.
+fn vanished(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+        || e.raw_os_error() == Some(libc::ELOOP)
+        || e.raw_os_error() == Some(libc::ENOTDIR)
 }
 
 fn zip_name(relative: &Path) -> String {
@@ -199,5 +286,69 @@ mod tests {
             .unwrap();
         assert_eq!(content, "hello");
         assert!(zip.by_name("link").unwrap().is_symlink());
+    }
+
+    #[test]
+    fn open_beneath_follows_no_link_on_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/ok"), b"ok").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("linkdir")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("link")).unwrap();
+        let root = File::open(dir.path()).unwrap();
+        let mut text = String::new();
+        io::Read::read_to_string(
+            &mut open_beneath(&root, Path::new("sub/ok"), false).unwrap(),
+            &mut text,
+        )
+        .unwrap();
+        assert_eq!(text, "ok");
+        assert!(open_beneath(&root, Path::new("sub"), true).is_ok());
+        assert!(open_beneath(&root, Path::new("linkdir"), true).is_err());
+        for path in ["linkdir/secret", "link"] {
+            let e = open_beneath(&root, Path::new(path), false).unwrap_err();
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)),
+                "{path}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn entries_swapped_for_links_after_listing_stay_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("file"), b"SECRET").unwrap();
+        std::fs::write(outside.path().join("other"), b"SECRET").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/file"), b"harmless").unwrap();
+        std::fs::write(dir.path().join("other"), b"harmless").unwrap();
+        let root = File::open(dir.path()).unwrap();
+        let mut entries = Vec::new();
+        collect_entries(&root, Path::new(""), &mut entries).unwrap();
+        // The job swaps a directory and a file for links once they were listed.
+        std::fs::rename(dir.path().join("sub"), dir.path().join("sub.old")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("sub")).unwrap();
+        std::fs::remove_file(dir.path().join("other")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("other"), dir.path().join("other")).unwrap();
+        let bytes = write_entries(&root, entries, Vec::new()).unwrap();
+        let mut zip = zip::ZipArchive::new(io::Cursor::new(bytes)).unwrap();
+        for i in 0..zip.len() {
+            let mut entry = zip.by_index(i).unwrap();
+            let mut content = Vec::new();
+            io::Read::read_to_end(&mut entry, &mut content).unwrap();
+            assert_ne!(content, b"SECRET", "{:?}", entry.name());
+        }
+        // Listing after the swap does not follow the directory link either.
+        let mut entries = Vec::new();
+        collect_entries(&root, Path::new(""), &mut entries).unwrap();
+        assert!(entries
+            .iter()
+            .all(|(path, _, _)| path == Path::new("sub") || !path.starts_with("sub")));
+        assert!(entries
+            .iter()
+            .any(|(path, _, link)| path == Path::new("sub") && link.is_some()));
     }
 }

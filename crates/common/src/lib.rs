@@ -3,9 +3,11 @@
 //! archives of a directory, and small file-system helpers.
 
 pub mod archive;
+pub mod auth;
 pub mod filename;
 pub mod fsutil;
 pub mod logtail;
 pub mod protocol;
 pub mod telemetry;
+pub mod tls;
 pub mod upload;

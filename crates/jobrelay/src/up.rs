@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use jobrelay_client::{ClientConfig, ExecutorConfig};
+use jobrelay_common::auth::Secret;
 use jobrelay_server::{ClientEndpoint, ServerConfig, ServiceConfig};
 
 /// The service `up` configures.
@@ -51,6 +52,7 @@ async fn start_client(
     data_dir: &Path,
     slots: usize,
     port: Option<u16>,
+    token: &Secret,
 ) -> anyhow::Result<jobrelay_client::RunningClient> {
     let port_file = data_dir.join(CLIENT_PORT_FILE);
     let remembered = std::fs::read_to_string(&port_file)
@@ -65,6 +67,9 @@ async fn start_client(
         max_runtime: None,
         max_age: Duration::from_secs(864000),
         executor: ExecutorConfig::Local,
+        token: Some(token.clone()),
+        confinement: Default::default(),
+        tls: None,
     };
     std::fs::create_dir_all(data_dir.join("client"))?;
     let client = match (port, remembered) {
@@ -93,13 +98,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let example = write_example_job(&data_dir)?;
 
-    let client = start_client(&data_dir, slots, args.client_port).await?;
+    // A fresh secret between the server and its local client, at every start.
+    let token = Secret::generate()?;
+    let client = start_client(&data_dir, slots, args.client_port, &token).await?;
     let client_url = format!("http://{}", client.addr);
+    let mut endpoint = ClientEndpoint::from_base(&client_url)?;
+    endpoint.token = Some(token);
     let mut services = BTreeMap::new();
     services.insert(
         SERVICE.to_owned(),
         ServiceConfig {
-            clients: vec![ClientEndpoint::from_base(&client_url)?],
+            clients: vec![endpoint],
             runs_per_user: 5,
             max_runs: 10,
         },

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Multipart, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,6 +20,7 @@ use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 use utoipa::{OpenApi, ToSchema};
 
+use crate::auth::{self, Caller};
 use crate::jobs::{self, Terminated};
 use crate::store::{Job, JobStatus};
 use crate::Shared;
@@ -92,9 +93,35 @@ pub(crate) type ApiResult<T> = Result<T, ApiError>;
         health,
         ping
     ),
-    components(schemas(JobAnswer, Job, JobStatus, UploadForm, JobList))
+    components(schemas(JobAnswer, Job, JobStatus, UploadForm, JobList)),
+    modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
+
+/// The `bearer` security scheme: a user's token from the users file, needed by every endpoint
+/// but `/`, `/health`, `/openapi.json` and `/docs` when the server has one.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some(
+                            "A user's token (server started with --users-file); the user id \
+                             then comes from it and only that user's jobs are visible.",
+                        ))
+                        .build(),
+                ),
+            );
+    }
+}
 
 /// The multipart form of `/upload`.
 #[derive(ToSchema)]
@@ -111,6 +138,7 @@ pub struct UploadForm {
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
+    let users = shared.config.users.clone();
     Router::new()
         .route("/", get(ping))
         .route("/health", get(health))
@@ -126,6 +154,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
+        .layer(axum::middleware::from_fn_with_state(users, auth::identify))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
         }))
@@ -183,8 +212,11 @@ async fn docs() -> Html<&'static str> {
 #[utoipa::path(
     post,
     path = "/upload",
+    security((), ("bearer" = [])),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
+        (status = 403, description = "With a users file: user_id is not the token's user", body = JobAnswer),
         (status = 201, description = "Job queued", body = JobAnswer),
         (status = 400, description = "Missing or bad field, unknown service, no file, bad file name", body = JobAnswer),
         (status = 413, description = "Upload larger than --max-upload", body = JobAnswer),
@@ -193,6 +225,7 @@ async fn docs() -> Html<&'static str> {
 )]
 async fn upload(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<Response> {
@@ -205,19 +238,35 @@ async fn upload(
     })?;
     let received =
         upload::receive(multipart, &shared.staging_dir, shared.config.max_upload).await?;
-    let user_id = match received.fields.get("user_id").map(|v| v.trim()) {
-        None | Some("") => {
+    let given = match received.fields.get("user_id").map(|v| v.trim()) {
+        None | Some("") => None,
+        Some(text) => Some(text.parse::<i64>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("user_id must be an integer, not {text:?}"),
+            )
+        })?),
+    };
+    let user_id = match (caller, given) {
+        (Caller::Trusted, Some(id)) => id,
+        (Caller::Trusted, None) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "user_id is required (an integer)",
             ))
         }
-        Some(text) => text.parse::<i64>().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("user_id must be an integer, not {text:?}"),
-            )
-        })?,
+        // The token decides; an admin may upload for another user.
+        (Caller::User(user), None) => user.id,
+        (Caller::User(user), Some(id)) if id == user.id || user.admin => id,
+        (Caller::User(user), Some(id)) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "user_id {id} is not yours: your token is user {}'s",
+                    user.id
+                ),
+            ))
+        }
     };
     let service = match received.fields.get("service").map(|v| v.trim()) {
         None | Some("") => {
@@ -288,11 +337,13 @@ fn parse_id(raw: &str) -> ApiResult<i64> {
     })
 }
 
-pub(crate) fn find(shared: &Shared, raw: &str) -> ApiResult<Job> {
+/// The job, if it exists and the caller may see it; another user's job is as unknown.
+pub(crate) fn find(shared: &Shared, caller: &Caller, raw: &str) -> ApiResult<Job> {
     let id = parse_id(raw)?;
     shared
         .store
         .get(id)?
+        .filter(|job| caller.may_see(job.user_id))
         .ok_or_else(|| ApiError::for_job(StatusCode::NOT_FOUND, id, format!("no job {id}")))
 }
 
@@ -333,17 +384,20 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
 #[utoipa::path(
     get,
     path = "/download/{id}",
+    security((), ("bearer" = [])),
     params(("id" = i64, Path, description = "Job id")),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "The result ZIP (application/zip) once Completed; the job as JSON before", body = Job),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]
 async fn download(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &caller, &id)?;
     if job.status == JobStatus::Completed {
         zip_file(&shared.result_path(job.id), job.id, "").await
     } else {
@@ -355,17 +409,20 @@ async fn download(
 #[utoipa::path(
     get,
     path = "/jobs/{id}",
+    security((), ("bearer" = [])),
     params(("id" = i64, Path, description = "Job id")),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "The job", body = Job),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]
 async fn job_status(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Job>> {
-    Ok(Json(find(&shared, &id)?))
+    Ok(Json(find(&shared, &caller, &id)?))
 }
 
 /// Query of `GET /jobs`.
@@ -398,14 +455,17 @@ pub struct JobList {
 #[utoipa::path(
     get,
     path = "/jobs",
+    security((), ("bearer" = [])),
     params(ListQuery),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "A page of jobs", body = JobList),
         (status = 400, description = "A bad filter", body = JobAnswer),
     )
 )]
 async fn list_jobs(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<JobList>> {
     let axum::extract::Query(query) =
@@ -427,8 +487,21 @@ async fn list_jobs(
             "limit must be 1 to 1000 and offset not negative",
         ));
     }
+    // A user lists only their own jobs; asking for another's finds none.
+    let user_id = match (caller.restricted_to(), query.user_id) {
+        (Some(own), Some(asked)) if asked != own => {
+            return Ok(Json(JobList {
+                jobs: Vec::new(),
+                total: 0,
+                limit,
+                offset,
+            }))
+        }
+        (Some(own), _) => Some(own),
+        (None, asked) => asked,
+    };
     let filter = crate::store::ListFilter {
-        user_id: query.user_id,
+        user_id,
         service: query.service,
         status,
         limit,
@@ -448,8 +521,10 @@ async fn list_jobs(
 #[utoipa::path(
     get,
     path = "/download_partial/{id}",
+    security((), ("bearer" = [])),
     params(("id" = i64, Path, description = "Job id")),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "application/zip of the work directory now"),
         (status = 404, description = "Unknown job", body = JobAnswer),
         (status = 410, description = "The job's files were removed", body = JobAnswer),
@@ -458,9 +533,10 @@ async fn list_jobs(
 )]
 async fn download_partial(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &caller, &id)?;
     let stored = shared.result_path(job.id);
     if job.status.is_finished() && stored.is_file() {
         return zip_file(&stored, job.id, "-partial").await;
@@ -468,7 +544,7 @@ async fn download_partial(
     if JobStatus::ON_CLIENT.contains(&job.status) {
         if let (Some(client), Some(dest)) = (shared.client_of(job.client.as_deref()), job.dest_id) {
             let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
-            let response = shared.http.get(&url).send().await.map_err(|e| {
+            let response = client.http.get(&url).send().await.map_err(|e| {
                 ApiError::for_job(
                     StatusCode::BAD_GATEWAY,
                     job.id,
@@ -516,8 +592,10 @@ async fn download_partial(
 #[utoipa::path(
     post,
     path = "/terminate/{id}",
+    security((), ("bearer" = [])),
     params(("id" = i64, Path, description = "Job id")),
     responses(
+        (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "The job, now Killed", body = Job),
         (status = 404, description = "Unknown job", body = JobAnswer),
         (status = 409, description = "The job had already finished", body = JobAnswer),
@@ -525,9 +603,10 @@ async fn download_partial(
 )]
 async fn terminate(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let id = parse_id(&id)?;
+    let id = find(&shared, &caller, &id)?.id;
     match jobs::terminate(&shared, id).await? {
         Terminated::Done(job) => Ok(Json(job).into_response()),
         Terminated::AlreadyFinished(job) => Ok((

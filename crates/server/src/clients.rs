@@ -21,10 +21,15 @@ const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Timeout of the small requests (`/info`, `/health`, `/load`).
 pub const SMALL_REQUEST: Duration = Duration::from_secs(10);
+/// Start of the probe error of a client that answers 401/403.
+const REFUSES_TOKEN: &str = "the client refuses our token";
 
 pub struct ClientHandle {
     pub id: ClientId,
     pub endpoint: ClientEndpoint,
+    /// HTTP to this client: the server's shared connection pool with the client's token as a
+    /// default header (see [`http_for`]).
+    pub http: reqwest::Client,
     /// The last `/info` answer; `None` for a client without `/info` or not reached yet.
     pub info: Mutex<Option<ClientInfo>>,
     /// Whether the client was reached at all, and whether `/info` exists there.
@@ -40,10 +45,11 @@ pub struct ClientHandle {
 }
 
 impl ClientHandle {
-    pub fn new(id: ClientId, endpoint: ClientEndpoint) -> Self {
+    pub fn new(id: ClientId, endpoint: ClientEndpoint, http: reqwest::Client) -> Self {
         ClientHandle {
             id,
             endpoint,
+            http,
             info: Mutex::new(None),
             probed: Mutex::new(None),
             unreachable_since: Mutex::new(None),
@@ -88,6 +94,29 @@ impl ClientHandle {
     }
 }
 
+/// The HTTP client for requests to `endpoint`: timeouts as the server's, and its token (if
+/// any) in every request's `Authorization` header.
+/// `ca`: the only certificates an `https://` client's certificate may be signed by.
+pub fn http_for(
+    endpoint: &ClientEndpoint,
+    ca: Option<&[reqwest::Certificate]>,
+) -> reqwest::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(Duration::from_secs(120))
+        .pool_idle_timeout(Duration::from_secs(30));
+    if let Some(token) = &endpoint.token {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, token.header_value());
+        builder = builder.default_headers(headers);
+    }
+    if let Some(ca) = ca {
+        builder = builder.tls_certs_only(ca.iter().cloned());
+    }
+    builder.build()
+}
+
 /// A request to the client failed: stop placing jobs there and probe it now.
 pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
     let was_healthy = {
@@ -122,20 +151,30 @@ enum Probe {
     Seed,
 }
 
-async fn probe_once(shared: &Shared, client: &ClientHandle) -> Result<Probe, String> {
-    let response = shared
+async fn probe_once(client: &ClientHandle) -> Result<Probe, String> {
+    let response = client
         .http
         .get(client.endpoint.path("/info"))
         .timeout(SMALL_REQUEST)
         .send()
         .await
         .map_err(|e| format!("GET /info: {e}"))?;
+    if matches!(
+        response.status(),
+        reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN
+    ) {
+        return Err(format!(
+            "{REFUSES_TOKEN} ({}): give the server the client's token \
+             (--client-token-file, or token_file of the service)",
+            response.status()
+        ));
+    }
     if response.status().is_success() {
         if let Ok(info) = response.json::<ClientInfo>().await {
             return Ok(Probe::Info(info));
         }
     }
-    let health = shared
+    let health = client
         .http
         .get(client.endpoint.path("/health"))
         .timeout(SMALL_REQUEST)
@@ -149,8 +188,8 @@ async fn probe_once(shared: &Shared, client: &ClientHandle) -> Result<Probe, Str
     }
 }
 
-async fn load_of(shared: &Shared, client: &ClientHandle) -> f64 {
-    let answer = shared
+async fn load_of(client: &ClientHandle) -> f64 {
+    let answer = client
         .http
         .get(client.endpoint.path("/load"))
         .timeout(SMALL_REQUEST)
@@ -166,10 +205,10 @@ async fn load_of(shared: &Shared, client: &ClientHandle) -> f64 {
 pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
     let mut backoff = PROBE_BACKOFF_MIN;
     loop {
-        let wait = match probe_once(&shared, &client).await {
+        let wait = match probe_once(&client).await {
             Ok(probe) => {
                 backoff = PROBE_BACKOFF_MIN;
-                let load = load_of(&shared, &client).await;
+                let load = load_of(&client).await;
                 let (slots, has_info) = match probe {
                     Probe::Info(info) => {
                         let slots = Some(info.slots.max(1));
@@ -214,6 +253,9 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                 PROBE_HEALTHY
             }
             Err(why) => {
+                if backoff == PROBE_BACKOFF_MIN && why.contains(REFUSES_TOKEN) {
+                    tracing::error!(client = client.base(), "{why}");
+                }
                 failed(&shared, &client, &why);
                 crate::collector::check_unreachable(&shared, &client);
                 let wait = backoff;

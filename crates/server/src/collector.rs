@@ -66,7 +66,7 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
         .endpoint
         .path(&format!("/events?after={}&wait={wait}", feed.after));
     let page = async {
-        let response = shared
+        let response = client
             .http
             .get(&url)
             .timeout(Duration::from_secs(EVENTS_WAIT_SECS + 15))
@@ -280,7 +280,7 @@ async fn check_once(
         }
     }
     let url = format!("{}/{dest}", client.endpoint.retrieve);
-    let response = match shared.http.get(&url).send().await {
+    let response = match client.http.get(&url).send().await {
         Ok(r) => r,
         Err(e) => {
             clients::failed(&shared, &client, &e.to_string());

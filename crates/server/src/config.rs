@@ -13,7 +13,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use jobrelay_common::auth::Secret;
+use jobrelay_common::tls::TlsFiles;
 use serde::Deserialize;
+use std::sync::Arc;
+
+use crate::auth::Users;
 
 /// Default number of active jobs per user and service.
 pub const DEFAULT_RUNS_PER_USER: usize = 5;
@@ -53,6 +58,25 @@ pub struct ServerArgs {
     /// Seconds a client may stay unreachable before its jobs are queued again.
     #[arg(long, default_value_t = 30.0)]
     pub client_timeout: f64,
+    /// File holding the token sent to every client (`Authorization: Bearer`), the one each
+    /// client reads from its --token-file; a service's `token_file` in the TOML wins.
+    #[arg(long, env = "JOBRELAY_CLIENT_TOKEN_FILE")]
+    pub client_token_file: Option<PathBuf>,
+    /// TOML file of users (`[[users]] token = "..." user_id = 7 admin = false`): requests
+    /// must then carry a user's token, which decides the user id and what the caller sees.
+    /// Without it the `user_id` a caller gives is trusted.
+    #[arg(long, env = "JOBRELAY_USERS_FILE")]
+    pub users_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that `https://` clients' certificates must be signed by; the
+    /// system's trusted roots are not used then.
+    #[arg(long, env = "JOBRELAY_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// One executor client of a service, with the endpoints the server calls.
@@ -66,6 +90,8 @@ pub struct ClientEndpoint {
     pub retrieve: String,
     /// `POST {kill}/{id}`.
     pub kill: String,
+    /// Token sent to the client as `Authorization: Bearer`; `None`: none is sent.
+    pub token: Option<Secret>,
 }
 
 impl ClientEndpoint {
@@ -78,6 +104,7 @@ impl ClientEndpoint {
             retrieve: format!("{base}/retrieve"),
             kill: format!("{base}/kill"),
             base,
+            token: None,
         })
     }
 
@@ -150,6 +177,13 @@ pub struct ServerConfig {
     pub max_attempts: u32,
     pub poll_interval: Duration,
     pub client_timeout: Duration,
+    /// Users and their tokens; `None`: the caller's `user_id` is trusted.
+    pub users: Option<Arc<Users>>,
+    /// Serve HTTPS with these files; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// CA file that `https://` clients' certificates are verified against (only these CAs);
+    /// `None`: the system's roots.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -165,6 +199,9 @@ impl ServerConfig {
             max_attempts: 3,
             poll_interval: Duration::from_millis(500),
             client_timeout: Duration::from_secs(30),
+            users: None,
+            tls: None,
+            client_ca: None,
         }
     }
 }
@@ -183,6 +220,8 @@ struct TomlService {
     clients: Vec<String>,
     runs_per_user: Option<usize>,
     max_runs: Option<usize>,
+    /// File holding the token of this service's clients.
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -208,10 +247,21 @@ pub fn services_from(
     let mut services = BTreeMap::new();
     for (name, service) in file.services {
         check_name(&name)?;
+        let token = service
+            .token_file
+            .as_deref()
+            .map(Secret::read_file)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
         let clients = service
             .clients
             .iter()
-            .map(|c| ClientEndpoint::from_base(c))
+            .map(|c| {
+                ClientEndpoint::from_base(c).map(|mut e| {
+                    e.token = token.clone();
+                    e
+                })
+            })
             .collect::<anyhow::Result<Vec<_>>>()
             .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
         services.insert(
@@ -279,12 +329,18 @@ pub fn services_from(
         });
         match &env.upload {
             Some(upload) => {
-                let endpoint = ClientEndpoint::from_reference(
+                let mut endpoint = ClientEndpoint::from_reference(
                     upload,
                     env.download.as_deref(),
                     env.terminate.as_deref(),
                 )
                 .map_err(|e| anyhow::anyhow!("SERVICE_{}_*: {e}", name.to_uppercase()))?;
+                // The same client in the TOML file, with its service's token.
+                endpoint.token = service
+                    .clients
+                    .iter()
+                    .find(|c| c.base == endpoint.base)
+                    .and_then(|c| c.token.clone());
                 if !service.clients.contains(&endpoint) {
                     service.clients.push(endpoint);
                 }
@@ -346,7 +402,19 @@ impl ServerArgs {
             })?),
             None => None,
         };
-        let services = services_from(text.as_deref(), std::env::vars())?;
+        let mut services = services_from(text.as_deref(), std::env::vars())?;
+        if let Some(path) = &self.client_token_file {
+            let token = Secret::read_file(path).map_err(anyhow::Error::msg)?;
+            for client in services.values_mut().flat_map(|s| s.clients.iter_mut()) {
+                client.token.get_or_insert_with(|| token.clone());
+            }
+        }
+        let users = self
+            .users_file
+            .as_deref()
+            .map(Users::read)
+            .transpose()?
+            .map(Arc::new);
         if services.is_empty() {
             anyhow::bail!(
                 "no service configured: give --config with [services.NAME] or SERVICE_<NAME>_UPLOAD_URL"
@@ -377,6 +445,9 @@ impl ServerArgs {
             poll_interval: seconds("poll-interval", self.poll_interval)?
                 .max(Duration::from_millis(10)),
             client_timeout: seconds("client-timeout", self.client_timeout)?,
+            users,
+            tls: TlsFiles::from_args(self.tls_cert, self.tls_key).map_err(anyhow::Error::msg)?,
+            client_ca: self.client_ca,
         })
     }
 }
@@ -443,6 +514,7 @@ mod tests {
                 submit: "http://host:9000/submit".into(),
                 retrieve: "http://host:9000/retrieve".into(),
                 kill: "http://host:9000/kill".into(),
+                token: None,
             }]
         );
         let nmr = &services["my_nmr"];

@@ -169,7 +169,7 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
             return;
         }
     };
-    let answer = shared
+    let answer = client
         .http
         .post(&client.endpoint.submit)
         .multipart(form)
@@ -191,9 +191,13 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
         }
     };
     let status = response.status();
+    // 401/403: the client refuses our token, not the job; it is the operator's to fix, and
+    // the job waits for a client that takes it.
     if status.is_client_error()
         && status != reqwest::StatusCode::REQUEST_TIMEOUT
         && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+        && status != reqwest::StatusCode::UNAUTHORIZED
+        && status != reqwest::StatusCode::FORBIDDEN
     {
         let body = response.text().await.unwrap_or_default();
         jobs::fail(
@@ -277,8 +281,8 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
                 "job terminated while being sent; killing its payload"
             );
             let url = format!("{}/{}", client.endpoint.kill, record.id);
-            let _ = shared.http.post(&url).send().await;
-            jobs::release(shared, client, record.id as i64).await;
+            let _ = client.http.post(&url).send().await;
+            jobs::release(client, record.id as i64).await;
         }
         Err(e) => tracing::error!(job = job.id, error = %e, "could not record submission"),
     }

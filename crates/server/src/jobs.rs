@@ -162,7 +162,7 @@ pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), S
 pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) {
     let Some(dest) = job.dest_id else { return };
     let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
-    let response = match shared.http.get(&url).send().await {
+    let response = match client.http.get(&url).send().await {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
             tracing::info!(job = job.id, status = %r.status(), "no partial results from the client");
@@ -179,12 +179,12 @@ pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) {
 }
 
 /// Lets the client remove its copy of a payload whose results are stored.
-pub async fn release(shared: &Shared, client: &ClientHandle, dest: i64) {
+pub async fn release(client: &ClientHandle, dest: i64) {
     if !client.has("release") {
         return;
     }
     let url = client.endpoint.path(&format!("/release/{dest}"));
-    match shared
+    match client
         .http
         .post(&url)
         .timeout(crate::clients::SMALL_REQUEST)
@@ -227,7 +227,7 @@ pub async fn finish_on_client(
             free_slot(shared, job.id);
             drop_inputs(shared, job.id).await;
             if let Some(dest) = job.dest_id {
-                release(shared, client, dest).await;
+                release(client, dest).await;
             }
         }
         Ok(None) => {}
@@ -261,7 +261,7 @@ pub async fn complete(
             free_slot(shared, job.id);
             drop_inputs(shared, job.id).await;
             if let Some(dest) = job.dest_id {
-                release(shared, client, dest).await;
+                release(client, dest).await;
             }
         }
         Ok(None) => {}
@@ -347,7 +347,7 @@ async fn terminate_on_client(
     };
     let url = format!("{}/{dest}", client.endpoint.kill);
     // The client answers once the process group is gone, which takes up to its kill grace.
-    let answer = shared
+    let answer = client
         .http
         .post(&url)
         .timeout(Duration::from_secs(120))
@@ -386,7 +386,7 @@ async fn terminate_on_client(
         Some(done) => {
             free_slot(shared, job.id);
             drop_inputs(shared, job.id).await;
-            release(shared, &client, dest).await;
+            release(&client, dest).await;
             Some(Terminated::Done(done))
         }
         None => {

@@ -14,6 +14,7 @@
 //! - [`janitor`]: removes files of jobs past the retention period.
 
 pub mod api;
+pub mod auth;
 pub mod clients;
 pub mod collector;
 pub mod config;
@@ -87,6 +88,8 @@ impl Shared {
 /// A server that is serving.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// `http` or `https` (with `ServerConfig.tls`).
+    pub scheme: &'static str,
     pub shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -125,6 +128,23 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .pool_idle_timeout(Duration::from_secs(30))
         .build()?;
 
+    let client_ca = match &config.client_ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read --client-ca {}: {e}", path.display()))?;
+            Some(reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                anyhow::anyhow!("no usable CA certificate in {}: {e}", path.display())
+            })?)
+        }
+        None => None,
+    };
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|files| files.acceptor())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+
     let mut sched = Scheduler::new();
     let mut clients = Vec::new();
     let mut client_by_base = HashMap::new();
@@ -136,7 +156,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .entry(endpoint.base.clone())
                 .or_insert_with(|| {
                     let id = sched.add_client();
-                    clients.push(Arc::new(ClientHandle::new(id, endpoint.clone())));
+                    let http = clients::http_for(endpoint, client_ca.as_deref());
+                    clients.push(
+                        http.map(|http| Arc::new(ClientHandle::new(id, endpoint.clone(), http))),
+                    );
                     id
                 });
             ids.push(id);
@@ -145,6 +168,43 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         service_ids.insert(name.clone(), sid);
     }
 
+    let clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
+    match &config.users {
+        Some(users) => tracing::info!(
+            users = users.len(),
+            "users file: requests need a user's token; users see only their own jobs"
+        ),
+        None => tracing::warn!(
+            "no users file: every caller is trusted with the user_id it gives and can see, \
+             download and terminate every job (give --users-file to change that)"
+        ),
+    }
+    if config.users.is_some() && config.tls.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "users' tokens and results cross the network in clear: give --tls-cert/--tls-key"
+        );
+    }
+    for client in &clients {
+        let on_loopback = url::Url::parse(client.base()).is_ok_and(|u| match u.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(name)) => name == "localhost",
+            None => false,
+        });
+        if client.endpoint.token.is_some() && client.base().starts_with("http://") && !on_loopback {
+            tracing::warn!(
+                client = client.base(),
+                "the client token crosses the network in clear: use an https:// client URL"
+            );
+        }
+        if client.endpoint.token.is_none() {
+            tracing::info!(
+                client = client.base(),
+                "no client token: requests to this client carry no Authorization"
+            );
+        }
+    }
     let shared = Arc::new(Shared {
         config,
         store,
@@ -169,16 +229,30 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", shared.config.listen))?;
     let addr = listener.local_addr()?;
     let app = api::router(shared.clone());
-    // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
-    // ACK (about 40 ms on Linux).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let mut tasks = vec![tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP server stopped");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let serving = match tls {
+        Some(acceptor) => {
+            let listener = jobrelay_common::tls::TlsListener::new(listener, acceptor)?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "HTTPS server stopped");
+                }
+            })
         }
-    })];
+        None => {
+            // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's
+            // delayed ACK (about 40 ms on Linux).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "HTTP server stopped");
+                }
+            })
+        }
+    };
+    let mut tasks = vec![serving];
     for client in &shared.clients {
         tasks.push(tokio::spawn(clients::probe_loop(
             shared.clone(),
@@ -197,6 +271,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), db = %shared.config.db_path.display(), "server started");
     Ok(RunningServer {
         addr,
+        scheme,
         shared,
         tasks,
     })
@@ -285,7 +360,10 @@ pub async fn shutdown_signal() {
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
     let server = start(config).await?;
-    println!("jobrelay server listening on http://{}", server.addr);
+    println!(
+        "jobrelay server listening on {}://{}",
+        server.scheme, server.addr
+    );
     shutdown_signal().await;
     tracing::info!("server stopping");
     server.shutdown();

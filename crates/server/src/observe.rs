@@ -11,12 +11,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
 use jobrelay_common::logtail::{self, Stream};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::api::{find, ApiError, ApiResult, JobAnswer};
+use crate::auth::Caller;
 use crate::store::{now_ms, rfc3339, Job, JobEvent, JobStatus};
 use crate::Shared;
 
@@ -130,13 +132,18 @@ fn client_views(shared: &Shared) -> Vec<ClientView> {
 /// Jobs per state, queues and quota use per service and user, throughput over the last hour,
 /// and the clients.
 #[utoipa::path(get, path = "/overview", responses((status = 200, body = Overview)))]
-async fn overview(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Overview>> {
+async fn overview(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Overview>> {
     let hour_ago = now_ms() - 3_600_000;
+    // A user (not an admin) sees only their own jobs, and not the clients.
+    let only = caller.restricted_to();
     let store_shared = shared.clone();
     let (counts, per_minute) = tokio::task::spawn_blocking(move || {
         Ok::<_, anyhow::Error>((
-            store_shared.store.counts()?,
-            store_shared.store.finished_per_minute(hour_ago)?,
+            store_shared.store.counts(only)?,
+            store_shared.store.finished_per_minute(hour_ago, only)?,
         ))
     })
     .await
@@ -161,6 +168,7 @@ async fn overview(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Overview>
                     users: sched
                         .user_usage(id)
                         .into_iter()
+                        .filter(|(user, _, _)| only.is_none_or(|me| me == *user))
                         .map(|(user_id, active, queued)| UserUsage {
                             user_id,
                             active,
@@ -184,14 +192,40 @@ async fn overview(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Overview>
                 finished,
             })
             .collect(),
-        clients: client_views(&shared),
+        clients: if only.is_some() {
+            Vec::new()
+        } else {
+            client_views(&shared)
+        },
     }))
 }
 
+/// Clients and metrics describe the whole system: admins only, where users exist.
+fn admin_only(caller: &Caller) -> ApiResult<()> {
+    match caller.restricted_to() {
+        None => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "only an admin may see the clients and metrics",
+        )),
+    }
+}
+
 /// The clients of every service: health, load, slots, jobs, last contact.
-#[utoipa::path(get, path = "/clients", responses((status = 200, body = [ClientView])))]
-async fn clients(State(shared): State<Arc<Shared>>) -> Json<Vec<ClientView>> {
-    Json(client_views(&shared))
+#[utoipa::path(
+    get,
+    path = "/clients",
+    responses(
+        (status = 200, body = [ClientView]),
+        (status = 403, description = "Not an admin (where a users file is configured)", body = JobAnswer),
+    )
+)]
+async fn clients(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<ClientView>>> {
+    admin_only(&caller)?;
+    Ok(Json(client_views(&shared)))
 }
 
 /// Every state the job went through, with times, attempts and clients.
@@ -206,9 +240,10 @@ async fn clients(State(shared): State<Arc<Shared>>) -> Json<Vec<ClientView>> {
 )]
 async fn job_events(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Vec<JobEvent>>> {
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &caller, &id)?;
     Ok(Json(shared.store.history(job.id)?))
 }
 
@@ -239,11 +274,12 @@ pub struct LogQuery {
 )]
 async fn job_log(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let job = find(&shared, &id)?;
+    let job = find(&shared, &caller, &id)?;
     let stream = Stream::parse(query.stream.as_deref())
         .map_err(|e| ApiError::for_job(StatusCode::BAD_REQUEST, job.id, e))?;
     let offset = query.offset.unwrap_or(0);
@@ -308,7 +344,7 @@ async fn log_from_client(
             format!("cannot read the log from {}: {e}", client.base()),
         )
     };
-    let response = shared
+    let response = client
         .http
         .get(url)
         .timeout(crate::clients::SMALL_REQUEST)
@@ -345,9 +381,16 @@ fn log_from_zip(path: &std::path::Path, stream: Stream, offset: u64) -> Vec<u8> 
 #[utoipa::path(
     get,
     path = "/metrics",
-    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"))
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 403, description = "Not an admin (where a users file is configured)", body = JobAnswer),
+    )
 )]
-async fn metrics(State(shared): State<Arc<Shared>>) -> ApiResult<Response> {
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    admin_only(&caller)?;
     let text = tokio::task::spawn_blocking(move || crate::telemetry::render(&shared))
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics task failed"))??;

@@ -487,29 +487,40 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(sql_err)
     }
 
-    /// Number of jobs per (service, status).
-    pub fn counts(&self) -> anyhow::Result<Vec<(String, String, i64)>> {
+    /// Number of jobs per (service, status), of one user or of all.
+    pub fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
         let conn = self.conn.lock().unwrap();
         let mut statement = conn
-            .prepare_cached("SELECT service, status, COUNT(*) FROM jobs GROUP BY service, status")
+            .prepare_cached(
+                "SELECT service, status, COUNT(*) FROM jobs
+                 WHERE ?1 IS NULL OR user_id = ?1 GROUP BY service, status",
+            )
             .map_err(sql_err)?;
         let rows = statement
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .query_map([user], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
             .map_err(sql_err)?;
         rows.collect::<Result<_, _>>().map_err(sql_err)
     }
 
-    /// Jobs that finished in each minute since `since_ms` (minute start in ms, count).
-    pub fn finished_per_minute(&self, since_ms: i64) -> anyhow::Result<Vec<(i64, i64)>> {
+    /// Jobs (of one user or of all) that finished in each minute since `since_ms`
+    /// (minute start in ms, count).
+    pub fn finished_per_minute(
+        &self,
+        since_ms: i64,
+        user: Option<i64>,
+    ) -> anyhow::Result<Vec<(i64, i64)>> {
         let conn = self.conn.lock().unwrap();
         let mut statement = conn
             .prepare_cached(
                 "SELECT finished_ms / 60000 * 60000 AS minute, COUNT(*) FROM jobs
-                 WHERE finished_ms >= ?1 GROUP BY minute ORDER BY minute",
+                 WHERE finished_ms >= ?1 AND (?2 IS NULL OR user_id = ?2)
+                 GROUP BY minute ORDER BY minute",
             )
             .map_err(sql_err)?;
         let rows = statement
-            .query_map([since_ms], |row| Ok((row.get(0)?, row.get(1)?)))
+            .query_map(params![since_ms, user], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
             .map_err(sql_err)?;
         rows.collect::<Result<_, _>>().map_err(sql_err)
     }

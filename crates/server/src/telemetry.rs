@@ -42,7 +42,7 @@ pub fn job_changed(job: &Job) {
 
 /// Sets the gauges from the current state and renders every metric.
 pub fn render(shared: &Shared) -> anyhow::Result<String> {
-    for (service, status, count) in shared.store.counts()? {
+    for (service, status, count) in shared.store.counts(None)? {
         gauge!("jobrelay_server_jobs", "service" => service, "status" => status).set(count as f64);
     }
     {

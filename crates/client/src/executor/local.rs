@@ -10,6 +10,7 @@ use jobrelay_common::protocol::PayloadStatus;
 use tokio::process::Child;
 
 use super::{Ended, Progress};
+use crate::confine::Confinement;
 use crate::process;
 
 /// Starts payloads as local process groups and remembers the live ones, so that a shutdown
@@ -17,6 +18,7 @@ use crate::process;
 #[derive(Default)]
 pub struct LocalExecutor {
     groups: Arc<Mutex<HashSet<u32>>>,
+    confinement: Confinement,
 }
 
 pub struct LocalJob {
@@ -27,8 +29,16 @@ pub struct LocalJob {
 }
 
 impl LocalExecutor {
+    /// An executor whose payloads run confined (`--run-as`, limits, `--sandbox`).
+    pub fn confined(confinement: Confinement) -> Self {
+        LocalExecutor {
+            groups: Arc::default(),
+            confinement,
+        }
+    }
+
     pub fn start(&self, dir: &Path, marker: &str) -> Result<LocalJob, String> {
-        let child = process::spawn_run_script(dir, marker).map_err(|e| {
+        let child = process::spawn_run_script(dir, marker, &self.confinement).map_err(|e| {
             metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
             format!("could not start run.sh: {e}")
         })?;

@@ -1,0 +1,242 @@
+//! Who is asking. With a users file (`--users-file`) every request but the open ones (`GET /`,
+//! `/health`, `/openapi.json`, `/docs`) must carry `Authorization: Bearer <token>` of a listed
+//! user: the user id then comes from the token, users see only their own jobs (another
+//! user's job answers 404, as an unknown one does) and admins see all. Without it every caller
+//! is trusted with the `user_id` it gives, as in the reference server.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use jobrelay_common::auth::{bearer, Secret};
+use serde::Deserialize;
+
+use crate::api::JobAnswer;
+
+/// A user of the users file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct User {
+    pub id: i64,
+    pub admin: bool,
+}
+
+/// The users file: tokens and who they stand for.
+#[derive(Debug, Clone, Default)]
+pub struct Users {
+    entries: Vec<(Secret, User)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    #[serde(default)]
+    users: Vec<UserEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserEntry {
+    token: String,
+    user_id: i64,
+    #[serde(default)]
+    admin: bool,
+}
+
+impl Users {
+    /// Parses the TOML text of a users file (`[[users]] token = "..." user_id = 7
+    /// admin = false`). Refuses empty or repeated tokens.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let file: UsersFile =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("bad users file: {e}"))?;
+        let mut users = Users::default();
+        for (i, entry) in file.users.into_iter().enumerate() {
+            let token = Secret::new(entry.token)
+                .map_err(|e| anyhow::anyhow!("users file, entry {}: {e}", i + 1))?;
+            if users.entries.iter().any(|(t, _)| *t == token) {
+                anyhow::bail!("users file, entry {}: token used twice", i + 1);
+            }
+            users.add(
+                token,
+                User {
+                    id: entry.user_id,
+                    admin: entry.admin,
+                },
+            );
+        }
+        if users.entries.is_empty() {
+            anyhow::bail!("the users file lists no [[users]]");
+        }
+        Ok(users)
+    }
+
+    /// Reads a users file; refuses one every local user may read (it holds tokens).
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read users file {}: {e}", path.display()))?;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o004 != 0 {
+            anyhow::bail!(
+                "users file {} is readable by every user (mode {:o}); chmod o-r it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Adds a user in code (e.g. `jobrelay up` making a token for its operator).
+    pub fn add(&mut self, token: Secret, user: User) {
+        self.entries.push((token, user));
+    }
+
+    /// The user of a token. Every entry is compared (in constant time each), so the time
+    /// taken does not say which entry, if any, came close.
+    pub fn find(&self, token: &str) -> Option<User> {
+        let mut found = None;
+        for (secret, user) in &self.entries {
+            if secret.matches(token) && found.is_none() {
+                found = Some(*user);
+            }
+        }
+        found
+    }
+}
+
+/// Who made a request, as the handlers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// No users file: trusted, with whatever `user_id` it gives.
+    Trusted,
+    /// A user of the users file.
+    User(User),
+}
+
+impl Caller {
+    /// True if the caller may see and act on a job of `owner`.
+    pub fn may_see(&self, owner: i64) -> bool {
+        match self {
+            Caller::Trusted => true,
+            Caller::User(user) => user.admin || user.id == owner,
+        }
+    }
+
+    /// The only user whose jobs the caller may list, if it is restricted to one.
+    pub fn restricted_to(&self) -> Option<i64> {
+        match self {
+            Caller::User(user) if !user.admin => Some(user.id),
+            _ => None,
+        }
+    }
+}
+
+/// Requests anyone may make.
+fn is_open(request: &Request) -> bool {
+    request.method() == Method::GET
+        && matches!(
+            request.uri().path(),
+            // The dashboard's page is static; the data it reads needs a token.
+            "/" | "/health" | "/openapi.json" | "/docs" | "/ui"
+        )
+}
+
+fn unauthorized(message: &str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(JobAnswer {
+            id: 0,
+            status: "Unknown".into(),
+            message: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// Middleware: finds the caller and hands it to the handlers as a request extension.
+pub async fn identify(
+    State(users): State<Option<Arc<Users>>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let caller = match &users {
+        None => Caller::Trusted,
+        Some(_) if is_open(&request) => Caller::Trusted,
+        Some(users) => match bearer(request.headers()) {
+            None => {
+                return unauthorized(
+                    "this server needs Authorization: Bearer <your token> \
+                     (jobrelay: --token or JOBRELAY_TOKEN)",
+                )
+            }
+            Some(token) => match users.find(token) {
+                Some(user) => Caller::User(user),
+                None => return unauthorized("unknown token"),
+            },
+        },
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_file_parsing_and_lookup() {
+        let users = Users::parse(
+            r#"
+            [[users]]
+            token = "alice-token"
+            user_id = 7
+            [[users]]
+            token = "root-token"
+            user_id = 1
+            admin = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            users.find("alice-token"),
+            Some(User {
+                id: 7,
+                admin: false
+            })
+        );
+        assert_eq!(users.find("root-token").map(|u| u.admin), Some(true));
+        assert_eq!(users.find("alice"), None);
+        assert!(Users::parse(
+            "[[users]]\ntoken = \"a\"\nuser_id = 1\n[[users]]\ntoken = \"a\"\nuser_id = 2\n"
+        )
+        .is_err());
+        assert!(Users::parse("[[users]]\ntoken = \"\"\nuser_id = 1\n").is_err());
+        assert!(Users::parse("[[users]]\ntoken = \"a\"\nuser = 1\n").is_err());
+        assert!(Users::parse("").is_err());
+    }
+
+    #[test]
+    fn what_callers_may_see() {
+        let alice = Caller::User(User {
+            id: 7,
+            admin: false,
+        });
+        let admin = Caller::User(User { id: 1, admin: true });
+        assert!(alice.may_see(7) && !alice.may_see(8));
+        assert!(admin.may_see(8) && Caller::Trusted.may_see(8));
+        assert_eq!(alice.restricted_to(), Some(7));
+        assert_eq!(admin.restricted_to(), None);
+    }
+}
