@@ -34,6 +34,9 @@ pub struct Args {
     /// Directory for the processes' data (default: a fresh temporary directory, removed after).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Keep the processes' data and logs (under --work-dir, or printed) instead of removing them.
+    #[arg(long)]
+    pub keep: bool,
     /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,

@@ -302,7 +302,12 @@ pub async fn run_all(args: Args) -> anyhow::Result<(Vec<Row>, Value)> {
             .tempdir()?,
     };
     let root_path = root.path().to_path_buf();
-    _temp = root;
+    if args.keep {
+        eprintln!("keeping data and logs in {}", root.keep().display());
+        _temp = None;
+    } else {
+        _temp = Some(root);
+    }
     let http = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(64)

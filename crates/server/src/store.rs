@@ -2,9 +2,12 @@
 //! by the states it may come from, so two actors racing on a job (terminate and completion,
 //! say) cannot both win, and a restart finds each job where the last commit left it.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
@@ -208,6 +211,27 @@ pub struct ListFilter {
 pub struct Store {
     conn: Mutex<Connection>,
     server_id: String,
+    /// Long-polls waiting on a job (`GET /jobs/{id}?wait=`): woken after each committed
+    /// change of that job. An entry lives while a [`JobWatch`] holds it.
+    watchers: Mutex<HashMap<i64, Arc<Notify>>>,
+}
+
+/// Registration of a long-poll on one job: [`JobWatch::notify`] is woken after every
+/// committed state change of the job. Removed from the store when the last one is dropped.
+pub struct JobWatch<'a> {
+    store: &'a Store,
+    id: i64,
+    pub notify: Arc<Notify>,
+}
+
+impl Drop for JobWatch<'_> {
+    fn drop(&mut self) {
+        let mut watchers = self.store.watchers.lock().unwrap();
+        // Ours and the map's: nobody else waits on this job.
+        if Arc::strong_count(&self.notify) <= 2 {
+            watchers.remove(&self.id);
+        }
+    }
 }
 
 fn sql_err(e: rusqlite::Error) -> anyhow::Error {
@@ -270,7 +294,25 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(conn),
             server_id,
+            watchers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Registers a long-poll on job `id`. Create the `notified()` future (and `enable` it)
+    /// before reading the job, so that no change between the read and the wait is missed.
+    pub fn watch(&self, id: i64) -> JobWatch<'_> {
+        let notify = self.watchers.lock().unwrap().entry(id).or_default().clone();
+        JobWatch {
+            store: self,
+            id,
+            notify,
+        }
+    }
+
+    fn changed(&self, id: i64) {
+        if let Some(notify) = self.watchers.lock().unwrap().get(&id) {
+            notify.notify_waiters();
+        }
     }
 
     /// Identity of this database, part of every dispatch key.
@@ -380,7 +422,9 @@ impl Store {
             )
             .optional()
             .map_err(sql_err)?;
+        drop(conn);
         if let Some(job) = &job {
+            self.changed(id);
             tracing::info!(
                 job = id,
                 status = %to,
