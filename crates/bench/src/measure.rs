@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use jobrelay_server::scheduler::Scheduler;
 use serde_json::{json, Value};
 
-use crate::procs::{find_jobrelay, Proc};
+use crate::procs::{cpu_times, find_jobrelay, Proc};
 use crate::stats::{mib, ms, yes, Row, Summary};
 use crate::Args;
 
@@ -602,6 +602,8 @@ async fn throughput_and_idle(
 ) -> anyhow::Result<()> {
     let shared = share(env);
     let mut rates = Vec::new();
+    // CPU milliseconds per job: server, client, the client's children (bash), this harness.
+    let mut cpu: Vec<[f64; 4]> = Vec::new();
     let mut last = None;
     let runs = if args.wants("throughput") {
         counts.runs
@@ -620,15 +622,38 @@ async fn throughput_and_idle(
         for _ in 0..3 {
             env.round_trip(&server, 1).await?;
         }
+        let me = std::process::id();
+        let before = [
+            cpu_times(setup.server.pid)?.0,
+            cpu_times(setup.clients[0].pid)?.0,
+            cpu_times(setup.clients[0].pid)?.1,
+            cpu_times(me)?.0,
+        ];
         let secs = many_jobs(&shared, &server, jobs, counts.users, TRIVIAL).await?;
         rates.push(jobs as f64 / secs);
+        let after = [
+            cpu_times(setup.server.pid)?.0,
+            cpu_times(setup.clients[0].pid)?.0,
+            cpu_times(setup.clients[0].pid)?.1,
+            cpu_times(me)?.0,
+        ];
+        cpu.push(std::array::from_fn(|i| {
+            (after[i] - before[i]) * 1e3 / jobs as f64
+        }));
         last = Some(setup);
     }
     let setup = last.expect("one run at least");
     if args.wants("throughput") {
         let s = Summary::of(&rates);
         let fraction = s.p50 / floor_rate;
-        doc["throughput"] = json!({"jobs": jobs, "users": counts.users, "runs": runs, "jobs_per_s": s.json(), "fraction_of_floor_rate": fraction});
+        let cpu_of = |i: usize| Summary::of(&cpu.iter().map(|c| c[i]).collect::<Vec<_>>()).p50;
+        let (server_ms, client_ms, bash_ms, bench_ms) =
+            (cpu_of(0), cpu_of(1), cpu_of(2), cpu_of(3));
+        doc["throughput"] = json!({
+            "jobs": jobs, "users": counts.users, "runs": runs, "jobs_per_s": s.json(),
+            "fraction_of_floor_rate": fraction,
+            "cpu_ms_per_job": {"server": server_ms, "client": client_ms, "client_children_bash": bash_ms, "harness": bench_ms},
+        });
         rows.push(Row {
             section: "3".into(),
             what: format!(
@@ -641,6 +666,27 @@ async fn throughput_and_idle(
             ratio: format!("{:.0}%", fraction * 100.0),
             target: "≥ 40% of floor rate".into(),
             met: yes(fraction >= 0.4),
+        });
+        rows.push(Row {
+            section: "3".into(),
+            what: "throughput: CPU per job, server / client / bash (client's children) / harness"
+                .into(),
+            value: format!("{server_ms:.2} / {client_ms:.2} / {bash_ms:.2} / {bench_ms:.2} ms"),
+            spread: format!(
+                "{:.2} ms in all",
+                server_ms + client_ms + bash_ms + bench_ms
+            ),
+            floor: format!(
+                "{:.2} ms CPU per spawn",
+                1e3 * cores_of() as f64 / floor_rate
+            ),
+            ratio: format!(
+                "{:.1}x",
+                (server_ms + client_ms + bash_ms + bench_ms)
+                    / (1e3 * cores_of() as f64 / floor_rate)
+            ),
+            target: "".into(),
+            met: "".into(),
         });
     }
     if args.wants("idle") {
@@ -983,4 +1029,8 @@ async fn many_clients(
         met: "".into(),
     });
     Ok(())
+}
+
+fn cores_of() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -136,6 +136,11 @@ fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
 
 /// utime + stime of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    Ok(cpu_times(pid)?.0)
+}
+
+/// (own utime + stime, utime + stime of its reaped children), in seconds.
+pub fn cpu_times(pid: u32) -> anyhow::Result<(f64, f64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &text[text.rfind(')').context("bad /proc stat")? + 2..];
@@ -143,9 +148,14 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     // utime and stime are fields 14 and 15 of stat, 12 and 13 of `rest` (0-based 11, 12).
     let utime: u64 = fields[11].parse()?;
     let stime: u64 = fields[12].parse()?;
+    let cutime: u64 = fields[13].parse()?;
+    let cstime: u64 = fields[14].parse()?;
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok((utime + stime) as f64 / ticks)
+    Ok((
+        (utime + stime) as f64 / ticks,
+        (cutime + cstime) as f64 / ticks,
+    ))
 }
 
 /// Locates the `jobrelay` binary: `--jobrelay`, else next to this executable.
