@@ -338,6 +338,7 @@ pub async fn run_all(args: Args) -> anyhow::Result<(Vec<Row>, Value)> {
         "runs": counts.floor_runs,
         "per_run_s": floor.sequential.json(),
         "spawns_per_s_sequential": floor.sequential_rate,
+        "cpu_s_per_run": floor.cpu_per_run,
         "spawns_per_s_parallel": floor.parallel_rate,
         "parallel_workers": cores,
     });
@@ -396,7 +397,8 @@ pub async fn run_all(args: Args) -> anyhow::Result<(Vec<Row>, Value)> {
         latency(&env, &counts, floor_s, &mut rows, &mut doc).await?;
     }
     if args.wants("throughput") || args.wants("idle") {
-        throughput_and_idle(&env, &args, &counts, floor_rate, &mut rows, &mut doc).await?;
+        let floors = (floor_rate, floor.cpu_per_run);
+        throughput_and_idle(&env, &args, &counts, floors, &mut rows, &mut doc).await?;
     }
     if args.wants("memory") {
         memory(&env, &counts, &mut rows, &mut doc).await?;
@@ -429,6 +431,8 @@ fn machine() -> Value {
 }
 
 struct Floor {
+    /// CPU seconds of one `bash run.sh` (user + system, from the reaped children's times).
+    cpu_per_run: f64,
     sequential: Summary,
     sequential_rate: f64,
     parallel_rate: f64,
@@ -460,11 +464,13 @@ fn floor(env: &Env, runs: usize, workers: usize) -> anyhow::Result<Floor> {
         one(&work0)?;
     }
     let start = Instant::now();
+    let children_before = cpu_times(std::process::id())?.1;
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
         samples.push(one(&work0)?);
     }
     let sequential_rate = runs as f64 / start.elapsed().as_secs_f64();
+    let cpu_per_run = (cpu_times(std::process::id())?.1 - children_before) / runs as f64;
     let per_worker = runs.div_ceil(workers);
     let start = Instant::now();
     std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -487,6 +493,7 @@ fn floor(env: &Env, runs: usize, workers: usize) -> anyhow::Result<Floor> {
     })?;
     let parallel_rate = (per_worker * workers) as f64 / start.elapsed().as_secs_f64();
     Ok(Floor {
+        cpu_per_run,
         sequential: Summary::of(&samples),
         sequential_rate,
         parallel_rate,
@@ -596,7 +603,7 @@ async fn throughput_and_idle(
     env: &Env,
     args: &Args,
     counts: &Counts,
-    floor_rate: f64,
+    (floor_rate, floor_cpu): (f64, f64),
     rows: &mut Vec<Row>,
     doc: &mut Value,
 ) -> anyhow::Result<()> {
@@ -676,14 +683,10 @@ async fn throughput_and_idle(
                 "{:.2} ms in all",
                 server_ms + client_ms + bash_ms + bench_ms
             ),
-            floor: format!(
-                "{:.2} ms CPU per spawn",
-                1e3 * cores_of() as f64 / floor_rate
-            ),
+            floor: format!("{:.2} ms CPU per `bash run.sh`", 1e3 * floor_cpu),
             ratio: format!(
                 "{:.1}x",
-                (server_ms + client_ms + bash_ms + bench_ms)
-                    / (1e3 * cores_of() as f64 / floor_rate)
+                (server_ms + client_ms + bash_ms + bench_ms) / (1e3 * floor_cpu)
             ),
             target: "".into(),
             met: "".into(),
@@ -1029,8 +1032,4 @@ async fn many_clients(
         met: "".into(),
     });
     Ok(())
-}
-
-fn cores_of() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

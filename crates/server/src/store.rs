@@ -245,6 +245,8 @@ impl Store {
         }
         let conn = Connection::open(path)
             .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+        // Room for every per-job statement (the state changes vary by the fields they set).
+        conn.set_prepared_statement_cache_capacity(64);
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -331,20 +333,17 @@ impl Store {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction().map_err(sql_err)?;
         let now = now_ms();
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms)
              VALUES ('Queued', 'Job queued', ?1, ?2, ?3, ?3)",
-            params![user_id, service, now],
         )
+        .and_then(|mut stmt| stmt.execute(params![user_id, service, now]))
         .map_err(sql_err)?;
         let id = tx.last_insert_rowid();
         place_files(id)?;
         let job = tx
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-                [id],
-                job_from_row,
-            )
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
+            .and_then(|mut stmt| stmt.query_row([id], job_from_row))
             .map_err(sql_err)?;
         tx.commit().map_err(sql_err)?;
         tracing::info!(job = id, user_id, service, status = "Queued", "job state");
@@ -353,13 +352,9 @@ impl Store {
 
     pub fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
         let conn = self.conn.lock().unwrap();
-        conn.query_row(
-            &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-            [id],
-            job_from_row,
-        )
-        .optional()
-        .map_err(sql_err)
+        conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
+            .and_then(|mut stmt| stmt.query_row([id], job_from_row).optional())
+            .map_err(sql_err)
     }
 
     /// Moves job `id` from one of `from` to `to`, setting the fields of `change`. Returns the
@@ -414,13 +409,16 @@ impl Store {
             "UPDATE jobs SET {} WHERE id = ?{id_param} AND status IN ({states}) RETURNING {COLUMNS}",
             sets.join(", ")
         );
+        // A handful of distinct statements (by the fields set): parsed once, then cached.
         let job = conn
-            .query_row(
-                &sql,
-                rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
-                job_from_row,
-            )
-            .optional()
+            .prepare_cached(&sql)
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
+                    job_from_row,
+                )
+                .optional()
+            })
             .map_err(sql_err)?;
         drop(conn);
         if let Some(job) = &job {
