@@ -40,10 +40,12 @@ pub struct Args {
     /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Follow jobs by polling `GET /jobs/{id}` every millisecond instead of the server's
-    /// long-poll `?wait=` (to compare the two).
-    #[arg(long)]
-    pub poll: bool,
+    /// How jobs are followed to their end: `auto` (the best the server offers),
+    /// `download-wait` (`GET /download/{id}?wait=` answers the ZIP), `jobs-wait`
+    /// (`GET /jobs/{id}?wait=`, then `GET /download/{id}`), `poll` (`GET /jobs/{id}` every
+    /// millisecond, then the download).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub follow: Follow,
     /// Override the number of latency jobs.
     #[arg(long)]
     pub latency_jobs: Option<usize>,
@@ -56,6 +58,14 @@ pub struct Args {
     /// Runs of the throughput and many-clients measurements (median over them).
     #[arg(long)]
     pub runs: Option<usize>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    Auto,
+    DownloadWait,
+    JobsWait,
+    Poll,
 }
 
 impl Args {

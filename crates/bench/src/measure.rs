@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::procs::{cpu_times, find_jobrelay, Proc};
 use crate::stats::{mib, ms, yes, Row, Summary};
-use crate::Args;
+use crate::{Args, Follow};
 
 /// The trivial job: writes one small file.
 const TRIVIAL: &[u8] = b"echo hello > out.txt\n";
@@ -93,6 +93,8 @@ struct Env {
     http: reqwest::Client,
     /// The server answers `GET /jobs/{id}?wait=` as a long-poll.
     long_poll: bool,
+    /// The server answers `GET /download/{id}?wait=` with the ZIP once the job completed.
+    download_wait: bool,
     force_poll: bool,
     seq: std::sync::atomic::AtomicUsize,
 }
@@ -251,38 +253,74 @@ impl Env {
             .timeout(Duration::from_secs(3600))
             .send()
             .await?;
-        let kind = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        if !kind.starts_with("application/zip") {
-            bail!(
-                "job {id}: /download answered {kind}: {}",
-                response.text().await?
-            );
+        if !is_zip(&response) {
+            bail!("job {id}: /download answered {}", response.text().await?);
         }
-        let mut size = 0u64;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            size += chunk?.len() as u64;
-        }
-        Ok(size)
+        count_body(response).await
     }
 
     /// Upload, wait, download: one trivial job.
     async fn round_trip(&self, server: &str, user: i64) -> anyhow::Result<()> {
         let id = self.upload_trivial(server, user).await?;
-        let status = self
-            .wait_final(server, id, Duration::from_secs(120))
+        self.follow_and_download(server, id, Duration::from_secs(120))
             .await?;
-        if status != "Completed" {
-            bail!("job {id} ended {status}");
-        }
-        self.download(server, id).await?;
         Ok(())
     }
+
+    /// Follows the job to its end and downloads its ZIP (an error unless it Completed);
+    /// returns the ZIP's size.
+    async fn follow_and_download(
+        &self,
+        server: &str,
+        id: i64,
+        limit: Duration,
+    ) -> anyhow::Result<u64> {
+        if !self.download_wait || self.force_poll {
+            let status = self.wait_final(server, id, limit).await?;
+            if status != "Completed" {
+                bail!("job {id} ended {status}");
+            }
+            return self.download(server, id).await;
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let response = self
+                .http
+                .get(format!("{server}/download/{id}?wait=30"))
+                .timeout(Duration::from_secs(3600))
+                .send()
+                .await?;
+            if is_zip(&response) {
+                return count_body(response).await;
+            }
+            let job: Value = response.json().await?;
+            let status = job["status"].as_str().unwrap_or("").to_owned();
+            if FINAL.contains(&status.as_str()) {
+                bail!("job {id} ended {status}: {job}");
+            }
+            if Instant::now() > deadline {
+                bail!("job {id} still {status} after {limit:?}");
+            }
+        }
+    }
+}
+
+fn is_zip(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/zip"))
+}
+
+/// Reads a body to its end without keeping it; returns its size.
+async fn count_body(response: reqwest::Response) -> anyhow::Result<u64> {
+    let mut size = 0u64;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        size += chunk?.len() as u64;
+    }
+    Ok(size)
 }
 
 /// Runs every wanted measurement; returns the table's rows and the JSON document.
@@ -318,7 +356,8 @@ pub async fn run_all(args: Args) -> anyhow::Result<(Vec<Row>, Value)> {
         root: root_path,
         http,
         long_poll: false,
-        force_poll: args.poll,
+        download_wait: false,
+        force_poll: args.follow == Follow::Poll,
         seq: Default::default(),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -383,14 +422,27 @@ pub async fn run_all(args: Args) -> anyhow::Result<(Vec<Row>, Value)> {
             .await?
             .json()
             .await?;
-        env.long_poll = spec["paths"]["/jobs/{id}"]["get"]["parameters"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == "wait"));
+        let has_wait = |path: &str| {
+            spec["paths"][path]["get"]["parameters"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "wait"))
+        };
+        env.long_poll = has_wait("/jobs/{id}");
+        env.download_wait = has_wait("/download/{id}")
+            && matches!(args.follow, Follow::Auto | Follow::DownloadWait);
+        if args.follow == Follow::DownloadWait && !env.download_wait {
+            bail!("the server has no GET /download/{{id}}?wait=");
+        }
+        if args.follow == Follow::JobsWait && !env.long_poll {
+            bail!("the server has no GET /jobs/{{id}}?wait=");
+        }
     }
-    doc["follow"] = json!(if env.long_poll && !env.force_poll {
-        "long-poll GET /jobs/{id}?wait=30"
+    doc["follow"] = json!(if env.force_poll || !env.long_poll {
+        "poll GET /jobs/{id} every 1 ms, then GET /download/{id}"
+    } else if env.download_wait {
+        "long-poll GET /download/{id}?wait=30 (answers the ZIP)"
     } else {
-        "poll GET /jobs/{id} every 1 ms"
+        "long-poll GET /jobs/{id}?wait=30, then GET /download/{id}"
     });
 
     if args.wants("latency") {
@@ -579,13 +631,8 @@ async fn many_jobs(
                 );
             }
             for id in ids {
-                let status = env
-                    .wait_final(&server, id, Duration::from_secs(600))
+                env.follow_and_download(&server, id, Duration::from_secs(600))
                     .await?;
-                if status != "Completed" {
-                    bail!("job {id} ended {status}");
-                }
-                env.download(&server, id).await?;
             }
             Ok::<_, anyhow::Error>(())
         });
@@ -605,6 +652,7 @@ fn share(env: &Env) -> Arc<EnvRef> {
         root: env.root.clone(),
         http: env.http.clone(),
         long_poll: env.long_poll,
+        download_wait: env.download_wait,
         force_poll: env.force_poll,
         seq: Default::default(),
     }))
@@ -823,13 +871,9 @@ async fn memory(
     let id = response.json::<Value>().await?["id"]
         .as_i64()
         .context("no id")?;
-    let status = env
-        .wait_final(&server, id, Duration::from_secs(3600))
+    let zip = env
+        .follow_and_download(&server, id, Duration::from_secs(3600))
         .await?;
-    if status != "Completed" {
-        bail!("large job ended {status}");
-    }
-    let zip = env.download(&server, id).await?;
     let secs = start.elapsed().as_secs_f64();
     if zip < 2 * size {
         bail!("the result ZIP has {zip} bytes, less than input and output");

@@ -614,13 +614,43 @@ async fn job_status_long_poll_answers_when_the_job_finishes() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = get(format!("{}/jobs/99999?wait=1", server.url)).await;
     assert_eq!(status, 404, "{body}");
+    // `/download/{id}?wait=` answers the ZIP as soon as the job has completed.
+    let id = upload_job(
+        &http,
+        &server.url,
+        7,
+        "example",
+        &[("run.sh", b"sleep 1\n")],
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let response = http
+        .get(format!("{}/download/{id}?wait=50", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/zip");
+    assert!(unzip(&response.bytes().await.unwrap()).contains_key("run.sh"));
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    let (status, body) = get(format!("{}/download/{id}?wait=x", server.url)).await;
+    assert_eq!(status, 400, "{body}");
     // The OpenAPI document lists the parameter.
     let (_, spec) = get(format!("{}/openapi.json", server.url)).await;
-    let params = spec["paths"]["/jobs/{id}"]["get"]["parameters"]
-        .as_array()
-        .unwrap()
-        .clone();
-    assert!(params.iter().any(|p| p["name"] == "wait"), "{params:?}");
+    for path in ["/jobs/{id}", "/download/{id}"] {
+        let params = spec["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert!(
+            params.iter().any(|p| p["name"] == "wait"),
+            "{path}: {params:?}"
+        );
+    }
 }
 
 /// Throughput and latency of trivial jobs; run with `--ignored --nocapture`.

@@ -327,17 +327,19 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
 #[utoipa::path(
     get,
     path = "/download/{id}",
-    params(("id" = i64, Path, description = "Job id")),
+    params(("id" = i64, Path, description = "Job id"), StatusQuery),
     responses(
-        (status = 200, description = "The result ZIP (application/zip) once Completed; the job as JSON before", body = Job),
+        (status = 200, description = "The result ZIP (application/zip) once Completed; the job as JSON before (with `wait`: once finished or when the wait is over)", body = Job),
+        (status = 400, description = "A bad id or wait", body = JobAnswer),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]
 async fn download(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let job = find(&shared, &id)?;
+    let job = find_waiting(&shared, &id, query).await?;
     if job.status == JobStatus::Completed {
         zip_file(&shared.result_path(job.id), job.id, "").await
     } else {
@@ -348,7 +350,7 @@ async fn download(
 /// Longest wait of one `GET /jobs/{id}?wait=` call, in seconds.
 pub const MAX_WAIT_SECS: f64 = 60.0;
 
-/// Query of `GET /jobs/{id}`.
+/// Query of `GET /jobs/{id}` and `GET /download/{id}`.
 #[derive(serde::Deserialize, utoipa::IntoParams, Debug)]
 #[into_params(parameter_in = Query)]
 pub struct StatusQuery {
@@ -360,7 +362,7 @@ pub struct StatusQuery {
 }
 
 /// The job as JSON, whatever its state (jobrelay's addition to the reference API). With
-/// `?wait=SECONDS` a long-poll that answers once the job has finished.
+/// `?wait=SECONDS` a long-poll that answers once the job has finished (as `/download` does).
 #[utoipa::path(
     get,
     path = "/jobs/{id}",
@@ -376,6 +378,16 @@ async fn job_status(
     Path(id): Path<String>,
     query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Job>> {
+    Ok(Json(find_waiting(&shared, &id, query).await?))
+}
+
+/// The job, at once without `wait`; with `wait=S`, once it has finished or after S seconds
+/// (at most [`MAX_WAIT_SECS`]), whichever comes first.
+async fn find_waiting(
+    shared: &Shared,
+    id: &str,
+    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Job> {
     let query =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
     let wait = query.wait.unwrap_or(0.0);
@@ -386,9 +398,9 @@ async fn job_status(
         ));
     }
     if wait == 0.0 {
-        return Ok(Json(find(&shared, &id)?));
+        return find(shared, id);
     }
-    let job_id = parse_id(&id)?;
+    let job_id = parse_id(id)?;
     let deadline =
         tokio::time::Instant::now() + std::time::Duration::from_secs_f64(wait.min(MAX_WAIT_SECS));
     let watch = shared.store.watch(job_id);
@@ -397,12 +409,12 @@ async fn job_status(
         let notified = watch.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let job = find(&shared, &id)?;
+        let job = find(shared, id)?;
         if job.status.is_finished() {
-            return Ok(Json(job));
+            return Ok(job);
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Ok(Json(job));
+            return Ok(job);
         }
     }
 }
