@@ -149,6 +149,15 @@ impl ServerApi {
             .with_context(|| format!("job {id}"))
     }
 
+    /// A job's record once it has finished, or after `wait` (the server's long-poll; a server
+    /// without it answers at once).
+    pub async fn job_waiting(&self, id: u64, wait: Duration) -> anyhow::Result<Value> {
+        let url = self.url(&format!("/jobs/{id}?wait={:.3}", wait.as_secs_f64()));
+        self.json(self.http.get(url).timeout(wait + Duration::from_secs(30)))
+            .await
+            .with_context(|| format!("job {id}"))
+    }
+
     pub async fn terminate(&self, id: u64) -> anyhow::Result<Value> {
         self.json(self.http.post(self.url(&format!("/terminate/{id}"))))
             .await

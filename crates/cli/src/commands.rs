@@ -16,6 +16,8 @@ use crate::progress;
 const BAR_THRESHOLD: u64 = 1024 * 1024;
 const POLL_FIRST: Duration = Duration::from_millis(50);
 const POLL_MAX: Duration = Duration::from_millis(500);
+/// Longest single long-poll of a job's state.
+const LONG_POLL: Duration = Duration::from_secs(2);
 
 /// Runs one user command and turns its outcome into an exit code.
 pub async fn run(command: UserCommand) -> ExitCode {
@@ -61,7 +63,12 @@ async fn follow(
     let spinner = progress::spinner(json, &format!("job {id}: waiting"));
     let mut delay = POLL_FIRST;
     loop {
-        let record = api.job(id).await?;
+        // Long-poll in slices, so the spinner shows each state the job passes through.
+        let slice = deadline.map_or(LONG_POLL, |d| {
+            d.saturating_duration_since(Instant::now()).min(LONG_POLL)
+        });
+        let asked = Instant::now();
+        let record = api.job_waiting(id, slice).await?;
         let status = status_of(&record).to_owned();
         spinner.set_message(format!("job {id}: {status}"));
         if exit_code_for(&status).is_some() {
@@ -72,8 +79,12 @@ async fn follow(
             spinner.finish_and_clear();
             return Ok(Followed::TimedOut(record));
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(POLL_MAX);
+        if asked.elapsed() < slice / 2 {
+            // The server answered early without a final state: it has no long-poll (or the
+            // state changed); back off so as not to hammer it.
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(POLL_MAX);
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Layout of the data directory:
 //! - `node-id`: identity of this data directory, made once;
-//! - `next-id`: the next payload id to hand out;
+//! - `next-id`: ids below it may have been handed out (reserved a block at a time);
 //! - `payloads/<id>.json`: one record per payload;
 //! - `work/<id>/`: the payload's work directory;
 //! - `staging/`: uploads being received (emptied at start).
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use jobrelay_common::fsutil::{remove_dir_all_if_exists, write_atomic};
+use jobrelay_common::fsutil::{overwrite_padded, remove_dir_all_if_exists, write_atomic};
 use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
 use jobrelay_common::upload::ReceivedUpload;
 
@@ -46,7 +46,14 @@ struct Records {
     by_id: BTreeMap<u64, PayloadRecord>,
     by_key: HashMap<String, u64>,
     next_id: u64,
+    /// Ids below this are reserved in the `next-id` file: it is rewritten once per
+    /// [`ID_BLOCK`] payloads, not once per payload.
+    reserved: u64,
 }
+
+/// Ids reserved at a time in `next-id`. A restart continues above the reservation, so ids
+/// still only grow; a gap of up to this many is the price of one file write per payload.
+const ID_BLOCK: u64 = 1000;
 
 pub struct PayloadStore {
     records_dir: PathBuf,
@@ -122,6 +129,7 @@ impl PayloadStore {
                 by_id,
                 by_key,
                 next_id,
+                reserved: next_id,
             }),
         })
     }
@@ -138,12 +146,24 @@ impl PayloadStore {
         self.work_dir.join(id.to_string())
     }
 
+    /// Writes a new record: a new file, atomically.
     fn persist(&self, record: &PayloadRecord) -> io::Result<()> {
         let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
         write_atomic(
             &self.records_dir.join(format!("{}.json", record.id)),
             &bytes,
         )
+    }
+
+    /// Rewrites an existing record in place (no new file, see `overwrite_padded`), or
+    /// atomically through a new file when it cannot be.
+    fn persist_again(&self, record: &PayloadRecord) -> io::Result<()> {
+        let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
+        let path = self.records_dir.join(format!("{}.json", record.id));
+        if overwrite_padded(&path, &bytes)? {
+            return Ok(());
+        }
+        write_atomic(&path, &bytes)
     }
 
     /// Turns a received upload into a Prepared payload, or returns the payload an earlier
@@ -155,7 +175,11 @@ impl PayloadStore {
             return Ok(Created::Existing(records.by_id[id].clone()));
         }
         let id = records.next_id;
-        write_atomic(&self.next_id_file, (id + 1).to_string().as_bytes())?;
+        if id >= records.reserved {
+            let reserved = id + ID_BLOCK;
+            write_atomic(&self.next_id_file, reserved.to_string().as_bytes())?;
+            records.reserved = reserved;
+        }
         records.next_id = id + 1;
         let loc = self.work_dir_of(id);
         upload.staging.persist(&loc)?;
@@ -212,7 +236,7 @@ impl PayloadStore {
         if updated.status.is_finished() && updated.finished_ms.is_none() {
             updated.finished_ms = Some(now_ms());
         }
-        if let Err(e) = self.persist(&updated) {
+        if let Err(e) = self.persist_again(&updated) {
             // Memory stays the truth for this run; the next write will try again.
             tracing::error!(id, error = %e, "could not persist payload record");
         }

@@ -28,6 +28,42 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Largest contents [`overwrite_padded`] writes in place: one page, written by one `write`,
+/// which a process crash cannot cut in two.
+pub const IN_PLACE_MAX: usize = 4096;
+
+/// Rewrites the existing file `path` in place with `contents` followed by spaces up to the
+/// file's current length, in one `write` at offset 0: no new inode (creating files is what a
+/// busy ext4 without a journal spends most time on), and a process killed at any moment
+/// leaves either the old or the new contents (JSON ignores the trailing spaces). Like
+/// [`write_atomic`] without fsync, it does not guard against a power loss. Returns `false`
+/// (nothing written) when the file does not exist or the contents are over
+/// [`IN_PLACE_MAX`]; use [`write_atomic`] then.
+pub fn overwrite_padded(path: &Path, contents: &[u8]) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    if contents.len() > IN_PLACE_MAX {
+        return Ok(false);
+    }
+    let file = match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let old_len = file.metadata()?.len() as usize;
+    if old_len > IN_PLACE_MAX {
+        return Ok(false);
+    }
+    let mut buffer = Vec::with_capacity(old_len.max(contents.len()));
+    buffer.extend_from_slice(contents);
+    buffer.resize(old_len.max(contents.len()), b' ');
+    let written = file.write_at(&buffer, 0)?;
+    if written != buffer.len() {
+        // Cannot happen for a regular file short of a full disk; the rest follows.
+        file.write_all_at(&buffer[written..], written as u64)?;
+    }
+    Ok(true)
+}
+
 /// True for "no space left on device" and "disk quota exceeded".
 pub fn is_disk_full(error: &io::Error) -> bool {
     matches!(
@@ -56,6 +92,35 @@ mod tests {
         write_atomic(&target, b"two").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn overwrite_padded_rewrites_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("record.json");
+        assert!(
+            !overwrite_padded(&target, b"{}").unwrap(),
+            "no file: nothing written"
+        );
+        write_atomic(&target, br#"{"status":"Running","long":"xxxxxxxx"}"#).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(&target).unwrap().ino();
+        assert!(overwrite_padded(&target, br#"{"status":"Done"}"#).unwrap());
+        let text = std::fs::read_to_string(&target).unwrap();
+        assert_eq!(text.trim_end(), r#"{"status":"Done"}"#);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["status"],
+            "Done"
+        );
+        assert_eq!(std::fs::metadata(&target).unwrap().ino(), inode);
+        assert!(
+            overwrite_padded(&target, br#"{"status":"Longer than before, much longer"}"#).unwrap()
+        );
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            r#"{"status":"Longer than before, much longer"}"#
+        );
+        assert!(!overwrite_padded(&target, &vec![b' '; IN_PLACE_MAX + 1]).unwrap());
     }
 
     #[test]

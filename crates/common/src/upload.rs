@@ -238,12 +238,45 @@ async fn receive_fields(
     Ok(upload)
 }
 
+/// A file whose content ends within this many bytes is gathered in memory and written in
+/// one blocking call (directory, create, write) rather than one per operation.
+const SMALL_FILE: usize = 64 * 1024;
+
 async fn store_file(
     mut field: Field<'_>,
     dest: &Path,
     limit: u64,
     total: &mut u64,
 ) -> Result<(), UploadError> {
+    let mut head = Vec::new();
+    let mut small = true;
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| UploadError::Malformed(e.body_text()))?
+    {
+        *total += chunk.len() as u64;
+        if *total > limit {
+            return Err(UploadError::TooLarge { limit });
+        }
+        head.extend_from_slice(&chunk);
+        if head.len() > SMALL_FILE {
+            small = false;
+            break;
+        }
+    }
+    if small {
+        let dest = dest.to_path_buf();
+        return tokio::task::spawn_blocking(move || {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&dest, &head)
+        })
+        .await
+        .map_err(|e| UploadError::from_io(io::Error::other(e)))?
+        .map_err(UploadError::from_io);
+    }
     if let Some(parent) = dest.parent() {
         tokio::fs::create_dir_all(parent)
             .await
@@ -253,6 +286,8 @@ async fn store_file(
         .await
         .map_err(UploadError::from_io)?;
     let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    out.write_all(&head).await.map_err(UploadError::from_io)?;
+    drop(head);
     while let Some(chunk) = field
         .chunk()
         .await

@@ -559,6 +559,105 @@ async fn a_job_that_cannot_be_sent_fails_after_max_attempts_with_the_reason() {
     assert!(message.contains("500"), "{message}");
 }
 
+/// `GET /jobs/{id}?wait=S` answers as soon as the job has finished, or after S seconds with
+/// the job as it is; a bad wait is a 400, an unknown job a 404.
+#[tokio::test]
+async fn job_status_long_poll_answers_when_the_job_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), "client", &[]);
+    let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
+    let server = start_server(dir.path(), &config, &[]);
+    let http = http();
+    let get = |url: String| {
+        let http = http.clone();
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+
+    let id = upload_job(
+        &http,
+        &server.url,
+        7,
+        "example",
+        &[("run.sh", b"sleep 1.5\n")],
+    )
+    .await;
+    // The wait runs out first: the job as it is then.
+    let start = std::time::Instant::now();
+    let (status, job) = get(format!("{}/jobs/{id}?wait=0.3", server.url)).await;
+    assert_eq!(status, 200);
+    assert!(
+        !["Completed", "Failed"].contains(&job["status"].as_str().unwrap()),
+        "{job}"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        start.elapsed()
+    );
+    // Then it answers once the job has finished, not at the end of the wait.
+    let (status, job) = get(format!("{}/jobs/{id}?wait=50", server.url)).await;
+    assert_eq!(status, 200);
+    assert_eq!(job["status"], "Completed", "{job}");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    // A finished job answers at once.
+    let start = std::time::Instant::now();
+    let (_, job) = get(format!("{}/jobs/{id}?wait=50", server.url)).await;
+    assert_eq!(job["status"], "Completed");
+    assert!(start.elapsed() < Duration::from_secs(5));
+
+    let (status, body) = get(format!("{}/jobs/{id}?wait=-1", server.url)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = get(format!("{}/jobs/{id}?wait=soon", server.url)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = get(format!("{}/jobs/99999?wait=1", server.url)).await;
+    assert_eq!(status, 404, "{body}");
+    // `/download/{id}?wait=` answers the ZIP as soon as the job has completed.
+    let id = upload_job(
+        &http,
+        &server.url,
+        7,
+        "example",
+        &[("run.sh", b"sleep 1\n")],
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let response = http
+        .get(format!("{}/download/{id}?wait=50", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/zip");
+    assert!(unzip(&response.bytes().await.unwrap()).contains_key("run.sh"));
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    let (status, body) = get(format!("{}/download/{id}?wait=x", server.url)).await;
+    assert_eq!(status, 400, "{body}");
+    // The OpenAPI document lists the parameter.
+    let (_, spec) = get(format!("{}/openapi.json", server.url)).await;
+    for path in ["/jobs/{id}", "/download/{id}"] {
+        let params = spec["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert!(
+            params.iter().any(|p| p["name"] == "wait"),
+            "{path}: {params:?}"
+        );
+    }
+}
+
 /// Throughput and latency of trivial jobs; run with `--ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]

@@ -385,10 +385,11 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
     get,
     path = "/download/{id}",
     security((), ("bearer" = [])),
-    params(("id" = i64, Path, description = "Job id")),
+    params(("id" = i64, Path, description = "Job id"), StatusQuery),
     responses(
         (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
-        (status = 200, description = "The result ZIP (application/zip) once Completed; the job as JSON before", body = Job),
+        (status = 200, description = "The result ZIP (application/zip) once Completed; the job as JSON before (with `wait`: once finished or when the wait is over)", body = Job),
+        (status = 400, description = "A bad id or wait", body = JobAnswer),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]
@@ -396,8 +397,9 @@ async fn download(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let job = find(&shared, &caller, &id)?;
+    let job = find_waiting(&shared, &caller, &id, query).await?;
     if job.status == JobStatus::Completed {
         zip_file(&shared.result_path(job.id), job.id, "").await
     } else {
@@ -405,15 +407,31 @@ async fn download(
     }
 }
 
-/// The job as JSON, whatever its state (jobrelay's addition to the reference API).
+/// Longest wait of one `GET /jobs/{id}?wait=` call, in seconds.
+pub const MAX_WAIT_SECS: f64 = 60.0;
+
+/// Query of `GET /jobs/{id}` and `GET /download/{id}`.
+#[derive(serde::Deserialize, utoipa::IntoParams, Debug)]
+#[into_params(parameter_in = Query)]
+pub struct StatusQuery {
+    /// Long-poll: seconds (at most 60) to wait for the job to reach a final state
+    /// (Completed, Failed, Invalid, Killed, Cleaned) before answering. The answer comes as
+    /// soon as that state is committed, or after the wait with the job as it is then.
+    /// Without it (or 0) the answer is immediate.
+    wait: Option<f64>,
+}
+
+/// The job as JSON, whatever its state (jobrelay's addition to the reference API). With
+/// `?wait=SECONDS` a long-poll that answers once the job has finished (as `/download` does).
 #[utoipa::path(
     get,
     path = "/jobs/{id}",
     security((), ("bearer" = [])),
-    params(("id" = i64, Path, description = "Job id")),
+    params(("id" = i64, Path, description = "Job id"), StatusQuery),
     responses(
         (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
-        (status = 200, description = "The job", body = Job),
+        (status = 200, description = "The job (once finished, or when the wait is over)", body = Job),
+        (status = 400, description = "A bad id or wait", body = JobAnswer),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]
@@ -421,8 +439,48 @@ async fn job_status(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Job>> {
-    Ok(Json(find(&shared, &caller, &id)?))
+    Ok(Json(find_waiting(&shared, &caller, &id, query).await?))
+}
+
+/// The job, at once without `wait`; with `wait=S`, once it has finished or after S seconds
+/// (at most [`MAX_WAIT_SECS`]), whichever comes first.
+async fn find_waiting(
+    shared: &Shared,
+    caller: &Caller,
+    id: &str,
+    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Job> {
+    let query =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
+    let wait = query.wait.unwrap_or(0.0);
+    if !wait.is_finite() || wait < 0.0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "wait must be a number of seconds, 0 or more",
+        ));
+    }
+    if wait == 0.0 {
+        return find(shared, caller, id);
+    }
+    let job_id = parse_id(id)?;
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_secs_f64(wait.min(MAX_WAIT_SECS));
+    let watch = shared.store.watch(job_id);
+    loop {
+        // Registered before the read: a change committed after it wakes this wait.
+        let notified = watch.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let job = find(shared, caller, id)?;
+        if job.status.is_finished() {
+            return Ok(job);
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Ok(job);
+        }
+    }
 }
 
 /// Query of `GET /jobs`.

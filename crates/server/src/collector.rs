@@ -118,6 +118,11 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
             PayloadStatus::Prepared | PayloadStatus::Unknown => {}
             PayloadStatus::Running => mark_running(shared, &job),
             _ => {
+                // The payload no longer takes a slot there: the next job may go while
+                // this one's results are fetched (its quotas stay taken until then).
+                if event.status.is_finished() && shared.sched.lock().unwrap().leave_client(job.id) {
+                    shared.wake.notify_one();
+                }
                 tokio::spawn(check_job(shared.clone(), client.clone(), job));
             }
         }

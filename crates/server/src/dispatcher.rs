@@ -133,12 +133,21 @@ async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
         form = form.text("key", key.to_owned());
     }
     let dir = dir.to_path_buf();
-    let files = tokio::task::spawn_blocking(move || files_of(&dir))
-        .await
-        .map_err(std::io::Error::other)??;
-    for (name, path) in files {
-        let file = tokio::fs::File::open(&path).await?;
-        let length = file.metadata().await?.len();
+    // Listing, opening and sizing every file in one blocking call (not one per operation).
+    let files = tokio::task::spawn_blocking(move || {
+        files_of(&dir)?
+            .into_iter()
+            .map(|(name, path)| {
+                let file = std::fs::File::open(&path)?;
+                let length = file.metadata()?.len();
+                Ok((name, file, length))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    for (name, file, length) in files {
+        let file = tokio::fs::File::from_std(file);
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
             file,
             STREAM_CHUNK,

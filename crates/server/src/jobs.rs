@@ -109,6 +109,11 @@ pub fn backoff(attempts: u32) -> Duration {
     (Duration::from_millis(500) * (1 << exp)).min(MAX_BACKOFF)
 }
 
+/// ZIP answers up to this size are gathered in memory and written, synced, checked and
+/// renamed in one blocking call; larger ones are streamed to disk chunk by chunk. At most
+/// `MAX_CONCURRENT_CHECKS` (64) are gathered at once: 16 MiB.
+const SMALL_ZIP: usize = 256 * 1024;
+
 /// Streams a ZIP answer into `dest` through `dest.part`, checks it is a whole archive, and
 /// renames it into place. Nothing is left at `dest` unless the archive is complete.
 pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), String> {
@@ -118,11 +123,39 @@ pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), S
         dest.file_name().unwrap_or_default().to_string_lossy(),
         jobrelay_common::fsutil::unique_name("")
     ));
+    let mut body = response.bytes_stream();
+    // The result of a short job is small: one blocking call instead of one per file
+    // operation (create, each write, sync, open, rename) saves as many thread hand-overs.
+    let mut head = Vec::new();
+    let mut small = true;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("reading the ZIP: {e}"))?;
+        head.extend_from_slice(&chunk);
+        if head.len() > SMALL_ZIP {
+            small = false;
+            break;
+        }
+    }
+    if small {
+        let dest = dest.to_path_buf();
+        return tokio::task::spawn_blocking(move || {
+            let result = store_small_zip(&head, &part, &dest);
+            if result.is_err() {
+                let _ = std::fs::remove_file(&part);
+            }
+            result
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
     let result = async {
         let mut file = tokio::fs::File::create(&part)
             .await
             .map_err(|e| format!("create {}: {e}", part.display()))?;
-        let mut body = response.bytes_stream();
+        file.write_all(&head)
+            .await
+            .map_err(|e| format!("writing the ZIP: {e}"))?;
+        drop(head);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| format!("reading the ZIP: {e}"))?;
             file.write_all(&chunk)
@@ -136,16 +169,10 @@ pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), S
         let check = part.clone();
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&check).map_err(|e| e.to_string())?;
-            let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
-            // Reading each entry's header catches an archive cut inside its entries.
-            for i in 0..archive.len() {
-                archive.by_index_raw(i).map_err(|e| e.to_string())?;
-            }
-            Ok::<_, String>(())
+            check_zip(file)
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("the ZIP is not a complete archive: {e}"))?;
+        .map_err(|e| e.to_string())??;
         tokio::fs::rename(&part, dest)
             .await
             .map_err(|e| format!("rename into {}: {e}", dest.display()))
@@ -155,6 +182,33 @@ pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), S
         let _ = tokio::fs::remove_file(&part).await;
     }
     result
+}
+
+/// Checks an archive is whole: its central directory and each entry's header can be read
+/// (which catches an archive cut inside its entries).
+fn check_zip<R: std::io::Read + std::io::Seek>(reader: R) -> Result<(), String> {
+    let mut archive = zip::ZipArchive::new(reader)
+        .map_err(|e| format!("the ZIP is not a complete archive: {e}"))?;
+    for i in 0..archive.len() {
+        archive
+            .by_index_raw(i)
+            .map_err(|e| format!("the ZIP is not a complete archive: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The blocking half of [`store_zip`] for an archive held in memory: check, write, sync,
+/// rename.
+fn store_small_zip(bytes: &[u8], part: &Path, dest: &Path) -> Result<(), String> {
+    use std::io::Write;
+    check_zip(std::io::Cursor::new(bytes))?;
+    let mut file =
+        std::fs::File::create(part).map_err(|e| format!("create {}: {e}", part.display()))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| format!("writing the ZIP: {e}"))?;
+    drop(file);
+    std::fs::rename(part, dest).map_err(|e| format!("rename into {}: {e}", dest.display()))
 }
 
 /// Fetches the job's work directory as it is now from its client into the results, best

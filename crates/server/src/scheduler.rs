@@ -222,6 +222,23 @@ impl Scheduler {
         );
     }
 
+    /// The job's payload has ended on its client (the client said so) while the job is still
+    /// active here, its results being fetched: the client's slot is free for the next job
+    /// now, while the job counts against its user's and service's quotas until [`finish`].
+    /// Returns whether a slot was freed.
+    ///
+    /// [`finish`]: Scheduler::finish
+    pub fn leave_client(&mut self, job: JobId) -> bool {
+        let Some(entry) = self.active.get_mut(&job) else {
+            return false;
+        };
+        let Some(c) = entry.client.take() else {
+            return false;
+        };
+        self.clients[c].active -= 1;
+        true
+    }
+
     /// A job stopped being active (finished, killed, failed): frees its quota and its slot.
     pub fn finish(&mut self, job: JobId) -> bool {
         self.release(job).is_some()
@@ -360,6 +377,31 @@ impl ServiceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_payload_that_ended_frees_its_client_slot_but_not_the_quotas() {
+        let mut s = single(2, 10, Some(1));
+        for j in 1..=3 {
+            s.enqueue(0, 7, j);
+        }
+        assert_eq!(jobs(&s.decide()), vec![1]);
+        assert!(s.decide().is_empty(), "the client's one slot is taken");
+        // Job 1 ended on the client; its results are still being fetched.
+        assert!(s.leave_client(1));
+        assert!(!s.leave_client(1), "only once");
+        assert_eq!(s.active_on_client(0), 0);
+        assert_eq!(jobs(&s.decide()), vec![2]);
+        // The user's quota (2) still counts job 1: job 3 waits although the slot frees.
+        assert!(s.leave_client(2));
+        assert!(s.decide().is_empty());
+        assert_eq!(s.active_of_user(0, 7), 2);
+        assert!(s.finish(1));
+        assert_eq!(jobs(&s.decide()), vec![3]);
+        assert_eq!(s.active_on_client(0), 1);
+        assert!(s.finish(2) && s.finish(3));
+        assert_eq!(s.active(0), 0);
+        assert_eq!(s.active_on_client(0), 0);
+    }
 
     /// One service with one healthy client of `slots` slots.
     fn single(runs_per_user: usize, max_runs: usize, slots: Option<usize>) -> Scheduler {

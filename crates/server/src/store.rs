@@ -2,9 +2,12 @@
 //! by the states it may come from, so two actors racing on a job (terminate and completion,
 //! say) cannot both win, and a restart finds each job where the last commit left it.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
@@ -249,6 +252,27 @@ pub struct ListFilter {
 pub struct Store {
     conn: Mutex<Connection>,
     server_id: String,
+    /// Long-polls waiting on a job (`GET /jobs/{id}?wait=`): woken after each committed
+    /// change of that job. An entry lives while a [`JobWatch`] holds it.
+    watchers: Mutex<HashMap<i64, Arc<Notify>>>,
+}
+
+/// Registration of a long-poll on one job: [`JobWatch::notify`] is woken after every
+/// committed state change of the job. Removed from the store when the last one is dropped.
+pub struct JobWatch<'a> {
+    store: &'a Store,
+    id: i64,
+    pub notify: Arc<Notify>,
+}
+
+impl Drop for JobWatch<'_> {
+    fn drop(&mut self) {
+        let mut watchers = self.store.watchers.lock().unwrap();
+        // Ours and the map's: nobody else waits on this job.
+        if Arc::strong_count(&self.notify) <= 2 {
+            watchers.remove(&self.id);
+        }
+    }
 }
 
 fn sql_err(e: rusqlite::Error) -> anyhow::Error {
@@ -262,6 +286,8 @@ impl Store {
         }
         let conn = Connection::open(path)
             .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+        // Room for every per-job statement (the state changes vary by the fields they set).
+        conn.set_prepared_statement_cache_capacity(64);
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sql_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -321,7 +347,25 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(conn),
             server_id,
+            watchers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Registers a long-poll on job `id`. Create the `notified()` future (and `enable` it)
+    /// before reading the job, so that no change between the read and the wait is missed.
+    pub fn watch(&self, id: i64) -> JobWatch<'_> {
+        let notify = self.watchers.lock().unwrap().entry(id).or_default().clone();
+        JobWatch {
+            store: self,
+            id,
+            notify,
+        }
+    }
+
+    fn changed(&self, id: i64) {
+        if let Some(notify) = self.watchers.lock().unwrap().get(&id) {
+            notify.notify_waiters();
+        }
     }
 
     /// Identity of this database, part of every dispatch key.
@@ -340,21 +384,18 @@ impl Store {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction().map_err(sql_err)?;
         let now = now_ms();
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms)
              VALUES ('Queued', 'Job queued', ?1, ?2, ?3, ?3)",
-            params![user_id, service, now],
         )
+        .and_then(|mut stmt| stmt.execute(params![user_id, service, now]))
         .map_err(sql_err)?;
         let id = tx.last_insert_rowid();
         record_event(&tx, id, now, JobStatus::Queued, "Job queued", 0, None)?;
         place_files(id)?;
         let job = tx
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-                [id],
-                job_from_row,
-            )
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
+            .and_then(|mut stmt| stmt.query_row([id], job_from_row))
             .map_err(sql_err)?;
         tx.commit().map_err(sql_err)?;
         metrics::counter!("jobrelay_server_jobs_uploaded_total", "service" => service.to_owned())
@@ -365,13 +406,9 @@ impl Store {
 
     pub fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
         let conn = self.conn.lock().unwrap();
-        conn.query_row(
-            &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-            [id],
-            job_from_row,
-        )
-        .optional()
-        .map_err(sql_err)
+        conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
+            .and_then(|mut stmt| stmt.query_row([id], job_from_row).optional())
+            .map_err(sql_err)
     }
 
     /// Moves job `id` from one of `from` to `to`, setting the fields of `change`. Returns the
@@ -427,13 +464,16 @@ impl Store {
             "UPDATE jobs SET {} WHERE id = ?{id_param} AND status IN ({states}) RETURNING {COLUMNS}",
             sets.join(", ")
         );
+        // A handful of distinct statements (by the fields set): parsed once, then cached.
         let job = tx
-            .query_row(
-                &sql,
-                rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
-                job_from_row,
-            )
-            .optional()
+            .prepare_cached(&sql)
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
+                    job_from_row,
+                )
+                .optional()
+            })
             .map_err(sql_err)?;
         if let Some(job) = &job {
             record_event(
@@ -447,8 +487,11 @@ impl Store {
             )?;
         }
         tx.commit().map_err(sql_err)?;
+        // Waiters woken below read the job again: not under this lock.
+        drop(conn);
         if let Some(job) = &job {
             crate::telemetry::job_changed(job);
+            self.changed(id);
             tracing::info!(
                 job = id,
                 status = %to,

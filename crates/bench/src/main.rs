@@ -1,0 +1,101 @@
+//! `jobrelay-bench`: starts real `jobrelay` server and client processes on loopback
+//! ephemeral ports, measures issue 5's figures and writes them as a Markdown table
+//! (`results.md`) and JSON (`results.json`) in `--out`. Every figure is a median (with its
+//! spread) shown next to a floor measured in the same run, because absolute times on a
+//! shared machine drift.
+//!
+//! It is a program, not a test: `cargo test` never runs it. `--quick` is the smoke mode CI
+//! runs (small counts, a few seconds).
+
+mod measure;
+mod procs;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "jobrelay-bench",
+    about = "Benchmarks of jobrelay against the floor of running bash directly"
+)]
+pub struct Args {
+    /// Small counts: a smoke run of a few seconds (what CI runs).
+    #[arg(long)]
+    pub quick: bool,
+    /// Where results.md and results.json are written.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// The jobrelay binary (default: next to this executable).
+    #[arg(long)]
+    pub jobrelay: Option<PathBuf>,
+    /// Directory for the processes' data (default: a fresh temporary directory, removed after).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Keep the processes' data and logs (under --work-dir, or printed) instead of removing them.
+    #[arg(long)]
+    pub keep: bool,
+    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// How jobs are followed to their end: `auto` (the best the server offers),
+    /// `download-wait` (`GET /download/{id}?wait=` answers the ZIP), `jobs-wait`
+    /// (`GET /jobs/{id}?wait=`, then `GET /download/{id}`), `poll` (`GET /jobs/{id}` every
+    /// millisecond, then the download).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub follow: Follow,
+    /// Override the number of latency jobs.
+    #[arg(long)]
+    pub latency_jobs: Option<usize>,
+    /// Override the number of throughput jobs.
+    #[arg(long)]
+    pub throughput_jobs: Option<usize>,
+    /// Override the number of jobs queued for the queue-scale figures.
+    #[arg(long)]
+    pub queue_jobs: Option<usize>,
+    /// Runs of the throughput and many-clients measurements (median over them).
+    #[arg(long)]
+    pub runs: Option<usize>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    Auto,
+    DownloadWait,
+    JobsWait,
+    Poll,
+}
+
+impl Args {
+    pub fn wants(&self, what: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == what)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(measure::run_all(args.clone()));
+    let (rows, json) = result?;
+    std::fs::create_dir_all(&args.out)?;
+    let table = stats::markdown(&rows);
+    std::fs::write(args.out.join("results.md"), &table)?;
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    println!("{table}");
+    println!(
+        "written to {} and {} in {:.1} s",
+        args.out.join("results.md").display(),
+        args.out.join("results.json").display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
