@@ -2,6 +2,7 @@
 //! loopback ports and talk HTTP to them.
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod server;
 
 use std::io::{BufRead, BufReader, Read};
