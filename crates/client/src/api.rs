@@ -56,6 +56,24 @@ impl From<UploadError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The `{id}` of a route as text; a path that does not decode (bad percent-encoding, invalid
+/// UTF-8) is refused with a JSON error like every other bad id, not axum's plain-text one.
+struct IdPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdPath(id))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job id: {e}")))
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(ping))
@@ -190,7 +208,7 @@ fn zip_response(state: &AppState, id: u64) -> ApiResult<Response> {
         .into_response())
 }
 
-async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn retrieve(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
     let record = find(&state, &id)?;
     if record.status == PayloadStatus::Completed {
         zip_response(&state, record.id)
@@ -201,13 +219,13 @@ async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
 
 async fn retrieve_partial(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<Response> {
     let record = find(&state, &id)?;
     zip_response(&state, record.id)
 }
 
-async fn kill(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn kill(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     match state.runner.kill(id).await {
         KillOutcome::Killed(record) => Ok(Json(record).into_response()),
@@ -224,7 +242,7 @@ async fn kill(State(state): State<AppState>, Path(id): Path<String>) -> ApiResul
 
 async fn release(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<Json<PayloadRecord>> {
     let id = parse_id(&id)?;
     let store = state.store.clone();
@@ -246,8 +264,10 @@ async fn release(
 
 async fn events(
     State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
     let number = |name: &str| -> ApiResult<Option<f64>> {
         query
             .get(name)
@@ -265,6 +285,11 @@ async fn events(
             .transpose()
     };
     let after = number("after")?.unwrap_or(0.0) as u64;
-    let wait = Duration::from_secs_f64(number("wait")?.unwrap_or(0.0)).min(MAX_EVENTS_WAIT);
+    // Clamped before the conversion: `from_secs_f64` panics past u64::MAX seconds (wait=1e99).
+    let wait = Duration::from_secs_f64(
+        number("wait")?
+            .unwrap_or(0.0)
+            .min(MAX_EVENTS_WAIT.as_secs_f64()),
+    );
     Ok(Json(state.store.events.after(after, wait).await).into_response())
 }

@@ -148,12 +148,8 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
         load,
         max_upload: config.max_upload,
     });
-    // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
-    // ACK (about 40 ms on Linux).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    // Our accept loop: TCP_NODELAY, and timeouts against slow-loris requests.
+    let server = tokio::spawn(async move { jobrelay_common::serve::serve(listener, app).await });
     tracing::info!(%addr, slots = config.slots, executor = runner.executor().name(), data_dir = %config.data_dir.display(), "client started");
     Ok(RunningClient {
         addr,

@@ -6,4 +6,5 @@ pub mod archive;
 pub mod filename;
 pub mod fsutil;
 pub mod protocol;
+pub mod serve;
 pub mod upload;

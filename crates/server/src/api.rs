@@ -75,6 +75,24 @@ impl From<anyhow::Error> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The `{id}` of a route as text; a path that does not decode (bad percent-encoding, invalid
+/// UTF-8) is refused with a JSON error like every other bad id, not axum's plain-text one.
+struct IdPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdPath(id))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job id: {e}")))
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -333,10 +351,7 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]
-async fn download(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn download(State(shared): State<Arc<Shared>>, IdPath(id): IdPath) -> ApiResult<Response> {
     let job = find(&shared, &id)?;
     if job.status == JobStatus::Completed {
         zip_file(&shared.result_path(job.id), job.id, "").await
@@ -355,10 +370,7 @@ async fn download(
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]
-async fn job_status(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-) -> ApiResult<Json<Job>> {
+async fn job_status(State(shared): State<Arc<Shared>>, IdPath(id): IdPath) -> ApiResult<Json<Job>> {
     Ok(Json(find(&shared, &id)?))
 }
 
@@ -452,7 +464,7 @@ async fn list_jobs(
 )]
 async fn download_partial(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<Response> {
     let job = find(&shared, &id)?;
     let stored = shared.result_path(job.id);
@@ -517,10 +529,7 @@ async fn download_partial(
         (status = 409, description = "The job had already finished", body = JobAnswer),
     )
 )]
-async fn terminate(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+async fn terminate(State(shared): State<Arc<Shared>>, IdPath(id): IdPath) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     match jobs::terminate(&shared, id).await? {
         Terminated::Done(job) => Ok(Json(job).into_response()),

@@ -166,13 +166,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", shared.config.listen))?;
     let addr = listener.local_addr()?;
     let app = api::router(shared.clone());
-    // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
-    // ACK (about 40 ms on Linux).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    // Our accept loop: TCP_NODELAY, and timeouts against slow-loris requests.
     let mut tasks = vec![tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = jobrelay_common::serve::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     })];
