@@ -65,7 +65,13 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
         store
             .ids_in(PayloadStatus::Prepared)
             .into_iter()
-            .filter(|id| store.get(*id).is_some_and(|r| r.slurm_job_id.is_some())),
+            // Found by Slurm, or started (`started_ms` is written before the start): either
+            // may have a process, so it must not be queued to run again.
+            .filter(|id| {
+                store
+                    .get(*id)
+                    .is_some_and(|r| r.slurm_job_id.is_some() || r.started_ms.is_some())
+            }),
     );
     started.sort_unstable();
     for id in started {

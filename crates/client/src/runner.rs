@@ -211,6 +211,12 @@ impl Runner {
                 let dir = self.store.work_dir_of(id);
                 let marker = process::marker(self.store.node(), id);
                 let name = job_name(self.store.node(), id);
+                // Write-ahead: the record says a start was attempted before any process
+                // exists, so a client killed between the start and the Running record does not
+                // start the payload a second time after a restart (recovery fails it instead).
+                let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
+                    r.started_ms = Some(now_ms());
+                });
                 let mut attempt: u32 = 0;
                 let accepted = loop {
                     match self.executor.start(&dir, &marker, &name, attempt > 0).await {
