@@ -178,6 +178,13 @@ impl Runner {
                     }
                     Ended::failed("internal error while supervising the payload")
                 });
+            let mut ended = ended;
+            if ended.status == PayloadStatus::Failed && disk_full(&self.store.work_dir_of(id)) {
+                // The script's own error message may not have fit on the disk either.
+                ended
+                    .reason
+                    .push_str("; its work directory's file system is full");
+            }
             let _ = self.store.transition(
                 id,
                 &[PayloadStatus::Prepared, PayloadStatus::Running],
@@ -354,6 +361,13 @@ impl Runner {
 
 /// Longest wait between two attempts to start a payload whose executor is unreachable.
 const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Whether the file system holding `dir` has (next to) no space left.
+fn disk_full(dir: &Path) -> bool {
+    nix::sys::statvfs::statvfs(dir).is_ok_and(|st| {
+        (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64) < 64 * 1024
+    })
+}
 
 fn killed_before_start() -> Ended {
     Ended {
