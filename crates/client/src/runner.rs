@@ -363,6 +363,7 @@ impl Runner {
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Whether the file system holding `dir` has (next to) no space left.
+#[allow(clippy::unnecessary_cast)] // the statvfs field types differ between platforms
 fn disk_full(dir: &Path) -> bool {
     nix::sys::statvfs::statvfs(dir).is_ok_and(|st| {
         (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64) < 64 * 1024
