@@ -1,6 +1,7 @@
 //! Load: many concurrent uploaders against one server with two clients, and thousands of
 //! idle connections held open. Both `--ignored` (slow); .ci/run runs them.
-//! `JOBRELAY_LOAD_UPLOADERS` (200) and `JOBRELAY_LOAD_SECS` (60) scale the first,
+//! `JOBRELAY_LOAD_UPLOADERS` (200), `JOBRELAY_LOAD_SECS` (60) and `JOBRELAY_LOAD_PAUSE_MS`
+//! (2,000, between two uploads of one uploader) scale the first,
 //! `JOBRELAY_IDLE_CONNECTIONS` (10,000) the second.
 
 mod support;
@@ -44,6 +45,7 @@ fn rss_kib(pid: u32) -> u64 {
 async fn concurrent_uploaders_for_a_minute_lose_nothing_in_bounded_memory() {
     let uploaders = env_or("JOBRELAY_LOAD_UPLOADERS", 200);
     let secs = env_or("JOBRELAY_LOAD_SECS", 60);
+    let pause = Duration::from_millis(env_or("JOBRELAY_LOAD_PAUSE_MS", 2000));
     raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -104,8 +106,10 @@ async fn concurrent_uploaders_for_a_minute_lose_nothing_in_bounded_memory() {
                     }
                 }
                 n += 1;
-                // Each uploader is a user's web platform, not a tight loop.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Each uploader is a user's web platform, not a tight loop: one job every
+                // `JOBRELAY_LOAD_PAUSE_MS` (2 s), so 200 of them send 100 jobs a second,
+                // more than two clients run on two cores; the queue grows all minute.
+                tokio::time::sleep(pause).await;
             }
             ids
         }));
