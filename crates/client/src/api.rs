@@ -167,23 +167,29 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
         .cloned()
         .filter(|k| !k.is_empty());
     let store = state.store.clone();
-    let created = tokio::task::spawn_blocking(move || store.create(received, key))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "submission task failed"))?
-        .map_err(|e| {
-            let status = if jobrelay_common::fsutil::is_disk_full(&e) {
-                StatusCode::INSUFFICIENT_STORAGE
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            ApiError::new(status, format!("could not store the payload: {e}"))
-        })?;
-    match created {
-        Created::New(record) => {
-            state.runner.enqueue(record.id);
-            Ok(Json(record))
+    let runner = state.runner.clone();
+    // Created and queued in one task that runs to its end: if the sender goes away (a server
+    // killed mid-request) this handler is dropped at its next await, and a payload created but
+    // never queued would stay Prepared for ever (a resent submission with its key only finds it).
+    let created = tokio::task::spawn_blocking(move || {
+        let created = store.create(received, key)?;
+        if let Created::New(record) = &created {
+            runner.enqueue(record.id);
         }
-        Created::Existing(record) => Ok(Json(record)),
+        Ok::<_, std::io::Error>(created)
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "submission task failed"))?
+    .map_err(|e| {
+        let status = if jobrelay_common::fsutil::is_disk_full(&e) {
+            StatusCode::INSUFFICIENT_STORAGE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError::new(status, format!("could not store the payload: {e}"))
+    })?;
+    match created {
+        Created::New(record) | Created::Existing(record) => Ok(Json(record)),
     }
 }
 

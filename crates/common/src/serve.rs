@@ -2,7 +2,9 @@
 //! `axum::serve` gives hyper no timer, so hyper's header-read timeout never fires and a client
 //! that trickles a request one byte at a time holds its connection (and task, and file
 //! descriptor) forever. Here every connection gets:
-//! - a header-read timeout: the request line and headers must arrive within [`slow_request`];
+//! - a header-read timeout: the request line and headers must arrive within [`slow_request`]
+//!   (hyper also counts an idle keep-alive connection's wait for its next request, so idle
+//!   connections close after that time: HTTP clients must pool them for less);
 //! - a body rate floor: past that same time, a request body must have averaged at least
 //!   [`MIN_BODY_RATE`] bytes per second, or the body errors (the handler answers 400 and
 //!   cleans up as for any cut upload) and the connection closes.

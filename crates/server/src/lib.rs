@@ -119,7 +119,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .no_proxy()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(120))
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Well under the clients' idle close (jobrelay_common::serve: a keep-alive connection
+        // without a new request for 30 s is closed), so a pooled connection is never reused
+        // just as the client closes it.
+        .pool_idle_timeout(Duration::from_secs(15))
         .build()?;
 
     let mut sched = Scheduler::new();
