@@ -58,6 +58,24 @@ impl From<UploadError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The `{id}` of a route as text; a path that does not decode (bad percent-encoding, invalid
+/// UTF-8) is refused with a JSON error like every other bad id, not axum's plain-text one.
+struct IdPath(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdPath(id))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job id: {e}")))
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let token = state.token.clone();
     let router = Router::new()
@@ -169,24 +187,30 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
         .cloned()
         .filter(|k| !k.is_empty());
     let store = state.store.clone();
-    let created = tokio::task::spawn_blocking(move || store.create(received, key))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "submission task failed"))?
-        .map_err(|e| {
-            let status = if jobrelay_common::fsutil::is_disk_full(&e) {
-                StatusCode::INSUFFICIENT_STORAGE
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            ApiError::new(status, format!("could not store the payload: {e}"))
-        })?;
-    match created {
-        Created::New(record) => {
+    let runner = state.runner.clone();
+    // Created and queued in one task that runs to its end: if the sender goes away (a server
+    // killed mid-request) this handler is dropped at its next await, and a payload created but
+    // never queued would stay Prepared for ever (a resent submission with its key only finds it).
+    let created = tokio::task::spawn_blocking(move || {
+        let created = store.create(received, key)?;
+        if let Created::New(record) = &created {
+            runner.enqueue(record.id);
             metrics::counter!("jobrelay_client_submissions_total").increment(1);
-            state.runner.enqueue(record.id);
-            Ok(Json(record))
         }
-        Created::Existing(record) => Ok(Json(record)),
+        Ok::<_, std::io::Error>(created)
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "submission task failed"))?
+    .map_err(|e| {
+        let status = if jobrelay_common::fsutil::is_disk_full(&e) {
+            StatusCode::INSUFFICIENT_STORAGE
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        ApiError::new(status, format!("could not store the payload: {e}"))
+    })?;
+    match created {
+        Created::New(record) | Created::Existing(record) => Ok(Json(record)),
     }
 }
 
@@ -211,7 +235,7 @@ fn zip_response(state: &AppState, id: u64) -> ApiResult<Response> {
         .into_response())
 }
 
-async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn retrieve(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
     let record = find(&state, &id)?;
     if record.status == PayloadStatus::Completed {
         zip_response(&state, record.id)
@@ -222,13 +246,13 @@ async fn retrieve(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
 
 async fn retrieve_partial(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<Response> {
     let record = find(&state, &id)?;
     zip_response(&state, record.id)
 }
 
-async fn kill(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+async fn kill(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     match state.runner.kill(id).await {
         KillOutcome::Killed(record) => Ok(Json(record).into_response()),
@@ -245,7 +269,7 @@ async fn kill(State(state): State<AppState>, Path(id): Path<String>) -> ApiResul
 
 async fn release(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<Json<PayloadRecord>> {
     let id = parse_id(&id)?;
     let store = state.store.clone();
@@ -267,8 +291,10 @@ async fn release(
 
 async fn events(
     State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
     let number = |name: &str| -> ApiResult<Option<f64>> {
         query
             .get(name)
@@ -286,7 +312,12 @@ async fn events(
             .transpose()
     };
     let after = number("after")?.unwrap_or(0.0) as u64;
-    let wait = Duration::from_secs_f64(number("wait")?.unwrap_or(0.0)).min(MAX_EVENTS_WAIT);
+    // Clamped before the conversion: `from_secs_f64` panics past u64::MAX seconds (wait=1e99).
+    let wait = Duration::from_secs_f64(
+        number("wait")?
+            .unwrap_or(0.0)
+            .min(MAX_EVENTS_WAIT.as_secs_f64()),
+    );
     Ok(Json(state.store.events.after(after, wait).await).into_response())
 }
 
@@ -294,7 +325,7 @@ async fn events(
 /// `offset`; the `X-Log-Next-Offset` header says where to continue.
 async fn log(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     use jobrelay_common::logtail::{self, Stream};

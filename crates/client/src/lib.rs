@@ -69,7 +69,13 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
         store
             .ids_in(PayloadStatus::Prepared)
             .into_iter()
-            .filter(|id| store.get(*id).is_some_and(|r| r.slurm_job_id.is_some())),
+            // Found by Slurm, or started (`started_ms` is written before the start): either
+            // may have a process, so it must not be queued to run again.
+            .filter(|id| {
+                store
+                    .get(*id)
+                    .is_some_and(|r| r.slurm_job_id.is_some() || r.started_ms.is_some())
+            }),
     );
     started.sort_unstable();
     for id in started {
@@ -173,13 +179,12 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
              give --token-file (and the server --client-token-file) or bind to 127.0.0.1"
         );
     }
-    // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's delayed
-    // ACK (about 40 ms on Linux).
+    // Our accept loop (common::serve): timeouts against slow-loris requests, over TLS or not.
     let server = match &config.tls {
         Some(files) => {
             let acceptor = files.acceptor().map_err(anyhow::Error::msg)?;
             let listener = jobrelay_common::tls::TlsListener::new(listener, acceptor)?;
-            tokio::spawn(async move { axum::serve(listener, app).await })
+            tokio::spawn(async move { jobrelay_common::serve::serve(listener, app).await })
         }
         None => {
             // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's
@@ -187,7 +192,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            tokio::spawn(async move { axum::serve(listener, app).await })
+            tokio::spawn(async move { jobrelay_common::serve::serve(listener, app).await })
         }
     };
     tracing::info!(%addr, slots = config.slots, executor = runner.executor().name(), data_dir = %config.data_dir.display(), "client started");

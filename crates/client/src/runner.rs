@@ -189,6 +189,13 @@ impl Runner {
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
+            let mut ended = ended;
+            if ended.status == PayloadStatus::Failed && disk_full(&self.store.work_dir_of(id)) {
+                // The script's own error message may not have fit on the disk either.
+                ended
+                    .reason
+                    .push_str("; its work directory's file system is full");
+            }
             let _ = self.store.transition(
                 id,
                 &[PayloadStatus::Prepared, PayloadStatus::Running],
@@ -222,6 +229,12 @@ impl Runner {
                 let dir = self.store.work_dir_of(id);
                 let marker = process::marker(self.store.node(), id);
                 let name = job_name(self.store.node(), id);
+                // Write-ahead: the record says a start was attempted before any process
+                // exists, so a client killed between the start and the Running record does not
+                // start the payload a second time after a restart (recovery fails it instead).
+                let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
+                    r.started_ms = Some(now_ms());
+                });
                 let mut attempt: u32 = 0;
                 let accepted = loop {
                     match self.executor.start(&dir, &marker, &name, attempt > 0).await {
@@ -361,6 +374,14 @@ impl Runner {
 
 /// Longest wait between two attempts to start a payload whose executor is unreachable.
 const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Whether the file system holding `dir` has (next to) no space left.
+#[allow(clippy::unnecessary_cast)] // the statvfs field types differ between platforms
+fn disk_full(dir: &Path) -> bool {
+    nix::sys::statvfs::statvfs(dir).is_ok_and(|st| {
+        (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64) < 64 * 1024
+    })
+}
 
 fn killed_before_start() -> Ended {
     Ended {

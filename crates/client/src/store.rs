@@ -68,6 +68,8 @@ pub struct PayloadStore {
 impl PayloadStore {
     /// Opens (or creates) the store in `data_dir` and loads every record.
     pub fn open(data_dir: &Path) -> io::Result<Self> {
+        /// Ids at or past this are damage, not history (2^63: no client counts that far).
+        const MAX_ID: u64 = 1 << 63;
         let records_dir = data_dir.join("payloads");
         let work_dir = data_dir.join("work");
         let staging_dir = data_dir.join("staging");
@@ -100,6 +102,11 @@ impl PayloadStore {
                 .and_then(|b| {
                     serde_json::from_slice::<PayloadRecord>(&b).map_err(|e| e.to_string())
                 }) {
+                // Ids are handed out counting up from 1; one near u64::MAX is a damaged
+                // record, and trusting it would overflow the next id (a panic at every start).
+                Ok(record) if record.id >= MAX_ID => {
+                    tracing::error!(path = %path.display(), id = record.id, "payload record with an impossible id skipped")
+                }
                 Ok(record) => {
                     by_id.insert(record.id, record);
                 }
@@ -112,6 +119,7 @@ impl PayloadStore {
         let stored_next = std::fs::read_to_string(&next_id_file)
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
+            .filter(|n| *n < MAX_ID)
             .unwrap_or(1);
         let next_id = stored_next.max(by_id.keys().next_back().map_or(1, |id| id + 1));
         let by_key = by_id

@@ -8,6 +8,7 @@ pub mod filename;
 pub mod fsutil;
 pub mod logtail;
 pub mod protocol;
+pub mod serve;
 pub mod telemetry;
 pub mod tls;
 pub mod upload;

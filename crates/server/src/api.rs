@@ -76,6 +76,24 @@ impl From<anyhow::Error> for ApiError {
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
+/// The `{id}` of a route as text; a path that does not decode (bad percent-encoding, invalid
+/// UTF-8) is refused with a JSON error like every other bad id, not axum's plain-text one.
+pub(crate) struct IdPath(pub(crate) String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdPath(id))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job id: {e}")))
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -396,7 +414,7 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
 async fn download(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let job = find_waiting(&shared, &caller, &id, query).await?;
@@ -438,7 +456,7 @@ pub struct StatusQuery {
 async fn job_status(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Job>> {
     Ok(Json(find_waiting(&shared, &caller, &id, query).await?))
@@ -592,7 +610,7 @@ async fn list_jobs(
 async fn download_partial(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<Response> {
     let job = find(&shared, &caller, &id)?;
     let stored = shared.result_path(job.id);
@@ -662,7 +680,7 @@ async fn download_partial(
 async fn terminate(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<Response> {
     let id = find(&shared, &caller, &id)?.id;
     match jobs::terminate(&shared, id).await? {

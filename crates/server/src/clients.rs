@@ -23,6 +23,8 @@ const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const SMALL_REQUEST: Duration = Duration::from_secs(10);
 /// Start of the probe error of a client that answers 401/403.
 const REFUSES_TOKEN: &str = "the client refuses our token";
+/// How long a client that answered 507 gets no new job.
+pub const FULL_PAUSE: Duration = Duration::from_secs(10);
 
 pub struct ClientHandle {
     pub id: ClientId,
@@ -42,6 +44,8 @@ pub struct ClientHandle {
     pub first_probe: Notify,
     /// When a request to the client last succeeded (Unix ms).
     pub last_seen_ms: std::sync::atomic::AtomicI64,
+    /// Until when the client is kept out of placement because its disk was full (507).
+    pub full_until: Mutex<Option<Instant>>,
 }
 
 impl ClientHandle {
@@ -56,6 +60,7 @@ impl ClientHandle {
             kick: Notify::new(),
             first_probe: Notify::new(),
             last_seen_ms: std::sync::atomic::AtomicI64::new(0),
+            full_until: Mutex::new(None),
         }
     }
 
@@ -70,6 +75,19 @@ impl ClientHandle {
             .unwrap()
             .as_ref()
             .is_some_and(|i| i.features.iter().any(|f| f == feature))
+    }
+
+    /// True while the client is kept out of placement after answering 507 (disk full).
+    pub fn is_full(&self) -> bool {
+        let mut full = self.full_until.lock().unwrap();
+        match *full {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                *full = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// Identity of the client's data directory, as last seen.
@@ -134,6 +152,18 @@ pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
         tracing::warn!(client = client.base(), why, "client marked unhealthy");
     }
     client.kick.notify_one();
+}
+
+/// The client answered 507 (no disk space for a payload): no job is placed there for
+/// [`FULL_PAUSE`]; its probe puts it back after that (and wakes the dispatcher).
+pub fn full(shared: &Shared, client: &ClientHandle) {
+    *client.full_until.lock().unwrap() = Some(Instant::now() + FULL_PAUSE);
+    shared
+        .sched
+        .lock()
+        .unwrap()
+        .set_client_health(client.id, false);
+    tracing::warn!(client = client.base(), pause = ?FULL_PAUSE, "client has no disk space; placing jobs elsewhere for a while");
 }
 
 /// A request to the client succeeded.
@@ -232,7 +262,8 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                         sched.client_healthy(client.id),
                         sched.client_slots(client.id),
                     );
-                    sched.set_client(client.id, true, slots, load);
+                    // Reachable, but a full disk keeps it out of placement a while longer.
+                    sched.set_client(client.id, !client.is_full(), slots, load);
                     was
                 };
                 reached(&client);

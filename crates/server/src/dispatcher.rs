@@ -221,6 +221,20 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
         );
         return;
     }
+    if status == reqwest::StatusCode::INSUFFICIENT_STORAGE {
+        // The client's disk is full: place the job elsewhere (or here later), and do not
+        // count a send that never ran against the job's attempts.
+        let why = format!("{} has no disk space for the job (507)", client.base());
+        clients::full(shared, client);
+        jobs::requeue_not_counted(
+            shared,
+            &job,
+            &[JobStatus::Processing],
+            &why,
+            jobs::backoff(job.attempts),
+        );
+        return;
+    }
     let record = if status.is_success() {
         response
             .json::<PayloadRecord>()

@@ -35,7 +35,30 @@ pub fn fail(shared: &Shared, job: &Job, from: &[JobStatus], reason: String) {
 /// The job's run was lost (client unreachable, restarted, lost its data; or the job could
 /// not be sent): queue it again, after `delay`, or fail it once `max_attempts` are used up.
 pub fn requeue(shared: &Arc<Shared>, job: &Job, from: &[JobStatus], reason: &str, delay: Duration) {
-    if job.attempts >= shared.config.max_attempts {
+    requeue_inner(shared, job, from, reason, delay, false)
+}
+
+/// [`requeue`] for a send the client refused for lack of room (507): the job never ran, so
+/// the attempt is given back and cannot make the job fail.
+pub fn requeue_not_counted(
+    shared: &Arc<Shared>,
+    job: &Job,
+    from: &[JobStatus],
+    reason: &str,
+    delay: Duration,
+) {
+    requeue_inner(shared, job, from, reason, delay, true)
+}
+
+fn requeue_inner(
+    shared: &Arc<Shared>,
+    job: &Job,
+    from: &[JobStatus],
+    reason: &str,
+    delay: Duration,
+    refund: bool,
+) {
+    if !refund && job.attempts >= shared.config.max_attempts {
         fail(
             shared,
             job,
@@ -52,6 +75,7 @@ pub fn requeue(shared: &Arc<Shared>, job: &Job, from: &[JobStatus], reason: &str
         client: Some(None),
         dest_id: Some(None),
         node: Some(None),
+        attempts: refund.then(|| job.attempts.saturating_sub(1)),
         ..Default::default()
     };
     match shared

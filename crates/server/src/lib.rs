@@ -125,7 +125,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .no_proxy()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(120))
-        .pool_idle_timeout(Duration::from_secs(30))
+        // Well under the clients' idle close (jobrelay_common::serve: a keep-alive connection
+        // without a new request for 30 s is closed), so a pooled connection is never reused
+        // just as the client closes it.
+        .pool_idle_timeout(Duration::from_secs(15))
         .build()?;
 
     let client_ca = match &config.client_ca {
@@ -230,11 +233,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     let app = api::router(shared.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Our accept loop (common::serve): timeouts against slow-loris requests, over TLS or not.
     let serving = match tls {
         Some(acceptor) => {
             let listener = jobrelay_common::tls::TlsListener::new(listener, acceptor)?;
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
+                if let Err(e) = jobrelay_common::serve::serve(listener, app).await {
                     tracing::error!(error = %e, "HTTPS server stopped");
                 }
             })
@@ -246,7 +250,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 let _ = tcp.set_nodelay(true);
             });
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
+                if let Err(e) = jobrelay_common::serve::serve(listener, app).await {
                     tracing::error!(error = %e, "HTTP server stopped");
                 }
             })

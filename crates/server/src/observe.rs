@@ -7,7 +7,7 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -17,7 +17,7 @@ use jobrelay_common::logtail::{self, Stream};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::api::{find, ApiError, ApiResult, JobAnswer};
+use crate::api::{find, ApiError, ApiResult, IdPath, JobAnswer};
 use crate::auth::Caller;
 use crate::store::{now_ms, rfc3339, Job, JobEvent, JobStatus};
 use crate::Shared;
@@ -241,7 +241,7 @@ async fn clients(
 async fn job_events(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> ApiResult<Json<Vec<JobEvent>>> {
     let job = find(&shared, &caller, &id)?;
     Ok(Json(shared.store.history(job.id)?))
@@ -275,7 +275,7 @@ pub struct LogQuery {
 async fn job_log(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;

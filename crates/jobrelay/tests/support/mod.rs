@@ -2,6 +2,7 @@
 //! loopback ports and talk HTTP to them.
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod server;
 
 use std::io::{BufRead, BufReader, Read};
@@ -205,8 +206,12 @@ pub struct TestClient {
 
 impl TestClient {
     pub fn start(extra: &[&str]) -> TestClient {
+        Self::start_with_env(extra, &[])
+    }
+
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestClient {
         let dir = tempfile::tempdir().unwrap();
-        let proc = Self::launch(dir.path(), extra);
+        let proc = Self::launch(dir.path(), extra, env);
         TestClient {
             proc,
             dir,
@@ -214,7 +219,7 @@ impl TestClient {
         }
     }
 
-    fn launch(dir: &Path, extra: &[&str]) -> Proc {
+    fn launch(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
         let data = dir.join("data");
         let mut args = vec![
             "client",
@@ -224,13 +229,13 @@ impl TestClient {
             data.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        Proc::start(&args, &dir.join("logs"))
+        Proc::start_with_env(&args, &dir.join("logs"), env)
     }
 
     /// kill -9 the client and start it again on the same data directory.
     pub fn restart_after_kill9(&mut self, extra: &[&str]) {
         self.proc.kill9();
-        self.proc = Self::launch(self.dir.path(), extra);
+        self.proc = Self::launch(self.dir.path(), extra, &[]);
     }
 
     /// Stops the client with SIGTERM (as systemd or Ctrl-C would) and starts it again.
@@ -240,7 +245,7 @@ impl TestClient {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.proc.child.wait();
-        self.proc = Self::launch(self.dir.path(), extra);
+        self.proc = Self::launch(self.dir.path(), extra, &[]);
     }
 
     pub fn data_dir(&self) -> PathBuf {

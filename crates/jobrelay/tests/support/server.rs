@@ -36,6 +36,16 @@ pub fn write_server_config(dir: &Path, services: &[(&str, Vec<String>, usize, us
 
 /// Starts `jobrelay server` with its data in `dir/server` and the given config file.
 pub fn start_server(dir: &Path, config: &Path, extra: &[&str]) -> Proc {
+    start_server_with_env(dir, config, extra, &[])
+}
+
+/// [`start_server`] with extra environment variables.
+pub fn start_server_with_env(
+    dir: &Path,
+    config: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let data = dir.join("server");
     let mut args = vec![
         "server",
@@ -47,7 +57,7 @@ pub fn start_server(dir: &Path, config: &Path, extra: &[&str]) -> Proc {
         config.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    Proc::start(&args, dir)
+    Proc::start_with_env(&args, dir, env)
 }
 
 /// Uploads a job and returns its id; panics unless the server answers 201.
