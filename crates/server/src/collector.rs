@@ -182,12 +182,16 @@ fn mark_running(shared: &Shared, job: &Job) {
     }
 }
 
-/// Removes the job from the in-flight map when the checks end, however they end.
-struct InFlight<'a>(&'a Shared, i64);
+/// Removes the job from the in-flight map if the checks end early (an error, a panic, a
+/// cancelled task); a normal end removes it under the same lock as its last look for a new
+/// request (see [`check_job`]) and disarms this.
+struct InFlight<'a>(&'a Shared, i64, bool);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.lock().unwrap().remove(&self.1);
+        if self.2 {
+            self.0.in_flight.lock().unwrap().remove(&self.1);
+        }
     }
 }
 
@@ -203,7 +207,7 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
         }
         in_flight.insert(job.id, false);
     }
-    let guard = InFlight(&shared, job.id);
+    let mut guard = InFlight(&shared, job.id, true);
     let Ok(permit) = shared.checks.acquire().await else {
         return;
     };
@@ -213,7 +217,14 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
         let mut in_flight = shared.in_flight.lock().unwrap();
         match in_flight.get_mut(&job.id) {
             Some(again) if *again => *again = false,
-            _ => break,
+            _ => {
+                // Under the lock that a new request takes to set `again`: a request either
+                // came before (and made this loop check again) or finds no check running
+                // and starts its own. None falls in between and is lost.
+                in_flight.remove(&job.id);
+                guard.2 = false;
+                break;
+            }
         }
     }
     drop(permit);
