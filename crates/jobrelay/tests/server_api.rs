@@ -527,11 +527,13 @@ async fn a_client_speaking_only_the_seed_contract_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_cannot_be_sent_fails_after_max_attempts_with_the_reason() {
     use axum::routing::{get, post};
-    // A client that answers /health but fails every /submit.
+    // A client that answers /health but fails every /submit. It reads the whole request
+    // first: answering before the body is read makes hyper close the connection, and the
+    // server's next send on it would fail to send rather than get this 500.
     let app = axum::Router::new()
         .route(
             "/submit",
-            post(|| async {
+            post(|_body: axum::body::Bytes| async {
                 (
                     axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                     "disk on fire",
