@@ -353,6 +353,11 @@ async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() 
         if record["status"] == "Completed" {
             break;
         }
+        // The server may have given up on the killer (its client unreachable too long) before
+        // the last run's kill was seen here: bring the client back, as its supervisor would.
+        if let Ok(Some(_)) = client.child.try_wait() {
+            client = Proc::start(&args, root);
+        }
         if Instant::now() > deadline {
             let payloads = tree(&data.join("payloads"))
                 .iter()
