@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -32,8 +33,13 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// chromedriver runs in a process group of its own, and Chromium in it: kill them all, also
+    /// when the test panics (killing chromedriver alone would leave Chromium running).
     fn drop(&mut self) {
-        let _ = self.process.kill();
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.process.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = self.process.wait();
     }
 }
@@ -47,6 +53,7 @@ impl Driver {
             .port();
         let process = Command::new(chromedriver)
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
