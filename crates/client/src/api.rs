@@ -14,9 +14,6 @@ use axum::{Json, Router};
 use jobrelay_common::archive::zip_stream;
 use jobrelay_common::protocol::{ClientInfo, ErrorBody, PayloadRecord, PayloadStatus};
 use jobrelay_common::upload::{self, UploadError};
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
-use tracing::Level;
 
 use crate::load::LoadGauge;
 use crate::runner::{KillOutcome, Runner};
@@ -101,15 +98,11 @@ pub fn router(state: AppState) -> Router {
         )),
         None => router,
     };
-    router
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-        }))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
-        )
+    jobrelay_common::http::with_standard_layers(router, internal_error)
+}
+
+fn internal_error() -> Response {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
 }
 
 async fn not_found() -> ApiError {

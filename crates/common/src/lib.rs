@@ -6,6 +6,7 @@ pub mod archive;
 pub mod auth;
 pub mod filename;
 pub mod fsutil;
+pub mod http;
 pub mod logtail;
 pub mod protocol;
 pub mod serve;

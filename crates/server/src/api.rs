@@ -15,9 +15,6 @@ use futures_util::TryStreamExt;
 use jobrelay_common::archive::zip_stream;
 use jobrelay_common::upload::{self, UploadError};
 use serde::Serialize;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
-use tracing::Level;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{self, Caller};
@@ -157,7 +154,7 @@ pub struct UploadForm {
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let users = shared.config.users.clone();
-    Router::new()
+    let router = Router::new()
         .route("/", get(ping))
         .route("/health", get(health))
         .route("/upload", post(upload).layer(DefaultBodyLimit::disable()))
@@ -172,15 +169,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
-        .layer(axum::middleware::from_fn_with_state(users, auth::identify))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-        }))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
-        )
+        .layer(axum::middleware::from_fn_with_state(users, auth::identify));
+    jobrelay_common::http::with_standard_layers(router, internal_error)
+}
+
+fn internal_error() -> Response {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
 }
 
 async fn not_found() -> ApiError {
