@@ -1,6 +1,12 @@
 //! Receives a multipart upload into a fresh staging directory, streaming every file to disk
 //! as it arrives. The directory is removed again unless the caller persists it, so a refused
 //! or broken upload leaves nothing behind.
+//!
+//! Every part that has a filename is a file, whatever its field name, as in the deployed
+//! reference (its server sends `/submit` with one part per file, named by the file's path
+//! relative to the job directory; platforms post `-F pdb=@x.pdb` or repeated `-F files=@…`).
+//! [`stored_name`] says where such a file lands. Other text fields are kept for the endpoint,
+//! which ignores those it does not use.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use crate::filename::NameSet;
 use crate::fsutil::{is_disk_full, remove_dir_all_if_exists, unique_name};
 
-/// Name of the multipart field that carries files.
+/// Name of the multipart field whose filename may carry sub-directories (`a/b.pdb`).
 pub const FILE_FIELD: &str = "file";
 /// Largest accepted text field, in bytes.
 pub const MAX_TEXT_FIELD: usize = 64 * 1024;
@@ -31,12 +37,10 @@ const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 pub enum UploadError {
     #[error("malformed multipart request: {0}")]
     Malformed(String),
-    #[error("no file in the upload: send one or more multipart fields named 'file'")]
+    #[error("no file in the upload: send one or more multipart parts with a filename (e.g. curl -F file=@run.sh)")]
     NoFiles,
     #[error("bad file name {name:?}: {why}")]
     BadName { name: String, why: String },
-    #[error("unexpected file field {0:?}: files go in fields named 'file'")]
-    UnexpectedFileField(String),
     #[error("text field {0:?} is larger than {MAX_TEXT_FIELD} bytes")]
     FieldTooLarge(String),
     #[error("upload is larger than the limit of {limit} bytes")]
@@ -204,21 +208,33 @@ async fn receive_fields(
         .await
         .map_err(|e| UploadError::Malformed(e.body_text()))?
     {
-        let field_name = field.name().unwrap_or_default().to_owned();
+        let field_name =
+            crate::disposition::field_name(field.name(), field.headers()).unwrap_or_default();
         match field.file_name().map(str::to_owned) {
-            Some(file_name) => {
-                if field_name != FILE_FIELD {
-                    return Err(UploadError::UnexpectedFileField(field_name));
+            Some(file_name) if file_name.is_empty() => {
+                // A browser's form sends an unfilled file input as a part with an empty
+                // filename and no content: nothing was chosen, so nothing is stored.
+                let mut field = field;
+                let chunk = field
+                    .chunk()
+                    .await
+                    .map_err(|e| UploadError::Malformed(e.body_text()))?;
+                if chunk.is_some_and(|c| !c.is_empty()) {
+                    return Err(UploadError::BadName {
+                        name: String::new(),
+                        why: format!("the part {field_name:?} has content but an empty filename"),
+                    });
                 }
-                let relative = names
-                    .admit(&file_name)
-                    .map_err(|why| UploadError::BadName {
-                        name: file_name.clone(),
-                        why,
-                    })?;
+            }
+            Some(file_name) => {
+                let name = stored_name(&field_name, &file_name).to_owned();
+                let relative = names.admit(&name).map_err(|why| UploadError::BadName {
+                    name: name.clone(),
+                    why,
+                })?;
                 let dest = upload.staging.path().join(relative);
                 store_file(field, &dest, limit, &mut upload.total_bytes).await?;
-                upload.files.push(file_name);
+                upload.files.push(name);
             }
             None if field_name == FILE_FIELD => {
                 return Err(UploadError::BadName {
@@ -236,6 +252,26 @@ async fn receive_fields(
         return Err(UploadError::NoFiles);
     }
     Ok(upload)
+}
+
+/// Where a part with a filename lands, relative to the job directory:
+/// - in a field named [`FILE_FIELD`], at its filename (which may hold sub-directories);
+/// - in any other field, at the field name when that is a valid relative path whose last
+///   component is the filename (the reference server's `/submit`: field `data/a.pdb`,
+///   filename `a.pdb`), otherwise at the filename (`-F pdb=@x.pdb` stores `x.pdb`).
+///
+/// The name returned still goes through [`NameSet::admit`], so the same rules hold whichever
+/// way it came.
+pub fn stored_name<'a>(field_name: &'a str, file_name: &'a str) -> &'a str {
+    if field_name == FILE_FIELD {
+        return file_name;
+    }
+    let last_component = field_name.rsplit('/').next().unwrap_or_default();
+    if last_component == file_name && crate::filename::validate(field_name).is_ok() {
+        field_name
+    } else {
+        file_name
+    }
 }
 
 /// A file whose content ends within this many bytes is gathered in memory and written in
@@ -317,4 +353,28 @@ async fn read_text_field(mut field: Field<'_>, name: &str) -> Result<String, Upl
     }
     String::from_utf8(value)
         .map_err(|_| UploadError::Malformed(format!("text field {name:?} is not UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stored_name;
+
+    #[test]
+    fn a_file_lands_where_its_field_and_filename_say() {
+        // Our form: the filename may hold sub-directories.
+        assert_eq!(stored_name("file", "data/a.pdb"), "data/a.pdb");
+        assert_eq!(stored_name("file", "run.sh"), "run.sh");
+        // The reference server's /submit: the field is the relative path, the filename its base.
+        assert_eq!(stored_name("data/a.pdb", "a.pdb"), "data/a.pdb");
+        assert_eq!(stored_name("run.sh", "run.sh"), "run.sh");
+        // Any other field name: the filename.
+        assert_eq!(stored_name("pdb", "x.pdb"), "x.pdb");
+        assert_eq!(stored_name("files", "b/c.txt"), "b/c.txt");
+        assert_eq!(stored_name("data/a.pdb", "b.pdb"), "b.pdb");
+        // A field name that breaks the name rules is never used, even when it ends right.
+        assert_eq!(stored_name("../a.pdb", "a.pdb"), "a.pdb");
+        assert_eq!(stored_name("/etc/a.pdb", "a.pdb"), "a.pdb");
+        assert_eq!(stored_name("x//a.pdb", "a.pdb"), "a.pdb");
+        assert_eq!(stored_name("", ""), "");
+    }
 }

@@ -110,6 +110,31 @@ fn file_names_that_pass_cannot_escape_or_confuse() {
 }
 
 #[test]
+fn names_arriving_as_field_names_pass_the_same_rules() {
+    for seed in seeds() {
+        let mut rng = Rng(seed);
+        let field = rng.nasty_bytes(60);
+        let Ok(field) = std::str::from_utf8(&field) else {
+            continue;
+        };
+        // Half the cases end the field with the filename, so the field name is the one used.
+        let file_name = if rng.below(2) == 0 {
+            field.rsplit('/').next().unwrap_or_default().to_owned()
+        } else {
+            String::from_utf8_lossy(&rng.nasty_bytes(20)).into_owned()
+        };
+        let name = upload::stored_name(field, &file_name);
+        assert!(
+            name == field || name == file_name,
+            "seed {seed}: {name:?} from {field:?} / {file_name:?}"
+        );
+        if let Ok(path) = NameSet::default().admit(name) {
+            check_accepted(name, &path);
+        }
+    }
+}
+
+#[test]
 fn a_name_set_never_admits_a_repeat_or_a_file_directory_clash() {
     for seed in seeds() {
         let mut rng = Rng(seed);
@@ -146,11 +171,42 @@ fn valid_body(rng: &mut Rng) -> Vec<u8> {
             body.extend_from_slice(b"Content-Disposition: form-data; name=\"key\"\r\n\r\nk1\r\n");
             continue;
         }
-        body.extend_from_slice(b"Content-Disposition: form-data; name=\"file\"; filename=\"");
+        // The field name: ours ("file"), the reference server's (the relative path, sometimes
+        // hostile), or whatever a web form calls it.
+        let file_name = format!("f{n}.txt");
+        body.extend_from_slice(b"Content-Disposition: form-data; ");
+        match rng.below(6) {
+            0 => body.extend_from_slice(b"name=\"file\""),
+            1 => {
+                body.extend_from_slice(format!("name=\"d{}/{file_name}\"", rng.below(2)).as_bytes())
+            }
+            2 => {
+                body.extend_from_slice(b"name=\"");
+                body.extend(rng.nasty_bytes(40));
+                body.extend_from_slice(file_name.as_bytes());
+                body.extend_from_slice(b"\"");
+            }
+            // reqwest's extended form (the reference server's /submit), sometimes hostile.
+            3 => body.extend_from_slice(
+                format!("name*=utf-8''d{}%2F{file_name}", rng.below(2)).as_bytes(),
+            ),
+            4 => {
+                body.extend_from_slice(b"name*=utf-8''");
+                body.extend(rng.nasty_bytes(40));
+                body.extend_from_slice(b"%2F..%2F");
+                body.extend_from_slice(file_name.as_bytes());
+            }
+            _ => {
+                body.extend_from_slice(b"name=\"");
+                body.extend(rng.nasty_bytes(20));
+                body.extend_from_slice(b"\"");
+            }
+        }
+        body.extend_from_slice(b"; filename=\"");
         if rng.below(3) == 0 {
             body.extend(rng.nasty_bytes(40));
         } else {
-            body.extend_from_slice(format!("f{n}.txt").as_bytes());
+            body.extend_from_slice(file_name.as_bytes());
         }
         body.extend_from_slice(b"\"\r\n\r\n");
         body.extend(rng.nasty_bytes(200));
