@@ -117,7 +117,9 @@ async fn method_not_allowed() -> ApiError {
 }
 
 async fn ping() -> Json<serde_json::Value> {
+    // `message: pong` is what the reference answers; platforms may check it.
     Json(serde_json::json!({
+        "message": "pong",
         "status": "ok",
         "service": "jobrelay-client",
         "version": env!("CARGO_PKG_VERSION"),

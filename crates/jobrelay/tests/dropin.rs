@@ -357,6 +357,7 @@ async fn our_server_takes_files_under_any_field_name_as_platforms_send_them() {
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 5)]);
     let server = start_server(dir.path(), &config, &[]);
     let http = http();
+    assert_pong(&http, &server.url).await;
     let listing = b"find . -type f ! -name '.jobrelay*' ! -name listing.txt | sort > listing.txt\n";
 
     // What web platforms post: their own field names, repeated fields, fields the server does
@@ -457,9 +458,23 @@ async fn our_server_takes_files_under_any_field_name_as_platforms_send_them() {
     assert!(tree(&data.join("staging")).is_empty(), "{:?}", tree(&data));
 }
 
+/// `GET /` as the reference answers it: `{"message":"pong"}` (we add fields, never drop it).
+async fn assert_pong(http: &reqwest::Client, base: &str) {
+    let ping: serde_json::Value = http
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ping["message"], "pong", "{ping}");
+}
+
 #[tokio::test]
 async fn our_client_takes_files_under_any_field_name() {
     let client = TestClient::start(&[]);
+    assert_pong(&client.http, &client.url("")).await;
     let form = Form::new()
         .text("key", "")
         .text("unknown", "ignored")
@@ -484,4 +499,47 @@ async fn our_client_takes_files_under_any_field_name() {
         "{body}"
     );
     assert!(client.entries_in("staging").is_empty());
+}
+
+#[tokio::test]
+async fn our_server_serves_partial_results_and_terminate_before_dispatch() {
+    // Where the reference answers 404 (partial) and 500 (terminate) for a job not yet sent.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server_config(
+        dir.path(),
+        &[("parked", vec!["http://127.0.0.1:9".into()], 5, 5)],
+    );
+    let server = start_server(dir.path(), &config, &[]);
+    let http = http();
+    let form = Form::new()
+        .text("user_id", "3")
+        .text("service", "parked")
+        .part("input", part(b"true\n", "run.sh"));
+    let (status, body) = post_upload(&http, &server.url, form).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    let response = http
+        .get(format!("{}/download_partial/{id}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/zip");
+    let entries = unzip(&response.bytes().await.unwrap());
+    assert_eq!(entries["run.sh"], b"true\n");
+
+    let response = http
+        .post(format!("{}/terminate/{id}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let job: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(job["status"], "Killed", "{job}");
+    let response = http
+        .post(format!("{}/terminate/{id}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
 }

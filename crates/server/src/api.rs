@@ -191,7 +191,9 @@ async fn method_not_allowed() -> ApiError {
 /// Ping.
 #[utoipa::path(get, path = "/", responses((status = 200, description = "The server answers")))]
 async fn ping() -> Json<serde_json::Value> {
+    // `message: pong` is what the reference answers; platforms may check it.
     Json(serde_json::json!({
+        "message": "pong",
         "status": "ok",
         "service": "jobrelay-server",
         "version": env!("CARGO_PKG_VERSION"),
