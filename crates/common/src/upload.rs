@@ -375,6 +375,8 @@ mod tests {
         assert_eq!(stored_name("../a.pdb", "a.pdb"), "a.pdb");
         assert_eq!(stored_name("/etc/a.pdb", "a.pdb"), "a.pdb");
         assert_eq!(stored_name("x//a.pdb", "a.pdb"), "a.pdb");
+        // A part without a field name: the filename, as the reference does.
+        assert_eq!(stored_name("", "run.sh"), "run.sh");
         assert_eq!(stored_name("", ""), "");
     }
 }

@@ -164,7 +164,7 @@ fn hostile_bodies(fields: &[Part]) -> Vec<(String, Vec<u8>)> {
             "no content-disposition".into(),
             format!("--{BOUNDARY}\r\nContent-Type: text/plain\r\n\r\nx\r\n--{BOUNDARY}--\r\n").into_bytes(),
         ),
-        ("part without a name".into(), with(&[(None, Some(b"run.sh"), run)])),
+        // A part without a name but with a filename is a file, as in the reference (dropin.rs).
         ("file part without a file name".into(), with(&[(Some(b"file"), None, run)])),
         ("no file at all".into(), with(&[])),
         ("dot-dot".into(), with(&[file(b"../escape")])),
