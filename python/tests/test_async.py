@@ -33,7 +33,9 @@ def test_fifty_concurrent_submissions(url: str, make_job: JobFactory, tmp_path: 
             )
             for i, out in enumerate(outs):
                 assert (out / "out.txt").read_text() == f"job {i}\n"
-            logs = [b"".join([c async for c in job.logs()]) for job in jobs[:3]]
+            logs = []
+            for job in jobs[:3]:
+                logs.append(b"".join([chunk async for chunk in job.logs()]))
             assert logs == [b"0\n", b"1\n", b"2\n"]
 
     asyncio.run(main())
