@@ -1,5 +1,6 @@
 //! Sizes and counts through the server with real client processes: a service's `max_result`
-//! cuts off a result while it streams, sparse results arrive deflated.
+//! cuts off a result while it streams, sparse results arrive deflated, a job of more files
+//! than the open-file limit is sent, and `max_files` refuses an upload leaving nothing.
 
 mod support;
 
@@ -126,4 +127,80 @@ async fn a_sparse_gigabyte_result_becomes_a_small_zip() {
         .unwrap();
     assert_eq!(log.status(), 200);
     eprintln!("1 GiB sparse result: a ZIP of {} bytes", zip.len());
+}
+
+/// Lowers the open-file limit (soft and hard) of a running process; false without `prlimit`.
+fn limit_open_files(pid: u32, limit: u32) -> bool {
+    std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_more_files_than_the_open_file_limit_is_sent_and_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), "client", &[]);
+    let config = config_with(dir.path(), &client.url, "");
+    let server = start_server(dir.path(), &config, &[]);
+    if !limit_open_files(server.pid(), 1024) {
+        eprintln!("skipped: prlimit could not lower the server's open-file limit");
+        return;
+    }
+    let http = http();
+    let names: Vec<String> = (0..1500).map(|i| format!("in/f{i:04}.txt")).collect();
+    let mut files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+    files.push(("run.sh", b"ls in | wc -l > count.txt\n"));
+    let id = upload_job(&http, &server.url, 1, "example", &files).await;
+    let job = wait_status(&http, &server.url, id, &["Completed", "Failed"], LONG).await;
+    assert_eq!(job["status"], "Completed", "{job}\n{}", server.log());
+    let zip = download_zip(&http, &server.url, id).await;
+    let entries = unzip(&zip);
+    assert_eq!(entries["count.txt"], b"1500\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_files_than_max_files_are_refused_with_413_leaving_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), "client", &[]);
+    let path = dir.path().join("server.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[services.example]\nclients = [{0:?}]\nmax_files = 10\n\
+             [services.wide]\nclients = [{0:?}]\nmax_files = 20\n",
+            client.url
+        ),
+    )
+    .unwrap();
+    let server = start_server(dir.path(), &path, &[]);
+    let http = http();
+    let names: Vec<String> = (0..25).map(|i| format!("f{i}.txt")).collect();
+    let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+    // Over the service's limit (known once the form is read), and over every service's
+    // (refused while the files arrive).
+    for (service, count) in [("example", 11), ("example", 25), ("wide", 21)] {
+        let response = http
+            .post(format!("{}/upload", server.url))
+            .multipart(
+                files_form(&files[..count])
+                    .text("user_id", "1")
+                    .text("service", service),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 413, "{service} with {count} files");
+        let body: serde_json::Value = response.json().await.unwrap();
+        let text = body.to_string();
+        assert!(text.contains("files"), "a clear reason: {body}");
+        assert!(tree(&dir.path().join("server/staging")).is_empty());
+        assert!(tree(&dir.path().join("server/jobs")).is_empty());
+    }
+    // At the limit: accepted.
+    let mut files = files[..9].to_vec();
+    files.push(("run.sh", b"ls | wc -l > count.txt\n"));
+    let id = upload_job(&http, &server.url, 1, "example", &files).await;
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
 }
