@@ -101,7 +101,7 @@ async fn a_sparse_gigabyte_result_becomes_a_small_zip() {
         "example",
         &[(
             "run.sh",
-            b"truncate -s 1G sparse.bin\nseq 1 100000 > numbers.txt\n",
+            b"truncate -s 1G sparse.bin\nseq 1 100000 | tee numbers.txt\n",
         )],
     )
     .await;
@@ -126,6 +126,12 @@ async fn a_sparse_gigabyte_result_becomes_a_small_zip() {
         .await
         .unwrap();
     assert_eq!(log.status(), 200);
+    let text = log.text().await.unwrap();
+    assert!(
+        text.starts_with("1\n2\n3\n"),
+        "{:?}",
+        &text[..text.len().min(100)]
+    );
     eprintln!("1 GiB sparse result: a ZIP of {} bytes", zip.len());
 }
 
