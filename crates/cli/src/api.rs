@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
@@ -124,12 +124,19 @@ impl ServerApi {
         if let Some(user) = user {
             form = form.text("user_id", user.to_string());
         }
+        // Each file is opened only when the body reaches it: one descriptor at a time, so a
+        // directory of more files than the open-file limit uploads too.
         for file in files {
-            let handle = tokio::fs::File::open(&file.path)
-                .await
-                .with_context(|| format!("cannot read {}", file.path.display()))?;
             let bar = bar.clone();
-            let stream = tokio_util::io::ReaderStream::new(handle).inspect(move |chunk| {
+            let path = file.path.clone();
+            let stream = futures_util::stream::once(async move {
+                let handle = tokio::fs::File::open(&path).await.map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+                })?;
+                Ok::<_, std::io::Error>(tokio_util::io::ReaderStream::new(handle))
+            })
+            .try_flatten()
+            .inspect(move |chunk| {
                 if let Ok(chunk) = chunk {
                     bar.inc(chunk.len() as u64);
                 }
@@ -271,9 +278,8 @@ pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<UploadFile>> {
         } else {
             let name = path
                 .file_name()
-                .ok_or_else(|| anyhow!("{} has no file name", path.display()))?
-                .to_string_lossy()
-                .into_owned();
+                .ok_or_else(|| anyhow!("{} has no file name", path.display()))?;
+            let name = utf8_name(Path::new(name), path)?;
             files.push(UploadFile {
                 name,
                 path: path.clone(),
@@ -289,6 +295,17 @@ pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<UploadFile>> {
     Ok(files)
 }
 
+/// A file's name in the job. Names are UTF-8 on the wire: one that is not is refused rather
+/// than sent changed (two such names could become one).
+fn utf8_name(name: &Path, path: &Path) -> anyhow::Result<String> {
+    name.to_str().map(str::to_owned).ok_or_else(|| {
+        anyhow!(
+            "cannot upload {}: its name is not UTF-8; rename it",
+            path.display()
+        )
+    })
+}
+
 fn walk(root: &Path, relative: &Path, out: &mut Vec<UploadFile>) -> anyhow::Result<()> {
     let mut names: Vec<_> = std::fs::read_dir(root.join(relative))?
         .map(|e| e.map(|e| e.file_name()))
@@ -302,7 +319,7 @@ fn walk(root: &Path, relative: &Path, out: &mut Vec<UploadFile>) -> anyhow::Resu
             walk(root, &child, out)?;
         } else if meta.is_file() {
             out.push(UploadFile {
-                name: child.to_string_lossy().into_owned(),
+                name: utf8_name(&child, &full)?,
                 path: full,
                 size: meta.len(),
             });
@@ -327,6 +344,21 @@ mod tests {
         let names: Vec<_> = files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["inputs/a.pdb", "run.sh", "params.txt"]);
         assert_eq!(files[0].size, 4);
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("run.sh"), "true").unwrap();
+        let bad = dir
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"data\xff.txt"));
+        std::fs::write(&bad, "x").unwrap();
+        for arg in [dir.path().to_path_buf(), bad] {
+            let error = collect_files(&[arg]).unwrap_err();
+            assert!(error.to_string().contains("not UTF-8"), "{error}");
+        }
     }
 
     #[test]

@@ -1,15 +1,21 @@
 //! Streams a directory as a ZIP archive in constant memory.
 //!
-//! Regular files are stored (no compression, as the protocol's reference peers do), directories
-//! become directory entries, and symbolic links are stored as links: their target is never
+//! Regular files that compress (text, sparse files, anything whose first 64 KiB deflate to
+//! less than 90 %) are deflated, streamed at the fastest level; others are stored as they are.
+//! Directories become directory entries, and symbolic links are stored as links: their target is never
 //! followed, so no file outside the directory can reach the archive. Files are opened one path
 //! component at a time with `O_NOFOLLOW`, so a running job that swaps a file or a directory
 //! for a link while the archive is written cannot lead it out either. Other file types
 //! (sockets, FIFOs, devices) are left out, and so are files of another owner than the
 //! directory's (with `--run-as`, a hard link to a file the job could not read).
+//!
+//! Names that are not UTF-8 (a job may create any bytes) cannot be written as ZIP names
+//! without changing them, and changed names could collide: such entries (and everything
+//! below such a directory, and links whose target is not UTF-8) are left out, and the archive
+//! ends with a note, [`SKIPPED_NOTE`], listing them with their bytes escaped.
 
 use std::fs::{self, File, Metadata};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -25,6 +31,10 @@ const CHUNK: usize = 64 * 1024;
 const CHANNEL_DEPTH: usize = 4;
 /// Above this size an entry is written with ZIP64 sizes.
 const LARGE_FILE: u64 = 0xFFFF_0000;
+/// How much of a file is tried with deflate to decide whether the file is deflated.
+const SAMPLE: usize = 64 * 1024;
+/// Name of the note listing the entries left out because their names are not UTF-8.
+pub const SKIPPED_NOTE: &str = ".jobrelay.skipped-names.txt";
 
 /// Writes `dir` as a ZIP archive to `out`.
 pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
@@ -32,18 +42,22 @@ pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(dir)?;
-    let mut entries = Vec::new();
-    collect_entries(&root, Path::new(""), &mut entries)?;
-    write_entries(&root, entries, out)
+    let mut listing = Listing::default();
+    collect_entries(&root, Path::new(""), &mut listing)?;
+    write_entries(&root, listing, out)
 }
 
 /// Writes the listed entries of the directory `root` as a ZIP archive to `out`. Whatever
 /// changed since the listing (a running job) cannot lead outside `root`.
-fn write_entries<W: Write>(root: &File, entries: Vec<Entry>, out: W) -> io::Result<W> {
+fn write_entries<W: Write>(root: &File, listing: Listing, out: W) -> io::Result<W> {
     let mut zip = ZipWriter::new_stream(out);
     let owner = root.metadata()?.uid();
-    for (relative, meta, link) in entries {
-        let name = zip_name(&relative);
+    let mut names_written = false;
+    for (relative, meta, link) in listing.entries {
+        let Some(name) = zip_name(&relative) else {
+            continue;
+        };
+        names_written |= name == SKIPPED_NOTE;
         let mode = meta.permissions().mode() & 0o7777;
         let options = SimpleFileOptions::default()
             .compression_method(CompressionMethod::Stored)
@@ -72,12 +86,66 @@ fn write_entries<W: Write>(root: &File, entries: Vec<Entry>, out: W) -> io::Resu
             if !opened.file_type().is_file() || opened.uid() != owner {
                 continue;
             }
+            let mut sample = Vec::with_capacity(SAMPLE);
+            (&mut file).take(SAMPLE as u64).read_to_end(&mut sample)?;
+            let options = if worth_deflating(&sample, &opened) {
+                options
+                    .compression_method(CompressionMethod::Deflated)
+                    .compression_level(Some(1))
+            } else {
+                options
+            };
             zip.start_file(name, options).map_err(io::Error::other)?;
+            zip.write_all(&sample)?;
+            drop(sample);
             io::copy(&mut file, &mut zip)?;
         }
     }
+    if !listing.skipped.is_empty() && !names_written {
+        let mut note = String::from(
+            "Left out of this archive: their names are not UTF-8 (bytes shown escaped).\n",
+        );
+        for path in &listing.skipped {
+            note.push_str(
+                &path
+                    .as_os_str()
+                    .as_encoded_bytes()
+                    .escape_ascii()
+                    .to_string(),
+            );
+            note.push('\n');
+        }
+        let options = SimpleFileOptions::default()
+            .compression_method(CompressionMethod::Stored)
+            .unix_permissions(0o644);
+        zip.start_file(SKIPPED_NOTE, options)
+            .map_err(io::Error::other)?;
+        zip.write_all(note.as_bytes())?;
+    }
     let stream = zip.finish().map_err(io::Error::other)?;
     Ok(stream.into_inner())
+}
+
+/// Whether a file is deflated: when it has holes (a sparse file: zeros that cost the job
+/// nothing would cost the network and the server their full size), or when its first bytes
+/// shrink by at least a tenth at deflate's fastest level. Small files are deflated when that
+/// helps too; already compressed data (images, archives) is stored as it is.
+fn worth_deflating(sample: &[u8], meta: &Metadata) -> bool {
+    if sample.len() < 64 {
+        return false;
+    }
+    let allocated = meta.blocks().saturating_mul(512);
+    if allocated.saturating_add(SAMPLE as u64) < meta.len() {
+        return true;
+    }
+    let mut encoder = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(sample.len()),
+        flate2::Compression::fast(),
+    );
+    match encoder.write_all(sample).and_then(|_| encoder.finish()) {
+        Ok(compressed) => compressed.len() * 10 < sample.len() * 9,
+        Err(_) => false,
+    }
 }
 
 /// Opens `relative` below the directory `root` one component at a time with `O_NOFOLLOW`
@@ -126,10 +194,18 @@ fn open_beneath(root: &File, relative: &Path, directory: bool) -> io::Result<Fil
 /// One entry to archive: its path below the root, its metadata, and for a link its target.
 type Entry = (PathBuf, Metadata, Option<PathBuf>);
 
+/// What [`collect_entries`] found: the entries to archive, and the paths left out because
+/// their name (or a link's target) is not UTF-8.
+#[derive(Default)]
+struct Listing {
+    entries: Vec<Entry>,
+    skipped: Vec<PathBuf>,
+}
+
 /// Lists every entry below `root` (depth first, sorted by name) without following links:
 /// each directory is opened with [`open_beneath`] and read through its descriptor, so a
 /// directory swapped for a link since its parent was listed is left out, not followed.
-fn collect_entries(root: &File, relative: &Path, out: &mut Vec<Entry>) -> io::Result<()> {
+fn collect_entries(root: &File, relative: &Path, out: &mut Listing) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let dir = if relative.as_os_str().is_empty() {
         root.try_clone()?
@@ -151,6 +227,10 @@ fn collect_entries(root: &File, relative: &Path, out: &mut Vec<Entry>) -> io::Re
     children.sort();
     for name in children {
         let child = relative.join(&name);
+        if name.to_str().is_none() {
+            out.skipped.push(child);
+            continue;
+        }
         let meta = match fs::symlink_metadata(base.join(&name)) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -159,15 +239,16 @@ fn collect_entries(root: &File, relative: &Path, out: &mut Vec<Entry>) -> io::Re
         let kind = meta.file_type();
         if kind.is_symlink() {
             match fs::read_link(base.join(&name)) {
-                Ok(target) => out.push((child, meta, Some(target))),
+                Ok(target) if target.to_str().is_none() => out.skipped.push(child),
+                Ok(target) => out.entries.push((child, meta, Some(target))),
                 Err(e) if vanished(&e) || e.kind() == io::ErrorKind::InvalidInput => {}
                 Err(e) => return Err(e),
             }
         } else if kind.is_dir() {
-            out.push((child.clone(), meta, None));
+            out.entries.push((child.clone(), meta, None));
             collect_entries(root, &child, out)?;
         } else if kind.is_file() {
-            out.push((child, meta, None));
+            out.entries.push((child, meta, None));
         }
     }
     Ok(())
@@ -180,12 +261,14 @@ fn vanished(e: &io::Error) -> bool {
         || e.raw_os_error() == Some(libc::ENOTDIR)
 }
 
-fn zip_name(relative: &Path) -> String {
+/// The entry's name in the archive (components joined by '/'); `None` if it is not UTF-8
+/// (the listing leaves those out already).
+fn zip_name(relative: &Path) -> Option<String> {
     relative
         .components()
-        .map(|c| c.as_os_str().to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
+        .map(|c| c.as_os_str().to_str())
+        .collect::<Option<Vec<_>>>()
+        .map(|parts| parts.join("/"))
 }
 
 /// Hands bytes written by the archiving thread to an async receiver, in bounded chunks.
@@ -326,7 +409,7 @@ mod tests {
         std::fs::write(dir.path().join("sub/file"), b"harmless").unwrap();
         std::fs::write(dir.path().join("other"), b"harmless").unwrap();
         let root = File::open(dir.path()).unwrap();
-        let mut entries = Vec::new();
+        let mut entries = Listing::default();
         collect_entries(&root, Path::new(""), &mut entries).unwrap();
         // The job swaps a directory and a file for links once they were listed.
         std::fs::rename(dir.path().join("sub"), dir.path().join("sub.old")).unwrap();
@@ -342,13 +425,99 @@ mod tests {
             assert_ne!(content, b"SECRET", "{:?}", entry.name());
         }
         // Listing after the swap does not follow the directory link either.
-        let mut entries = Vec::new();
-        collect_entries(&root, Path::new(""), &mut entries).unwrap();
+        let mut listing = Listing::default();
+        collect_entries(&root, Path::new(""), &mut listing).unwrap();
+        let entries = listing.entries;
         assert!(entries
             .iter()
             .all(|(path, _, _)| path == Path::new("sub") || !path.starts_with("sub")));
         assert!(entries
             .iter()
             .any(|(path, _, link)| path == Path::new("sub") && link.is_some()));
+    }
+
+    fn read_entry(archive: &[u8], name: &str) -> (CompressionMethod, u64, Vec<u8>) {
+        let mut zip = zip::ZipArchive::new(io::Cursor::new(archive)).unwrap();
+        let mut entry = zip.by_name(name).unwrap();
+        let (method, compressed) = (entry.compression(), entry.compressed_size());
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        (method, compressed, content)
+    }
+
+    /// Bytes that deflate cannot shrink (a xorshift sequence).
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn text_and_sparse_files_are_deflated_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "residue 42 chain A\n".repeat(20_000);
+        std::fs::write(dir.path().join("log.txt"), &text).unwrap();
+        // 64 MiB of holes but a few bytes: costs the job nothing on disk.
+        let sparse = File::create(dir.path().join("sparse.bin")).unwrap();
+        sparse.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_at(&sparse, b"end", (64 << 20) - 3).unwrap();
+        drop(sparse);
+        let random = noise(300_000);
+        std::fs::write(dir.path().join("random.bin"), &random).unwrap();
+        std::fs::write(dir.path().join("tiny"), b"x").unwrap();
+
+        let bytes = write_zip(dir.path(), Vec::new()).unwrap();
+        // The whole archive is far smaller than what it holds.
+        assert!(bytes.len() < 400_000 + 300_000, "{} bytes", bytes.len());
+
+        let (method, compressed, content) = read_entry(&bytes, "log.txt");
+        assert_eq!(method, CompressionMethod::Deflated);
+        assert!(compressed * 50 < text.len() as u64, "{compressed}");
+        assert_eq!(content, text.as_bytes());
+
+        let (method, compressed, content) = read_entry(&bytes, "sparse.bin");
+        assert_eq!(method, CompressionMethod::Deflated);
+        assert!(compressed < (64 << 20) / 100, "{compressed}");
+        assert_eq!(content.len(), 64 << 20);
+        assert!(content[..content.len() - 3].iter().all(|&b| b == 0));
+        assert_eq!(&content[content.len() - 3..], b"end");
+
+        let (method, _, content) = read_entry(&bytes, "random.bin");
+        assert_eq!(method, CompressionMethod::Stored);
+        assert_eq!(content, random);
+
+        let (method, _, content) = read_entry(&bytes, "tiny");
+        assert_eq!(method, CompressionMethod::Stored);
+        assert_eq!(content, b"x");
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_left_out_with_a_note() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ok.txt"), b"ok").unwrap();
+        // Two names that a lossy conversion would both turn into "bad\u{FFFD}".
+        std::fs::write(dir.path().join(OsStr::from_bytes(b"bad\xff")), b"1").unwrap();
+        std::fs::write(dir.path().join(OsStr::from_bytes(b"bad\xfe")), b"2").unwrap();
+        let sub = dir.path().join(OsStr::from_bytes(b"dir\xff"));
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("inside"), b"3").unwrap();
+        std::os::unix::fs::symlink(OsStr::from_bytes(b"to\xff"), dir.path().join("link")).unwrap();
+
+        let bytes = write_zip(dir.path(), Vec::new()).unwrap();
+        assert_eq!(names_in(&bytes), ["ok.txt", SKIPPED_NOTE]);
+        let (_, _, note) = read_entry(&bytes, SKIPPED_NOTE);
+        let note = String::from_utf8(note).unwrap();
+        for escaped in ["bad\\xff", "bad\\xfe", "dir\\xff", "link"] {
+            assert!(note.contains(escaped), "{escaped} in {note}");
+        }
+        assert!(!note.contains("inside"), "{note}");
     }
 }

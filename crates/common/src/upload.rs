@@ -45,6 +45,8 @@ pub enum UploadError {
     FieldTooLarge(String),
     #[error("upload is larger than the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("upload has more than {limit} files, the most accepted")]
+    TooManyFiles { limit: usize },
     #[error("not enough disk space to store the upload")]
     DiskFull,
     #[error("could not store the upload: {0}")]
@@ -55,7 +57,9 @@ impl UploadError {
     /// The HTTP status that tells a caller what went wrong.
     pub fn status(&self) -> StatusCode {
         match self {
-            UploadError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadError::TooLarge { .. } | UploadError::TooManyFiles { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             UploadError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
             UploadError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
@@ -177,11 +181,22 @@ async fn drain_multipart(multipart: &mut Multipart) {
 /// Reads the whole multipart body: files into a new directory under `staging_root`, text
 /// fields into a map. At most `limit` bytes of file content are accepted in total.
 pub async fn receive(
-    mut multipart: Multipart,
+    multipart: Multipart,
     staging_root: &Path,
     limit: u64,
 ) -> Result<ReceivedUpload, UploadError> {
-    let result = receive_fields(&mut multipart, staging_root, limit).await;
+    receive_at_most(multipart, staging_root, limit, usize::MAX).await
+}
+
+/// [`receive`], refusing the upload as soon as it brings more than `max_files` files (so a
+/// body of a million tiny files does not fill the staging directory first).
+pub async fn receive_at_most(
+    mut multipart: Multipart,
+    staging_root: &Path,
+    limit: u64,
+    max_files: usize,
+) -> Result<ReceivedUpload, UploadError> {
+    let result = receive_fields(&mut multipart, staging_root, limit, max_files).await;
     if let Err(e) = &result {
         if !matches!(e, UploadError::Malformed(_)) {
             drain_multipart(&mut multipart).await;
@@ -194,6 +209,7 @@ async fn receive_fields(
     multipart: &mut Multipart,
     staging_root: &Path,
     limit: u64,
+    max_files: usize,
 ) -> Result<ReceivedUpload, UploadError> {
     let staging = StagingDir::create(staging_root).map_err(UploadError::from_io)?;
     let mut upload = ReceivedUpload {
@@ -227,6 +243,9 @@ async fn receive_fields(
                 }
             }
             Some(file_name) => {
+                if upload.files.len() >= max_files {
+                    return Err(UploadError::TooManyFiles { limit: max_files });
+                }
                 let name = stored_name(&field_name, &file_name).to_owned();
                 let relative = names.admit(&name).map_err(|why| UploadError::BadName {
                     name: name.clone(),

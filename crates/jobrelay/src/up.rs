@@ -105,14 +105,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut endpoint = ClientEndpoint::from_base(&client_url)?;
     endpoint.token = Some(token);
     let mut services = BTreeMap::new();
-    services.insert(
-        SERVICE.to_owned(),
-        ServiceConfig {
-            clients: vec![endpoint],
-            runs_per_user: 5,
-            max_runs: 10,
-        },
-    );
+    services.insert(SERVICE.to_owned(), ServiceConfig::new(vec![endpoint]));
     let mut config = ServerConfig::new(data_dir.join("server"), services);
     config.listen = loopback(args.port);
     let db = config.db_path.clone();

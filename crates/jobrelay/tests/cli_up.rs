@@ -298,3 +298,40 @@ fn eventually_status(server: &str, id: u64, wanted: &str) -> String {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_directory_of_more_files_than_the_open_file_limit_is_submitted_and_unpacked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let system = up(tmp.path());
+    // Server and CLI both under the common limit of 1,024 open files.
+    let limited = Command::new("prlimit")
+        .arg(format!("--pid={}", system.pid()))
+        .arg("--nofile=1024:1024")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !limited {
+        eprintln!("skipped: prlimit could not lower the open-file limit");
+        return;
+    }
+    let job = job_dir(tmp.path(), "many", "ls in | wc -l > count.txt\n");
+    std::fs::create_dir(Path::new(&job).join("in")).unwrap();
+    for i in 0..1500 {
+        std::fs::write(Path::new(&job).join(format!("in/f{i:04}.txt")), "x").unwrap();
+    }
+    let results = tmp.path().join("results");
+    let out = Command::new("prlimit")
+        .args(["--nofile=1024:1024", binary()])
+        .args(["submit", "--service", "example", "--wait", "--output"])
+        .arg(&results)
+        .arg(&job)
+        .env("JOBRELAY_SERVER", &system.url)
+        .env("JOBRELAY_USER", "1")
+        .output()
+        .expect("run jobrelay under prlimit");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(results.join("count.txt")).unwrap(),
+        "1500\n"
+    );
+    assert!(results.join("in/f1499.txt").is_file());
+}

@@ -194,3 +194,68 @@ async fn a_server_full_during_upload_answers_507_keeps_nothing_and_keeps_serving
     assert_eq!(entries["out.txt"], b"ok\n");
     eprintln!("server full: {refused} uploads refused with 507, then a job completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_on_a_full_server_disk_are_fetched_again_and_complete_once_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let Some(_small) = Tmpfs::mount(&root.join("server"), "8m") else {
+        return;
+    };
+    let client = start_client(root, "client", &[]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
+    // The database elsewhere: only the result ZIP meets the full disk. A short client
+    // timeout: a fetch that keeps failing for another reason fails the job after it.
+    let db = root.join("jobrelay.sqlite");
+    let server = start_server(
+        root,
+        &config,
+        &["--db", db.to_str().unwrap(), "--client-timeout", "2"],
+    );
+    let filler = root.join("server/filler");
+    std::fs::write(&filler, vec![0u8; (8 << 20) - (512 << 10)]).unwrap();
+    let http = http();
+    // 2 MB that do not compress: the ZIP cannot fit in what is left.
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", b"head -c 2000000 /dev/urandom > noise.bin\n")],
+    )
+    .await;
+    // Fetched and refused by the disk again and again, well past the client timeout...
+    eventually(
+        LONG,
+        "four failed attempts to store the results",
+        || async {
+            (server
+                .log()
+                .matches("result not stored; will fetch again")
+                .count()
+                >= 4)
+                .then_some(())
+        },
+    )
+    .await;
+    let job = job_json(&http, &server.url, id).await;
+    assert!(
+        job["status"] == "Running" || job["status"] == "Submitted",
+        "still waiting for space, not failed: {job}"
+    );
+    assert!(server.log().contains("No space left"), "{}", server.log());
+    // ...and stored once there is room.
+    std::fs::remove_file(&filler).unwrap();
+    let job = wait_status(&http, &server.url, id, &["Completed", "Failed"], LONG).await;
+    assert_eq!(job["status"], "Completed", "{job}\n{}", server.log());
+    let entries = unzip(&download_zip(&http, &server.url, id).await);
+    assert_eq!(entries["noise.bin"].len(), 2_000_000);
+    // No part file of the refused attempts is left.
+    assert!(
+        tree(&root.join("server/results"))
+            .iter()
+            .all(|p| !p.to_string_lossy().ends_with(".part")),
+        "{:?}",
+        tree(&root.join("server/results"))
+    );
+}

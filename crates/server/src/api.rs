@@ -233,7 +233,7 @@ async fn docs() -> Html<&'static str> {
         (status = 403, description = "With a users file: user_id is not the token's user", body = JobAnswer),
         (status = 201, description = "Job queued", body = JobAnswer),
         (status = 400, description = "Missing or bad field, unknown service, no file, bad file name", body = JobAnswer),
-        (status = 413, description = "Upload larger than --max-upload", body = JobAnswer),
+        (status = 413, description = "Upload larger than --max-upload, or more files than the service's max_files", body = JobAnswer),
         (status = 507, description = "No disk space left", body = JobAnswer),
     )
 )]
@@ -250,8 +250,22 @@ async fn upload(
             format!("expected a multipart/form-data body: {e}"),
         )
     })?;
-    let received =
-        upload::receive(multipart, &shared.staging_dir, shared.config.max_upload).await?;
+    // No service takes more files than the largest max_files: refuse past it while
+    // receiving; the service's own limit is checked once its name is known.
+    let most_files = shared
+        .config
+        .services
+        .values()
+        .map(|s| s.max_files)
+        .max()
+        .unwrap_or(usize::MAX);
+    let received = upload::receive_at_most(
+        multipart,
+        &shared.staging_dir,
+        shared.config.max_upload,
+        most_files,
+    )
+    .await?;
     let given = match received.fields.get("user_id").map(|v| v.trim()) {
         None | Some("") => None,
         Some(text) => Some(text.parse::<i64>().map_err(|_| {
@@ -301,6 +315,18 @@ async fn upload(
             ),
         ));
     };
+    let max_files = shared.config.services[&service].max_files;
+    if received.files.len() > max_files {
+        // The staging directory goes with `received`: nothing is left.
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the upload has {} files; service {service:?} takes at most {max_files} \
+                 (its max_files)",
+                received.files.len()
+            ),
+        ));
+    }
     let staging = received.staging;
     let files = received.files.len();
     let job = shared

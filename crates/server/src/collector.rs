@@ -16,7 +16,7 @@ use std::time::Duration;
 use jobrelay_common::protocol::{EventsPage, PayloadRecord, PayloadStatus};
 
 use crate::clients::{self, ClientHandle};
-use crate::jobs;
+use crate::jobs::{self, CheckError};
 use crate::store::{Change, Job, JobStatus};
 use crate::Shared;
 
@@ -233,22 +233,34 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
         Ok(()) => {
             shared.fetch_failures.lock().unwrap().remove(&job.id);
         }
-        Err(why) => retry_later(shared, client, job, why),
+        Err(error) => retry_later(shared, client, job, error),
     }
 }
 
 /// A check that failed short of the client being unreachable (an error answer, a broken
 /// ZIP): check again with backoff, and fail the job once this has lasted longer than the
 /// client timeout (a work directory that cannot be archived must not stay Running forever).
-fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, why: String) {
+/// A disk full here is not the job's fault: it is fetched again (backoff up to 10 s) for as
+/// long as it lasts, and the deadline starts again after it.
+fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, error: CheckError) {
+    let why = error.why;
     let (since, tries) = {
         let mut failures = shared.fetch_failures.lock().unwrap();
         let entry = failures
             .entry(job.id)
             .or_insert_with(|| (std::time::Instant::now(), 0));
         entry.1 += 1;
+        if error.disk_full {
+            entry.0 = std::time::Instant::now();
+        }
         *entry
     };
+    if error.disk_full && tries == 1 {
+        tracing::warn!(
+            job = job.id,
+            "no disk space for the job's results; fetching them again until there is"
+        );
+    }
     if since.elapsed() > shared.config.client_timeout {
         shared.fetch_failures.lock().unwrap().remove(&job.id);
         jobs::fail(
@@ -275,7 +287,7 @@ async fn check_once(
     shared: &Arc<Shared>,
     client: &Arc<ClientHandle>,
     id: i64,
-) -> Result<(), String> {
+) -> Result<(), CheckError> {
     let (shared, client) = (shared.clone(), client.clone());
     // Read again: the job may have moved since it was listed.
     let job = match shared.store.get(id) {
@@ -316,7 +328,7 @@ async fn check_once(
     }
     if !status.is_success() {
         tracing::warn!(job = job.id, %status, "client could not tell the job's state");
-        return Err(format!("GET {url} answered {status}"));
+        return Err(format!("GET {url} answered {status}").into());
     }
     let is_zip = response
         .headers()
@@ -330,7 +342,7 @@ async fn check_once(
         Ok(record) => record,
         Err(e) => {
             tracing::warn!(job = job.id, error = %e, "unreadable payload record");
-            return Err(format!("unreadable payload record: {e}"));
+            return Err(format!("unreadable payload record: {e}").into());
         }
     };
     if let (Some(theirs), Some(ours)) = (record.node.as_deref(), job.node.as_deref()) {

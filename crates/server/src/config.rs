@@ -2,9 +2,10 @@
 //! merged into one checked [`ServerConfig`].
 //!
 //! Services come from two sources, merged by name:
-//! - the TOML file (`[services.NAME]` with `clients`, `runs_per_user`, `max_runs`);
+//! - the TOML file (`[services.NAME]` with `clients`, `runs_per_user`, `max_runs`,
+//!   `max_result`, `max_files`);
 //! - `SERVICE_<NAME>_UPLOAD_URL`, `_DOWNLOAD_URL`, `_TERMINATE_URL`, `_RUNS_PER_USER`,
-//!   `_MAX_RUNS` as the deployed reference reads them (`<NAME>` lower-cased is the service).
+//!   `_MAX_RUNS` as the deployed reference reads them, and our `_MAX_RESULT`, `_MAX_FILES` (`<NAME>` lower-cased is the service).
 //!   Those URLs are full endpoint URLs (`http://host:9000/submit`); the client's base URL is
 //!   the upload URL without its `/submit`.
 
@@ -24,6 +25,10 @@ use crate::auth::Users;
 pub const DEFAULT_RUNS_PER_USER: usize = 5;
 /// Default number of active jobs per service.
 pub const DEFAULT_MAX_RUNS: usize = 10;
+/// Default largest result ZIP of a job, in bytes (10 GiB).
+pub const DEFAULT_MAX_RESULT: u64 = 10 << 30;
+/// Default largest number of files in one upload.
+pub const DEFAULT_MAX_FILES: usize = 10_000;
 
 /// Options of `jobrelay server`. A flag wins over its environment variable.
 #[derive(clap::Args, Debug, Clone)]
@@ -163,6 +168,24 @@ pub struct ServiceConfig {
     pub clients: Vec<ClientEndpoint>,
     pub runs_per_user: usize,
     pub max_runs: usize,
+    /// Largest result ZIP stored for a job, in bytes; a larger one fails the job, and is
+    /// cut off as it streams in (never stored whole).
+    pub max_result: u64,
+    /// Most files one upload may hold (an upload with more is refused with 413).
+    pub max_files: usize,
+}
+
+impl ServiceConfig {
+    /// A service of these clients with the default limits.
+    pub fn new(clients: Vec<ClientEndpoint>) -> Self {
+        ServiceConfig {
+            clients,
+            runs_per_user: DEFAULT_RUNS_PER_USER,
+            max_runs: DEFAULT_MAX_RUNS,
+            max_result: DEFAULT_MAX_RESULT,
+            max_files: DEFAULT_MAX_FILES,
+        }
+    }
 }
 
 /// Everything the server needs to run, checked.
@@ -220,6 +243,8 @@ struct TomlService {
     clients: Vec<String>,
     runs_per_user: Option<usize>,
     max_runs: Option<usize>,
+    max_result: Option<u64>,
+    max_files: Option<usize>,
     /// File holding the token of this service's clients.
     token_file: Option<PathBuf>,
 }
@@ -231,6 +256,8 @@ struct EnvService {
     terminate: Option<String>,
     runs_per_user: Option<String>,
     max_runs: Option<String>,
+    max_result: Option<String>,
+    max_files: Option<String>,
 }
 
 /// Builds the services from the TOML text (if any) and the environment variables given.
@@ -270,6 +297,8 @@ pub fn services_from(
                 clients,
                 runs_per_user: service.runs_per_user.unwrap_or(DEFAULT_RUNS_PER_USER),
                 max_runs: service.max_runs.unwrap_or(DEFAULT_MAX_RUNS),
+                max_result: service.max_result.unwrap_or(DEFAULT_MAX_RESULT),
+                max_files: service.max_files.unwrap_or(DEFAULT_MAX_FILES),
             },
         );
     }
@@ -285,6 +314,8 @@ pub fn services_from(
             "_TERMINATE_URL",
             "_RUNS_PER_USER",
             "_MAX_RUNS",
+            "_MAX_RESULT",
+            "_MAX_FILES",
         ];
         let Some((suffix, name)) = suffixes
             .iter()
@@ -301,6 +332,8 @@ pub fn services_from(
             "_DOWNLOAD_URL" => &mut entry.download,
             "_TERMINATE_URL" => &mut entry.terminate,
             "_RUNS_PER_USER" => &mut entry.runs_per_user,
+            "_MAX_RESULT" => &mut entry.max_result,
+            "_MAX_FILES" => &mut entry.max_files,
             _ => &mut entry.max_runs,
         };
         *slot = Some(value);
@@ -322,11 +355,11 @@ pub fn services_from(
         };
         let runs_per_user = number("RUNS_PER_USER", &env.runs_per_user)?;
         let max_runs = number("MAX_RUNS", &env.max_runs)?;
-        let service = services.entry(name.clone()).or_insert(ServiceConfig {
-            clients: Vec::new(),
-            runs_per_user: DEFAULT_RUNS_PER_USER,
-            max_runs: DEFAULT_MAX_RUNS,
-        });
+        let max_result = number("MAX_RESULT", &env.max_result)?;
+        let max_files = number("MAX_FILES", &env.max_files)?;
+        let service = services
+            .entry(name.clone())
+            .or_insert_with(|| ServiceConfig::new(Vec::new()));
         match &env.upload {
             Some(upload) => {
                 let mut endpoint = ClientEndpoint::from_reference(
@@ -358,6 +391,12 @@ pub fn services_from(
         if let Some(n) = max_runs {
             service.max_runs = n;
         }
+        if let Some(n) = max_result {
+            service.max_result = n as u64;
+        }
+        if let Some(n) = max_files {
+            service.max_files = n;
+        }
     }
 
     for (name, service) in &services {
@@ -366,6 +405,9 @@ pub fn services_from(
         }
         if service.runs_per_user == 0 || service.max_runs == 0 {
             anyhow::bail!("service {name:?}: runs_per_user and max_runs must be at least 1");
+        }
+        if service.max_result == 0 || service.max_files == 0 {
+            anyhow::bail!("service {name:?}: max_result and max_files must be at least 1");
         }
         // One client serving a service twice would be counted twice.
         for (i, client) in service.clients.iter().enumerate() {
@@ -474,6 +516,8 @@ mod tests {
                 clients = ["http://10.0.0.1:9000"]
                 runs_per_user = 2
                 max_runs = 3
+                max_result = 1048576
+                max_files = 20
                 "#,
             ),
             env(&[]),
@@ -482,11 +526,15 @@ mod tests {
         let example = &services["example"];
         assert_eq!(example.runs_per_user, 5);
         assert_eq!(example.max_runs, 10);
+        assert_eq!(example.max_result, 10 << 30);
+        assert_eq!(example.max_files, 10_000);
         assert_eq!(example.clients[1].base, "http://127.0.0.1:9001");
         assert_eq!(example.clients[1].submit, "http://127.0.0.1:9001/submit");
         assert_eq!(example.clients[1].kill, "http://127.0.0.1:9001/kill");
         assert_eq!(services["nmr"].runs_per_user, 2);
         assert_eq!(services["nmr"].max_runs, 3);
+        assert_eq!(services["nmr"].max_result, 1 << 20);
+        assert_eq!(services["nmr"].max_files, 20);
     }
 
     #[test]
@@ -499,6 +547,8 @@ mod tests {
                 ("SERVICE_DOCKING_TERMINATE_URL", "http://host:9000/kill"),
                 ("SERVICE_DOCKING_RUNS_PER_USER", "3"),
                 ("SERVICE_DOCKING_MAX_RUNS", "7"),
+                ("SERVICE_DOCKING_MAX_RESULT", "5000"),
+                ("SERVICE_DOCKING_MAX_FILES", "9"),
                 ("SERVICE_MY_NMR_UPLOAD_URL", "http://other:9100/submit"),
                 ("PATH", "/usr/bin"),
             ]),
@@ -507,6 +557,7 @@ mod tests {
         let docking = &services["docking"];
         assert_eq!(docking.runs_per_user, 3);
         assert_eq!(docking.max_runs, 7);
+        assert_eq!((docking.max_result, docking.max_files), (5000, 9));
         assert_eq!(
             docking.clients,
             vec![ClientEndpoint {
@@ -570,6 +621,19 @@ mod tests {
                     ("SERVICE_Y_RUNS_PER_USER", "many"),
                 ],
                 "SERVICE_Y_RUNS_PER_USER",
+            ),
+            (
+                None,
+                &[
+                    ("SERVICE_Y_UPLOAD_URL", "http://a:1/submit"),
+                    ("SERVICE_Y_MAX_RESULT", "10G"),
+                ],
+                "SERVICE_Y_MAX_RESULT",
+            ),
+            (
+                Some("[services.x]\nclients = [\"http://a:1\"]\nmax_files = 0\n"),
+                &[],
+                "at least 1",
             ),
             (
                 None,

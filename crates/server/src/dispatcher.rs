@@ -107,8 +107,8 @@ pub async fn resend(shared: Arc<Shared>, job: Job) {
     }
 }
 
-/// Lists the regular files below `dir` as (relative name with '/', path).
-fn files_of(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+/// Lists the regular files below `dir` as (relative name with '/', path, size).
+fn files_of(dir: &Path) -> std::io::Result<Vec<(String, PathBuf, u64)>> {
     let mut out = Vec::new();
     let mut stack = vec![(String::new(), dir.to_path_buf())];
     while let Some((prefix, path)) = stack.pop() {
@@ -120,7 +120,7 @@ fn files_of(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
             if kind.is_dir() {
                 stack.push((format!("{name}/"), entry.path()));
             } else if kind.is_file() {
-                out.push((name, entry.path()));
+                out.push((name, entry.path(), entry.metadata()?.len()));
             }
         }
     }
@@ -133,31 +133,35 @@ async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
         form = form.text("key", key.to_owned());
     }
     let dir = dir.to_path_buf();
-    // Listing, opening and sizing every file in one blocking call (not one per operation).
-    let files = tokio::task::spawn_blocking(move || {
-        files_of(&dir)?
-            .into_iter()
-            .map(|(name, path)| {
-                let file = std::fs::File::open(&path)?;
-                let length = file.metadata()?.len();
-                Ok((name, file, length))
-            })
-            .collect::<std::io::Result<Vec<_>>>()
-    })
-    .await
-    .map_err(std::io::Error::other)??;
-    for (name, file, length) in files {
-        let file = tokio::fs::File::from_std(file);
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-            file,
-            STREAM_CHUNK,
-        ));
+    // Listing and sizing every file in one blocking call (not one per operation).
+    let files = tokio::task::spawn_blocking(move || files_of(&dir))
+        .await
+        .map_err(std::io::Error::other)??;
+    for (name, path, length) in files {
         form = form.part(
             "file",
-            Part::stream_with_length(body, length).file_name(name),
+            Part::stream_with_length(lazy_file_body(path), length).file_name(name),
         );
     }
     Ok(form)
+}
+
+/// A body that opens its file only when the multipart body reaches it, so one descriptor is
+/// open at a time however many files a job has (1,500 files under a limit of 1,024 open
+/// files were accepted, then failed to send). The inputs do not change once uploaded, so
+/// the size listed beforehand holds.
+fn lazy_file_body(path: PathBuf) -> reqwest::Body {
+    use futures_util::{StreamExt, TryStreamExt};
+    let stream = futures_util::stream::once(async move {
+        let file = tokio::fs::File::open(&path).await?;
+        Ok::<_, std::io::Error>(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            STREAM_CHUNK,
+        ))
+    })
+    .try_flatten()
+    .boxed();
+    reqwest::Body::wrap_stream(stream)
 }
 
 /// Streams the job's files to the client and records the payload it became.

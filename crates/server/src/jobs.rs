@@ -138,9 +138,90 @@ pub fn backoff(attempts: u32) -> Duration {
 /// `MAX_CONCURRENT_CHECKS` (64) are gathered at once: 16 MiB.
 const SMALL_ZIP: usize = 256 * 1024;
 
+/// Why a result ZIP was not stored.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The answer grew past the service's `max_result`; it was cut off there.
+    TooLarge { limit: u64 },
+    /// The server's disk is full (or the quota reached): worth trying again later.
+    DiskFull(String),
+    /// Anything else (a cut answer, a broken archive).
+    Other(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::TooLarge { limit } => write!(
+                f,
+                "the result ZIP is larger than the service's max_result of {limit} bytes"
+            ),
+            StoreError::DiskFull(why) | StoreError::Other(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for StoreError {
+    fn from(why: String) -> Self {
+        StoreError::Other(why)
+    }
+}
+
+/// Why a check of a job on its client should be tried again later.
+#[derive(Debug)]
+pub struct CheckError {
+    pub why: String,
+    /// The results could not be stored for lack of disk space here: the run is fine, and
+    /// is fetched again (with backoff, without a deadline) until space returns.
+    pub disk_full: bool,
+}
+
+impl From<String> for CheckError {
+    fn from(why: String) -> Self {
+        CheckError {
+            why,
+            disk_full: false,
+        }
+    }
+}
+
+impl From<&str> for CheckError {
+    fn from(why: &str) -> Self {
+        why.to_owned().into()
+    }
+}
+
+/// An I/O error while storing a ZIP, with what was being done.
+fn io_error(what: String, e: std::io::Error) -> StoreError {
+    let why = format!("{what}: {e}");
+    if jobrelay_common::fsutil::is_disk_full(&e) {
+        StoreError::DiskFull(why)
+    } else {
+        StoreError::Other(why)
+    }
+}
+
+/// The largest result ZIP the job's service stores.
+pub fn max_result(shared: &Shared, job: &Job) -> u64 {
+    shared
+        .config
+        .services
+        .get(&job.service)
+        .map_or(crate::config::DEFAULT_MAX_RESULT, |s| s.max_result)
+}
+
 /// Streams a ZIP answer into `dest` through `dest.part`, checks it is a whole archive, and
-/// renames it into place. Nothing is left at `dest` unless the archive is complete.
-pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), String> {
+/// renames it into place. Nothing is left at `dest` unless the archive is complete. An
+/// answer longer than `limit` bytes is cut off as soon as it passes the limit (its part file
+/// removed): no more than `limit` bytes of it ever reach the disk.
+pub async fn store_zip(
+    response: reqwest::Response,
+    dest: &Path,
+    limit: u64,
+) -> Result<(), StoreError> {
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(StoreError::TooLarge { limit });
+    }
     // A name of its own: two fetches of one job (terminate and the collector) never share it.
     let part = dest.with_file_name(format!(
         "{}.{}.part",
@@ -152,8 +233,13 @@ pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), S
     // operation (create, each write, sync, open, rename) saves as many thread hand-overs.
     let mut head = Vec::new();
     let mut small = true;
+    let mut total = 0u64;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| format!("reading the ZIP: {e}"))?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(StoreError::TooLarge { limit });
+        }
         head.extend_from_slice(&chunk);
         if head.len() > SMALL_ZIP {
             small = false;
@@ -175,20 +261,24 @@ pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), S
     let result = async {
         let mut file = tokio::fs::File::create(&part)
             .await
-            .map_err(|e| format!("create {}: {e}", part.display()))?;
+            .map_err(|e| io_error(format!("create {}", part.display()), e))?;
         file.write_all(&head)
             .await
-            .map_err(|e| format!("writing the ZIP: {e}"))?;
+            .map_err(|e| io_error("writing the ZIP".into(), e))?;
         drop(head);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| format!("reading the ZIP: {e}"))?;
+            total += chunk.len() as u64;
+            if total > limit {
+                return Err(StoreError::TooLarge { limit });
+            }
             file.write_all(&chunk)
                 .await
-                .map_err(|e| format!("writing the ZIP: {e}"))?;
+                .map_err(|e| io_error("writing the ZIP".into(), e))?;
         }
         file.sync_all()
             .await
-            .map_err(|e| format!("writing the ZIP: {e}"))?;
+            .map_err(|e| io_error("writing the ZIP".into(), e))?;
         drop(file);
         let check = part.clone();
         tokio::task::spawn_blocking(move || {
@@ -199,7 +289,7 @@ pub async fn store_zip(response: reqwest::Response, dest: &Path) -> Result<(), S
         .map_err(|e| e.to_string())??;
         tokio::fs::rename(&part, dest)
             .await
-            .map_err(|e| format!("rename into {}: {e}", dest.display()))
+            .map_err(|e| io_error(format!("rename into {}", dest.display()), e))
     }
     .await;
     if result.is_err() {
@@ -223,16 +313,16 @@ fn check_zip<R: std::io::Read + std::io::Seek>(reader: R) -> Result<(), String> 
 
 /// The blocking half of [`store_zip`] for an archive held in memory: check, write, sync,
 /// rename.
-fn store_small_zip(bytes: &[u8], part: &Path, dest: &Path) -> Result<(), String> {
+fn store_small_zip(bytes: &[u8], part: &Path, dest: &Path) -> Result<(), StoreError> {
     use std::io::Write;
     check_zip(std::io::Cursor::new(bytes))?;
-    let mut file =
-        std::fs::File::create(part).map_err(|e| format!("create {}: {e}", part.display()))?;
+    let mut file = std::fs::File::create(part)
+        .map_err(|e| io_error(format!("create {}", part.display()), e))?;
     file.write_all(bytes)
         .and_then(|_| file.sync_all())
-        .map_err(|e| format!("writing the ZIP: {e}"))?;
+        .map_err(|e| io_error("writing the ZIP".into(), e))?;
     drop(file);
-    std::fs::rename(part, dest).map_err(|e| format!("rename into {}: {e}", dest.display()))
+    std::fs::rename(part, dest).map_err(|e| io_error(format!("rename into {}", dest.display()), e))
 }
 
 /// Fetches the job's work directory as it is now from its client into the results, best
@@ -251,7 +341,8 @@ pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) {
             return;
         }
     };
-    if let Err(e) = store_zip(response, &shared.result_path(job.id)).await {
+    let limit = max_result(shared, job);
+    if let Err(e) = store_zip(response, &shared.result_path(job.id), limit).await {
         tracing::warn!(job = job.id, error = %e, "partial results not stored");
     }
 }
@@ -314,17 +405,54 @@ pub async fn finish_on_client(
 }
 
 /// Stores the result ZIP of a Completed payload, then marks the job Completed, then releases
-/// the client's copy.
+/// the client's copy. Results over the service's `max_result` fail the job (nothing of them
+/// is kept, the client's copy is released); other failures leave the job where it is for the
+/// collector to fetch again.
 pub async fn complete(
     shared: &Arc<Shared>,
     client: &ClientHandle,
     job: &Job,
     response: reqwest::Response,
-) -> Result<(), String> {
-    if let Err(e) = store_zip(response, &shared.result_path(job.id)).await {
-        // The job stays where it is; the collector fetches again.
-        tracing::warn!(job = job.id, error = %e, "result not stored; will fetch again");
-        return Err(format!("the result ZIP could not be stored: {e}"));
+) -> Result<(), CheckError> {
+    let limit = max_result(shared, job);
+    match store_zip(response, &shared.result_path(job.id), limit).await {
+        Ok(()) => {}
+        Err(StoreError::TooLarge { limit }) => {
+            tracing::warn!(
+                job = job.id,
+                limit,
+                "result larger than max_result; not stored"
+            );
+            let reason = format!(
+                "the job ran, but its results are larger than the service's max_result of \
+                 {limit} bytes (after compression): nothing was stored"
+            );
+            let done = shared.store.transition(
+                job.id,
+                &JobStatus::ON_CLIENT,
+                JobStatus::Failed,
+                Change::message(reason),
+            );
+            match done {
+                Ok(Some(_)) => {
+                    free_slot(shared, job.id);
+                    if let Some(dest) = job.dest_id {
+                        release(client, dest).await;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
+            }
+            return Ok(());
+        }
+        Err(e) => {
+            // The job stays where it is; the collector fetches again.
+            tracing::warn!(job = job.id, error = %e, "result not stored; will fetch again");
+            return Err(CheckError {
+                disk_full: matches!(e, StoreError::DiskFull(_)),
+                why: format!("the result ZIP could not be stored: {e}"),
+            });
+        }
     }
     let change = Change {
         message: Some("Job completed".into()),
