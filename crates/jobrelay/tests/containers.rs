@@ -318,6 +318,9 @@ async fn compose_stack_runs_the_example_through_the_load_balancer_and_keeps_jobs
     assert!(table.contains("peptides.pdb\t"), "{table}");
     // A second job queued just before the stop, finished or not: it must come back.
     let second = upload(&http, &url, files).await;
+    // The server's container stopped (SIGTERM through tini) with an upload half-sent through
+    // the load balancer: the upload is finished and committed before the server exits.
+    let slow = upload_across_server_stop(&stack, &http, &url).await;
 
     stack
         .compose(&["down", "-t", "30"])
@@ -333,12 +336,86 @@ async fn compose_stack_runs_the_example_through_the_load_balancer_and_keeps_jobs
     );
     let job = finished(&http, &url, second, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "Completed", "{job}");
+    let job = finished(&http, &url, slow, Duration::from_secs(60)).await;
+    assert_eq!(job["status"], "Completed", "{job}");
+    let zip = result_zip(&http, &url, slow).await;
+    assert_eq!(
+        zip["data.bin"].len(),
+        2 << 20,
+        "the upload across the stop is cut"
+    );
+    assert_eq!(String::from_utf8_lossy(&zip["size.txt"]).trim(), "2097152");
     // Ids go on after the restart.
     let third = upload(&http, &url, files).await;
     assert!(third > second, "id {third} reused after down/up");
     let job = finished(&http, &url, third, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "Completed", "{job}");
     eprintln!("whole test in {:?}", started.elapsed());
+}
+
+/// Uploads a `run.sh` writing the size of `data.bin`, and a 2 MiB `data.bin` whose second half is sent only once the server's
+/// container, stopped meanwhile with `docker stop`, has closed its listening socket; returns
+/// the job id (the upload must be answered 201).
+async fn upload_across_server_stop(stack: &Stack, http: &reqwest::Client, url: &str) -> i64 {
+    let script = b"wc -c < data.bin > size.txt\n";
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let form = reqwest::multipart::Form::new()
+        .text("user_id", "1")
+        .text("service", "example")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(script.to_vec()).file_name("run.sh"),
+        )
+        .part(
+            "file",
+            reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(stream))
+                .file_name("data.bin"),
+        );
+    let request = http.post(format!("{url}/upload")).multipart(form).send();
+    let request = tokio::spawn(request);
+    tx.send(Ok(bytes::Bytes::from(vec![b'x'; 1 << 20])))
+        .await
+        .unwrap();
+    // The first half is on its way: stop the server's container (in the background: `docker
+    // stop` returns once it has exited, which needs the rest of this upload).
+    let container = stack.container("server-1");
+    let stopper = {
+        let container = container.clone();
+        tokio::task::spawn_blocking(move || docker(&["stop", "-t", "30", &container]))
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the server to stop accepting",
+        || async {
+            let logs = run(Command::new("docker")
+                .args(["logs", &container])
+                .stderr(Stdio::piped()))
+            .ok()?;
+            let all = logs
+                + &String::from_utf8_lossy(
+                    &Command::new("docker")
+                        .args(["logs", &container])
+                        .output()
+                        .ok()?
+                        .stderr,
+                );
+            all.contains("stopped accepting").then_some(())
+        },
+    )
+    .await;
+    tx.send(Ok(bytes::Bytes::from(vec![b'y'; 1 << 20])))
+        .await
+        .unwrap();
+    drop(tx);
+    let response = request.await.unwrap().expect("the upload across the stop");
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status, 201, "upload across the stop: {body}");
+    stopper.await.unwrap().unwrap();
+    body["id"].as_i64().unwrap()
 }
 
 /// A job of the network-cut test: records each run (start and end, with the host) in the

@@ -129,11 +129,8 @@ fn json_of(body: &str) -> serde_json::Value {
 #[tokio::test]
 async fn server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections() {
     let dir = tempfile::tempdir().unwrap();
-    // A client nobody listens on: the job stays in the database, whatever its state.
-    let config = write_server_config(
-        dir.path(),
-        &[("svc", vec!["http://127.0.0.1:9".into()], 5, 5)],
-    );
+    let client = start_client(dir.path(), "client", &[]);
+    let config = write_server_config(dir.path(), &[("svc", vec![client.url.clone()], 5, 5)]);
     let mut server = start_server(dir.path(), &config, &[]);
     let body = multipart(&[("user_id", "7"), ("service", "svc")], 4 << 20);
 
@@ -153,6 +150,16 @@ async fn server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections
         .unwrap();
     assert_eq!(job["id"], id, "{job}");
     assert_eq!(job["user_id"], 7, "{job}");
+    // And it runs: a send cut short by the stop is not a failure of the job.
+    let job = support::server::wait_status(
+        &http(),
+        &server.url,
+        id,
+        &["Completed", "Failed", "Killed", "Invalid"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(job["status"], "Completed", "{job}");
 }
 
 #[tokio::test]

@@ -145,7 +145,8 @@ async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
             .collect::<std::io::Result<Vec<_>>>()
     })
     .await
-    .map_err(std::io::Error::other)??;
+    // Cancelled: the runtime is shutting down (the server is stopping), the files are fine.
+    .map_err(|e| std::io::Error::new(std::io::ErrorKind::Interrupted, e))??;
     for (name, file, length) in files {
         let file = tokio::fs::File::from_std(file);
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
@@ -168,6 +169,12 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
         .flatten();
     let form = match form_for(&shared.job_dir(job.id), key.as_deref()).await {
         Ok(form) => form,
+        // The server is stopping: the job stays Processing and the next start sends it again
+        // (with the same key), as after a crash. Failing it would lose a job that is whole.
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+            tracing::warn!(job = job.id, error = %e, "send interrupted by the stop; resent at the next start");
+            return;
+        }
         Err(e) => {
             jobs::fail(
                 shared,
