@@ -60,7 +60,11 @@ impl EventLog {
         // `after` beyond the latest event comes from a previous instance: answer at once
         // (truncated), so the caller reconciles without waiting.
         if latest == after && !wait.is_zero() {
-            let _ = tokio::time::timeout(wait, rx.wait_for(|latest| *latest > after)).await;
+            // A stopping client answers at once, so the long-poll does not hold its stop.
+            tokio::select! {
+                _ = tokio::time::timeout(wait, rx.wait_for(|latest| *latest > after)) => {}
+                () = jobrelay_common::serve::stopping() => {}
+            }
         }
         self.page(after)
     }

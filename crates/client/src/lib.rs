@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 pub use config::{ClientArgs, ClientConfig, ExecutorConfig};
 use jobrelay_common::protocol::PayloadStatus;
+use jobrelay_common::serve::Serving;
 
 use crate::executor::{local::LocalExecutor, slurm, Executor};
 use crate::runner::{Runner, RunnerConfig};
@@ -30,7 +31,7 @@ pub struct RunningClient {
     /// `http` or `https` (with `ClientConfig.tls`).
     pub scheme: &'static str,
     pub runner: Arc<Runner>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: Serving,
 }
 
 impl RunningClient {
@@ -39,6 +40,14 @@ impl RunningClient {
     /// at the next start.
     pub fn shutdown(self) {
         self.server.abort();
+        self.runner.kill_all_now();
+    }
+
+    /// SIGTERM's stop: refuses new connections at once, lets the requests in flight finish
+    /// (a payload being uploaded is stored and answered, a result being downloaded is sent)
+    /// within the shutdown grace, then stops as [`RunningClient::shutdown`] does.
+    pub async fn stop_gracefully(self) {
+        self.server.stop().await;
         self.runner.kill_all_now();
     }
 }
@@ -184,7 +193,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
         Some(files) => {
             let acceptor = files.acceptor().map_err(anyhow::Error::msg)?;
             let listener = jobrelay_common::tls::TlsListener::new(listener, acceptor)?;
-            tokio::spawn(async move { jobrelay_common::serve::serve(listener, app).await })
+            Serving::spawn(listener, app)
         }
         None => {
             // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's
@@ -192,7 +201,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            tokio::spawn(async move { jobrelay_common::serve::serve(listener, app).await })
+            Serving::spawn(listener, app)
         }
     };
     tracing::info!(%addr, slots = config.slots, executor = runner.executor().name(), data_dir = %config.data_dir.display(), "client started");
@@ -227,7 +236,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         client.scheme, client.addr
     );
     shutdown_signal().await;
-    tracing::info!("client stopping");
-    client.shutdown();
+    tracing::info!("client stopping: no new connections, finishing open requests");
+    client.stop_gracefully().await;
     Ok(())
 }

@@ -24,6 +24,10 @@ pub struct UpArgs {
     /// Port of the server's API (0 picks a free one).
     #[arg(long, env = "PORT", default_value_t = 5000)]
     pub port: u16,
+    /// Address the server's API listens on; 0.0.0.0 in a container, where the published port
+    /// decides who reaches it. The local client always listens on 127.0.0.1.
+    #[arg(long, env = "JOBRELAY_UP_HOST", default_value_t = Ipv4Addr::LOCALHOST)]
+    pub host: Ipv4Addr,
     /// Directory for everything: SQLite database, jobs, results, the client's work directories.
     #[arg(long, default_value = "./jobrelay-data")]
     pub data_dir: PathBuf,
@@ -107,7 +111,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut services = BTreeMap::new();
     services.insert(SERVICE.to_owned(), ServiceConfig::new(vec![endpoint]));
     let mut config = ServerConfig::new(data_dir.join("server"), services);
-    config.listen = loopback(args.port);
+    config.listen = SocketAddr::from((args.host, args.port));
     let db = config.db_path.clone();
     let server = match jobrelay_server::start(config).await {
         Ok(server) => server,
@@ -137,7 +141,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     jobrelay_client::shutdown_signal().await;
     tracing::info!("stopping: running jobs are killed, queued ones wait for the next start");
-    server.shutdown();
-    client.shutdown();
+    // The API first (no new uploads; those in flight are committed), then the client.
+    server.stop_gracefully().await;
+    client.stop_gracefully().await;
     Ok(())
 }

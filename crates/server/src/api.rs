@@ -517,8 +517,12 @@ async fn find_waiting(
         if job.status.is_finished() {
             return Ok(job);
         }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Ok(job);
+        tokio::select! {
+            woken = tokio::time::timeout_at(deadline, notified) => if woken.is_err() {
+                return Ok(job);
+            },
+            // A stopping server answers long-polls at once, so they do not hold its stop.
+            () = jobrelay_common::serve::stopping() => return Ok(job),
         }
     }
 }

@@ -136,7 +136,8 @@ async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
     // Listing and sizing every file in one blocking call (not one per operation).
     let files = tokio::task::spawn_blocking(move || files_of(&dir))
         .await
-        .map_err(std::io::Error::other)??;
+        // Cancelled: the runtime is shutting down (the server is stopping), the files are fine.
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::Interrupted, e))??;
     for (name, path, length) in files {
         form = form.part(
             "file",
@@ -172,6 +173,12 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
         .flatten();
     let form = match form_for(&shared.job_dir(job.id), key.as_deref()).await {
         Ok(form) => form,
+        // The server is stopping: the job stays Processing and the next start sends it again
+        // (with the same key), as after a crash. Failing it would lose a job that is whole.
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+            tracing::warn!(job = job.id, error = %e, "send interrupted by the stop; resent at the next start");
+            return;
+        }
         Err(e) => {
             jobs::fail(
                 shared,

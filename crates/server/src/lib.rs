@@ -34,6 +34,7 @@ use std::time::Duration;
 
 pub use config::{ClientEndpoint, ServerArgs, ServerConfig, ServiceConfig};
 use jobrelay_common::fsutil::remove_dir_all_if_exists;
+use jobrelay_common::serve::Serving;
 use tokio::sync::Notify;
 
 use crate::clients::ClientHandle;
@@ -91,13 +92,25 @@ pub struct RunningServer {
     /// `http` or `https` (with `ServerConfig.tls`).
     pub scheme: &'static str,
     pub shared: Arc<Shared>,
+    serving: Serving,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
-    /// Stops serving and stops every background task. Jobs stay in the database as they are;
-    /// the next start resumes them.
+    /// Stops serving at once and stops every background task. Jobs stay in the database as
+    /// they are; the next start resumes them.
     pub fn shutdown(self) {
+        self.serving.abort();
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+
+    /// SIGTERM's stop: refuses new connections at once, lets the requests in flight finish
+    /// (an upload being received is committed and answered) within the shutdown grace, then
+    /// stops the background tasks as [`RunningServer::shutdown`] does.
+    pub async fn stop_gracefully(self) {
+        self.serving.stop().await;
         for task in self.tasks {
             task.abort();
         }
@@ -237,11 +250,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let serving = match tls {
         Some(acceptor) => {
             let listener = jobrelay_common::tls::TlsListener::new(listener, acceptor)?;
-            tokio::spawn(async move {
-                if let Err(e) = jobrelay_common::serve::serve(listener, app).await {
-                    tracing::error!(error = %e, "HTTPS server stopped");
-                }
-            })
+            Serving::spawn(listener, app)
         }
         None => {
             // Without TCP_NODELAY a streamed answer's last small chunk waits for the peer's
@@ -249,14 +258,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            tokio::spawn(async move {
-                if let Err(e) = jobrelay_common::serve::serve(listener, app).await {
-                    tracing::error!(error = %e, "HTTP server stopped");
-                }
-            })
+            Serving::spawn(listener, app)
         }
     };
-    let mut tasks = vec![serving];
+    let mut tasks = Vec::new();
     for client in &shared.clients {
         tasks.push(tokio::spawn(clients::probe_loop(
             shared.clone(),
@@ -277,6 +282,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         addr,
         scheme,
         shared,
+        serving,
         tasks,
     })
 }
@@ -369,7 +375,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         server.scheme, server.addr
     );
     shutdown_signal().await;
-    tracing::info!("server stopping");
-    server.shutdown();
+    tracing::info!("server stopping: no new connections, finishing open requests");
+    server.stop_gracefully().await;
     Ok(())
 }

@@ -1,0 +1,177 @@
+//! Graceful stop: a server or client that gets SIGTERM closes its listening socket at once (a
+//! new connection is refused, so a load balancer tries another), finishes the requests it has,
+//! an upload half-sent included, and only then exits.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::server::{start_client, start_server, write_server_config};
+use support::{eventually, http, Proc};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BOUNDARY: &str = "jobrelay-graceful-stop";
+
+/// A multipart body: text fields, then one `file` part of `size` bytes named `data.bin`.
+fn multipart(fields: &[(&str, &str)], size: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"run.sh\"\r\n\r\necho ok\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(
+        format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"data.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend(std::iter::repeat_n(b'x', size));
+    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+fn addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().unwrap()
+}
+
+fn sigterm(process: &Proc) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(process.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+/// Sends the request line, headers and the first half of `body`, SIGTERMs `process`, waits
+/// until a new connection is refused, sends the rest, and returns the status and body of the
+/// answer. Then checks that the process exits.
+async fn upload_across_sigterm(process: &mut Proc, path: &str, body: &[u8]) -> (u16, String) {
+    let addr = addr_of(&process.url);
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let half = body.len() / 2;
+    stream.write_all(&body[..half]).await.unwrap();
+    stream.flush().await.unwrap();
+    // Give the server the first half for sure before the signal: it must be reading this body.
+    tokio::task::yield_now().await;
+
+    sigterm(process);
+    eventually(
+        Duration::from_secs(15),
+        "new connections to be refused after SIGTERM",
+        || async {
+            match TcpStream::connect(addr).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    // Still there: the upload in flight holds the stop.
+    assert!(
+        process.child.try_wait().unwrap().is_none(),
+        "the process exited with an upload in flight: {}",
+        process.log()
+    );
+
+    stream.write_all(&body[half..]).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
+        .await
+        .expect("answer within 30 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {answer:?}\n{}", process.log()));
+    let json = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while process.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "still running 30 s after SIGTERM with nothing open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (status, json)
+}
+
+/// Finds the JSON object in a (possibly chunked) HTTP body.
+fn json_of(body: &str) -> serde_json::Value {
+    let start = body.find('{').expect("a JSON body");
+    let end = body.rfind('}').expect("a JSON body");
+    serde_json::from_str(&body[start..=end]).unwrap()
+}
+
+#[tokio::test]
+async fn server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), "client", &[]);
+    let config = write_server_config(dir.path(), &[("svc", vec![client.url.clone()], 5, 5)]);
+    let mut server = start_server(dir.path(), &config, &[]);
+    let body = multipart(&[("user_id", "7"), ("service", "svc")], 4 << 20);
+
+    let (status, answer) = upload_across_sigterm(&mut server, "/upload", &body).await;
+    assert_eq!(status, 201, "answer: {answer}\n{}", server.log());
+    let id = json_of(&answer)["id"].as_i64().unwrap();
+
+    // The committed job is there after a restart, with all of its file.
+    let server = start_server(dir.path(), &config, &[]);
+    let job: serde_json::Value = http()
+        .get(format!("{}/jobs/{id}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["id"], id, "{job}");
+    assert_eq!(job["user_id"], 7, "{job}");
+    // And it runs: a send cut short by the stop is not a failure of the job.
+    let job = support::server::wait_status(
+        &http(),
+        &server.url,
+        id,
+        &["Completed", "Failed", "Killed", "Invalid"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(job["status"], "Completed", "{job}");
+}
+
+#[tokio::test]
+async fn client_sigterm_finishes_a_submit_in_flight_and_refuses_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = start_client(dir.path(), "client", &[]);
+    let body = multipart(&[], 4 << 20);
+
+    let (status, answer) = upload_across_sigterm(&mut client, "/submit", &body).await;
+    assert_eq!(status, 200, "answer: {answer}\n{}", client.log());
+    let id = json_of(&answer)["id"].as_u64().unwrap();
+    // The payload's record was written before the answer.
+    let record = dir.path().join(format!("client/payloads/{id}.json"));
+    assert!(record.exists(), "no record {}", record.display());
+}
