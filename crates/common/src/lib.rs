@@ -13,3 +13,4 @@ pub mod serve;
 pub mod telemetry;
 pub mod tls;
 pub mod upload;
+pub mod workfile;
