@@ -249,3 +249,93 @@ async fn a_release_during_a_zip_stream_lets_the_stream_finish_whole() {
     )
     .await;
 }
+
+/// Issue 20's reproduction, through the server: a job linking its stderr to the server's own
+/// mode-600 users file (every token) gets an error from `/jobs/{id}/log`, not the file.
+#[tokio::test]
+async fn the_servers_log_endpoint_never_serves_what_a_jobs_log_link_points_at() {
+    use support::server::*;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let run_as: &[&str] = if is_root() {
+        &["--run-as", "nobody"]
+    } else {
+        eprintln!("without --run-as: needs root");
+        &[]
+    };
+    let client = start_client(dir.path(), "client", run_as);
+    let users = dir.path().join("users.toml");
+    std::fs::write(
+        &users,
+        format!("[[users]]\ntoken = \"{SECRET}\"\nuser_id = 1\nadmin = true\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = write_server_config(dir.path(), &[("demo", vec![client.url.clone()], 5, 5)]);
+    let server = start_server(
+        dir.path(),
+        &config,
+        &["--users-file", users.to_str().unwrap()],
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .default_headers(
+            [(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {SECRET}").parse().unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .unwrap();
+    let script = format!(
+        "rm -f .jobrelay.stderr\nln -s {} .jobrelay.stderr\necho linked\nsleep 300\n",
+        users.display()
+    );
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "demo",
+        &[("run.sh", script.as_bytes())],
+    )
+    .await;
+    let log_url = format!("{}/jobs/{id}/log", server.url);
+    // stdout says "linked" once the link is in place.
+    eventually(
+        Duration::from_secs(60),
+        "the job to link its log",
+        || async {
+            let response = http.get(&log_url).send().await.ok()?;
+            let body = response.bytes().await.ok()?;
+            body.starts_with(b"linked").then_some(())
+        },
+    )
+    .await;
+    let response = http
+        .get(format!("{log_url}?stream=stderr"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert!(
+        !body.contains(SECRET),
+        "the server served the users file: {body}"
+    );
+    assert!(
+        status.is_client_error() || status.is_server_error(),
+        "{status}"
+    );
+    // The server's errors have the reference's shape.
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        error["message"].as_str().unwrap().contains("409"),
+        "{error}"
+    );
+    let _ = http
+        .post(format!("{}/terminate/{id}", server.url))
+        .send()
+        .await;
+}
