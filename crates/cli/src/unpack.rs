@@ -2,7 +2,8 @@
 //!
 //! Every name is checked before anything is written: an absolute name or one that climbs out
 //! with `..` refuses the whole archive. Symbolic links are created last and only when their
-//! target stays inside the directory; nothing is ever written through a link.
+//! target stays inside the directory whatever the archive's other links point at (see
+//! `link_stays_inside`); nothing is ever written through a link.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -15,7 +16,8 @@ use anyhow::{bail, Context};
 #[derive(Debug, Default)]
 pub struct Unpacked {
     pub files: Vec<PathBuf>,
-    /// Links left out because their target points outside the directory.
+    /// Links left out because their target points outside the directory (or climbs back up
+    /// after descending, which another link could lead outside).
     pub skipped_links: Vec<String>,
 }
 
@@ -26,16 +28,24 @@ enum Entry {
 }
 
 /// True when `target`, taken relative to the directory of `link` (itself relative to the
-/// root), stays inside the root.
+/// root), stays inside the root whatever the other links of the archive point at: it may
+/// climb (`..`) only at its start, and no higher than the link's own directory, then only
+/// descend. A `..` after a name is refused: that name may be a link (made before or after
+/// this one), and `..` from where a link leads is not the lexical parent (`a -> b/c/../..`
+/// with `b -> .` resolves above the root). Since the link's own directory is a real one
+/// (nothing is written through a link) and every link obeys the same rule, descending
+/// through any of them stays inside.
 fn link_stays_inside(link: &Path, target: &Path) -> bool {
     if target.is_absolute() {
         return false;
     }
     let mut depth: i64 = link.components().count() as i64 - 1;
+    let mut descended = false;
     for component in target.components() {
         match component {
+            Component::ParentDir if descended => return false,
             Component::ParentDir => depth -= 1,
-            Component::Normal(_) => depth += 1,
+            Component::Normal(_) => descended = true,
             Component::CurDir => {}
             _ => return false,
         }
@@ -188,6 +198,36 @@ mod tests {
         let unpacked = unpack(archive.path(), dest.path()).unwrap();
         assert_eq!(unpacked.skipped_links, ["l1", "l2"]);
         assert!(fs::symlink_metadata(dest.path().join("l1")).is_err());
+    }
+
+    #[test]
+    fn leaves_out_links_that_another_link_leads_outside() {
+        // `b -> .` makes `b/c/../..` the root's parent, although it looks like the root.
+        let archive = archive_with(
+            &[("c/keep.txt", b"k"), ("sub/x.txt", b"x")],
+            &[
+                ("b", "."),
+                ("a", "b/c/../.."),
+                ("z", "c/.."),
+                ("sub/up", "../c/keep.txt"),
+            ],
+        );
+        let parent = tempfile::tempdir().unwrap();
+        let dest = parent.path().join("out");
+        let unpacked = unpack(archive.path(), &dest).unwrap();
+        assert_eq!(unpacked.skipped_links, ["a", "z"]);
+        assert!(fs::symlink_metadata(dest.join("a")).is_err());
+        assert_eq!(fs::read(dest.join("sub/up")).unwrap(), b"k");
+        // Every link that was made resolves inside the directory.
+        let root = fs::canonicalize(&dest).unwrap();
+        for link in ["b", "sub/up"] {
+            let resolved = fs::canonicalize(dest.join(link)).unwrap();
+            assert!(
+                resolved.starts_with(&root),
+                "{link} -> {}",
+                resolved.display()
+            );
+        }
     }
 
     #[test]

@@ -15,12 +15,22 @@ use jobrelay_common::archive::zip_stream;
 use jobrelay_common::protocol::{ClientInfo, ErrorBody, PayloadRecord, PayloadStatus};
 use jobrelay_common::upload::{self, UploadError};
 
+use crate::blocking;
 use crate::load::LoadGauge;
 use crate::runner::{KillOutcome, Runner};
 use crate::store::{Created, PayloadStore, Refused};
+use crate::workdir::Lease;
+use futures_util::StreamExt;
 
 /// Longest a caller may ask `/events` to wait.
 const MAX_EVENTS_WAIT: Duration = Duration::from_secs(60);
+/// Longest a submission's storing (a rename and a record write) may take before the sender
+/// is answered 503 (a resend with its key finds the payload if it was made meanwhile).
+const SUBMIT_LIMIT: Duration = Duration::from_secs(60);
+/// Longest a release (record, then the removal of the work directory) may take.
+const RELEASE_LIMIT: Duration = Duration::from_secs(60);
+/// Longest reading a window of a log may take.
+const LOG_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -44,6 +54,16 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<blocking::Failed> for ApiError {
+    fn from(e: blocking::Failed) -> Self {
+        let status = match e {
+            blocking::Failed::TimedOut(..) => StatusCode::SERVICE_UNAVAILABLE,
+            blocking::Failed::Panicked(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 
@@ -126,16 +146,34 @@ async fn ping() -> Json<serde_json::Value> {
     }))
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "healthy" }))
+/// `GET /health`: healthy only while the blocking pool still starts work (submissions, ZIPs
+/// and logs need it); else 503.
+async fn health() -> Response {
+    if blocking::pool_responsive(blocking::POOL_PROBE).await {
+        Json(serde_json::json!({ "status": "healthy" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "unhealthy", "error": POOL_EXHAUSTED })),
+        )
+            .into_response()
+    }
 }
+
+const POOL_EXHAUSTED: &str = "the client's blocking pool starts no work (every thread is busy)";
 
 async fn load(State(state): State<AppState>) -> Json<f64> {
     Json(state.load.percent())
 }
 
-async fn info(State(state): State<AppState>) -> Json<ClientInfo> {
-    Json(ClientInfo {
+async fn info(State(state): State<AppState>) -> ApiResult<Json<ClientInfo>> {
+    if !blocking::pool_responsive(blocking::POOL_PROBE).await {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            POOL_EXHAUSTED,
+        ));
+    }
+    Ok(Json(ClientInfo {
         name: "jobrelay-client".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         node: state.store.node().to_owned(),
@@ -153,7 +191,7 @@ async fn info(State(state): State<AppState>) -> Json<ClientInfo> {
         ]
         .map(String::from)
         .to_vec(),
-    })
+    }))
 }
 
 fn parse_id(raw: &str) -> ApiResult<u64> {
@@ -186,7 +224,7 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
     // Created and queued in one task that runs to its end: if the sender goes away (a server
     // killed mid-request) this handler is dropped at its next await, and a payload created but
     // never queued would stay Prepared for ever (a resent submission with its key only finds it).
-    let created = tokio::task::spawn_blocking(move || {
+    let created = blocking::run("storing the submission", SUBMIT_LIMIT, move || {
         let created = store.create(received, key)?;
         if let Created::New(record) = &created {
             runner.enqueue(record.id);
@@ -194,8 +232,7 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
         }
         Ok::<_, std::io::Error>(created)
     })
-    .await
-    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "submission task failed"))?
+    .await?
     .map_err(|e| {
         let status = if jobrelay_common::fsutil::is_disk_full(&e) {
             StatusCode::INSUFFICIENT_STORAGE
@@ -209,14 +246,17 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
     }
 }
 
-fn zip_response(state: &AppState, id: u64) -> ApiResult<Response> {
+/// The ZIP of payload `id`'s work directory, streamed while `lease` keeps the directory.
+fn zip_response(state: &AppState, id: u64, lease: Lease) -> ApiResult<Response> {
     let dir = state.store.work_dir_of(id);
     if !dir.is_dir() {
-        return Err(ApiError::new(
-            StatusCode::GONE,
-            format!("the work directory of payload {id} has been removed"),
-        ));
+        return Err(gone(id));
     }
+    // The lease lives as long as the body: a clean-up meanwhile waits for the stream's end.
+    let stream = zip_stream(dir).map(move |chunk| {
+        let _held = &lease;
+        chunk
+    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/zip".to_owned()),
@@ -225,17 +265,39 @@ fn zip_response(state: &AppState, id: u64) -> ApiResult<Response> {
                 format!("attachment; filename=\"payload-{id}.zip\""),
             ),
         ],
-        Body::from_stream(zip_stream(dir)),
+        Body::from_stream(stream),
     )
         .into_response())
 }
 
+fn gone(id: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::GONE,
+        format!("the work directory of payload {id} has been removed"),
+    )
+}
+
+/// A lease on the work directory of the payload `raw_id` if its record passes `accept`.
+fn lease(
+    state: &AppState,
+    raw_id: &str,
+    accept: impl FnOnce(&PayloadRecord) -> bool,
+) -> ApiResult<Result<(PayloadRecord, Lease), PayloadRecord>> {
+    let id = parse_id(raw_id)?;
+    match state.store.lease(id, accept) {
+        Ok(leased) => Ok(Ok(leased)),
+        Err(Refused::InState(record)) => Ok(Err(*record)),
+        Err(Refused::NotFound) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no payload {id}"),
+        )),
+    }
+}
+
 async fn retrieve(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
-    let record = find(&state, &id)?;
-    if record.status == PayloadStatus::Completed {
-        zip_response(&state, record.id)
-    } else {
-        Ok(Json(record).into_response())
+    match lease(&state, &id, |r| r.status == PayloadStatus::Completed)? {
+        Ok((record, lease)) => zip_response(&state, record.id, lease),
+        Err(record) => Ok(Json(record).into_response()),
     }
 }
 
@@ -243,8 +305,10 @@ async fn retrieve_partial(
     State(state): State<AppState>,
     IdPath(id): IdPath,
 ) -> ApiResult<Response> {
-    let record = find(&state, &id)?;
-    zip_response(&state, record.id)
+    match lease(&state, &id, |r| r.status != PayloadStatus::Cleaned)? {
+        Ok((record, lease)) => zip_response(&state, record.id, lease),
+        Err(record) => Err(gone(record.id)),
+    }
 }
 
 async fn kill(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
@@ -268,9 +332,10 @@ async fn release(
 ) -> ApiResult<Json<PayloadRecord>> {
     let id = parse_id(&id)?;
     let store = state.store.clone();
-    let outcome = tokio::task::spawn_blocking(move || store.clean(id, "released by the server"))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "release task failed"))?;
+    let outcome = blocking::run("releasing the payload", RELEASE_LIMIT, move || {
+        store.clean(id, "released by the server")
+    })
+    .await?;
     match outcome {
         Ok(record) => Ok(Json(record)),
         Err(Refused::InState(record)) => Err(ApiError::new(
@@ -324,6 +389,7 @@ async fn log(
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     use jobrelay_common::logtail::{self, Stream};
+    use jobrelay_common::workfile::WorkFileError;
     let record = find(&state, &id)?;
     let stream = Stream::parse(query.get("stream").map(String::as_str))
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
@@ -336,25 +402,27 @@ async fn log(
             )
         })?,
     };
-    if record.status == PayloadStatus::Cleaned {
-        return Err(ApiError::new(
-            StatusCode::GONE,
-            format!(
-                "the work directory of payload {} has been removed",
-                record.id
-            ),
-        ));
-    }
-    let path = state.store.work_dir_of(record.id).join(stream.file_name());
-    let bytes = tokio::task::spawn_blocking(move || logtail::read_from(&path, offset))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "log task failed"))?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot read the log: {e}"),
-            )
-        })?;
+    let (record, lease) = match lease(&state, &id, |r| r.status != PayloadStatus::Cleaned)? {
+        Ok(leased) => leased,
+        Err(_) => return Err(gone(record.id)),
+    };
+    let dir = state.store.work_dir_of(record.id);
+    let bytes = blocking::run("reading the log", LOG_LIMIT, move || {
+        let _held = lease;
+        logtail::read_from(&dir, stream, offset)
+    })
+    .await?
+    .map_err(|e| match e {
+        // The job put a link, a FIFO or another user's file in the log's place.
+        WorkFileError::NotRegular { .. } | WorkFileError::ForeignOwner { .. } => {
+            ApiError::new(StatusCode::CONFLICT, format!("cannot read the log: {e}"))
+        }
+        WorkFileError::Io(e) if e.kind() == std::io::ErrorKind::NotFound => gone(record.id),
+        WorkFileError::Io(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the log: {e}"),
+        ),
+    })?;
     let next = offset + bytes.len() as u64;
     Ok((
         [

@@ -1,5 +1,5 @@
 //! Retention: removes the work directories of payloads that finished more than `max_age` ago
-//! and marks them Cleaned.
+//! and marks them Cleaned (first marked, then removed: see `PayloadStore::clean`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,8 @@ use crate::store::{now_ms, PayloadStore};
 pub fn start(store: Arc<PayloadStore>, max_age: Duration) {
     let every = (max_age / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     tokio::spawn(async move {
+        let leftovers = store.clone();
+        let _ = tokio::task::spawn_blocking(move || leftovers.remove_leftover_work_dirs()).await;
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

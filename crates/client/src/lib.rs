@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blocking;
 pub mod config;
 pub mod confine;
 pub mod events;
@@ -13,6 +14,7 @@ pub mod load;
 pub mod process;
 pub mod runner;
 pub mod store;
+pub mod workdir;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

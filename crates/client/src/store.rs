@@ -19,6 +19,7 @@ use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
 use jobrelay_common::upload::ReceivedUpload;
 
 use crate::events::EventLog;
+use crate::workdir::{Lease, Leases};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -63,6 +64,8 @@ pub struct PayloadStore {
     node: String,
     records: Mutex<Records>,
     pub events: EventLog,
+    /// Readers of work directories; a clean-up removes a directory only once they are done.
+    leases: Leases,
 }
 
 impl PayloadStore {
@@ -139,6 +142,7 @@ impl PayloadStore {
                 next_id,
                 reserved: next_id,
             }),
+            leases: Leases::default(),
         })
     }
 
@@ -295,7 +299,26 @@ impl PayloadStore {
             .count()
     }
 
-    /// Removes a finished payload's work directory and marks it Cleaned.
+    /// Takes a lease on payload `id`'s work directory (see `workdir`) if its record passes
+    /// `accept`: the directory is not removed before the lease ends. A record that does not
+    /// pass is returned as `Refused::InState`.
+    pub fn lease(
+        &self,
+        id: u64,
+        accept: impl FnOnce(&PayloadRecord) -> bool,
+    ) -> Result<(PayloadRecord, Lease), Refused> {
+        self.leases.take(id, || match self.get(id) {
+            None => Err(Refused::NotFound),
+            Some(record) if accept(&record) => Ok(record),
+            Some(record) => Err(Refused::InState(Box::new(record))),
+        })
+    }
+
+    /// Marks a finished payload Cleaned, then removes its work directory: at once, or when
+    /// the last reader holding it (a ZIP being streamed) is done. In that order, a reader
+    /// sees either the record Cleaned or the whole directory, never a Completed record whose
+    /// directory is half gone; a crash in between leaves a directory that the next start
+    /// removes (`janitor::start`).
     pub fn clean(&self, id: u64, reason: &str) -> Result<PayloadRecord, Refused> {
         const FINISHED: [PayloadStatus; 4] = [
             PayloadStatus::Completed,
@@ -303,22 +326,32 @@ impl PayloadStore {
             PayloadStatus::Invalid,
             PayloadStatus::Killed,
         ];
-        match self.get(id) {
-            Some(r) if FINISHED.contains(&r.status) => {}
-            Some(r) if r.status == PayloadStatus::Cleaned => return Ok(r),
-            Some(r) => return Err(Refused::InState(Box::new(r))),
-            None => return Err(Refused::NotFound),
-        }
-        if let Err(e) = remove_dir_all_if_exists(&self.work_dir_of(id)) {
-            // Left as it is; the next clean-up round tries again.
-            tracing::error!(id, error = %e, "could not remove work directory");
-        }
-        self.transition(id, &FINISHED, |r| {
+        let cleaned = self.transition(id, &FINISHED, |r| {
             r.status = PayloadStatus::Cleaned;
             r.reason = Some(match r.reason.take() {
                 Some(before) => format!("{before}; {reason}"),
                 None => reason.to_owned(),
             });
-        })
+        });
+        match cleaned {
+            Ok(record) => {
+                self.leases.remove_when_free(id, self.work_dir_of(id));
+                Ok(record)
+            }
+            Err(Refused::InState(record)) if record.status == PayloadStatus::Cleaned => Ok(*record),
+            Err(refused) => Err(refused),
+        }
+    }
+
+    /// Removes the work directories that Cleaned payloads still have (a client stopped
+    /// between marking one Cleaned and removing its directory).
+    pub fn remove_leftover_work_dirs(&self) {
+        for id in self.ids_in(PayloadStatus::Cleaned) {
+            let dir = self.work_dir_of(id);
+            if dir.exists() {
+                tracing::info!(id, "removing the work directory a Cleaned payload left");
+                self.leases.remove_when_free(id, dir);
+            }
+        }
     }
 }

@@ -18,6 +18,7 @@ use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
@@ -29,6 +30,12 @@ use zip::{CompressionMethod, ZipWriter};
 const CHUNK: usize = 64 * 1024;
 /// Chunks buffered between the archiving thread and the network.
 const CHANNEL_DEPTH: usize = 4;
+/// Longest the archiving thread waits for the network to take a chunk: a reader that takes
+/// nothing for this long gets a cut stream (an error, never a short archive mistaken for a
+/// whole one), and the blocking thread is free again.
+const STALL_LIMIT: Duration = Duration::from_secs(120);
+/// Archives given up because their reader took nothing for [`STALL_LIMIT`].
+static STALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Above this size an entry is written with ZIP64 sizes.
 const LARGE_FILE: u64 = 0xFFFF_0000;
 /// How much of a file is tried with deflate to decide whether the file is deflated.
@@ -152,7 +159,7 @@ fn worth_deflating(sample: &[u8], meta: &Metadata) -> bool {
 /// (directories on the way with `O_DIRECTORY`), so no symbolic link anywhere on the path is
 /// followed. The last component is opened as a directory if `directory`, else with
 /// `O_NONBLOCK` so that a FIFO put in a file's place does not block the opening.
-fn open_beneath(root: &File, relative: &Path, directory: bool) -> io::Result<File> {
+pub(crate) fn open_beneath(root: &File, relative: &Path, directory: bool) -> io::Result<File> {
     use std::ffi::CString;
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::ffi::OsStrExt;
@@ -275,6 +282,8 @@ fn zip_name(relative: &Path) -> Option<String> {
 struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
+    runtime: tokio::runtime::Handle,
+    stall_limit: Duration,
 }
 
 impl ChannelWriter {
@@ -283,9 +292,25 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = self.buf.split().freeze();
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "receiver went away"))
+        let sent = self.runtime.block_on(tokio::time::timeout(
+            self.stall_limit,
+            self.tx.send(Ok(chunk)),
+        ));
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "receiver went away",
+            )),
+            Err(_) => Err({
+                STALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                metrics::counter!("jobrelay_archive_stalls_total").increment(1);
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the reader took nothing for {:?}", self.stall_limit),
+                )
+            }),
+        }
     }
 }
 
@@ -307,21 +332,49 @@ impl Write for ChannelWriter {
 /// midway ends the stream with that error, so a consumer never mistakes a cut archive for a
 /// whole one.
 pub fn zip_stream(dir: PathBuf) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    zip_stream_with_stall_limit(dir, STALL_LIMIT)
+}
+
+/// [`zip_stream`] with another bound on how long a reader may take nothing.
+fn zip_stream_with_stall_limit(
+    dir: PathBuf,
+    stall_limit: Duration,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let runtime = tokio::runtime::Handle::current();
+    let whole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = whole.clone();
     tokio::task::spawn_blocking(move || {
         let writer = ChannelWriter {
             tx: tx.clone(),
             buf: BytesMut::with_capacity(CHUNK),
+            runtime,
+            stall_limit,
         };
         let result = write_zip(&dir, writer).and_then(|mut writer| writer.flush());
-        if let Err(e) = result {
-            if e.kind() != io::ErrorKind::BrokenPipe {
-                tracing::warn!(dir = %dir.display(), error = %e, "archiving failed");
+        match result {
+            Ok(()) => finished.store(true, std::sync::atomic::Ordering::SeqCst),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::BrokenPipe {
+                    tracing::warn!(dir = %dir.display(), error = %e, "archiving failed");
+                }
+                // Never waits: a full channel (a reader taking nothing) cannot take the
+                // error, and the stream below reports the cut itself.
+                let _ = tx.try_send(Err(e));
             }
-            let _ = tx.blocking_send(Err(e));
         }
     });
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+    // The stream ends with an error unless the archive was written whole, also when the
+    // error itself could not be queued.
+    futures_util::stream::unfold(Some((rx, whole)), |state| async move {
+        let (mut rx, whole) = state?;
+        match rx.recv().await {
+            Some(Err(e)) => Some((Err(e), None)),
+            Some(Ok(chunk)) => Some((Ok(chunk), Some((rx, whole)))),
+            None if whole.load(std::sync::atomic::Ordering::SeqCst) => None,
+            None => Some((Err(io::Error::other("the archive was cut short")), None)),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -369,6 +422,44 @@ mod tests {
             .unwrap();
         assert_eq!(content, "hello");
         assert!(zip.by_name("link").unwrap().is_symlink());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_reader_that_takes_nothing_frees_the_archiving_thread() {
+        use futures_util::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        // More than the channel holds, so the archiving thread has to wait for the reader.
+        std::fs::write(
+            dir.path().join("big"),
+            vec![7u8; CHUNK * (CHANNEL_DEPTH + 4)],
+        )
+        .unwrap();
+        let mut stream = Box::pin(zip_stream_with_stall_limit(
+            dir.path().to_path_buf(),
+            Duration::from_millis(200),
+        ));
+        let first = stream.next().await.unwrap();
+        assert!(first.is_ok());
+        // Take nothing until the archiving thread gave up; then what it had queued is read
+        // and the stream ends with an error, not as if the archive were whole.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while STALLS.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the thread never gave up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut ended_with_error = false;
+        while let Some(item) = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("the stream neither ended nor gave more")
+        {
+            if item.is_err() {
+                ended_with_error = true;
+            }
+        }
+        assert!(ended_with_error, "a stalled archive ended as if whole");
     }
 
     #[test]

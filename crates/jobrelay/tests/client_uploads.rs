@@ -293,7 +293,9 @@ async fn change_feed_reports_state_changes_and_wakes_long_polls() {
 
 #[tokio::test]
 async fn release_and_max_age_remove_work_directories() {
-    let client = TestClient::start(&["--max-age", "1"]);
+    // Release on a client without a short --max-age: the janitor must not race the test to
+    // the Completed state it waits for (the Cleaned-first order is tested in client_files).
+    let client = TestClient::start(&[]);
     let released = client.submit_script("echo a > a\n").await;
     client.wait_for(released, "Completed").await;
     let response = client
@@ -307,6 +309,24 @@ async fn release_and_max_age_remove_work_directories() {
     assert_eq!(record["status"], "Cleaned");
     assert!(!std::path::Path::new(record["loc"].as_str().unwrap()).exists());
 
+    let running = client.submit_script("sleep 300\n").await;
+    client.wait_for(running, "Running").await;
+    let early = client
+        .http
+        .post(client.url(&format!("/release/{running}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(early.status(), 409);
+    let _ = client
+        .http
+        .post(client.url(&format!("/kill/{running}")))
+        .send()
+        .await;
+
+    // Aged out: whatever moment /retrieve is asked, it answers the ZIP (Completed) or the
+    // record (Cleaned), never 410 for a Completed payload (`record` asserts 200).
+    let client = TestClient::start(&["--max-age", "1"]);
     let aged = client.submit_script("echo b > b\n").await;
     let record = client.wait_for(aged, "Cleaned").await;
     assert!(!std::path::Path::new(record["loc"].as_str().unwrap()).exists());
@@ -317,14 +337,4 @@ async fn release_and_max_age_remove_work_directories() {
         .await
         .unwrap();
     assert_eq!(partial.status(), 410);
-
-    let running = client.submit_script("sleep 300\n").await;
-    client.wait_for(running, "Running").await;
-    let early = client
-        .http
-        .post(client.url(&format!("/release/{running}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(early.status(), 409);
 }
