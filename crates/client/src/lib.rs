@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cgroup;
 pub mod config;
 pub mod confine;
 pub mod events;
@@ -13,6 +14,7 @@ pub mod load;
 pub mod process;
 pub mod runner;
 pub mod store;
+pub mod supervisor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,12 +42,15 @@ impl RunningClient {
     pub fn shutdown(self) {
         self.server.abort();
         self.runner.kill_all_now();
+        self.runner.executor().release();
     }
 }
 
 /// Settles what a previous client process left. Payloads it had handed to an executor that
-/// keeps them without us (Slurm jobs) are followed again; other payloads that were running are
-/// failed (their processes killed); prepared ones are queued again in arrival order.
+/// keeps them without us (Slurm jobs; local payloads still running, or whose supervisor
+/// recorded their end) are followed again and settled from what they did; other payloads that
+/// were running are failed "client restarted" (their processes killed); prepared ones are
+/// queued again in arrival order.
 async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
     // Submitted, but the client died before the record got the job id.
     let unrecorded: Vec<(u64, String)> = store
@@ -82,7 +87,8 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
         let Some(record) = store.get(id) else {
             continue;
         };
-        if let Some(job) = runner.executor().reattach(&record) {
+        let marker = process::marker(store.node(), id);
+        if let Some(job) = runner.executor().reattach(&record, &marker) {
             tracing::info!(id, slurm_job_id = ?record.slurm_job_id, "following the payload's job again");
             runner.adopt(id, job);
             continue;
@@ -94,7 +100,7 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
             ),
             None => "client restarted".to_owned(),
         };
-        let killed = process::kill_marked(&process::marker(store.node(), id));
+        let killed = runner.executor().kill_leftovers_of(id, &marker).await;
         let _ = store.transition(
             id,
             &[PayloadStatus::Running, PayloadStatus::Prepared],
@@ -139,7 +145,10 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
             if let Some(run_as) = &confinement.run_as {
                 confine::prepare_data_dir(&config.data_dir, run_as)?;
             }
-            Executor::Local(LocalExecutor::confined(confinement.clone()))
+            Executor::Local(
+                LocalExecutor::new(confinement.clone(), &config.data_dir, store.node())
+                    .map_err(|e| anyhow::anyhow!("cannot prepare the local executor: {e}"))?,
+            )
         }
         ExecutorConfig::Slurm(slurm_config) => {
             slurm::check_commands().await.map_err(anyhow::Error::msg)?;
