@@ -71,9 +71,24 @@ impl CgroupTree {
         }
     }
 
-    /// Removes the sub-tree if no payload cgroup is left in it (clean shutdown).
+    /// Removes the empty payload cgroups and then the sub-tree if nothing is left in it
+    /// (clean shutdown, after the payloads were killed: waits up to 1 s for them to go).
     pub fn remove_if_empty(&self) {
-        let _ = std::fs::remove_dir(&self.root);
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            if let Ok(entries) = std::fs::read_dir(&self.root) {
+                for entry in entries.flatten() {
+                    let leaf = entry.path();
+                    if leaf.is_dir() && !populated(&leaf) {
+                        let _ = std::fs::remove_dir(&leaf);
+                    }
+                }
+            }
+            if std::fs::remove_dir(&self.root).is_ok() || std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

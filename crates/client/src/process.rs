@@ -2,6 +2,7 @@
 //! stopping the whole group (SIGTERM, then SIGKILL after a grace period), and [`Tracker`],
 //! which reaches every process of a payload, also those that left the group.
 
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -48,7 +49,31 @@ pub fn spawn_run_script(
     };
     let spec = serde_json::to_string(&spec).map_err(std::io::Error::other)?;
     // /proc/self/exe: this very binary, even if a newer one replaced it on disk.
-    tokio::process::Command::new("/proc/self/exe")
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    if let Some(leaf) = cgroup {
+        // Into the payload's cgroup between fork and exec, so that a client killed at any
+        // moment after the fork leaves nothing of the payload outside it (the supervisor
+        // joins again, which changes nothing).
+        let procs = std::ffi::CString::new(leaf.join("cgroup.procs").into_os_string().into_vec())
+            .map_err(std::io::Error::other)?;
+        // SAFETY: open, write and close are async-signal-safe; nothing allocates (the path
+        // was built before the fork, the error is read from errno).
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    command
         .arg(supervisor::ARG)
         .arg(spec)
         .envs(launch.env)

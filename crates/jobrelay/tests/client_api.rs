@@ -416,6 +416,52 @@ async fn without_cgroups_leftovers_outside_the_group_die_when_the_payload_ends()
     leftovers_die_when_the_payload_ends(&[("JOBRELAY_NO_CGROUP", "1")]).await;
 }
 
+/// A `--run-as` payload's leftover (in a new session, as the unprivileged user) is gone once
+/// the payload ended, so it cannot change a later payload of the same user.
+#[tokio::test]
+async fn run_as_leftovers_outside_the_process_group_die_when_the_payload_ends() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root()
+        || nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        eprintln!("skipped: needs root and the user nobody");
+        return;
+    }
+    let client = TestClient::start(&["--run-as", "nobody"]);
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (leave, files) = detached_leftovers(scratch.path());
+    let script = format!(
+        "{leave}while [ ! -s {b} ]; do sleep 0.02; done\necho ok > out.txt\n",
+        b = files[1].display()
+    );
+    let id = client.submit_script(&script).await;
+    let a = read_pid(&files[0]).await;
+    let b = read_pid(&files[1]).await;
+    assert_eq!(client.retrieve_zip(id).await["out.txt"], b"ok\n");
+    assert!(
+        !pid_alive(a) && !pid_alive(b),
+        "a --run-as leftover survived"
+    );
+}
+
+/// Without `--sandbox` the client says at start that its payloads can touch each other.
+#[tokio::test]
+async fn a_client_without_sandbox_warns_that_payloads_can_touch_each_other() {
+    let client = TestClient::start(&[]);
+    eventually(Duration::from_secs(10), "the warning", || async {
+        client
+            .proc
+            .log()
+            .contains("one payload can read and change another's")
+            .then_some(())
+    })
+    .await;
+}
+
 /// `/kill` reaches processes that left the payload's process group.
 async fn kill_reaches_leftovers(env: &[(&str, &str)]) {
     let client = TestClient::start_with_env(&["--kill-grace", "1"], env);
