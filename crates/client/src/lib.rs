@@ -115,6 +115,13 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
             "payload was running when the client stopped"
         );
     }
+    // Exit files of payloads whose final record was written just before the previous client
+    // process died (it removes them only after the record).
+    for id in runner.executor().kept() {
+        if store.get(id).is_none_or(|r| r.status.is_finished()) {
+            runner.executor().settled(id);
+        }
+    }
     // Prepared payloads that were never handed to the executor; those that were (a job
     // pending in Slurm) are followed above and must not be submitted again.
     for id in store.ids_in(PayloadStatus::Prepared) {

@@ -289,3 +289,21 @@ async fn a_client_whose_id_counter_is_behind_its_payloads_refuses_to_start() {
     let next = client.submit_script("true\n").await;
     assert!(next > first, "new id {next} must be above {first}");
 }
+
+/// An exit file left by a client killed between a payload's final record and the file's
+/// removal is removed at the next start (and does not change the record).
+#[tokio::test]
+async fn exit_files_of_settled_payloads_are_removed_at_start() {
+    let mut client = TestClient::start(&[]);
+    let id = client.submit_script("echo ok > out.txt\n").await;
+    client.wait_for(id, "Completed").await;
+    let runs = client.data_dir().join("runs");
+    assert!(!runs.join(id.to_string()).exists(), "removed once settled");
+    client.proc.kill9();
+    std::fs::write(runs.join(id.to_string()), "code 3\n").unwrap();
+    std::fs::write(runs.join("999"), "code 0\n").unwrap();
+    client.restart_after_kill9(&[]);
+    assert!(!runs.join(id.to_string()).exists());
+    assert!(!runs.join("999").exists());
+    assert_eq!(client.retrieve_zip(id).await["out.txt"], b"ok\n");
+}

@@ -174,6 +174,19 @@ impl LocalExecutor {
         let _ = std::fs::remove_file(self.exit_file(id));
     }
 
+    /// Payload ids that have an exit file (after a restart: some may belong to payloads whose
+    /// final record was written just before the previous client process died).
+    pub fn exit_files(&self) -> Vec<u64> {
+        std::fs::read_dir(&self.runs_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// SIGKILL to every live payload (client shutdown).
     pub fn kill_all_now(&self) {
         for (pgid, tracker) in self.live.lock().unwrap().values() {

@@ -193,6 +193,15 @@ impl Executor {
         }
     }
 
+    /// Payloads that have something kept for them to settle after a restart (local exit
+    /// files); see [`Executor::settled`].
+    pub fn kept(&self) -> Vec<u64> {
+        match self {
+            Executor::Local(local) => local.exit_files(),
+            Executor::Slurm(_) => Vec::new(),
+        }
+    }
+
     /// Clean shutdown, after [`Executor::stop_all_now`]: releases what the executor made
     /// for itself (the local executor's empty cgroup sub-tree).
     pub fn release(&self) {
