@@ -448,6 +448,41 @@ async fn run_as_leftovers_outside_the_process_group_die_when_the_payload_ends() 
     );
 }
 
+/// The issue's attack: a `--run-as` payload leaves a process in a new session that keeps
+/// rewriting the next payload's run.sh and result; that payload, submitted once the first is
+/// Completed, still runs its own script and keeps its own result.
+#[tokio::test]
+async fn a_run_as_leftover_cannot_rewrite_a_later_payload() {
+    if !nix::unistd::Uid::effective().is_root()
+        || nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        eprintln!("skipped: needs root and the user nobody");
+        return;
+    }
+    let client = TestClient::start(&["--run-as", "nobody"]);
+    let first = client.submit_script("true\n").await;
+    client.wait_for(first, "Completed").await;
+    let attacker = first + 1;
+    let victim = first + 2;
+    let script = format!(
+        "setsid bash -c 'while true; do echo \"echo pwned > result.txt\" > ../{victim}/run.sh; \
+         echo pwned > ../{victim}/result.txt; sleep 0.01; done' </dev/null >/dev/null 2>&1 &\n\
+         sleep 0.2\n"
+    );
+    assert_eq!(client.submit_script(&script).await, attacker);
+    client.wait_for(attacker, "Completed").await;
+    let id = client
+        .submit_script("sleep 0.3\necho good > result.txt\n")
+        .await;
+    assert_eq!(id, victim);
+    let entries = client.retrieve_zip(victim).await;
+    assert_eq!(entries["result.txt"], b"good\n");
+    assert_eq!(entries["run.sh"], b"sleep 0.3\necho good > result.txt\n");
+}
+
 /// Without `--sandbox` the client says at start that its payloads can touch each other.
 #[tokio::test]
 async fn a_client_without_sandbox_warns_that_payloads_can_touch_each_other() {
