@@ -3,8 +3,8 @@
 //! network, a private /tmp, a read-only view of the system with only its work directory
 //! writable, the client's data directory hidden).
 //!
-//! The payload stays in the process group the client made for it (bwrap and `setpriv` keep
-//! the group), so kill and walltime still reach every process.
+//! The payload supervisor (`supervisor`) applies this: it runs the command [`launch`] gives,
+//! as its user and with its limits.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,6 +13,8 @@ use jobrelay_common::protocol::RUN_SCRIPT;
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::Uid;
 use tokio::process::Command;
+
+use serde::{Deserialize, Serialize};
 
 /// The unprivileged account payloads run as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +47,7 @@ impl RunAs {
 
 /// Resource limits of every payload process (hard limits, so a payload cannot raise them;
 /// for CPU time the hard limit is one second past the soft one).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Bytes of virtual memory (RLIMIT_AS): allocations past it fail.
     pub address_space: Option<u64>,
@@ -191,87 +193,98 @@ fn data_dir_of(work_dir: &Path) -> Option<PathBuf> {
     Some(work_dir.parent()?.parent()?.to_path_buf())
 }
 
-/// The command that runs `bash run.sh` in `dir` under `confinement`. The caller sets stdio,
-/// the environment marker and the process group.
-pub fn command(dir: &Path, confinement: &Confinement) -> std::io::Result<Command> {
+/// What runs a payload under its confinement: the command line, the environment it adds,
+/// the user and the limits. The payload supervisor (`supervisor`) applies it.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// (uid, gid) the supervisor switches to before `exec` (without the sandbox; inside it
+    /// `setpriv` does).
+    pub run_as: Option<(u32, u32)>,
+    pub limits: Limits,
+}
+
+/// How to run `bash run.sh` in `dir` under `confinement` (gives the work directory to the
+/// `--run-as` user first). The caller sets the directory, stdio, the marker and the group.
+pub fn launch(dir: &Path, confinement: &Confinement) -> std::io::Result<Launch> {
     if let Some(run_as) = &confinement.run_as {
         give_work_dir(dir, run_as)?;
     }
-    let mut command = if confinement.sandbox {
+    let strings = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut run_as_ids = None;
+    let argv = if confinement.sandbox {
         let dir_text = dir.to_string_lossy().into_owned();
-        let mut c = Command::new("bwrap");
         // As root bwrap would leave the payload every capability: drop them all.
-        c.args(["--die-with-parent", "--unshare-net", "--cap-drop", "ALL"])
-            .args(["--ro-bind", "/", "/"])
-            .args(["--dev", "/dev", "--proc", "/proc"])
-            .args(["--perms", "1777", "--tmpfs", "/tmp"]);
+        let mut c = strings(&["bwrap", "--die-with-parent", "--unshare-net"]);
+        c.extend(strings(&["--cap-drop", "ALL", "--ro-bind", "/", "/"]));
+        c.extend(strings(&["--dev", "/dev", "--proc", "/proc"]));
+        c.extend(strings(&["--perms", "1777", "--tmpfs", "/tmp"]));
         if let Some(data) = data_dir_of(dir) {
             // Other payloads' directories and the client's records stay out of sight.
-            c.arg("--tmpfs").arg(data);
+            c.push("--tmpfs".into());
+            c.push(data.to_string_lossy().into_owned());
         }
-        c.args(["--bind", &dir_text, &dir_text, "--chdir", &dir_text]);
+        c.extend(["--bind".into(), dir_text.clone(), dir_text.clone()]);
+        c.extend(["--chdir".into(), dir_text]);
         match &confinement.run_as {
             // bwrap runs as root (it needs no user namespaces then) and keeps only what it
             // needs to enter the user's private work directory (DAC_READ_SEARCH) and what
             // `setpriv` needs to become the user (SETUID, SETGID); the change of user clears
             // all three (all uids become non-zero).
             Some(run_as) => {
-                c.args(["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"])
-                    .args(["--cap-add", "CAP_DAC_READ_SEARCH", "--"])
-                    .arg("setpriv")
-                    .arg(format!("--reuid={}", run_as.uid))
-                    .arg(format!("--regid={}", run_as.gid))
-                    .args([
-                        "--clear-groups",
-                        "--inh-caps=-all",
-                        "--",
-                        "bash",
-                        RUN_SCRIPT,
-                    ]);
+                c.extend(strings(&[
+                    "--cap-add",
+                    "CAP_SETUID",
+                    "--cap-add",
+                    "CAP_SETGID",
+                ]));
+                c.extend(strings(&[
+                    "--cap-add",
+                    "CAP_DAC_READ_SEARCH",
+                    "--",
+                    "setpriv",
+                ]));
+                c.push(format!("--reuid={}", run_as.uid));
+                c.push(format!("--regid={}", run_as.gid));
+                c.extend(strings(&["--clear-groups", "--inh-caps=-all", "--"]));
+                c.extend(strings(&["bash", RUN_SCRIPT]));
             }
-            None => {
-                c.args(["--", "bash", RUN_SCRIPT]);
-            }
+            None => c.extend(strings(&["--", "bash", RUN_SCRIPT])),
         }
         c
     } else {
-        let mut c = Command::new("bash");
-        c.arg(RUN_SCRIPT);
-        if let Some(run_as) = &confinement.run_as {
-            // std drops the supplementary groups (setgroups) when it changes user from root.
-            c.uid(run_as.uid).gid(run_as.gid);
-        }
-        c
+        run_as_ids = confinement.run_as.as_ref().map(|r| (r.uid, r.gid));
+        strings(&["bash", RUN_SCRIPT])
     };
-    command.current_dir(dir);
+    let mut env = Vec::new();
     if let Some(run_as) = &confinement.run_as {
-        command
-            .env("HOME", dir)
-            .env("USER", &run_as.name)
-            .env("LOGNAME", &run_as.name);
+        env.push(("HOME".into(), dir.to_string_lossy().into_owned()));
+        env.push(("USER".into(), run_as.name.clone()));
+        env.push(("LOGNAME".into(), run_as.name.clone()));
     }
-    let limits = confinement.limits;
-    if !limits.is_empty() {
-        // SAFETY: the closure runs in the child between fork and exec and only calls
-        // setrlimit, which is async-signal-safe; it allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                for (resource, value) in limits.each() {
-                    if let Some(value) = value {
-                        // CPU: SIGXCPU at the limit (a job may catch it and stop cleanly),
-                        // SIGKILL one second later.
-                        let hard = match resource {
-                            Resource::RLIMIT_CPU => value.saturating_add(1),
-                            _ => value,
-                        };
-                        setrlimit(resource, value, hard)?;
-                    }
-                }
-                Ok(())
-            });
+    Ok(Launch {
+        argv,
+        env,
+        run_as: run_as_ids,
+        limits: confinement.limits,
+    })
+}
+
+/// Sets `limits` on the calling process (in the payload, between fork and exec): hard limits,
+/// and for CPU time SIGXCPU at the limit (a job may catch it and stop cleanly), SIGKILL one
+/// second later. Async-signal-safe: it only calls setrlimit and allocates nothing.
+pub fn apply_limits(limits: Limits) -> std::io::Result<()> {
+    for (resource, value) in limits.each() {
+        if let Some(value) = value {
+            let hard = match resource {
+                Resource::RLIMIT_CPU => value.saturating_add(1),
+                _ => value,
+            };
+            setrlimit(resource, value, hard)?;
         }
     }
-    Ok(command)
+    Ok(())
 }
 
 /// True when this process may change user (root), for `--run-as`.

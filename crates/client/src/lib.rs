@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod blocking;
+pub mod cgroup;
 pub mod config;
 pub mod confine;
 pub mod events;
@@ -14,6 +15,7 @@ pub mod load;
 pub mod process;
 pub mod runner;
 pub mod store;
+pub mod supervisor;
 pub mod workdir;
 
 use std::net::SocketAddr;
@@ -43,6 +45,7 @@ impl RunningClient {
     pub fn shutdown(self) {
         self.server.abort();
         self.runner.kill_all_now();
+        self.runner.executor().release();
     }
 
     /// SIGTERM's stop: refuses new connections at once, lets the requests in flight finish
@@ -51,12 +54,15 @@ impl RunningClient {
     pub async fn stop_gracefully(self) {
         self.server.stop().await;
         self.runner.kill_all_now();
+        self.runner.executor().release();
     }
 }
 
 /// Settles what a previous client process left. Payloads it had handed to an executor that
-/// keeps them without us (Slurm jobs) are followed again; other payloads that were running are
-/// failed (their processes killed); prepared ones are queued again in arrival order.
+/// keeps them without us (Slurm jobs; local payloads still running, or whose supervisor
+/// recorded their end) are followed again and settled from what they did; other payloads that
+/// were running are failed "client restarted" (their processes killed); prepared ones are
+/// queued again in arrival order.
 async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
     // Submitted, but the client died before the record got the job id.
     let unrecorded: Vec<(u64, String)> = store
@@ -93,7 +99,8 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
         let Some(record) = store.get(id) else {
             continue;
         };
-        if let Some(job) = runner.executor().reattach(&record) {
+        let marker = process::marker(store.node(), id);
+        if let Some(job) = runner.executor().reattach(&record, &marker) {
             tracing::info!(id, slurm_job_id = ?record.slurm_job_id, "following the payload's job again");
             runner.adopt(id, job);
             continue;
@@ -105,7 +112,7 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
             ),
             None => "client restarted".to_owned(),
         };
-        let killed = process::kill_marked(&process::marker(store.node(), id));
+        let killed = runner.executor().kill_leftovers_of(id, &marker).await;
         let _ = store.transition(
             id,
             &[PayloadStatus::Running, PayloadStatus::Prepared],
@@ -119,6 +126,13 @@ async fn recover(store: &PayloadStore, runner: &Arc<Runner>) {
             leftover_processes_killed = killed,
             "payload was running when the client stopped"
         );
+    }
+    // Exit files of payloads whose final record was written just before the previous client
+    // process died (it removes them only after the record).
+    for id in runner.executor().kept() {
+        if store.get(id).is_none_or(|r| r.status.is_finished()) {
+            runner.executor().settled(id);
+        }
     }
     // Prepared payloads that were never handed to the executor; those that were (a job
     // pending in Slurm) are followed above and must not be submitted again.
@@ -150,7 +164,10 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
             if let Some(run_as) = &confinement.run_as {
                 confine::prepare_data_dir(&config.data_dir, run_as)?;
             }
-            Executor::Local(LocalExecutor::confined(confinement.clone()))
+            Executor::Local(
+                LocalExecutor::new(confinement.clone(), &config.data_dir, store.node())
+                    .map_err(|e| anyhow::anyhow!("cannot prepare the local executor: {e}"))?,
+            )
         }
         ExecutorConfig::Slurm(slurm_config) => {
             slurm::check_commands().await.map_err(anyhow::Error::msg)?;

@@ -1,9 +1,10 @@
-//! Process-group control for payloads: starting `run.sh` in its own group, stopping the
-//! whole group (SIGTERM, then SIGKILL after a grace period), and finding processes a previous
-//! client process left behind.
+//! Process control for payloads: starting `run.sh` (under its supervisor) in its own group,
+//! stopping the whole group (SIGTERM, then SIGKILL after a grace period), and [`Tracker`],
+//! which reaches every process of a payload, also those that left the group.
 
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::Child;
 
+use crate::cgroup;
 use crate::confine::{self, Confinement};
+use crate::supervisor::{self, Spec};
 use tokio::time::Instant;
 
 /// Environment variable that marks every process of a payload, so that a restarted client can
@@ -24,16 +27,57 @@ pub fn marker(node: &str, id: u64) -> String {
     format!("{node}:{id}")
 }
 
-/// Starts `bash run.sh` in `dir`, in a new process group, with stdin from /dev/null and
-/// stdout/stderr going to files in `dir`, confined as `confinement` says.
+/// Starts the payload supervisor (`supervisor`) for `bash run.sh` in `dir`, in a new process
+/// group, with stdin from /dev/null and stdout/stderr going to files in `dir`, confined as
+/// `confinement` says; it records the run's end in `exit_file` and runs in `cgroup` if given.
 pub fn spawn_run_script(
     dir: &Path,
     marker: &str,
     confinement: &Confinement,
+    exit_file: &Path,
+    cgroup: Option<&Path>,
 ) -> std::io::Result<Child> {
     let stdout = std::fs::File::create(dir.join(STDOUT_FILE))?;
     let stderr = std::fs::File::create(dir.join(STDERR_FILE))?;
-    confine::command(dir, confinement)?
+    let launch = confine::launch(dir, confinement)?;
+    let spec = Spec {
+        exit_file: exit_file.to_path_buf(),
+        cgroup: cgroup.map(Path::to_path_buf),
+        run_as: launch.run_as,
+        limits: launch.limits,
+        argv: launch.argv,
+    };
+    let spec = serde_json::to_string(&spec).map_err(std::io::Error::other)?;
+    // /proc/self/exe: this very binary, even if a newer one replaced it on disk.
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    if let Some(leaf) = cgroup {
+        // Into the payload's cgroup between fork and exec, so that a client killed at any
+        // moment after the fork leaves nothing of the payload outside it (the supervisor
+        // joins again, which changes nothing).
+        let procs = std::ffi::CString::new(leaf.join("cgroup.procs").into_os_string().into_vec())
+            .map_err(std::io::Error::other)?;
+        // SAFETY: open, write and close are async-signal-safe; nothing allocates (the path
+        // was built before the fork, the error is read from errno).
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    command
+        .arg(supervisor::ARG)
+        .arg(spec)
+        .envs(launch.env)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
@@ -43,13 +87,91 @@ pub fn spawn_run_script(
         .spawn()
 }
 
-fn signal_group(pgid: u32, signal: Signal) {
+/// Every process of one payload, however it detached itself from the process group: its
+/// cgroup where the machine has cgroup v2, else the processes carrying its environment
+/// marker (which a process can shed by exec'ing with a clean environment; see SECURITY.md).
+#[derive(Debug, Clone)]
+pub enum Tracker {
+    Cgroup(PathBuf),
+    Marker(String),
+}
+
+impl Tracker {
+    /// Whether any process of the payload is left.
+    pub fn alive(&self) -> bool {
+        match self {
+            Tracker::Cgroup(leaf) => cgroup::populated(leaf),
+            Tracker::Marker(marker) => !marked(marker).is_empty(),
+        }
+    }
+
+    /// Whether the payload's supervisor still runs (it alone decides whether there is a run
+    /// to follow: processes left without it are leftovers).
+    pub fn supervisor_alive(&self) -> bool {
+        let pids = match self {
+            Tracker::Cgroup(leaf) => cgroup::pids(leaf),
+            Tracker::Marker(marker) => marked(marker),
+        };
+        pids.into_iter().any(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(supervisor::ARG.as_bytes()))
+        })
+    }
+
+    /// Sends `signal` to every process of the payload.
+    pub fn signal(&self, signal: Signal) {
+        let pids = match self {
+            Tracker::Cgroup(leaf) if signal == Signal::SIGKILL => return cgroup::kill(leaf),
+            Tracker::Cgroup(leaf) => cgroup::pids(leaf),
+            Tracker::Marker(marker) => marked(marker),
+        };
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// SIGKILL to every process of the payload until none is left (bounded), and removes its
+    /// cgroup. Called at every end of a payload: its own, a kill, a restart.
+    pub async fn kill_all(&self) {
+        match self {
+            Tracker::Cgroup(leaf) => {
+                cgroup::kill_and_remove(leaf, LEFTOVER_LIMIT).await;
+            }
+            Tracker::Marker(marker) => {
+                // Again until a scan finds nobody: a process may fork between scan and kill.
+                let deadline = Instant::now() + LEFTOVER_LIMIT;
+                while kill_marked(marker) > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        }
+    }
+
+    /// SIGKILL to every process of the payload, without waiting (client shutdown).
+    pub fn kill_now(&self) {
+        match self {
+            Tracker::Cgroup(leaf) => cgroup::kill(leaf),
+            Tracker::Marker(marker) => {
+                kill_marked(marker);
+            }
+        }
+    }
+}
+
+/// Longest the client keeps killing a payload's leftovers before it gives up (logged).
+const LEFTOVER_LIMIT: Duration = Duration::from_secs(5);
+
+pub fn signal_group(pgid: u32, signal: Signal) {
+    if pgid == 0 {
+        // Unknown group (a payload adopted after a restart): killpg(0) would be our own.
+        return;
+    }
     // ESRCH (nobody left in the group) is the expected outcome once all are gone.
     let _ = killpg(Pid::from_raw(pgid as i32), signal);
 }
 
-fn group_alive(pgid: u32) -> bool {
-    killpg(Pid::from_raw(pgid as i32), None).is_ok()
+pub fn group_alive(pgid: u32) -> bool {
+    pgid != 0 && killpg(Pid::from_raw(pgid as i32), None).is_ok()
 }
 
 /// Kills whatever is left of a group whose leader has exited (background children).
@@ -84,13 +206,22 @@ pub fn describe(status: ExitStatus) -> (Option<i32>, Option<i32>) {
 }
 
 /// Kills every process whose environment carries `marker` (left behind by a client process
-/// that died). Returns how many were signalled.
+/// that died, or detached from its payload's group). Returns how many were signalled.
 pub fn kill_marked(marker: &str) -> usize {
+    marked(marker)
+        .into_iter()
+        .filter(|pid| kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok())
+        .count()
+}
+
+/// Pids of the live processes whose environment carries `marker`.
+pub fn marked(marker: &str) -> Vec<i32> {
     let wanted = format!("{MARKER_VAR}={marker}");
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
-    let mut killed = 0;
+    let own = std::process::id() as i32;
+    let mut found = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -99,16 +230,17 @@ pub fn kill_marked(marker: &str) -> usize {
         else {
             continue;
         };
+        // A zombie's environ reads empty, so the dead are not found.
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        if environ
-            .split(|b| *b == 0)
-            .any(|var| var == wanted.as_bytes())
-            && kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        if pid != own
+            && environ
+                .split(|b| *b == 0)
+                .any(|var| var == wanted.as_bytes())
         {
-            killed += 1;
+            found.push(pid);
         }
     }
-    killed
+    found
 }

@@ -207,6 +207,7 @@ impl Runner {
                     r.killed = ended.status == PayloadStatus::Killed;
                 },
             );
+            self.executor.settled(id);
             self.running.lock().unwrap().remove(&id);
             let _ = done_tx.send(true);
         });

@@ -124,7 +124,11 @@ impl PayloadStore {
             .and_then(|t| t.trim().parse::<u64>().ok())
             .filter(|n| *n < MAX_ID)
             .unwrap_or(1);
-        let next_id = stored_next.max(by_id.keys().next_back().map_or(1, |id| id + 1));
+        let highest_record = by_id.keys().next_back().copied();
+        let highest_work = highest_work_dir_id(&work_dir, MAX_ID)?;
+        check_counter(stored_next, highest_record, highest_work)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let next_id = stored_next;
         let by_key = by_id
             .values()
             .filter_map(|r| r.key.clone().map(|k| (k, r.id)))
@@ -353,5 +357,66 @@ impl PayloadStore {
                 self.leases.remove_when_free(id, dir);
             }
         }
+    }
+}
+
+/// The highest payload id among the work directories (`work/<id>`), ignoring other names.
+fn highest_work_dir_id(work_dir: &Path, max_id: u64) -> io::Result<Option<u64>> {
+    let mut highest = None;
+    for entry in std::fs::read_dir(work_dir)? {
+        let name = entry?.file_name();
+        if let Some(id) = name.to_str().and_then(|n| n.parse::<u64>().ok()) {
+            if id < max_id {
+                highest = highest.max(Some(id));
+            }
+        }
+    }
+    Ok(highest)
+}
+
+/// Refuses an id counter that is behind the ids the data directory shows (restored from an
+/// older copy, or `next-id` lost): continuing would hand out an id an earlier payload had, and
+/// a server holding that id would take another job's results for its own. Ids below the
+/// counter are the only ones ever handed out, and the counter is written before the id it
+/// covers, so a healthy directory never fails this.
+fn check_counter(
+    stored_next: u64,
+    highest_record: Option<u64>,
+    highest_work: Option<u64>,
+) -> Result<(), String> {
+    for (what, id) in [
+        ("payload record", highest_record),
+        ("work directory", highest_work),
+    ] {
+        if let Some(id) = id.filter(|id| *id >= stored_next) {
+            return Err(format!(
+                "the id counter (next-id: {stored_next}) is behind {what} {id}: this data \
+                 directory was restored from an older copy or lost its next-id, and would hand \
+                 out ids earlier payloads had. Refusing to start; if the records and work \
+                 directories are the ones to keep, write a number above {id} (e.g. {}) into \
+                 next-id, or start with an empty data directory",
+                id + ID_BLOCK
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_counter;
+
+    #[test]
+    fn a_counter_ahead_of_every_id_passes() {
+        assert!(check_counter(1, None, None).is_ok());
+        assert!(check_counter(1001, Some(7), Some(12)).is_ok());
+    }
+
+    #[test]
+    fn a_counter_at_or_behind_a_record_or_work_dir_is_refused() {
+        let e = check_counter(1001, Some(1001), None).unwrap_err();
+        assert!(e.contains("payload record 1001"), "{e}");
+        let e = check_counter(1, None, Some(3)).unwrap_err();
+        assert!(e.contains("work directory 3"), "{e}");
     }
 }

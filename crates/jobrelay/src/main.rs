@@ -38,8 +38,16 @@ fn init_logging() {
         .init();
 }
 
+fn main() -> std::process::ExitCode {
+    // A payload supervisor started by a client: plain std, before any runtime exists.
+    if let Some(code) = jobrelay_client::supervisor::run_if_invoked() {
+        std::process::exit(code);
+    }
+    run()
+}
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::User(command) => return jobrelay_cli::run(command).await,

@@ -366,3 +366,193 @@ async fn port_and_data_path_come_from_the_environment() {
         .unwrap()
         .starts_with(data.to_str().unwrap()));
 }
+
+/// A run.sh fragment that leaves two processes outside its process group, each writing its
+/// pid to a file: one in a new session (`setsid`), one double-forked from a new session.
+fn detached_leftovers(dir: &std::path::Path) -> (String, [std::path::PathBuf; 2]) {
+    let a = dir.join("setsid");
+    let b = dir.join("double-fork");
+    let script = format!(
+        "setsid bash -c 'echo $$ > {a}; exec sleep 300' </dev/null >/dev/null 2>&1 &\n\
+         (setsid bash -c '(sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {b})' &)\n",
+        a = a.display(),
+        b = b.display()
+    );
+    (script, [a, b])
+}
+
+/// Processes that left the payload's process group (setsid, double fork) are gone once
+/// run.sh has ended on its own, and before the payload is reported finished.
+async fn leftovers_die_when_the_payload_ends(env: &[(&str, &str)]) {
+    let client = TestClient::start_with_env(&[], env);
+    let scratch = tempfile::tempdir().unwrap();
+    let (leave, files) = detached_leftovers(scratch.path());
+    let script = format!(
+        "{leave}while [ ! -s {b} ]; do sleep 0.02; done\necho ok > out.txt\n",
+        b = files[1].display()
+    );
+    let id = client.submit_script(&script).await;
+    let a = read_pid(&files[0]).await;
+    let b = read_pid(&files[1]).await;
+    assert_eq!(client.retrieve_zip(id).await["out.txt"], b"ok\n");
+    // The record is final only once the leftovers were killed.
+    assert!(
+        !pid_alive(a),
+        "the setsid leftover survived the payload's end"
+    );
+    assert!(
+        !pid_alive(b),
+        "the double-forked leftover survived the payload's end"
+    );
+}
+
+#[tokio::test]
+async fn leftovers_outside_the_process_group_die_when_the_payload_ends() {
+    leftovers_die_when_the_payload_ends(&[]).await;
+}
+
+#[tokio::test]
+async fn without_cgroups_leftovers_outside_the_group_die_when_the_payload_ends() {
+    leftovers_die_when_the_payload_ends(&[("JOBRELAY_NO_CGROUP", "1")]).await;
+}
+
+/// A `--run-as` payload's leftover (in a new session, as the unprivileged user) is gone once
+/// the payload ended, so it cannot change a later payload of the same user.
+#[tokio::test]
+async fn run_as_leftovers_outside_the_process_group_die_when_the_payload_ends() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root()
+        || nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        eprintln!("skipped: needs root and the user nobody");
+        return;
+    }
+    let client = TestClient::start(&["--run-as", "nobody"]);
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (leave, files) = detached_leftovers(scratch.path());
+    let script = format!(
+        "{leave}while [ ! -s {b} ]; do sleep 0.02; done\necho ok > out.txt\n",
+        b = files[1].display()
+    );
+    let id = client.submit_script(&script).await;
+    let a = read_pid(&files[0]).await;
+    let b = read_pid(&files[1]).await;
+    assert_eq!(client.retrieve_zip(id).await["out.txt"], b"ok\n");
+    assert!(
+        !pid_alive(a) && !pid_alive(b),
+        "a --run-as leftover survived"
+    );
+}
+
+/// The issue's attack: a `--run-as` payload leaves a process in a new session that keeps
+/// rewriting the next payload's run.sh and result; that payload, submitted once the first is
+/// Completed, still runs its own script and keeps its own result.
+#[tokio::test]
+async fn a_run_as_leftover_cannot_rewrite_a_later_payload() {
+    if !nix::unistd::Uid::effective().is_root()
+        || nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        eprintln!("skipped: needs root and the user nobody");
+        return;
+    }
+    let client = TestClient::start(&["--run-as", "nobody"]);
+    let first = client.submit_script("true\n").await;
+    client.wait_for(first, "Completed").await;
+    let attacker = first + 1;
+    let victim = first + 2;
+    let script = format!(
+        "setsid bash -c 'while true; do echo \"echo pwned > result.txt\" > ../{victim}/run.sh; \
+         echo pwned > ../{victim}/result.txt; sleep 0.01; done' </dev/null >/dev/null 2>&1 &\n\
+         sleep 0.2\n"
+    );
+    assert_eq!(client.submit_script(&script).await, attacker);
+    client.wait_for(attacker, "Completed").await;
+    let id = client
+        .submit_script("sleep 0.3\necho good > result.txt\n")
+        .await;
+    assert_eq!(id, victim);
+    let entries = client.retrieve_zip(victim).await;
+    assert_eq!(entries["result.txt"], b"good\n");
+    assert_eq!(entries["run.sh"], b"sleep 0.3\necho good > result.txt\n");
+}
+
+/// Without `--sandbox` the client says at start that its payloads can touch each other.
+#[tokio::test]
+async fn a_client_without_sandbox_warns_that_payloads_can_touch_each_other() {
+    let client = TestClient::start(&[]);
+    eventually(Duration::from_secs(10), "the warning", || async {
+        client
+            .proc
+            .log()
+            .contains("one payload can read and change another's")
+            .then_some(())
+    })
+    .await;
+}
+
+/// `/kill` reaches processes that left the payload's process group.
+async fn kill_reaches_leftovers(env: &[(&str, &str)]) {
+    let client = TestClient::start_with_env(&["--kill-grace", "1"], env);
+    let scratch = tempfile::tempdir().unwrap();
+    let (leave, files) = detached_leftovers(scratch.path());
+    let id = client.submit_script(&format!("{leave}sleep 300\n")).await;
+    let a = read_pid(&files[0]).await;
+    let b = read_pid(&files[1]).await;
+    let response = client
+        .http
+        .post(client.url(&format!("/kill/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let record: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(record["status"], "Killed", "{record}");
+    assert!(!pid_alive(a), "the setsid leftover survived the kill");
+    assert!(
+        !pid_alive(b),
+        "the double-forked leftover survived the kill"
+    );
+}
+
+#[tokio::test]
+async fn kill_reaches_leftovers_outside_the_process_group() {
+    kill_reaches_leftovers(&[]).await;
+}
+
+#[tokio::test]
+async fn without_cgroups_kill_reaches_leftovers_outside_the_process_group() {
+    kill_reaches_leftovers(&[("JOBRELAY_NO_CGROUP", "1")]).await;
+}
+
+/// Where the client has cgroup v2, even a leftover that drops the environment marker
+/// (`env -i`) and leaves the session is killed at the payload's end.
+#[tokio::test]
+async fn with_cgroups_a_leftover_that_clears_its_environment_dies_too() {
+    let client = TestClient::start(&[]);
+    if !client
+        .proc
+        .log()
+        .contains("payloads run in cgroups of their own")
+    {
+        eprintln!("skipped: no writable cgroup v2 with cgroup.kill here (marker fallback)");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let pid_file = scratch.path().join("clean");
+    let script = format!(
+        "setsid env -i /bin/bash -c 'echo $$ > {p}; exec sleep 300' </dev/null >/dev/null 2>&1 &\n\
+         while [ ! -s {p} ]; do sleep 0.02; done\n",
+        p = pid_file.display()
+    );
+    let id = client.submit_script(&script).await;
+    let pid = read_pid(&pid_file).await;
+    client.wait_for(id, "Completed").await;
+    assert!(!pid_alive(pid), "the leftover without a marker survived");
+}

@@ -268,7 +268,7 @@ async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns() {
     }
 }
 
-/// A job that kills its client (SIGKILL to its parent) on every attempt: the client is
+/// A job that kills its client and its supervisor (SIGKILL) on every attempt: the client is
 /// restarted each time, and after `--max-attempts` the job is Failed with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() {
@@ -294,7 +294,13 @@ async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() 
     );
     let http = http();
     let tries = root.join("tries.log");
-    let script = format!("echo try >> {}\nkill -9 $PPID\nsleep 5\n", tries.display());
+    // run.sh's parent is its supervisor, whose parent is the client: the job kills both, so
+    // no exit status is recorded and each restart finds the run lost (a job killing only the
+    // client would be followed after the restart and complete).
+    let script = format!(
+        "echo try >> {}\nkill -9 $(awk '{{print $4}}' /proc/$PPID/stat) $PPID\nsleep 5\n",
+        tries.display()
+    );
     let id = upload_job(
         &http,
         &server.url,
@@ -372,4 +378,130 @@ async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("job that kills its client: {restarts} client restarts, then Failed: {message}");
+}
+
+/// The client crash loop: jobs of 0–4 s (a fifth of them failing) on two clients of 8 slots;
+/// one client at a time is killed with SIGKILL at random moments and restarted on the same
+/// data directory after 0–1 s (well inside the server's client timeout). Payloads that run
+/// on are followed, those that ended while no client ran are settled from their recorded
+/// exit, so every job ends in the state its script dictates, and none ran twice: runs are
+/// counted from a log outside the work directories that each run.sh appends to first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: the client crash loop; .ci/run runs it"]
+async fn client_crash_loop_runs_no_job_twice() {
+    let jobs: usize = std::env::var("JOBRELAY_CRASH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let seed: u64 = std::env::var("JOBRELAY_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_f00d);
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let started = root.join("started.log");
+    let done = root.join("done.log");
+    let mut args = Vec::new();
+    for name in ["a", "b"] {
+        let port = free_port().to_string();
+        let data = root.join(name).to_str().unwrap().to_owned();
+        args.push(vec![
+            "client".to_owned(),
+            "--port".to_owned(),
+            port,
+            "--data-dir".to_owned(),
+            data,
+            "--slots".to_owned(),
+            "8".to_owned(),
+        ]);
+    }
+    let start = |args: &Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::start(&args, root)
+    };
+    let mut clients: Vec<Proc> = args.iter().map(start).collect();
+    let urls = clients.iter().map(|c| c.url.clone()).collect();
+    let config = write_server_config(root, &[("example", urls, 10, 16)]);
+    let server = start_server(root, &config, &[]);
+    let http = http();
+
+    let mut plan = Vec::new();
+    for n in 0..jobs {
+        let failing = rng.below(5) == 0;
+        let seconds = [0.0, 0.5, 1.0, 2.0, 4.0][rng.below(5) as usize];
+        let name = format!("j{n}");
+        let script = format!(
+            "echo {name} >> {started}\nsleep {seconds}\necho {name} > out.txt\n\
+             echo {name} >> {done}\nexit {code}\n",
+            started = started.display(),
+            done = done.display(),
+            code = if failing { 3 } else { 0 }
+        );
+        let user = 1 + (n % 10) as i64;
+        let id = upload_job(
+            &http,
+            &server.url,
+            user,
+            "example",
+            &[("run.sh", script.as_bytes())],
+        )
+        .await;
+        plan.push((id, name, failing));
+    }
+
+    let mut kills = 0;
+    let begin = Instant::now();
+    loop {
+        let mut all_final = true;
+        for (id, _, _) in &plan {
+            let job = job_json(&http, &server.url, *id).await;
+            if !["Completed", "Failed"].contains(&job["status"].as_str().unwrap_or("")) {
+                all_final = false;
+                break;
+            }
+        }
+        if all_final && kills >= 10 {
+            break;
+        }
+        assert!(
+            begin.elapsed() < LONG,
+            "jobs still not final after {LONG:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(1700))).await;
+        let which = rng.below(2) as usize;
+        clients[which].kill9();
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.below(1000))).await;
+        clients[which] = start(&args[which]);
+    }
+    let elapsed = begin.elapsed();
+
+    let starts = count_lines(&started);
+    let ends = count_lines(&done);
+    let mut wrong = Vec::new();
+    let mut twice = Vec::new();
+    for (id, name, failing) in &plan {
+        let job = job_record(&http, &server.url, *id).await;
+        let expected = if *failing { "Failed" } else { "Completed" };
+        if job["status"] != expected {
+            wrong.push(format!("{name}: {job}"));
+        }
+        if starts.get(name).copied().unwrap_or(0) != 1 {
+            twice.push(format!(
+                "{name} started {:?} times, finished {:?} times: {job}",
+                starts.get(name),
+                ends.get(name)
+            ));
+        }
+    }
+    eprintln!(
+        "client crash loop (seed {seed:#x}): {jobs} jobs, {kills} client kills, {:.1}s, \
+         {} jobs run more than once, {} in a wrong state",
+        elapsed.as_secs_f64(),
+        twice.len(),
+        wrong.len()
+    );
+    assert!(wrong.is_empty(), "wrong state: {wrong:#?}");
+    assert!(twice.is_empty(), "ran twice: {twice:#?}");
 }

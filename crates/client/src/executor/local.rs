@@ -1,63 +1,214 @@
-//! The local executor: `bash run.sh` in a process group of its own on this machine (see
-//! `process`). Whatever a payload leaves running in its group when `run.sh` exits is killed.
+//! The local executor: `bash run.sh` under its supervisor (`supervisor`), in a process group
+//! of its own on this machine and, where the machine has cgroup v2, in a cgroup of its own
+//! (`cgroup`). Whatever a payload leaves running when `run.sh` exits, in its group or not, is
+//! killed (`process::Tracker`). The supervisor records how `run.sh` ended in `runs/<id>`, so a
+//! client restarted after `kill -9` settles a payload that finished meanwhile from what
+//! happened, and follows one that still runs ([`LocalExecutor::reattach`]).
 
-use std::collections::HashSet;
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jobrelay_common::protocol::PayloadStatus;
+use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
+use nix::sys::signal::Signal;
 use tokio::process::Child;
+use tokio::time::Instant;
 
 use super::{Ended, Progress};
+use crate::cgroup::CgroupTree;
 use crate::confine::Confinement;
-use crate::process;
+use crate::process::{self, Tracker};
+use crate::supervisor::{self, Exit};
 
-/// Starts payloads as local process groups and remembers the live ones, so that a shutdown
-/// can kill them all.
-#[derive(Default)]
+/// Starts payloads locally and remembers the live ones, so that a shutdown can kill them all.
 pub struct LocalExecutor {
-    groups: Arc<Mutex<HashSet<u32>>>,
+    live: Arc<Mutex<HashMap<u64, (u32, Tracker)>>>,
     confinement: Confinement,
+    /// `<data>/runs`: the supervisors' exit files.
+    runs_dir: PathBuf,
+    cgroups: Option<Arc<CgroupTree>>,
 }
 
 pub struct LocalJob {
-    child: Child,
+    id: u64,
+    /// The supervisor, when this client process started it (not after a restart).
+    child: Option<Box<Child>>,
+    /// Its process group; 0 when unknown (adopted after a restart).
     pgid: u32,
-    reported_running: bool,
-    groups: Arc<Mutex<HashSet<u32>>>,
+    reported_running: Option<u32>,
+    tracker: Tracker,
+    exit_file: PathBuf,
+    live: Arc<Mutex<HashMap<u64, (u32, Tracker)>>>,
 }
 
-impl LocalExecutor {
-    /// An executor whose payloads run confined (`--run-as`, limits, `--sandbox`).
-    pub fn confined(confinement: Confinement) -> Self {
-        LocalExecutor {
-            groups: Arc::default(),
-            confinement,
-        }
-    }
+/// How often an adopted payload (no child to wait for) is looked at.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(10);
 
-    pub fn start(&self, dir: &Path, marker: &str) -> Result<LocalJob, String> {
-        let child = process::spawn_run_script(dir, marker, &self.confinement).map_err(|e| {
-            metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
-            format!("could not start run.sh: {e}")
-        })?;
-        let pgid = child.id().unwrap_or(0);
-        self.groups.lock().unwrap().insert(pgid);
-        Ok(LocalJob {
-            child,
-            pgid,
-            reported_running: false,
-            groups: self.groups.clone(),
+impl LocalExecutor {
+    /// An executor for the data directory `data_dir` (node `node`) whose payloads run
+    /// confined (`--run-as`, limits, `--sandbox`).
+    pub fn new(confinement: Confinement, data_dir: &Path, node: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let runs_dir = data_dir.join("runs");
+        std::fs::create_dir_all(&runs_dir)?;
+        std::fs::set_permissions(&runs_dir, std::fs::Permissions::from_mode(0o700))?;
+        let cgroups = match CgroupTree::detect(node) {
+            Ok(tree) => {
+                tracing::info!(cgroup = %tree.root().display(), "payloads run in cgroups of their own");
+                Some(Arc::new(tree))
+            }
+            Err(why) => {
+                tracing::warn!(
+                    reason = %why,
+                    "no cgroup v2 for payloads: their processes are tracked by an environment \
+                     marker, which a process that clears its environment escapes"
+                );
+                None
+            }
+        };
+        if !confinement.sandbox {
+            tracing::warn!(
+                "payloads run without --sandbox: they share this machine's view, and (even \
+                 with --run-as, all as one user) one payload can read and change another's \
+                 files and processes; see SECURITY.md"
+            );
+        }
+        Ok(LocalExecutor {
+            live: Arc::default(),
+            confinement,
+            runs_dir,
+            cgroups,
         })
     }
 
-    /// SIGKILL to every live payload group (client shutdown).
+    fn exit_file(&self, id: u64) -> PathBuf {
+        self.runs_dir.join(id.to_string())
+    }
+
+    pub fn start(&self, dir: &Path, marker: &str) -> Result<LocalJob, String> {
+        let id = id_of(dir)?;
+        let exit_file = self.exit_file(id);
+        let _ = std::fs::remove_file(&exit_file);
+        let leaf = match &self.cgroups {
+            Some(tree) => Some(
+                tree.create_leaf(&id.to_string())
+                    .map_err(|e| format!("could not make the payload's cgroup: {e}"))?,
+            ),
+            None => None,
+        };
+        let child =
+            process::spawn_run_script(dir, marker, &self.confinement, &exit_file, leaf.as_deref())
+                .map_err(|e| {
+                    metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
+                    if let Some(leaf) = &leaf {
+                        let _ = std::fs::remove_dir(leaf);
+                    }
+                    format!("could not start run.sh: {e}")
+                })?;
+        let pgid = child.id().unwrap_or(0);
+        let tracker = match leaf {
+            Some(leaf) => Tracker::Cgroup(leaf),
+            None => Tracker::Marker(marker.to_owned()),
+        };
+        self.live
+            .lock()
+            .unwrap()
+            .insert(id, (pgid, tracker.clone()));
+        Ok(LocalJob {
+            id,
+            child: Some(Box::new(child)),
+            pgid,
+            reported_running: None,
+            tracker,
+            exit_file,
+            live: self.live.clone(),
+        })
+    }
+
+    /// After a restart: follows a payload the previous client process started, if its run
+    /// ended meanwhile (its exit file is there) or any of its processes still runs. `None`:
+    /// nothing of it is left and nothing was recorded (it is settled as interrupted).
+    pub fn reattach(&self, record: &PayloadRecord, marker: &str) -> Option<LocalJob> {
+        let id = record.id;
+        let exit_file = self.exit_file(id);
+        let leaf = self.cgroups.as_ref().map(|t| t.leaf(&id.to_string()));
+        let tracker = match leaf {
+            Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf),
+            _ => Tracker::Marker(marker.to_owned()),
+        };
+        if supervisor::read_exit(&exit_file).is_none() && !tracker.supervisor_alive() {
+            // Nothing to follow; the caller kills what is left (`kill_leftovers_of`).
+            return None;
+        }
+        self.live.lock().unwrap().insert(id, (0, tracker.clone()));
+        Some(LocalJob {
+            id,
+            child: None,
+            pgid: 0,
+            // A Running record gets no second Running.
+            reported_running: (record.status == PayloadStatus::Running).then_some(record.pid),
+            tracker,
+            exit_file,
+            live: self.live.clone(),
+        })
+    }
+
+    /// After a restart, for a payload that [`LocalExecutor::reattach`] could not follow:
+    /// kills whatever of it is left, in its cgroup or carrying its marker.
+    pub async fn kill_leftovers_of(&self, id: u64, marker: &str) -> usize {
+        let left = process::marked(marker).len();
+        if let Some(tree) = &self.cgroups {
+            process::Tracker::Cgroup(tree.leaf(&id.to_string()))
+                .kill_all()
+                .await;
+        }
+        process::Tracker::Marker(marker.to_owned()).kill_all().await;
+        left
+    }
+
+    /// The payload's record is final: its exit file is no longer needed. (Removed only now,
+    /// so a client killed before the record was written still finds it after a restart.)
+    pub fn settled(&self, id: u64) {
+        let _ = std::fs::remove_file(self.exit_file(id));
+    }
+
+    /// Payload ids that have an exit file (after a restart: some may belong to payloads whose
+    /// final record was written just before the previous client process died).
+    pub fn exit_files(&self) -> Vec<u64> {
+        std::fs::read_dir(&self.runs_dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL to every live payload (client shutdown).
     pub fn kill_all_now(&self) {
-        for pgid in self.groups.lock().unwrap().iter() {
+        for (pgid, tracker) in self.live.lock().unwrap().values() {
             process::kill_leftovers(*pgid);
+            tracker.kill_now();
         }
     }
+
+    /// Removes the client's cgroup sub-tree if it is empty (clean shutdown).
+    pub fn release(&self) {
+        if let Some(tree) = &self.cgroups {
+            tree.remove_if_empty();
+        }
+    }
+}
+
+/// The payload id of a work directory `work/<id>`.
+fn id_of(dir: &Path) -> Result<u64, String> {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("work directory {} is not named by an id", dir.display()))
 }
 
 impl LocalJob {
@@ -65,19 +216,61 @@ impl LocalJob {
         self.pgid
     }
 
+    pub fn tracker(&self) -> Tracker {
+        self.tracker.clone()
+    }
+
     pub async fn next(&mut self) -> Progress {
-        if !self.reported_running {
-            self.reported_running = true;
+        if self.reported_running.is_none() {
+            self.reported_running = Some(self.pgid);
             return Progress::Running { pid: self.pgid };
         }
-        let status = self.child.wait().await;
+        let status = match &mut self.child {
+            Some(child) => Some(child.wait().await),
+            None => {
+                // Adopted: no child to wait for; its supervisor's exit file, or nobody left.
+                while supervisor::read_exit(&self.exit_file).is_none()
+                    && self.tracker.supervisor_alive()
+                {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
+                None
+            }
+        };
         process::kill_leftovers(self.pgid);
-        Progress::Ended(finish_exited(status))
+        self.tracker.kill_all().await;
+        Progress::Ended(match (supervisor::read_exit(&self.exit_file), status) {
+            (Some(exit), _) => finish(exit),
+            (None, Some(status)) => finish_exited(status),
+            // Its supervisor died with it and recorded nothing: an interruption.
+            (None, None) => Ended::failed("client restarted"),
+        })
     }
 
     pub async fn terminate(&mut self, grace: Duration) -> Ended {
-        let status = process::terminate(&mut self.child, self.pgid, grace).await;
-        let (exit_code, signal) = status.map(process::describe).unwrap_or((None, None));
+        process::signal_group(self.pgid, Signal::SIGTERM);
+        self.tracker.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        let mut status = match &mut self.child {
+            Some(child) => tokio::time::timeout_at(deadline, child.wait()).await.ok(),
+            None => None,
+        };
+        while (process::group_alive(self.pgid) || self.tracker.alive()) && Instant::now() < deadline
+        {
+            tokio::time::sleep(POLL).await;
+        }
+        process::kill_leftovers(self.pgid);
+        self.tracker.kill_all().await;
+        if status.is_none() {
+            if let Some(child) = &mut self.child {
+                status = Some(child.wait().await);
+            }
+        }
+        let (exit_code, signal) = match (supervisor::read_exit(&self.exit_file), status) {
+            (Some(exit), _) => exit.parts(),
+            (None, Some(status)) => status.map(process::describe).unwrap_or((None, None)),
+            (None, None) => (None, Some(Signal::SIGKILL as i32)),
+        };
         Ended {
             status: PayloadStatus::Failed,
             exit_code,
@@ -89,30 +282,38 @@ impl LocalJob {
 
 impl Drop for LocalJob {
     fn drop(&mut self) {
-        self.groups.lock().unwrap().remove(&self.pgid);
+        self.live.lock().unwrap().remove(&self.id);
     }
 }
 
-fn finish_exited(exit: std::io::Result<std::process::ExitStatus>) -> Ended {
-    match exit.map(process::describe) {
-        Ok((Some(0), _)) => Ended {
+fn finish(exit: Exit) -> Ended {
+    match exit {
+        Exit::Code(0) => Ended {
             status: PayloadStatus::Completed,
             exit_code: Some(0),
             signal: None,
             reason: "run.sh exited with code 0".into(),
         },
-        Ok((Some(code), _)) => Ended {
+        Exit::Code(code) => Ended {
             status: PayloadStatus::Failed,
             exit_code: Some(code),
             signal: None,
             reason: format!("run.sh exited with code {code}"),
         },
-        Ok((None, signal)) => Ended {
+        Exit::Signal(signal) => Ended {
             status: PayloadStatus::Failed,
             exit_code: None,
-            signal,
-            reason: format!("run.sh was killed by signal {}", signal.unwrap_or(0)),
+            signal: Some(signal),
+            reason: format!("run.sh was killed by signal {signal}"),
         },
+    }
+}
+
+fn finish_exited(exit: std::io::Result<std::process::ExitStatus>) -> Ended {
+    match exit.map(process::describe) {
+        Ok((Some(code), _)) => finish(Exit::Code(code)),
+        Ok((None, Some(signal))) => finish(Exit::Signal(signal)),
+        Ok((None, None)) => Ended::failed("run.sh ended in an unknown way"),
         Err(e) => Ended::failed(format!("could not wait for run.sh: {e}")),
     }
 }

@@ -2,7 +2,8 @@
 //! requests, walltime, state changes) drives an [`Executor`] and the [`Job`] handles it returns,
 //! and never learns whether a payload is a local process group or a Slurm job.
 //!
-//! - [`local`]: `bash run.sh` in a process group of its own on this machine.
+//! - [`local`]: `bash run.sh` under a supervisor, in a process group and (cgroup v2) a
+//!   cgroup of its own on this machine, followed again after a client restart.
 //! - [`slurm`]: an `sbatch` job on a Slurm cluster, watched with one `squeue` call per interval
 //!   for all jobs, re-attached after a client restart.
 //!
@@ -68,14 +69,17 @@ pub enum Job {
 /// panic while supervising it).
 #[derive(Clone)]
 pub enum Stopper {
-    Local(u32),
+    Local(u32, crate::process::Tracker),
     Slurm(Arc<slurm::SlurmExecutor>, u64),
 }
 
 impl Stopper {
     pub fn stop_now(&self) {
         match self {
-            Stopper::Local(pgid) => crate::process::kill_leftovers(*pgid),
+            Stopper::Local(pgid, tracker) => {
+                crate::process::kill_leftovers(*pgid);
+                tracker.kill_now();
+            }
             Stopper::Slurm(executor, job_id) => executor.cancel_in_background(*job_id),
         }
     }
@@ -139,11 +143,12 @@ impl Executor {
     }
 
     /// After a client restart: takes over a payload that the previous client process had
-    /// started, if this executor can (a Slurm job keeps running without us). `None` means
-    /// it cannot be followed and must be settled as interrupted.
-    pub fn reattach(&self, record: &PayloadRecord) -> Option<Job> {
+    /// started, if this executor can (a Slurm job keeps running without us; a local payload
+    /// whose processes still run, or whose supervisor recorded its end meanwhile). `None`
+    /// means it cannot be followed and must be settled as interrupted.
+    pub fn reattach(&self, record: &PayloadRecord, marker: &str) -> Option<Job> {
         match self {
-            Executor::Local(_) => None,
+            Executor::Local(local) => local.reattach(record, marker).map(Job::Local),
             Executor::Slurm(slurm) => record.slurm_job_id.map(|job_id| {
                 Job::Slurm(slurm.follow(job_id, record.status == PayloadStatus::Running))
             }),
@@ -166,6 +171,42 @@ impl Executor {
     pub fn stop_all_now(&self) {
         match self {
             Executor::Local(local) => local.kill_all_now(),
+            Executor::Slurm(_) => {}
+        }
+    }
+
+    /// After a client restart, for a payload [`Executor::reattach`] could not follow: kills
+    /// what is left of it locally (never a Slurm job). Returns how many processes it found.
+    pub async fn kill_leftovers_of(&self, id: u64, marker: &str) -> usize {
+        match self {
+            Executor::Local(local) => local.kill_leftovers_of(id, marker).await,
+            Executor::Slurm(_) => crate::process::kill_marked(marker),
+        }
+    }
+
+    /// The payload's final state is recorded: drop what was kept to find it after a restart
+    /// (a local payload's exit file).
+    pub fn settled(&self, id: u64) {
+        match self {
+            Executor::Local(local) => local.settled(id),
+            Executor::Slurm(_) => {}
+        }
+    }
+
+    /// Payloads that have something kept for them to settle after a restart (local exit
+    /// files); see [`Executor::settled`].
+    pub fn kept(&self) -> Vec<u64> {
+        match self {
+            Executor::Local(local) => local.exit_files(),
+            Executor::Slurm(_) => Vec::new(),
+        }
+    }
+
+    /// Clean shutdown, after [`Executor::stop_all_now`]: releases what the executor made
+    /// for itself (the local executor's empty cgroup sub-tree).
+    pub fn release(&self) {
+        match self {
+            Executor::Local(local) => local.release(),
             Executor::Slurm(_) => {}
         }
     }
@@ -199,7 +240,7 @@ impl Job {
 
     pub fn stopper(&self) -> Stopper {
         match self {
-            Job::Local(job) => Stopper::Local(job.pgid()),
+            Job::Local(job) => Stopper::Local(job.pgid(), job.tracker()),
             Job::Slurm(job) => job.stopper(),
         }
     }

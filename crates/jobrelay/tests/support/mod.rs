@@ -238,6 +238,12 @@ impl TestClient {
         self.proc = Self::launch(self.dir.path(), extra, &[]);
     }
 
+    /// kill -9 the client and start it again on the same data directory, with `env`.
+    pub fn restart_after_kill9_with_env(&mut self, extra: &[&str], env: &[(&str, &str)]) {
+        self.proc.kill9();
+        self.proc = Self::launch(self.dir.path(), extra, env);
+    }
+
     /// Stops the client with SIGTERM (as systemd or Ctrl-C would) and starts it again.
     pub fn restart_after_sigterm(&mut self, extra: &[&str]) {
         let _ = nix::sys::signal::kill(

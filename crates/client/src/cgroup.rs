@@ -1,0 +1,188 @@
+//! A cgroup v2 per local payload, where the machine gives us one: every process a payload
+//! starts stays in its cgroup whatever it does with sessions and process groups (`setsid`,
+//! double forks), so `cgroup.kill` ends all of them and `cgroup.events` tells whether any is
+//! left.
+//!
+//! Delegation: the client never touches cgroups it did not make. It finds its own cgroup
+//! (`/proc/self/cgroup`, the `0::` line) on the cgroup2 mount (`/proc/self/mountinfo`),
+//! makes one sub-tree there for this data directory (`jobrelay-<node id>`), and one leaf per
+//! payload below it (`payload-<id>`). It enables no controller, so the "no internal
+//! processes" rule does not apply and the client may stay in its own cgroup. Under systemd
+//! give the unit `Delegate=yes` (deploy/systemd). Without a writable cgroup2 with
+//! `cgroup.kill` (Linux 5.14) the client falls back to the environment marker (`process`).
+//!
+//! The files are few and plain (`cgroup.procs`, `cgroup.kill`, `cgroup.events`), written as
+//! the kernel documents them; a crate would add more than it saves.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Set (to anything) to do without cgroups: the marker fallback, as on a machine without
+/// cgroup v2 (the tests run both ways).
+pub const DISABLE_VAR: &str = "JOBRELAY_NO_CGROUP";
+
+/// The client's sub-tree of payload cgroups.
+#[derive(Debug)]
+pub struct CgroupTree {
+    root: PathBuf,
+}
+
+impl CgroupTree {
+    /// Finds or makes the sub-tree for data directory `node`, or says why there is none.
+    pub fn detect(node: &str) -> Result<CgroupTree, String> {
+        if std::env::var_os(DISABLE_VAR).is_some() {
+            return Err(format!("disabled by {DISABLE_VAR}"));
+        }
+        let mount = cgroup2_mount().ok_or("no cgroup2 file system is mounted")?;
+        let own = own_cgroup().ok_or("this process has no cgroup v2 (no 0:: line)")?;
+        let base = mount.join(own.trim_start_matches('/'));
+        if !base.join("cgroup.kill").exists() {
+            return Err(format!(
+                "{} has no cgroup.kill (Linux 5.14 or later needed)",
+                base.display()
+            ));
+        }
+        let root = base.join(format!("jobrelay-{node}"));
+        match std::fs::create_dir(&root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", root.display())),
+        }
+        Ok(CgroupTree { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The leaf of payload `name` (its work directory's name), whether it exists or not.
+    pub fn leaf(&self, name: &str) -> PathBuf {
+        self.root.join(format!("payload-{name}"))
+    }
+
+    /// Makes the (empty) leaf of payload `name`.
+    pub fn create_leaf(&self, name: &str) -> io::Result<PathBuf> {
+        let leaf = self.leaf(name);
+        match std::fs::create_dir(&leaf) {
+            Ok(()) => Ok(leaf),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(leaf),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes the empty payload cgroups and then the sub-tree if nothing is left in it
+    /// (clean shutdown, after the payloads were killed: waits up to 1 s for them to go).
+    pub fn remove_if_empty(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            if let Ok(entries) = std::fs::read_dir(&self.root) {
+                for entry in entries.flatten() {
+                    let leaf = entry.path();
+                    if leaf.is_dir() && !populated(&leaf) {
+                        let _ = std::fs::remove_dir(&leaf);
+                    }
+                }
+            }
+            if std::fs::remove_dir(&self.root).is_ok() || std::time::Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Moves the calling process into `leaf` (the payload supervisor does this before it starts
+/// the payload, so that nothing of the payload runs outside).
+pub fn join(leaf: &Path) -> io::Result<()> {
+    std::fs::write(leaf.join("cgroup.procs"), "0")
+}
+
+/// SIGKILL to every process in `leaf`.
+pub fn kill(leaf: &Path) {
+    let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
+}
+
+/// Whether any process is left in `leaf` (false when it does not exist).
+pub fn populated(leaf: &Path) -> bool {
+    std::fs::read_to_string(leaf.join("cgroup.events"))
+        .map(|events| events.lines().any(|l| l.trim() == "populated 1"))
+        .unwrap_or(false)
+}
+
+/// Pids of the processes in `leaf`.
+pub fn pids(leaf: &Path) -> Vec<i32> {
+    std::fs::read_to_string(leaf.join("cgroup.procs"))
+        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Kills everything in `leaf`, waits (at most `limit`) until it is empty and removes it.
+/// Returns false if processes were still there at the limit (the leaf is then kept).
+pub async fn kill_and_remove(leaf: &Path, limit: Duration) -> bool {
+    if !leaf.exists() {
+        return true;
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if !populated(leaf) {
+            let _ = std::fs::remove_dir(leaf);
+            return true;
+        }
+        kill(leaf);
+        if tokio::time::Instant::now() >= deadline {
+            tracing::error!(cgroup = %leaf.display(), "processes left in a payload cgroup after cgroup.kill");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_cgroup2_mount(&info)
+}
+
+/// The mount point of the first cgroup2 file system in a mountinfo text.
+fn parse_cgroup2_mount(info: &str) -> Option<PathBuf> {
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fs_type = right.split_whitespace().next()?;
+        if fs_type != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn own_cgroup() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| p.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cgroup2_mount;
+    use std::path::PathBuf;
+
+    #[test]
+    fn finds_the_cgroup2_mount_among_v1_ones() {
+        let info = "35 31 0:30 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(pure),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/sda rw\n"),
+            None
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! The payload supervisor: a small process between the client and `run.sh` that outlives a
+//! client killed with `kill -9`, so that a restarted client learns how the run actually ended
+//! instead of guessing.
+//!
+//! The client starts `/proc/self/exe` (the `jobrelay` binary, even if it was replaced on
+//! disk since) with [`ARG`] and a JSON [`Spec`]. The supervisor joins the payload's cgroup
+//! (if any), starts the payload as the spec says (user, resource limits, command), waits for
+//! it and writes its exit status atomically to the spec's exit file in the data directory
+//! (out of the payload's reach: `runs/`, private to the client, hidden by the sandbox), then
+//! ends the same way as the payload (same code, or the same signal), so the client sees the
+//! payload's own status. It ignores SIGTERM, SIGINT and SIGHUP (the payload gets them back
+//! to their defaults), so stopping the payload's group does not lose the status; SIGKILL of
+//! the group ends it too.
+
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::confine::{self, Limits};
+
+/// First argument that turns `jobrelay` into a payload supervisor.
+pub const ARG: &str = "__jobrelay-payload-supervisor";
+
+/// What the supervisor runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    pub exit_file: PathBuf,
+    /// The payload's cgroup, joined before the payload starts.
+    pub cgroup: Option<PathBuf>,
+    /// (uid, gid) to run the payload as (supplementary groups are dropped).
+    pub run_as: Option<(u32, u32)>,
+    pub limits: Limits,
+    pub argv: Vec<String>,
+}
+
+/// How a run ended, as the exit file records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    pub fn parts(self) -> (Option<i32>, Option<i32>) {
+        match self {
+            Exit::Code(code) => (Some(code), None),
+            Exit::Signal(signal) => (None, Some(signal)),
+        }
+    }
+
+    fn text(self) -> String {
+        match self {
+            Exit::Code(code) => format!("code {code}\n"),
+            Exit::Signal(signal) => format!("signal {signal}\n"),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Exit> {
+        let (kind, value) = text.trim().split_once(' ')?;
+        let value = value.parse().ok()?;
+        match kind {
+            "code" => Some(Exit::Code(value)),
+            "signal" => Some(Exit::Signal(value)),
+            _ => None,
+        }
+    }
+}
+
+/// The recorded end of a run, if its supervisor wrote one.
+pub fn read_exit(path: &Path) -> Option<Exit> {
+    Exit::parse(&std::fs::read_to_string(path).ok()?)
+}
+
+/// In `main`, before anything else: runs the supervisor if the process was started as one,
+/// and returns its exit code.
+pub fn run_if_invoked() -> Option<i32> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != ARG {
+        return None;
+    }
+    let spec = args
+        .next()
+        .and_then(|a| serde_json::from_slice::<Spec>(a.as_encoded_bytes()).ok());
+    Some(match spec {
+        Some(spec) if !spec.argv.is_empty() => supervise(&spec),
+        _ => {
+            eprintln!("jobrelay: {ARG} needs a JSON spec");
+            127
+        }
+    })
+}
+
+const DEFERRED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn supervise(spec: &Spec) -> i32 {
+    if let Some(leaf) = &spec.cgroup {
+        if let Err(e) = crate::cgroup::join(leaf) {
+            eprintln!("jobrelay: cannot join the payload's cgroup: {e}");
+            return 127;
+        }
+    }
+    for signal in DEFERRED {
+        // SAFETY: setting a disposition to SIG_IGN has no memory-safety conditions.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
+    let mut command = std::process::Command::new(&spec.argv[0]);
+    command.args(&spec.argv[1..]);
+    if let Some((uid, gid)) = spec.run_as {
+        // std drops the supplementary groups (setgroups) when it changes user from root.
+        command.uid(uid).gid(gid);
+    }
+    let limits = spec.limits;
+    // SAFETY: runs in the child between fork and exec; signal() and setrlimit are
+    // async-signal-safe and nothing allocates.
+    unsafe {
+        command.pre_exec(move || {
+            for signal in DEFERRED {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+            confine::apply_limits(limits)
+        });
+    }
+    let exit = match command.status() {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => Exit::Code(code),
+            (None, Some(signal)) => Exit::Signal(signal),
+            (None, None) => Exit::Code(127),
+        },
+        Err(e) => {
+            eprintln!("jobrelay: cannot start {}: {e}", spec.argv[0]);
+            Exit::Code(127)
+        }
+    };
+    let tmp = spec.exit_file.with_extension("tmp");
+    if std::fs::write(&tmp, exit.text())
+        .and_then(|()| std::fs::rename(&tmp, &spec.exit_file))
+        .is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    match exit {
+        Exit::Code(code) => code,
+        Exit::Signal(signal) => {
+            // SAFETY: restoring the default disposition and raising a signal.
+            unsafe {
+                libc::signal(signal, libc::SIG_DFL);
+                libc::raise(signal);
+            }
+            128 + signal
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Exit;
+
+    #[test]
+    fn exit_records_round_trip_and_garbage_is_none() {
+        for exit in [Exit::Code(0), Exit::Code(3), Exit::Signal(9)] {
+            assert_eq!(Exit::parse(&exit.text()), Some(exit));
+        }
+        for bad in ["", "code", "code x", "signal 9 9", "exit 1"] {
+            assert_eq!(Exit::parse(bad), None, "{bad:?}");
+        }
+    }
+}
