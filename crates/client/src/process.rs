@@ -27,6 +27,19 @@ pub fn marker(node: &str, id: u64) -> String {
     format!("{node}:{id}")
 }
 
+/// Creates (or empties) a log file of the payload without following a link in its place. No
+/// process of the job exists yet, so only uploaded regular files can be there; this keeps it
+/// so should an upload ever bring something else.
+fn create_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Starts the payload supervisor (`supervisor`) for `bash run.sh` in `dir`, in a new process
 /// group, with stdin from /dev/null and stdout/stderr going to files in `dir`, confined as
 /// `confinement` says; it records the run's end in `exit_file` and runs in `cgroup` if given.
@@ -37,8 +50,8 @@ pub fn spawn_run_script(
     exit_file: &Path,
     cgroup: Option<&Path>,
 ) -> std::io::Result<Child> {
-    let stdout = std::fs::File::create(dir.join(STDOUT_FILE))?;
-    let stderr = std::fs::File::create(dir.join(STDERR_FILE))?;
+    let stdout = create_log(&dir.join(STDOUT_FILE))?;
+    let stderr = create_log(&dir.join(STDERR_FILE))?;
     let launch = confine::launch(dir, confinement)?;
     let spec = Spec {
         exit_file: exit_file.to_path_buf(),
