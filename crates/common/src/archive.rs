@@ -428,12 +428,18 @@ mod tests {
     async fn a_reader_that_takes_nothing_frees_the_archiving_thread() {
         use futures_util::StreamExt;
         let dir = tempfile::tempdir().unwrap();
-        // More than the channel holds, so the archiving thread has to wait for the reader.
-        std::fs::write(
-            dir.path().join("big"),
-            vec![7u8; CHUNK * (CHANNEL_DEPTH + 4)],
-        )
-        .unwrap();
+        // More than the channel holds, so the archiving thread has to wait for the reader;
+        // incompressible, so deflate does not shrink it below that.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..CHUNK * (CHANNEL_DEPTH + 4))
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        std::fs::write(dir.path().join("big"), noise).unwrap();
         let mut stream = Box::pin(zip_stream_with_stall_limit(
             dir.path().to_path_buf(),
             Duration::from_millis(200),
