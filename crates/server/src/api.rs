@@ -250,21 +250,26 @@ async fn upload(
     })?;
     let received =
         upload::receive(multipart, &shared.staging_dir, shared.config.max_upload).await?;
-    let given = match received.fields.get("user_id").map(|v| v.trim()) {
-        None | Some("") => None,
-        Some(text) => Some(text.parse::<i64>().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("user_id must be an integer, not {text:?}"),
-            )
-        })?),
-    };
+    let given =
+        match received.fields.get("user_id").map(|v| v.trim()) {
+            None | Some("") => None,
+            // 0 is a user like any other (a platform may send it for anonymous callers, who then
+            // share one quota); a negative id names nobody and is refused.
+            Some(text) => Some(text.parse::<i64>().ok().filter(|id| *id >= 0).ok_or_else(
+                || {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("user_id must be a non-negative integer, not {text:?}"),
+                    )
+                },
+            )?),
+        };
     let user_id = match (caller, given) {
         (Caller::Trusted, Some(id)) => id,
         (Caller::Trusted, None) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "user_id is required (an integer)",
+                "user_id is required (a non-negative integer)",
             ))
         }
         // The token decides; an admin may upload for another user.
