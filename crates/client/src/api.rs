@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use jobrelay_common::archive::zip_stream;
-use jobrelay_common::protocol::{ClientInfo, ErrorBody, PayloadRecord, PayloadStatus};
+use jobrelay_common::protocol::{
+    ClientInfo, ErrorBody, PayloadRecord, PayloadStatus, RESULT_KEY_HEADER, RESULT_NODE_HEADER,
+};
 use jobrelay_common::upload::{self, UploadError};
 
 use crate::load::LoadGauge;
@@ -148,6 +150,7 @@ async fn info(State(state): State<AppState>) -> Json<ClientInfo> {
             "kill",
             "retrieve_partial",
             "log",
+            "result_key",
         ]
         .map(String::from)
         .to_vec(),
@@ -207,7 +210,8 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
     }
 }
 
-fn zip_response(state: &AppState, id: u64) -> ApiResult<Response> {
+fn zip_response(state: &AppState, record: &PayloadRecord) -> ApiResult<Response> {
+    let id = record.id;
     let dir = state.store.work_dir_of(id);
     if !dir.is_dir() {
         return Err(ApiError::new(
@@ -215,7 +219,7 @@ fn zip_response(state: &AppState, id: u64) -> ApiResult<Response> {
             format!("the work directory of payload {id} has been removed"),
         ));
     }
-    Ok((
+    let mut response = (
         [
             (header::CONTENT_TYPE, "application/zip".to_owned()),
             (
@@ -225,13 +229,25 @@ fn zip_response(state: &AppState, id: u64) -> ApiResult<Response> {
         ],
         Body::from_stream(zip_stream(dir)),
     )
-        .into_response())
+        .into_response();
+    // Whose run this is, as the JSON record would say (feature `result_key`): a server can
+    // tell a payload id that a restored or wiped data directory handed out again.
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (RESULT_KEY_HEADER, record.key.as_deref()),
+        (RESULT_NODE_HEADER, record.node.as_deref()),
+    ] {
+        if let Some(value) = value.and_then(|v| header::HeaderValue::from_str(v).ok()) {
+            headers.insert(name, value);
+        }
+    }
+    Ok(response)
 }
 
 async fn retrieve(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
     let record = find(&state, &id)?;
     if record.status == PayloadStatus::Completed {
-        zip_response(&state, record.id)
+        zip_response(&state, &record)
     } else {
         Ok(Json(record).into_response())
     }
@@ -242,7 +258,7 @@ async fn retrieve_partial(
     IdPath(id): IdPath,
 ) -> ApiResult<Response> {
     let record = find(&state, &id)?;
-    zip_response(&state, record.id)
+    zip_response(&state, &record)
 }
 
 async fn kill(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {

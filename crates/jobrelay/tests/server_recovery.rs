@@ -307,3 +307,148 @@ async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
     );
     assert!(log_text.contains("node changed"), "phase 2 reason logged");
 }
+
+/// A script that logs its start, waits (at most 60 s) for `flag` to exist, and writes `name`
+/// to out.txt.
+fn gated_script(log: &Path, flag: &Path, name: &str) -> String {
+    format!(
+        "echo {name} >> {log}\nfor i in $(seq 600); do [ -e {flag} ] && break; sleep 0.1; done\n\
+         echo {name} > out.txt\n",
+        log = log.display(),
+        flag = flag.display()
+    )
+}
+
+async fn job_of(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
+    http.get(format!("{server}/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Item 3 of issue 20: a client whose data directory went back (here wiped, `node-id` kept)
+/// hands out a payload id an earlier job of another user still holds. The server must see
+/// from the payload's key that it is not that job's run, queue the job again, and give each
+/// job its own results.
+///
+/// To make the order certain, the server knows the one client under two addresses: service
+/// `a` through a proxy (user 1's job), service `b` directly (user 2's). The proxy is cut while
+/// the client is wiped and user 2's job takes the freed payload id; then it heals and the
+/// server looks at user 1's job again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
+    use support::proxy::{FaultProxy, Mode};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let log = root.join("runs.log");
+    let (flag1, flag2) = (root.join("go1"), root.join("go2"));
+    let port = free_port().to_string();
+    let data = root.join("client");
+    let start = || {
+        Proc::start(
+            &[
+                "client",
+                "--port",
+                &port,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--slots",
+                "4",
+            ],
+            root,
+        )
+    };
+    let mut client = start();
+    let proxy = FaultProxy::start(client.url.trim_start_matches("http://").parse().unwrap());
+    let config = write_server_config(
+        root,
+        &[
+            ("a", vec![proxy.url()], 10, 10),
+            ("b", vec![client.url.clone()], 10, 10),
+        ],
+    );
+    let server = start_server(root, &config, &["--client-timeout", "120"]);
+    let http = http();
+    let script1 = gated_script(&log, &flag1, "job1");
+    let job1 = upload_job(
+        &http,
+        &server.url,
+        1,
+        "a",
+        &[("run.sh", script1.as_bytes())],
+    )
+    .await;
+    let running = wait_status(&http, &server.url, job1, &["Running"], LONG).await;
+    let dest1 = running["dest_id"].as_i64().unwrap();
+
+    // The server loses sight of the client through `a`; the client dies and comes back with
+    // its records gone but its node kept.
+    proxy.set(Mode::Drop);
+    client.kill9();
+    for gone in ["payloads", "next-id", "work"] {
+        let path = data.join(gone);
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    assert!(data.join("node-id").is_file());
+    let _client = start();
+    let script2 = gated_script(&log, &flag2, "job2");
+    let job2 = upload_job(
+        &http,
+        &server.url,
+        2,
+        "b",
+        &[("run.sh", script2.as_bytes())],
+    )
+    .await;
+    let running = wait_status(&http, &server.url, job2, &["Running"], LONG).await;
+    assert_eq!(
+        running["dest_id"].as_i64(),
+        Some(dest1),
+        "precondition: user 2's job got the payload id user 1's job had"
+    );
+
+    // The link heals: the server sees payload `dest1` running under another key.
+    proxy.set(Mode::Pass);
+    let requeued = eventually(
+        Duration::from_secs(60),
+        "user 1's job sent again",
+        || async {
+            let job = job_of(&http, &server.url, job1).await;
+            (job["attempts"].as_u64() >= Some(2) && job["dest_id"].as_i64() != Some(dest1))
+                .then_some(job)
+        },
+    )
+    .await;
+    let history: serde_json::Value = http
+        .get(format!("{}/jobs/{job1}/events", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        history.to_string().contains("not this job's run"),
+        "the reason is recorded: {history}"
+    );
+    assert_ne!(requeued["status"], "Completed");
+
+    std::fs::write(&flag1, "").unwrap();
+    std::fs::write(&flag2, "").unwrap();
+    for (id, name) in [(job1, "job1"), (job2, "job2")] {
+        wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+        let entries = unzip(&download_zip(&http, &server.url, id).await);
+        assert_eq!(
+            entries["out.txt"],
+            format!("{name}\n").as_bytes(),
+            "job {id} got its own results"
+        );
+    }
+}

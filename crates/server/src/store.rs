@@ -228,6 +228,20 @@ pub struct Change {
     pub node: Option<Option<String>>,
     pub dispatch_key: Option<Option<String>>,
     pub exit_code: Option<Option<i32>>,
+    /// The job's run on its client is given away (requeued or failed while the client could
+    /// not be reached): remember it in `abandoned_runs`, in the same transaction, so it is
+    /// killed there once the client answers again (see [`Store::abandoned_on`]).
+    pub abandon_run: bool,
+}
+
+/// A run the server gave away while its client could not be reached: to be killed there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbandonedRun {
+    pub client: String,
+    pub dest_id: i64,
+    /// Dispatch key of that run: only a payload carrying it is killed.
+    pub key: Option<String>,
+    pub job_id: i64,
 }
 
 impl Change {
@@ -319,6 +333,13 @@ impl Store {
                  message TEXT NOT NULL,
                  attempts INTEGER NOT NULL,
                  client TEXT
+             );
+             CREATE TABLE IF NOT EXISTS abandoned_runs (
+                 client TEXT NOT NULL,
+                 dest_id INTEGER NOT NULL,
+                 dispatch_key TEXT,
+                 job_id INTEGER NOT NULL,
+                 PRIMARY KEY (client, dest_id)
              );
              CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
              CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs(finished_ms);
@@ -460,6 +481,17 @@ impl Store {
             .map(|s| format!("'{}'", s.as_str()))
             .collect::<Vec<_>>()
             .join(", ");
+        if change.abandon_run {
+            // Read before the update clears them: the run this change gives away.
+            tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO abandoned_runs (client, dest_id, dispatch_key, job_id)
+                 SELECT client, dest_id, dispatch_key, id FROM jobs
+                 WHERE id = ?1 AND status IN ({states})
+                 AND client IS NOT NULL AND dest_id IS NOT NULL"
+            ))
+            .and_then(|mut stmt| stmt.execute([id]))
+            .map_err(sql_err)?;
+        }
         let sql = format!(
             "UPDATE jobs SET {} WHERE id = ?{id_param} AND status IN ({states}) RETURNING {COLUMNS}",
             sets.join(", ")
@@ -605,6 +637,39 @@ impl Store {
         Ok(rows)
     }
 
+    /// Runs given away on client `base` that are still to be killed there.
+    pub fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
+                 WHERE client = ?1 ORDER BY dest_id",
+            )
+            .map_err(sql_err)?;
+        let rows = stmt
+            .query_map([base], |r| {
+                Ok(AbandonedRun {
+                    client: r.get(0)?,
+                    dest_id: r.get(1)?,
+                    key: r.get(2)?,
+                    job_id: r.get(3)?,
+                })
+            })
+            .map_err(sql_err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(sql_err)?;
+        Ok(rows)
+    }
+
+    /// An abandoned run is dealt with (killed, or found gone or not ours).
+    pub fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.prepare_cached("DELETE FROM abandoned_runs WHERE client = ?1 AND dest_id = ?2")
+            .and_then(|mut stmt| stmt.execute(params![base, dest_id]))
+            .map_err(sql_err)?;
+        Ok(())
+    }
+
     /// The job that payload `dest_id` of client `base` belongs to.
     pub fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
         let conn = self.conn.lock().unwrap();
@@ -748,6 +813,56 @@ mod tests {
         let again = store.get(job.id).unwrap().unwrap();
         assert_eq!(again.status, JobStatus::Processing);
         assert_eq!(again.client.as_deref(), Some("http://c"));
+    }
+
+    #[test]
+    fn a_run_given_away_is_remembered_in_the_same_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let job = store.insert_job(7, "example", |_| Ok(())).unwrap();
+        let sent = Change {
+            client: Some(Some("http://c".into())),
+            dest_id: Some(Some(5)),
+            dispatch_key: Some(Some("k:1:1".into())),
+            ..Default::default()
+        };
+        store
+            .transition(job.id, &[JobStatus::Queued], JobStatus::Submitted, sent)
+            .unwrap()
+            .unwrap();
+        // A guarded change that does not apply records nothing.
+        let abandon = Change {
+            client: Some(None),
+            dest_id: Some(None),
+            abandon_run: true,
+            ..Default::default()
+        };
+        assert!(store
+            .transition(
+                job.id,
+                &[JobStatus::Running],
+                JobStatus::Queued,
+                abandon.clone()
+            )
+            .unwrap()
+            .is_none());
+        assert!(store.abandoned_on("http://c").unwrap().is_empty());
+        store
+            .transition(job.id, &JobStatus::ON_CLIENT, JobStatus::Queued, abandon)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.abandoned_on("http://c").unwrap(),
+            [AbandonedRun {
+                client: "http://c".into(),
+                dest_id: 5,
+                key: Some("k:1:1".into()),
+                job_id: job.id,
+            }]
+        );
+        assert!(store.abandoned_on("http://other").unwrap().is_empty());
+        store.forget_abandoned("http://c", 5).unwrap();
+        assert!(store.abandoned_on("http://c").unwrap().is_empty());
     }
 
     #[test]
