@@ -452,3 +452,106 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
         );
     }
 }
+
+/// Item 9 of issue 20: a database emptied under a data directory that holds jobs' files
+/// (`truncate -s 0`) is refused at start, saying how to proceed; once the operator moves the
+/// old files away, the server starts, and job ids continue after the ones handed out before.
+#[tokio::test]
+async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &[]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
+    let http = http();
+    let server = start_server(root, &config, &[]);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1,
+                "example",
+                &[("run.sh", b"echo a > out.txt\n")],
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
+    }
+    drop(server);
+    let data = root.join("server");
+    let db = data.join("jobrelay.sqlite");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for side in ["jobrelay.sqlite-wal", "jobrelay.sqlite-shm"] {
+        let _ = std::fs::remove_file(data.join(side));
+    }
+
+    let log = root.join("refused.log");
+    let mut refused = std::process::Command::new(binary())
+        .args(["server", "--port", "0", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("PORT")
+        .env_remove("DATA_PATH")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = refused.kill();
+            let _ = refused.wait();
+            panic!("the server started on an emptied database and kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "refused to start: {stderr}");
+    assert!(
+        stderr.contains("does not know 2 stored result(s)")
+            && stderr.contains("Restore the database from a backup"),
+        "says why and how to proceed: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(data.join("results")).unwrap().count(),
+        2,
+        "the results are still there"
+    );
+
+    // The operator starts afresh: the old files moved away, the ids go on.
+    for sub in ["jobs", "results"] {
+        std::fs::rename(data.join(sub), root.join(format!("{sub}.old"))).unwrap();
+    }
+    let server = start_server(root, &config, &[]);
+    let id = upload_job(
+        &http,
+        &server.url,
+        2,
+        "example",
+        &[("run.sh", b"echo b > out.txt\n")],
+    )
+    .await;
+    assert!(
+        id > ids[1],
+        "job id {id} reuses one handed out before ({ids:?})"
+    );
+    let health = http
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}

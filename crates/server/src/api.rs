@@ -199,9 +199,22 @@ async fn ping() -> Json<serde_json::Value> {
 }
 
 /// Health check.
-#[utoipa::path(get, path = "/health", responses((status = 200, description = "`{\"status\":\"healthy\"}`")))]
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "healthy" }))
+#[utoipa::path(get, path = "/health", responses(
+    (status = 200, description = "`{\"status\":\"healthy\"}`"),
+    (status = 503, description = "`{\"status\":\"unhealthy\",\"message\":...}`: the database is damaged or cannot be read"),
+))]
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let checked = tokio::task::spawn_blocking(move || shared.store.health())
+        .await
+        .unwrap_or_else(|_| Err("the health check failed".into()));
+    match checked {
+        Ok(()) => Json(serde_json::json!({ "status": "healthy" })).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "unhealthy", "message": why })),
+        )
+            .into_response(),
+    }
 }
 
 async fn openapi() -> Response {
