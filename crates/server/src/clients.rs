@@ -250,6 +250,14 @@ pub fn probe_timeout(client_timeout: Duration) -> Duration {
         .max(Duration::from_millis(500))
 }
 
+/// Time between two probes of a healthy client: the usual 3 s, but at most half the client
+/// timeout, so a client that stops answering is noticed and given up within 1.5 times it.
+pub fn probe_interval(client_timeout: Duration) -> Duration {
+    PROBE_HEALTHY
+        .min(client_timeout / 2)
+        .max(Duration::from_millis(250))
+}
+
 /// Probes one client forever: every few seconds while it answers, with backoff while not.
 pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
     let mut backoff = PROBE_BACKOFF_MIN;
@@ -315,7 +323,7 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                             .store(false, std::sync::atomic::Ordering::Release);
                     });
                 }
-                PROBE_HEALTHY.min(timeout)
+                probe_interval(shared.config.client_timeout)
             }
             Err(why) => {
                 if backoff == PROBE_BACKOFF_MIN && why.contains(REFUSES_TOKEN) {
@@ -352,6 +360,11 @@ mod tests {
         assert_eq!(
             probe_timeout(Duration::from_millis(100)),
             Duration::from_millis(500)
+        );
+        assert_eq!(probe_interval(Duration::from_secs(30)), PROBE_HEALTHY);
+        assert_eq!(
+            probe_interval(Duration::from_secs(3)),
+            Duration::from_millis(1500)
         );
     }
 }
