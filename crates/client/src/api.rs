@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use jobrelay_common::archive::zip_stream;
-use jobrelay_common::protocol::{ClientInfo, ErrorBody, PayloadRecord, PayloadStatus};
+use jobrelay_common::protocol::{
+    ClientInfo, ErrorBody, PayloadRecord, PayloadStatus, RESULT_KEY_HEADER, RESULT_NODE_HEADER,
+};
 use jobrelay_common::upload::{self, UploadError};
 
 use crate::blocking;
@@ -188,6 +190,7 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<ClientInfo>> {
             "kill",
             "retrieve_partial",
             "log",
+            "result_key",
         ]
         .map(String::from)
         .to_vec(),
@@ -246,8 +249,9 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
     }
 }
 
-/// The ZIP of payload `id`'s work directory, streamed while `lease` keeps the directory.
-fn zip_response(state: &AppState, id: u64, lease: Lease) -> ApiResult<Response> {
+/// The ZIP of payload `record`'s work directory, streamed while `lease` keeps the directory.
+fn zip_response(state: &AppState, record: &PayloadRecord, lease: Lease) -> ApiResult<Response> {
+    let id = record.id;
     let dir = state.store.work_dir_of(id);
     if !dir.is_dir() {
         return Err(gone(id));
@@ -257,7 +261,7 @@ fn zip_response(state: &AppState, id: u64, lease: Lease) -> ApiResult<Response> 
         let _held = &lease;
         chunk
     });
-    Ok((
+    let mut response = (
         [
             (header::CONTENT_TYPE, "application/zip".to_owned()),
             (
@@ -267,7 +271,19 @@ fn zip_response(state: &AppState, id: u64, lease: Lease) -> ApiResult<Response> 
         ],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response();
+    // Whose run this is, as the JSON record would say (feature `result_key`): a server can
+    // tell a payload id that a restored or wiped data directory handed out again.
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (RESULT_KEY_HEADER, record.key.as_deref()),
+        (RESULT_NODE_HEADER, record.node.as_deref()),
+    ] {
+        if let Some(value) = value.and_then(|v| header::HeaderValue::from_str(v).ok()) {
+            headers.insert(name, value);
+        }
+    }
+    Ok(response)
 }
 
 fn gone(id: u64) -> ApiError {
@@ -296,7 +312,7 @@ fn lease(
 
 async fn retrieve(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
     match lease(&state, &id, |r| r.status == PayloadStatus::Completed)? {
-        Ok((record, lease)) => zip_response(&state, record.id, lease),
+        Ok((record, lease)) => zip_response(&state, &record, lease),
         Err(record) => Ok(Json(record).into_response()),
     }
 }
@@ -306,7 +322,7 @@ async fn retrieve_partial(
     IdPath(id): IdPath,
 ) -> ApiResult<Response> {
     match lease(&state, &id, |r| r.status != PayloadStatus::Cleaned)? {
-        Ok((record, lease)) => zip_response(&state, record.id, lease),
+        Ok((record, lease)) => zip_response(&state, &record, lease),
         Err(record) => Err(gone(record.id)),
     }
 }

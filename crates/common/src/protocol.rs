@@ -158,3 +158,9 @@ pub const STDOUT_FILE: &str = ".jobrelay.stdout";
 pub const STDERR_FILE: &str = ".jobrelay.stderr";
 /// The script every job must contain.
 pub const RUN_SCRIPT: &str = "run.sh";
+
+/// Header of a ZIP answer of `/retrieve` and `/retrieve_partial` carrying the payload's
+/// idempotency key (feature `result_key`), so a server knows whose run the ZIP is.
+pub const RESULT_KEY_HEADER: &str = "x-jobrelay-key";
+/// Header of the same answers carrying the client's node.
+pub const RESULT_NODE_HEADER: &str = "x-jobrelay-node";

@@ -238,3 +238,108 @@ async fn jobs_finish_over_a_slow_link() {
     }
     s.assert_results_whole();
 }
+
+/// Item 7 of issue 20: a client stopped (SIGSTOP: connections still open, nothing answers)
+/// past `--client-timeout` loses its job within about that timeout, not several probe
+/// timeouts later; and once it runs again (SIGCONT) the run the server gave away is killed
+/// there, so the job's script finishes once, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_client_loses_its_job_within_the_timeout_and_its_run_is_killed() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    const TIMEOUT_SECS: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &["--slots", "2"]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
+    let server = start_server(
+        root,
+        &config,
+        &["--client-timeout", &TIMEOUT_SECS.to_string()],
+    );
+    let http = http();
+    let (starts, finishes) = (root.join("starts.log"), root.join("finishes.log"));
+    // The first run outlasts the stop by far; a run sent again finishes at once.
+    let script = format!(
+        "echo start >> {starts}\nn=$(wc -l < {starts})\necho $$ > {root}/pid$n\n\
+         if [ \"$n\" = 1 ]; then sleep 40; fi\necho done >> {finishes}\necho ok > out.txt\n",
+        starts = starts.display(),
+        finishes = finishes.display(),
+        root = root.display()
+    );
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", script.as_bytes())],
+    )
+    .await;
+    wait_status(&http, &server.url, id, &["Running"], LONG).await;
+    let first_run = read_pid(&root.join("pid1")).await;
+
+    let client_pid = Pid::from_raw(client.pid() as i32);
+    struct Continue(Pid);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let stopped_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    kill(client_pid, Signal::SIGSTOP).unwrap();
+    let resume = Continue(client_pid);
+    // When the server gave the run away, by its own record of the job.
+    let requeued_ms = eventually(Duration::from_secs(60), "the job queued again", || async {
+        let events: serde_json::Value = http
+            .get(format!("{}/jobs/{id}/events", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        events
+            .as_array()
+            .or_else(|| events["events"].as_array())
+            .unwrap()
+            .iter()
+            .find(|e| e["message"].as_str().unwrap_or("").contains("unreachable"))
+            .map(|e| e["at_ms"].as_i64().unwrap())
+    })
+    .await;
+    let took = Duration::from_millis((requeued_ms - stopped_ms).max(0) as u64);
+    eprintln!("requeued {took:?} after SIGSTOP (--client-timeout {TIMEOUT_SECS})");
+    // One probe interval (half the timeout) to notice, one client timeout to give up, and
+    // slack for a loaded machine.
+    let bound = Duration::from_millis(TIMEOUT_SECS * 1500 + 4000);
+    assert!(
+        took <= bound,
+        "requeued {took:?} after the stop, more than {bound:?} with --client-timeout {TIMEOUT_SECS}"
+    );
+    drop(resume);
+
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    eventually(
+        Duration::from_secs(20),
+        "the run given away killed on the client",
+        || async { (!pid_alive(first_run)).then_some(()) },
+    )
+    .await;
+    let finished = std::fs::read_to_string(&finishes).unwrap_or_default();
+    assert_eq!(
+        finished.lines().count(),
+        1,
+        "the script finished once, not twice (first run killed)"
+    );
+    // Logged once the client answered the kill, which it does after the run is dead.
+    eventually(Duration::from_secs(20), "the kill logged", || async {
+        server
+            .log()
+            .contains("killed a run the server had given away")
+            .then_some(())
+    })
+    .await;
+}

@@ -511,3 +511,54 @@ async fn the_cli_sends_its_token() {
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 0, "{listed}");
 }
+
+/// The overview's per-service counts of a user who is not an admin are that user's own: how
+/// many jobs other users run there is not theirs to see. The admin sees the service's.
+#[tokio::test]
+async fn the_overview_counts_only_the_callers_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = write_secret(dir.path(), "users.toml", USERS);
+    let client = start_client(dir.path(), "client", &[]);
+    let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
+    let server = start_server(
+        dir.path(),
+        &config,
+        &["--users-file", users.to_str().unwrap()],
+    );
+    let url = server.url.clone();
+    let (alice, bob, admin) = (
+        http_with("alice-token"),
+        http_with("bob-token"),
+        http_with("admin-token"),
+    );
+    let (status, body) = upload_as(&alice, &url, None, b"sleep 300\n").await;
+    assert_eq!(status, 201, "{body}");
+    let job = body["id"].as_i64().unwrap();
+    wait_status(&alice, &url, job, &["Running"], LONG).await;
+    let active_for = |http: reqwest::Client| {
+        let url = url.clone();
+        async move {
+            let (status, overview) =
+                status_and_json(http.get(format!("{url}/overview")).send().await.unwrap()).await;
+            assert_eq!(status, 200, "{overview}");
+            let service = &overview["services"][0];
+            (service["active"].as_u64(), service["queued"].as_u64())
+        }
+    };
+    assert_eq!(active_for(admin.clone()).await, (Some(1), Some(0)));
+    assert_eq!(active_for(alice.clone()).await, (Some(1), Some(0)));
+    assert_eq!(
+        active_for(bob.clone()).await,
+        (Some(0), Some(0)),
+        "Alice's running job is not Bob's business"
+    );
+    let (status, _) = status_and_json(
+        admin
+            .post(format!("{url}/terminate/{job}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

@@ -841,3 +841,53 @@ async fn a_result_that_is_never_a_whole_zip_fails_the_job_instead_of_completing_
     // Nothing half-written is left among the results.
     assert!(tree(&dir.path().join("server/results")).is_empty());
 }
+
+/// `user_id` 0 is a user like any other (a platform may send it for anonymous callers); a
+/// negative id names nobody and is refused before anything is stored.
+#[tokio::test]
+async fn user_id_zero_is_a_user_and_negative_ids_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server_config(
+        dir.path(),
+        &[("example", vec!["http://127.0.0.1:9".into()], 5, 10)],
+    );
+    let server = start_server(dir.path(), &config, &[]);
+    let http = http();
+    let upload = |user: &'static str| {
+        let form = files_form(&[("run.sh", b"true\n")])
+            .text("user_id", user)
+            .text("service", "example");
+        http.post(format!("{}/upload", server.url))
+            .multipart(form)
+            .send()
+    };
+    for user in ["-1", "-9223372036854775808"] {
+        let response = upload(user).await.unwrap();
+        assert_eq!(response.status(), 400, "user_id {user}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("non-negative"), "{message}");
+    }
+    let response = upload("0").await.unwrap();
+    assert_eq!(response.status(), 201);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let id = body["id"].as_i64().unwrap();
+    let job: serde_json::Value = http
+        .get(format!("{}/jobs/{id}", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["user_id"], 0);
+    let list: serde_json::Value = http
+        .get(format!("{}/jobs?user_id=0", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["total"], 1, "{list}");
+}

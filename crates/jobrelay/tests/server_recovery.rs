@@ -310,3 +310,251 @@ async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
     let log_text = server.log();
     assert!(log_text.contains("node changed"), "phase 2 reason logged");
 }
+
+/// A script that logs its start, waits (at most 60 s) for `flag` to exist, and writes `name`
+/// to out.txt.
+fn gated_script(log: &Path, flag: &Path, name: &str) -> String {
+    format!(
+        "echo {name} >> {log}\nfor i in $(seq 600); do [ -e {flag} ] && break; sleep 0.1; done\n\
+         echo {name} > out.txt\n",
+        log = log.display(),
+        flag = flag.display()
+    )
+}
+
+async fn job_of(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
+    http.get(format!("{server}/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Item 3 of issue 20: a client whose data directory went back (here wiped, `node-id` kept)
+/// hands out a payload id an earlier job of another user still holds. The server must see
+/// from the payload's key that it is not that job's run, queue the job again, and give each
+/// job its own results.
+///
+/// To make the order certain, the server knows the one client under two addresses: service
+/// `a` through a proxy (user 1's job), service `b` directly (user 2's). The proxy is cut while
+/// the client is wiped and user 2's job takes the freed payload id; then it heals and the
+/// server looks at user 1's job again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
+    use support::proxy::{FaultProxy, Mode};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let log = root.join("runs.log");
+    let (flag1, flag2) = (root.join("go1"), root.join("go2"));
+    let port = free_port().to_string();
+    let data = root.join("client");
+    let start = || {
+        Proc::start(
+            &[
+                "client",
+                "--port",
+                &port,
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--slots",
+                "4",
+            ],
+            root,
+        )
+    };
+    let mut client = start();
+    let proxy = FaultProxy::start(client.url.trim_start_matches("http://").parse().unwrap());
+    let config = write_server_config(
+        root,
+        &[
+            ("a", vec![proxy.url()], 10, 10),
+            ("b", vec![client.url.clone()], 10, 10),
+        ],
+    );
+    let server = start_server(root, &config, &["--client-timeout", "120"]);
+    let http = http();
+    let script1 = gated_script(&log, &flag1, "job1");
+    let job1 = upload_job(
+        &http,
+        &server.url,
+        1,
+        "a",
+        &[("run.sh", script1.as_bytes())],
+    )
+    .await;
+    let running = wait_status(&http, &server.url, job1, &["Running"], LONG).await;
+    let dest1 = running["dest_id"].as_i64().unwrap();
+
+    // The server loses sight of the client through `a`; the client dies and comes back with
+    // its records gone but its node kept.
+    proxy.set(Mode::Drop);
+    client.kill9();
+    for gone in ["payloads", "next-id", "work"] {
+        let path = data.join(gone);
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    assert!(data.join("node-id").is_file());
+    let _client = start();
+    let script2 = gated_script(&log, &flag2, "job2");
+    let job2 = upload_job(
+        &http,
+        &server.url,
+        2,
+        "b",
+        &[("run.sh", script2.as_bytes())],
+    )
+    .await;
+    let running = wait_status(&http, &server.url, job2, &["Running"], LONG).await;
+    assert_eq!(
+        running["dest_id"].as_i64(),
+        Some(dest1),
+        "precondition: user 2's job got the payload id user 1's job had"
+    );
+
+    // The link heals: the server sees payload `dest1` running under another key.
+    proxy.set(Mode::Pass);
+    let requeued = eventually(
+        Duration::from_secs(60),
+        "user 1's job sent again",
+        || async {
+            let job = job_of(&http, &server.url, job1).await;
+            (job["attempts"].as_u64() >= Some(2) && job["dest_id"].as_i64() != Some(dest1))
+                .then_some(job)
+        },
+    )
+    .await;
+    let history: serde_json::Value = http
+        .get(format!("{}/jobs/{job1}/events", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        history.to_string().contains("not this job's run"),
+        "the reason is recorded: {history}"
+    );
+    assert_ne!(requeued["status"], "Completed");
+
+    std::fs::write(&flag1, "").unwrap();
+    std::fs::write(&flag2, "").unwrap();
+    for (id, name) in [(job1, "job1"), (job2, "job2")] {
+        wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+        let entries = unzip(&download_zip(&http, &server.url, id).await);
+        assert_eq!(
+            entries["out.txt"],
+            format!("{name}\n").as_bytes(),
+            "job {id} got its own results"
+        );
+    }
+}
+
+/// Item 9 of issue 20: a database emptied under a data directory that holds jobs' files
+/// (`truncate -s 0`) is refused at start, saying how to proceed; once the operator moves the
+/// old files away, the server starts, and job ids continue after the ones handed out before.
+#[tokio::test]
+async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &[]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
+    let http = http();
+    let server = start_server(root, &config, &[]);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1,
+                "example",
+                &[("run.sh", b"echo a > out.txt\n")],
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
+    }
+    drop(server);
+    let data = root.join("server");
+    let db = data.join("jobrelay.sqlite");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for side in ["jobrelay.sqlite-wal", "jobrelay.sqlite-shm"] {
+        let _ = std::fs::remove_file(data.join(side));
+    }
+
+    let log = root.join("refused.log");
+    let mut refused = std::process::Command::new(binary())
+        .args(["server", "--port", "0", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("PORT")
+        .env_remove("DATA_PATH")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = refused.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = refused.kill();
+            let _ = refused.wait();
+            panic!("the server started on an emptied database and kept running");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "refused to start: {stderr}");
+    assert!(
+        stderr.contains("does not know 2 stored result(s)")
+            && stderr.contains("Restore the database from a backup"),
+        "says why and how to proceed: {stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(data.join("results")).unwrap().count(),
+        2,
+        "the results are still there"
+    );
+
+    // The operator starts afresh: the old files moved away, the ids go on.
+    for sub in ["jobs", "results"] {
+        std::fs::rename(data.join(sub), root.join(format!("{sub}.old"))).unwrap();
+    }
+    let server = start_server(root, &config, &[]);
+    let id = upload_job(
+        &http,
+        &server.url,
+        2,
+        "example",
+        &[("run.sh", b"echo b > out.txt\n")],
+    )
+    .await;
+    assert!(
+        id > ids[1],
+        "job id {id} reuses one handed out before ({ids:?})"
+    );
+    let health = http
+        .get(format!("{}/health", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}

@@ -201,9 +201,22 @@ async fn ping() -> Json<serde_json::Value> {
 }
 
 /// Health check.
-#[utoipa::path(get, path = "/health", responses((status = 200, description = "`{\"status\":\"healthy\"}`")))]
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "healthy" }))
+#[utoipa::path(get, path = "/health", responses(
+    (status = 200, description = "`{\"status\":\"healthy\"}`"),
+    (status = 503, description = "`{\"status\":\"unhealthy\",\"message\":...}`: the database is damaged or cannot be read"),
+))]
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let checked = tokio::task::spawn_blocking(move || shared.store.health())
+        .await
+        .unwrap_or_else(|_| Err("the health check failed".into()));
+    match checked {
+        Ok(()) => Json(serde_json::json!({ "status": "healthy" })).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "unhealthy", "message": why })),
+        )
+            .into_response(),
+    }
 }
 
 async fn openapi() -> Response {
@@ -266,21 +279,26 @@ async fn upload(
         most_files,
     )
     .await?;
-    let given = match received.fields.get("user_id").map(|v| v.trim()) {
-        None | Some("") => None,
-        Some(text) => Some(text.parse::<i64>().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("user_id must be an integer, not {text:?}"),
-            )
-        })?),
-    };
+    let given =
+        match received.fields.get("user_id").map(|v| v.trim()) {
+            None | Some("") => None,
+            // 0 is a user like any other (a platform may send it for anonymous callers, who then
+            // share one quota); a negative id names nobody and is refused.
+            Some(text) => Some(text.parse::<i64>().ok().filter(|id| *id >= 0).ok_or_else(
+                || {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("user_id must be a non-negative integer, not {text:?}"),
+                    )
+                },
+            )?),
+        };
     let user_id = match (caller, given) {
         (Caller::Trusted, Some(id)) => id,
         (Caller::Trusted, None) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "user_id is required (an integer)",
+                "user_id is required (a non-negative integer)",
             ))
         }
         // The token decides; an admin may upload for another user.

@@ -1,5 +1,5 @@
 //! Who is asking. With a users file (`--users-file`) every request but the open ones (`GET /`,
-//! `/health`, `/openapi.json`, `/docs`) must carry `Authorization: Bearer <token>` of a listed
+//! `/health`, `/openapi.json`, `/docs`, `/ui`) must carry `Authorization: Bearer <token>` of a listed
 //! user: the user id then comes from the token, users see only their own jobs (another
 //! user's job answers 404, as an unknown one does) and admins see all. Without it every caller
 //! is trusted with the `user_id` it gives, as in the reference server.
@@ -56,6 +56,13 @@ impl Users {
         for (i, entry) in file.users.into_iter().enumerate() {
             let token = Secret::new(entry.token)
                 .map_err(|e| anyhow::anyhow!("users file, entry {}: {e}", i + 1))?;
+            if entry.user_id < 0 {
+                anyhow::bail!(
+                    "users file, entry {}: user_id must be a non-negative integer, not {}",
+                    i + 1,
+                    entry.user_id
+                );
+            }
             if users.entries.iter().any(|(t, _)| *t == token) {
                 anyhow::bail!("users file, entry {}: token used twice", i + 1);
             }
@@ -223,6 +230,8 @@ mod tests {
         )
         .is_err());
         assert!(Users::parse("[[users]]\ntoken = \"\"\nuser_id = 1\n").is_err());
+        assert!(Users::parse("[[users]]\ntoken = \"a\"\nuser_id = -1\n").is_err());
+        assert!(Users::parse("[[users]]\ntoken = \"a\"\nuser_id = 0\n").is_ok());
         assert!(Users::parse("[[users]]\ntoken = \"a\"\nuser = 1\n").is_err());
         assert!(Users::parse("").is_err());
     }

@@ -46,6 +46,8 @@ pub struct ClientHandle {
     pub last_seen_ms: std::sync::atomic::AtomicI64,
     /// Until when the client is kept out of placement because its disk was full (507).
     pub full_until: Mutex<Option<Instant>>,
+    /// True while runs given away are being killed there ([`crate::jobs::kill_abandoned`]).
+    pub killing: std::sync::atomic::AtomicBool,
 }
 
 impl ClientHandle {
@@ -61,6 +63,7 @@ impl ClientHandle {
             first_probe: Notify::new(),
             last_seen_ms: std::sync::atomic::AtomicI64::new(0),
             full_until: Mutex::new(None),
+            killing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -137,17 +140,23 @@ pub fn http_for(
 
 /// A request to the client failed: stop placing jobs there and probe it now.
 pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
+    failed_since(shared, client, why, Instant::now())
+}
+
+/// [`failed`] for a request sent at `sent`: the client has not answered since then at least,
+/// so that is when it became unreachable (a request that timed out says so only after its
+/// timeout, which must not lengthen `--client-timeout`).
+pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Instant) {
     let was_healthy = {
         let mut sched = shared.sched.lock().unwrap();
         let was = sched.client_healthy(client.id);
         sched.set_client_health(client.id, false);
         was
     };
-    client
-        .unreachable_since
-        .lock()
-        .unwrap()
-        .get_or_insert_with(Instant::now);
+    {
+        let mut since = client.unreachable_since.lock().unwrap();
+        *since = Some(since.map_or(sent, |t| t.min(sent)));
+    }
     if was_healthy {
         tracing::warn!(client = client.base(), why, "client marked unhealthy");
     }
@@ -181,11 +190,11 @@ enum Probe {
     Seed,
 }
 
-async fn probe_once(client: &ClientHandle) -> Result<Probe, String> {
+async fn probe_once(client: &ClientHandle, timeout: Duration) -> Result<Probe, String> {
     let response = client
         .http
         .get(client.endpoint.path("/info"))
-        .timeout(SMALL_REQUEST)
+        .timeout(timeout)
         .send()
         .await
         .map_err(|e| format!("GET /info: {e}"))?;
@@ -207,7 +216,7 @@ async fn probe_once(client: &ClientHandle) -> Result<Probe, String> {
     let health = client
         .http
         .get(client.endpoint.path("/health"))
-        .timeout(SMALL_REQUEST)
+        .timeout(timeout)
         .send()
         .await
         .map_err(|e| format!("GET /health: {e}"))?;
@@ -218,11 +227,11 @@ async fn probe_once(client: &ClientHandle) -> Result<Probe, String> {
     }
 }
 
-async fn load_of(client: &ClientHandle) -> f64 {
+async fn load_of(client: &ClientHandle, timeout: Duration) -> f64 {
     let answer = client
         .http
         .get(client.endpoint.path("/load"))
-        .timeout(SMALL_REQUEST)
+        .timeout(timeout)
         .send()
         .await;
     match answer {
@@ -231,14 +240,34 @@ async fn load_of(client: &ClientHandle) -> f64 {
     }
 }
 
+/// Timeout of a probe: the usual one, but never longer than the client timeout, so a client
+/// that stops answering (SIGSTOP, a hung host: connections open, no answer) is given up
+/// within about `client_timeout` after its last answer rather than after several probe
+/// timeouts.
+pub fn probe_timeout(client_timeout: Duration) -> Duration {
+    SMALL_REQUEST
+        .min(client_timeout)
+        .max(Duration::from_millis(500))
+}
+
+/// Time between two probes of a healthy client: the usual 3 s, but at most half the client
+/// timeout, so a client that stops answering is noticed and given up within 1.5 times it.
+pub fn probe_interval(client_timeout: Duration) -> Duration {
+    PROBE_HEALTHY
+        .min(client_timeout / 2)
+        .max(Duration::from_millis(250))
+}
+
 /// Probes one client forever: every few seconds while it answers, with backoff while not.
 pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
     let mut backoff = PROBE_BACKOFF_MIN;
+    let timeout = probe_timeout(shared.config.client_timeout);
     loop {
-        let wait = match probe_once(&client).await {
+        let sent = Instant::now();
+        let wait = match probe_once(&client, timeout).await {
             Ok(probe) => {
                 backoff = PROBE_BACKOFF_MIN;
-                let load = load_of(&client).await;
+                let load = load_of(&client, timeout).await;
                 let (slots, has_info) = match probe {
                     Probe::Info(info) => {
                         let slots = Some(info.slots.max(1));
@@ -281,13 +310,26 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                 if first {
                     client.first_probe.notify_waiters();
                 }
-                PROBE_HEALTHY
+                // Runs given away while it was unreachable are killed now that it answers.
+                if !client
+                    .killing
+                    .swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    let (shared, client) = (shared.clone(), client.clone());
+                    tokio::spawn(async move {
+                        crate::jobs::kill_abandoned(&shared, &client).await;
+                        client
+                            .killing
+                            .store(false, std::sync::atomic::Ordering::Release);
+                    });
+                }
+                probe_interval(shared.config.client_timeout)
             }
             Err(why) => {
                 if backoff == PROBE_BACKOFF_MIN && why.contains(REFUSES_TOKEN) {
                     tracing::error!(client = client.base(), "{why}");
                 }
-                failed(&shared, &client, &why);
+                failed_since(&shared, &client, &why, sent);
                 crate::collector::check_unreachable(&shared, &client);
                 let wait = backoff;
                 backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
@@ -301,5 +343,28 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                 tokio::time::sleep(PROBE_BACKOFF_MIN.min(wait)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_never_waits_longer_than_the_client_timeout() {
+        assert_eq!(
+            probe_timeout(Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(probe_timeout(Duration::from_secs(60)), SMALL_REQUEST);
+        assert_eq!(
+            probe_timeout(Duration::from_millis(100)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(probe_interval(Duration::from_secs(30)), PROBE_HEALTHY);
+        assert_eq!(
+            probe_interval(Duration::from_secs(3)),
+            Duration::from_millis(1500)
+        );
     }
 }

@@ -8,12 +8,17 @@
 //!
 //! A run is lost, and the job queued again, when the client answers 404 for it, reports it
 //! Failed with reason "client restarted", reports a different node (its data directory was
-//! lost), or stays unreachable longer than the client timeout.
+//! lost) or another dispatch key for its payload id (its records went back: [`same_run`]),
+//! or stays unreachable longer than the client timeout. In that last case the run may still
+//! be there: it is recorded as abandoned and killed once the client answers again
+//! ([`crate::jobs::kill_abandoned`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobrelay_common::protocol::{EventsPage, PayloadRecord, PayloadStatus};
+use jobrelay_common::protocol::{
+    EventsPage, PayloadRecord, PayloadStatus, RESULT_KEY_HEADER, RESULT_NODE_HEADER,
+};
 
 use crate::clients::{self, ClientHandle};
 use crate::jobs::{self, CheckError};
@@ -157,16 +162,16 @@ pub fn check_unreachable(shared: &Arc<Shared>, client: &ClientHandle) {
         return;
     };
     for job in list {
-        jobs::requeue(
+        jobs::requeue_abandoned(
             shared,
             &job,
-            &JobStatus::ON_CLIENT,
             &format!(
-                "client {} unreachable for {}s",
+                "client {} unreachable for {:.1}s (timeout {:.1}s); its run there will be \
+                 killed once it answers again",
                 client.base(),
-                down.as_secs()
+                down.as_secs_f64(),
+                shared.config.client_timeout.as_secs_f64()
             ),
-            Duration::ZERO,
         );
     }
 }
@@ -336,6 +341,19 @@ async fn check_once(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/zip"));
     if is_zip {
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        // A client without `result_key` does not say whose run a ZIP is.
+        let key = client.has("result_key").then(|| header(RESULT_KEY_HEADER));
+        if let Err(why) = same_run(&client, &job, key, header(RESULT_NODE_HEADER).as_deref()) {
+            lost(&shared, &job, &why);
+            return Ok(());
+        }
         return jobs::complete(&shared, &client, &job, response).await;
     }
     let record = match response.json::<PayloadRecord>().await {
@@ -345,15 +363,14 @@ async fn check_once(
             return Err(format!("unreadable payload record: {e}").into());
         }
     };
-    if let (Some(theirs), Some(ours)) = (record.node.as_deref(), job.node.as_deref()) {
-        if theirs != ours {
-            lost(
-                &shared,
-                &job,
-                "the client lost its data directory (its node changed)",
-            );
-            return Ok(());
-        }
+    if let Err(why) = same_run(
+        &client,
+        &job,
+        Some(record.key.clone()),
+        record.node.as_deref(),
+    ) {
+        lost(&shared, &job, &why);
+        return Ok(());
     }
     match record.status {
         PayloadStatus::Prepared | PayloadStatus::Unknown => {}
@@ -388,6 +405,99 @@ async fn check_once(
         }
     }
     Ok(())
+}
+
+/// Whether what the client reports for the job's payload id is the job's run: the same node
+/// and, towards a client with idempotency keys, the key of the job's dispatch. A client whose
+/// data directory went back (a snapshot restored, records wiped with `node-id` kept) hands
+/// out payload ids again, so the id alone may name another job's run, another user's even.
+/// `their_key`: `None` when the answer does not say (a ZIP of a client without
+/// `result_key`), `Some(None)` when it says the payload has no key.
+pub fn same_run(
+    client: &ClientHandle,
+    job: &Job,
+    their_key: Option<Option<String>>,
+    their_node: Option<&str>,
+) -> Result<(), String> {
+    if let (Some(theirs), Some(ours)) = (their_node, job.node.as_deref()) {
+        if theirs != ours {
+            return Err("the client lost its data directory (its node changed)".into());
+        }
+    }
+    let dest = job.dest_id.unwrap_or_default();
+    match (client.has("key"), job.dispatch_key.as_deref(), their_key) {
+        // The other key is not quoted: it names another job, maybe another user's.
+        (true, Some(ours), Some(theirs)) if theirs.as_deref() != Some(ours) => Err(format!(
+            "payload {dest} on {} is not this job's run ({}): the client's records went back \
+             (restored or wiped) and it gave the id again",
+            client.base(),
+            if theirs.is_some() {
+                "it carries another dispatch key"
+            } else {
+                "it carries no dispatch key"
+            },
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What a client says of one payload, checked against the run the server expects there.
+pub enum Looked {
+    /// The run expected, in this state (a ZIP answer is Completed).
+    Ours(PayloadStatus),
+    /// Another run holds that payload id, or the client no longer knows it: nothing of ours
+    /// is there.
+    NotThere(String),
+    /// No usable answer (unreachable, an error answer).
+    Unknown(String),
+}
+
+/// Asks the client about payload `job.dest_id` without acting on the job: the check made
+/// before killing a payload, so a kill never reaches another job's run.
+pub async fn look_at(client: &ClientHandle, job: &Job) -> Looked {
+    let Some(dest) = job.dest_id else {
+        return Looked::NotThere("the job has no payload".into());
+    };
+    let url = format!("{}/{dest}", client.endpoint.retrieve);
+    let response = match client
+        .http
+        .get(&url)
+        .timeout(clients::SMALL_REQUEST)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return Looked::Unknown(e.to_string()),
+    };
+    let status = response.status();
+    if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
+        return Looked::NotThere(format!("GET {url} answered {status}"));
+    }
+    if !status.is_success() {
+        return Looked::Unknown(format!("GET {url} answered {status}"));
+    }
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let is_zip = header(reqwest::header::CONTENT_TYPE.as_str())
+        .is_some_and(|v| v.starts_with("application/zip"));
+    let (state, key, node) = if is_zip {
+        let key = client.has("result_key").then(|| header(RESULT_KEY_HEADER));
+        (PayloadStatus::Completed, key, header(RESULT_NODE_HEADER))
+    } else {
+        match response.json::<PayloadRecord>().await {
+            Ok(record) => (record.status, Some(record.key), record.node),
+            Err(e) => return Looked::Unknown(format!("unreadable payload record: {e}")),
+        }
+    };
+    match same_run(client, job, key, node.as_deref()) {
+        Ok(()) => Looked::Ours(state),
+        Err(why) => Looked::NotThere(why),
+    }
 }
 
 fn lost(shared: &Arc<Shared>, job: &Job, why: &str) {

@@ -35,7 +35,23 @@ pub fn fail(shared: &Shared, job: &Job, from: &[JobStatus], reason: String) {
 /// The job's run was lost (client unreachable, restarted, lost its data; or the job could
 /// not be sent): queue it again, after `delay`, or fail it once `max_attempts` are used up.
 pub fn requeue(shared: &Arc<Shared>, job: &Job, from: &[JobStatus], reason: &str, delay: Duration) {
-    requeue_inner(shared, job, from, reason, delay, false)
+    requeue_inner(shared, job, from, reason, delay, false, false)
+}
+
+/// [`requeue`] for a run the server gives away while its client cannot be reached: the run
+/// may still go on there, so it is recorded (in the same commit) to be killed as soon as the
+/// client answers again ([`kill_abandoned`]); its late result is never taken, since the job
+/// no longer points at that payload.
+pub fn requeue_abandoned(shared: &Arc<Shared>, job: &Job, reason: &str) {
+    requeue_inner(
+        shared,
+        job,
+        &JobStatus::ON_CLIENT,
+        reason,
+        Duration::ZERO,
+        false,
+        true,
+    )
 }
 
 /// [`requeue`] for a send the client refused for lack of room (507): the job never ran, so
@@ -47,7 +63,7 @@ pub fn requeue_not_counted(
     reason: &str,
     delay: Duration,
 ) {
-    requeue_inner(shared, job, from, reason, delay, true)
+    requeue_inner(shared, job, from, reason, delay, true, false)
 }
 
 fn requeue_inner(
@@ -57,14 +73,24 @@ fn requeue_inner(
     reason: &str,
     delay: Duration,
     refund: bool,
+    abandon_run: bool,
 ) {
     if !refund && job.attempts >= shared.config.max_attempts {
-        fail(
-            shared,
-            job,
-            from,
-            format!("gave up after {} attempts; last: {reason}", job.attempts),
-        );
+        let change = Change {
+            message: Some(format!(
+                "gave up after {} attempts; last: {reason}",
+                job.attempts
+            )),
+            abandon_run,
+            ..Default::default()
+        };
+        match shared
+            .store
+            .transition(job.id, from, JobStatus::Failed, change)
+        {
+            Ok(_) => free_slot(shared, job.id),
+            Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
+        }
         return;
     }
     let change = Change {
@@ -76,6 +102,7 @@ fn requeue_inner(
         dest_id: Some(None),
         node: Some(None),
         attempts: refund.then(|| job.attempts.saturating_sub(1)),
+        abandon_run,
         ..Default::default()
     };
     match shared
@@ -476,6 +503,95 @@ pub async fn complete(
     Ok(())
 }
 
+/// Kills on `client` the runs the server gave away while it could not be reached (see
+/// [`requeue_abandoned`]), now that it answers. Each is looked at first: only a payload that
+/// still carries the abandoned run's key is killed (a client whose records went back may have
+/// given its id to another job); a finished one is released, its result never taken. A run
+/// stays recorded until this is done, across restarts of the server.
+pub async fn kill_abandoned(shared: &Arc<Shared>, client: &ClientHandle) {
+    let runs = match shared.store.abandoned_on(client.base()) {
+        Ok(runs) => runs,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list abandoned runs");
+            return;
+        }
+    };
+    for run in runs {
+        let job = match shared.store.get(run.job_id) {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                let _ = shared.store.forget_abandoned(client.base(), run.dest_id);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the job of an abandoned run");
+                return;
+            }
+        };
+        // Checked against the job as it was when the run was given away.
+        let as_sent = Job {
+            dest_id: Some(run.dest_id),
+            dispatch_key: run.key.clone(),
+            node: None,
+            ..job
+        };
+        let done = match crate::collector::look_at(client, &as_sent).await {
+            crate::collector::Looked::Ours(state) if state.is_finished() => {
+                tracing::info!(job = run.job_id, dest = run.dest_id, %state, "a run given away ended meanwhile; its result is not taken");
+                release(client, run.dest_id).await;
+                true
+            }
+            crate::collector::Looked::Ours(_) => {
+                let url = format!("{}/{}", client.endpoint.kill, run.dest_id);
+                match client
+                    .http
+                    .post(&url)
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() || r.status().as_u16() == 409 => {
+                        tracing::warn!(
+                            job = run.job_id,
+                            dest = run.dest_id,
+                            client = client.base(),
+                            "killed a run the server had given away while the client was unreachable"
+                        );
+                        release(client, run.dest_id).await;
+                        true
+                    }
+                    // A seed-contract client cannot kill: nothing more to do.
+                    Ok(r) if matches!(r.status().as_u16(), 404 | 405) => true,
+                    Ok(r) => {
+                        tracing::warn!(job = run.job_id, status = %r.status(), "could not kill a run given away; will try again");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = run.job_id, error = %e, "could not kill a run given away; will try again");
+                        false
+                    }
+                }
+            }
+            crate::collector::Looked::NotThere(_) => true,
+            crate::collector::Looked::Unknown(why) => {
+                tracing::info!(
+                    job = run.job_id,
+                    why,
+                    "abandoned run not checked; will try again"
+                );
+                false
+            }
+        };
+        if !done {
+            // The client went away again: the next time it answers.
+            return;
+        }
+        if let Err(e) = shared.store.forget_abandoned(client.base(), run.dest_id) {
+            tracing::error!(error = %e, "could not forget an abandoned run");
+        }
+    }
+}
+
 /// What `/terminate` did.
 pub enum Terminated {
     Done(Job),
@@ -551,6 +667,20 @@ async fn terminate_on_client(
             Terminated::Done(d)
         }));
     };
+    if let crate::collector::Looked::NotThere(why) = crate::collector::look_at(&client, job).await {
+        // Another job's run holds that payload id now (the client's records went back), or
+        // the client lost it: there is nothing of this job to stop, and nothing to kill.
+        let done = shared.store.transition(
+            job.id,
+            &JobStatus::ON_CLIENT,
+            JobStatus::Killed,
+            Change::message(format!("terminated; its run on the client was lost: {why}")),
+        )?;
+        return Ok(done.map(|d| {
+            free_slot(shared, job.id);
+            Terminated::Done(d)
+        }));
+    }
     let url = format!("{}/{dest}", client.endpoint.kill);
     // The client answers once the process group is gone, which takes up to its kill grace.
     let answer = client

@@ -132,7 +132,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     }
-    let store = Store::open(&config.db_path)?;
+    let store = Store::open_with_mark(&config.db_path, &data_dir.join(JOB_ID_MARK))?;
+    refuse_a_database_behind_its_files(&store, &config.db_path, &jobs_dir, &results_dir)?;
 
     let http = reqwest::Client::builder()
         .no_proxy()
@@ -274,6 +275,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     }
     tasks.push(tokio::spawn(dispatcher::run(shared.clone())));
     tasks.push(tokio::spawn(janitor::run(shared.clone())));
+    tasks.push(tokio::spawn(check_integrity(shared.clone())));
     for job in resend {
         tasks.push(tokio::spawn(dispatcher::resend(shared.clone(), job)));
     }
@@ -285,6 +287,78 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         serving,
         tasks,
     })
+}
+
+/// Name of the job-id high-water mark in the data directory ([`Store::open_with_mark`]).
+pub const JOB_ID_MARK: &str = "last-job-id";
+/// Time between two integrity checks of the database (the first runs at start).
+const INTEGRITY_EVERY: Duration = Duration::from_secs(600);
+
+/// Refuses to start on a database that does not know the jobs whose files are in the data
+/// directory: an emptied or recreated database (`truncate -s 0`, a deleted file) or an older
+/// copy. Starting would delete those files as leftovers and, without the id mark, hand their
+/// ids to new jobs. A result ZIP exists only for a committed job; a job directory without its
+/// row is normal only for the upload a crash cut short (the last id handed out).
+fn refuse_a_database_behind_its_files(
+    store: &Store,
+    db: &std::path::Path,
+    jobs_dir: &std::path::Path,
+    results_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let known = store.all_ids()?;
+    let ids_in = |dir: &std::path::Path, suffix: &str| -> anyhow::Result<Vec<i64>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(suffix))
+                .and_then(|n| n.parse::<i64>().ok())
+            {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    };
+    let results = ids_in(results_dir, ".zip")?
+        .into_iter()
+        .filter(|id| !known.contains(id))
+        .count();
+    let mark = store.mark_at_open();
+    let jobs = if known.is_empty() {
+        ids_in(jobs_dir, "")?
+            .into_iter()
+            .filter(|id| mark == 0 || *id < mark)
+            .count()
+    } else {
+        0
+    };
+    if results == 0 && jobs == 0 {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the database {} does not know {results} stored result(s) and {jobs} job(s) whose files \
+         are in {} and {}: it was emptied, recreated or replaced by an older copy. Starting \
+         would delete those files. Restore the database from a backup; or, to start afresh \
+         without those jobs, move {} and {} out of the way (new job ids continue after {} \
+         either way)",
+        db.display(),
+        jobs_dir.display(),
+        results_dir.display(),
+        jobs_dir.display(),
+        results_dir.display(),
+        mark.max(known.iter().copied().max().unwrap_or(0)),
+    )
+}
+
+/// Checks the database's pages at start and every [`INTEGRITY_EVERY`]: a damaged page then
+/// fails `/health`, not only the queries that happen to read it.
+async fn check_integrity(shared: Arc<Shared>) {
+    loop {
+        let store = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || store.store.check_integrity()).await;
+        tokio::time::sleep(INTEGRITY_EVERY).await;
+    }
 }
 
 /// Settles what a previous process left: files of uncommitted uploads and half-fetched

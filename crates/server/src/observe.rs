@@ -57,7 +57,9 @@ pub struct UserUsage {
 #[derive(Serialize, ToSchema)]
 pub struct ServiceUsage {
     pub name: String,
+    /// Jobs waiting; for a user who is not an admin, that user's only.
     pub queued: usize,
+    /// Jobs being sent or on a client; for a user who is not an admin, that user's only.
     pub active: usize,
     pub runs_per_user: usize,
     pub max_runs: usize,
@@ -159,22 +161,32 @@ async fn overview(
             .iter()
             .map(|(name, &id)| {
                 let (runs_per_user, max_runs) = sched.quotas(id);
+                let users: Vec<UserUsage> = sched
+                    .user_usage(id)
+                    .into_iter()
+                    .filter(|(user, _, _)| only.is_none_or(|me| me == *user))
+                    .map(|(user_id, active, queued)| UserUsage {
+                        user_id,
+                        active,
+                        queued,
+                    })
+                    .collect();
+                // A user (not an admin) is told their own totals, not the service's: how
+                // busy it is with other users' jobs is not theirs to see.
+                let (queued, active) = match only {
+                    None => (sched.queued(id), sched.active(id)),
+                    Some(_) => (
+                        users.iter().map(|u| u.queued).sum(),
+                        users.iter().map(|u| u.active).sum(),
+                    ),
+                };
                 ServiceUsage {
                     name: name.clone(),
-                    queued: sched.queued(id),
-                    active: sched.active(id),
+                    queued,
+                    active,
                     runs_per_user,
                     max_runs,
-                    users: sched
-                        .user_usage(id)
-                        .into_iter()
-                        .filter(|(user, _, _)| only.is_none_or(|me| me == *user))
-                        .map(|(user_id, active, queued)| UserUsage {
-                            user_id,
-                            active,
-                            queued,
-                        })
-                        .collect(),
+                    users,
                 }
             })
             .collect();

@@ -228,6 +228,20 @@ pub struct Change {
     pub node: Option<Option<String>>,
     pub dispatch_key: Option<Option<String>>,
     pub exit_code: Option<Option<i32>>,
+    /// The job's run on its client is given away (requeued or failed while the client could
+    /// not be reached): remember it in `abandoned_runs`, in the same transaction, so it is
+    /// killed there once the client answers again (see [`Store::abandoned_on`]).
+    pub abandon_run: bool,
+}
+
+/// A run the server gave away while its client could not be reached: to be killed there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbandonedRun {
+    pub client: String,
+    pub dest_id: i64,
+    /// Dispatch key of that run: only a payload carrying it is killed.
+    pub key: Option<String>,
+    pub job_id: i64,
 }
 
 impl Change {
@@ -252,6 +266,13 @@ pub struct ListFilter {
 pub struct Store {
     conn: Mutex<Connection>,
     server_id: String,
+    /// The job-id high-water mark beside the database (see [`Store::open_with_mark`]).
+    mark: Option<Mutex<std::fs::File>>,
+    /// The mark as found at open: ids up to it were handed out in this data directory.
+    mark_at_open: i64,
+    /// Why the database is known to be damaged (a query met a corrupt page, or the last
+    /// integrity check failed); `/health` reports it.
+    damaged: Mutex<Option<String>>,
     /// Long-polls waiting on a job (`GET /jobs/{id}?wait=`): woken after each committed
     /// change of that job. An entry lives while a [`JobWatch`] holds it.
     watchers: Mutex<HashMap<i64, Arc<Notify>>>,
@@ -273,6 +294,12 @@ impl Drop for JobWatch<'_> {
             watchers.remove(&self.id);
         }
     }
+}
+
+/// Writes the job-id mark in place: one `pwrite` of a fixed width, no new inode.
+fn write_mark(file: &std::fs::File, id: i64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(format!("{id:>20}\n").as_bytes(), 0)
 }
 
 fn sql_err(e: rusqlite::Error) -> anyhow::Error {
@@ -320,6 +347,13 @@ impl Store {
                  attempts INTEGER NOT NULL,
                  client TEXT
              );
+             CREATE TABLE IF NOT EXISTS abandoned_runs (
+                 client TEXT NOT NULL,
+                 dest_id INTEGER NOT NULL,
+                 dispatch_key TEXT,
+                 job_id INTEGER NOT NULL,
+                 PRIMARY KEY (client, dest_id)
+             );
              CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
              CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs(finished_ms);
              CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status);
@@ -347,8 +381,136 @@ impl Store {
         Ok(Store {
             conn: Mutex::new(conn),
             server_id,
+            mark: None,
+            mark_at_open: 0,
+            damaged: Mutex::new(None),
             watchers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// [`Store::open`], keeping the highest job id ever handed out in `mark` (a small file
+    /// beside the database, rewritten in place at each upload). Ids continue above it even if
+    /// the database was emptied, replaced by an older copy or recreated: an id a platform
+    /// still holds never names another job of this data directory.
+    pub fn open_with_mark(path: &Path, mark: &Path) -> anyhow::Result<Self> {
+        use std::io::Read;
+        let mut store = Self::open(path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(mark)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", mark.display()))?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", mark.display()))?;
+        let marked = match text.trim() {
+            "" => 0,
+            t => t.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} should hold the highest job id handed out, not {t:?}; \
+                     put the highest id you know of there (or remove it if none was ever used)",
+                    mark.display()
+                )
+            })?,
+        };
+        let highest = {
+            let conn = store.conn.lock().unwrap();
+            let highest: i64 = conn
+                .query_row(
+                    "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
+                            COALESCE((SELECT MAX(id) FROM jobs), 0))",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err)?;
+            if marked > highest {
+                tracing::warn!(
+                    mark = marked,
+                    database = highest,
+                    "the database is behind the job ids handed out in this data directory; \
+                     new ids continue after {marked}"
+                );
+                conn.execute_batch(&format!(
+                    "INSERT INTO sqlite_sequence (name, seq) SELECT 'jobs', 0
+                         WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'jobs');
+                     UPDATE sqlite_sequence SET seq = {marked} WHERE name = 'jobs';"
+                ))
+                .map_err(sql_err)?;
+            }
+            highest.max(marked)
+        };
+        write_mark(&file, highest)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", mark.display()))?;
+        store.mark = Some(Mutex::new(file));
+        store.mark_at_open = marked;
+        Ok(store)
+    }
+
+    /// The job-id mark as found at open (0 without one).
+    pub fn mark_at_open(&self) -> i64 {
+        self.mark_at_open
+    }
+
+    /// Every job id the database holds.
+    pub fn all_ids(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT id FROM jobs")
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(|e| self.sql_err(e))?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(|e| self.sql_err(e))?;
+        Ok(rows)
+    }
+
+    /// `Err` with the reason when the database is known to be damaged or cannot be read.
+    pub fn health(&self) -> Result<(), String> {
+        if let Some(why) = self.damaged.lock().unwrap().clone() {
+            return Err(why);
+        }
+        let conn = self.conn.lock().unwrap();
+        conn.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get::<_, i64>(0))
+            .map(|_| ())
+            .map_err(|e| self.sql_err(e).to_string())
+    }
+
+    /// Reads every page of the database (`PRAGMA quick_check`), and remembers a failure for
+    /// [`Store::health`]. Takes time in proportion to the database's size.
+    pub fn check_integrity(&self) -> Result<(), String> {
+        let result: Result<Vec<String>, rusqlite::Error> = {
+            let conn = self.conn.lock().unwrap();
+            conn.prepare("PRAGMA quick_check(5)").and_then(|mut stmt| {
+                stmt.query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+        };
+        let why = match result {
+            Ok(lines) if lines == ["ok"] => return Ok(()),
+            Ok(lines) => format!("database integrity check failed: {}", lines.join("; ")),
+            Err(e) => format!("database integrity check failed: {e}"),
+        };
+        tracing::error!("{why}");
+        *self.damaged.lock().unwrap() = Some(why.clone());
+        Err(why)
+    }
+
+    /// [`sql_err`], remembering a corrupt database for [`Store::health`].
+    fn sql_err(&self, e: rusqlite::Error) -> anyhow::Error {
+        if matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        ) {
+            let mut damaged = self.damaged.lock().unwrap();
+            if damaged.is_none() {
+                tracing::error!(error = %e, "the database is damaged");
+                *damaged = Some(format!("the database is damaged: {e}"));
+            }
+        }
+        sql_err(e)
     }
 
     /// Registers a long-poll on job `id`. Create the `notified()` future (and `enable` it)
@@ -382,22 +544,27 @@ impl Store {
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction().map_err(sql_err)?;
+        let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         tx.prepare_cached(
             "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms)
              VALUES ('Queued', 'Job queued', ?1, ?2, ?3, ?3)",
         )
         .and_then(|mut stmt| stmt.execute(params![user_id, service, now]))
-        .map_err(sql_err)?;
+        .map_err(|e| self.sql_err(e))?;
         let id = tx.last_insert_rowid();
+        // Before the commit: a mark ahead of the database skips an id, never reuses one.
+        if let Some(mark) = &self.mark {
+            write_mark(&mark.lock().unwrap(), id)
+                .map_err(|e| anyhow::anyhow!("cannot record the job-id mark: {e}"))?;
+        }
         record_event(&tx, id, now, JobStatus::Queued, "Job queued", 0, None)?;
         place_files(id)?;
         let job = tx
             .prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
             .and_then(|mut stmt| stmt.query_row([id], job_from_row))
-            .map_err(sql_err)?;
-        tx.commit().map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
+        tx.commit().map_err(|e| self.sql_err(e))?;
         metrics::counter!("jobrelay_server_jobs_uploaded_total", "service" => service.to_owned())
             .increment(1);
         tracing::info!(job = id, user_id, service, status = "Queued", "job state");
@@ -408,7 +575,7 @@ impl Store {
         let conn = self.conn.lock().unwrap();
         conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
             .and_then(|mut stmt| stmt.query_row([id], job_from_row).optional())
-            .map_err(sql_err)
+            .map_err(|e| self.sql_err(e))
     }
 
     /// Moves job `id` from one of `from` to `to`, setting the fields of `change`. Returns the
@@ -421,7 +588,7 @@ impl Store {
         change: Change,
     ) -> anyhow::Result<Option<Job>> {
         let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction().map_err(sql_err)?;
+        let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         let mut sets = vec!["status = ?1".to_owned(), "updated_ms = ?2".to_owned()];
         let mut values: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(to.as_str()), Box::new(now)];
@@ -460,6 +627,17 @@ impl Store {
             .map(|s| format!("'{}'", s.as_str()))
             .collect::<Vec<_>>()
             .join(", ");
+        if change.abandon_run {
+            // Read before the update clears them: the run this change gives away.
+            tx.prepare_cached(&format!(
+                "INSERT OR REPLACE INTO abandoned_runs (client, dest_id, dispatch_key, job_id)
+                 SELECT client, dest_id, dispatch_key, id FROM jobs
+                 WHERE id = ?1 AND status IN ({states})
+                 AND client IS NOT NULL AND dest_id IS NOT NULL"
+            ))
+            .and_then(|mut stmt| stmt.execute([id]))
+            .map_err(|e| self.sql_err(e))?;
+        }
         let sql = format!(
             "UPDATE jobs SET {} WHERE id = ?{id_param} AND status IN ({states}) RETURNING {COLUMNS}",
             sets.join(", ")
@@ -474,7 +652,7 @@ impl Store {
                 )
                 .optional()
             })
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         if let Some(job) = &job {
             record_event(
                 &tx,
@@ -486,7 +664,7 @@ impl Store {
                 job.client.as_deref(),
             )?;
         }
-        tx.commit().map_err(sql_err)?;
+        tx.commit().map_err(|e| self.sql_err(e))?;
         // Waiters woken below read the job again: not under this lock.
         drop(conn);
         if let Some(job) = &job {
@@ -513,7 +691,7 @@ impl Store {
                 "SELECT at_ms, status, message, attempts, client FROM job_events
                  WHERE job_id = ?1 ORDER BY rowid",
             )
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         let rows = statement
             .query_map([id], |row| {
                 let at_ms: i64 = row.get(0)?;
@@ -526,8 +704,8 @@ impl Store {
                     client: row.get(4)?,
                 })
             })
-            .map_err(sql_err)?;
-        rows.collect::<Result<_, _>>().map_err(sql_err)
+            .map_err(|e| self.sql_err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
     }
 
     /// Number of jobs per (service, status), of one user or of all.
@@ -538,11 +716,11 @@ impl Store {
                 "SELECT service, status, COUNT(*) FROM jobs
                  WHERE ?1 IS NULL OR user_id = ?1 GROUP BY service, status",
             )
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         let rows = statement
             .query_map([user], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-            .map_err(sql_err)?;
-        rows.collect::<Result<_, _>>().map_err(sql_err)
+            .map_err(|e| self.sql_err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
     }
 
     /// Jobs (of one user or of all) that finished in each minute since `since_ms`
@@ -559,13 +737,13 @@ impl Store {
                  WHERE finished_ms >= ?1 AND (?2 IS NULL OR user_id = ?2)
                  GROUP BY minute ORDER BY minute",
             )
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         let rows = statement
             .query_map(params![since_ms, user], |row| {
                 Ok((row.get(0)?, row.get(1)?))
             })
-            .map_err(sql_err)?;
-        rows.collect::<Result<_, _>>().map_err(sql_err)
+            .map_err(|e| self.sql_err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
     }
 
     /// Jobs in any of `states`, oldest first.
@@ -580,12 +758,12 @@ impl Store {
             .prepare(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE status IN ({list}) ORDER BY id"
             ))
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         let rows = stmt
             .query_map([], job_from_row)
-            .map_err(sql_err)?
+            .map_err(|e| self.sql_err(e))?
             .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
 
@@ -596,13 +774,46 @@ impl Store {
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND status IN ('Submitted', 'Running') ORDER BY id"
             ))
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         let rows = stmt
             .query_map([base], job_from_row)
-            .map_err(sql_err)?
+            .map_err(|e| self.sql_err(e))?
             .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         Ok(rows)
+    }
+
+    /// Runs given away on client `base` that are still to be killed there.
+    pub fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
+                 WHERE client = ?1 ORDER BY dest_id",
+            )
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([base], |r| {
+                Ok(AbandonedRun {
+                    client: r.get(0)?,
+                    dest_id: r.get(1)?,
+                    key: r.get(2)?,
+                    job_id: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.sql_err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.sql_err(e))?;
+        Ok(rows)
+    }
+
+    /// An abandoned run is dealt with (killed, or found gone or not ours).
+    pub fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.prepare_cached("DELETE FROM abandoned_runs WHERE client = ?1 AND dest_id = ?2")
+            .and_then(|mut stmt| stmt.execute(params![base, dest_id]))
+            .map_err(|e| self.sql_err(e))?;
+        Ok(())
     }
 
     /// The job that payload `dest_id` of client `base` belongs to.
@@ -612,10 +823,10 @@ impl Store {
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND dest_id = ?2 ORDER BY id DESC LIMIT 1"
             ))
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         stmt.query_row(params![base, dest_id], job_from_row)
             .optional()
-            .map_err(sql_err)
+            .map_err(|e| self.sql_err(e))
     }
 
     /// Finished jobs whose end is older than `cutoff_ms`.
@@ -626,12 +837,12 @@ impl Store {
                 "SELECT id FROM jobs WHERE status IN ('Completed', 'Failed', 'Invalid', 'Killed')
                  AND COALESCE(finished_ms, updated_ms) < ?1 ORDER BY id",
             )
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         let rows = stmt
             .query_map([cutoff_ms], |r| r.get(0))
-            .map_err(sql_err)?
+            .map_err(|e| self.sql_err(e))?
             .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
 
@@ -641,12 +852,12 @@ impl Store {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn
             .prepare("SELECT id FROM jobs WHERE status != 'Cleaned'")
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         let rows = stmt
             .query_map([], |r| r.get(0))
-            .map_err(sql_err)?
+            .map_err(|e| self.sql_err(e))?
             .collect::<rusqlite::Result<_>>()
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
 
@@ -679,7 +890,7 @@ impl Store {
                 rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
                 |r| r.get(0),
             )
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         values.push(Box::new(filter.limit));
         values.push(Box::new(filter.offset));
         let n = values.len();
@@ -688,22 +899,22 @@ impl Store {
                 "SELECT {COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?{} OFFSET ?{n}",
                 n - 1
             ))
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         let jobs = stmt
             .query_map(
                 rusqlite::params_from_iter(values.iter().map(|v| v.as_ref())),
                 job_from_row,
             )
-            .map_err(sql_err)?
+            .map_err(|e| self.sql_err(e))?
             .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(sql_err)?;
+            .map_err(|e| self.sql_err(e))?;
         Ok((jobs, total))
     }
 
     pub fn count(&self) -> anyhow::Result<i64> {
         let conn = self.conn.lock().unwrap();
         conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
-            .map_err(sql_err)
+            .map_err(|e| self.sql_err(e))
     }
 }
 
@@ -748,6 +959,128 @@ mod tests {
         let again = store.get(job.id).unwrap().unwrap();
         assert_eq!(again.status, JobStatus::Processing);
         assert_eq!(again.client.as_deref(), Some("http://c"));
+    }
+
+    #[test]
+    fn a_run_given_away_is_remembered_in_the_same_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let job = store.insert_job(7, "example", |_| Ok(())).unwrap();
+        let sent = Change {
+            client: Some(Some("http://c".into())),
+            dest_id: Some(Some(5)),
+            dispatch_key: Some(Some("k:1:1".into())),
+            ..Default::default()
+        };
+        store
+            .transition(job.id, &[JobStatus::Queued], JobStatus::Submitted, sent)
+            .unwrap()
+            .unwrap();
+        // A guarded change that does not apply records nothing.
+        let abandon = Change {
+            client: Some(None),
+            dest_id: Some(None),
+            abandon_run: true,
+            ..Default::default()
+        };
+        assert!(store
+            .transition(
+                job.id,
+                &[JobStatus::Running],
+                JobStatus::Queued,
+                abandon.clone()
+            )
+            .unwrap()
+            .is_none());
+        assert!(store.abandoned_on("http://c").unwrap().is_empty());
+        store
+            .transition(job.id, &JobStatus::ON_CLIENT, JobStatus::Queued, abandon)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.abandoned_on("http://c").unwrap(),
+            [AbandonedRun {
+                client: "http://c".into(),
+                dest_id: 5,
+                key: Some("k:1:1".into()),
+                job_id: job.id,
+            }]
+        );
+        assert!(store.abandoned_on("http://other").unwrap().is_empty());
+        store.forget_abandoned("http://c", 5).unwrap();
+        assert!(store.abandoned_on("http://c").unwrap().is_empty());
+    }
+
+    #[test]
+    fn job_ids_continue_above_the_mark_when_the_database_is_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mark) = (dir.path().join("db.sqlite"), dir.path().join("last-job-id"));
+        let store = Store::open_with_mark(&db, &mark).unwrap();
+        for _ in 0..3 {
+            store.insert_job(1, "x", |_| Ok(())).unwrap();
+        }
+        drop(store);
+        assert_eq!(std::fs::read_to_string(&mark).unwrap().trim(), "3");
+        // `truncate -s 0` of the database (its WAL was merged when it was closed).
+        std::fs::write(&db, b"").unwrap();
+        let store = Store::open_with_mark(&db, &mark).unwrap();
+        assert_eq!(store.count().unwrap(), 0);
+        assert_eq!(store.mark_at_open(), 3);
+        assert_eq!(store.insert_job(1, "x", |_| Ok(())).unwrap().id, 4);
+        drop(store);
+        // A database that is ahead of a lost mark sets it.
+        std::fs::remove_file(&mark).unwrap();
+        let store = Store::open_with_mark(&db, &mark).unwrap();
+        assert_eq!(store.insert_job(1, "x", |_| Ok(())).unwrap().id, 5);
+        drop(store);
+        std::fs::write(&mark, "five").unwrap();
+        assert!(Store::open_with_mark(&db, &mark).is_err());
+    }
+
+    #[test]
+    fn a_damaged_page_fails_the_health_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let store = Store::open(&db).unwrap();
+        for _ in 0..50 {
+            let job = store.insert_job(1, "x", |_| Ok(())).unwrap();
+            store
+                .transition(
+                    job.id,
+                    &[JobStatus::Queued],
+                    JobStatus::Killed,
+                    Change::message("x".repeat(200)),
+                )
+                .unwrap();
+        }
+        assert_eq!(store.health(), Ok(()));
+        assert_eq!(store.check_integrity(), Ok(()));
+        drop(store);
+        // Overwrite the root page of the job timeline, which nothing reads at start.
+        let (page, size): (i64, i64) = {
+            let conn = Connection::open(&db).unwrap();
+            let page = conn
+                .query_row(
+                    "SELECT rootpage FROM sqlite_master WHERE name = 'job_events'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let size = conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .unwrap();
+            (page, size)
+        };
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+            file.write_all_at(&vec![0xA5; size as usize], ((page - 1) * size) as u64)
+                .unwrap();
+        }
+        let store = Store::open(&db).unwrap();
+        assert!(store.check_integrity().is_err());
+        let why = store.health().unwrap_err();
+        assert!(why.contains("integrity"), "{why}");
     }
 
     #[test]
