@@ -14,6 +14,7 @@ use axum::routing::get;
 use axum::Extension;
 use axum::{Json, Router};
 use jobrelay_common::logtail::{self, Stream};
+use jobrelay_common::protocol::ErrorBody;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
@@ -363,6 +364,20 @@ async fn log_from_client(
         .send()
         .await
         .map_err(|e| unreachable(e.to_string()))?;
+    if response.status() == StatusCode::CONFLICT {
+        // The client refused the file (a link, a FIFO, another owner's file in place of the
+        // log): the job's doing, not the client's failure; say so as the client did.
+        let why = response
+            .json::<ErrorBody>()
+            .await
+            .map(|body| body.error)
+            .unwrap_or_else(|_| "the log is not a regular file of the job".into());
+        return Err(ApiError::for_job(
+            StatusCode::CONFLICT,
+            job.id,
+            format!("the client refused to read this log: {why}"),
+        ));
+    }
     if !response.status().is_success() {
         return Err(unreachable(format!("it answered {}", response.status())));
     }
