@@ -15,6 +15,9 @@ use crate::Shared;
 /// Longest wait before a job that could not be sent is offered to the scheduler again.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The job's run ended here: its transition out of the run committed. Frees its quota. Only
+/// after a transition that happened: a change that found the job elsewhere (`Ok(None)`) may
+/// be a late word about an old run, and the slot is the new run's.
 fn free_slot(shared: &Shared, id: i64) {
     if shared.sched.lock().unwrap().finish(id) {
         shared.wake.notify_one();
@@ -27,7 +30,9 @@ pub fn fail(shared: &Shared, job: &Job, from: &[JobStatus], reason: String) {
         .store
         .transition(job.id, from, JobStatus::Failed, Change::message(reason))
     {
-        Ok(_) => free_slot(shared, job.id),
+        Ok(Some(_)) => free_slot(shared, job.id),
+        // The job is no longer in `from`: someone else moved it, maybe into a new run.
+        Ok(None) => {}
         Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
     }
 }
@@ -88,7 +93,8 @@ fn requeue_inner(
             .store
             .transition(job.id, from, JobStatus::Failed, change)
         {
-            Ok(_) => free_slot(shared, job.id),
+            Ok(Some(_)) => free_slot(shared, job.id),
+            Ok(None) => {}
             Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
         }
         return;

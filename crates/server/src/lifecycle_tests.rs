@@ -1,0 +1,212 @@
+//! In-process tests of job lifecycle races (the defects issue 13's review found): a temporary
+//! database, the real scheduler and the functions of [`crate::jobs`], each race made
+//! deterministic (waits on the backoff tasks' end; a fake client that lets the other side win
+//! inside the window).
+//! No dispatcher, collector or probe runs: a test plays their part step by step.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::clients::{self, ClientHandle};
+use crate::config::{ClientEndpoint, ServerConfig, ServiceConfig};
+use crate::jobs;
+use crate::scheduler::{Scheduler, ServiceId};
+use crate::store::{Change, Job, JobStatus, Store};
+use crate::Shared;
+
+const SERVICE: &str = "example";
+const USER: i64 = 7;
+
+struct Fixture {
+    shared: Arc<Shared>,
+    service: ServiceId,
+    _dir: tempfile::TempDir,
+}
+
+/// A server of one service on one healthy client at `client_base` (8 slots), nothing running.
+fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = ClientEndpoint::from_base(client_base).unwrap();
+    let mut service = ServiceConfig::new(vec![endpoint.clone()]);
+    service.runs_per_user = runs_per_user;
+    let config = ServerConfig::new(
+        dir.path().to_path_buf(),
+        [(SERVICE.to_owned(), service.clone())].into(),
+    );
+    let store = Store::open(&config.db_path).unwrap();
+    let mut sched = Scheduler::new();
+    let client = sched.add_client();
+    sched.set_client(client, true, Some(8), 0.0);
+    let sid = sched.add_service(service.runs_per_user, service.max_runs, vec![client]);
+    let http = clients::http_for(&endpoint, None).unwrap();
+    let handle = Arc::new(ClientHandle::new(client, endpoint.clone(), http.clone()));
+    let (jobs_dir, results_dir, staging_dir) = (
+        dir.path().join("jobs"),
+        dir.path().join("results"),
+        dir.path().join("staging"),
+    );
+    for d in [&jobs_dir, &results_dir, &staging_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        sched: Mutex::new(sched),
+        wake: Notify::new(),
+        clients: vec![handle],
+        client_by_base: [(endpoint.base.clone(), client)].into(),
+        service_ids: [(SERVICE.to_owned(), sid)].into(),
+        http,
+        in_flight: Mutex::new(HashMap::new()),
+        fetch_failures: Mutex::new(HashMap::new()),
+        checks: tokio::sync::Semaphore::new(4),
+        jobs_dir,
+        results_dir,
+        staging_dir,
+    });
+    Fixture {
+        shared,
+        service: sid,
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    /// What `/upload` does: a Queued job in the database and in its user's queue.
+    fn upload(&self) -> Job {
+        let job = self
+            .shared
+            .store
+            .insert_job(USER, SERVICE, |_| Ok(()))
+            .unwrap();
+        self.shared
+            .sched
+            .lock()
+            .unwrap()
+            .enqueue(self.service, USER, job.id);
+        job
+    }
+
+    /// What the dispatcher does up to its send: the scheduler's decisions, each committed
+    /// Processing with one more attempt. Returns the jobs it sends.
+    fn dispatch(&self) -> Vec<Job> {
+        let decisions = self.shared.sched.lock().unwrap().decide();
+        let base = self.shared.clients[0].base().to_owned();
+        decisions
+            .into_iter()
+            .map(|d| {
+                let job = self.get(d.job);
+                let change = Change {
+                    attempts: Some(job.attempts + 1),
+                    client: Some(Some(base.clone())),
+                    dispatch_key: Some(Some(format!("k:{}:{}", job.id, job.attempts + 1))),
+                    ..Default::default()
+                };
+                self.shared
+                    .store
+                    .transition(d.job, &[JobStatus::Queued], JobStatus::Processing, change)
+                    .unwrap()
+                    .expect("a decided job is Queued")
+            })
+            .collect()
+    }
+
+    /// The client accepted the job as payload `dest`.
+    fn submitted(&self, job: &Job, dest: i64) -> Job {
+        let change = Change {
+            dest_id: Some(Some(dest)),
+            ..Default::default()
+        };
+        self.shared
+            .store
+            .transition(
+                job.id,
+                &[JobStatus::Processing],
+                JobStatus::Submitted,
+                change,
+            )
+            .unwrap()
+            .expect("the job is Processing")
+    }
+
+    fn get(&self, id: i64) -> Job {
+        self.shared.store.get(id).unwrap().unwrap()
+    }
+
+    fn is_active(&self, id: i64) -> bool {
+        self.shared.sched.lock().unwrap().is_active(id)
+    }
+}
+
+/// Defect 1: a check of the job's first run kept failing and gives up (`jobs::fail` from
+/// Submitted/Running) after the run was lost and the job sent again. The failure finds the
+/// job Processing and changes nothing; it must not free the new run's quota either, or the
+/// user runs two jobs under `runs_per_user = 1`.
+#[test]
+fn a_late_failure_of_an_old_run_keeps_the_new_runs_quota() {
+    let f = fixture("http://127.0.0.1:9", 1);
+    let a = f.upload();
+    let b = f.upload();
+    let sent = f.dispatch();
+    assert_eq!(sent.iter().map(|j| j.id).collect::<Vec<_>>(), [a.id]);
+    let first_run = f.submitted(&sent[0], 1);
+    jobs::requeue(
+        &f.shared,
+        &first_run,
+        &JobStatus::ON_CLIENT,
+        "the client restarted while the job ran",
+        Duration::ZERO,
+    );
+    let again = f.dispatch();
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [a.id]);
+
+    jobs::fail(
+        &f.shared,
+        &first_run,
+        &JobStatus::ON_CLIENT,
+        "its results could not be fetched".into(),
+    );
+    assert_eq!(f.get(a.id).status, JobStatus::Processing);
+    assert!(f.is_active(a.id), "the new run lost its quota slot");
+    assert!(
+        f.dispatch().is_empty(),
+        "job {} of the same user went while job {} runs, past runs_per_user = 1",
+        b.id,
+        a.id
+    );
+    assert_eq!(f.get(b.id).status, JobStatus::Queued);
+}
+
+/// Defect 1, in `requeue`'s give-up branch: a lost run noticed late by a reader that saw the
+/// job at its last attempt fails nothing (the job is in a new run) and frees nothing.
+#[test]
+fn a_late_give_up_of_an_old_run_keeps_the_new_runs_quota() {
+    let f = fixture("http://127.0.0.1:9", 1);
+    let a = f.upload();
+    f.upload();
+    let sent = f.dispatch();
+    let mut stale = f.submitted(&sent[0], 1);
+    jobs::requeue(
+        &f.shared,
+        &stale,
+        &JobStatus::ON_CLIENT,
+        "lost",
+        Duration::ZERO,
+    );
+    assert_eq!(f.dispatch().len(), 1);
+    // As if read when every attempt was used up: requeue gives up, from Submitted/Running.
+    stale.attempts = f.shared.config.max_attempts;
+    jobs::requeue(
+        &f.shared,
+        &stale,
+        &JobStatus::ON_CLIENT,
+        "lost again",
+        Duration::ZERO,
+    );
+    assert_eq!(f.get(a.id).status, JobStatus::Processing);
+    assert!(f.is_active(a.id), "the new run lost its quota slot");
+    assert!(f.dispatch().is_empty(), "the user ran past runs_per_user");
+}
