@@ -9,6 +9,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use crate::clients::ClientHandle;
+use crate::scheduler::ServiceId;
 use crate::store::{Change, Job, JobStatus};
 use crate::Shared;
 
@@ -126,24 +127,40 @@ fn requeue_inner(
         return;
     };
     let (id, user) = (job.id, job.user_id);
-    let enqueue = move |shared: &Shared| {
+    if delay.is_zero() {
+        // Freed and queued again under one lock: no other job of the user takes its place.
         let mut sched = shared.sched.lock().unwrap();
         sched.finish(id);
         sched.push_front(service, user, id);
         drop(sched);
         shared.wake.notify_one();
-    };
-    if delay.is_zero() {
-        enqueue(shared);
     } else {
         // The quota is freed now; the job is offered again after the delay.
         free_slot(shared, id);
         let shared = shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay.min(MAX_BACKOFF)).await;
-            enqueue(&shared);
+            offer_again(&shared, service, user, id);
         });
     }
+}
+
+/// Puts a job queued again after a delay back into the scheduler, if it is still Queued: a
+/// job terminated meanwhile is Killed and must not take dispatch turns. The state is read
+/// under the scheduler's lock, and `terminate` commits Killed before it takes that lock to
+/// take the job out of its queue: either this sees Killed, or that finds the job queued.
+fn offer_again(shared: &Shared, service: ServiceId, user: i64, id: i64) {
+    let mut sched = shared.sched.lock().unwrap();
+    match shared.store.get(id) {
+        Ok(Some(job)) if job.status == JobStatus::Queued => {}
+        Ok(_) => return,
+        // Offered anyway: the dispatcher's guarded Queued -> Processing refuses a job that
+        // is no longer Queued, while a job left out would wait until the next start.
+        Err(e) => tracing::error!(job = id, error = %e, "cannot read a job queued again"),
+    }
+    sched.push_front(service, user, id);
+    drop(sched);
+    shared.wake.notify_one();
 }
 
 /// Removes a finished job's uploaded files once its results (whole or partial) are stored:

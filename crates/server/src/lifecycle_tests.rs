@@ -6,13 +6,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use crate::clients::{self, ClientHandle};
 use crate::config::{ClientEndpoint, ServerConfig, ServiceConfig};
-use crate::jobs;
+use crate::jobs::{self, Terminated};
 use crate::scheduler::{Scheduler, ServiceId};
 use crate::store::{Change, Job, JobStatus, Store};
 use crate::Shared;
@@ -139,6 +139,10 @@ impl Fixture {
     fn is_active(&self, id: i64) -> bool {
         self.shared.sched.lock().unwrap().is_active(id)
     }
+
+    fn queued(&self) -> usize {
+        self.shared.sched.lock().unwrap().queued(self.service)
+    }
 }
 
 /// Defect 1: a check of the job's first run kept failing and gives up (`jobs::fail` from
@@ -209,4 +213,46 @@ fn a_late_give_up_of_an_old_run_keeps_the_new_runs_quota() {
     assert_eq!(f.get(a.id).status, JobStatus::Processing);
     assert!(f.is_active(a.id), "the new run lost its quota slot");
     assert!(f.dispatch().is_empty(), "the user ran past runs_per_user");
+}
+
+/// Defect 2: a job whose send failed is queued again after a backoff; terminated inside that
+/// window it is Killed, and must not come back into the scheduler when the backoff ends. A
+/// job requeued beside it, not terminated, does come back.
+#[tokio::test]
+async fn a_job_terminated_during_its_requeue_backoff_stays_out_of_the_queue() {
+    let f = fixture("http://127.0.0.1:9", 2);
+    let a = f.upload();
+    let b = f.upload();
+    let sent = f.dispatch();
+    assert_eq!(sent.len(), 2);
+    // Each backoff task holds the server's state until it is done.
+    let idle = Arc::strong_count(&f.shared);
+    for job in &sent {
+        jobs::requeue(
+            &f.shared,
+            job,
+            &[JobStatus::Processing],
+            "could not send",
+            Duration::from_millis(200),
+        );
+    }
+    assert_eq!(f.get(a.id).status, JobStatus::Queued);
+    assert_eq!(f.queued(), 0, "offered again before its backoff");
+    assert!(!f.is_active(a.id));
+
+    match jobs::terminate(&f.shared, a.id).await.unwrap() {
+        Terminated::Done(job) => assert_eq!(job.status, JobStatus::Killed),
+        _ => panic!("a Queued job is terminated"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Arc::strong_count(&f.shared) > idle {
+        assert!(Instant::now() < deadline, "the backoff tasks never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    assert_eq!(f.get(a.id).status, JobStatus::Killed);
+    assert_eq!(f.queued(), 1, "only the job not terminated is queued again");
+    let again = f.dispatch();
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [b.id]);
+    assert!(!f.is_active(a.id), "the Killed job took a dispatch turn");
 }
