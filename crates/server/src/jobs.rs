@@ -16,13 +16,21 @@ use crate::Shared;
 /// Longest wait before a job that could not be sent is offered to the scheduler again.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// The job's run ended here: its transition out of the run committed. Frees its quota. Only
-/// after a transition that happened: a change that found the job elsewhere (`Ok(None)`) may
-/// be a late word about an old run, and the slot is the new run's.
+/// The job's run ended here: its transition out of the run committed. Frees its quota and
+/// forgets the failed checks of that run. Only after a transition that happened: a change
+/// that found the job elsewhere (`Ok(None)`) may be a late word about an old run, and the
+/// slot and the check failures are the new run's.
 fn free_slot(shared: &Shared, id: i64) {
+    forget_checks(shared, id);
     if shared.sched.lock().unwrap().finish(id) {
         shared.wake.notify_one();
     }
+}
+
+/// Forgets since when the checks of the job's run have been failing (the collector's
+/// `fetch_failures`): that run is over, and the next one starts with a clean slate.
+fn forget_checks(shared: &Shared, id: i64) {
+    shared.fetch_failures.lock().unwrap().remove(&id);
 }
 
 /// Ends a job as Failed with `reason`, from any of `from`.
@@ -128,6 +136,7 @@ fn requeue_inner(
     };
     let (id, user) = (job.id, job.user_id);
     if delay.is_zero() {
+        forget_checks(shared, id);
         // Freed and queued again under one lock: no other job of the user takes its place.
         let mut sched = shared.sched.lock().unwrap();
         sched.finish(id);
@@ -638,6 +647,7 @@ pub async fn terminate(shared: &Arc<Shared>, id: i64) -> anyhow::Result<Terminat
                     Change::message("terminated while queued; never sent to a client"),
                 )?;
                 if let Some(done) = done {
+                    forget_checks(shared, id);
                     if let Some(&service) = shared.service_ids.get(&job.service) {
                         shared
                             .sched

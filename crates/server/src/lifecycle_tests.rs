@@ -143,6 +143,22 @@ impl Fixture {
     fn queued(&self) -> usize {
         self.shared.sched.lock().unwrap().queued(self.service)
     }
+
+    /// A check of `id`'s run that has been failing for an hour (the collector's record).
+    fn failing_checks(&self, id: i64) {
+        let since = Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now);
+        self.shared
+            .fetch_failures
+            .lock()
+            .unwrap()
+            .insert(id, (since, 5));
+    }
+
+    fn checks_failing(&self, id: i64) -> bool {
+        self.shared.fetch_failures.lock().unwrap().contains_key(&id)
+    }
 }
 
 /// Defect 1: a check of the job's first run kept failing and gives up (`jobs::fail` from
@@ -255,4 +271,66 @@ async fn a_job_terminated_during_its_requeue_backoff_stays_out_of_the_queue() {
     let again = f.dispatch();
     assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [b.id]);
     assert!(!f.is_active(a.id), "the Killed job took a dispatch turn");
+}
+
+/// Defect 3: the collector's record of a run's failing checks ("failing since") goes with
+/// the run: when the job is queued again (at once or after a backoff), terminated on its
+/// client, or failed. Kept, it would fail the next run at its first hiccup, and the map would
+/// grow with every job requeued or terminated.
+#[tokio::test]
+async fn failing_checks_are_forgotten_when_the_run_ends() {
+    let f = fixture("http://127.0.0.1:9", 8);
+    let uploaded: Vec<Job> = (0..4).map(|_| f.upload()).collect();
+    let runs: Vec<Job> = f
+        .dispatch()
+        .iter()
+        .enumerate()
+        .map(|(i, job)| f.submitted(job, i as i64 + 1))
+        .collect();
+    assert_eq!(runs.len(), uploaded.len());
+    for run in &runs {
+        f.failing_checks(run.id);
+    }
+
+    jobs::requeue(
+        &f.shared,
+        &runs[0],
+        &JobStatus::ON_CLIENT,
+        "lost",
+        Duration::ZERO,
+    );
+    assert!(!f.checks_failing(runs[0].id), "requeued at once");
+
+    jobs::requeue(
+        &f.shared,
+        &runs[1],
+        &JobStatus::ON_CLIENT,
+        "lost",
+        Duration::from_secs(1),
+    );
+    assert!(!f.checks_failing(runs[1].id), "requeued after a backoff");
+
+    // Its client is no longer configured: terminated without a request.
+    f.shared
+        .store
+        .transition(
+            runs[2].id,
+            &JobStatus::ON_CLIENT,
+            JobStatus::Running,
+            Change {
+                client: Some(Some("http://127.0.0.1:1".into())),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        jobs::terminate(&f.shared, runs[2].id).await.unwrap(),
+        Terminated::Done(_)
+    ));
+    assert!(!f.checks_failing(runs[2].id), "terminated");
+
+    jobs::fail(&f.shared, &runs[3], &JobStatus::ON_CLIENT, "failed".into());
+    assert!(!f.checks_failing(runs[3].id), "failed");
+    assert!(f.shared.fetch_failures.lock().unwrap().is_empty());
 }
