@@ -385,24 +385,82 @@ fn store_small_zip(bytes: &[u8], part: &Path, dest: &Path) -> Result<(), StoreEr
 }
 
 /// Fetches the job's work directory as it is now from its client into the results, best
-/// effort (used for Failed, Invalid and Killed jobs).
-pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) {
-    let Some(dest) = job.dest_id else { return };
+/// effort (used for Failed, Invalid and Killed jobs), before the final state is committed.
+/// With `keep_existing` a result already stored is not replaced: the partial ZIP is put in
+/// place only where there is none (atomically: a hard link fails if the name exists), else
+/// held, for the caller to put in place once its final state is committed ([`Held`]).
+pub async fn fetch_partial(
+    shared: &Shared,
+    client: &ClientHandle,
+    job: &Job,
+    keep_existing: bool,
+) -> Option<Held> {
+    let dest = job.dest_id?;
     let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
     let response = match client.http.get(&url).send().await {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
             tracing::info!(job = job.id, status = %r.status(), "no partial results from the client");
-            return;
+            return None;
         }
         Err(e) => {
             tracing::info!(job = job.id, error = %e, "no partial results from the client");
-            return;
+            return None;
         }
     };
     let limit = max_result(shared, job);
-    if let Err(e) = store_zip(response, &shared.result_path(job.id), limit).await {
+    let result = shared.result_path(job.id);
+    if !keep_existing {
+        if let Err(e) = store_zip(response, &result, limit).await {
+            tracing::warn!(job = job.id, error = %e, "partial results not stored");
+        }
+        return None;
+    }
+    // Beside the results, under a name a start-up removes if a crash leaves it.
+    let staged = shared.results_dir.join(format!(
+        "{}.partial-{}",
+        job.id,
+        jobrelay_common::fsutil::unique_name("")
+    ));
+    if let Err(e) = store_zip(response, &staged, limit).await {
         tracing::warn!(job = job.id, error = %e, "partial results not stored");
+        return None;
+    }
+    let held = Held(Some(staged.clone()));
+    match tokio::fs::hard_link(&staged, &result).await {
+        Ok(()) => None, // `held` is dropped: the staged name goes, the result stays.
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                tracing::info!(job = job.id, error = %e, "cannot link the partial ZIP into place");
+            }
+            Some(held)
+        }
+    }
+}
+
+/// A partial ZIP that found a result stored already (the whole ZIP of a completion racing
+/// `terminate`, or one a lost run left): put it in place with [`Held::replace`] once the
+/// job's final state is committed; dropped, it is removed. A completion renames its whole
+/// ZIP into place (replacing a partial one) before it commits Completed and a partial one
+/// replaces a stored result only after its Killed is committed, so a Completed job always
+/// holds its whole ZIP.
+pub struct Held(Option<std::path::PathBuf>);
+
+impl Held {
+    pub async fn replace(mut self, result: &Path) {
+        let Some(path) = self.0.take() else { return };
+        if let Err(e) = tokio::fs::rename(&path, result).await {
+            tracing::warn!(error = %e, "partial results not stored");
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -435,7 +493,7 @@ pub async fn finish_on_client(
     exit_code: Option<i32>,
     reason: Option<String>,
 ) {
-    fetch_partial(shared, client, job).await;
+    fetch_partial(shared, client, job, false).await;
     let message = reason.unwrap_or_else(|| match (status, exit_code) {
         (JobStatus::Failed, Some(code)) => format!("run.sh exited with code {code}"),
         (JobStatus::Invalid, _) => "the job has no usable run.sh".into(),
@@ -744,7 +802,9 @@ async fn terminate_on_client(
             format!("terminated; the client could not be reached to stop it: {e}")
         }
     };
-    fetch_partial(shared, &client, job).await;
+    // Not over a stored result before Killed is committed: a completion racing this one
+    // (its whole ZIP stored, then Completed) keeps its ZIP.
+    let held = fetch_partial(shared, &client, job, true).await;
     let done = shared.store.transition(
         job.id,
         &JobStatus::ON_CLIENT,
@@ -754,6 +814,9 @@ async fn terminate_on_client(
     Ok(match done {
         Some(done) => {
             free_slot(shared, job.id);
+            if let Some(held) = held {
+                held.replace(&shared.result_path(job.id)).await;
+            }
             drop_inputs(shared, job.id).await;
             release(&client, dest).await;
             Some(Terminated::Done(done))

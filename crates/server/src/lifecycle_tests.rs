@@ -334,3 +334,135 @@ async fn failing_checks_are_forgotten_when_the_run_ends() {
     assert!(!f.checks_failing(runs[3].id), "failed");
     assert!(f.shared.fetch_failures.lock().unwrap().is_empty());
 }
+
+/// A whole archive holding one file.
+fn zip_of(name: &str, content: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    zip.start_file(name, zip::write::SimpleFileOptions::default())
+        .unwrap();
+    zip.write_all(content).unwrap();
+    zip.finish().unwrap().into_inner()
+}
+
+/// Serves, on `listener`, a client on which payload 1 is Running, `/kill` succeeds, and
+/// `/retrieve_partial` answers `partial` after calling `meanwhile` (what happens on the
+/// server while the partial ZIP is fetched).
+fn fake_client(
+    listener: tokio::net::TcpListener,
+    partial: Vec<u8>,
+    meanwhile: impl Fn() + Clone + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    use axum::routing::{get, post};
+    let router = axum::Router::new()
+        .route(
+            "/retrieve/{dest}",
+            get(|| async {
+                axum::Json(serde_json::json!({"id": 1, "status": "Running", "loc": "/w/1"}))
+            }),
+        )
+        .route("/kill/{dest}", post(|| async { "{}" }))
+        .route(
+            "/retrieve_partial/{dest}",
+            get(move || async move {
+                meanwhile();
+                ([("content-type", "application/zip")], partial)
+            }),
+        );
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    })
+}
+
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Defect 5: `/terminate` of a Running job while its completion lands. The client kills the
+/// payload, and while the server fetches the partial ZIP the collector stores the whole
+/// result and commits Completed (played here by the fake client's `/retrieve_partial`, at
+/// that exact moment). Terminate's Killed then fails to commit: the Completed job keeps its
+/// whole ZIP, not the partial one, and nothing staged is left behind.
+#[tokio::test]
+async fn a_completion_racing_terminate_keeps_its_whole_zip() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let f = fixture(&format!("http://{}", listener.local_addr().unwrap()), 1);
+    let job = f.upload();
+    let sent = f.dispatch();
+    let run = f.submitted(&sent[0], 1);
+    let whole = zip_of("out.txt", b"the whole result");
+    let partial = zip_of("out.txt", b"half");
+
+    let (shared, id, whole_zip) = (f.shared.clone(), job.id, whole.clone());
+    let server = fake_client(listener, partial, move || {
+        // The collector's `jobs::complete`, in its order: results, then Completed.
+        std::fs::write(shared.result_path(id), &whole_zip).unwrap();
+        shared
+            .store
+            .transition(
+                id,
+                &JobStatus::ON_CLIENT,
+                JobStatus::Completed,
+                Change::message("Job completed"),
+            )
+            .unwrap()
+            .expect("the job is on its client");
+    });
+
+    let outcome = jobs::terminate(&f.shared, run.id).await.unwrap();
+    server.abort();
+    match outcome {
+        Terminated::AlreadyFinished(job) => assert_eq!(job.status, JobStatus::Completed),
+        Terminated::Done(job) => panic!("terminate won against a committed completion: {job:?}"),
+        Terminated::NotFound => panic!("the job vanished"),
+    }
+    assert_eq!(f.get(job.id).status, JobStatus::Completed);
+    assert!(
+        std::fs::read(f.shared.result_path(job.id)).unwrap() == whole,
+        "the Completed job holds the partial ZIP"
+    );
+    assert_eq!(
+        files_in(&f.shared.results_dir),
+        [format!("{}.zip", job.id)],
+        "staged files left behind"
+    );
+}
+
+/// The other side of defect 5's fix: a terminate that wins holds its partial ZIP, stored
+/// before Killed is committed when no result is there, and put over a result found there
+/// (one a lost run left) once Killed is committed.
+#[tokio::test]
+async fn a_terminated_job_holds_its_partial_zip() {
+    for stale in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let f = fixture(&format!("http://{}", listener.local_addr().unwrap()), 1);
+        let job = f.upload();
+        let run = f.submitted(&f.dispatch()[0], 1);
+        let partial = zip_of("out.txt", b"half");
+        let result = f.shared.result_path(job.id);
+        if stale {
+            std::fs::write(&result, zip_of("out.txt", b"an old run's")).unwrap();
+        }
+        let (shared, id) = (f.shared.clone(), job.id);
+        let server = fake_client(listener, partial.clone(), move || {
+            let now = shared.store.get(id).unwrap().unwrap().status;
+            assert!(JobStatus::ON_CLIENT.contains(&now), "{now}");
+        });
+        let outcome = jobs::terminate(&f.shared, run.id).await.unwrap();
+        server.abort();
+        match outcome {
+            Terminated::Done(job) => assert_eq!(job.status, JobStatus::Killed),
+            _ => panic!("terminate lost without a race"),
+        }
+        assert!(
+            std::fs::read(&result).unwrap() == partial,
+            "stale {stale}: the Killed job does not hold its partial ZIP"
+        );
+        assert_eq!(files_in(&f.shared.results_dir), [format!("{}.zip", job.id)]);
+    }
+}
