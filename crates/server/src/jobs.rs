@@ -9,16 +9,28 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use crate::clients::ClientHandle;
+use crate::scheduler::ServiceId;
 use crate::store::{Change, Job, JobStatus};
 use crate::Shared;
 
 /// Longest wait before a job that could not be sent is offered to the scheduler again.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The job's run ended here: its transition out of the run committed. Frees its quota and
+/// forgets the failed checks of that run. Only after a transition that happened: a change
+/// that found the job elsewhere (`Ok(None)`) may be a late word about an old run, and the
+/// slot and the check failures are the new run's.
 fn free_slot(shared: &Shared, id: i64) {
+    forget_checks(shared, id);
     if shared.sched.lock().unwrap().finish(id) {
         shared.wake.notify_one();
     }
+}
+
+/// Forgets since when the checks of the job's run have been failing (the collector's
+/// `fetch_failures`): that run is over, and the next one starts with a clean slate.
+fn forget_checks(shared: &Shared, id: i64) {
+    shared.fetch_failures.lock().unwrap().remove(&id);
 }
 
 /// Ends a job as Failed with `reason`, from any of `from`.
@@ -27,7 +39,9 @@ pub fn fail(shared: &Shared, job: &Job, from: &[JobStatus], reason: String) {
         .store
         .transition(job.id, from, JobStatus::Failed, Change::message(reason))
     {
-        Ok(_) => free_slot(shared, job.id),
+        Ok(Some(_)) => free_slot(shared, job.id),
+        // The job is no longer in `from`: someone else moved it, maybe into a new run.
+        Ok(None) => {}
         Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
     }
 }
@@ -88,7 +102,8 @@ fn requeue_inner(
             .store
             .transition(job.id, from, JobStatus::Failed, change)
         {
-            Ok(_) => free_slot(shared, job.id),
+            Ok(Some(_)) => free_slot(shared, job.id),
+            Ok(None) => {}
             Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
         }
         return;
@@ -120,24 +135,41 @@ fn requeue_inner(
         return;
     };
     let (id, user) = (job.id, job.user_id);
-    let enqueue = move |shared: &Shared| {
+    if delay.is_zero() {
+        forget_checks(shared, id);
+        // Freed and queued again under one lock: no other job of the user takes its place.
         let mut sched = shared.sched.lock().unwrap();
         sched.finish(id);
         sched.push_front(service, user, id);
         drop(sched);
         shared.wake.notify_one();
-    };
-    if delay.is_zero() {
-        enqueue(shared);
     } else {
         // The quota is freed now; the job is offered again after the delay.
         free_slot(shared, id);
         let shared = shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay.min(MAX_BACKOFF)).await;
-            enqueue(&shared);
+            offer_again(&shared, service, user, id);
         });
     }
+}
+
+/// Puts a job queued again after a delay back into the scheduler, if it is still Queued: a
+/// job terminated meanwhile is Killed and must not take dispatch turns. The state is read
+/// under the scheduler's lock, and `terminate` commits Killed before it takes that lock to
+/// take the job out of its queue: either this sees Killed, or that finds the job queued.
+fn offer_again(shared: &Shared, service: ServiceId, user: i64, id: i64) {
+    let mut sched = shared.sched.lock().unwrap();
+    match shared.store.get(id) {
+        Ok(Some(job)) if job.status == JobStatus::Queued => {}
+        Ok(_) => return,
+        // Offered anyway: the dispatcher's guarded Queued -> Processing refuses a job that
+        // is no longer Queued, while a job left out would wait until the next start.
+        Err(e) => tracing::error!(job = id, error = %e, "cannot read a job queued again"),
+    }
+    sched.push_front(service, user, id);
+    drop(sched);
+    shared.wake.notify_one();
 }
 
 /// Removes a finished job's uploaded files once its results (whole or partial) are stored:
@@ -353,24 +385,82 @@ fn store_small_zip(bytes: &[u8], part: &Path, dest: &Path) -> Result<(), StoreEr
 }
 
 /// Fetches the job's work directory as it is now from its client into the results, best
-/// effort (used for Failed, Invalid and Killed jobs).
-pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) {
-    let Some(dest) = job.dest_id else { return };
+/// effort (used for Failed, Invalid and Killed jobs), before the final state is committed.
+/// With `keep_existing` a result already stored is not replaced: the partial ZIP is put in
+/// place only where there is none (atomically: a hard link fails if the name exists), else
+/// held, for the caller to put in place once its final state is committed ([`Held`]).
+pub async fn fetch_partial(
+    shared: &Shared,
+    client: &ClientHandle,
+    job: &Job,
+    keep_existing: bool,
+) -> Option<Held> {
+    let dest = job.dest_id?;
     let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
     let response = match client.http.get(&url).send().await {
         Ok(r) if r.status().is_success() => r,
         Ok(r) => {
             tracing::info!(job = job.id, status = %r.status(), "no partial results from the client");
-            return;
+            return None;
         }
         Err(e) => {
             tracing::info!(job = job.id, error = %e, "no partial results from the client");
-            return;
+            return None;
         }
     };
     let limit = max_result(shared, job);
-    if let Err(e) = store_zip(response, &shared.result_path(job.id), limit).await {
+    let result = shared.result_path(job.id);
+    if !keep_existing {
+        if let Err(e) = store_zip(response, &result, limit).await {
+            tracing::warn!(job = job.id, error = %e, "partial results not stored");
+        }
+        return None;
+    }
+    // Beside the results, under a name a start-up removes if a crash leaves it.
+    let staged = shared.results_dir.join(format!(
+        "{}.partial-{}",
+        job.id,
+        jobrelay_common::fsutil::unique_name("")
+    ));
+    if let Err(e) = store_zip(response, &staged, limit).await {
         tracing::warn!(job = job.id, error = %e, "partial results not stored");
+        return None;
+    }
+    let held = Held(Some(staged.clone()));
+    match tokio::fs::hard_link(&staged, &result).await {
+        Ok(()) => None, // `held` is dropped: the staged name goes, the result stays.
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                tracing::info!(job = job.id, error = %e, "cannot link the partial ZIP into place");
+            }
+            Some(held)
+        }
+    }
+}
+
+/// A partial ZIP that found a result stored already (the whole ZIP of a completion racing
+/// `terminate`, or one a lost run left): put it in place with [`Held::replace`] once the
+/// job's final state is committed; dropped, it is removed. A completion renames its whole
+/// ZIP into place (replacing a partial one) before it commits Completed and a partial one
+/// replaces a stored result only after its Killed is committed, so a Completed job always
+/// holds its whole ZIP.
+pub struct Held(Option<std::path::PathBuf>);
+
+impl Held {
+    pub async fn replace(mut self, result: &Path) {
+        let Some(path) = self.0.take() else { return };
+        if let Err(e) = tokio::fs::rename(&path, result).await {
+            tracing::warn!(error = %e, "partial results not stored");
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -403,7 +493,7 @@ pub async fn finish_on_client(
     exit_code: Option<i32>,
     reason: Option<String>,
 ) {
-    fetch_partial(shared, client, job).await;
+    fetch_partial(shared, client, job, false).await;
     let message = reason.unwrap_or_else(|| match (status, exit_code) {
         (JobStatus::Failed, Some(code)) => format!("run.sh exited with code {code}"),
         (JobStatus::Invalid, _) => "the job has no usable run.sh".into(),
@@ -615,6 +705,7 @@ pub async fn terminate(shared: &Arc<Shared>, id: i64) -> anyhow::Result<Terminat
                     Change::message("terminated while queued; never sent to a client"),
                 )?;
                 if let Some(done) = done {
+                    forget_checks(shared, id);
                     if let Some(&service) = shared.service_ids.get(&job.service) {
                         shared
                             .sched
@@ -711,7 +802,9 @@ async fn terminate_on_client(
             format!("terminated; the client could not be reached to stop it: {e}")
         }
     };
-    fetch_partial(shared, &client, job).await;
+    // Not over a stored result before Killed is committed: a completion racing this one
+    // (its whole ZIP stored, then Completed) keeps its ZIP.
+    let held = fetch_partial(shared, &client, job, true).await;
     let done = shared.store.transition(
         job.id,
         &JobStatus::ON_CLIENT,
@@ -721,6 +814,9 @@ async fn terminate_on_client(
     Ok(match done {
         Some(done) => {
             free_slot(shared, job.id);
+            if let Some(held) = held {
+                held.replace(&shared.result_path(job.id)).await;
+            }
             drop_inputs(shared, job.id).await;
             release(&client, dest).await;
             Some(Terminated::Done(done))

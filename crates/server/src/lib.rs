@@ -26,6 +26,9 @@ pub mod scheduler;
 pub mod store;
 pub mod telemetry;
 
+#[cfg(test)]
+mod lifecycle_tests;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;

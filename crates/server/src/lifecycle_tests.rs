@@ -1,0 +1,468 @@
+//! In-process tests of job lifecycle races (the defects issue 13's review found): a temporary
+//! database, the real scheduler and the functions of [`crate::jobs`], each race made
+//! deterministic (waits on the backoff tasks' end; a fake client that lets the other side win
+//! inside the window).
+//! No dispatcher, collector or probe runs: a test plays their part step by step.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::clients::{self, ClientHandle};
+use crate::config::{ClientEndpoint, ServerConfig, ServiceConfig};
+use crate::jobs::{self, Terminated};
+use crate::scheduler::{Scheduler, ServiceId};
+use crate::store::{Change, Job, JobStatus, Store};
+use crate::Shared;
+
+const SERVICE: &str = "example";
+const USER: i64 = 7;
+
+struct Fixture {
+    shared: Arc<Shared>,
+    service: ServiceId,
+    _dir: tempfile::TempDir,
+}
+
+/// A server of one service on one healthy client at `client_base` (8 slots), nothing running.
+fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = ClientEndpoint::from_base(client_base).unwrap();
+    let mut service = ServiceConfig::new(vec![endpoint.clone()]);
+    service.runs_per_user = runs_per_user;
+    let config = ServerConfig::new(
+        dir.path().to_path_buf(),
+        [(SERVICE.to_owned(), service.clone())].into(),
+    );
+    let store = Store::open(&config.db_path).unwrap();
+    let mut sched = Scheduler::new();
+    let client = sched.add_client();
+    sched.set_client(client, true, Some(8), 0.0);
+    let sid = sched.add_service(service.runs_per_user, service.max_runs, vec![client]);
+    let http = clients::http_for(&endpoint, None).unwrap();
+    let handle = Arc::new(ClientHandle::new(client, endpoint.clone(), http.clone()));
+    let (jobs_dir, results_dir, staging_dir) = (
+        dir.path().join("jobs"),
+        dir.path().join("results"),
+        dir.path().join("staging"),
+    );
+    for d in [&jobs_dir, &results_dir, &staging_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        sched: Mutex::new(sched),
+        wake: Notify::new(),
+        clients: vec![handle],
+        client_by_base: [(endpoint.base.clone(), client)].into(),
+        service_ids: [(SERVICE.to_owned(), sid)].into(),
+        http,
+        in_flight: Mutex::new(HashMap::new()),
+        fetch_failures: Mutex::new(HashMap::new()),
+        checks: tokio::sync::Semaphore::new(4),
+        jobs_dir,
+        results_dir,
+        staging_dir,
+    });
+    Fixture {
+        shared,
+        service: sid,
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    /// What `/upload` does: a Queued job in the database and in its user's queue.
+    fn upload(&self) -> Job {
+        let job = self
+            .shared
+            .store
+            .insert_job(USER, SERVICE, |_| Ok(()))
+            .unwrap();
+        self.shared
+            .sched
+            .lock()
+            .unwrap()
+            .enqueue(self.service, USER, job.id);
+        job
+    }
+
+    /// What the dispatcher does up to its send: the scheduler's decisions, each committed
+    /// Processing with one more attempt. Returns the jobs it sends.
+    fn dispatch(&self) -> Vec<Job> {
+        let decisions = self.shared.sched.lock().unwrap().decide();
+        let base = self.shared.clients[0].base().to_owned();
+        decisions
+            .into_iter()
+            .map(|d| {
+                let job = self.get(d.job);
+                let change = Change {
+                    attempts: Some(job.attempts + 1),
+                    client: Some(Some(base.clone())),
+                    dispatch_key: Some(Some(format!("k:{}:{}", job.id, job.attempts + 1))),
+                    ..Default::default()
+                };
+                self.shared
+                    .store
+                    .transition(d.job, &[JobStatus::Queued], JobStatus::Processing, change)
+                    .unwrap()
+                    .expect("a decided job is Queued")
+            })
+            .collect()
+    }
+
+    /// The client accepted the job as payload `dest`.
+    fn submitted(&self, job: &Job, dest: i64) -> Job {
+        let change = Change {
+            dest_id: Some(Some(dest)),
+            ..Default::default()
+        };
+        self.shared
+            .store
+            .transition(
+                job.id,
+                &[JobStatus::Processing],
+                JobStatus::Submitted,
+                change,
+            )
+            .unwrap()
+            .expect("the job is Processing")
+    }
+
+    fn get(&self, id: i64) -> Job {
+        self.shared.store.get(id).unwrap().unwrap()
+    }
+
+    fn is_active(&self, id: i64) -> bool {
+        self.shared.sched.lock().unwrap().is_active(id)
+    }
+
+    fn queued(&self) -> usize {
+        self.shared.sched.lock().unwrap().queued(self.service)
+    }
+
+    /// A check of `id`'s run that has been failing for an hour (the collector's record).
+    fn failing_checks(&self, id: i64) {
+        let since = Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now);
+        self.shared
+            .fetch_failures
+            .lock()
+            .unwrap()
+            .insert(id, (since, 5));
+    }
+
+    fn checks_failing(&self, id: i64) -> bool {
+        self.shared.fetch_failures.lock().unwrap().contains_key(&id)
+    }
+}
+
+/// Defect 1: a check of the job's first run kept failing and gives up (`jobs::fail` from
+/// Submitted/Running) after the run was lost and the job sent again. The failure finds the
+/// job Processing and changes nothing; it must not free the new run's quota either, or the
+/// user runs two jobs under `runs_per_user = 1`.
+#[test]
+fn a_late_failure_of_an_old_run_keeps_the_new_runs_quota() {
+    let f = fixture("http://127.0.0.1:9", 1);
+    let a = f.upload();
+    let b = f.upload();
+    let sent = f.dispatch();
+    assert_eq!(sent.iter().map(|j| j.id).collect::<Vec<_>>(), [a.id]);
+    let first_run = f.submitted(&sent[0], 1);
+    jobs::requeue(
+        &f.shared,
+        &first_run,
+        &JobStatus::ON_CLIENT,
+        "the client restarted while the job ran",
+        Duration::ZERO,
+    );
+    let again = f.dispatch();
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [a.id]);
+
+    jobs::fail(
+        &f.shared,
+        &first_run,
+        &JobStatus::ON_CLIENT,
+        "its results could not be fetched".into(),
+    );
+    assert_eq!(f.get(a.id).status, JobStatus::Processing);
+    assert!(f.is_active(a.id), "the new run lost its quota slot");
+    assert!(
+        f.dispatch().is_empty(),
+        "job {} of the same user went while job {} runs, past runs_per_user = 1",
+        b.id,
+        a.id
+    );
+    assert_eq!(f.get(b.id).status, JobStatus::Queued);
+}
+
+/// Defect 1, in `requeue`'s give-up branch: a lost run noticed late by a reader that saw the
+/// job at its last attempt fails nothing (the job is in a new run) and frees nothing.
+#[test]
+fn a_late_give_up_of_an_old_run_keeps_the_new_runs_quota() {
+    let f = fixture("http://127.0.0.1:9", 1);
+    let a = f.upload();
+    f.upload();
+    let sent = f.dispatch();
+    let mut stale = f.submitted(&sent[0], 1);
+    jobs::requeue(
+        &f.shared,
+        &stale,
+        &JobStatus::ON_CLIENT,
+        "lost",
+        Duration::ZERO,
+    );
+    assert_eq!(f.dispatch().len(), 1);
+    // As if read when every attempt was used up: requeue gives up, from Submitted/Running.
+    stale.attempts = f.shared.config.max_attempts;
+    jobs::requeue(
+        &f.shared,
+        &stale,
+        &JobStatus::ON_CLIENT,
+        "lost again",
+        Duration::ZERO,
+    );
+    assert_eq!(f.get(a.id).status, JobStatus::Processing);
+    assert!(f.is_active(a.id), "the new run lost its quota slot");
+    assert!(f.dispatch().is_empty(), "the user ran past runs_per_user");
+}
+
+/// Defect 2: a job whose send failed is queued again after a backoff; terminated inside that
+/// window it is Killed, and must not come back into the scheduler when the backoff ends. A
+/// job requeued beside it, not terminated, does come back.
+#[tokio::test]
+async fn a_job_terminated_during_its_requeue_backoff_stays_out_of_the_queue() {
+    let f = fixture("http://127.0.0.1:9", 2);
+    let a = f.upload();
+    let b = f.upload();
+    let sent = f.dispatch();
+    assert_eq!(sent.len(), 2);
+    // Each backoff task holds the server's state until it is done.
+    let idle = Arc::strong_count(&f.shared);
+    for job in &sent {
+        jobs::requeue(
+            &f.shared,
+            job,
+            &[JobStatus::Processing],
+            "could not send",
+            Duration::from_millis(200),
+        );
+    }
+    assert_eq!(f.get(a.id).status, JobStatus::Queued);
+    assert_eq!(f.queued(), 0, "offered again before its backoff");
+    assert!(!f.is_active(a.id));
+
+    match jobs::terminate(&f.shared, a.id).await.unwrap() {
+        Terminated::Done(job) => assert_eq!(job.status, JobStatus::Killed),
+        _ => panic!("a Queued job is terminated"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Arc::strong_count(&f.shared) > idle {
+        assert!(Instant::now() < deadline, "the backoff tasks never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    assert_eq!(f.get(a.id).status, JobStatus::Killed);
+    assert_eq!(f.queued(), 1, "only the job not terminated is queued again");
+    let again = f.dispatch();
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [b.id]);
+    assert!(!f.is_active(a.id), "the Killed job took a dispatch turn");
+}
+
+/// Defect 3: the collector's record of a run's failing checks ("failing since") goes with
+/// the run: when the job is queued again (at once or after a backoff), terminated on its
+/// client, or failed. Kept, it would fail the next run at its first hiccup, and the map would
+/// grow with every job requeued or terminated.
+#[tokio::test]
+async fn failing_checks_are_forgotten_when_the_run_ends() {
+    let f = fixture("http://127.0.0.1:9", 8);
+    let uploaded: Vec<Job> = (0..4).map(|_| f.upload()).collect();
+    let runs: Vec<Job> = f
+        .dispatch()
+        .iter()
+        .enumerate()
+        .map(|(i, job)| f.submitted(job, i as i64 + 1))
+        .collect();
+    assert_eq!(runs.len(), uploaded.len());
+    for run in &runs {
+        f.failing_checks(run.id);
+    }
+
+    jobs::requeue(
+        &f.shared,
+        &runs[0],
+        &JobStatus::ON_CLIENT,
+        "lost",
+        Duration::ZERO,
+    );
+    assert!(!f.checks_failing(runs[0].id), "requeued at once");
+
+    jobs::requeue(
+        &f.shared,
+        &runs[1],
+        &JobStatus::ON_CLIENT,
+        "lost",
+        Duration::from_secs(1),
+    );
+    assert!(!f.checks_failing(runs[1].id), "requeued after a backoff");
+
+    // Its client is no longer configured: terminated without a request.
+    f.shared
+        .store
+        .transition(
+            runs[2].id,
+            &JobStatus::ON_CLIENT,
+            JobStatus::Running,
+            Change {
+                client: Some(Some("http://127.0.0.1:1".into())),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        jobs::terminate(&f.shared, runs[2].id).await.unwrap(),
+        Terminated::Done(_)
+    ));
+    assert!(!f.checks_failing(runs[2].id), "terminated");
+
+    jobs::fail(&f.shared, &runs[3], &JobStatus::ON_CLIENT, "failed".into());
+    assert!(!f.checks_failing(runs[3].id), "failed");
+    assert!(f.shared.fetch_failures.lock().unwrap().is_empty());
+}
+
+/// A whole archive holding one file.
+fn zip_of(name: &str, content: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    zip.start_file(name, zip::write::SimpleFileOptions::default())
+        .unwrap();
+    zip.write_all(content).unwrap();
+    zip.finish().unwrap().into_inner()
+}
+
+/// Serves, on `listener`, a client on which payload 1 is Running, `/kill` succeeds, and
+/// `/retrieve_partial` answers `partial` after calling `meanwhile` (what happens on the
+/// server while the partial ZIP is fetched).
+fn fake_client(
+    listener: tokio::net::TcpListener,
+    partial: Vec<u8>,
+    meanwhile: impl Fn() + Clone + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    use axum::routing::{get, post};
+    let router = axum::Router::new()
+        .route(
+            "/retrieve/{dest}",
+            get(|| async {
+                axum::Json(serde_json::json!({"id": 1, "status": "Running", "loc": "/w/1"}))
+            }),
+        )
+        .route("/kill/{dest}", post(|| async { "{}" }))
+        .route(
+            "/retrieve_partial/{dest}",
+            get(move || async move {
+                meanwhile();
+                ([("content-type", "application/zip")], partial)
+            }),
+        );
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    })
+}
+
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Defect 5: `/terminate` of a Running job while its completion lands. The client kills the
+/// payload, and while the server fetches the partial ZIP the collector stores the whole
+/// result and commits Completed (played here by the fake client's `/retrieve_partial`, at
+/// that exact moment). Terminate's Killed then fails to commit: the Completed job keeps its
+/// whole ZIP, not the partial one, and nothing staged is left behind.
+#[tokio::test]
+async fn a_completion_racing_terminate_keeps_its_whole_zip() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let f = fixture(&format!("http://{}", listener.local_addr().unwrap()), 1);
+    let job = f.upload();
+    let sent = f.dispatch();
+    let run = f.submitted(&sent[0], 1);
+    let whole = zip_of("out.txt", b"the whole result");
+    let partial = zip_of("out.txt", b"half");
+
+    let (shared, id, whole_zip) = (f.shared.clone(), job.id, whole.clone());
+    let server = fake_client(listener, partial, move || {
+        // The collector's `jobs::complete`, in its order: results, then Completed.
+        std::fs::write(shared.result_path(id), &whole_zip).unwrap();
+        shared
+            .store
+            .transition(
+                id,
+                &JobStatus::ON_CLIENT,
+                JobStatus::Completed,
+                Change::message("Job completed"),
+            )
+            .unwrap()
+            .expect("the job is on its client");
+    });
+
+    let outcome = jobs::terminate(&f.shared, run.id).await.unwrap();
+    server.abort();
+    match outcome {
+        Terminated::AlreadyFinished(job) => assert_eq!(job.status, JobStatus::Completed),
+        Terminated::Done(job) => panic!("terminate won against a committed completion: {job:?}"),
+        Terminated::NotFound => panic!("the job vanished"),
+    }
+    assert_eq!(f.get(job.id).status, JobStatus::Completed);
+    assert!(
+        std::fs::read(f.shared.result_path(job.id)).unwrap() == whole,
+        "the Completed job holds the partial ZIP"
+    );
+    assert_eq!(
+        files_in(&f.shared.results_dir),
+        [format!("{}.zip", job.id)],
+        "staged files left behind"
+    );
+}
+
+/// The other side of defect 5's fix: a terminate that wins holds its partial ZIP, stored
+/// before Killed is committed when no result is there, and put over a result found there
+/// (one a lost run left) once Killed is committed.
+#[tokio::test]
+async fn a_terminated_job_holds_its_partial_zip() {
+    for stale in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let f = fixture(&format!("http://{}", listener.local_addr().unwrap()), 1);
+        let job = f.upload();
+        let run = f.submitted(&f.dispatch()[0], 1);
+        let partial = zip_of("out.txt", b"half");
+        let result = f.shared.result_path(job.id);
+        if stale {
+            std::fs::write(&result, zip_of("out.txt", b"an old run's")).unwrap();
+        }
+        let (shared, id) = (f.shared.clone(), job.id);
+        let server = fake_client(listener, partial.clone(), move || {
+            let now = shared.store.get(id).unwrap().unwrap().status;
+            assert!(JobStatus::ON_CLIENT.contains(&now), "{now}");
+        });
+        let outcome = jobs::terminate(&f.shared, run.id).await.unwrap();
+        server.abort();
+        match outcome {
+            Terminated::Done(job) => assert_eq!(job.status, JobStatus::Killed),
+            _ => panic!("terminate lost without a race"),
+        }
+        assert!(
+            std::fs::read(&result).unwrap() == partial,
+            "stale {stale}: the Killed job does not hold its partial ZIP"
+        );
+        assert_eq!(files_in(&f.shared.results_dir), [format!("{}.zip", job.id)]);
+    }
+}
