@@ -837,13 +837,27 @@ async fn memory(
     let server = setup.server.url.clone();
     let base_server = setup.server.hwm_bytes()?;
     let base_client = setup.clients[0].hwm_bytes()?;
-    let script = format!("head -c {size} /dev/zero > output.bin\n");
+    // Incompressible input and output (the client deflates what shrinks, which would make
+    // the ZIP tiny and the measurement meaningless): /dev/urandom out, a 1 MiB block of noise
+    // repeated in (deflate finds no repeat farther than 32 KiB back).
+    let script = format!("head -c {size} /dev/urandom > output.bin\n");
     // The input is generated as it is sent: the harness holds no copy.
     const CHUNK: usize = 1 << 20;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise = bytes::Bytes::from(
+        (0..CHUNK)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect::<Vec<u8>>(),
+    );
     let chunks = size.div_ceil(CHUNK as u64);
     let body = futures_util::stream::iter((0..chunks).map(move |i| {
         let len = (size - i * CHUNK as u64).min(CHUNK as u64) as usize;
-        Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; len]))
+        Ok::<_, std::io::Error>(noise.slice(..len))
     }));
     let form = reqwest::multipart::Form::new()
         .part(
