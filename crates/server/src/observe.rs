@@ -240,13 +240,14 @@ async fn clients(
     Ok(Json(client_views(&shared)))
 }
 
-/// Every state the job went through, with times, attempts and clients.
+/// Every state the job went through, with times, attempts and clients. Empty once the job is
+/// Cleaned: its timeline is removed with its files (the job itself still answers).
 #[utoipa::path(
     get,
     path = "/jobs/{id}/events",
     params(("id" = i64, Path, description = "Job id")),
     responses(
-        (status = 200, body = [JobEvent]),
+        (status = 200, description = "Oldest first; `[]` for a Cleaned job", body = [JobEvent]),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]

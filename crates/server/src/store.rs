@@ -88,6 +88,20 @@ impl JobStatus {
     }
 }
 
+/// A status column the server does not know (written by a newer version, or by hand) is an
+/// error naming it, never read as some other state: read as Failed it would be final, its
+/// quota freed and its files cleaned while a run may still be going.
+impl rusqlite::types::FromSql for JobStatus {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let text = value.as_str()?;
+        JobStatus::parse(text).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(
+                format!("unknown job status {text:?} in the database").into(),
+            )
+        })
+    }
+}
+
 impl std::fmt::Display for JobStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -152,13 +166,12 @@ const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, 
                        dispatch_key, exit_code, created_ms, updated_ms, finished_ms";
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
-    let status: String = row.get(1)?;
     let created_ms: i64 = row.get(11)?;
     let updated_ms: i64 = row.get(12)?;
     let finished_ms: Option<i64> = row.get(13)?;
     Ok(Job {
         id: row.get(0)?,
-        status: JobStatus::parse(&status).unwrap_or(JobStatus::Failed),
+        status: row.get(1)?,
         message: row.get(2)?,
         user_id: row.get(3)?,
         service: row.get(4)?,
@@ -378,6 +391,15 @@ impl Store {
                 id
             }
         };
+        // Once per database: the timelines of jobs cleaned by a version that kept them.
+        conn.execute_batch(
+            "BEGIN;
+             DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE status = 'Cleaned')
+                 AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'cleaned_events_pruned');
+             INSERT OR IGNORE INTO meta (key, value) VALUES ('cleaned_events_pruned', '1');
+             COMMIT;",
+        )
+        .map_err(sql_err)?;
         Ok(Store {
             conn: Mutex::new(conn),
             server_id,
@@ -653,8 +675,15 @@ impl Store {
                 .optional()
             })
             .map_err(|e| self.sql_err(e))?;
-        if let Some(job) = &job {
-            record_event(
+        match &job {
+            // A Cleaned job keeps its row (its id answers) but not its timeline: the events
+            // table would otherwise grow with every job ever run.
+            Some(_) if to == JobStatus::Cleaned => {
+                tx.prepare_cached("DELETE FROM job_events WHERE job_id = ?1")
+                    .and_then(|mut stmt| stmt.execute([id]))
+                    .map_err(|e| self.sql_err(e))?;
+            }
+            Some(job) => record_event(
                 &tx,
                 id,
                 now,
@@ -662,7 +691,8 @@ impl Store {
                 &job.message,
                 job.attempts,
                 job.client.as_deref(),
-            )?;
+            )?,
+            None => {}
         }
         tx.commit().map_err(|e| self.sql_err(e))?;
         // Waiters woken below read the job again: not under this lock.
@@ -1081,6 +1111,83 @@ mod tests {
         assert!(store.check_integrity().is_err());
         let why = store.health().unwrap_err();
         assert!(why.contains("integrity"), "{why}");
+    }
+
+    #[test]
+    fn an_unknown_status_in_the_database_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let store = Store::open(&db).unwrap();
+        let job = store.insert_job(1, "x", |_| Ok(())).unwrap();
+        Connection::open(&db)
+            .unwrap()
+            .execute("UPDATE jobs SET status = 'Paused' WHERE id = ?1", [job.id])
+            .unwrap();
+        let why = store.get(job.id).unwrap_err().to_string();
+        assert!(
+            why.contains("unknown job status \"Paused\""),
+            "read back as {:?}, error {why}",
+            store.get(job.id).ok()
+        );
+        assert!(store
+            .list(&ListFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn a_cleaned_job_keeps_no_timeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let store = Store::open(&db).unwrap();
+        let cleaned = store.insert_job(1, "x", |_| Ok(())).unwrap().id;
+        let kept = store.insert_job(1, "x", |_| Ok(())).unwrap().id;
+        for id in [cleaned, kept] {
+            store
+                .transition(
+                    id,
+                    &[JobStatus::Queued],
+                    JobStatus::Killed,
+                    Change::message("k"),
+                )
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(store.history(cleaned).unwrap().len(), 2);
+        store
+            .transition(
+                cleaned,
+                &JobStatus::FINISHED,
+                JobStatus::Cleaned,
+                Change::message("files removed"),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.history(cleaned).unwrap(), vec![]);
+        assert_eq!(store.history(kept).unwrap().len(), 2);
+        assert_eq!(
+            store.get(cleaned).unwrap().unwrap().status,
+            JobStatus::Cleaned
+        );
+
+        // A database whose Cleaned jobs kept their events (an older version) is pruned once.
+        drop(store);
+        {
+            let conn = Connection::open(&db).unwrap();
+            conn.execute(
+                "INSERT INTO job_events (job_id, at_ms, status, message, attempts)
+                 VALUES (?1, 0, 'Queued', 'old', 0)",
+                [cleaned],
+            )
+            .unwrap();
+            conn.execute("DELETE FROM meta WHERE key = 'cleaned_events_pruned'", [])
+                .unwrap();
+        }
+        let store = Store::open(&db).unwrap();
+        assert_eq!(store.history(cleaned).unwrap(), vec![]);
+        assert_eq!(store.history(kept).unwrap().len(), 2);
     }
 
     #[test]
