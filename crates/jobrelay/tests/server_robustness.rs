@@ -4,10 +4,13 @@
 
 mod support;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use support::server::*;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -45,4 +48,95 @@ async fn a_cleaned_job_has_no_timeline_left_and_its_events_answer_an_empty_list(
     assert_eq!(response.status(), 200);
     let job: serde_json::Value = response.json().await.unwrap();
     assert_eq!(job["status"], "Cleaned");
+}
+
+/// A stand-in for an executor client whose idle close always crosses the server's next
+/// request, the worst case of that race: a request arriving on a connection idle for
+/// `close_after` or more is dropped unanswered (as a client closing it at that moment would),
+/// and counted. It speaks only the seed contract's `/health` (404 for `/info` and `/load`).
+struct ClosingStub {
+    url: String,
+    crossed: Arc<AtomicUsize>,
+    health_checks: Arc<AtomicUsize>,
+}
+
+async fn start_closing_stub(close_after: Duration) -> ClosingStub {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let crossed = Arc::new(AtomicUsize::new(0));
+    let health_checks = Arc::new(AtomicUsize::new(0));
+    let (c, h) = (crossed.clone(), health_checks.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let (crossed, health_checks) = (c.clone(), h.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut idle_since: Option<Instant> = None;
+                loop {
+                    let head_end = loop {
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                    buf.drain(..head_end);
+                    if idle_since.is_some_and(|t| t.elapsed() >= close_after) {
+                        crossed.fetch_add(1, Ordering::SeqCst);
+                        return; // dropped unanswered
+                    }
+                    let path = head.split(' ').nth(1).unwrap_or("");
+                    let answer: &[u8] = if path == "/health" {
+                        health_checks.fetch_add(1, Ordering::SeqCst);
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+                    } else {
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                    };
+                    if socket.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    idle_since = Some(Instant::now());
+                }
+            });
+        }
+    });
+    ClosingStub {
+        url,
+        crossed,
+        health_checks,
+    }
+}
+
+#[tokio::test]
+async fn the_server_never_reuses_a_connection_idle_as_long_as_clients_keep_them() {
+    // Clients close idle connections after JOBRELAY_SLOW_REQUEST_SECS (1 s here, as for the
+    // server); the server's probe comes every 2 s (half of --client-timeout 4).
+    let close_after = Duration::from_secs(1);
+    let stub = start_closing_stub(close_after).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_server_config(dir.path(), &[("example", vec![stub.url.clone()], 2, 4)]);
+    let _server = start_server_with_env(
+        dir.path(),
+        &config,
+        &["--client-timeout", "4"],
+        &[("JOBRELAY_SLOW_REQUEST_SECS", "1")],
+    );
+    // Four probes: three idle gaps of about 2 s, each longer than the clients keep a
+    // connection.
+    eventually(LONG, "four probes of the stub", || async {
+        (stub.health_checks.load(Ordering::SeqCst) >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stub.crossed.load(Ordering::SeqCst),
+        0,
+        "requests sent on a connection the client was closing"
+    );
 }

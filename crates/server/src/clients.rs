@@ -29,8 +29,8 @@ pub const FULL_PAUSE: Duration = Duration::from_secs(10);
 pub struct ClientHandle {
     pub id: ClientId,
     pub endpoint: ClientEndpoint,
-    /// HTTP to this client: the server's shared connection pool with the client's token as a
-    /// default header (see [`http_for`]).
+    /// HTTP to this client: its own connection pool, with the client's token as a default
+    /// header (see [`http_for`]).
     pub http: reqwest::Client,
     /// The last `/info` answer; `None` for a client without `/info` or not reached yet.
     pub info: Mutex<Option<ClientInfo>>,
@@ -115,6 +115,15 @@ impl ClientHandle {
     }
 }
 
+/// How long a connection to a client may wait idle in the pool: half the time after which a
+/// client closes an idle keep-alive connection (`jobrelay_common::serve::slow_request`, 30 s
+/// unless `JOBRELAY_SLOW_REQUEST_SECS` says otherwise; the server assumes its clients run
+/// with the value it has itself). Pooled as long as the client keeps it, a connection could
+/// be reused just as the client closes it: a send that fails and uses up an attempt.
+pub fn pool_idle() -> Duration {
+    jobrelay_common::serve::slow_request() / 2
+}
+
 /// The HTTP client for requests to `endpoint`: timeouts as the server's, and its token (if
 /// any) in every request's `Authorization` header.
 /// `ca`: the only certificates an `https://` client's certificate may be signed by.
@@ -126,7 +135,7 @@ pub fn http_for(
         .no_proxy()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(120))
-        .pool_idle_timeout(Duration::from_secs(30));
+        .pool_idle_timeout(pool_idle());
     if let Some(token) = &endpoint.token {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, token.header_value());

@@ -54,7 +54,6 @@ pub struct Shared {
     pub clients: Vec<Arc<ClientHandle>>,
     pub client_by_base: HashMap<String, usize>,
     pub service_ids: HashMap<String, ServiceId>,
-    pub http: reqwest::Client,
     /// Jobs whose state is being checked on their client right now; `true` when another
     /// check was asked for meanwhile.
     pub in_flight: Mutex<HashMap<i64, bool>>,
@@ -134,16 +133,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     }
     let store = Store::open_with_mark(&config.db_path, &data_dir.join(JOB_ID_MARK))?;
     refuse_a_database_behind_its_files(&store, &config.db_path, &jobs_dir, &results_dir)?;
-
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(5))
-        .read_timeout(Duration::from_secs(120))
-        // Well under the clients' idle close (jobrelay_common::serve: a keep-alive connection
-        // without a new request for 30 s is closed), so a pooled connection is never reused
-        // just as the client closes it.
-        .pool_idle_timeout(Duration::from_secs(15))
-        .build()?;
 
     let client_ca = match &config.client_ca {
         Some(path) => {
@@ -230,7 +219,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         clients,
         client_by_base,
         service_ids,
-        http,
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
         fetch_failures: Mutex::new(HashMap::new()),
