@@ -14,6 +14,97 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LONG: Duration = Duration::from_secs(90);
 
+async fn health(http: &reqwest::Client, server: &str) -> (u16, serde_json::Value) {
+    let response = http.get(format!("{server}/health")).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+async fn metrics(http: &reqwest::Client, server: &str) -> String {
+    let response = http.get(format!("{server}/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn every_background_loop_that_panics_once_is_restarted_and_jobs_still_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), "client", &[]);
+    let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 2, 4)]);
+    // The dispatcher panics holding the scheduler's lock: its poisoning must not matter.
+    let server = start_server_with_env(
+        dir.path(),
+        &config,
+        &[],
+        &[(
+            "JOBRELAY_TEST_PANIC_ONCE",
+            "dispatcher,collector,probe,janitor,integrity",
+        )],
+    );
+    let http = http();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let script = format!("echo job {i} > out.txt\n");
+        ids.push(
+            upload_job(
+                &http,
+                &server.url,
+                1,
+                "example",
+                &[("run.sh", script.as_bytes())],
+            )
+            .await,
+        );
+    }
+    for id in ids {
+        wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    }
+    eventually(LONG, "/health to answer healthy", || async {
+        (health(&http, &server.url).await.0 == 200).then_some(())
+    })
+    .await;
+    let text = metrics(&http, &server.url).await;
+    for kind in ["dispatcher", "collector", "probe", "janitor", "integrity"] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with("jobrelay_server_loop_restarts_total{")
+                    && l.contains(&format!("loop=\"{kind}\""))
+            })
+            .unwrap_or_else(|| panic!("no restart counted for {kind}:\n{text}"));
+        assert!(line.ends_with(" 1"), "{line}");
+    }
+    let log = server.log();
+    assert!(
+        log.contains("background loop stopped (it panicked: injected panic in the dispatcher loop"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_loop_that_keeps_panicking_makes_health_fail_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start_client(dir.path(), "client", &[]);
+    let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 2, 4)]);
+    let server = start_server_with_env(
+        dir.path(),
+        &config,
+        &[],
+        &[("JOBRELAY_TEST_PANIC_ALWAYS", "dispatcher")],
+    );
+    let http = http();
+    let body = eventually(LONG, "/health to answer 503", || async {
+        let (status, body) = health(&http, &server.url).await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert_eq!(body["status"], "unhealthy");
+    let why = body["message"].as_str().unwrap();
+    assert!(why.contains("background loop dispatcher"), "{why}");
+    // Everything else still answers.
+    assert!(!metrics(&http, &server.url).await.is_empty());
+}
+
 #[tokio::test]
 async fn a_cleaned_job_has_no_timeline_left_and_its_events_answer_an_empty_list() {
     let dir = tempfile::tempdir().unwrap();

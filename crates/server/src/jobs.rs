@@ -16,7 +16,7 @@ use crate::Shared;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 fn free_slot(shared: &Shared, id: i64) {
-    if shared.sched.lock().unwrap().finish(id) {
+    if crate::lock(&shared.sched).finish(id) {
         shared.wake.notify_one();
     }
 }
@@ -121,7 +121,7 @@ fn requeue_inner(
     };
     let (id, user) = (job.id, job.user_id);
     let enqueue = move |shared: &Shared| {
-        let mut sched = shared.sched.lock().unwrap();
+        let mut sched = crate::lock(&shared.sched);
         sched.finish(id);
         sched.push_front(service, user, id);
         drop(sched);
@@ -616,11 +616,7 @@ pub async fn terminate(shared: &Arc<Shared>, id: i64) -> anyhow::Result<Terminat
                 )?;
                 if let Some(done) = done {
                     if let Some(&service) = shared.service_ids.get(&job.service) {
-                        shared
-                            .sched
-                            .lock()
-                            .unwrap()
-                            .remove_queued(service, job.user_id, id);
+                        crate::lock(&shared.sched).remove_queued(service, job.user_id, id);
                     }
                     return Ok(Terminated::Done(done));
                 }

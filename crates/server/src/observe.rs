@@ -103,12 +103,12 @@ pub struct ClientView {
 }
 
 fn client_views(shared: &Shared) -> Vec<ClientView> {
-    let sched = shared.sched.lock().unwrap();
+    let sched = crate::lock(&shared.sched);
     shared
         .clients
         .iter()
         .map(|client| {
-            let info = client.info.lock().unwrap().clone();
+            let info = crate::lock(&client.info).clone();
             let last_seen = client.last_seen_ms.load(Ordering::Relaxed);
             ClientView {
                 url: client.base().to_owned(),
@@ -155,7 +155,7 @@ async fn overview(
         *states.entry(status).or_insert(0) += count;
     }
     let services = {
-        let sched = shared.sched.lock().unwrap();
+        let sched = crate::lock(&shared.sched);
         let mut services: Vec<ServiceUsage> = shared
             .service_ids
             .iter()

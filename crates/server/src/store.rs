@@ -301,7 +301,7 @@ pub struct JobWatch<'a> {
 
 impl Drop for JobWatch<'_> {
     fn drop(&mut self) {
-        let mut watchers = self.store.watchers.lock().unwrap();
+        let mut watchers = crate::lock(&self.store.watchers);
         // Ours and the map's: nobody else waits on this job.
         if Arc::strong_count(&self.notify) <= 2 {
             watchers.remove(&self.id);
@@ -438,7 +438,7 @@ impl Store {
             })?,
         };
         let highest = {
-            let conn = store.conn.lock().unwrap();
+            let conn = crate::lock(&store.conn);
             let highest: i64 = conn
                 .query_row(
                     "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
@@ -477,7 +477,7 @@ impl Store {
 
     /// Every job id the database holds.
     pub fn all_ids(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare("SELECT id FROM jobs")
             .map_err(|e| self.sql_err(e))?;
@@ -491,10 +491,10 @@ impl Store {
 
     /// `Err` with the reason when the database is known to be damaged or cannot be read.
     pub fn health(&self) -> Result<(), String> {
-        if let Some(why) = self.damaged.lock().unwrap().clone() {
+        if let Some(why) = crate::lock(&self.damaged).clone() {
             return Err(why);
         }
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         conn.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get::<_, i64>(0))
             .map(|_| ())
             .map_err(|e| self.sql_err(e).to_string())
@@ -504,7 +504,7 @@ impl Store {
     /// [`Store::health`]. Takes time in proportion to the database's size.
     pub fn check_integrity(&self) -> Result<(), String> {
         let result: Result<Vec<String>, rusqlite::Error> = {
-            let conn = self.conn.lock().unwrap();
+            let conn = crate::lock(&self.conn);
             conn.prepare("PRAGMA quick_check(5)").and_then(|mut stmt| {
                 stmt.query_map([], |r| r.get::<_, String>(0))?
                     .collect::<Result<Vec<_>, _>>()
@@ -516,7 +516,7 @@ impl Store {
             Err(e) => format!("database integrity check failed: {e}"),
         };
         tracing::error!("{why}");
-        *self.damaged.lock().unwrap() = Some(why.clone());
+        *crate::lock(&self.damaged) = Some(why.clone());
         Err(why)
     }
 
@@ -526,7 +526,7 @@ impl Store {
             e.sqlite_error_code(),
             Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
         ) {
-            let mut damaged = self.damaged.lock().unwrap();
+            let mut damaged = crate::lock(&self.damaged);
             if damaged.is_none() {
                 tracing::error!(error = %e, "the database is damaged");
                 *damaged = Some(format!("the database is damaged: {e}"));
@@ -538,7 +538,7 @@ impl Store {
     /// Registers a long-poll on job `id`. Create the `notified()` future (and `enable` it)
     /// before reading the job, so that no change between the read and the wait is missed.
     pub fn watch(&self, id: i64) -> JobWatch<'_> {
-        let notify = self.watchers.lock().unwrap().entry(id).or_default().clone();
+        let notify = crate::lock(&self.watchers).entry(id).or_default().clone();
         JobWatch {
             store: self,
             id,
@@ -547,7 +547,7 @@ impl Store {
     }
 
     fn changed(&self, id: i64) {
-        if let Some(notify) = self.watchers.lock().unwrap().get(&id) {
+        if let Some(notify) = crate::lock(&self.watchers).get(&id) {
             notify.notify_waiters();
         }
     }
@@ -565,7 +565,7 @@ impl Store {
         service: &str,
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
-        let mut conn = self.conn.lock().unwrap();
+        let mut conn = crate::lock(&self.conn);
         let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         tx.prepare_cached(
@@ -577,7 +577,7 @@ impl Store {
         let id = tx.last_insert_rowid();
         // Before the commit: a mark ahead of the database skips an id, never reuses one.
         if let Some(mark) = &self.mark {
-            write_mark(&mark.lock().unwrap(), id)
+            write_mark(&crate::lock(mark), id)
                 .map_err(|e| anyhow::anyhow!("cannot record the job-id mark: {e}"))?;
         }
         record_event(&tx, id, now, JobStatus::Queued, "Job queued", 0, None)?;
@@ -594,7 +594,7 @@ impl Store {
     }
 
     pub fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
             .and_then(|mut stmt| stmt.query_row([id], job_from_row).optional())
             .map_err(|e| self.sql_err(e))
@@ -609,7 +609,7 @@ impl Store {
         to: JobStatus,
         change: Change,
     ) -> anyhow::Result<Option<Job>> {
-        let mut conn = self.conn.lock().unwrap();
+        let mut conn = crate::lock(&self.conn);
         let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         let mut sets = vec!["status = ?1".to_owned(), "updated_ms = ?2".to_owned()];
@@ -715,7 +715,7 @@ impl Store {
 
     /// Every state a job went through, oldest first.
     pub fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT at_ms, status, message, attempts, client FROM job_events
@@ -740,7 +740,7 @@ impl Store {
 
     /// Number of jobs per (service, status), of one user or of all.
     pub fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT service, status, COUNT(*) FROM jobs
@@ -760,7 +760,7 @@ impl Store {
         since_ms: i64,
         user: Option<i64>,
     ) -> anyhow::Result<Vec<(i64, i64)>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT finished_ms / 60000 * 60000 AS minute, COUNT(*) FROM jobs
@@ -778,7 +778,7 @@ impl Store {
 
     /// Jobs in any of `states`, oldest first.
     pub fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let list = states
             .iter()
             .map(|s| format!("'{}'", s.as_str()))
@@ -799,7 +799,7 @@ impl Store {
 
     /// Jobs on client `base` in Submitted or Running.
     pub fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND status IN ('Submitted', 'Running') ORDER BY id"
@@ -815,7 +815,7 @@ impl Store {
 
     /// Runs given away on client `base` that are still to be killed there.
     pub fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(
                 "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
@@ -839,7 +839,7 @@ impl Store {
 
     /// An abandoned run is dealt with (killed, or found gone or not ours).
     pub fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         conn.prepare_cached("DELETE FROM abandoned_runs WHERE client = ?1 AND dest_id = ?2")
             .and_then(|mut stmt| stmt.execute(params![base, dest_id]))
             .map_err(|e| self.sql_err(e))?;
@@ -848,7 +848,7 @@ impl Store {
 
     /// The job that payload `dest_id` of client `base` belongs to.
     pub fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND dest_id = ?2 ORDER BY id DESC LIMIT 1"
@@ -861,7 +861,7 @@ impl Store {
 
     /// Finished jobs whose end is older than `cutoff_ms`.
     pub fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare(
                 "SELECT id FROM jobs WHERE status IN ('Completed', 'Failed', 'Invalid', 'Killed')
@@ -879,7 +879,7 @@ impl Store {
     /// Ids of the jobs that may have files (all but Cleaned ones): files of any other id
     /// belong to an upload that was never committed or to a clean-up cut short.
     pub fn ids_with_files(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare("SELECT id FROM jobs WHERE status != 'Cleaned'")
             .map_err(|e| self.sql_err(e))?;
@@ -894,7 +894,7 @@ impl Store {
     /// A page of jobs, newest first, filtered by user, service and status; and how many
     /// jobs match in all.
     pub fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut conditions = Vec::new();
         let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
         if let Some(user) = filter.user_id {
@@ -942,7 +942,7 @@ impl Store {
     }
 
     pub fn count(&self) -> anyhow::Result<i64> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
             .map_err(|e| self.sql_err(e))
     }
