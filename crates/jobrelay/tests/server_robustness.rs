@@ -207,19 +207,20 @@ async fn start_closing_stub(close_after: Duration) -> ClosingStub {
 
 #[tokio::test]
 async fn the_server_never_reuses_a_connection_idle_as_long_as_clients_keep_them() {
-    // Clients close idle connections after JOBRELAY_SLOW_REQUEST_SECS (1 s here, as for the
-    // server); the server's probe comes every 2 s (half of --client-timeout 4).
-    let close_after = Duration::from_secs(1);
+    // Clients close idle connections after JOBRELAY_SLOW_REQUEST_SECS (2 s here, as for the
+    // server, which then pools for 1 s: a second of margin on a loaded machine); the server's
+    // probe comes every 3 s (half of --client-timeout 6).
+    let close_after = Duration::from_secs(2);
     let stub = start_closing_stub(close_after).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_server_config(dir.path(), &[("example", vec![stub.url.clone()], 2, 4)]);
     let _server = start_server_with_env(
         dir.path(),
         &config,
-        &["--client-timeout", "4"],
-        &[("JOBRELAY_SLOW_REQUEST_SECS", "1")],
+        &["--client-timeout", "6"],
+        &[("JOBRELAY_SLOW_REQUEST_SECS", "2")],
     );
-    // Four probes: three idle gaps of about 2 s, each longer than the clients keep a
+    // Four probes: three idle gaps of about 3 s, each longer than the clients keep a
     // connection.
     eventually(LONG, "four probes of the stub", || async {
         (stub.health_checks.load(Ordering::SeqCst) >= 4).then_some(())
