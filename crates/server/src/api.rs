@@ -203,12 +203,15 @@ async fn ping() -> Json<serde_json::Value> {
 /// Health check.
 #[utoipa::path(get, path = "/health", responses(
     (status = 200, description = "`{\"status\":\"healthy\"}`"),
-    (status = 503, description = "`{\"status\":\"unhealthy\",\"message\":...}`: the database is damaged or cannot be read"),
+    (status = 503, description = "`{\"status\":\"unhealthy\",\"message\":...}`: the database is damaged or cannot be read, or a background loop (dispatcher, janitor, a client's probe or collector...) is down or restarting too often"),
 ))]
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
-    let checked = tokio::task::spawn_blocking(move || shared.store.health())
-        .await
-        .unwrap_or_else(|_| Err("the health check failed".into()));
+    let checked = match shared.loops.health() {
+        Err(why) => Err(why),
+        Ok(()) => tokio::task::spawn_blocking(move || shared.store.health())
+            .await
+            .unwrap_or_else(|_| Err("the health check failed".into())),
+    };
     match checked {
         Ok(()) => Json(serde_json::json!({ "status": "healthy" })).into_response(),
         Err(why) => (
@@ -360,11 +363,7 @@ async fn upload(
                 ApiError::from(e)
             }
         })?;
-    shared
-        .sched
-        .lock()
-        .unwrap()
-        .enqueue(service_id, user_id, job.id);
+    crate::lock(&shared.sched).enqueue(service_id, user_id, job.id);
     shared.wake.notify_one();
     tracing::info!(
         job = job.id,

@@ -29,8 +29,8 @@ pub const FULL_PAUSE: Duration = Duration::from_secs(10);
 pub struct ClientHandle {
     pub id: ClientId,
     pub endpoint: ClientEndpoint,
-    /// HTTP to this client: the server's shared connection pool with the client's token as a
-    /// default header (see [`http_for`]).
+    /// HTTP to this client: its own connection pool, with the client's token as a default
+    /// header (see [`http_for`]).
     pub http: reqwest::Client,
     /// The last `/info` answer; `None` for a client without `/info` or not reached yet.
     pub info: Mutex<Option<ClientInfo>>,
@@ -73,16 +73,14 @@ impl ClientHandle {
 
     /// True if the client advertised this extension in `/info`.
     pub fn has(&self, feature: &str) -> bool {
-        self.info
-            .lock()
-            .unwrap()
+        crate::lock(&self.info)
             .as_ref()
             .is_some_and(|i| i.features.iter().any(|f| f == feature))
     }
 
     /// True while the client is kept out of placement after answering 507 (disk full).
     pub fn is_full(&self) -> bool {
-        let mut full = self.full_until.lock().unwrap();
+        let mut full = crate::lock(&self.full_until);
         match *full {
             Some(until) if Instant::now() < until => true,
             Some(_) => {
@@ -95,24 +93,33 @@ impl ClientHandle {
 
     /// Identity of the client's data directory, as last seen.
     pub fn node(&self) -> Option<String> {
-        self.info.lock().unwrap().as_ref().map(|i| i.node.clone())
+        crate::lock(&self.info).as_ref().map(|i| i.node.clone())
     }
 
     pub fn set_node(&self, node: &str) {
-        if let Some(info) = self.info.lock().unwrap().as_mut() {
+        if let Some(info) = crate::lock(&self.info).as_mut() {
             info.node = node.to_owned();
         }
     }
 
     /// True once the first probe got an answer.
     pub fn known(&self) -> bool {
-        self.probed.lock().unwrap().is_some()
+        crate::lock(&self.probed).is_some()
     }
 
     /// How long the client has been failing requests, if it is.
     pub fn unreachable_for(&self) -> Option<Duration> {
-        self.unreachable_since.lock().unwrap().map(|t| t.elapsed())
+        crate::lock(&self.unreachable_since).map(|t| t.elapsed())
     }
+}
+
+/// How long a connection to a client may wait idle in the pool: half the time after which a
+/// client closes an idle keep-alive connection (`jobrelay_common::serve::slow_request`, 30 s
+/// unless `JOBRELAY_SLOW_REQUEST_SECS` says otherwise; the server assumes its clients run
+/// with the value it has itself). Pooled as long as the client keeps it, a connection could
+/// be reused just as the client closes it: a send that fails and uses up an attempt.
+pub fn pool_idle() -> Duration {
+    jobrelay_common::serve::slow_request() / 2
 }
 
 /// The HTTP client for requests to `endpoint`: timeouts as the server's, and its token (if
@@ -126,7 +133,7 @@ pub fn http_for(
         .no_proxy()
         .connect_timeout(Duration::from_secs(5))
         .read_timeout(Duration::from_secs(120))
-        .pool_idle_timeout(Duration::from_secs(30));
+        .pool_idle_timeout(pool_idle());
     if let Some(token) = &endpoint.token {
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(reqwest::header::AUTHORIZATION, token.header_value());
@@ -148,13 +155,13 @@ pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
 /// timeout, which must not lengthen `--client-timeout`).
 pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Instant) {
     let was_healthy = {
-        let mut sched = shared.sched.lock().unwrap();
+        let mut sched = crate::lock(&shared.sched);
         let was = sched.client_healthy(client.id);
         sched.set_client_health(client.id, false);
         was
     };
     {
-        let mut since = client.unreachable_since.lock().unwrap();
+        let mut since = crate::lock(&client.unreachable_since);
         *since = Some(since.map_or(sent, |t| t.min(sent)));
     }
     if was_healthy {
@@ -166,18 +173,14 @@ pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Ins
 /// The client answered 507 (no disk space for a payload): no job is placed there for
 /// [`FULL_PAUSE`]; its probe puts it back after that (and wakes the dispatcher).
 pub fn full(shared: &Shared, client: &ClientHandle) {
-    *client.full_until.lock().unwrap() = Some(Instant::now() + FULL_PAUSE);
-    shared
-        .sched
-        .lock()
-        .unwrap()
-        .set_client_health(client.id, false);
+    *crate::lock(&client.full_until) = Some(Instant::now() + FULL_PAUSE);
+    crate::lock(&shared.sched).set_client_health(client.id, false);
     tracing::warn!(client = client.base(), pause = ?FULL_PAUSE, "client has no disk space; placing jobs elsewhere for a while");
 }
 
 /// A request to the client succeeded.
 pub fn reached(client: &ClientHandle) {
-    *client.unreachable_since.lock().unwrap() = None;
+    *crate::lock(&client.unreachable_since) = None;
     client
         .last_seen_ms
         .store(crate::store::now_ms(), std::sync::atomic::Ordering::Relaxed);
@@ -263,6 +266,7 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
     let mut backoff = PROBE_BACKOFF_MIN;
     let timeout = probe_timeout(shared.config.client_timeout);
     loop {
+        crate::supervise::fault_point("probe");
         let sent = Instant::now();
         let wait = match probe_once(&client, timeout).await {
             Ok(probe) => {
@@ -271,7 +275,7 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                 let (slots, has_info) = match probe {
                     Probe::Info(info) => {
                         let slots = Some(info.slots.max(1));
-                        let previous = client.info.lock().unwrap().replace(info.clone());
+                        let previous = crate::lock(&client.info).replace(info.clone());
                         if let Some(previous) = previous {
                             if previous.node != info.node {
                                 tracing::warn!(client = client.base(), old = %previous.node, new = %info.node, "client lost its data directory");
@@ -280,13 +284,13 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                         (slots, true)
                     }
                     Probe::Seed => {
-                        *client.info.lock().unwrap() = None;
+                        *crate::lock(&client.info) = None;
                         (None, false)
                     }
                 };
-                let first = client.probed.lock().unwrap().replace(has_info).is_none();
+                let first = crate::lock(&client.probed).replace(has_info).is_none();
                 let (was_healthy, old_slots) = {
-                    let mut sched = shared.sched.lock().unwrap();
+                    let mut sched = crate::lock(&shared.sched);
                     let was = (
                         sched.client_healthy(client.id),
                         sched.client_slots(client.id),

@@ -42,6 +42,7 @@ pub async fn watch(shared: Arc<Shared>, client: Arc<ClientHandle>) {
     }
     let mut feed = Feed::default();
     loop {
+        crate::supervise::fault_point("collector");
         if client.has("events") {
             events_round(&shared, &client, &mut feed).await;
         } else {
@@ -125,7 +126,7 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
             _ => {
                 // The payload no longer takes a slot there: the next job may go while
                 // this one's results are fetched (its quotas stay taken until then).
-                if event.status.is_finished() && shared.sched.lock().unwrap().leave_client(job.id) {
+                if event.status.is_finished() && crate::lock(&shared.sched).leave_client(job.id) {
                     shared.wake.notify_one();
                 }
                 tokio::spawn(check_job(shared.clone(), client.clone(), job));
@@ -195,7 +196,7 @@ struct InFlight<'a>(&'a Shared, i64, bool);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if self.2 {
-            self.0.in_flight.lock().unwrap().remove(&self.1);
+            crate::lock(&self.0.in_flight).remove(&self.1);
         }
     }
 }
@@ -205,7 +206,7 @@ impl Drop for InFlight<'_> {
 /// so no news is lost between its request and its end.
 pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job) {
     {
-        let mut in_flight = shared.in_flight.lock().unwrap();
+        let mut in_flight = crate::lock(&shared.in_flight);
         if let Some(again) = in_flight.get_mut(&job.id) {
             *again = true;
             return;
@@ -219,7 +220,7 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
     let mut outcome;
     loop {
         outcome = check_once(&shared, &client, job.id).await;
-        let mut in_flight = shared.in_flight.lock().unwrap();
+        let mut in_flight = crate::lock(&shared.in_flight);
         match in_flight.get_mut(&job.id) {
             Some(again) if *again => *again = false,
             _ => {
@@ -236,7 +237,7 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
     drop(guard);
     match outcome {
         Ok(()) => {
-            shared.fetch_failures.lock().unwrap().remove(&job.id);
+            crate::lock(&shared.fetch_failures).remove(&job.id);
         }
         Err(error) => retry_later(shared, client, job, error),
     }
@@ -250,7 +251,7 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
 fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, error: CheckError) {
     let why = error.why;
     let (since, tries) = {
-        let mut failures = shared.fetch_failures.lock().unwrap();
+        let mut failures = crate::lock(&shared.fetch_failures);
         let entry = failures
             .entry(job.id)
             .or_insert_with(|| (std::time::Instant::now(), 0));
@@ -267,7 +268,7 @@ fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, error: 
         );
     }
     if since.elapsed() > shared.config.client_timeout {
-        shared.fetch_failures.lock().unwrap().remove(&job.id);
+        crate::lock(&shared.fetch_failures).remove(&job.id);
         jobs::fail(
             &shared,
             &job,

@@ -31,7 +31,12 @@ pub const PAUSE_AFTER_SUBMIT: &str = "JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS";
 /// Runs forever: waits for a wake-up, dispatches what the scheduler decides.
 pub async fn run(shared: Arc<Shared>) {
     loop {
-        let decisions = shared.sched.lock().unwrap().decide();
+        let decisions = {
+            let mut sched = crate::lock(&shared.sched);
+            // Under the lock, so the tests also see a poisoned scheduler lock survived.
+            crate::supervise::fault_point("dispatcher");
+            sched.decide()
+        };
         for decision in decisions {
             tokio::spawn(dispatch(shared.clone(), decision));
         }
@@ -75,7 +80,7 @@ async fn dispatch(shared: Arc<Shared>, decision: Decision) {
 }
 
 fn release_slot(shared: &Shared, id: i64) {
-    if shared.sched.lock().unwrap().finish(id) {
+    if crate::lock(&shared.sched).finish(id) {
         shared.wake.notify_one();
     }
 }

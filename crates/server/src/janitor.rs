@@ -14,6 +14,7 @@ pub async fn run(shared: Arc<Shared>) {
     let period =
         (shared.config.max_age / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
     loop {
+        crate::supervise::fault_point("janitor");
         tokio::time::sleep(period).await;
         if let Err(e) = sweep(&shared).await {
             tracing::error!(error = %e, "janitor sweep failed");

@@ -22,7 +22,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// slot and the check failures are the new run's.
 fn free_slot(shared: &Shared, id: i64) {
     forget_checks(shared, id);
-    if shared.sched.lock().unwrap().finish(id) {
+    if crate::lock(&shared.sched).finish(id) {
         shared.wake.notify_one();
     }
 }
@@ -30,7 +30,7 @@ fn free_slot(shared: &Shared, id: i64) {
 /// Forgets since when the checks of the job's run have been failing (the collector's
 /// `fetch_failures`): that run is over, and the next one starts with a clean slate.
 fn forget_checks(shared: &Shared, id: i64) {
-    shared.fetch_failures.lock().unwrap().remove(&id);
+    crate::lock(&shared.fetch_failures).remove(&id);
 }
 
 /// Ends a job as Failed with `reason`, from any of `from`.
@@ -138,7 +138,7 @@ fn requeue_inner(
     if delay.is_zero() {
         forget_checks(shared, id);
         // Freed and queued again under one lock: no other job of the user takes its place.
-        let mut sched = shared.sched.lock().unwrap();
+        let mut sched = crate::lock(&shared.sched);
         sched.finish(id);
         sched.push_front(service, user, id);
         drop(sched);
@@ -159,7 +159,7 @@ fn requeue_inner(
 /// under the scheduler's lock, and `terminate` commits Killed before it takes that lock to
 /// take the job out of its queue: either this sees Killed, or that finds the job queued.
 fn offer_again(shared: &Shared, service: ServiceId, user: i64, id: i64) {
-    let mut sched = shared.sched.lock().unwrap();
+    let mut sched = crate::lock(&shared.sched);
     match shared.store.get(id) {
         Ok(Some(job)) if job.status == JobStatus::Queued => {}
         Ok(_) => return,
@@ -707,11 +707,7 @@ pub async fn terminate(shared: &Arc<Shared>, id: i64) -> anyhow::Result<Terminat
                 if let Some(done) = done {
                     forget_checks(shared, id);
                     if let Some(&service) = shared.service_ids.get(&job.service) {
-                        shared
-                            .sched
-                            .lock()
-                            .unwrap()
-                            .remove_queued(service, job.user_id, id);
+                        crate::lock(&shared.sched).remove_queued(service, job.user_id, id);
                     }
                     return Ok(Terminated::Done(done));
                 }

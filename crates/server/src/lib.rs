@@ -11,7 +11,8 @@
 //! - [`collector`]: follows jobs on clients (change feed or polling) and fetches results;
 //! - [`jobs`]: the job state changes that touch store, scheduler and files together;
 //! - [`api`]: thin HTTP handlers and the OpenAPI document;
-//! - [`janitor`]: removes files of jobs past the retention period.
+//! - [`janitor`]: removes files of jobs past the retention period;
+//! - [`supervise`]: runs the background loops, restarts one that panics, reports them.
 
 pub mod api;
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod jobs;
 pub mod observe;
 pub mod scheduler;
 pub mod store;
+pub mod supervise;
 pub mod telemetry;
 
 #[cfg(test)]
@@ -32,7 +34,7 @@ mod lifecycle_tests;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub use config::{ClientEndpoint, ServerArgs, ServerConfig, ServiceConfig};
@@ -47,6 +49,16 @@ use crate::store::{JobStatus, Store};
 /// Most job checks (`/retrieve` calls and result downloads) in progress at once.
 const MAX_CONCURRENT_CHECKS: usize = 64;
 
+/// Locks `mutex` even when a thread panicked while holding it. Every mutex of the server holds
+/// state that a panic cannot leave torn (maps and values changed by single calls; the
+/// database's transaction rolls back as the panic unwinds), so one panicking task must not
+/// make every later user of the lock panic too.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// State shared by every part of a running server.
 pub struct Shared {
     pub config: ServerConfig,
@@ -57,7 +69,6 @@ pub struct Shared {
     pub clients: Vec<Arc<ClientHandle>>,
     pub client_by_base: HashMap<String, usize>,
     pub service_ids: HashMap<String, ServiceId>,
-    pub http: reqwest::Client,
     /// Jobs whose state is being checked on their client right now; `true` when another
     /// check was asked for meanwhile.
     pub in_flight: Mutex<HashMap<i64, bool>>,
@@ -72,6 +83,8 @@ pub struct Shared {
     pub results_dir: PathBuf,
     /// `<data>/staging/`: uploads being received.
     pub staging_dir: PathBuf,
+    /// The background loops, for `/health`.
+    pub loops: supervise::Loops,
 }
 
 impl Shared {
@@ -137,16 +150,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     }
     let store = Store::open_with_mark(&config.db_path, &data_dir.join(JOB_ID_MARK))?;
     refuse_a_database_behind_its_files(&store, &config.db_path, &jobs_dir, &results_dir)?;
-
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(5))
-        .read_timeout(Duration::from_secs(120))
-        // Well under the clients' idle close (jobrelay_common::serve: a keep-alive connection
-        // without a new request for 30 s is closed), so a pooled connection is never reused
-        // just as the client closes it.
-        .pool_idle_timeout(Duration::from_secs(15))
-        .build()?;
 
     let client_ca = match &config.client_ca {
         Some(path) => {
@@ -233,7 +236,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         clients,
         client_by_base,
         service_ids,
-        http,
+        loops: supervise::Loops::default(),
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
         fetch_failures: Mutex::new(HashMap::new()),
@@ -266,19 +269,25 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
     };
     let mut tasks = Vec::new();
+    // Each background loop is restarted if it panics (supervise), and /health names one
+    // that is down or restarting too often.
+    let loops = &shared.loops;
     for client in &shared.clients {
-        tasks.push(tokio::spawn(clients::probe_loop(
-            shared.clone(),
-            client.clone(),
-        )));
-        tasks.push(tokio::spawn(collector::watch(
-            shared.clone(),
-            client.clone(),
-        )));
+        let (s, c) = (shared.clone(), client.clone());
+        tasks.push(loops.spawn("probe", Some(client.base()), move || {
+            clients::probe_loop(s.clone(), c.clone())
+        }));
+        let (s, c) = (shared.clone(), client.clone());
+        tasks.push(loops.spawn("collector", Some(client.base()), move || {
+            collector::watch(s.clone(), c.clone())
+        }));
     }
-    tasks.push(tokio::spawn(dispatcher::run(shared.clone())));
-    tasks.push(tokio::spawn(janitor::run(shared.clone())));
-    tasks.push(tokio::spawn(check_integrity(shared.clone())));
+    let s = shared.clone();
+    tasks.push(loops.spawn("dispatcher", None, move || dispatcher::run(s.clone())));
+    let s = shared.clone();
+    tasks.push(loops.spawn("janitor", None, move || janitor::run(s.clone())));
+    let s = shared.clone();
+    tasks.push(loops.spawn("integrity", None, move || check_integrity(s.clone())));
     for job in resend {
         tasks.push(tokio::spawn(dispatcher::resend(shared.clone(), job)));
     }
@@ -358,6 +367,7 @@ fn refuse_a_database_behind_its_files(
 /// fails `/health`, not only the queries that happen to read it.
 async fn check_integrity(shared: Arc<Shared>) {
     loop {
+        supervise::fault_point("integrity");
         let store = shared.clone();
         let _ = tokio::task::spawn_blocking(move || store.store.check_integrity()).await;
         tokio::time::sleep(INTEGRITY_EVERY).await;
@@ -391,7 +401,7 @@ fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
     }
     let mut resend = Vec::new();
     let mut orphans = Vec::new();
-    let mut sched = shared.sched.lock().unwrap();
+    let mut sched = crate::lock(&shared.sched);
     for job in shared.store.in_states(&JobStatus::NOT_FINISHED)? {
         let Some(&service) = shared.service_ids.get(&job.service) else {
             drop(sched);
@@ -401,7 +411,7 @@ fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
                 JobStatus::NOT_FINISHED.as_slice(),
                 format!("service {:?} is no longer configured", job.service),
             );
-            sched = shared.sched.lock().unwrap();
+            sched = crate::lock(&shared.sched);
             continue;
         };
         match job.status {

@@ -42,7 +42,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
     sched.set_client(client, true, Some(8), 0.0);
     let sid = sched.add_service(service.runs_per_user, service.max_runs, vec![client]);
     let http = clients::http_for(&endpoint, None).unwrap();
-    let handle = Arc::new(ClientHandle::new(client, endpoint.clone(), http.clone()));
+    let handle = Arc::new(ClientHandle::new(client, endpoint.clone(), http));
     let (jobs_dir, results_dir, staging_dir) = (
         dir.path().join("jobs"),
         dir.path().join("results"),
@@ -59,7 +59,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
         clients: vec![handle],
         client_by_base: [(endpoint.base.clone(), client)].into(),
         service_ids: [(SERVICE.to_owned(), sid)].into(),
-        http,
+        loops: crate::supervise::Loops::default(),
         in_flight: Mutex::new(HashMap::new()),
         fetch_failures: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(4),
@@ -93,7 +93,7 @@ impl Fixture {
     /// What the dispatcher does up to its send: the scheduler's decisions, each committed
     /// Processing with one more attempt. Returns the jobs it sends.
     fn dispatch(&self) -> Vec<Job> {
-        let decisions = self.shared.sched.lock().unwrap().decide();
+        let decisions = crate::lock(&self.shared.sched).decide();
         let base = self.shared.clients[0].base().to_owned();
         decisions
             .into_iter()
@@ -137,11 +137,11 @@ impl Fixture {
     }
 
     fn is_active(&self, id: i64) -> bool {
-        self.shared.sched.lock().unwrap().is_active(id)
+        crate::lock(&self.shared.sched).is_active(id)
     }
 
     fn queued(&self) -> usize {
-        self.shared.sched.lock().unwrap().queued(self.service)
+        crate::lock(&self.shared.sched).queued(self.service)
     }
 
     /// A check of `id`'s run that has been failing for an hour (the collector's record).
@@ -157,7 +157,7 @@ impl Fixture {
     }
 
     fn checks_failing(&self, id: i64) -> bool {
-        self.shared.fetch_failures.lock().unwrap().contains_key(&id)
+        crate::lock(&self.shared.fetch_failures).contains_key(&id)
     }
 }
 
@@ -332,7 +332,7 @@ async fn failing_checks_are_forgotten_when_the_run_ends() {
 
     jobs::fail(&f.shared, &runs[3], &JobStatus::ON_CLIENT, "failed".into());
     assert!(!f.checks_failing(runs[3].id), "failed");
-    assert!(f.shared.fetch_failures.lock().unwrap().is_empty());
+    assert!(crate::lock(&f.shared.fetch_failures).is_empty());
 }
 
 /// A whole archive holding one file.

@@ -104,12 +104,12 @@ pub struct ClientView {
 }
 
 fn client_views(shared: &Shared) -> Vec<ClientView> {
-    let sched = shared.sched.lock().unwrap();
+    let sched = crate::lock(&shared.sched);
     shared
         .clients
         .iter()
         .map(|client| {
-            let info = client.info.lock().unwrap().clone();
+            let info = crate::lock(&client.info).clone();
             let last_seen = client.last_seen_ms.load(Ordering::Relaxed);
             ClientView {
                 url: client.base().to_owned(),
@@ -156,7 +156,7 @@ async fn overview(
         *states.entry(status).or_insert(0) += count;
     }
     let services = {
-        let sched = shared.sched.lock().unwrap();
+        let sched = crate::lock(&shared.sched);
         let mut services: Vec<ServiceUsage> = shared
             .service_ids
             .iter()
@@ -241,13 +241,14 @@ async fn clients(
     Ok(Json(client_views(&shared)))
 }
 
-/// Every state the job went through, with times, attempts and clients.
+/// Every state the job went through, with times, attempts and clients. Empty once the job is
+/// Cleaned: its timeline is removed with its files (the job itself still answers).
 #[utoipa::path(
     get,
     path = "/jobs/{id}/events",
     params(("id" = i64, Path, description = "Job id")),
     responses(
-        (status = 200, body = [JobEvent]),
+        (status = 200, description = "Oldest first; `[]` for a Cleaned job", body = [JobEvent]),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]

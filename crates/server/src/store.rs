@@ -88,6 +88,20 @@ impl JobStatus {
     }
 }
 
+/// A status column the server does not know (written by a newer version, or by hand) is an
+/// error naming it, never read as some other state: read as Failed it would be final, its
+/// quota freed and its files cleaned while a run may still be going.
+impl rusqlite::types::FromSql for JobStatus {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let text = value.as_str()?;
+        JobStatus::parse(text).ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(
+                format!("unknown job status {text:?} in the database").into(),
+            )
+        })
+    }
+}
+
 impl std::fmt::Display for JobStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -152,13 +166,12 @@ const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, 
                        dispatch_key, exit_code, created_ms, updated_ms, finished_ms";
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
-    let status: String = row.get(1)?;
     let created_ms: i64 = row.get(11)?;
     let updated_ms: i64 = row.get(12)?;
     let finished_ms: Option<i64> = row.get(13)?;
     Ok(Job {
         id: row.get(0)?,
-        status: JobStatus::parse(&status).unwrap_or(JobStatus::Failed),
+        status: row.get(1)?,
         message: row.get(2)?,
         user_id: row.get(3)?,
         service: row.get(4)?,
@@ -288,7 +301,7 @@ pub struct JobWatch<'a> {
 
 impl Drop for JobWatch<'_> {
     fn drop(&mut self) {
-        let mut watchers = self.store.watchers.lock().unwrap();
+        let mut watchers = crate::lock(&self.store.watchers);
         // Ours and the map's: nobody else waits on this job.
         if Arc::strong_count(&self.notify) <= 2 {
             watchers.remove(&self.id);
@@ -378,6 +391,15 @@ impl Store {
                 id
             }
         };
+        // Once per database: the timelines of jobs cleaned by a version that kept them.
+        conn.execute_batch(
+            "BEGIN;
+             DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE status = 'Cleaned')
+                 AND NOT EXISTS (SELECT 1 FROM meta WHERE key = 'cleaned_events_pruned');
+             INSERT OR IGNORE INTO meta (key, value) VALUES ('cleaned_events_pruned', '1');
+             COMMIT;",
+        )
+        .map_err(sql_err)?;
         Ok(Store {
             conn: Mutex::new(conn),
             server_id,
@@ -416,7 +438,7 @@ impl Store {
             })?,
         };
         let highest = {
-            let conn = store.conn.lock().unwrap();
+            let conn = crate::lock(&store.conn);
             let highest: i64 = conn
                 .query_row(
                     "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
@@ -455,7 +477,7 @@ impl Store {
 
     /// Every job id the database holds.
     pub fn all_ids(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare("SELECT id FROM jobs")
             .map_err(|e| self.sql_err(e))?;
@@ -469,10 +491,10 @@ impl Store {
 
     /// `Err` with the reason when the database is known to be damaged or cannot be read.
     pub fn health(&self) -> Result<(), String> {
-        if let Some(why) = self.damaged.lock().unwrap().clone() {
+        if let Some(why) = crate::lock(&self.damaged).clone() {
             return Err(why);
         }
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         conn.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get::<_, i64>(0))
             .map(|_| ())
             .map_err(|e| self.sql_err(e).to_string())
@@ -482,7 +504,7 @@ impl Store {
     /// [`Store::health`]. Takes time in proportion to the database's size.
     pub fn check_integrity(&self) -> Result<(), String> {
         let result: Result<Vec<String>, rusqlite::Error> = {
-            let conn = self.conn.lock().unwrap();
+            let conn = crate::lock(&self.conn);
             conn.prepare("PRAGMA quick_check(5)").and_then(|mut stmt| {
                 stmt.query_map([], |r| r.get::<_, String>(0))?
                     .collect::<Result<Vec<_>, _>>()
@@ -494,7 +516,7 @@ impl Store {
             Err(e) => format!("database integrity check failed: {e}"),
         };
         tracing::error!("{why}");
-        *self.damaged.lock().unwrap() = Some(why.clone());
+        *crate::lock(&self.damaged) = Some(why.clone());
         Err(why)
     }
 
@@ -504,7 +526,7 @@ impl Store {
             e.sqlite_error_code(),
             Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
         ) {
-            let mut damaged = self.damaged.lock().unwrap();
+            let mut damaged = crate::lock(&self.damaged);
             if damaged.is_none() {
                 tracing::error!(error = %e, "the database is damaged");
                 *damaged = Some(format!("the database is damaged: {e}"));
@@ -516,7 +538,7 @@ impl Store {
     /// Registers a long-poll on job `id`. Create the `notified()` future (and `enable` it)
     /// before reading the job, so that no change between the read and the wait is missed.
     pub fn watch(&self, id: i64) -> JobWatch<'_> {
-        let notify = self.watchers.lock().unwrap().entry(id).or_default().clone();
+        let notify = crate::lock(&self.watchers).entry(id).or_default().clone();
         JobWatch {
             store: self,
             id,
@@ -525,7 +547,7 @@ impl Store {
     }
 
     fn changed(&self, id: i64) {
-        if let Some(notify) = self.watchers.lock().unwrap().get(&id) {
+        if let Some(notify) = crate::lock(&self.watchers).get(&id) {
             notify.notify_waiters();
         }
     }
@@ -543,7 +565,7 @@ impl Store {
         service: &str,
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
-        let mut conn = self.conn.lock().unwrap();
+        let mut conn = crate::lock(&self.conn);
         let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         tx.prepare_cached(
@@ -555,7 +577,7 @@ impl Store {
         let id = tx.last_insert_rowid();
         // Before the commit: a mark ahead of the database skips an id, never reuses one.
         if let Some(mark) = &self.mark {
-            write_mark(&mark.lock().unwrap(), id)
+            write_mark(&crate::lock(mark), id)
                 .map_err(|e| anyhow::anyhow!("cannot record the job-id mark: {e}"))?;
         }
         record_event(&tx, id, now, JobStatus::Queued, "Job queued", 0, None)?;
@@ -572,7 +594,7 @@ impl Store {
     }
 
     pub fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
             .and_then(|mut stmt| stmt.query_row([id], job_from_row).optional())
             .map_err(|e| self.sql_err(e))
@@ -587,7 +609,7 @@ impl Store {
         to: JobStatus,
         change: Change,
     ) -> anyhow::Result<Option<Job>> {
-        let mut conn = self.conn.lock().unwrap();
+        let mut conn = crate::lock(&self.conn);
         let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         let mut sets = vec!["status = ?1".to_owned(), "updated_ms = ?2".to_owned()];
@@ -653,8 +675,15 @@ impl Store {
                 .optional()
             })
             .map_err(|e| self.sql_err(e))?;
-        if let Some(job) = &job {
-            record_event(
+        match &job {
+            // A Cleaned job keeps its row (its id answers) but not its timeline: the events
+            // table would otherwise grow with every job ever run.
+            Some(_) if to == JobStatus::Cleaned => {
+                tx.prepare_cached("DELETE FROM job_events WHERE job_id = ?1")
+                    .and_then(|mut stmt| stmt.execute([id]))
+                    .map_err(|e| self.sql_err(e))?;
+            }
+            Some(job) => record_event(
                 &tx,
                 id,
                 now,
@@ -662,7 +691,8 @@ impl Store {
                 &job.message,
                 job.attempts,
                 job.client.as_deref(),
-            )?;
+            )?,
+            None => {}
         }
         tx.commit().map_err(|e| self.sql_err(e))?;
         // Waiters woken below read the job again: not under this lock.
@@ -685,7 +715,7 @@ impl Store {
 
     /// Every state a job went through, oldest first.
     pub fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT at_ms, status, message, attempts, client FROM job_events
@@ -710,7 +740,7 @@ impl Store {
 
     /// Number of jobs per (service, status), of one user or of all.
     pub fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT service, status, COUNT(*) FROM jobs
@@ -730,7 +760,7 @@ impl Store {
         since_ms: i64,
         user: Option<i64>,
     ) -> anyhow::Result<Vec<(i64, i64)>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT finished_ms / 60000 * 60000 AS minute, COUNT(*) FROM jobs
@@ -748,7 +778,7 @@ impl Store {
 
     /// Jobs in any of `states`, oldest first.
     pub fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let list = states
             .iter()
             .map(|s| format!("'{}'", s.as_str()))
@@ -769,7 +799,7 @@ impl Store {
 
     /// Jobs on client `base` in Submitted or Running.
     pub fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND status IN ('Submitted', 'Running') ORDER BY id"
@@ -785,7 +815,7 @@ impl Store {
 
     /// Runs given away on client `base` that are still to be killed there.
     pub fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(
                 "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
@@ -809,7 +839,7 @@ impl Store {
 
     /// An abandoned run is dealt with (killed, or found gone or not ours).
     pub fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         conn.prepare_cached("DELETE FROM abandoned_runs WHERE client = ?1 AND dest_id = ?2")
             .and_then(|mut stmt| stmt.execute(params![base, dest_id]))
             .map_err(|e| self.sql_err(e))?;
@@ -818,7 +848,7 @@ impl Store {
 
     /// The job that payload `dest_id` of client `base` belongs to.
     pub fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND dest_id = ?2 ORDER BY id DESC LIMIT 1"
@@ -831,7 +861,7 @@ impl Store {
 
     /// Finished jobs whose end is older than `cutoff_ms`.
     pub fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare(
                 "SELECT id FROM jobs WHERE status IN ('Completed', 'Failed', 'Invalid', 'Killed')
@@ -849,7 +879,7 @@ impl Store {
     /// Ids of the jobs that may have files (all but Cleaned ones): files of any other id
     /// belong to an upload that was never committed or to a clean-up cut short.
     pub fn ids_with_files(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare("SELECT id FROM jobs WHERE status != 'Cleaned'")
             .map_err(|e| self.sql_err(e))?;
@@ -864,7 +894,7 @@ impl Store {
     /// A page of jobs, newest first, filtered by user, service and status; and how many
     /// jobs match in all.
     pub fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         let mut conditions = Vec::new();
         let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
         if let Some(user) = filter.user_id {
@@ -912,7 +942,7 @@ impl Store {
     }
 
     pub fn count(&self) -> anyhow::Result<i64> {
-        let conn = self.conn.lock().unwrap();
+        let conn = crate::lock(&self.conn);
         conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
             .map_err(|e| self.sql_err(e))
     }
@@ -1081,6 +1111,83 @@ mod tests {
         assert!(store.check_integrity().is_err());
         let why = store.health().unwrap_err();
         assert!(why.contains("integrity"), "{why}");
+    }
+
+    #[test]
+    fn an_unknown_status_in_the_database_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let store = Store::open(&db).unwrap();
+        let job = store.insert_job(1, "x", |_| Ok(())).unwrap();
+        Connection::open(&db)
+            .unwrap()
+            .execute("UPDATE jobs SET status = 'Paused' WHERE id = ?1", [job.id])
+            .unwrap();
+        let why = store.get(job.id).unwrap_err().to_string();
+        assert!(
+            why.contains("unknown job status \"Paused\""),
+            "read back as {:?}, error {why}",
+            store.get(job.id).ok()
+        );
+        assert!(store
+            .list(&ListFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .is_err());
+    }
+
+    #[test]
+    fn a_cleaned_job_keeps_no_timeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let store = Store::open(&db).unwrap();
+        let cleaned = store.insert_job(1, "x", |_| Ok(())).unwrap().id;
+        let kept = store.insert_job(1, "x", |_| Ok(())).unwrap().id;
+        for id in [cleaned, kept] {
+            store
+                .transition(
+                    id,
+                    &[JobStatus::Queued],
+                    JobStatus::Killed,
+                    Change::message("k"),
+                )
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(store.history(cleaned).unwrap().len(), 2);
+        store
+            .transition(
+                cleaned,
+                &JobStatus::FINISHED,
+                JobStatus::Cleaned,
+                Change::message("files removed"),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.history(cleaned).unwrap(), vec![]);
+        assert_eq!(store.history(kept).unwrap().len(), 2);
+        assert_eq!(
+            store.get(cleaned).unwrap().unwrap().status,
+            JobStatus::Cleaned
+        );
+
+        // A database whose Cleaned jobs kept their events (an older version) is pruned once.
+        drop(store);
+        {
+            let conn = Connection::open(&db).unwrap();
+            conn.execute(
+                "INSERT INTO job_events (job_id, at_ms, status, message, attempts)
+                 VALUES (?1, 0, 'Queued', 'old', 0)",
+                [cleaned],
+            )
+            .unwrap();
+            conn.execute("DELETE FROM meta WHERE key = 'cleaned_events_pruned'", [])
+                .unwrap();
+        }
+        let store = Store::open(&db).unwrap();
+        assert_eq!(store.history(cleaned).unwrap(), vec![]);
+        assert_eq!(store.history(kept).unwrap().len(), 2);
     }
 
     #[test]
