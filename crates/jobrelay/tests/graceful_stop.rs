@@ -57,7 +57,12 @@ fn sigterm(process: &Proc) {
 /// Sends the request line, headers and the first half of `body`, SIGTERMs `process`, waits
 /// until a new connection is refused, sends the rest, and returns the status and body of the
 /// answer. Then checks that the process exits.
-async fn upload_across_sigterm(process: &mut Proc, path: &str, body: &[u8]) -> (u16, String) {
+async fn upload_across_sigterm(
+    process: &mut Proc,
+    path: &str,
+    body: &[u8],
+    staging: &std::path::Path,
+) -> (u16, String) {
     let addr = addr_of(&process.url);
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let head = format!(
@@ -68,8 +73,21 @@ async fn upload_across_sigterm(process: &mut Proc, path: &str, body: &[u8]) -> (
     let half = body.len() / 2;
     stream.write_all(&body[..half]).await.unwrap();
     stream.flush().await.unwrap();
-    // Give the server the first half for sure before the signal: it must be reading this body.
-    tokio::task::yield_now().await;
+    // The signal must find the request being read: until its handler has started (its staging
+    // directory exists), the connection is an idle one that a graceful stop may close, as
+    // HTTP allows (on a loaded machine the headers can still sit in the socket's buffer).
+    eventually(
+        Duration::from_secs(30),
+        "the upload's handler to start receiving",
+        || async {
+            std::fs::read_dir(staging)
+                .ok()?
+                .next()
+                .is_some()
+                .then_some(())
+        },
+    )
+    .await;
 
     sigterm(process);
     eventually(
@@ -134,7 +152,13 @@ async fn server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections
     let mut server = start_server(dir.path(), &config, &[]);
     let body = multipart(&[("user_id", "7"), ("service", "svc")], 4 << 20);
 
-    let (status, answer) = upload_across_sigterm(&mut server, "/upload", &body).await;
+    let (status, answer) = upload_across_sigterm(
+        &mut server,
+        "/upload",
+        &body,
+        &dir.path().join("server/staging"),
+    )
+    .await;
     assert_eq!(status, 201, "answer: {answer}\n{}", server.log());
     let id = json_of(&answer)["id"].as_i64().unwrap();
 
@@ -168,7 +192,13 @@ async fn client_sigterm_finishes_a_submit_in_flight_and_refuses_new_connections(
     let mut client = start_client(dir.path(), "client", &[]);
     let body = multipart(&[], 4 << 20);
 
-    let (status, answer) = upload_across_sigterm(&mut client, "/submit", &body).await;
+    let (status, answer) = upload_across_sigterm(
+        &mut client,
+        "/submit",
+        &body,
+        &dir.path().join("client/staging"),
+    )
+    .await;
     assert_eq!(status, 200, "answer: {answer}\n{}", client.log());
     let id = json_of(&answer)["id"].as_u64().unwrap();
     // The payload's record was written before the answer.
