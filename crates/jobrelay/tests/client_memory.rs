@@ -15,16 +15,7 @@ async fn one_gib_upload_and_retrieve_in_flat_memory() {
     let client = TestClient::start(&["--max-upload", &(2 * GIB).to_string()]);
     // Incompressible (the client deflates what shrinks, and deflate finds no repeat farther
     // than 32 KiB back), so the ZIP carries the whole gigabyte.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..CHUNK)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect();
-    let chunk = bytes::Bytes::from(noise);
+    let chunk = bytes::Bytes::from(noise(CHUNK));
     let body = futures_util::stream::iter(
         (0..GIB / CHUNK as u64).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
     );

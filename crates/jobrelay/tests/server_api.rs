@@ -759,15 +759,7 @@ async fn large_files_stream_through_the_server_in_small_memory() {
     let http = http();
     let size = 200 * 1024 * 1024;
     // Incompressible (the client deflates what shrinks), so the ZIP carries every byte.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let big: Vec<u8> = (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect();
+    let big = noise(size);
     let id = upload_job(
         &http,
         &server.url,

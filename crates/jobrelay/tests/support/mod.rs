@@ -152,6 +152,20 @@ pub fn files_form(files: &[(&str, &[u8])]) -> reqwest::multipart::Form {
     form
 }
 
+/// `len` pseudo-random bytes (xorshift): what the client's archive cannot deflate, for tests
+/// whose ZIP must carry every byte.
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
 /// Polls `check` until it returns Some, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
