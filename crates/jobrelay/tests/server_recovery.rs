@@ -558,3 +558,64 @@ async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
         .unwrap();
     assert_eq!(health.status(), 200);
 }
+
+/// A job terminated while its client cannot be reached is Killed at once, and its run there
+/// (followed by the restarted client, its supervisor having outlived the crash) is killed as
+/// soon as the client answers again: a terminate never leaves a run going.
+#[tokio::test]
+async fn a_job_terminated_while_its_client_is_down_is_killed_there_once_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let port = free_port().to_string();
+    let data = root.join("client");
+    let start = || {
+        Proc::start(
+            &[
+                "client",
+                "--port",
+                &port,
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+            root,
+        )
+    };
+    let mut client = start();
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 5)]);
+    let server = start_server(root, &config, &[]);
+    let http = http();
+    let pid_file = root.join("child.pid");
+    let script = format!("sleep 300 &\necho $! > {}\nwait\n", pid_file.display());
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", script.as_bytes())],
+    )
+    .await;
+    wait_status(&http, &server.url, id, &["Running"], LONG).await;
+    let child = read_pid(&pid_file).await;
+
+    client.kill9();
+    let response = http
+        .post(format!("{}/terminate/{id}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let job: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(job["status"], "Killed", "{job}");
+    assert!(
+        pid_alive(child),
+        "the run should outlive its client's crash"
+    );
+
+    let _client = start();
+    eventually(
+        LONG,
+        "the terminated run to be killed on the client",
+        || async { (!pid_alive(child)).then_some(()) },
+    )
+    .await;
+}

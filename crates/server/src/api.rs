@@ -143,10 +143,13 @@ impl utoipa::Modify for BearerAuth {
 #[allow(dead_code)]
 pub struct UploadForm {
     /// One or more files; the file name is the path in the work directory (`inputs/a.pdb`).
-    /// One of them must be `run.sh`.
+    /// One of them must be `run.sh`. Any part with a filename is a file, whatever its field
+    /// name: in another field it lands at the field name when that is a relative path ending
+    /// in the filename (`data/a.pdb` with filename `a.pdb`), else at the filename. Other text
+    /// fields are ignored.
     #[schema(format = Binary, content_media_type = "application/octet-stream")]
     file: Vec<String>,
-    /// Owner of the job, an integer.
+    /// Owner of the job, a non-negative integer (0 is a user like any other).
     user_id: i64,
     /// Name of a configured service.
     service: String,

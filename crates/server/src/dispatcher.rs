@@ -142,7 +142,14 @@ async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
     let files = tokio::task::spawn_blocking(move || files_of(&dir))
         .await
         // Cancelled: the runtime is shutting down (the server is stopping), the files are fine.
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::Interrupted, e))??;
+        .map_err(|e| {
+            let kind = if e.is_cancelled() {
+                std::io::ErrorKind::Interrupted
+            } else {
+                std::io::ErrorKind::Other // a panic: the job's files could not be read
+            };
+            std::io::Error::new(kind, e)
+        })??;
     for (name, path, length) in files {
         form = form.part(
             "file",

@@ -673,8 +673,8 @@ pub async fn kill_abandoned(shared: &Arc<Shared>, client: &ClientHandle) {
             }
         };
         if !done {
-            // The client went away again: the next time it answers.
-            return;
+            // Tried again the next time the client answers; the other runs are still tried.
+            continue;
         }
         if let Err(e) = shared.store.forget_abandoned(client.base(), run.dest_id) {
             tracing::error!(error = %e, "could not forget an abandoned run");
@@ -776,6 +776,10 @@ async fn terminate_on_client(
         .timeout(Duration::from_secs(120))
         .send()
         .await;
+    // A run the client could not be told to stop (unreachable, or failing with a 5xx) is
+    // remembered with Killed, so it is killed there once the client answers again; a client
+    // that does not know `/kill` (404/405, seed contract) is not asked again.
+    let mut abandon_run = false;
     let message = match answer {
         Ok(r) if r.status().is_success() => "terminated by request".to_owned(),
         Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
@@ -789,11 +793,15 @@ async fn terminate_on_client(
             tokio::time::sleep(Duration::from_millis(200)).await;
             return Ok(None);
         }
-        Ok(r) => format!(
-            "terminated; the client could not stop it (POST {url} answered {})",
-            r.status()
-        ),
+        Ok(r) => {
+            abandon_run = r.status().is_server_error();
+            format!(
+                "terminated; the client could not stop it (POST {url} answered {})",
+                r.status()
+            )
+        }
         Err(e) => {
+            abandon_run = true;
             crate::clients::failed(shared, &client, &e.to_string());
             format!("terminated; the client could not be reached to stop it: {e}")
         }
@@ -805,7 +813,10 @@ async fn terminate_on_client(
         job.id,
         &JobStatus::ON_CLIENT,
         JobStatus::Killed,
-        Change::message(message),
+        Change {
+            abandon_run,
+            ..Change::message(message)
+        },
     )?;
     Ok(match done {
         Some(done) => {
