@@ -37,17 +37,22 @@ impl CgroupTree {
         let mount = cgroup2_mount().ok_or("no cgroup2 file system is mounted")?;
         let own = own_cgroup().ok_or("this process has no cgroup v2 (no 0:: line)")?;
         let base = mount.join(own.trim_start_matches('/'));
-        if !base.join("cgroup.kill").exists() {
+        let root = base.join(format!("jobrelay-{node}"));
+        let made = match std::fs::create_dir(&root) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(format!("cannot create {}: {e}", root.display())),
+        };
+        // Asked of the sub-tree, not of our own cgroup: the root cgroup (a client in a
+        // container often runs there) has no cgroup.kill, its children do.
+        if !root.join("cgroup.kill").exists() {
+            if made {
+                let _ = std::fs::remove_dir(&root);
+            }
             return Err(format!(
                 "{} has no cgroup.kill (Linux 5.14 or later needed)",
-                base.display()
+                root.display()
             ));
-        }
-        let root = base.join(format!("jobrelay-{node}"));
-        match std::fs::create_dir(&root) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(format!("cannot create {}: {e}", root.display())),
         }
         Ok(CgroupTree { root })
     }

@@ -105,7 +105,9 @@ pub fn spawn_run_script(
 /// marker (which a process can shed by exec'ing with a clean environment; see SECURITY.md).
 #[derive(Debug, Clone)]
 pub enum Tracker {
-    Cgroup(PathBuf),
+    /// The payload's cgroup leaf, and its marker: a process running as the client's own user
+    /// can move itself out of the leaf, so the marker is swept too at every end.
+    Cgroup(PathBuf, String),
     Marker(String),
 }
 
@@ -113,7 +115,7 @@ impl Tracker {
     /// Whether any process of the payload is left.
     pub fn alive(&self) -> bool {
         match self {
-            Tracker::Cgroup(leaf) => cgroup::populated(leaf),
+            Tracker::Cgroup(leaf, _) => cgroup::populated(leaf),
             Tracker::Marker(marker) => !marked(marker).is_empty(),
         }
     }
@@ -122,7 +124,7 @@ impl Tracker {
     /// to follow: processes left without it are leftovers).
     pub fn supervisor_alive(&self) -> bool {
         let pids = match self {
-            Tracker::Cgroup(leaf) => cgroup::pids(leaf),
+            Tracker::Cgroup(leaf, _) => cgroup::pids(leaf),
             Tracker::Marker(marker) => marked(marker),
         };
         pids.into_iter().any(|pid| {
@@ -134,8 +136,8 @@ impl Tracker {
     /// Sends `signal` to every process of the payload.
     pub fn signal(&self, signal: Signal) {
         let pids = match self {
-            Tracker::Cgroup(leaf) if signal == Signal::SIGKILL => return cgroup::kill(leaf),
-            Tracker::Cgroup(leaf) => cgroup::pids(leaf),
+            Tracker::Cgroup(leaf, _) if signal == Signal::SIGKILL => return cgroup::kill(leaf),
+            Tracker::Cgroup(leaf, _) => cgroup::pids(leaf),
             Tracker::Marker(marker) => marked(marker),
         };
         for pid in pids {
@@ -147,27 +149,34 @@ impl Tracker {
     /// cgroup. Called at every end of a payload: its own, a kill, a restart.
     pub async fn kill_all(&self) {
         match self {
-            Tracker::Cgroup(leaf) => {
+            Tracker::Cgroup(leaf, marker) => {
                 cgroup::kill_and_remove(leaf, LEFTOVER_LIMIT).await;
+                kill_all_marked(marker).await;
             }
-            Tracker::Marker(marker) => {
-                // Again until a scan finds nobody: a process may fork between scan and kill.
-                let deadline = Instant::now() + LEFTOVER_LIMIT;
-                while kill_marked(marker) > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(POLL).await;
-                }
-            }
+            Tracker::Marker(marker) => kill_all_marked(marker).await,
         }
     }
 
     /// SIGKILL to every process of the payload, without waiting (client shutdown).
     pub fn kill_now(&self) {
         match self {
-            Tracker::Cgroup(leaf) => cgroup::kill(leaf),
+            Tracker::Cgroup(leaf, marker) => {
+                cgroup::kill(leaf);
+                kill_marked(marker);
+            }
             Tracker::Marker(marker) => {
                 kill_marked(marker);
             }
         }
+    }
+}
+
+/// SIGKILL to every process carrying `marker`, again until a scan finds nobody (a process may
+/// fork between scan and kill), within [`LEFTOVER_LIMIT`].
+async fn kill_all_marked(marker: &str) {
+    let deadline = Instant::now() + LEFTOVER_LIMIT;
+    while kill_marked(marker) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(POLL).await;
     }
 }
 

@@ -142,8 +142,16 @@ fn supervise(spec: &Spec) -> i32 {
     match exit {
         Exit::Code(code) => code,
         Exit::Signal(signal) => {
-            // SAFETY: restoring the default disposition and raising a signal.
+            // No core file of the supervisor in the job's directory (it would ship in the
+            // results): the payload's own core, if any, is already there.
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: setting a limit of this process, restoring the default disposition and
+            // raising a signal.
             unsafe {
+                libc::setrlimit(libc::RLIMIT_CORE, &no_core);
                 libc::signal(signal, libc::SIG_DFL);
                 libc::raise(signal);
             }

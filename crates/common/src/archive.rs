@@ -59,12 +59,18 @@ pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
 fn write_entries<W: Write>(root: &File, listing: Listing, out: W) -> io::Result<W> {
     let mut zip = ZipWriter::new_stream(out);
     let owner = root.metadata()?.uid();
-    let mut names_written = false;
+    // With names to list, the note is ours: a job's own file of that name cannot stand in
+    // for it (it is left out, and the note says so).
+    let note_needed = !listing.skipped.is_empty();
+    let mut job_note_left_out = false;
     for (relative, meta, link) in listing.entries {
         let Some(name) = zip_name(&relative) else {
             continue;
         };
-        names_written |= name == SKIPPED_NOTE;
+        if note_needed && name == SKIPPED_NOTE {
+            job_note_left_out = true;
+            continue;
+        }
         let mode = meta.permissions().mode() & 0o7777;
         let options = SimpleFileOptions::default()
             .compression_method(CompressionMethod::Stored)
@@ -108,10 +114,15 @@ fn write_entries<W: Write>(root: &File, listing: Listing, out: W) -> io::Result<
             io::copy(&mut file, &mut zip)?;
         }
     }
-    if !listing.skipped.is_empty() && !names_written {
+    if note_needed {
         let mut note = String::from(
             "Left out of this archive: their names are not UTF-8 (bytes shown escaped).\n",
         );
+        if job_note_left_out {
+            note.push_str(&format!(
+                "(The job's own {SKIPPED_NOTE} was left out too.)\n"
+            ));
+        }
         for path in &listing.skipped {
             note.push_str(
                 &path
@@ -616,5 +627,20 @@ mod tests {
             assert!(note.contains(escaped), "{escaped} in {note}");
         }
         assert!(!note.contains("inside"), "{note}");
+    }
+
+    #[test]
+    fn a_jobs_own_note_cannot_stand_in_for_the_real_one() {
+        use std::ffi::OsStr;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SKIPPED_NOTE), b"nothing was left out").unwrap();
+        std::fs::write(dir.path().join(OsStr::from_bytes(b"bad\xff")), b"1").unwrap();
+        let bytes = write_zip(dir.path(), Vec::new()).unwrap();
+        assert_eq!(names_in(&bytes), [SKIPPED_NOTE]);
+        let (_, _, note) = read_entry(&bytes, SKIPPED_NOTE);
+        let note = String::from_utf8(note).unwrap();
+        assert!(note.contains("bad\\xff"), "{note}");
+        assert!(note.contains("own"), "{note}");
     }
 }

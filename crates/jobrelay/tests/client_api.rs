@@ -556,3 +556,43 @@ async fn with_cgroups_a_leftover_that_clears_its_environment_dies_too() {
     client.wait_for(id, "Completed").await;
     assert!(!pid_alive(pid), "the leftover without a marker survived");
 }
+
+/// A payload running as the client's own user can move a process out of its cgroup leaf
+/// (the delegated tree is that user's); the marker is swept too, so that process dies at the
+/// payload's end all the same.
+#[tokio::test]
+async fn with_cgroups_a_leftover_that_leaves_its_cgroup_dies_too() {
+    let client = TestClient::start(&[]);
+    if !client
+        .proc
+        .log()
+        .contains("payloads run in cgroups of their own")
+    {
+        eprintln!("skipped: no writable cgroup v2 with cgroup.kill here (marker fallback)");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let pid_file = scratch.path().join("escaped");
+    // Into the cgroup two levels up (the client's own), out of the payload's leaf.
+    let script = format!(
+        "setsid sleep 300 </dev/null >/dev/null 2>&1 &\n\
+         child=$!\n\
+         mnt=$(awk '$3==\"cgroup2\" {{print $2; exit}}' /proc/mounts)\n\
+         cg=$(sed -n 's/^0:://p' /proc/$child/cgroup)\n\
+         echo $child > \"$mnt$cg/../../cgroup.procs\"\n\
+         grep -q \"^0::$cg$\" /proc/$child/cgroup && echo still-inside > moved.txt\n\
+         echo $child > {p}\n",
+        p = pid_file.display()
+    );
+    let id = client.submit_script(&script).await;
+    let pid = read_pid(&pid_file).await;
+    let entries = client.retrieve_zip(id).await;
+    assert!(
+        !entries.contains_key("moved.txt"),
+        "the test could not move its process out of the leaf"
+    );
+    assert!(
+        !pid_alive(pid),
+        "the leftover that left its cgroup survived"
+    );
+}

@@ -109,7 +109,7 @@ impl LocalExecutor {
                 })?;
         let pgid = child.id().unwrap_or(0);
         let tracker = match leaf {
-            Some(leaf) => Tracker::Cgroup(leaf),
+            Some(leaf) => Tracker::Cgroup(leaf, marker.to_owned()),
             None => Tracker::Marker(marker.to_owned()),
         };
         self.live
@@ -135,7 +135,7 @@ impl LocalExecutor {
         let exit_file = self.exit_file(id);
         let leaf = self.cgroups.as_ref().map(|t| t.leaf(&id.to_string()));
         let tracker = match leaf {
-            Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf),
+            Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf, marker.to_owned()),
             _ => Tracker::Marker(marker.to_owned()),
         };
         if supervisor::read_exit(&exit_file).is_none() && !tracker.supervisor_alive() {
@@ -159,12 +159,12 @@ impl LocalExecutor {
     /// kills whatever of it is left, in its cgroup or carrying its marker.
     pub async fn kill_leftovers_of(&self, id: u64, marker: &str) -> usize {
         let left = process::marked(marker).len();
-        if let Some(tree) = &self.cgroups {
-            process::Tracker::Cgroup(tree.leaf(&id.to_string()))
-                .kill_all()
-                .await;
-        }
-        process::Tracker::Marker(marker.to_owned()).kill_all().await;
+        // The cgroup tracker sweeps the marker too.
+        let tracker = match &self.cgroups {
+            Some(tree) => process::Tracker::Cgroup(tree.leaf(&id.to_string()), marker.to_owned()),
+            None => process::Tracker::Marker(marker.to_owned()),
+        };
+        tracker.kill_all().await;
         left
     }
 
