@@ -127,9 +127,14 @@ impl Tracker {
             Tracker::Cgroup(leaf, _) => cgroup::pids(leaf),
             Tracker::Marker(marker) => marked(marker),
         };
+        // This very binary with the supervisor's argument: a script named like the argument
+        // (`bash __jobrelay-payload-supervisor &`) is not taken for it.
+        let ours = std::fs::read_link("/proc/self/exe").ok();
         pids.into_iter().any(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(supervisor::ARG.as_bytes()))
+            ours.is_some()
+                && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == ours
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(supervisor::ARG.as_bytes()))
         })
     }
 
