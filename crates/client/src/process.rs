@@ -129,10 +129,20 @@ impl Tracker {
         };
         // This very binary with the supervisor's argument: a script named like the argument
         // (`bash __jobrelay-payload-supervisor &`) is not taken for it.
-        let ours = std::fs::read_link("/proc/self/exe").ok();
+        // (" (deleted)" aside: a supervisor started by the binary an upgrade replaced.)
+        let exe = |pid: &str| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .map(|p| {
+                    p.to_string_lossy()
+                        .trim_end_matches(" (deleted)")
+                        .to_owned()
+                })
+        };
+        let ours = exe("self");
         pids.into_iter().any(|pid| {
             ours.is_some()
-                && std::fs::read_link(format!("/proc/{pid}/exe")).ok() == ours
+                && exe(&pid.to_string()) == ours
                 && std::fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(supervisor::ARG.as_bytes()))
         })
