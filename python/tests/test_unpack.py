@@ -58,8 +58,20 @@ def test_a_plain_archive_unpacks_with_modes_and_inside_links(tmp_path: Path) -> 
         [("ok.txt", b"x", FILE), ("link", b"../outside", LINK)],
         [("sub/link", b"../../outside", LINK)],
         [("link", b"/etc/passwd", LINK)],
+        # Each link alone stays inside by depth; together a -> b/c/../.. with b -> . leaves.
+        [("b", b".", LINK), ("a", b"b/c/../..", LINK)],
     ],
-    ids=["dotdot", "dotdot-deep", "absolute", "drive", "backslash", "link-climbs", "link-climbs-deep", "link-absolute"],
+    ids=[
+        "dotdot",
+        "dotdot-deep",
+        "absolute",
+        "drive",
+        "backslash",
+        "link-climbs",
+        "link-climbs-deep",
+        "link-absolute",
+        "links-combine-to-leave",
+    ],
 )
 def test_hostile_entries_refuse_the_whole_archive(tmp_path: Path, entries: List[Entry]) -> None:
     archive = make_zip(tmp_path / "bad.zip", entries)

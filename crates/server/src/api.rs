@@ -114,7 +114,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
 pub struct ApiDoc;
 
 /// The `bearer` security scheme: a user's token from the users file, needed by every endpoint
-/// but `/`, `/health`, `/openapi.json` and `/docs` when the server has one.
+/// but `/`, `/health`, `/ui`, `/openapi.json` and `/docs` when the server has one.
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
@@ -143,7 +143,7 @@ impl utoipa::Modify for BearerAuth {
 #[allow(dead_code)]
 pub struct UploadForm {
     /// One or more files; the file name is the path in the work directory (`inputs/a.pdb`).
-    /// One of them must be `run.sh`. Any part with a filename is a file, whatever its field
+    /// Without a `run.sh` the job ends Invalid. Any part with a filename is a file, whatever its field
     /// name: in another field it lands at the field name when that is a relative path ending
     /// in the filename (`data/a.pdb` with filename `a.pdb`), else at the filename. Other text
     /// fields are ignored.
@@ -251,7 +251,7 @@ async fn docs() -> Html<&'static str> {
         (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 403, description = "With a users file: user_id is not the token's user", body = JobAnswer),
         (status = 201, description = "Job queued", body = JobAnswer),
-        (status = 400, description = "Missing or bad field, unknown service, no file, bad file name", body = JobAnswer),
+        (status = 400, description = "Not multipart; missing, non-integer or negative user_id; missing or unknown service; no file; bad or repeated file name", body = JobAnswer),
         (status = 413, description = "Upload larger than --max-upload, or more files than the service's max_files", body = JobAnswer),
         (status = 507, description = "No disk space left", body = JobAnswer),
     )
@@ -451,6 +451,7 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
         (status = 200, description = "The result ZIP (application/zip) once Completed; the job as JSON before (with `wait`: once finished or when the wait is over)", body = Job),
         (status = 400, description = "A bad id or wait", body = JobAnswer),
         (status = 404, description = "Unknown job", body = JobAnswer),
+        (status = 410, description = "Completed, but the result ZIP is not available", body = JobAnswer),
     )
 )]
 async fn download(

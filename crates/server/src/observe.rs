@@ -283,7 +283,8 @@ pub struct LogQuery {
         (status = 400, description = "Bad stream or offset", body = JobAnswer),
         (status = 404, description = "Unknown job", body = JobAnswer),
         (status = 410, description = "The job's files were removed (Cleaned)", body = JobAnswer),
-        (status = 502, description = "The job's client could not be reached", body = JobAnswer),
+        (status = 409, description = "The client refused to read the log (a link, FIFO or another owner's file in its place)", body = JobAnswer),
+        (status = 502, description = "The job's client could not be reached or answered an error", body = JobAnswer),
     )
 )]
 async fn job_log(

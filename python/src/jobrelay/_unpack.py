@@ -37,13 +37,20 @@ def _relative(name: str) -> PurePosixPath:
 
 
 def _link_stays_inside(link: PurePosixPath, target: str) -> bool:
+    """A link may climb (``..``) only at the start of its target and no higher than its own
+    directory, then only descend: counting depth alone lets links combine to leave
+    (``a -> b/c/../..`` with ``b -> .``), as the CLI's unpack rule says."""
     if not target or target.startswith("/") or "\0" in target or "\\" in target:
         return False
     depth = len(link.parts) - 1
+    descended = False
     for part in target.split("/"):
         if part == "..":
+            if descended:
+                return False
             depth -= 1
         elif part not in ("", "."):
+            descended = True
             depth += 1
         if depth < 0:
             return False
