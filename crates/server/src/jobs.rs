@@ -618,6 +618,18 @@ pub async fn kill_abandoned(shared: &Arc<Shared>, client: &ClientHandle) {
                 return;
             }
         };
+        if run.key.is_none() {
+            // A client without dispatch keys (seed contract): its payload id cannot be told
+            // from one a wiped client handed out again, and a kill might reach another job's
+            // run. Better left than killed wrongly (RELIABILITY.md).
+            tracing::info!(
+                job = run.job_id,
+                dest = run.dest_id,
+                "a run given away on a client without keys is not killed"
+            );
+            let _ = shared.store.forget_abandoned(client.base(), run.dest_id);
+            continue;
+        }
         // Checked against the job as it was when the run was given away.
         let as_sent = Job {
             dest_id: Some(run.dest_id),

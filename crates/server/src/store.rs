@@ -278,6 +278,8 @@ pub struct ListFilter {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// The database file: the integrity check reads it through a connection of its own.
+    path: std::path::PathBuf,
     server_id: String,
     /// The job-id high-water mark beside the database (see [`Store::open_with_mark`]).
     mark: Option<Mutex<std::fs::File>>,
@@ -402,6 +404,7 @@ impl Store {
         .map_err(sql_err)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            path: path.to_path_buf(),
             server_id,
             mark: None,
             mark_at_open: 0,
@@ -503,13 +506,16 @@ impl Store {
     /// Reads every page of the database (`PRAGMA quick_check`), and remembers a failure for
     /// [`Store::health`]. Takes time in proportion to the database's size.
     pub fn check_integrity(&self) -> Result<(), String> {
-        let result: Result<Vec<String>, rusqlite::Error> = {
-            let conn = crate::lock(&self.conn);
-            conn.prepare("PRAGMA quick_check(5)").and_then(|mut stmt| {
-                stmt.query_map([], |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()
-            })
-        };
+        // A read-only connection of its own: WAL lets it read beside the store's, so a check
+        // of a large database holds up no upload or status call.
+        let result: Result<Vec<String>, rusqlite::Error> =
+            Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .and_then(|conn| {
+                    conn.prepare("PRAGMA quick_check(5)").and_then(|mut stmt| {
+                        stmt.query_map([], |r| r.get::<_, String>(0))?
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                });
         let why = match result {
             Ok(lines) if lines == ["ok"] => return Ok(()),
             Ok(lines) => format!("database integrity check failed: {}", lines.join("; ")),
