@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use jobrelay_common::archive::zip_stream;
+use jobrelay_common::http::{
+    bad_query, with_json_fallbacks, with_standard_layers, IdPath, JsonError,
+};
 use jobrelay_common::protocol::{
     ClientInfo, ErrorBody, PayloadRecord, PayloadStatus, RESULT_KEY_HEADER, RESULT_NODE_HEADER,
 };
@@ -53,6 +56,12 @@ impl ApiError {
     }
 }
 
+impl JsonError for ApiError {
+    fn with_status(status: StatusCode, message: String) -> Self {
+        ApiError(status, message)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(ErrorBody { error: self.1 })).into_response()
@@ -77,24 +86,6 @@ impl From<UploadError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The `{id}` of a route as text; a path that does not decode (bad percent-encoding, invalid
-/// UTF-8) is refused with a JSON error like every other bad id, not axum's plain-text one.
-struct IdPath(String);
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        Path::<String>::from_request_parts(parts, state)
-            .await
-            .map(|Path(id)| IdPath(id))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job id: {e}")))
-    }
-}
-
 pub fn router(state: AppState) -> Router {
     let token = state.token.clone();
     let router = Router::new()
@@ -110,9 +101,8 @@ pub fn router(state: AppState) -> Router {
         .route("/events", get(events))
         .route("/log/{id}", get(log))
         .route("/metrics", get(metrics))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
+    let router = with_json_fallbacks::<_, ApiError>(router);
     let router = match token {
         Some(token) => router.layer(axum::middleware::from_fn_with_state(
             token,
@@ -120,22 +110,7 @@ pub fn router(state: AppState) -> Router {
         )),
         None => router,
     };
-    jobrelay_common::http::with_standard_layers(router, internal_error)
-}
-
-fn internal_error() -> Response {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed on this endpoint",
-    )
+    with_standard_layers::<ApiError>(router)
 }
 
 async fn ping() -> Json<serde_json::Value> {
@@ -310,7 +285,10 @@ fn lease(
     }
 }
 
-async fn retrieve(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
+async fn retrieve(
+    State(state): State<AppState>,
+    IdPath(id, _): IdPath<ApiError>,
+) -> ApiResult<Response> {
     match lease(&state, &id, |r| r.status == PayloadStatus::Completed)? {
         Ok((record, lease)) => zip_response(&state, &record, lease),
         Err(record) => Ok(Json(record).into_response()),
@@ -319,7 +297,7 @@ async fn retrieve(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResul
 
 async fn retrieve_partial(
     State(state): State<AppState>,
-    IdPath(id): IdPath,
+    IdPath(id, _): IdPath<ApiError>,
 ) -> ApiResult<Response> {
     match lease(&state, &id, |r| r.status != PayloadStatus::Cleaned)? {
         Ok((record, lease)) => zip_response(&state, &record, lease),
@@ -327,7 +305,10 @@ async fn retrieve_partial(
     }
 }
 
-async fn kill(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
+async fn kill(
+    State(state): State<AppState>,
+    IdPath(id, _): IdPath<ApiError>,
+) -> ApiResult<Response> {
     let id = parse_id(&id)?;
     match state.runner.kill(id).await {
         KillOutcome::Killed(record) => Ok(Json(record).into_response()),
@@ -344,7 +325,7 @@ async fn kill(State(state): State<AppState>, IdPath(id): IdPath) -> ApiResult<Re
 
 async fn release(
     State(state): State<AppState>,
-    IdPath(id): IdPath,
+    IdPath(id, _): IdPath<ApiError>,
 ) -> ApiResult<Json<PayloadRecord>> {
     let id = parse_id(&id)?;
     let store = state.store.clone();
@@ -369,8 +350,7 @@ async fn events(
     State(state): State<AppState>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(query) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
+    let Query(query) = query.map_err(bad_query::<ApiError>)?;
     let number = |name: &str| -> ApiResult<Option<f64>> {
         query
             .get(name)
@@ -401,7 +381,7 @@ async fn events(
 /// `offset`; the `X-Log-Next-Offset` header says where to continue.
 async fn log(
     State(state): State<AppState>,
-    IdPath(id): IdPath,
+    IdPath(id, _): IdPath<ApiError>,
     Query(query): Query<HashMap<String, String>>,
 ) -> ApiResult<Response> {
     use jobrelay_common::logtail::{self, Stream};

@@ -1,68 +1,25 @@
-//! The blocking work the HTTP API starts, bounded. Each task has a time limit: past it the
-//! request is answered (503) while the thread finishes on its own, so no request waits
-//! without bound on a file system or on anything a job made. `/health` and `/info` ask
-//! [`pool_responsive`] whether the blocking pool still starts a task promptly: a client whose
-//! pool is used up (every thread parked) reports itself unhealthy instead of healthy.
+//! The blocking work the client's HTTP API starts, bounded ([`jobrelay_common::blocking`],
+//! the rule the server's handlers follow too), counted in the client's metrics. `/health` and
+//! `/info` ask [`pool_responsive`] whether the blocking pool still starts a task promptly: a
+//! client whose pool is used up (every thread parked) reports itself unhealthy instead of
+//! healthy.
 
 use std::time::Duration;
 
-/// How long `/health` and `/info` wait for the blocking pool to start a trivial task.
-pub const POOL_PROBE: Duration = Duration::from_secs(2);
+pub use jobrelay_common::blocking::{pool_responsive, Failed, POOL_PROBE};
 
-/// Why a blocking task gave no answer.
-#[derive(Debug, thiserror::Error)]
-pub enum Failed {
-    #[error("{0} took longer than {1:?}")]
-    TimedOut(&'static str, Duration),
-    #[error("{0} failed")]
-    Panicked(&'static str),
-}
-
-/// Runs `work` on the blocking pool and waits at most `limit` for its result.
+/// Runs `work` on the blocking pool and waits at most `limit` for its result; a timeout
+/// counts in `jobrelay_client_blocking_timeouts_total`.
 pub async fn run<T: Send + 'static>(
     what: &'static str,
     limit: Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Failed> {
-    match tokio::time::timeout(limit, tokio::task::spawn_blocking(work)).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(_)) => Err(Failed::Panicked(what)),
-        Err(_) => {
-            metrics::counter!("jobrelay_client_blocking_timeouts_total").increment(1);
-            tracing::warn!(what, ?limit, "blocking task timed out");
-            Err(Failed::TimedOut(what, limit))
-        }
-    }
-}
-
-/// Whether the blocking pool starts a trivial task within `limit`.
-pub async fn pool_responsive(limit: Duration) -> bool {
-    run("pool probe", limit, || ()).await.is_ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_exhausted_pool_is_seen_and_a_slow_task_times_out() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .max_blocking_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            assert!(pool_responsive(Duration::from_secs(30)).await);
-            let (release, parked) = std::sync::mpsc::channel::<()>();
-            let slow = run("parked task", Duration::from_millis(100), move || {
-                let _ = parked.recv();
-            });
-            assert!(matches!(slow.await, Err(Failed::TimedOut(..))));
-            // The one blocking thread is still parked: the pool starts nothing.
-            assert!(!pool_responsive(Duration::from_millis(200)).await);
-            release.send(()).unwrap();
-            assert!(pool_responsive(Duration::from_secs(30)).await);
-        });
-    }
+    jobrelay_common::blocking::run(what, limit, work)
+        .await
+        .inspect_err(|e| {
+            if matches!(e, Failed::TimedOut(..)) {
+                metrics::counter!("jobrelay_client_blocking_timeouts_total").increment(1);
+            }
+        })
 }

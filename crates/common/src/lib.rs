@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod auth;
+pub mod blocking;
 pub mod disposition;
 pub mod filename;
 pub mod fsutil;

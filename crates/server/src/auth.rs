@@ -1,21 +1,15 @@
-//! Who is asking. With a users file (`--users-file`) every request but the open ones (`GET /`,
-//! `/health`, `/openapi.json`, `/docs`, `/ui`) must carry `Authorization: Bearer <token>` of a listed
-//! user: the user id then comes from the token, users see only their own jobs (another
-//! user's job answers 404, as an unknown one does) and admins see all. Without it every caller
-//! is trusted with the `user_id` it gives, as in the reference server.
+//! Who may do what, without I/O but reading the users file: the users file (`--users-file`,
+//! token → user id, admin) and the access rules that follow from it. With a users file the
+//! user id comes from the caller's token, users see only their own jobs (another user's job is
+//! as unknown as one that does not exist) and admins see all. Without it every caller is
+//! trusted with the `user_id` it gives, as in the reference server. Finding the caller of a
+//! request is [`crate::http`]'s (`http::auth`); this module knows nothing of HTTP, the
+//! configuration or the store, so `config` can parse the users file without them.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::{header, Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use jobrelay_common::auth::{bearer, Secret};
+use jobrelay_common::auth::Secret;
 use serde::Deserialize;
-
-use crate::api::JobAnswer;
 
 /// A user of the users file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,55 +141,41 @@ impl Caller {
             _ => None,
         }
     }
+
+    /// The user filter of a listing asked with `asked`: `None` when the caller may see none of
+    /// the jobs asked for (a user asking for another's), else the filter to apply (a user
+    /// lists only their own jobs).
+    pub fn list_filter(&self, asked: Option<i64>) -> Option<Option<i64>> {
+        match (self.restricted_to(), asked) {
+            (Some(own), Some(asked)) if asked != own => None,
+            (Some(own), _) => Some(Some(own)),
+            (None, asked) => Some(asked),
+        }
+    }
+
+    /// The owner of a job this caller uploads, `given` the form's `user_id`: the token decides;
+    /// an admin may upload for another user; a trusted caller must give one.
+    pub fn owner_of_upload(&self, given: Option<i64>) -> Result<i64, OwnerRefused> {
+        match (self, given) {
+            (Caller::Trusted, Some(id)) => Ok(id),
+            (Caller::Trusted, None) => Err(OwnerRefused::Missing),
+            (Caller::User(user), None) => Ok(user.id),
+            (Caller::User(user), Some(id)) if id == user.id || user.admin => Ok(id),
+            (Caller::User(user), Some(asked)) => Err(OwnerRefused::NotYours {
+                asked,
+                own: user.id,
+            }),
+        }
+    }
 }
 
-/// Requests anyone may make.
-fn is_open(request: &Request) -> bool {
-    request.method() == Method::GET
-        && matches!(
-            request.uri().path(),
-            // The dashboard's page is static; the data it reads needs a token.
-            "/" | "/health" | "/openapi.json" | "/docs" | "/ui"
-        )
-}
-
-fn unauthorized(message: &str) -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer")],
-        Json(JobAnswer {
-            id: 0,
-            status: "Unknown".into(),
-            message: message.into(),
-        }),
-    )
-        .into_response()
-}
-
-/// Middleware: finds the caller and hands it to the handlers as a request extension.
-pub async fn identify(
-    State(users): State<Option<Arc<Users>>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let caller = match &users {
-        None => Caller::Trusted,
-        Some(_) if is_open(&request) => Caller::Trusted,
-        Some(users) => match bearer(request.headers()) {
-            None => {
-                return unauthorized(
-                    "this server needs Authorization: Bearer <your token> \
-                     (jobrelay: --token or JOBRELAY_TOKEN)",
-                )
-            }
-            Some(token) => match users.find(token) {
-                Some(user) => Caller::User(user),
-                None => return unauthorized("unknown token"),
-            },
-        },
-    };
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+/// Why [`Caller::owner_of_upload`] found no owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerRefused {
+    /// No users file, and the form gave no `user_id`.
+    Missing,
+    /// A user (not an admin) gave another user's id.
+    NotYours { asked: i64, own: i64 },
 }
 
 #[cfg(test)]
@@ -247,5 +227,31 @@ mod tests {
         assert!(admin.may_see(8) && Caller::Trusted.may_see(8));
         assert_eq!(alice.restricted_to(), Some(7));
         assert_eq!(admin.restricted_to(), None);
+        assert_eq!(alice.list_filter(None), Some(Some(7)));
+        assert_eq!(alice.list_filter(Some(7)), Some(Some(7)));
+        assert_eq!(alice.list_filter(Some(8)), None);
+        assert_eq!(admin.list_filter(Some(8)), Some(Some(8)));
+        assert_eq!(Caller::Trusted.list_filter(None), Some(None));
+    }
+
+    #[test]
+    fn who_owns_an_upload() {
+        let alice = Caller::User(User {
+            id: 7,
+            admin: false,
+        });
+        let admin = Caller::User(User { id: 1, admin: true });
+        assert_eq!(Caller::Trusted.owner_of_upload(Some(0)), Ok(0));
+        assert_eq!(
+            Caller::Trusted.owner_of_upload(None),
+            Err(OwnerRefused::Missing)
+        );
+        assert_eq!(alice.owner_of_upload(None), Ok(7));
+        assert_eq!(alice.owner_of_upload(Some(7)), Ok(7));
+        assert_eq!(
+            alice.owner_of_upload(Some(8)),
+            Err(OwnerRefused::NotYours { asked: 8, own: 7 })
+        );
+        assert_eq!(admin.owner_of_upload(Some(8)), Ok(8));
     }
 }

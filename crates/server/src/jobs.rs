@@ -847,3 +847,25 @@ async fn terminate_on_client(
         }
     })
 }
+
+/// A job uploaded (what `/upload` does once the form is checked): commits it Queued with its
+/// files moved from staging to its directory in the same step (`Store::insert_job`), then
+/// queues it for its user and wakes the dispatcher. Blocking (SQLite, a rename).
+pub fn accept_upload(
+    shared: &Shared,
+    user_id: i64,
+    service: &str,
+    service_id: ServiceId,
+    received: jobrelay_common::upload::ReceivedUpload,
+) -> anyhow::Result<Job> {
+    let (files, bytes) = (received.files.len(), received.total_bytes);
+    let staging = received.staging;
+    let job = shared
+        .store
+        .insert_job(user_id, service, |id| staging.persist(&shared.job_dir(id)))?;
+    crate::lock(&shared.sched).enqueue(service_id, user_id, job.id);
+    shared.wake.notify_one();
+    tracing::info!(job = job.id, user_id, service, files, bytes, "job uploaded");
+    metrics::counter!("jobrelay_server_upload_bytes_total").increment(bytes);
+    Ok(job)
+}

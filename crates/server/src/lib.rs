@@ -10,23 +10,25 @@
 //! - [`dispatcher`]: sends the scheduler's decisions to clients, idempotently;
 //! - [`collector`]: follows jobs on clients (change feed or polling) and fetches results;
 //! - [`jobs`]: the job state changes that touch store, scheduler and files together;
-//! - [`api`]: thin HTTP handlers and the OpenAPI document;
+//! - [`auth`]: the users file and who may see what (pure);
+//! - [`views`]: the read side: what the dashboard and `/clients` show;
+//! - [`http`]: thin HTTP handlers, the error shape and the OpenAPI document;
 //! - [`janitor`]: removes files of jobs past the retention period;
 //! - [`supervise`]: runs the background loops, restarts one that panics, reports them.
 
-pub mod api;
 pub mod auth;
 pub mod clients;
 pub mod collector;
 pub mod config;
 pub mod dispatcher;
+pub mod http;
 pub mod janitor;
 pub mod jobs;
-pub mod observe;
 pub mod scheduler;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
+pub mod views;
 
 #[cfg(test)]
 mod lifecycle_tests;
@@ -251,7 +253,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", shared.config.listen))?;
     let addr = listener.local_addr()?;
-    let app = api::router(shared.clone());
+    let app = http::router(shared.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
     // Our accept loop (common::serve): timeouts against slow-loris requests, over TLS or not.
     let serving = match tls {

@@ -492,6 +492,13 @@ impl Store {
         Ok(rows)
     }
 
+    /// Holds the store's connection as a long query or a slow disk would: every other call
+    /// of the store waits until the guard is dropped (the tests of the blocking rule).
+    #[cfg(test)]
+    pub(crate) fn hold_for_test(&self) -> std::sync::MutexGuard<'_, Connection> {
+        crate::lock(&self.conn)
+    }
+
     /// `Err` with the reason when the database is known to be damaged or cannot be read.
     pub fn health(&self) -> Result<(), String> {
         if let Some(why) = crate::lock(&self.damaged).clone() {

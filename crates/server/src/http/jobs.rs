@@ -1,103 +1,43 @@
-//! HTTP handlers of the server, thin: they parse, call the store, the scheduler or
-//! [`crate::jobs`], and shape the answer. Every error answers the reference's shape
-//! `{"id": N, "status": "Unknown", "message": "..."}` (id 0 when there is no job).
+//! The job routes: `/upload`, `/download/{id}`, `/download_partial/{id}`,
+//! `/terminate/{id}` (the reference's), `/jobs`, `/jobs/{id}` (a long-poll with `?wait=S`),
+//! `/jobs/{id}/events` and `/jobs/{id}/log`. Each parses, calls [`crate::jobs`] or the store's
+//! reads (on the blocking pool, through [`blocking`]) and shapes the answer.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
-use axum::extract::{DefaultBodyLimit, Extension, Multipart, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Multipart, Query, State};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
 use jobrelay_common::archive::zip_stream;
-use jobrelay_common::upload::{self, UploadError};
+use jobrelay_common::http::bad_query;
+use jobrelay_common::logtail::{self, Stream};
+use jobrelay_common::protocol::ErrorBody;
+use jobrelay_common::upload;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::auth::{self, Caller};
+use crate::auth::{Caller, OwnerRefused};
+use crate::http::error::{blocking, ApiError, ApiResult, IdPath, JobAnswer};
 use crate::jobs::{self, Terminated};
-use crate::store::{Job, JobStatus};
-use crate::Shared;
+use crate::store::{Job, JobEvent, JobStatus, ListFilter};
+use crate::{views, Shared};
 
 /// Size of the chunks files are read in when streamed over HTTP.
 const STREAM_CHUNK: usize = 256 * 1024;
 
-/// The answer of `/upload`, and of every error (the reference's shape).
-#[derive(Serialize, ToSchema, Debug)]
-pub struct JobAnswer {
-    /// Job id; 0 when the request made no job.
-    pub id: i64,
-    /// Job status, or "Unknown" for an error.
-    pub status: String,
-    pub message: String,
-}
+/// Header telling a log reader the job's state, so that a follower knows when to stop.
+const JOB_STATUS_HEADER: &str = "x-job-status";
 
-/// A JSON error answer in the reference's shape.
-pub struct ApiError(StatusCode, i64, String);
-
-impl ApiError {
-    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError(status, 0, message.into())
-    }
-    pub(crate) fn for_job(status: StatusCode, id: i64, message: impl Into<String>) -> Self {
-        ApiError(status, id, message.into())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = JobAnswer {
-            id: self.1,
-            status: "Unknown".into(),
-            message: self.2,
-        };
-        (self.0, Json(body)).into_response()
-    }
-}
-
-impl From<UploadError> for ApiError {
-    fn from(e: UploadError) -> Self {
-        ApiError::new(e.status(), e.to_string())
-    }
-}
-
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        tracing::error!(error = %e, "request failed");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
-    }
-}
-
-pub(crate) type ApiResult<T> = Result<T, ApiError>;
-
-/// The `{id}` of a route as text; a path that does not decode (bad percent-encoding, invalid
-/// UTF-8) is refused with a JSON error like every other bad id, not axum's plain-text one.
-pub(crate) struct IdPath(pub(crate) String);
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        Path::<String>::from_request_parts(parts, state)
-            .await
-            .map(|Path(id)| IdPath(id))
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad job id: {e}")))
-    }
-}
-
+/// The job routes' part of `/openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
-    info(
-        title = "jobrelay server",
-        description = "Job orchestration: upload a job (run.sh and its inputs) for a service, \
-                       follow it, download the ZIP of its work directory."
-    ),
     paths(
         upload,
         download,
@@ -105,37 +45,23 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for IdPath {
         terminate,
         job_status,
         list_jobs,
-        health,
-        ping
+        job_events,
+        job_log
     ),
-    components(schemas(JobAnswer, Job, JobStatus, UploadForm, JobList)),
-    modifiers(&BearerAuth)
+    components(schemas(JobAnswer, Job, JobStatus, UploadForm, JobList, JobEvent))
 )]
-pub struct ApiDoc;
+pub struct JobsDoc;
 
-/// The `bearer` security scheme: a user's token from the users file, needed by every endpoint
-/// but `/`, `/health`, `/ui`, `/openapi.json` and `/docs` when the server has one.
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        openapi
-            .components
-            .get_or_insert_with(Default::default)
-            .add_security_scheme(
-                "bearer",
-                SecurityScheme::Http(
-                    HttpBuilder::new()
-                        .scheme(HttpAuthScheme::Bearer)
-                        .description(Some(
-                            "A user's token (server started with --users-file); the user id \
-                             then comes from it and only that user's jobs are visible.",
-                        ))
-                        .build(),
-                ),
-            );
-    }
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/upload", post(upload).layer(DefaultBodyLimit::disable()))
+        .route("/download/{id}", get(download))
+        .route("/jobs", get(list_jobs))
+        .route("/jobs/{id}", get(job_status))
+        .route("/download_partial/{id}", get(download_partial))
+        .route("/terminate/{id}", post(terminate))
+        .route("/jobs/{id}/events", get(job_events))
+        .route("/jobs/{id}/log", get(job_log))
 }
 
 /// The multipart form of `/upload`.
@@ -155,91 +81,6 @@ pub struct UploadForm {
     service: String,
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
-    let users = shared.config.users.clone();
-    let router = Router::new()
-        .route("/", get(ping))
-        .route("/health", get(health))
-        .route("/upload", post(upload).layer(DefaultBodyLimit::disable()))
-        .route("/download/{id}", get(download))
-        .route("/jobs", get(list_jobs))
-        .route("/jobs/{id}", get(job_status))
-        .route("/download_partial/{id}", get(download_partial))
-        .route("/terminate/{id}", post(terminate))
-        .route("/openapi.json", get(openapi))
-        .route("/docs", get(docs))
-        .merge(crate::observe::routes())
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(shared)
-        .layer(axum::middleware::from_fn_with_state(users, auth::identify));
-    jobrelay_common::http::with_standard_layers(router, internal_error)
-}
-
-fn internal_error() -> Response {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-}
-
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
-}
-
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed on this endpoint",
-    )
-}
-
-/// Ping.
-#[utoipa::path(get, path = "/", responses((status = 200, description = "The server answers")))]
-async fn ping() -> Json<serde_json::Value> {
-    // `message: pong` is what the reference answers; platforms may check it.
-    Json(serde_json::json!({
-        "message": "pong",
-        "status": "ok",
-        "service": "jobrelay-server",
-        "version": env!("CARGO_PKG_VERSION"),
-    }))
-}
-
-/// Health check.
-#[utoipa::path(get, path = "/health", responses(
-    (status = 200, description = "`{\"status\":\"healthy\"}`"),
-    (status = 503, description = "`{\"status\":\"unhealthy\",\"message\":...}`: the database is damaged or cannot be read, or a background loop (dispatcher, janitor, a client's probe or collector...) is down or restarting too often"),
-))]
-async fn health(State(shared): State<Arc<Shared>>) -> Response {
-    let checked = match shared.loops.health() {
-        Err(why) => Err(why),
-        Ok(()) => tokio::task::spawn_blocking(move || shared.store.health())
-            .await
-            .unwrap_or_else(|_| Err("the health check failed".into())),
-    };
-    match checked {
-        Ok(()) => Json(serde_json::json!({ "status": "healthy" })).into_response(),
-        Err(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "unhealthy", "message": why })),
-        )
-            .into_response(),
-    }
-}
-
-async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        ApiDoc::openapi()
-            .merge_from(crate::observe::ObserveDoc::openapi())
-            .to_pretty_json()
-            .unwrap_or_default(),
-    )
-        .into_response()
-}
-
-async fn docs() -> Html<&'static str> {
-    Html(include_str!("docs.html"))
-}
-
 /// Upload a job: its files, its user and its service. The files are on disk and the job
 /// committed before the answer.
 #[utoipa::path(
@@ -256,7 +97,7 @@ async fn docs() -> Html<&'static str> {
         (status = 507, description = "No disk space left", body = JobAnswer),
     )
 )]
-async fn upload(
+pub(super) async fn upload(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
@@ -299,27 +140,18 @@ async fn upload(
                 },
             )?),
         };
-    let user_id = match (caller, given) {
-        (Caller::Trusted, Some(id)) => id,
-        (Caller::Trusted, None) => {
-            return Err(ApiError::new(
+    let user_id = caller
+        .owner_of_upload(given)
+        .map_err(|refused| match refused {
+            OwnerRefused::Missing => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "user_id is required (a non-negative integer)",
-            ))
-        }
-        // The token decides; an admin may upload for another user.
-        (Caller::User(user), None) => user.id,
-        (Caller::User(user), Some(id)) if id == user.id || user.admin => id,
-        (Caller::User(user), Some(id)) => {
-            return Err(ApiError::new(
+            ),
+            OwnerRefused::NotYours { asked, own } => ApiError::new(
                 StatusCode::FORBIDDEN,
-                format!(
-                    "user_id {id} is not yours: your token is user {}'s",
-                    user.id
-                ),
-            ))
-        }
-    };
+                format!("user_id {asked} is not yours: your token is user {own}'s"),
+            ),
+        })?;
     let service = match received.fields.get("service").map(|v| v.trim()) {
         None | Some("") => {
             return Err(ApiError::new(
@@ -351,12 +183,8 @@ async fn upload(
             ),
         ));
     }
-    let staging = received.staging;
-    let files = received.files.len();
-    let job = shared
-        .store
-        .insert_job(user_id, &service, |id| staging.persist(&shared.job_dir(id)))
-        .map_err(|e| {
+    let job = blocking("committing the upload", move || {
+        jobs::accept_upload(&shared, user_id, &service, service_id, received).map_err(|e| {
             let disk_full = e
                 .downcast_ref::<std::io::Error>()
                 .is_some_and(jobrelay_common::fsutil::is_disk_full);
@@ -365,18 +193,9 @@ async fn upload(
             } else {
                 ApiError::from(e)
             }
-        })?;
-    crate::lock(&shared.sched).enqueue(service_id, user_id, job.id);
-    shared.wake.notify_one();
-    tracing::info!(
-        job = job.id,
-        user_id,
-        service,
-        files,
-        bytes = received.total_bytes,
-        "job uploaded"
-    );
-    metrics::counter!("jobrelay_server_upload_bytes_total").increment(received.total_bytes);
+        })
+    })
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(JobAnswer {
@@ -398,24 +217,32 @@ fn parse_id(raw: &str) -> ApiResult<i64> {
 }
 
 /// The job, if it exists and the caller may see it; another user's job is as unknown.
-pub(crate) fn find(shared: &Shared, caller: &Caller, raw: &str) -> ApiResult<Job> {
+async fn find(shared: &Arc<Shared>, caller: &Caller, raw: &str) -> ApiResult<Job> {
     let id = parse_id(raw)?;
-    shared
-        .store
-        .get(id)?
-        .filter(|job| caller.may_see(job.user_id))
-        .ok_or_else(|| ApiError::for_job(StatusCode::NOT_FOUND, id, format!("no job {id}")))
+    let (shared, caller) = (shared.clone(), *caller);
+    blocking("reading the job", move || {
+        shared
+            .store
+            .get(id)?
+            .filter(|job| caller.may_see(job.user_id))
+            .ok_or_else(|| ApiError::for_job(StatusCode::NOT_FOUND, id, format!("no job {id}")))
+    })
+    .await
 }
 
-async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Response> {
-    let file = tokio::fs::File::open(path).await.map_err(|e| {
-        ApiError::for_job(
-            StatusCode::GONE,
-            id,
-            format!("the results of job {id} are not available: {e}"),
-        )
-    })?;
-    let length = file.metadata().await.map(|m| m.len()).ok();
+async fn zip_file(path: PathBuf, id: i64, what: &str) -> ApiResult<Response> {
+    let (file, length) = blocking("opening the result ZIP", move || {
+        let file = std::fs::File::open(path).map_err(|e| {
+            ApiError::for_job(
+                StatusCode::GONE,
+                id,
+                format!("the results of job {id} are not available: {e}"),
+            )
+        })?;
+        let length = file.metadata().map(|m| m.len()).ok();
+        Ok((tokio::fs::File::from_std(file), length))
+    })
+    .await?;
     metrics::counter!("jobrelay_server_download_bytes_total").increment(length.unwrap_or(0));
     let mut response = (
         [
@@ -454,15 +281,15 @@ async fn zip_file(path: &std::path::Path, id: i64, what: &str) -> ApiResult<Resp
         (status = 410, description = "Completed, but the result ZIP is not available", body = JobAnswer),
     )
 )]
-async fn download(
+pub(super) async fn download(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    IdPath(id): IdPath,
-    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+    IdPath(id, _): IdPath<ApiError>,
+    query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let job = find_waiting(&shared, &caller, &id, query).await?;
     if job.status == JobStatus::Completed {
-        zip_file(&shared.result_path(job.id), job.id, "").await
+        zip_file(shared.result_path(job.id), job.id, "").await
     } else {
         Ok(Json(job).into_response())
     }
@@ -496,11 +323,11 @@ pub struct StatusQuery {
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
 )]
-async fn job_status(
+pub(super) async fn job_status(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    IdPath(id): IdPath,
-    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+    IdPath(id, _): IdPath<ApiError>,
+    query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> ApiResult<Json<Job>> {
     Ok(Json(find_waiting(&shared, &caller, &id, query).await?))
 }
@@ -508,13 +335,12 @@ async fn job_status(
 /// The job, at once without `wait`; with `wait=S`, once it has finished or after S seconds
 /// (at most [`MAX_WAIT_SECS`]), whichever comes first.
 async fn find_waiting(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     caller: &Caller,
     id: &str,
-    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> ApiResult<Job> {
-    let query =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad query: {e}")))?;
+    let query = query.map_err(bad_query::<ApiError>)?;
     let wait = query.wait.unwrap_or(0.0);
     if !wait.is_finite() || wait < 0.0 {
         return Err(ApiError::new(
@@ -523,7 +349,7 @@ async fn find_waiting(
         ));
     }
     if wait == 0.0 {
-        return find(shared, caller, id);
+        return find(shared, caller, id).await;
     }
     let job_id = parse_id(id)?;
     let deadline =
@@ -534,7 +360,7 @@ async fn find_waiting(
         let notified = watch.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let job = find(shared, caller, id)?;
+        let job = find(shared, caller, id).await?;
         if job.status.is_finished() {
             return Ok(job);
         }
@@ -586,13 +412,12 @@ pub struct JobList {
         (status = 400, description = "A bad filter", body = JobAnswer),
     )
 )]
-async fn list_jobs(
+pub(super) async fn list_jobs(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<JobList>> {
-    let axum::extract::Query(query) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let status = query
         .status
         .as_deref()
@@ -611,26 +436,22 @@ async fn list_jobs(
         ));
     }
     // A user lists only their own jobs; asking for another's finds none.
-    let user_id = match (caller.restricted_to(), query.user_id) {
-        (Some(own), Some(asked)) if asked != own => {
-            return Ok(Json(JobList {
-                jobs: Vec::new(),
-                total: 0,
-                limit,
-                offset,
-            }))
-        }
-        (Some(own), _) => Some(own),
-        (None, asked) => asked,
+    let Some(user_id) = caller.list_filter(query.user_id) else {
+        return Ok(Json(JobList {
+            jobs: Vec::new(),
+            total: 0,
+            limit,
+            offset,
+        }));
     };
-    let filter = crate::store::ListFilter {
+    let filter = ListFilter {
         user_id,
         service: query.service,
         status,
         limit,
         offset,
     };
-    let (jobs, total) = shared.store.list(&filter)?;
+    let (jobs, total) = blocking("listing jobs", move || Ok(shared.store.list(&filter)?)).await?;
     Ok(Json(JobList {
         jobs,
         total,
@@ -654,15 +475,22 @@ async fn list_jobs(
         (status = 502, description = "The job's client did not answer", body = JobAnswer),
     )
 )]
-async fn download_partial(
+pub(super) async fn download_partial(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    IdPath(id): IdPath,
+    IdPath(id, _): IdPath<ApiError>,
 ) -> ApiResult<Response> {
-    let job = find(&shared, &caller, &id)?;
-    let stored = shared.result_path(job.id);
-    if job.status.is_finished() && stored.is_file() {
-        return zip_file(&stored, job.id, "-partial").await;
+    let job = find(&shared, &caller, &id).await?;
+    let (stored, dir) = (shared.result_path(job.id), shared.job_dir(job.id));
+    let (stored_exists, dir_exists) = {
+        let (stored, dir) = (stored.clone(), dir.clone());
+        blocking("looking for the job's files", move || {
+            Ok((stored.is_file(), dir.is_dir()))
+        })
+        .await?
+    };
+    if job.status.is_finished() && stored_exists {
+        return zip_file(stored, job.id, "-partial").await;
     }
     if JobStatus::ON_CLIENT.contains(&job.status) {
         if let (Some(client), Some(dest)) = (shared.client_of(job.client.as_deref()), job.dest_id) {
@@ -695,8 +523,7 @@ async fn download_partial(
                 .into_response());
         }
     }
-    let dir = shared.job_dir(job.id);
-    if job.status != JobStatus::Cleaned && dir.is_dir() {
+    if job.status != JobStatus::Cleaned && dir_exists {
         return Ok((
             [(header::CONTENT_TYPE, "application/zip")],
             Body::from_stream(zip_stream(dir)),
@@ -724,12 +551,12 @@ async fn download_partial(
         (status = 409, description = "The job had already finished", body = JobAnswer),
     )
 )]
-async fn terminate(
+pub(super) async fn terminate(
     State(shared): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
-    IdPath(id): IdPath,
+    IdPath(id, _): IdPath<ApiError>,
 ) -> ApiResult<Response> {
-    let id = find(&shared, &caller, &id)?.id;
+    let id = find(&shared, &caller, &id).await?.id;
     match jobs::terminate(&shared, id).await? {
         Terminated::Done(job) => Ok(Json(job).into_response()),
         Terminated::AlreadyFinished(job) => Ok((
@@ -747,4 +574,158 @@ async fn terminate(
             format!("no job {id}"),
         )),
     }
+}
+
+/// Every state the job went through, with times, attempts and clients. Empty once the job is
+/// Cleaned: its timeline is removed with its files (the job itself still answers).
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/events",
+    params(("id" = i64, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Oldest first; `[]` for a Cleaned job", body = [JobEvent]),
+        (status = 404, description = "Unknown job", body = JobAnswer),
+    )
+)]
+pub(super) async fn job_events(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    IdPath(id, _): IdPath<ApiError>,
+) -> ApiResult<Json<Vec<JobEvent>>> {
+    let job = find(&shared, &caller, &id).await?;
+    let events = blocking("reading the job's events", move || {
+        Ok(shared.store.history(job.id)?)
+    })
+    .await?;
+    Ok(Json(events))
+}
+
+/// Query of `GET /jobs/{id}/log`.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// `stdout` (default) or `stderr`.
+    stream: Option<String>,
+    /// Byte offset to read from (default 0).
+    offset: Option<u64>,
+}
+
+/// Up to 1 MiB of the job's stdout or stderr from `offset`: from its client while it runs,
+/// from the stored results after. `X-Log-Next-Offset` says where to continue, `X-Job-Status`
+/// the job's state (a follower stops once it is final and nothing more comes).
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/log",
+    params(("id" = i64, Path, description = "Job id"), LogQuery),
+    responses(
+        (status = 200, description = "text/plain bytes of the log", content_type = "text/plain"),
+        (status = 400, description = "Bad stream or offset", body = JobAnswer),
+        (status = 404, description = "Unknown job", body = JobAnswer),
+        (status = 410, description = "The job's files were removed (Cleaned)", body = JobAnswer),
+        (status = 409, description = "The client refused to read the log (a link, FIFO or another owner's file in its place)", body = JobAnswer),
+        (status = 502, description = "The job's client could not be reached or answered an error", body = JobAnswer),
+    )
+)]
+pub(super) async fn job_log(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    IdPath(id, _): IdPath<ApiError>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let job = find(&shared, &caller, &id).await?;
+    let stream = Stream::parse(query.stream.as_deref())
+        .map_err(|e| ApiError::for_job(StatusCode::BAD_REQUEST, job.id, e))?;
+    let offset = query.offset.unwrap_or(0);
+    let bytes = match job.status {
+        JobStatus::Cleaned => {
+            return Err(ApiError::for_job(
+                StatusCode::GONE,
+                job.id,
+                format!("the files of job {} were removed", job.id),
+            ))
+        }
+        JobStatus::Submitted | JobStatus::Running => {
+            log_from_client(&shared, &job, stream, offset).await?
+        }
+        status if status.is_finished() => {
+            let path = shared.result_path(job.id);
+            blocking("reading the stored log", move || {
+                Ok(views::log_from_zip(&path, stream, offset))
+            })
+            .await?
+        }
+        _ => Vec::new(),
+    };
+    let next = offset + bytes.len() as u64;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (
+                HeaderName::from_static(logtail::NEXT_OFFSET_HEADER),
+                next.to_string(),
+            ),
+            (
+                HeaderName::from_static(JOB_STATUS_HEADER),
+                job.status.as_str().to_owned(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+async fn log_from_client(
+    shared: &Shared,
+    job: &Job,
+    stream: Stream,
+    offset: u64,
+) -> ApiResult<Vec<u8>> {
+    let (Some(client), Some(dest)) = (shared.client_of(job.client.as_deref()), job.dest_id) else {
+        return Ok(Vec::new());
+    };
+    if !client.has("log") {
+        // A client without the log extension (seed contract): nothing to show until the end.
+        return Ok(Vec::new());
+    }
+    let url = client.endpoint.path(&format!(
+        "/log/{dest}?stream={}&offset={offset}",
+        stream.as_str()
+    ));
+    let unreachable = |e: String| {
+        ApiError::for_job(
+            StatusCode::BAD_GATEWAY,
+            job.id,
+            format!("cannot read the log from {}: {e}", client.base()),
+        )
+    };
+    let response = client
+        .http
+        .get(url)
+        .timeout(crate::clients::SMALL_REQUEST)
+        .send()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    if response.status() == StatusCode::CONFLICT {
+        // The client refused the file (a link, a FIFO, another owner's file in place of the
+        // log): the job's doing, not the client's failure; say so as the client did.
+        let why = response
+            .json::<ErrorBody>()
+            .await
+            .map(|body| body.error)
+            .unwrap_or_else(|_| "the log is not a regular file of the job".into());
+        return Err(ApiError::for_job(
+            StatusCode::CONFLICT,
+            job.id,
+            format!("the client refused to read this log: {why}"),
+        ));
+    }
+    if !response.status().is_success() {
+        return Err(unreachable(format!("it answered {}", response.status())));
+    }
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(bytes.to_vec())
 }

@@ -1,0 +1,185 @@
+//! The read side: what the HTTP answers show of the running system (the dashboard's
+//! overview, the clients, a finished job's log), computed from the store, the scheduler and
+//! the clients' last reports without changing any of them. Synchronous: the store's reads
+//! block, so a handler calls these on the blocking pool.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::Ordering;
+
+use jobrelay_common::logtail::{self, Stream};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::store::{now_ms, rfc3339};
+use crate::Shared;
+
+#[derive(Serialize, ToSchema)]
+pub struct UserUsage {
+    pub user_id: i64,
+    pub active: usize,
+    pub queued: usize,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ServiceUsage {
+    pub name: String,
+    /// Jobs waiting; for a user who is not an admin, that user's only.
+    pub queued: usize,
+    /// Jobs being sent or on a client; for a user who is not an admin, that user's only.
+    pub active: usize,
+    pub runs_per_user: usize,
+    pub max_runs: usize,
+    pub users: Vec<UserUsage>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MinuteCount {
+    /// Start of the minute, RFC 3339.
+    pub minute: String,
+    pub finished: i64,
+}
+
+/// Everything the dashboard's overview shows.
+#[derive(Serialize, ToSchema)]
+pub struct Overview {
+    /// Jobs per state, all services.
+    pub states: HashMap<String, i64>,
+    pub services: Vec<ServiceUsage>,
+    /// Jobs finished per minute over the last hour (minutes without any are left out).
+    pub throughput: Vec<MinuteCount>,
+    pub finished_last_hour: i64,
+    pub clients: Vec<ClientView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ClientView {
+    pub url: String,
+    pub services: Vec<String>,
+    pub healthy: bool,
+    /// CPU load in percent, as last reported.
+    pub load: f64,
+    /// Advertised slots (`/info`), if any.
+    pub slots: Option<usize>,
+    /// This server's jobs on the client now.
+    pub active: usize,
+    /// Last successful request, RFC 3339.
+    pub last_seen: Option<String>,
+    pub version: Option<String>,
+    pub features: Vec<String>,
+}
+
+/// The clients of every service: health, load, slots, jobs, last contact.
+pub fn client_views(shared: &Shared) -> Vec<ClientView> {
+    let sched = crate::lock(&shared.sched);
+    shared
+        .clients
+        .iter()
+        .map(|client| {
+            let info = crate::lock(&client.info).clone();
+            let last_seen = client.last_seen_ms.load(Ordering::Relaxed);
+            ClientView {
+                url: client.base().to_owned(),
+                services: shared
+                    .config
+                    .services
+                    .iter()
+                    .filter(|(_, s)| s.clients.iter().any(|c| c.base == client.base()))
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+                healthy: sched.client_healthy(client.id),
+                load: sched.client_load(client.id),
+                slots: sched.client_slots(client.id),
+                active: sched.active_on_client(client.id),
+                last_seen: (last_seen > 0).then(|| rfc3339(last_seen)),
+                version: info.as_ref().map(|i| i.version.clone()),
+                features: info.map(|i| i.features).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// Jobs per state, queues and quota use per service and user, throughput over the last hour,
+/// and the clients. `only`: the one user whose jobs a caller (not an admin) sees; such a
+/// caller sees neither the clients nor how busy a service is with other users' jobs.
+pub fn overview(shared: &Shared, only: Option<i64>) -> anyhow::Result<Overview> {
+    let hour_ago = now_ms() - 3_600_000;
+    let counts = shared.store.counts(only)?;
+    let per_minute = shared.store.finished_per_minute(hour_ago, only)?;
+    let mut states = HashMap::new();
+    for (_, status, count) in counts {
+        *states.entry(status).or_insert(0) += count;
+    }
+    let services = {
+        let sched = crate::lock(&shared.sched);
+        let mut services: Vec<ServiceUsage> = shared
+            .service_ids
+            .iter()
+            .map(|(name, &id)| {
+                let (runs_per_user, max_runs) = sched.quotas(id);
+                let users: Vec<UserUsage> = sched
+                    .user_usage(id)
+                    .into_iter()
+                    .filter(|(user, _, _)| only.is_none_or(|me| me == *user))
+                    .map(|(user_id, active, queued)| UserUsage {
+                        user_id,
+                        active,
+                        queued,
+                    })
+                    .collect();
+                // A user (not an admin) is told their own totals, not the service's: how
+                // busy it is with other users' jobs is not theirs to see.
+                let (queued, active) = match only {
+                    None => (sched.queued(id), sched.active(id)),
+                    Some(_) => (
+                        users.iter().map(|u| u.queued).sum(),
+                        users.iter().map(|u| u.active).sum(),
+                    ),
+                };
+                ServiceUsage {
+                    name: name.clone(),
+                    queued,
+                    active,
+                    runs_per_user,
+                    max_runs,
+                    users,
+                }
+            })
+            .collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        services
+    };
+    Ok(Overview {
+        states,
+        services,
+        finished_last_hour: per_minute.iter().map(|(_, n)| n).sum(),
+        throughput: per_minute
+            .into_iter()
+            .map(|(minute, finished)| MinuteCount {
+                minute: rfc3339(minute),
+                finished,
+            })
+            .collect(),
+        clients: if only.is_some() {
+            Vec::new()
+        } else {
+            client_views(shared)
+        },
+    })
+}
+
+/// Reads a window of the log stored in the job's result ZIP (empty when there is none).
+pub fn log_from_zip(path: &std::path::Path, stream: Stream, offset: u64) -> Vec<u8> {
+    let read = || -> Option<Vec<u8>> {
+        let mut archive = zip::ZipArchive::new(std::fs::File::open(path).ok()?).ok()?;
+        let mut entry = archive.by_name(stream.file_name()).ok()?;
+        std::io::copy(&mut (&mut entry).take(offset), &mut std::io::sink()).ok()?;
+        let mut bytes = Vec::new();
+        entry
+            .take(logtail::MAX_CHUNK)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        Some(bytes)
+    };
+    read().unwrap_or_default()
+}
