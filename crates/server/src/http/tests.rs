@@ -1,12 +1,159 @@
-//! The blocking rule of the handlers, observed: a store that does not answer (its lock held,
-//! as a long query or a stalled disk holds it) must not stall the requests that need no store.
+//! The blocking rule of the handlers, observed: a store that does not answer (held, as a
+//! long query or a stalled disk holds SQLite) must not stall the requests that need no store.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use crate::config::{ServerConfig, ServiceConfig};
+use crate::job_table::JobTable;
+use crate::scheduler::Scheduler;
+use crate::store::{AbandonedRun, Change, Job, JobDb, JobEvent, JobStatus, ListFilter, SqliteDb};
+use crate::Shared;
 
 /// How long the store is held; a ping stalled behind it takes about this long.
 const HELD: Duration = Duration::from_secs(4);
+
+/// The SQLite store, each call of which first waits for `gate` (held by the test).
+struct GatedDb {
+    inner: SqliteDb,
+    gate: Arc<Mutex<()>>,
+}
+
+impl GatedDb {
+    fn pass(&self) -> std::sync::MutexGuard<'_, ()> {
+        crate::lock(&self.gate)
+    }
+}
+
+impl JobDb for GatedDb {
+    fn server_id(&self) -> &str {
+        self.inner.server_id()
+    }
+    fn mark_at_open(&self) -> i64 {
+        self.inner.mark_at_open()
+    }
+    fn insert_job(
+        &self,
+        user_id: i64,
+        service: &str,
+        place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
+    ) -> anyhow::Result<Job> {
+        let _gate = self.pass();
+        self.inner.insert_job(user_id, service, place_files)
+    }
+    fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
+        let _gate = self.pass();
+        self.inner.get(id)
+    }
+    fn transition(
+        &self,
+        id: i64,
+        from: &[JobStatus],
+        to: JobStatus,
+        change: Change,
+    ) -> anyhow::Result<Option<Job>> {
+        let _gate = self.pass();
+        self.inner.transition(id, from, to, change)
+    }
+    fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
+        let _gate = self.pass();
+        self.inner.history(id)
+    }
+    fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let _gate = self.pass();
+        self.inner.counts(user)
+    }
+    fn finished_per_minute(
+        &self,
+        since_ms: i64,
+        user: Option<i64>,
+    ) -> anyhow::Result<Vec<(i64, i64)>> {
+        let _gate = self.pass();
+        self.inner.finished_per_minute(since_ms, user)
+    }
+    fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
+        let _gate = self.pass();
+        self.inner.in_states(states)
+    }
+    fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
+        let _gate = self.pass();
+        self.inner.on_client(base)
+    }
+    fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
+        let _gate = self.pass();
+        self.inner.abandoned_on(base)
+    }
+    fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
+        let _gate = self.pass();
+        self.inner.forget_abandoned(base, dest_id)
+    }
+    fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
+        let _gate = self.pass();
+        self.inner.by_dest(base, dest_id)
+    }
+    fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
+        let _gate = self.pass();
+        self.inner.finished_before(cutoff_ms)
+    }
+    fn ids_with_files(&self) -> anyhow::Result<HashSet<i64>> {
+        let _gate = self.pass();
+        self.inner.ids_with_files()
+    }
+    fn all_ids(&self) -> anyhow::Result<HashSet<i64>> {
+        let _gate = self.pass();
+        self.inner.all_ids()
+    }
+    fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
+        let _gate = self.pass();
+        self.inner.list(filter)
+    }
+    fn count(&self) -> anyhow::Result<i64> {
+        let _gate = self.pass();
+        self.inner.count()
+    }
+    fn health(&self) -> Result<(), String> {
+        let _gate = self.pass();
+        self.inner.health()
+    }
+    fn check_integrity(&self) -> Result<(), String> {
+        let _gate = self.pass();
+        self.inner.check_integrity()
+    }
+}
+
+/// The shared state of a server of one service without clients, on `db`.
+fn shared_on(dir: &std::path::Path, db: Box<dyn JobDb>) -> Arc<Shared> {
+    let config = ServerConfig::new(
+        dir.to_path_buf(),
+        [("example".to_owned(), ServiceConfig::new(Vec::new()))].into(),
+    );
+    let mut sched = Scheduler::new();
+    let service = sched.add_service(1, 1, Vec::new());
+    let (jobs_dir, results_dir, staging_dir) =
+        (dir.join("jobs"), dir.join("results"), dir.join("staging"));
+    for d in [&jobs_dir, &results_dir, &staging_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    Arc::new(Shared {
+        config,
+        store: JobTable::new(db),
+        sched: Mutex::new(sched),
+        wake: Notify::new(),
+        clients: Vec::new(),
+        client_by_base: HashMap::new(),
+        service_ids: [("example".to_owned(), service)].into(),
+        loops: crate::supervise::Loops::default(),
+        in_flight: Mutex::new(HashMap::new()),
+        fetch_failures: Mutex::new(HashMap::new()),
+        checks: tokio::sync::Semaphore::new(4),
+        jobs_dir,
+        results_dir,
+        staging_dir,
+    })
+}
 
 #[test]
 fn a_held_store_does_not_stall_requests_that_need_none() {
@@ -18,34 +165,40 @@ fn a_held_store_does_not_stall_requests_that_need_none() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    // A service without clients: no probe or collector loop that could touch the store.
-    let mut config = ServerConfig::new(
-        dir.path().to_path_buf(),
-        [("example".to_owned(), ServiceConfig::new(Vec::new()))].into(),
-    );
-    config.max_age = Duration::from_secs(864_000);
-    let server = runtime.block_on(crate::start(config)).unwrap();
-    let base = format!("http://{}", server.addr);
+    let gate = Arc::new(Mutex::new(()));
+    let db = GatedDb {
+        inner: SqliteDb::open(&dir.path().join("jobs.sqlite")).unwrap(),
+        gate: gate.clone(),
+    };
+    let shared = shared_on(dir.path(), Box::new(db));
+    let (base, server) = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = super::router(shared);
+        (
+            base,
+            tokio::spawn(async move { axum::serve(listener, app).await }),
+        )
+    });
     let http = reqwest::Client::new();
 
     std::thread::scope(|scope| {
-        let (held, release) = std::sync::mpsc::channel::<()>();
-        let shared = server.shared.clone();
+        let (held, holding) = std::sync::mpsc::channel::<()>();
         scope.spawn(move || {
-            let _guard = shared.store.hold_for_test();
+            let _held = crate::lock(&gate);
             held.send(()).unwrap();
             std::thread::sleep(HELD);
         });
-        release.recv().unwrap();
+        holding.recv().unwrap();
         // Requests that wait on the store: more than there are workers.
         let waiting: Vec<_> = (0..8)
             .map(|i| {
-                let (http, base) = (http.clone(), base.clone());
                 let url = match i % 3 {
                     0 => format!("{base}/jobs"),
                     1 => format!("{base}/jobs/1"),
                     _ => format!("{base}/jobs/1/events"),
                 };
+                let http = http.clone();
                 runtime.spawn(async move { http.get(url).send().await.map(|r| r.status()) })
             })
             .collect();
@@ -67,5 +220,5 @@ fn a_held_store_does_not_stall_requests_that_need_none() {
             assert!(status == 200 || status == 404, "{status}");
         }
     });
-    server.shutdown();
+    server.abort();
 }
