@@ -429,3 +429,41 @@ async fn a_terminated_job_holds_its_partial_zip() {
         assert_eq!(files_in(&f.shared.results_dir), [format!("{}.zip", job.id)]);
     }
 }
+
+/// A word about a run reaches the lifecycle after the job moved into its next run, on the
+/// same client states: the collector's give-up on the old run's failing checks (it holds the
+/// job as it was), a late end or loss of the old payload. Guarded by status alone, each would
+/// move the new run (Submitted, like the old one); guarded by the run's key, none does.
+#[test]
+fn a_late_word_about_an_old_run_never_moves_the_next_run() {
+    let f = fixture("http://127.0.0.1:9", 1);
+    let a = f.upload();
+    let old_run = f.submitted(&f.dispatch()[0], 1);
+    f.lifecycle().run_lost(&old_run, "the client restarted");
+    let new_run = f.submitted(&f.dispatch()[0], 2);
+    assert_eq!(new_run.status, old_run.status, "both runs on the client");
+    assert_ne!(new_run.dispatch_key, old_run.dispatch_key);
+
+    assert!(!f.lifecycle().failed(
+        &old_run,
+        &JobStatus::ON_CLIENT,
+        "its results could not be fetched for 60s".into(),
+    ));
+    assert_eq!(
+        f.lifecycle()
+            .ended_on_client(&old_run, JobStatus::Failed, Some(3), None),
+        []
+    );
+    assert_eq!(f.lifecycle().completed(&old_run), []);
+    assert_eq!(f.lifecycle().run_lost(&old_run, "lost again"), []);
+    f.lifecycle().running(&old_run);
+
+    let now = f.get(a.id);
+    assert_eq!(now.status, JobStatus::Submitted, "{now:?}");
+    assert_eq!(now.dest_id, Some(2));
+    assert_eq!(now.attempts, 2);
+    assert!(f.is_active(a.id));
+    // The new run's own words still count.
+    f.lifecycle().running(&new_run);
+    assert_eq!(f.get(a.id).status, JobStatus::Running);
+}
