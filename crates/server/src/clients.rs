@@ -154,12 +154,7 @@ pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
 /// so that is when it became unreachable (a request that timed out says so only after its
 /// timeout, which must not lengthen `--client-timeout`).
 pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Instant) {
-    let was_healthy = {
-        let mut sched = crate::lock(&shared.sched);
-        let was = sched.client_healthy(client.id);
-        sched.set_client_health(client.id, false);
-        was
-    };
+    let was_healthy = shared.lifecycle.client_out(client.id).was_healthy;
     {
         let mut since = crate::lock(&client.unreachable_since);
         *since = Some(since.map_or(sent, |t| t.min(sent)));
@@ -174,7 +169,7 @@ pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Ins
 /// [`FULL_PAUSE`]; its probe puts it back after that (and wakes the dispatcher).
 pub fn full(shared: &Shared, client: &ClientHandle) {
     *crate::lock(&client.full_until) = Some(Instant::now() + FULL_PAUSE);
-    crate::lock(&shared.sched).set_client_health(client.id, false);
+    shared.lifecycle.client_out(client.id);
     tracing::warn!(client = client.base(), pause = ?FULL_PAUSE, "client has no disk space; placing jobs elsewhere for a while");
 }
 
@@ -289,16 +284,12 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                     }
                 };
                 let first = crate::lock(&client.probed).replace(has_info).is_none();
-                let (was_healthy, old_slots) = {
-                    let mut sched = crate::lock(&shared.sched);
-                    let was = (
-                        sched.client_healthy(client.id),
-                        sched.client_slots(client.id),
-                    );
-                    // Reachable, but a full disk keeps it out of placement a while longer.
-                    sched.set_client(client.id, !client.is_full(), slots, load);
-                    was
-                };
+                // Reachable, but a full disk keeps it out of placement a while longer; the
+                // dispatcher is woken when it came back or its slots changed.
+                let was_healthy = shared
+                    .lifecycle
+                    .client_probed(client.id, !client.is_full(), slots, load)
+                    .was_healthy;
                 reached(&client);
                 if !was_healthy {
                     tracing::info!(
@@ -307,9 +298,6 @@ pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                         seed_only = !has_info,
                         "client healthy"
                     );
-                }
-                if !was_healthy || old_slots != slots {
-                    shared.wake.notify_one();
                 }
                 if first {
                     client.first_probe.notify_waiters();

@@ -71,7 +71,7 @@ pub struct ClientView {
 
 /// The clients of every service: health, load, slots, jobs, last contact.
 pub fn client_views(shared: &Shared) -> Vec<ClientView> {
-    let sched = crate::lock(&shared.sched);
+    let sched = shared.lifecycle.scheduler();
     shared
         .clients
         .iter()
@@ -111,7 +111,7 @@ pub fn overview(shared: &Shared, only: Option<i64>) -> anyhow::Result<Overview> 
         *states.entry(status).or_insert(0) += count;
     }
     let services = {
-        let sched = crate::lock(&shared.sched);
+        let sched = shared.lifecycle.scheduler();
         let mut services: Vec<ServiceUsage> = shared
             .service_ids
             .iter()

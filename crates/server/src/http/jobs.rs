@@ -161,7 +161,7 @@ pub(super) async fn upload(
         }
         Some(name) => name.to_owned(),
     };
-    let Some(&service_id) = shared.service_ids.get(&service) else {
+    let Some(_) = shared.service_ids.get(&service) else {
         let known: Vec<&str> = shared.config.services.keys().map(String::as_str).collect();
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -183,19 +183,29 @@ pub(super) async fn upload(
             ),
         ));
     }
-    let job = blocking("committing the upload", move || {
-        jobs::accept_upload(&shared, user_id, &service, service_id, received).map_err(|e| {
-            let disk_full = e
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(jobrelay_common::fsutil::is_disk_full);
-            if disk_full {
-                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "not enough disk space")
-            } else {
-                ApiError::from(e)
-            }
-        })
+    let (files, bytes) = (received.files.len(), received.total_bytes);
+    let staging = received.staging;
+    let job = blocking("committing the upload", {
+        let (shared, service) = (shared.clone(), service.clone());
+        move || {
+            shared
+                .lifecycle
+                .uploaded(user_id, &service, |id| staging.persist(&shared.job_dir(id)))
+                .map_err(|e| {
+                    let disk_full = e
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(jobrelay_common::fsutil::is_disk_full);
+                    if disk_full {
+                        ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "not enough disk space")
+                    } else {
+                        ApiError::from(e)
+                    }
+                })
+        }
     })
     .await?;
+    tracing::info!(job = job.id, user_id, service, files, bytes, "job uploaded");
+    metrics::counter!("jobrelay_server_upload_bytes_total").increment(bytes);
     Ok((
         StatusCode::CREATED,
         Json(JobAnswer {

@@ -5,10 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
 use crate::config::{ServerConfig, ServiceConfig};
-use crate::job_table::JobTable;
+use crate::lifecycle::{JobTable, Lifecycle};
 use crate::scheduler::Scheduler;
 use crate::store::{AbandonedRun, Change, Job, JobDb, JobEvent, JobStatus, ListFilter, SqliteDb};
 use crate::Shared;
@@ -137,17 +135,23 @@ fn shared_on(dir: &std::path::Path, db: Box<dyn JobDb>) -> Arc<Shared> {
     for d in [&jobs_dir, &results_dir, &staging_dir] {
         std::fs::create_dir_all(d).unwrap();
     }
+    let store = Arc::new(JobTable::new(db));
+    let service_ids: HashMap<String, _> = [("example".to_owned(), service)].into();
+    let lifecycle = Lifecycle::new(
+        store.clone(),
+        sched,
+        service_ids.clone(),
+        config.max_attempts,
+    );
     Arc::new(Shared {
         config,
-        store: JobTable::new(db),
-        sched: Mutex::new(sched),
-        wake: Notify::new(),
+        store,
+        lifecycle,
         clients: Vec::new(),
         client_by_base: HashMap::new(),
-        service_ids: [("example".to_owned(), service)].into(),
+        service_ids,
         loops: crate::supervise::Loops::default(),
         in_flight: Mutex::new(HashMap::new()),
-        fetch_failures: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(4),
         jobs_dir,
         results_dir,
