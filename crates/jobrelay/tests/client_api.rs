@@ -83,16 +83,8 @@ async fn failing_script_is_failed_with_its_exit_code() {
     assert_eq!(record["exit_code"], 3);
     assert!(record["reason"].as_str().unwrap().contains('3'));
     // The work directory, stderr included, is still available.
-    let partial = client
-        .http
-        .get(client.url(&format!("/retrieve_partial/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(unzip(&partial)[".jobrelay.stderr"], b"oops\n");
+    let partial = client.retrieve_partial_zip(id).await;
+    assert_eq!(partial[".jobrelay.stderr"], b"oops\n");
 }
 
 #[tokio::test]

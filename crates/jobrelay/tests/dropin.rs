@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use reqwest::multipart::{Form, Part};
 use serde::Deserialize;
-use support::server::{start_client, start_server, tree, wait_status, write_server_config};
+use support::server::{start_client, tree, wait_status, write_server_config, TestServer};
 use support::{eventually, http, pid_alive, read_pid, unzip, TestClient};
 
 /// The reference's payload record, as its server deserialises it: all fields required.
@@ -329,7 +329,7 @@ async fn our_server_takes_files_under_any_field_name_as_platforms_send_them() {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 5)]);
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     assert_pong(&http, &server.url).await;
     let listing = b"find . -type f ! -name '.jobrelay*' ! -name listing.txt | sort > listing.txt\n";
@@ -391,7 +391,7 @@ async fn our_server_takes_files_under_any_field_name_as_platforms_send_them() {
     assert_eq!(entries["data/deeper/b.pdb"], b"B");
 
     // Refusals, whichever way the name came, leave nothing behind.
-    let data = dir.path().join("server");
+    let data = server.data_dir();
     let jobs_before = tree(&data.join("jobs")).len();
     for (form, expected) in [
         (
@@ -483,7 +483,7 @@ async fn our_server_serves_partial_results_and_terminate_before_dispatch() {
         dir.path(),
         &[("parked", vec!["http://127.0.0.1:9".into()], 5, 5)],
     );
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let form = Form::new()
         .text("user_id", "3")

@@ -5,55 +5,15 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::net::free_port;
+use support::rng::Rng;
+use support::runlog::count_lines;
 use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(300);
-
-fn count_lines(log: &Path) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        *counts.entry(line.to_owned()).or_insert(0) += 1;
-    }
-    counts
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A small deterministic generator (xorshift), so a failing run can be replayed by its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-async fn job_record(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
-    http.get(format!("{server}/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Kind {
@@ -88,7 +48,7 @@ async fn server_crash_loop_loses_no_job_and_runs_none_twice() {
         root,
         &[("example", vec![a.url.clone(), b.url.clone()], 10, 16)],
     );
-    let mut server = start_server(root, &config, &[]);
+    let mut server = TestServer::start(root, &config, &[]);
     let http = http();
 
     let mut plan = Vec::new();
@@ -155,7 +115,7 @@ async fn server_crash_loop_loses_no_job_and_runs_none_twice() {
             server.kill9();
             kills += 1;
             tokio::time::sleep(Duration::from_millis(rng.below(1000))).await;
-            server = start_server(root, &config, &[]);
+            server.restart();
         } else {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -218,7 +178,7 @@ async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns() {
     ];
     let mut client = Proc::start(&args, root);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = start_server(root, &config, &["--client-timeout", "2"]);
+    let server = TestServer::start(root, &config, &["--client-timeout", "2"]);
     let http = http();
 
     // First attempt: a long run (killed with its client); later ones: quick.
@@ -287,7 +247,7 @@ async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() 
     ];
     let mut client = Proc::start(&args, root);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         root,
         &config,
         &["--client-timeout", "2", "--max-attempts", "3"],
@@ -423,7 +383,7 @@ async fn client_crash_loop_runs_no_job_twice() {
     let mut clients: Vec<Proc> = args.iter().map(start).collect();
     let urls = clients.iter().map(|c| c.url.clone()).collect();
     let config = write_server_config(root, &[("example", urls, 10, 16)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
 
     let mut plan = Vec::new();

@@ -157,7 +157,7 @@ async fn server_sends_the_client_token_and_jobs_run() {
         &["--token-file", token.to_str().unwrap()],
     );
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--client-token-file", token.to_str().unwrap()],
@@ -195,7 +195,7 @@ async fn a_service_token_file_in_the_toml_is_used() {
         ),
     )
     .unwrap();
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let id = upload_job(&http, &server.url, 3, "example", &[("run.sh", b"true\n")]).await;
     wait_status(&http, &server.url, id, &["Completed"], LONG).await;
@@ -211,7 +211,7 @@ async fn a_server_without_the_token_dispatches_nothing() {
         &["--token-file", token.to_str().unwrap()],
     );
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let id = upload_job(&http, &server.url, 3, "example", &[("run.sh", b"true\n")]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -267,7 +267,7 @@ async fn users_see_and_act_on_their_own_jobs_only() {
     let users = write_secret(dir.path(), "users.toml", USERS);
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--users-file", users.to_str().unwrap()],
@@ -444,7 +444,7 @@ async fn the_cli_sends_its_token() {
     let users = write_secret(dir.path(), "users.toml", USERS);
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--users-file", users.to_str().unwrap()],
@@ -520,7 +520,7 @@ async fn the_overview_counts_only_the_callers_jobs() {
     let users = write_secret(dir.path(), "users.toml", USERS);
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--users-file", users.to_str().unwrap()],

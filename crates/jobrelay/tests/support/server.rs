@@ -5,18 +5,9 @@ use std::time::Duration;
 
 use super::{eventually, files_form, Proc};
 
-/// Starts `jobrelay client` with its data in `dir/<name>`.
+/// Starts `jobrelay client` with its data in `dir/<name>`, logging to `dir`.
 pub fn start_client(dir: &Path, name: &str, extra: &[&str]) -> Proc {
-    let data = dir.join(name);
-    let mut args = vec![
-        "client",
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Proc::start(&args, dir)
+    Proc::client(&dir.join(name), dir, extra, &[])
 }
 
 /// Writes a TOML service file: (service, client URLs, runs_per_user, max_runs).
@@ -34,18 +25,87 @@ pub fn write_server_config(dir: &Path, services: &[(&str, Vec<String>, usize, us
     path
 }
 
-/// Starts `jobrelay server` with its data in `dir/server` and the given config file.
-pub fn start_server(dir: &Path, config: &Path, extra: &[&str]) -> Proc {
-    start_server_with_env(dir, config, extra, &[])
+/// A `jobrelay server` started for one test, with its data in `dir/server` and its log in
+/// `dir`. It keeps what it was started with (config file, flags, environment), so that a
+/// test can kill it and start it again as it was, on the same data. Dropping it stops the
+/// process by its pid (SIGTERM, then SIGKILL), as [`Proc`] does.
+pub struct TestServer {
+    pub proc: Proc,
+    /// Base URL, e.g. `http://127.0.0.1:41234`; a restart listens on a new port.
+    pub url: String,
+    dir: PathBuf,
+    config: PathBuf,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
-/// [`start_server`] with extra environment variables.
-pub fn start_server_with_env(
-    dir: &Path,
-    config: &Path,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Proc {
+impl TestServer {
+    /// Starts `jobrelay server --config <config> <extra>` on port 0.
+    pub fn start(dir: &Path, config: &Path, extra: &[&str]) -> TestServer {
+        Self::start_with_env(dir, config, extra, &[])
+    }
+
+    /// [`TestServer::start`] with extra environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let proc = launch(dir, config, &extra, &env);
+        TestServer {
+            url: proc.url.clone(),
+            proc,
+            dir: dir.to_owned(),
+            config: config.to_owned(),
+            extra,
+            env,
+        }
+    }
+
+    /// Starts the server again with what it was first started with, on the same data: kills
+    /// it first (SIGKILL) if it still runs.
+    pub fn restart(&mut self) {
+        self.proc.kill9();
+        self.proc = launch(&self.dir, &self.config, &self.extra, &self.env);
+        self.url = self.proc.url.clone();
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// What the running (or last) process logged so far.
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.proc.peak_rss_kib()
+    }
+
+    /// The server's data directory (database, staging, results).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("server")
+    }
+
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+}
+
+fn launch(dir: &Path, config: &Path, extra: &[String], env: &[(String, String)]) -> Proc {
     let data = dir.join("server");
     let mut args = vec![
         "server",
@@ -56,8 +116,9 @@ pub fn start_server_with_env(
         "--config",
         config.to_str().unwrap(),
     ];
-    args.extend_from_slice(extra);
-    Proc::start_with_env(&args, dir, env)
+    args.extend(extra.iter().map(String::as_str));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proc::start_with_env(&args, dir, &env)
 }
 
 /// Uploads a job and returns its id; panics unless the server answers 201.
@@ -96,6 +157,17 @@ pub async fn job_json(http: &reqwest::Client, server: &str, id: i64) -> serde_js
         return serde_json::json!({"id": id, "status": "Completed"});
     }
     response.json().await.unwrap()
+}
+
+/// The job's record from `/jobs/{id}` (JSON, whatever its status).
+pub async fn job_record(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
+    http.get(format!("{server}/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Waits until the job is in one of `statuses`; returns its JSON.
