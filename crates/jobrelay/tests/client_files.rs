@@ -38,12 +38,7 @@ async fn log(http: &reqwest::Client, client: &TestClient, id: u64, stream: &str)
 }
 
 async fn kill(client: &TestClient, id: u64) {
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(id).await;
     assert!(response.status().is_success(), "{}", response.status());
 }
 

@@ -104,12 +104,7 @@ async fn wait_long(
 }
 
 async fn kill(client: &TestClient, id: u64) -> (u16, serde_json::Value) {
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(id).await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
 }

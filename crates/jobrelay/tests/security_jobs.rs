@@ -278,12 +278,7 @@ async fn kill_reaches_every_process_in_the_sandbox() {
     let pid_file = client.data_dir().join(format!("work/{id}/bg.pid"));
     let background = read_pid(&pid_file).await;
     assert!(pid_alive(background));
-    let killed = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let killed = client.kill(id).await;
     assert_eq!(killed.status(), 200);
     eventually(
         Duration::from_secs(30),

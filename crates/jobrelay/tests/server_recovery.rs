@@ -198,25 +198,9 @@ async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let log = root.join("runs.log");
-    let port = free_port().to_string();
-    let data = root.join("client");
-    let client_args = |data: &Path| {
-        vec![
-            "client".to_owned(),
-            "--port".to_owned(),
-            port.clone(),
-            "--data-dir".to_owned(),
-            data.to_str().unwrap().to_owned(),
-            "--slots".to_owned(),
-            "4".to_owned(),
-        ]
-    };
-    let start = |data: &Path| {
-        let args = client_args(data);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start(&args, root)
-    };
-    let mut client = start(&data);
+    let port = free_port();
+    let start = |name: &str| start_client_at(root, name, port, &["--slots", "4"]);
+    let mut client = start("client");
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
     let server = TestServer::start(root, &config, &[]);
     let http = http();
@@ -242,7 +226,7 @@ async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
         wait_status(&http, &server.url, *id, &["Running"], LONG).await;
     }
     client.kill9();
-    let mut client = start(&data);
+    let mut client = start("client");
     for id in &ids {
         wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
         let job: serde_json::Value = http
@@ -282,7 +266,7 @@ async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
         wait_status(&http, &server.url, *id, &["Running"], LONG).await;
     }
     client.kill9();
-    let _client = start(&root.join("client-wiped"));
+    let _client = start("client-wiped");
     for (n, id) in ids.iter().enumerate() {
         wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
         let entries = unzip(&download_zip(&http, &server.url, *id).await);
@@ -319,22 +303,9 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
     let root = dir.path();
     let log = root.join("runs.log");
     let (flag1, flag2) = (root.join("go1"), root.join("go2"));
-    let port = free_port().to_string();
+    let port = free_port();
     let data = root.join("client");
-    let start = || {
-        Proc::start(
-            &[
-                "client",
-                "--port",
-                &port,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--slots",
-                "4",
-            ],
-            root,
-        )
-    };
+    let start = || start_client_at(root, "client", port, &["--slots", "4"]);
     let mut client = start();
     let proxy = FaultProxy::start(addr_of(&client.url));
     let config = write_server_config(
@@ -537,20 +508,8 @@ async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
 async fn a_job_terminated_while_its_client_is_down_is_killed_there_once_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let port = free_port().to_string();
-    let data = root.join("client");
-    let start = || {
-        Proc::start(
-            &[
-                "client",
-                "--port",
-                &port,
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
-            root,
-        )
-    };
+    let port = free_port();
+    let start = || start_client_at(root, "client", port, &[]);
     let mut client = start();
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 5)]);
     let server = TestServer::start(root, &config, &[]);

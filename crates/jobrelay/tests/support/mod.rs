@@ -86,12 +86,20 @@ impl Proc {
         }
     }
 
-    /// Starts `jobrelay client <extra>` on port 0 with its data in `data`, logging to `log_dir`.
-    pub fn client(data: &Path, log_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    /// Starts `jobrelay client <extra>` on `port` (0: any free one) with its data in `data`,
+    /// logging to `log_dir`.
+    pub fn client(
+        port: u16,
+        data: &Path,
+        log_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let port = port.to_string();
         let mut args = vec![
             "client",
             "--port",
-            "0",
+            &port,
             "--data-dir",
             data.to_str().unwrap(),
         ];
@@ -283,7 +291,7 @@ impl TestClient {
     }
 
     fn launch(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-        Proc::client(&dir.join("data"), &dir.join("logs"), extra, env)
+        Proc::client(0, &dir.join("data"), &dir.join("logs"), extra, env)
     }
 
     /// kill -9 the client and start it again on the same data directory.
@@ -381,6 +389,15 @@ impl TestClient {
             .await
             .unwrap();
         unzip(&bytes)
+    }
+
+    /// `POST /kill/{id}`: the answer, for the test to judge (200, 404 and 409 all happen).
+    pub async fn kill(&self, id: u64) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/kill/{id}")))
+            .send()
+            .await
+            .unwrap()
     }
 
     /// The work directory of a payload, as `/retrieve_partial` zips it (whatever its state).

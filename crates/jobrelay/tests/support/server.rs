@@ -7,7 +7,13 @@ use super::{eventually, files_form, Proc};
 
 /// Starts `jobrelay client` with its data in `dir/<name>`, logging to `dir`.
 pub fn start_client(dir: &Path, name: &str, extra: &[&str]) -> Proc {
-    Proc::client(&dir.join(name), dir, extra, &[])
+    start_client_at(dir, name, 0, extra)
+}
+
+/// [`start_client`] on a fixed `port` (from `net::free_port`): a client that can be killed
+/// and come back at the address the server knows it by.
+pub fn start_client_at(dir: &Path, name: &str, port: u16, extra: &[&str]) -> Proc {
+    Proc::client(port, &dir.join(name), dir, extra, &[])
 }
 
 /// Writes a TOML service file: (service, client URLs, runs_per_user, max_runs).
