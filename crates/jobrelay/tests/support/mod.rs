@@ -200,6 +200,21 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// [`http`] sending `Authorization: Bearer <token>` on every request: a user of a server
+/// started with a users file.
+pub fn http_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 /// A multipart form with the given (name, content) files in `file` fields.
 pub fn files_form(files: &[(&str, &[u8])]) -> reqwest::multipart::Form {
     let mut form = reqwest::multipart::Form::new();
