@@ -392,18 +392,10 @@ impl TestClient {
         .await
     }
 
+    /// The result ZIP of a payload, once it is Completed.
     pub async fn retrieve_zip(&self, id: u64) -> std::collections::BTreeMap<String, Vec<u8>> {
         self.wait_for(id, "Completed").await;
-        let bytes = self
-            .http
-            .get(self.url(&format!("/retrieve/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        unzip(&bytes)
+        self.zip_at(&format!("/retrieve/{id}")).await
     }
 
     /// `POST /kill/{id}`: the answer, for the test to judge (200, 404 and 409 all happen).
@@ -420,9 +412,14 @@ impl TestClient {
         &self,
         id: u64,
     ) -> std::collections::BTreeMap<String, Vec<u8>> {
+        self.zip_at(&format!("/retrieve_partial/{id}")).await
+    }
+
+    /// The entries of the ZIP that `GET path` answers.
+    async fn zip_at(&self, path: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
         let bytes = self
             .http
-            .get(self.url(&format!("/retrieve_partial/{id}")))
+            .get(self.url(path))
             .send()
             .await
             .unwrap()
