@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use support::server::{job_form, post_upload};
 use support::{eventually, http_with_token, unzip};
 
 const IMAGE: &str = "jobrelay:container-tests";
@@ -231,17 +232,7 @@ impl Drop for Stack {
 }
 
 async fn upload(http: &reqwest::Client, url: &str, files: &[(&str, &[u8])]) -> i64 {
-    let form = support::files_form(files)
-        .text("user_id", "1")
-        .text("service", "example");
-    let response = http
-        .post(format!("{url}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.unwrap();
+    let (status, body) = post_upload(http, url, job_form(1, "example", files)).await;
     assert_eq!(status, 201, "upload refused: {body}");
     body["id"].as_i64().unwrap()
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use reqwest::multipart::{Form, Part};
 use serde::Deserialize;
-use support::server::{start_client, tree, wait_status, write_server_config, TestServer};
+use support::server::{
+    post_upload, start_client, tree, wait_status, write_server_config, TestServer,
+};
 use support::{eventually, http, pid_alive, read_pid, unzip, TestClient};
 
 /// The reference's payload record, as its server deserialises it: all fields required.
@@ -306,18 +308,6 @@ async fn a_reference_server_downloads_partial_results_and_terminates_a_running_j
     )
     .await;
     assert_eq!(reference.follow(id).await.0, RefStatus::Killed);
-}
-
-/// Posts a form to our server's `/upload`; returns (status, body).
-async fn post_upload(http: &reqwest::Client, server: &str, form: Form) -> (u16, serde_json::Value) {
-    let response = http
-        .post(format!("{server}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
 }
 
 fn part(content: &[u8], file_name: &str) -> Part {

@@ -7,21 +7,12 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use support::server::{job_form, post_upload};
 use support::*;
 
 async fn upload(http: &reqwest::Client, url: &str, script: &str) -> u64 {
-    let form = files_form(&[("run.sh", script.as_bytes())])
-        .text("user_id", "7")
-        .text("service", "example");
-    let answer: serde_json::Value = http
-        .post(format!("{url}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let form = job_form(7, "example", &[("run.sh", script.as_bytes())]);
+    let (_, answer) = post_upload(http, url, form).await;
     answer["id"].as_u64().unwrap()
 }
 

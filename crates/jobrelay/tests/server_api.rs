@@ -171,14 +171,7 @@ async fn refused(
     expected: u16,
     needle: &str,
 ) {
-    let response = http
-        .post(format!("{server}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let body: serde_json::Value = response.json().await.unwrap();
+    let (status, body) = post_upload(http, server, form).await;
     assert_eq!(status, expected, "{body}");
     assert_eq!(body["id"], 0, "{body}");
     assert_eq!(body["status"], "Unknown", "{body}");

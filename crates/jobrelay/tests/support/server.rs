@@ -127,6 +127,29 @@ fn launch(dir: &Path, config: &Path, extra: &[String], env: &[(String, String)])
     Proc::start_with_env(&args, dir, &env)
 }
 
+/// Posts a form to the server's `/upload`; returns (status, JSON body), whatever they are.
+pub async fn post_upload(
+    http: &reqwest::Client,
+    server: &str,
+    form: reqwest::multipart::Form,
+) -> (u16, serde_json::Value) {
+    let response = http
+        .post(format!("{server}/upload"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The form of an upload: `files` for `user` on `service`.
+pub fn job_form(user: i64, service: &str, files: &[(&str, &[u8])]) -> reqwest::multipart::Form {
+    files_form(files)
+        .text("user_id", user.to_string())
+        .text("service", service.to_owned())
+}
+
 /// Uploads a job and returns its id; panics unless the server answers 201.
 pub async fn upload_job(
     http: &reqwest::Client,
@@ -135,17 +158,7 @@ pub async fn upload_job(
     service: &str,
     files: &[(&str, &[u8])],
 ) -> i64 {
-    let form = files_form(files)
-        .text("user_id", user.to_string())
-        .text("service", service.to_owned());
-    let response = http
-        .post(format!("{server}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.unwrap();
+    let (status, body) = post_upload(http, server, job_form(user, service, files)).await;
     assert_eq!(status, 201, "upload refused: {body}");
     assert_eq!(body["status"], "Queued");
     body["id"].as_i64().unwrap()
