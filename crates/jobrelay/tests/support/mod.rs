@@ -215,6 +215,17 @@ pub fn http_with_token(token: &str) -> reqwest::Client {
         .unwrap()
 }
 
+/// Posts a multipart form to `url`; returns (status, JSON body), whatever they are.
+pub async fn post_form(
+    http: &reqwest::Client,
+    url: &str,
+    form: reqwest::multipart::Form,
+) -> (u16, serde_json::Value) {
+    let response = http.post(url).multipart(form).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
 /// A multipart form with the given (name, content) files in `file` fields.
 pub fn files_form(files: &[(&str, &[u8])]) -> reqwest::multipart::Form {
     let mut form = reqwest::multipart::Form::new();
@@ -345,15 +356,7 @@ impl TestClient {
     }
 
     pub async fn submit_form(&self, form: reqwest::multipart::Form) -> (u16, serde_json::Value) {
-        let response = self
-            .http
-            .post(self.url("/submit"))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
+        post_form(&self.http, &self.url("/submit"), form).await
     }
 
     /// Submits a job with this run.sh and returns its id.

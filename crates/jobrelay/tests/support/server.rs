@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{eventually, files_form, Proc};
+use super::{eventually, files_form, post_form, Proc};
 
 /// Starts `jobrelay client` with its data in `dir/<name>`, logging to `dir`.
 pub fn start_client(dir: &Path, name: &str, extra: &[&str]) -> Proc {
@@ -133,14 +133,7 @@ pub async fn post_upload(
     server: &str,
     form: reqwest::multipart::Form,
 ) -> (u16, serde_json::Value) {
-    let response = http
-        .post(format!("{server}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    post_form(http, &format!("{server}/upload"), form).await
 }
 
 /// The form of an upload: `files` for `user` on `service`.
