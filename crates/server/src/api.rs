@@ -11,13 +11,13 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::TryStreamExt;
 use jobrelay_common::archive::zip_stream;
 use jobrelay_common::upload::{self, UploadError};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{self, Caller};
+use crate::gateway::{self, Failure};
 use crate::jobs::{self, Terminated};
 use crate::store::{Job, JobStatus};
 use crate::Shared;
@@ -666,22 +666,24 @@ async fn download_partial(
     }
     if JobStatus::ON_CLIENT.contains(&job.status) {
         if let (Some(client), Some(dest)) = (shared.client_of(job.client.as_deref()), job.dest_id) {
-            let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
-            let response = client.http.get(&url).send().await.map_err(|e| {
-                ApiError::for_job(
-                    StatusCode::BAD_GATEWAY,
-                    job.id,
-                    format!("the job's client did not answer: {e}"),
-                )
-            })?;
-            if !response.status().is_success() {
-                return Err(ApiError::for_job(
-                    StatusCode::BAD_GATEWAY,
-                    job.id,
-                    format!("the job's client answered {}", response.status()),
-                ));
-            }
-            let stream = response.bytes_stream().map_err(std::io::Error::other);
+            let zip = match gateway::retrieve_partial(&shared, &client, dest).await {
+                Ok(zip) => zip,
+                Err(Failure::Unreachable(e)) => {
+                    return Err(ApiError::for_job(
+                        StatusCode::BAD_GATEWAY,
+                        job.id,
+                        format!("the job's client did not answer: {e}"),
+                    ))
+                }
+                Err(Failure::Answered(status)) => {
+                    return Err(ApiError::for_job(
+                        StatusCode::BAD_GATEWAY,
+                        job.id,
+                        format!("the job's client answered {status}"),
+                    ))
+                }
+            };
+            let stream = zip.into_stream();
             return Ok((
                 [
                     (header::CONTENT_TYPE, "application/zip".to_owned()),

@@ -14,12 +14,13 @@ use axum::routing::get;
 use axum::Extension;
 use axum::{Json, Router};
 use jobrelay_common::logtail::{self, Stream};
-use jobrelay_common::protocol::ErrorBody;
+
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::api::{find, ApiError, ApiResult, IdPath, JobAnswer};
 use crate::auth::Caller;
+use crate::gateway::{self, Failure, Log};
 use crate::store::{now_ms, rfc3339, Job, JobEvent, JobStatus};
 use crate::Shared;
 
@@ -348,10 +349,6 @@ async fn log_from_client(
         // A client without the log extension (seed contract): nothing to show until the end.
         return Ok(Vec::new());
     }
-    let url = client.endpoint.path(&format!(
-        "/log/{dest}?stream={}&offset={offset}",
-        stream.as_str()
-    ));
     let unreachable = |e: String| {
         ApiError::for_job(
             StatusCode::BAD_GATEWAY,
@@ -359,35 +356,18 @@ async fn log_from_client(
             format!("cannot read the log from {}: {e}", client.base()),
         )
     };
-    let response = client
-        .http
-        .get(url)
-        .timeout(crate::clients::SMALL_REQUEST)
-        .send()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    if response.status() == StatusCode::CONFLICT {
+    match gateway::log(shared, &client, dest, stream.as_str(), offset).await {
+        Log::Bytes(bytes) => Ok(bytes.to_vec()),
         // The client refused the file (a link, a FIFO, another owner's file in place of the
         // log): the job's doing, not the client's failure; say so as the client did.
-        let why = response
-            .json::<ErrorBody>()
-            .await
-            .map(|body| body.error)
-            .unwrap_or_else(|_| "the log is not a regular file of the job".into());
-        return Err(ApiError::for_job(
+        Log::Refused(why) => Err(ApiError::for_job(
             StatusCode::CONFLICT,
             job.id,
             format!("the client refused to read this log: {why}"),
-        ));
+        )),
+        Log::Failed(Failure::Answered(status)) => Err(unreachable(format!("it answered {status}"))),
+        Log::Failed(Failure::Unreachable(why)) => Err(unreachable(why)),
     }
-    if !response.status().is_success() {
-        return Err(unreachable(format!("it answered {}", response.status())));
-    }
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    Ok(bytes.to_vec())
 }
 
 /// Reads a window of the log stored in the job's result ZIP (empty when there is none).
