@@ -107,6 +107,36 @@ async fn a_link_cut_during_the_upload_to_the_client_is_retried_and_the_job_runs_
     eprintln!("upload cut: {} cuts, job {id} Completed", s.proxy.cuts());
 }
 
+/// The client takes the payload and starts it, but its answer to `/submit` never arrives (the
+/// client killed just after, a link that broke): sending a new attempt would run the job a
+/// second time (seen in CI's client crash loop). The server sends the same key again and the
+/// client hands back the payload it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_whose_answer_is_lost_is_sent_again_with_its_key_and_runs_once() {
+    let s = Setup::start(&[]);
+    s.proxy.set(Mode::LoseAnswer {
+        request: b"POST /submit",
+        times: 2,
+    });
+    let script = format!("echo lost >> {}\necho done > out.txt\n", s.log().display());
+    let id = s.upload("lost", &script, &[]).await;
+    wait_status(&s.http, &s.server.url, id, &["Completed"], LONG).await;
+    assert_eq!(s.proxy.cuts(), 2, "both answers were lost");
+    assert_eq!(count_lines(&s.log()).get("lost"), Some(&1), "ran once");
+    let job: serde_json::Value = s
+        .http
+        .get(format!("{}/jobs/{id}", s.server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["attempts"], 1, "one attempt, sent three times: {job}");
+    let entries = unzip(&download_zip(&s.http, &s.server.url, id).await);
+    assert_eq!(entries["out.txt"], b"done\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_cut_mid_stream_is_fetched_again_not_stored_truncated() {
     let s = Setup::start(&[]);

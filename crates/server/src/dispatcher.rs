@@ -71,7 +71,126 @@ async fn dispatch(shared: Arc<Shared>, decision: Decision) {
                 return;
             }
         };
-    send(&shared, &client, job).await;
+    send(&shared, &client, job, Delivery::NeverSent).await;
+}
+
+/// Whether an earlier send of this dispatch (same key) may have reached the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// No request with this key has left the server yet, or none got as far as a connection.
+    NeverSent,
+    /// This many may have been received: the client may hold a payload under the key (a
+    /// connection that broke mid-request or before its answer, a 503, the send of a server
+    /// process that stopped).
+    MaybeReceived(u32),
+}
+
+impl Delivery {
+    /// After a send that failed: `reached` tells whether that one may have been received.
+    fn after_failure(self, reached: bool) -> Delivery {
+        match (self, reached) {
+            (Delivery::MaybeReceived(n), true) => Delivery::MaybeReceived(n + 1),
+            (Delivery::NeverSent, true) => Delivery::MaybeReceived(1),
+            (earlier, false) => earlier,
+        }
+    }
+}
+
+/// Decides what follows a failed send of a job with a dispatch key: `false` when no request
+/// may have reached the client (a new attempt is safe), else the same key is sent again later
+/// (see [`send_again_when_back`]), or the job fails once `max_attempts` such sends went
+/// unanswered: a new attempt could run it twice.
+fn send_again(
+    shared: &Arc<Shared>,
+    client: &Arc<ClientHandle>,
+    job: &Job,
+    delivery: Delivery,
+    why: &str,
+) -> bool {
+    let Delivery::MaybeReceived(sends) = delivery else {
+        return false;
+    };
+    if sends >= shared.config.max_attempts {
+        jobs::fail(
+            shared,
+            job,
+            &[JobStatus::Processing],
+            format!("gave up after {sends} sends that may have reached the client; last: {why}"),
+        );
+    } else {
+        tokio::spawn(send_again_when_back(
+            shared.clone(),
+            client.clone(),
+            job.clone(),
+            sends,
+            why.to_owned(),
+        ));
+    }
+    true
+}
+
+/// Most time between two looks at a client whose answer to a send never came.
+const SEND_AGAIN_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// After a send whose outcome is unknown: waits for the client to answer its probes again and
+/// sends the same dispatch (same key) once more, which the client answers with the payload it
+/// already made, if any. Given up for a new attempt elsewhere once the client has been
+/// unreachable for the client timeout, like a run lost there (RELIABILITY.md says what that
+/// leaves). Stops when the job moved on meanwhile (terminated).
+fn send_again_when_back(
+    shared: Arc<Shared>,
+    client: Arc<ClientHandle>,
+    job: Job,
+    sends: u32,
+    why: String,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    // Boxed: `send` spawns this and this calls `send`.
+    Box::pin(async move {
+        let mut wait = std::time::Duration::from_millis(100) * (1 << sends.min(4));
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(SEND_AGAIN_MAX_WAIT);
+            match shared.store.get(job.id) {
+                Ok(Some(now))
+                    if now.status == JobStatus::Processing
+                        && now.dispatch_key == job.dispatch_key => {}
+                // Terminated, or moved on by a restart of the server: nothing of ours to do.
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::error!(job = job.id, error = %e, "cannot read a job being sent");
+                    continue;
+                }
+            }
+            match client.unreachable_for() {
+                None => {
+                    tracing::info!(
+                        job = job.id,
+                        client = client.base(),
+                        "sending again with the same key"
+                    );
+                    send(&shared, &client, job, Delivery::MaybeReceived(sends)).await;
+                    return;
+                }
+                Some(down) if down >= shared.config.client_timeout => {
+                    let why = format!(
+                        "{why}; the client may have received it and stayed unreachable for \
+                         {:.1}s (timeout {:.1}s)",
+                        down.as_secs_f64(),
+                        shared.config.client_timeout.as_secs_f64()
+                    );
+                    jobs::requeue(
+                        &shared,
+                        &job,
+                        &[JobStatus::Processing],
+                        &why,
+                        std::time::Duration::ZERO,
+                    );
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
+    })
 }
 
 fn release_slot(shared: &Shared, id: i64) {
@@ -95,7 +214,7 @@ pub async fn resend(shared: Arc<Shared>, job: Job) {
                 client = client.base(),
                 "sending again after restart"
             );
-            send(&shared, &client, job).await;
+            send(&shared, &client, job, Delivery::MaybeReceived(1)).await;
         }
         None => jobs::requeue(
             &shared,
@@ -148,7 +267,7 @@ async fn list_files(dir: &Path) -> std::io::Result<Vec<JobFile>> {
 }
 
 /// Streams the job's files to the client and records the payload it became.
-async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
+async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delivery: Delivery) {
     let key = client
         .has("key")
         .then(|| job.dispatch_key.clone())
@@ -199,7 +318,19 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job) {
             );
             return;
         }
-        Submitted::Unreachable { why, .. } | Submitted::Failed { why, .. } => {
+        Submitted::Unreachable {
+            why,
+            maybe_received,
+        }
+        | Submitted::Failed {
+            why,
+            maybe_received,
+            ..
+        } => {
+            let delivery = delivery.after_failure(maybe_received);
+            if key.is_some() && send_again(shared, client, &job, delivery, &why) {
+                return;
+            }
             jobs::requeue(
                 shared,
                 &job,

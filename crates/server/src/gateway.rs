@@ -151,8 +151,13 @@ pub enum Submitted {
     /// false only when no connection was ever made.
     Unreachable { maybe_received: bool, why: String },
     /// The client answered, but with no payload record (a 5xx, 401/403, 408/429, or a
-    /// success whose record could not be read): it did receive the request.
-    Failed { status: StatusCode, why: String },
+    /// success whose record could not be read). `maybe_received`: the answer does not rule
+    /// out a payload made under the request's key ([`answer_maybe_received`]).
+    Failed {
+        status: StatusCode,
+        maybe_received: bool,
+        why: String,
+    },
 }
 
 /// A file of a job, as sent in the form: its name relative to the job's directory (with
@@ -213,6 +218,13 @@ enum SubmitStatus {
     Failed,
 }
 
+/// Whether a `/submit` that answered `status` without a readable record may have left a
+/// payload on the client: a success whose body broke off was received; a 503 may have been
+/// (the client's store answered late, and makes the payload after all).
+fn answer_maybe_received(status: StatusCode) -> bool {
+    status.is_success() || status == StatusCode::SERVICE_UNAVAILABLE
+}
+
 fn submit_status(status: StatusCode) -> SubmitStatus {
     // 401/403: the client refuses our token, not the job; it is the operator's to fix, and
     // the job waits for a client that takes it.
@@ -261,7 +273,11 @@ pub async fn submit(
     let failed = |e: String| {
         let why = format!("{} /submit failed: {e}", client.base());
         clients::failed(shared, client, &why);
-        Submitted::Failed { status, why }
+        Submitted::Failed {
+            status,
+            maybe_received: answer_maybe_received(status),
+            why,
+        }
     };
     match submit_status(status) {
         SubmitStatus::Refused => Submitted::Refused {
@@ -742,6 +758,17 @@ mod tests {
             submit_status(StatusCode::INSUFFICIENT_STORAGE),
             SubmitStatus::NoRoom
         );
+    }
+
+    #[test]
+    fn only_a_success_or_a_503_may_have_left_a_payload_behind_a_failed_submit() {
+        assert!(answer_maybe_received(StatusCode::OK));
+        assert!(answer_maybe_received(StatusCode::CREATED));
+        assert!(answer_maybe_received(StatusCode::SERVICE_UNAVAILABLE));
+        for status in [401, 403, 408, 429, 500, 502, 504] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!(!answer_maybe_received(status), "{status}");
+        }
     }
 
     #[test]

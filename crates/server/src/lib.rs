@@ -4,7 +4,10 @@
 //!
 //! Modules, each with one job:
 //! - [`config`]: flags, TOML file and the reference's environment variables;
-//! - [`store`]: the SQLite job table, every state change committed and guarded;
+//! - [`store`]: the database seam ([`store::JobDb`]) and its SQLite implementation, every
+//!   state change committed and guarded;
+//! - [`job_table`]: the jobs as the server sees them: reads, and committed changes that wake
+//!   long-polls, count in metrics and are logged;
 //! - [`scheduler`]: pure quotas, round-robin fair share and placement;
 //! - [`clients`]: the pool of executor clients, their health and `/info`;
 //! - [`gateway`]: the one way to talk to a client: a typed call per client endpoint, its
@@ -25,6 +28,7 @@ pub mod config;
 pub mod dispatcher;
 pub mod gateway;
 pub mod janitor;
+pub mod job_table;
 pub mod jobs;
 pub mod observe;
 pub mod probe;
@@ -48,8 +52,9 @@ use jobrelay_common::serve::Serving;
 use tokio::sync::Notify;
 
 use crate::clients::ClientHandle;
+use crate::job_table::JobTable;
 use crate::scheduler::{Scheduler, ServiceId};
-use crate::store::{JobStatus, Store};
+use crate::store::{JobStatus, SqliteDb};
 
 /// Most job checks (`/retrieve` calls and result downloads) in progress at once.
 const MAX_CONCURRENT_CHECKS: usize = 64;
@@ -67,7 +72,7 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// State shared by every part of a running server.
 pub struct Shared {
     pub config: ServerConfig,
-    pub store: Store,
+    pub store: JobTable,
     pub sched: Mutex<Scheduler>,
     /// Wakes the dispatcher: a new job, a freed slot, a client back.
     pub wake: Notify,
@@ -153,7 +158,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     }
-    let store = Store::open_with_mark(&config.db_path, &data_dir.join(JOB_ID_MARK))?;
+    let store = JobTable::new(Box::new(SqliteDb::open_with_mark(
+        &config.db_path,
+        &data_dir.join(JOB_ID_MARK),
+    )?));
     refuse_a_database_behind_its_files(&store, &config.db_path, &jobs_dir, &results_dir)?;
 
     let client_ca = match &config.client_ca {
@@ -306,7 +314,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// Name of the job-id high-water mark in the data directory ([`Store::open_with_mark`]).
+/// Name of the job-id high-water mark in the data directory ([`SqliteDb::open_with_mark`]).
 pub const JOB_ID_MARK: &str = "last-job-id";
 /// Time between two integrity checks of the database (the first runs at start).
 const INTEGRITY_EVERY: Duration = Duration::from_secs(600);
@@ -317,7 +325,7 @@ const INTEGRITY_EVERY: Duration = Duration::from_secs(600);
 /// ids to new jobs. A result ZIP exists only for a committed job; a job directory without its
 /// row is normal only for the upload a crash cut short (the last id handed out).
 fn refuse_a_database_behind_its_files(
-    store: &Store,
+    store: &JobTable,
     db: &std::path::Path,
     jobs_dir: &std::path::Path,
     results_dir: &std::path::Path,

@@ -12,9 +12,10 @@ use tokio::sync::Notify;
 
 use crate::clients::ClientHandle;
 use crate::config::{ClientEndpoint, ServerConfig, ServiceConfig};
+use crate::job_table::JobTable;
 use crate::jobs::{self, Terminated};
 use crate::scheduler::{Scheduler, ServiceId};
-use crate::store::{Change, Job, JobStatus, Store};
+use crate::store::{Change, Job, JobStatus, SqliteDb};
 use crate::Shared;
 
 const SERVICE: &str = "example";
@@ -36,7 +37,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
         dir.path().to_path_buf(),
         [(SERVICE.to_owned(), service.clone())].into(),
     );
-    let store = Store::open(&config.db_path).unwrap();
+    let store = JobTable::new(Box::new(SqliteDb::open(&config.db_path).unwrap()));
     let mut sched = Scheduler::new();
     let client = sched.add_client();
     sched.set_client(client, true, Some(8), 0.0);

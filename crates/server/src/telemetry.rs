@@ -1,44 +1,10 @@
 //! The server's Prometheus metrics. Counters and histograms are recorded where a job's state
-//! is committed ([`job_changed`]); gauges (jobs per state, queue depth, client health) are
+//! is committed ([`crate::job_table`]); gauges (jobs per state, queue depth, client health) are
 //! computed when `/metrics` is scraped ([`render`]).
 
-use metrics::{counter, gauge, histogram};
+use metrics::gauge;
 
-use crate::store::{now_ms, Job, JobStatus};
 use crate::Shared;
-
-/// Records what a committed state change means for the metrics.
-pub fn job_changed(job: &Job) {
-    let service = job.service.clone();
-    match job.status {
-        JobStatus::Processing => {
-            counter!("jobrelay_server_dispatch_attempts_total", "service" => service).increment(1);
-        }
-        JobStatus::Submitted if job.attempts == 1 => {
-            let waited = (now_ms() - job.created_ms).max(0) as f64 / 1000.0;
-            histogram!("jobrelay_server_dispatch_latency_seconds", "service" => service)
-                .record(waited);
-        }
-        // Jobs are created Queued without a transition: a transition to Queued is a requeue.
-        JobStatus::Queued => {
-            counter!("jobrelay_server_requeues_total", "service" => service).increment(1);
-        }
-        status if status.is_finished() && status != JobStatus::Cleaned => {
-            counter!(
-                "jobrelay_server_jobs_finished_total",
-                "service" => service.clone(),
-                "status" => status.as_str()
-            )
-            .increment(1);
-            if status == JobStatus::Completed {
-                let took = (now_ms() - job.created_ms).max(0) as f64 / 1000.0;
-                histogram!("jobrelay_server_end_to_end_latency_seconds", "service" => service)
-                    .record(took);
-            }
-        }
-        _ => {}
-    }
-}
 
 /// Sets the gauges from the current state and renders every metric.
 pub fn render(shared: &Shared) -> anyhow::Result<String> {

@@ -28,6 +28,10 @@ pub enum Mode {
     CutUp { after: u64, times: u32 },
     /// Same for bytes coming back from the client (responses: result downloads).
     CutDown { after: u64, times: u32 },
+    /// Forward requests whole, but close a connection that carried a request starting with
+    /// `request` (say `b"POST /submit"`) instead of forwarding its answer, at most `times`
+    /// times: the client did the work, the caller never learns it.
+    LoseAnswer { request: &'static [u8], times: u32 },
 }
 
 struct State {
@@ -153,8 +157,12 @@ async fn connection(
     let _ = outbound.set_nodelay(true);
     let (in_read, in_write) = inbound.into_split();
     let (out_read, out_write) = outbound.into_split();
-    let up = pump(in_read, out_write, true, generation, &state, &cuts);
-    let down = pump(out_read, in_write, false, generation, &state, &cuts);
+    // Set once a request this connection carried matches a `LoseAnswer` mode.
+    let marked = std::sync::atomic::AtomicBool::new(false);
+    let up = pump(in_read, out_write, true, generation, &state, &cuts, &marked);
+    let down = pump(
+        out_read, in_write, false, generation, &state, &cuts, &marked,
+    );
     // Either direction ending (EOF, error, a cut) ends the connection: both halves drop.
     tokio::select! {
         _ = up => {}
@@ -171,6 +179,7 @@ async fn pump(
     generation: u64,
     state: &Mutex<State>,
     cuts: &AtomicU64,
+    marked: &std::sync::atomic::AtomicBool,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut carried: u64 = 0;
@@ -213,6 +222,15 @@ async fn pump(
                         return;
                     }
                 }
+                Mode::LoseAnswer { request, .. } if upwards && chunk.starts_with(request) => {
+                    marked.store(true, Ordering::Relaxed);
+                }
+                Mode::LoseAnswer { .. }
+                    if !upwards && marked.load(Ordering::Relaxed) && lose_here(state) =>
+                {
+                    cuts.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 _ => {}
             }
             break;
@@ -222,6 +240,22 @@ async fn pump(
         }
         carried += chunk.len() as u64;
     }
+}
+
+/// Uses one of a `LoseAnswer` mode's losses, if any is left.
+fn lose_here(state: &Mutex<State>) -> bool {
+    let mut s = state.lock().unwrap();
+    let Mode::LoseAnswer { times, .. } = &mut s.mode else {
+        return false;
+    };
+    if *times == 0 {
+        return false;
+    }
+    *times -= 1;
+    if *times == 0 {
+        s.mode = Mode::Pass;
+    }
+    true
 }
 
 /// Whether this chunk crosses the cut threshold of the current mode in this direction; if so,

@@ -1,92 +1,13 @@
-//! The durable job table (SQLite, WAL). Every state change is one committed statement guarded
-//! by the states it may come from, so two actors racing on a job (terminate and completion,
-//! say) cannot both win, and a restart finds each job where the last commit left it.
+//! The embedded store: SQLite in WAL mode, one file in the data directory, and the job-id
+//! high-water mark beside it.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-
-use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::Notify;
+use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use serde::Serialize;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// State of a job on the server.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, utoipa::ToSchema)]
-pub enum JobStatus {
-    Queued,
-    Processing,
-    Submitted,
-    Running,
-    Completed,
-    Failed,
-    Invalid,
-    Killed,
-    Cleaned,
-}
-
-impl JobStatus {
-    pub const ACTIVE: [JobStatus; 3] = [
-        JobStatus::Processing,
-        JobStatus::Submitted,
-        JobStatus::Running,
-    ];
-    pub const ON_CLIENT: [JobStatus; 2] = [JobStatus::Submitted, JobStatus::Running];
-    pub const NOT_FINISHED: [JobStatus; 4] = [
-        JobStatus::Queued,
-        JobStatus::Processing,
-        JobStatus::Submitted,
-        JobStatus::Running,
-    ];
-    pub const FINISHED: [JobStatus; 4] = [
-        JobStatus::Completed,
-        JobStatus::Failed,
-        JobStatus::Invalid,
-        JobStatus::Killed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Queued => "Queued",
-            JobStatus::Processing => "Processing",
-            JobStatus::Submitted => "Submitted",
-            JobStatus::Running => "Running",
-            JobStatus::Completed => "Completed",
-            JobStatus::Failed => "Failed",
-            JobStatus::Invalid => "Invalid",
-            JobStatus::Killed => "Killed",
-            JobStatus::Cleaned => "Cleaned",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            JobStatus::Queued,
-            JobStatus::Processing,
-            JobStatus::Submitted,
-            JobStatus::Running,
-            JobStatus::Completed,
-            JobStatus::Failed,
-            JobStatus::Invalid,
-            JobStatus::Killed,
-            JobStatus::Cleaned,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-    }
-
-    pub fn is_finished(self) -> bool {
-        !JobStatus::NOT_FINISHED.contains(&self)
-    }
-}
+use super::{now_ms, rfc3339, AbandonedRun, Change, Job, JobDb, JobEvent, JobStatus, ListFilter};
 
 /// A status column the server does not know (written by a newer version, or by hand) is an
 /// error naming it, never read as some other state: read as Failed it would be final, its
@@ -100,66 +21,6 @@ impl rusqlite::types::FromSql for JobStatus {
             )
         })
     }
-}
-
-impl std::fmt::Display for JobStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One job, as stored.
-#[derive(Serialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
-pub struct Job {
-    pub id: i64,
-    pub status: JobStatus,
-    pub message: String,
-    pub user_id: i64,
-    pub service: String,
-    /// Dispatch attempts made so far.
-    pub attempts: u32,
-    /// Base URL of the client the job was last sent to.
-    pub client: Option<String>,
-    /// Payload id on that client.
-    pub dest_id: Option<i64>,
-    /// Identity of that client's data directory when the job was sent.
-    pub node: Option<String>,
-    /// Idempotency key of the last dispatch.
-    #[serde(skip)]
-    pub dispatch_key: Option<String>,
-    pub exit_code: Option<i32>,
-    /// Unix time in milliseconds.
-    pub created_ms: i64,
-    pub updated_ms: i64,
-    pub finished_ms: Option<i64>,
-    /// The same times in RFC 3339 (UTC), for people.
-    pub created_at: String,
-    pub updated_at: String,
-    pub finished_at: Option<String>,
-}
-
-/// Formats Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-28T09:37:47.123Z`.
-pub fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86400);
-    let rest = secs.rem_euclid(86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z.rem_euclid(146097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
 
 const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, dest_id, node, \
@@ -190,20 +51,6 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
     })
 }
 
-/// One state a job went through.
-#[derive(Serialize, utoipa::ToSchema, Debug, Clone, PartialEq)]
-pub struct JobEvent {
-    pub at_ms: i64,
-    /// RFC 3339 time of the change.
-    pub at: String,
-    pub status: String,
-    pub message: String,
-    /// Dispatch attempts so far.
-    pub attempts: u32,
-    /// Client the job was on, if any.
-    pub client: Option<String>,
-}
-
 fn record_event(
     conn: &Connection,
     id: i64,
@@ -231,84 +78,19 @@ fn record_event(
     Ok(())
 }
 
-/// Fields a transition may set besides the status. `None` leaves a field as it is.
-#[derive(Default, Debug, Clone)]
-pub struct Change {
-    pub message: Option<String>,
-    pub attempts: Option<u32>,
-    pub client: Option<Option<String>>,
-    pub dest_id: Option<Option<i64>>,
-    pub node: Option<Option<String>>,
-    pub dispatch_key: Option<Option<String>>,
-    pub exit_code: Option<Option<i32>>,
-    /// The job's run on its client is given away (requeued or failed while the client could
-    /// not be reached): remember it in `abandoned_runs`, in the same transaction, so it is
-    /// killed there once the client answers again (see [`Store::abandoned_on`]).
-    pub abandon_run: bool,
-}
-
-/// A run the server gave away while its client could not be reached: to be killed there.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AbandonedRun {
-    pub client: String,
-    pub dest_id: i64,
-    /// Dispatch key of that run: only a payload carrying it is killed.
-    pub key: Option<String>,
-    pub job_id: i64,
-}
-
-impl Change {
-    pub fn message(message: impl Into<String>) -> Self {
-        Change {
-            message: Some(message.into()),
-            ..Default::default()
-        }
-    }
-}
-
-/// Which jobs `GET /jobs` lists.
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    pub user_id: Option<i64>,
-    pub service: Option<String>,
-    pub status: Option<JobStatus>,
-    pub limit: i64,
-    pub offset: i64,
-}
-
-pub struct Store {
+/// The SQLite implementation of [`JobDb`].
+pub struct SqliteDb {
     conn: Mutex<Connection>,
     /// The database file: the integrity check reads it through a connection of its own.
     path: std::path::PathBuf,
     server_id: String,
-    /// The job-id high-water mark beside the database (see [`Store::open_with_mark`]).
+    /// The job-id high-water mark beside the database (see [`SqliteDb::open_with_mark`]).
     mark: Option<Mutex<std::fs::File>>,
     /// The mark as found at open: ids up to it were handed out in this data directory.
     mark_at_open: i64,
     /// Why the database is known to be damaged (a query met a corrupt page, or the last
     /// integrity check failed); `/health` reports it.
     damaged: Mutex<Option<String>>,
-    /// Long-polls waiting on a job (`GET /jobs/{id}?wait=`): woken after each committed
-    /// change of that job. An entry lives while a [`JobWatch`] holds it.
-    watchers: Mutex<HashMap<i64, Arc<Notify>>>,
-}
-
-/// Registration of a long-poll on one job: [`JobWatch::notify`] is woken after every
-/// committed state change of the job. Removed from the store when the last one is dropped.
-pub struct JobWatch<'a> {
-    store: &'a Store,
-    id: i64,
-    pub notify: Arc<Notify>,
-}
-
-impl Drop for JobWatch<'_> {
-    fn drop(&mut self) {
-        let mut watchers = crate::lock(&self.store.watchers);
-        // Ours and the map's: nobody else waits on this job.
-        if Arc::strong_count(&self.notify) <= 2 {
-            watchers.remove(&self.id);
-        }
-    }
 }
 
 /// Writes the job-id mark in place: one `pwrite` of a fixed width, no new inode.
@@ -321,7 +103,7 @@ fn sql_err(e: rusqlite::Error) -> anyhow::Error {
     anyhow::anyhow!("database error: {e}")
 }
 
-impl Store {
+impl SqliteDb {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
@@ -402,18 +184,16 @@ impl Store {
              COMMIT;",
         )
         .map_err(sql_err)?;
-        Ok(Store {
+        Ok(SqliteDb {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
             server_id,
             mark: None,
             mark_at_open: 0,
             damaged: Mutex::new(None),
-            watchers: Mutex::new(HashMap::new()),
         })
     }
-
-    /// [`Store::open`], keeping the highest job id ever handed out in `mark` (a small file
+    /// [`SqliteDb::open`], keeping the highest job id ever handed out in `mark` (a small file
     /// beside the database, rewritten in place at each upload). Ids continue above it even if
     /// the database was emptied, replaced by an older copy or recreated: an id a platform
     /// still holds never names another job of this data directory.
@@ -472,14 +252,27 @@ impl Store {
         store.mark_at_open = marked;
         Ok(store)
     }
+    /// [`sql_err`], remembering a corrupt database for [`SqliteDb::health`].
+    fn sql_err(&self, e: rusqlite::Error) -> anyhow::Error {
+        if matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        ) {
+            let mut damaged = crate::lock(&self.damaged);
+            if damaged.is_none() {
+                tracing::error!(error = %e, "the database is damaged");
+                *damaged = Some(format!("the database is damaged: {e}"));
+            }
+        }
+        sql_err(e)
+    }
+}
 
-    /// The job-id mark as found at open (0 without one).
-    pub fn mark_at_open(&self) -> i64 {
+impl JobDb for SqliteDb {
+    fn mark_at_open(&self) -> i64 {
         self.mark_at_open
     }
-
-    /// Every job id the database holds.
-    pub fn all_ids(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
+    fn all_ids(&self) -> anyhow::Result<HashSet<i64>> {
         let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare("SELECT id FROM jobs")
@@ -491,9 +284,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
-
-    /// `Err` with the reason when the database is known to be damaged or cannot be read.
-    pub fn health(&self) -> Result<(), String> {
+    fn health(&self) -> Result<(), String> {
         if let Some(why) = crate::lock(&self.damaged).clone() {
             return Err(why);
         }
@@ -502,10 +293,7 @@ impl Store {
             .map(|_| ())
             .map_err(|e| self.sql_err(e).to_string())
     }
-
-    /// Reads every page of the database (`PRAGMA quick_check`), and remembers a failure for
-    /// [`Store::health`]. Takes time in proportion to the database's size.
-    pub fn check_integrity(&self) -> Result<(), String> {
+    fn check_integrity(&self) -> Result<(), String> {
         // A read-only connection of its own: WAL lets it read beside the store's, so a check
         // of a large database holds up no upload or status call.
         let result: Result<Vec<String>, rusqlite::Error> =
@@ -525,51 +313,14 @@ impl Store {
         *crate::lock(&self.damaged) = Some(why.clone());
         Err(why)
     }
-
-    /// [`sql_err`], remembering a corrupt database for [`Store::health`].
-    fn sql_err(&self, e: rusqlite::Error) -> anyhow::Error {
-        if matches!(
-            e.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
-        ) {
-            let mut damaged = crate::lock(&self.damaged);
-            if damaged.is_none() {
-                tracing::error!(error = %e, "the database is damaged");
-                *damaged = Some(format!("the database is damaged: {e}"));
-            }
-        }
-        sql_err(e)
-    }
-
-    /// Registers a long-poll on job `id`. Create the `notified()` future (and `enable` it)
-    /// before reading the job, so that no change between the read and the wait is missed.
-    pub fn watch(&self, id: i64) -> JobWatch<'_> {
-        let notify = crate::lock(&self.watchers).entry(id).or_default().clone();
-        JobWatch {
-            store: self,
-            id,
-            notify,
-        }
-    }
-
-    fn changed(&self, id: i64) {
-        if let Some(notify) = crate::lock(&self.watchers).get(&id) {
-            notify.notify_waiters();
-        }
-    }
-
-    /// Identity of this database, part of every dispatch key.
-    pub fn server_id(&self) -> &str {
+    fn server_id(&self) -> &str {
         &self.server_id
     }
-
-    /// Inserts a Queued job and runs `place_files(id)` inside the same transaction: the job
-    /// exists if and only if its files were put in place.
-    pub fn insert_job(
+    fn insert_job(
         &self,
         user_id: i64,
         service: &str,
-        place_files: impl FnOnce(i64) -> std::io::Result<()>,
+        place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut conn = crate::lock(&self.conn);
         let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
@@ -593,22 +344,15 @@ impl Store {
             .and_then(|mut stmt| stmt.query_row([id], job_from_row))
             .map_err(|e| self.sql_err(e))?;
         tx.commit().map_err(|e| self.sql_err(e))?;
-        metrics::counter!("jobrelay_server_jobs_uploaded_total", "service" => service.to_owned())
-            .increment(1);
-        tracing::info!(job = id, user_id, service, status = "Queued", "job state");
         Ok(job)
     }
-
-    pub fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
+    fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
         let conn = crate::lock(&self.conn);
         conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
             .and_then(|mut stmt| stmt.query_row([id], job_from_row).optional())
             .map_err(|e| self.sql_err(e))
     }
-
-    /// Moves job `id` from one of `from` to `to`, setting the fields of `change`. Returns the
-    /// job as it is after the change, or `None` if it was in none of `from` (nothing changed).
-    pub fn transition(
+    fn transition(
         &self,
         id: i64,
         from: &[JobStatus],
@@ -701,26 +445,9 @@ impl Store {
             None => {}
         }
         tx.commit().map_err(|e| self.sql_err(e))?;
-        // Waiters woken below read the job again: not under this lock.
-        drop(conn);
-        if let Some(job) = &job {
-            crate::telemetry::job_changed(job);
-            self.changed(id);
-            tracing::info!(
-                job = id,
-                status = %to,
-                attempts = job.attempts,
-                client = job.client.as_deref().unwrap_or(""),
-                dest_id = job.dest_id,
-                message = %job.message,
-                "job state"
-            );
-        }
         Ok(job)
     }
-
-    /// Every state a job went through, oldest first.
-    pub fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
+    fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
         let conn = crate::lock(&self.conn);
         let mut statement = conn
             .prepare_cached(
@@ -743,9 +470,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
     }
-
-    /// Number of jobs per (service, status), of one user or of all.
-    pub fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
+    fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
         let conn = crate::lock(&self.conn);
         let mut statement = conn
             .prepare_cached(
@@ -758,10 +483,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
     }
-
-    /// Jobs (of one user or of all) that finished in each minute since `since_ms`
-    /// (minute start in ms, count).
-    pub fn finished_per_minute(
+    fn finished_per_minute(
         &self,
         since_ms: i64,
         user: Option<i64>,
@@ -781,9 +503,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
     }
-
-    /// Jobs in any of `states`, oldest first.
-    pub fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
+    fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
         let conn = crate::lock(&self.conn);
         let list = states
             .iter()
@@ -802,9 +522,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
-
-    /// Jobs on client `base` in Submitted or Running.
-    pub fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
+    fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
         let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(&format!(
@@ -818,9 +536,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
-
-    /// Runs given away on client `base` that are still to be killed there.
-    pub fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
+    fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
         let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(
@@ -842,18 +558,14 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
-
-    /// An abandoned run is dealt with (killed, or found gone or not ours).
-    pub fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
+    fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
         let conn = crate::lock(&self.conn);
         conn.prepare_cached("DELETE FROM abandoned_runs WHERE client = ?1 AND dest_id = ?2")
             .and_then(|mut stmt| stmt.execute(params![base, dest_id]))
             .map_err(|e| self.sql_err(e))?;
         Ok(())
     }
-
-    /// The job that payload `dest_id` of client `base` belongs to.
-    pub fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
+    fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
         let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare_cached(&format!(
@@ -864,9 +576,7 @@ impl Store {
             .optional()
             .map_err(|e| self.sql_err(e))
     }
-
-    /// Finished jobs whose end is older than `cutoff_ms`.
-    pub fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
+    fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
         let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare(
@@ -881,10 +591,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
-
-    /// Ids of the jobs that may have files (all but Cleaned ones): files of any other id
-    /// belong to an upload that was never committed or to a clean-up cut short.
-    pub fn ids_with_files(&self) -> anyhow::Result<std::collections::HashSet<i64>> {
+    fn ids_with_files(&self) -> anyhow::Result<HashSet<i64>> {
         let conn = crate::lock(&self.conn);
         let mut stmt = conn
             .prepare("SELECT id FROM jobs WHERE status != 'Cleaned'")
@@ -896,10 +603,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         Ok(rows)
     }
-
-    /// A page of jobs, newest first, filtered by user, service and status; and how many
-    /// jobs match in all.
-    pub fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
+    fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
         let conn = crate::lock(&self.conn);
         let mut conditions = Vec::new();
         let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
@@ -946,8 +650,7 @@ impl Store {
             .map_err(|e| self.sql_err(e))?;
         Ok((jobs, total))
     }
-
-    pub fn count(&self) -> anyhow::Result<i64> {
+    fn count(&self) -> anyhow::Result<i64> {
         let conn = crate::lock(&self.conn);
         conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
             .map_err(|e| self.sql_err(e))
@@ -962,8 +665,8 @@ mod tests {
     fn transitions_are_guarded_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let store = Store::open(&path).unwrap();
-        let job = store.insert_job(7, "example", |_| Ok(())).unwrap();
+        let store = SqliteDb::open(&path).unwrap();
+        let job = store.insert_job(7, "example", &mut |_| Ok(())).unwrap();
         assert_eq!(job.status, JobStatus::Queued);
         let moved = store
             .transition(
@@ -990,7 +693,7 @@ mod tests {
             .is_none());
         let server_id = store.server_id().to_owned();
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = SqliteDb::open(&path).unwrap();
         assert_eq!(store.server_id(), server_id);
         let again = store.get(job.id).unwrap().unwrap();
         assert_eq!(again.status, JobStatus::Processing);
@@ -1000,8 +703,8 @@ mod tests {
     #[test]
     fn a_run_given_away_is_remembered_in_the_same_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
-        let job = store.insert_job(7, "example", |_| Ok(())).unwrap();
+        let store = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+        let job = store.insert_job(7, "example", &mut |_| Ok(())).unwrap();
         let sent = Change {
             client: Some(Some("http://c".into())),
             dest_id: Some(Some(5)),
@@ -1051,35 +754,35 @@ mod tests {
     fn job_ids_continue_above_the_mark_when_the_database_is_emptied() {
         let dir = tempfile::tempdir().unwrap();
         let (db, mark) = (dir.path().join("db.sqlite"), dir.path().join("last-job-id"));
-        let store = Store::open_with_mark(&db, &mark).unwrap();
+        let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
         for _ in 0..3 {
-            store.insert_job(1, "x", |_| Ok(())).unwrap();
+            store.insert_job(1, "x", &mut |_| Ok(())).unwrap();
         }
         drop(store);
         assert_eq!(std::fs::read_to_string(&mark).unwrap().trim(), "3");
         // `truncate -s 0` of the database (its WAL was merged when it was closed).
         std::fs::write(&db, b"").unwrap();
-        let store = Store::open_with_mark(&db, &mark).unwrap();
+        let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
         assert_eq!(store.count().unwrap(), 0);
         assert_eq!(store.mark_at_open(), 3);
-        assert_eq!(store.insert_job(1, "x", |_| Ok(())).unwrap().id, 4);
+        assert_eq!(store.insert_job(1, "x", &mut |_| Ok(())).unwrap().id, 4);
         drop(store);
         // A database that is ahead of a lost mark sets it.
         std::fs::remove_file(&mark).unwrap();
-        let store = Store::open_with_mark(&db, &mark).unwrap();
-        assert_eq!(store.insert_job(1, "x", |_| Ok(())).unwrap().id, 5);
+        let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
+        assert_eq!(store.insert_job(1, "x", &mut |_| Ok(())).unwrap().id, 5);
         drop(store);
         std::fs::write(&mark, "five").unwrap();
-        assert!(Store::open_with_mark(&db, &mark).is_err());
+        assert!(SqliteDb::open_with_mark(&db, &mark).is_err());
     }
 
     #[test]
     fn a_damaged_page_fails_the_health_check() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
-        let store = Store::open(&db).unwrap();
+        let store = SqliteDb::open(&db).unwrap();
         for _ in 0..50 {
-            let job = store.insert_job(1, "x", |_| Ok(())).unwrap();
+            let job = store.insert_job(1, "x", &mut |_| Ok(())).unwrap();
             store
                 .transition(
                     job.id,
@@ -1113,7 +816,7 @@ mod tests {
             file.write_all_at(&vec![0xA5; size as usize], ((page - 1) * size) as u64)
                 .unwrap();
         }
-        let store = Store::open(&db).unwrap();
+        let store = SqliteDb::open(&db).unwrap();
         assert!(store.check_integrity().is_err());
         let why = store.health().unwrap_err();
         assert!(why.contains("integrity"), "{why}");
@@ -1123,8 +826,8 @@ mod tests {
     fn an_unknown_status_in_the_database_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
-        let store = Store::open(&db).unwrap();
-        let job = store.insert_job(1, "x", |_| Ok(())).unwrap();
+        let store = SqliteDb::open(&db).unwrap();
+        let job = store.insert_job(1, "x", &mut |_| Ok(())).unwrap();
         Connection::open(&db)
             .unwrap()
             .execute("UPDATE jobs SET status = 'Paused' WHERE id = ?1", [job.id])
@@ -1147,9 +850,9 @@ mod tests {
     fn a_cleaned_job_keeps_no_timeline() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
-        let store = Store::open(&db).unwrap();
-        let cleaned = store.insert_job(1, "x", |_| Ok(())).unwrap().id;
-        let kept = store.insert_job(1, "x", |_| Ok(())).unwrap().id;
+        let store = SqliteDb::open(&db).unwrap();
+        let cleaned = store.insert_job(1, "x", &mut |_| Ok(())).unwrap().id;
+        let kept = store.insert_job(1, "x", &mut |_| Ok(())).unwrap().id;
         for id in [cleaned, kept] {
             store
                 .transition(
@@ -1191,7 +894,7 @@ mod tests {
             conn.execute("DELETE FROM meta WHERE key = 'cleaned_events_pruned'", [])
                 .unwrap();
         }
-        let store = Store::open(&db).unwrap();
+        let store = SqliteDb::open(&db).unwrap();
         assert_eq!(store.history(cleaned).unwrap(), vec![]);
         assert_eq!(store.history(kept).unwrap().len(), 2);
     }
@@ -1206,9 +909,9 @@ mod tests {
     #[test]
     fn listing_filters_and_pages_newest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let store = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
         for user in [1, 2, 1, 1] {
-            store.insert_job(user, "x", |_| Ok(())).unwrap();
+            store.insert_job(user, "x", &mut |_| Ok(())).unwrap();
         }
         let filter = ListFilter {
             user_id: Some(1),
@@ -1229,9 +932,9 @@ mod tests {
     #[test]
     fn a_failed_file_placement_leaves_no_job() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let store = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
         assert!(store
-            .insert_job(1, "x", |_| Err(std::io::Error::other("disk")))
+            .insert_job(1, "x", &mut |_| Err(std::io::Error::other("disk")))
             .is_err());
         assert_eq!(store.count().unwrap(), 0);
     }

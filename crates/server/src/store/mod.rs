@@ -1,0 +1,274 @@
+//! What the server keeps of its jobs, and the seam behind which a database keeps it.
+//!
+//! [`JobDb`] is everything the server asks of its database: a guarded state change, the
+//! reads its API and loops need, the runs given away. [`sqlite::SqliteDb`] is the embedded
+//! implementation (WAL, one file); another database implements the same trait. A store only
+//! stores: waking long-polls, metrics and logs of committed changes are the caller's
+//! ([`crate::job_table::JobTable`]).
+
+pub mod sqlite;
+
+use std::collections::HashSet;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+pub use sqlite::SqliteDb;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// State of a job on the server.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, utoipa::ToSchema)]
+pub enum JobStatus {
+    Queued,
+    Processing,
+    Submitted,
+    Running,
+    Completed,
+    Failed,
+    Invalid,
+    Killed,
+    Cleaned,
+}
+
+impl JobStatus {
+    pub const ACTIVE: [JobStatus; 3] = [
+        JobStatus::Processing,
+        JobStatus::Submitted,
+        JobStatus::Running,
+    ];
+    pub const ON_CLIENT: [JobStatus; 2] = [JobStatus::Submitted, JobStatus::Running];
+    pub const NOT_FINISHED: [JobStatus; 4] = [
+        JobStatus::Queued,
+        JobStatus::Processing,
+        JobStatus::Submitted,
+        JobStatus::Running,
+    ];
+    pub const FINISHED: [JobStatus; 4] = [
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Invalid,
+        JobStatus::Killed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "Queued",
+            JobStatus::Processing => "Processing",
+            JobStatus::Submitted => "Submitted",
+            JobStatus::Running => "Running",
+            JobStatus::Completed => "Completed",
+            JobStatus::Failed => "Failed",
+            JobStatus::Invalid => "Invalid",
+            JobStatus::Killed => "Killed",
+            JobStatus::Cleaned => "Cleaned",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            JobStatus::Queued,
+            JobStatus::Processing,
+            JobStatus::Submitted,
+            JobStatus::Running,
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Invalid,
+            JobStatus::Killed,
+            JobStatus::Cleaned,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    pub fn is_finished(self) -> bool {
+        !JobStatus::NOT_FINISHED.contains(&self)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One job, as stored.
+#[derive(Serialize, Clone, Debug, PartialEq, utoipa::ToSchema)]
+pub struct Job {
+    pub id: i64,
+    pub status: JobStatus,
+    pub message: String,
+    pub user_id: i64,
+    pub service: String,
+    /// Dispatch attempts made so far.
+    pub attempts: u32,
+    /// Base URL of the client the job was last sent to.
+    pub client: Option<String>,
+    /// Payload id on that client.
+    pub dest_id: Option<i64>,
+    /// Identity of that client's data directory when the job was sent.
+    pub node: Option<String>,
+    /// Idempotency key of the last dispatch.
+    #[serde(skip)]
+    pub dispatch_key: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Unix time in milliseconds.
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub finished_ms: Option<i64>,
+    /// The same times in RFC 3339 (UTC), for people.
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-28T09:37:47.123Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86400);
+    let rest = secs.rem_euclid(86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// One state a job went through.
+#[derive(Serialize, utoipa::ToSchema, Debug, Clone, PartialEq)]
+pub struct JobEvent {
+    pub at_ms: i64,
+    /// RFC 3339 time of the change.
+    pub at: String,
+    pub status: String,
+    pub message: String,
+    /// Dispatch attempts so far.
+    pub attempts: u32,
+    /// Client the job was on, if any.
+    pub client: Option<String>,
+}
+
+/// Fields a transition may set besides the status. `None` leaves a field as it is.
+#[derive(Default, Debug, Clone)]
+pub struct Change {
+    pub message: Option<String>,
+    pub attempts: Option<u32>,
+    pub client: Option<Option<String>>,
+    pub dest_id: Option<Option<i64>>,
+    pub node: Option<Option<String>>,
+    pub dispatch_key: Option<Option<String>>,
+    pub exit_code: Option<Option<i32>>,
+    /// The job's run on its client is given away (requeued or failed while the client could
+    /// not be reached): remember it in `abandoned_runs`, in the same transaction, so it is
+    /// killed there once the client answers again (see [`JobDb::abandoned_on`]).
+    pub abandon_run: bool,
+}
+
+/// A run the server gave away while its client could not be reached: to be killed there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbandonedRun {
+    pub client: String,
+    pub dest_id: i64,
+    /// Dispatch key of that run: only a payload carrying it is killed.
+    pub key: Option<String>,
+    pub job_id: i64,
+}
+
+impl Change {
+    pub fn message(message: impl Into<String>) -> Self {
+        Change {
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Which jobs `GET /jobs` lists.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub user_id: Option<i64>,
+    pub service: Option<String>,
+    pub status: Option<JobStatus>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// The database behind the server. Every state change is one committed transaction guarded
+/// by the states it may come from, so two actors racing on a job (terminate and completion,
+/// say) cannot both win, and a restart finds each job where the last commit left it.
+pub trait JobDb: Send + Sync {
+    /// Identity of this database, part of every dispatch key.
+    fn server_id(&self) -> &str;
+    /// The job-id mark as found at open (0 without one).
+    fn mark_at_open(&self) -> i64;
+    /// Inserts a Queued job and runs `place_files(id)` inside the same transaction: the job
+    /// exists if and only if its files were put in place.
+    fn insert_job(
+        &self,
+        user_id: i64,
+        service: &str,
+        place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
+    ) -> anyhow::Result<Job>;
+    fn get(&self, id: i64) -> anyhow::Result<Option<Job>>;
+    /// Moves job `id` from one of `from` to `to`, setting the fields of `change`. Returns the
+    /// job as it is after the change, or `None` if it was in none of `from` (nothing changed).
+    fn transition(
+        &self,
+        id: i64,
+        from: &[JobStatus],
+        to: JobStatus,
+        change: Change,
+    ) -> anyhow::Result<Option<Job>>;
+    /// Every state a job went through, oldest first.
+    fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>>;
+    /// Number of jobs per (service, status), of one user or of all.
+    fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>>;
+    /// Jobs (of one user or of all) that finished in each minute since `since_ms`
+    /// (minute start in ms, count).
+    fn finished_per_minute(
+        &self,
+        since_ms: i64,
+        user: Option<i64>,
+    ) -> anyhow::Result<Vec<(i64, i64)>>;
+    /// Jobs in any of `states`, oldest first.
+    fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>>;
+    /// Jobs on client `base` in Submitted or Running.
+    fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>>;
+    /// Runs given away on client `base` that are still to be killed there.
+    fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>>;
+    /// An abandoned run is dealt with (killed, or found gone or not ours).
+    fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()>;
+    /// The job that payload `dest_id` of client `base` belongs to.
+    fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>>;
+    /// Finished jobs whose end is older than `cutoff_ms`.
+    fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>>;
+    /// Ids of the jobs that may have files (all but Cleaned ones).
+    fn ids_with_files(&self) -> anyhow::Result<HashSet<i64>>;
+    /// Every job id the database holds.
+    fn all_ids(&self) -> anyhow::Result<HashSet<i64>>;
+    /// A page of jobs, newest first, filtered by user, service and status; and how many
+    /// jobs match in all.
+    fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)>;
+    fn count(&self) -> anyhow::Result<i64>;
+    /// `Err` with the reason when the database is known to be damaged or cannot be read.
+    fn health(&self) -> Result<(), String>;
+    /// Reads every page of the database and remembers a failure for [`JobDb::health`].
+    fn check_integrity(&self) -> Result<(), String>;
+}
