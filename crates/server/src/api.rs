@@ -329,7 +329,7 @@ async fn upload(
         }
         Some(name) => name.to_owned(),
     };
-    let Some(&service_id) = shared.service_ids.get(&service) else {
+    let Some(_) = shared.service_ids.get(&service) else {
         let known: Vec<&str> = shared.config.services.keys().map(String::as_str).collect();
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -354,8 +354,8 @@ async fn upload(
     let staging = received.staging;
     let files = received.files.len();
     let job = shared
-        .store
-        .insert_job(user_id, &service, |id| staging.persist(&shared.job_dir(id)))
+        .lifecycle
+        .uploaded(user_id, &service, |id| staging.persist(&shared.job_dir(id)))
         .map_err(|e| {
             let disk_full = e
                 .downcast_ref::<std::io::Error>()
@@ -366,8 +366,6 @@ async fn upload(
                 ApiError::from(e)
             }
         })?;
-    crate::lock(&shared.sched).enqueue(service_id, user_id, job.id);
-    shared.wake.notify_one();
     tracing::info!(
         job = job.id,
         user_id,

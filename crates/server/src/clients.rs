@@ -114,12 +114,7 @@ pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
 /// so that is when it became unreachable (a request that timed out says so only after its
 /// timeout, which must not lengthen `--client-timeout`).
 pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Instant) {
-    let was_healthy = {
-        let mut sched = crate::lock(&shared.sched);
-        let was = sched.client_healthy(client.id);
-        sched.set_client_health(client.id, false);
-        was
-    };
+    let was_healthy = shared.lifecycle.client_out(client.id).was_healthy;
     {
         let mut since = crate::lock(&client.unreachable_since);
         *since = Some(since.map_or(sent, |t| t.min(sent)));
@@ -134,7 +129,7 @@ pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Ins
 /// [`FULL_PAUSE`]; its probe puts it back after that (and wakes the dispatcher).
 pub fn full(shared: &Shared, client: &ClientHandle) {
     *crate::lock(&client.full_until) = Some(Instant::now() + FULL_PAUSE);
-    crate::lock(&shared.sched).set_client_health(client.id, false);
+    shared.lifecycle.client_out(client.id);
     tracing::warn!(client = client.base(), pause = ?FULL_PAUSE, "client has no disk space; placing jobs elsewhere for a while");
 }
 

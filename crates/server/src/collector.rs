@@ -21,7 +21,7 @@ use jobrelay_common::protocol::PayloadStatus;
 use crate::clients::ClientHandle;
 use crate::gateway::{self, Retrieved};
 use crate::jobs::{self, CheckError};
-use crate::store::{Change, Job, JobStatus};
+use crate::store::{Job, JobStatus};
 use crate::Shared;
 
 /// Pause after a failed request before the next one.
@@ -93,12 +93,12 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
         };
         match event.status {
             PayloadStatus::Prepared | PayloadStatus::Unknown => {}
-            PayloadStatus::Running => mark_running(shared, &job),
+            PayloadStatus::Running => shared.lifecycle.running(&job),
             _ => {
                 // The payload no longer takes a slot there: the next job may go while
                 // this one's results are fetched (its quotas stay taken until then).
-                if event.status.is_finished() && crate::lock(&shared.sched).leave_client(job.id) {
-                    shared.wake.notify_one();
+                if event.status.is_finished() {
+                    shared.lifecycle.left_client(job.id);
                 }
                 tokio::spawn(check_job(shared.clone(), client.clone(), job));
             }
@@ -134,8 +134,7 @@ pub fn check_unreachable(shared: &Arc<Shared>, client: &ClientHandle) {
         return;
     };
     for job in list {
-        jobs::requeue_abandoned(
-            shared,
+        let effects = shared.lifecycle.run_abandoned(
             &job,
             &format!(
                 "client {} unreachable for {:.1}s (timeout {:.1}s); its run there will be \
@@ -145,17 +144,8 @@ pub fn check_unreachable(shared: &Arc<Shared>, client: &ClientHandle) {
                 shared.config.client_timeout.as_secs_f64()
             ),
         );
-    }
-}
-
-fn mark_running(shared: &Shared, job: &Job) {
-    if job.status == JobStatus::Submitted {
-        let _ = shared.store.transition(
-            job.id,
-            &[JobStatus::Submitted],
-            JobStatus::Running,
-            Change::message("Job running"),
-        );
+        let shared = shared.clone();
+        tokio::spawn(async move { crate::effects::perform(&shared, effects).await });
     }
 }
 
@@ -207,9 +197,7 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
     drop(permit);
     drop(guard);
     match outcome {
-        Ok(()) => {
-            crate::lock(&shared.fetch_failures).remove(&job.id);
-        }
+        Ok(()) => shared.lifecycle.check_succeeded(job.id),
         Err(error) => retry_later(shared, client, job, error),
     }
 }
@@ -221,17 +209,7 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
 /// long as it lasts, and the deadline starts again after it.
 fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, error: CheckError) {
     let why = error.why;
-    let (since, tries) = {
-        let mut failures = crate::lock(&shared.fetch_failures);
-        let entry = failures
-            .entry(job.id)
-            .or_insert_with(|| (std::time::Instant::now(), 0));
-        entry.1 += 1;
-        if error.disk_full {
-            entry.0 = std::time::Instant::now();
-        }
-        *entry
-    };
+    let (since, tries) = shared.lifecycle.check_failed(job.id, error.disk_full);
     if error.disk_full && tries == 1 {
         tracing::warn!(
             job = job.id,
@@ -239,9 +217,7 @@ fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, error: 
         );
     }
     if since.elapsed() > shared.config.client_timeout {
-        crate::lock(&shared.fetch_failures).remove(&job.id);
-        jobs::fail(
-            &shared,
+        shared.lifecycle.failed(
             &job,
             &JobStatus::ON_CLIENT,
             format!(
@@ -306,7 +282,7 @@ async fn check_once(
                 lost(&shared, &job, &why);
                 return Ok(());
             }
-            return jobs::complete(&shared, &client, &job, zip.body).await;
+            return jobs::complete(&shared, &job, zip.body).await;
         }
         Retrieved::Record(record) => record,
     };
@@ -325,7 +301,7 @@ async fn check_once(
         PayloadStatus::Completed => {
             return Err("the client reported Completed without its ZIP".into())
         }
-        PayloadStatus::Running => mark_running(&shared, &job),
+        PayloadStatus::Running => shared.lifecycle.running(&job),
         PayloadStatus::Cleaned => lost(
             &shared,
             &job,
@@ -424,5 +400,7 @@ fn lost(shared: &Arc<Shared>, job: &Job, why: &str) {
         why,
         "run lost"
     );
-    jobs::requeue(shared, job, &JobStatus::ON_CLIENT, why, Duration::ZERO);
+    let effects = shared.lifecycle.run_lost(job, why);
+    let shared = shared.clone();
+    tokio::spawn(async move { crate::effects::perform(&shared, effects).await });
 }

@@ -14,7 +14,7 @@ use crate::clients::ClientHandle;
 use crate::gateway::{self, JobFile, Submitted};
 use crate::jobs;
 use crate::scheduler::Decision;
-use crate::store::{Change, Job, JobStatus};
+use crate::store::{Job, JobStatus};
 use crate::Shared;
 
 /// When this environment variable is set, the server exits right after a client accepted a
@@ -26,52 +26,19 @@ pub const PAUSE_AFTER_SUBMIT: &str = "JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS";
 /// Runs forever: waits for a wake-up, dispatches what the scheduler decides.
 pub async fn run(shared: Arc<Shared>) {
     loop {
-        let decisions = {
-            let mut sched = crate::lock(&shared.sched);
-            // Under the lock, so the tests also see a poisoned scheduler lock survived.
-            crate::supervise::fault_point("dispatcher");
-            sched.decide()
-        };
-        for decision in decisions {
+        for decision in shared.lifecycle.decide() {
             tokio::spawn(dispatch(shared.clone(), decision));
         }
-        shared.wake.notified().await;
+        shared.lifecycle.woken().await;
     }
 }
 
 async fn dispatch(shared: Arc<Shared>, decision: Decision) {
     let client = shared.clients[decision.client].clone();
-    let job = match shared.store.get(decision.job) {
-        Ok(Some(job)) => job,
-        _ => {
-            release_slot(&shared, decision.job);
-            return;
-        }
-    };
-    let attempt = job.attempts + 1;
-    let key = format!("{}:{}:{attempt}", shared.store.server_id(), job.id);
-    let change = Change {
-        message: Some(format!("sending to {}", client.base())),
-        attempts: Some(attempt),
-        client: Some(Some(client.base().to_owned())),
-        dest_id: Some(None),
-        node: Some(None),
-        dispatch_key: Some(Some(key)),
-        ..Default::default()
-    };
-    let job =
-        match shared
-            .store
-            .transition(job.id, &[JobStatus::Queued], JobStatus::Processing, change)
-        {
-            Ok(Some(job)) => job,
-            // Terminated (or otherwise moved) since it was queued.
-            _ => {
-                release_slot(&shared, decision.job);
-                return;
-            }
-        };
-    send(&shared, &client, job, Delivery::NeverSent).await;
+    // Terminated (or otherwise moved) since it was queued: nothing to send.
+    if let Some(job) = shared.lifecycle.sending(&decision, client.base()) {
+        send(&shared, &client, job, Delivery::NeverSent).await;
+    }
 }
 
 /// Whether an earlier send of this dispatch (same key) may have reached the client.
@@ -111,8 +78,7 @@ fn send_again(
         return false;
     };
     if sends >= shared.config.max_attempts {
-        jobs::fail(
-            shared,
+        shared.lifecycle.failed(
             job,
             &[JobStatus::Processing],
             format!("gave up after {sends} sends that may have reached the client; last: {why}"),
@@ -178,25 +144,17 @@ fn send_again_when_back(
                         down.as_secs_f64(),
                         shared.config.client_timeout.as_secs_f64()
                     );
-                    jobs::requeue(
-                        &shared,
-                        &job,
-                        &[JobStatus::Processing],
-                        &why,
-                        std::time::Duration::ZERO,
-                    );
+                    let effects =
+                        shared
+                            .lifecycle
+                            .run_lost_from(&job, &[JobStatus::Processing], &why);
+                    crate::effects::perform(&shared, effects).await;
                     return;
                 }
                 Some(_) => {}
             }
         }
     })
-}
-
-fn release_slot(shared: &Shared, id: i64) {
-    if crate::lock(&shared.sched).finish(id) {
-        shared.wake.notify_one();
-    }
 }
 
 /// Sends a job that was Processing when the previous server process stopped, with the key
@@ -216,13 +174,14 @@ pub async fn resend(shared: Arc<Shared>, job: Job) {
             );
             send(&shared, &client, job, Delivery::MaybeReceived(1)).await;
         }
-        None => jobs::requeue(
-            &shared,
-            &job,
-            &[JobStatus::Processing],
-            "its client is no longer configured",
-            std::time::Duration::ZERO,
-        ),
+        None => {
+            let effects = shared.lifecycle.run_lost_from(
+                &job,
+                &[JobStatus::Processing],
+                "its client is no longer configured",
+            );
+            crate::effects::perform(&shared, effects).await;
+        }
     }
 }
 
@@ -281,8 +240,7 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             return;
         }
         Err(e) => {
-            jobs::fail(
-                shared,
+            shared.lifecycle.failed(
                 &job,
                 &[JobStatus::Processing],
                 format!("the job's files could not be read: {e}"),
@@ -293,8 +251,7 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
     let record = match gateway::submit(shared, client, files, key.as_deref()).await {
         Submitted::Accepted(record) => record,
         Submitted::Refused { status, body } => {
-            jobs::fail(
-                shared,
+            shared.lifecycle.failed(
                 &job,
                 &[JobStatus::Processing],
                 format!(
@@ -309,13 +266,11 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             // The client's disk is full: place the job elsewhere (or here later), and do not
             // count a send that never ran against the job's attempts.
             let why = format!("{} has no disk space for the job (507)", client.base());
-            jobs::requeue_not_counted(
-                shared,
-                &job,
-                &[JobStatus::Processing],
-                &why,
-                jobs::backoff(job.attempts),
-            );
+            let effects =
+                shared
+                    .lifecycle
+                    .send_refused_for_room(&job, &why, jobs::backoff(job.attempts));
+            crate::effects::perform(shared, effects).await;
             return;
         }
         Submitted::Unreachable {
@@ -331,13 +286,10 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             if key.is_some() && send_again(shared, client, &job, delivery, &why) {
                 return;
             }
-            jobs::requeue(
-                shared,
-                &job,
-                &[JobStatus::Processing],
-                &why,
-                jobs::backoff(job.attempts),
-            );
+            let effects = shared
+                .lifecycle
+                .send_failed(&job, &why, jobs::backoff(job.attempts));
+            crate::effects::perform(shared, effects).await;
             return;
         }
     };
@@ -354,40 +306,8 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
         std::process::exit(86);
     }
     let node = record.node.clone().or_else(|| client.node());
-    let change = Change {
-        message: Some(format!(
-            "submitted to {} as payload {}",
-            client.base(),
-            record.id
-        )),
-        dest_id: Some(Some(record.id as i64)),
-        node: Some(node),
-        ..Default::default()
-    };
-    match shared.store.transition(
-        job.id,
-        &[JobStatus::Processing],
-        JobStatus::Submitted,
-        change,
-    ) {
-        Ok(Some(job)) => {
-            // Anything the client reported before this commit is seen by this check.
-            tokio::spawn(crate::collector::check_job(
-                shared.clone(),
-                client.clone(),
-                job,
-            ));
-        }
-        Ok(None) => {
-            // Terminated while it was being sent: stop the payload we just created.
-            tracing::info!(
-                job = job.id,
-                dest = record.id,
-                "job terminated while being sent; killing its payload"
-            );
-            gateway::kill(shared, client, record.id as i64).await;
-            gateway::release(shared, client, record.id as i64).await;
-        }
-        Err(e) => tracing::error!(job = job.id, error = %e, "could not record submission"),
-    }
+    // Submitted, then one look at the payload (anything the client reported before this
+    // commit is seen); or, terminated while it was being sent, its new payload killed.
+    let effects = shared.lifecycle.submitted(&job, record.id as i64, node);
+    crate::effects::perform(shared, effects).await;
 }

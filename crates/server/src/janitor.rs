@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use jobrelay_common::fsutil::remove_dir_all_if_exists;
 
-use crate::store::{now_ms, Change, JobStatus};
+use crate::store::now_ms;
 use crate::Shared;
 
 /// Runs forever, every tenth of the retention period (between 1 s and 10 min).
@@ -29,13 +29,7 @@ pub async fn sweep(shared: &Shared) -> anyhow::Result<usize> {
     let mut cleaned = 0;
     for id in ids {
         // The state first: a download from now on answers Cleaned, never a half-removed file.
-        let done = shared.store.transition(
-            id,
-            &JobStatus::FINISHED,
-            JobStatus::Cleaned,
-            Change::message("files removed after the retention period"),
-        )?;
-        if done.is_none() {
+        if !shared.lifecycle.expired(id)? {
             continue;
         }
         let dir = shared.job_dir(id);

@@ -1,5 +1,7 @@
-//! Job state changes that touch the store, the scheduler and the files together. The order
-//! is always: commit the new state, then free the quota and wake the dispatcher.
+//! What happens around a job's state changes, at the edges: its results fetched and stored
+//! (whole or partial), a terminate carried to the client, runs given away killed there. The
+//! state changes themselves are the lifecycle's events; the order is always: store the files,
+//! commit the new state, then act (release the client's copy, drop the inputs).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,168 +12,8 @@ use tokio::io::AsyncWriteExt;
 
 use crate::clients::ClientHandle;
 use crate::gateway::{self, Download, Failure, Killed};
-use crate::scheduler::ServiceId;
-use crate::store::{Change, Job, JobStatus};
+use crate::store::{Job, JobStatus};
 use crate::Shared;
-
-/// Longest wait before a job that could not be sent is offered to the scheduler again.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// The job's run ended here: its transition out of the run committed. Frees its quota and
-/// forgets the failed checks of that run. Only after a transition that happened: a change
-/// that found the job elsewhere (`Ok(None)`) may be a late word about an old run, and the
-/// slot and the check failures are the new run's.
-fn free_slot(shared: &Shared, id: i64) {
-    forget_checks(shared, id);
-    if crate::lock(&shared.sched).finish(id) {
-        shared.wake.notify_one();
-    }
-}
-
-/// Forgets since when the checks of the job's run have been failing (the collector's
-/// `fetch_failures`): that run is over, and the next one starts with a clean slate.
-fn forget_checks(shared: &Shared, id: i64) {
-    crate::lock(&shared.fetch_failures).remove(&id);
-}
-
-/// Ends a job as Failed with `reason`, from any of `from`.
-pub fn fail(shared: &Shared, job: &Job, from: &[JobStatus], reason: String) {
-    match shared
-        .store
-        .transition(job.id, from, JobStatus::Failed, Change::message(reason))
-    {
-        Ok(Some(_)) => free_slot(shared, job.id),
-        // The job is no longer in `from`: someone else moved it, maybe into a new run.
-        Ok(None) => {}
-        Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
-    }
-}
-
-/// The job's run was lost (client unreachable, restarted, lost its data; or the job could
-/// not be sent): queue it again, after `delay`, or fail it once `max_attempts` are used up.
-pub fn requeue(shared: &Arc<Shared>, job: &Job, from: &[JobStatus], reason: &str, delay: Duration) {
-    requeue_inner(shared, job, from, reason, delay, false, false)
-}
-
-/// [`requeue`] for a run the server gives away while its client cannot be reached: the run
-/// may still go on there, so it is recorded (in the same commit) to be killed as soon as the
-/// client answers again ([`kill_abandoned`]); its late result is never taken, since the job
-/// no longer points at that payload.
-pub fn requeue_abandoned(shared: &Arc<Shared>, job: &Job, reason: &str) {
-    requeue_inner(
-        shared,
-        job,
-        &JobStatus::ON_CLIENT,
-        reason,
-        Duration::ZERO,
-        false,
-        true,
-    )
-}
-
-/// [`requeue`] for a send the client refused for lack of room (507): the job never ran, so
-/// the attempt is given back and cannot make the job fail.
-pub fn requeue_not_counted(
-    shared: &Arc<Shared>,
-    job: &Job,
-    from: &[JobStatus],
-    reason: &str,
-    delay: Duration,
-) {
-    requeue_inner(shared, job, from, reason, delay, true, false)
-}
-
-fn requeue_inner(
-    shared: &Arc<Shared>,
-    job: &Job,
-    from: &[JobStatus],
-    reason: &str,
-    delay: Duration,
-    refund: bool,
-    abandon_run: bool,
-) {
-    if !refund && job.attempts >= shared.config.max_attempts {
-        let change = Change {
-            message: Some(format!(
-                "gave up after {} attempts; last: {reason}",
-                job.attempts
-            )),
-            abandon_run,
-            ..Default::default()
-        };
-        match shared
-            .store
-            .transition(job.id, from, JobStatus::Failed, change)
-        {
-            Ok(Some(_)) => free_slot(shared, job.id),
-            Ok(None) => {}
-            Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
-        }
-        return;
-    }
-    let change = Change {
-        message: Some(format!(
-            "queued again after attempt {}: {reason}",
-            job.attempts
-        )),
-        client: Some(None),
-        dest_id: Some(None),
-        node: Some(None),
-        attempts: refund.then(|| job.attempts.saturating_sub(1)),
-        abandon_run,
-        ..Default::default()
-    };
-    match shared
-        .store
-        .transition(job.id, from, JobStatus::Queued, change)
-    {
-        Ok(Some(_)) => {}
-        Ok(None) => return,
-        Err(e) => {
-            tracing::error!(job = job.id, error = %e, "could not queue job again");
-            return;
-        }
-    }
-    let Some(&service) = shared.service_ids.get(&job.service) else {
-        return;
-    };
-    let (id, user) = (job.id, job.user_id);
-    if delay.is_zero() {
-        forget_checks(shared, id);
-        // Freed and queued again under one lock: no other job of the user takes its place.
-        let mut sched = crate::lock(&shared.sched);
-        sched.finish(id);
-        sched.push_front(service, user, id);
-        drop(sched);
-        shared.wake.notify_one();
-    } else {
-        // The quota is freed now; the job is offered again after the delay.
-        free_slot(shared, id);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay.min(MAX_BACKOFF)).await;
-            offer_again(&shared, service, user, id);
-        });
-    }
-}
-
-/// Puts a job queued again after a delay back into the scheduler, if it is still Queued: a
-/// job terminated meanwhile is Killed and must not take dispatch turns. The state is read
-/// under the scheduler's lock, and `terminate` commits Killed before it takes that lock to
-/// take the job out of its queue: either this sees Killed, or that finds the job queued.
-fn offer_again(shared: &Shared, service: ServiceId, user: i64, id: i64) {
-    let mut sched = crate::lock(&shared.sched);
-    match shared.store.get(id) {
-        Ok(Some(job)) if job.status == JobStatus::Queued => {}
-        Ok(_) => return,
-        // Offered anyway: the dispatcher's guarded Queued -> Processing refuses a job that
-        // is no longer Queued, while a job left out would wait until the next start.
-        Err(e) => tracing::error!(job = id, error = %e, "cannot read a job queued again"),
-    }
-    sched.push_front(service, user, id);
-    drop(sched);
-    shared.wake.notify_one();
-}
 
 /// Removes a finished job's uploaded files once its results (whole or partial) are stored:
 /// they are in the result ZIP too, and may be large. Without stored results they stay, for
@@ -186,6 +28,9 @@ pub async fn drop_inputs(shared: &Shared, id: i64) {
     })
     .await;
 }
+
+/// Longest wait before a job that could not be sent is offered to the scheduler again.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Backoff before sending a job again after `attempts` failed sends.
 pub fn backoff(attempts: u32) -> Duration {
@@ -467,43 +312,17 @@ pub async fn finish_on_client(
     reason: Option<String>,
 ) {
     fetch_partial(shared, client, job, false).await;
-    let message = reason.unwrap_or_else(|| match (status, exit_code) {
-        (JobStatus::Failed, Some(code)) => format!("run.sh exited with code {code}"),
-        (JobStatus::Invalid, _) => "the job has no usable run.sh".into(),
-        (JobStatus::Killed, _) => "killed on the client".into(),
-        _ => format!("{status} on the client"),
-    });
-    let change = Change {
-        message: Some(message),
-        exit_code: exit_code.map(Some),
-        ..Default::default()
-    };
-    match shared
-        .store
-        .transition(job.id, &JobStatus::ON_CLIENT, status, change)
-    {
-        Ok(Some(_)) => {
-            free_slot(shared, job.id);
-            drop_inputs(shared, job.id).await;
-            if let Some(dest) = job.dest_id {
-                gateway::release(shared, client, dest).await;
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::error!(job = job.id, error = %e, "could not record final state"),
-    }
+    let effects = shared
+        .lifecycle
+        .ended_on_client(job, status, exit_code, reason);
+    crate::effects::perform(shared, effects).await;
 }
 
 /// Stores the result ZIP of a Completed payload, then marks the job Completed, then releases
 /// the client's copy. Results over the service's `max_result` fail the job (nothing of them
 /// is kept, the client's copy is released); other failures leave the job where it is for the
 /// collector to fetch again.
-pub async fn complete(
-    shared: &Arc<Shared>,
-    client: &ClientHandle,
-    job: &Job,
-    zip: Download,
-) -> Result<(), CheckError> {
+pub async fn complete(shared: &Arc<Shared>, job: &Job, zip: Download) -> Result<(), CheckError> {
     let limit = max_result(shared, job);
     match store_zip(zip, &shared.result_path(job.id), limit).await {
         Ok(()) => {}
@@ -517,22 +336,8 @@ pub async fn complete(
                 "the job ran, but its results are larger than the service's max_result of \
                  {limit} bytes (after compression): nothing was stored"
             );
-            let done = shared.store.transition(
-                job.id,
-                &JobStatus::ON_CLIENT,
-                JobStatus::Failed,
-                Change::message(reason),
-            );
-            match done {
-                Ok(Some(_)) => {
-                    free_slot(shared, job.id);
-                    if let Some(dest) = job.dest_id {
-                        gateway::release(shared, client, dest).await;
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!(job = job.id, error = %e, "could not record failure"),
-            }
+            let effects = shared.lifecycle.results_too_large(job, reason);
+            crate::effects::perform(shared, effects).await;
             return Ok(());
         }
         Err(e) => {
@@ -544,30 +349,13 @@ pub async fn complete(
             });
         }
     }
-    let change = Change {
-        message: Some("Job completed".into()),
-        exit_code: Some(Some(0)),
-        ..Default::default()
-    };
-    match shared
-        .store
-        .transition(job.id, &JobStatus::ON_CLIENT, JobStatus::Completed, change)
-    {
-        Ok(Some(_)) => {
-            free_slot(shared, job.id);
-            drop_inputs(shared, job.id).await;
-            if let Some(dest) = job.dest_id {
-                gateway::release(shared, client, dest).await;
-            }
-        }
-        Ok(None) => {}
-        Err(e) => tracing::error!(job = job.id, error = %e, "could not record completion"),
-    }
+    let effects = shared.lifecycle.completed(job);
+    crate::effects::perform(shared, effects).await;
     Ok(())
 }
 
 /// Kills on `client` the runs the server gave away while it could not be reached (see
-/// [`requeue_abandoned`]), now that it answers. Each is looked at first: only a payload that
+/// [`crate::lifecycle::Lifecycle::run_abandoned`]), now that it answers. Each is looked at first: only a payload that
 /// still carries the abandoned run's key is killed (a client whose records went back may have
 /// given its id to another job); a finished one is released, its result never taken. A run
 /// stays recorded until this is done, across restarts of the server.
@@ -676,31 +464,26 @@ pub async fn terminate(shared: &Arc<Shared>, id: i64) -> anyhow::Result<Terminat
         };
         match job.status {
             JobStatus::Queued => {
-                let done = shared.store.transition(
-                    id,
+                let done = shared.lifecycle.terminated(
+                    &job,
                     &[JobStatus::Queued],
-                    JobStatus::Killed,
-                    Change::message("terminated while queued; never sent to a client"),
+                    "terminated while queued; never sent to a client".into(),
+                    false,
                 )?;
                 if let Some(done) = done {
-                    forget_checks(shared, id);
-                    if let Some(&service) = shared.service_ids.get(&job.service) {
-                        crate::lock(&shared.sched).remove_queued(service, job.user_id, id);
-                    }
                     return Ok(Terminated::Done(done));
                 }
             }
             JobStatus::Processing => {
                 // The dispatcher sees the change when it records the submission, and kills
                 // the payload it just created.
-                let done = shared.store.transition(
-                    id,
+                let done = shared.lifecycle.terminated(
+                    &job,
                     &[JobStatus::Processing],
-                    JobStatus::Killed,
-                    Change::message("terminated while being sent to a client"),
+                    "terminated while being sent to a client".into(),
+                    false,
                 )?;
                 if let Some(done) = done {
-                    free_slot(shared, id);
                     return Ok(Terminated::Done(done));
                 }
             }
@@ -721,32 +504,26 @@ async fn terminate_on_client(
 ) -> anyhow::Result<Option<Terminated>> {
     let client = shared.client_of(job.client.as_deref());
     let (Some(client), Some(dest)) = (client, job.dest_id) else {
-        let done = shared.store.transition(
-            job.id,
+        let done = shared.lifecycle.terminated(
+            job,
             &JobStatus::ON_CLIENT,
-            JobStatus::Killed,
-            Change::message("terminated; its client is no longer configured"),
+            "terminated; its client is no longer configured".into(),
+            false,
         )?;
-        return Ok(done.map(|d| {
-            free_slot(shared, job.id);
-            Terminated::Done(d)
-        }));
+        return Ok(done.map(Terminated::Done));
     };
     if let crate::collector::Looked::NotThere(why) =
         crate::collector::look_at(shared, &client, job).await
     {
         // Another job's run holds that payload id now (the client's records went back), or
         // the client lost it: there is nothing of this job to stop, and nothing to kill.
-        let done = shared.store.transition(
-            job.id,
+        let done = shared.lifecycle.terminated(
+            job,
             &JobStatus::ON_CLIENT,
-            JobStatus::Killed,
-            Change::message(format!("terminated; its run on the client was lost: {why}")),
+            format!("terminated; its run on the client was lost: {why}"),
+            false,
         )?;
-        return Ok(done.map(|d| {
-            free_slot(shared, job.id);
-            Terminated::Done(d)
-        }));
+        return Ok(done.map(Terminated::Done));
     }
     // A run the client could not be told to stop (unreachable, or failing with a 5xx) is
     // remembered with Killed, so it is killed there once the client answers again; a client
@@ -786,18 +563,11 @@ async fn terminate_on_client(
     // Not over a stored result before Killed is committed: a completion racing this one
     // (its whole ZIP stored, then Completed) keeps its ZIP.
     let held = fetch_partial(shared, &client, job, true).await;
-    let done = shared.store.transition(
-        job.id,
-        &JobStatus::ON_CLIENT,
-        JobStatus::Killed,
-        Change {
-            abandon_run,
-            ..Change::message(message)
-        },
-    )?;
+    let done = shared
+        .lifecycle
+        .terminated(job, &JobStatus::ON_CLIENT, message, abandon_run)?;
     Ok(match done {
         Some(done) => {
-            free_slot(shared, job.id);
             if let Some(held) = held {
                 held.replace(&shared.result_path(job.id)).await;
             }

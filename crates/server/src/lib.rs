@@ -6,8 +6,9 @@
 //! - [`config`]: flags, TOML file and the reference's environment variables;
 //! - [`store`]: the database seam ([`store::JobDb`]) and its SQLite implementation, every
 //!   state change committed and guarded;
-//! - [`job_table`]: the jobs as the server sees them: reads, and committed changes that wake
-//!   long-polls, count in metrics and are logged;
+//! - [`lifecycle`]: the one writer of job state: every event's guarded transition, the
+//!   scheduler's update and the side tables, returning the effects to perform;
+//! - [`effects`]: performs those effects at the edge (checks, kills, releases, timers);
 //! - [`scheduler`]: pure quotas, round-robin fair share and placement;
 //! - [`clients`]: the pool of executor clients, their health and `/info`;
 //! - [`gateway`]: the one way to talk to a client: a typed call per client endpoint, its
@@ -15,7 +16,8 @@
 //! - [`probe`]: checks each client periodically (`/info`, `/load`), with backoff while down;
 //! - [`dispatcher`]: sends the scheduler's decisions to clients, idempotently;
 //! - [`collector`]: follows jobs on clients (change feed or polling) and fetches results;
-//! - [`jobs`]: the job state changes that touch store, scheduler and files together;
+//! - [`jobs`]: what happens around a job's state changes: results stored, partial results,
+//!   terminate, runs given away killed;
 //! - [`api`]: thin HTTP handlers and the OpenAPI document;
 //! - [`janitor`]: removes files of jobs past the retention period;
 //! - [`supervise`]: runs the background loops, restarts one that panics, reports them.
@@ -26,19 +28,17 @@ pub mod clients;
 pub mod collector;
 pub mod config;
 pub mod dispatcher;
+pub mod effects;
 pub mod gateway;
 pub mod janitor;
-pub mod job_table;
 pub mod jobs;
+pub mod lifecycle;
 pub mod observe;
 pub mod probe;
 pub mod scheduler;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
-
-#[cfg(test)]
-mod lifecycle_tests;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,12 +49,11 @@ use std::time::Duration;
 pub use config::{ClientEndpoint, ServerArgs, ServerConfig, ServiceConfig};
 use jobrelay_common::fsutil::remove_dir_all_if_exists;
 use jobrelay_common::serve::Serving;
-use tokio::sync::Notify;
 
 use crate::clients::ClientHandle;
-use crate::job_table::JobTable;
+use crate::lifecycle::{JobTable, Lifecycle};
 use crate::scheduler::{Scheduler, ServiceId};
-use crate::store::{JobStatus, SqliteDb};
+use crate::store::SqliteDb;
 
 /// Most job checks (`/retrieve` calls and result downloads) in progress at once.
 const MAX_CONCURRENT_CHECKS: usize = 64;
@@ -72,19 +71,16 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// State shared by every part of a running server.
 pub struct Shared {
     pub config: ServerConfig,
-    pub store: JobTable,
-    pub sched: Mutex<Scheduler>,
-    /// Wakes the dispatcher: a new job, a freed slot, a client back.
-    pub wake: Notify,
+    /// The jobs, to read; every change goes through `lifecycle`.
+    pub store: Arc<JobTable>,
+    /// The one writer of job state (and owner of the scheduler).
+    pub lifecycle: Lifecycle,
     pub clients: Vec<Arc<ClientHandle>>,
     pub client_by_base: HashMap<String, usize>,
     pub service_ids: HashMap<String, ServiceId>,
     /// Jobs whose state is being checked on their client right now; `true` when another
     /// check was asked for meanwhile.
     pub in_flight: Mutex<HashMap<i64, bool>>,
-    /// Jobs whose checks keep failing short of their client being unreachable: since when,
-    /// and how many times.
-    pub fetch_failures: Mutex<HashMap<i64, (std::time::Instant, u32)>>,
     /// Bounds the checks of jobs running at once (a reconcile of thousands of jobs).
     pub checks: tokio::sync::Semaphore,
     /// `<data>/jobs/<id>/`: the uploaded files of each job.
@@ -158,10 +154,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     }
-    let store = JobTable::new(Box::new(SqliteDb::open_with_mark(
+    let store = Arc::new(JobTable::new(Box::new(SqliteDb::open_with_mark(
         &config.db_path,
         &data_dir.join(JOB_ID_MARK),
-    )?));
+    )?)));
     refuse_a_database_behind_its_files(&store, &config.db_path, &jobs_dir, &results_dir)?;
 
     let client_ca = match &config.client_ca {
@@ -241,18 +237,22 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             );
         }
     }
+    let lifecycle = Lifecycle::new(
+        store.clone(),
+        sched,
+        service_ids.clone(),
+        config.max_attempts,
+    );
     let shared = Arc::new(Shared {
         config,
         store,
-        sched: Mutex::new(sched),
-        wake: Notify::new(),
+        lifecycle,
         clients,
         client_by_base,
         service_ids,
         loops: supervise::Loops::default(),
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
-        fetch_failures: Mutex::new(HashMap::new()),
         jobs_dir,
         results_dir,
         staging_dir,
@@ -412,48 +412,12 @@ fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
             let _ = std::fs::remove_file(&path);
         }
     }
-    let mut resend = Vec::new();
-    let mut orphans = Vec::new();
-    let mut sched = crate::lock(&shared.sched);
-    for job in shared.store.in_states(&JobStatus::NOT_FINISHED)? {
-        let Some(&service) = shared.service_ids.get(&job.service) else {
-            drop(sched);
-            jobs::fail(
-                shared,
-                &job,
-                JobStatus::NOT_FINISHED.as_slice(),
-                format!("service {:?} is no longer configured", job.service),
-            );
-            sched = crate::lock(&shared.sched);
-            continue;
-        };
-        match job.status {
-            JobStatus::Queued => sched.enqueue(service, job.user_id, job.id),
-            _ => {
-                let client = job
-                    .client
-                    .as_deref()
-                    .and_then(|b| shared.client_by_base.get(b).copied());
-                sched.activate(service, job.user_id, job.id, client);
-                if job.status == JobStatus::Processing {
-                    resend.push(job);
-                } else if client.is_none() {
-                    orphans.push(job);
-                }
-            }
-        }
-    }
-    drop(sched);
-    for job in orphans {
-        jobs::requeue(
-            shared,
-            &job,
-            &JobStatus::ON_CLIENT,
-            "its client is no longer configured",
-            Duration::ZERO,
-        );
-    }
-    Ok(resend)
+    let recovered = shared
+        .lifecycle
+        .recover_at_start(|base| shared.client_by_base.get(base).copied())?;
+    let shared = shared.clone();
+    tokio::spawn(async move { effects::perform(&shared, recovered.effects).await });
+    Ok(recovered.resend)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -105,7 +105,7 @@ pub struct ClientView {
 }
 
 fn client_views(shared: &Shared) -> Vec<ClientView> {
-    let sched = crate::lock(&shared.sched);
+    let sched = shared.lifecycle.scheduler();
     shared
         .clients
         .iter()
@@ -157,7 +157,7 @@ async fn overview(
         *states.entry(status).or_insert(0) += count;
     }
     let services = {
-        let sched = crate::lock(&shared.sched);
+        let sched = shared.lifecycle.scheduler();
         let mut services: Vec<ServiceUsage> = shared
             .service_ids
             .iter()

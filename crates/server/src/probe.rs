@@ -61,16 +61,12 @@ pub async fn run(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                     }
                 };
                 let first = crate::lock(&client.probed).replace(has_info).is_none();
-                let (was_healthy, old_slots) = {
-                    let mut sched = crate::lock(&shared.sched);
-                    let was = (
-                        sched.client_healthy(client.id),
-                        sched.client_slots(client.id),
-                    );
-                    // Reachable, but a full disk keeps it out of placement a while longer.
-                    sched.set_client(client.id, !client.is_full(), slots, load);
-                    was
-                };
+                // Reachable, but a full disk keeps it out of placement a while longer; the
+                // dispatcher is woken when it came back or its slots changed.
+                let was_healthy = shared
+                    .lifecycle
+                    .client_probed(client.id, !client.is_full(), slots, load)
+                    .was_healthy;
                 if !was_healthy {
                     tracing::info!(
                         client = client.base(),
@@ -78,9 +74,6 @@ pub async fn run(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                         seed_only = !has_info,
                         "client healthy"
                     );
-                }
-                if !was_healthy || old_slots != slots {
-                    shared.wake.notify_one();
                 }
                 if first {
                     client.first_probe.notify_waiters();

@@ -12,7 +12,7 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
         gauge!("jobrelay_server_jobs", "service" => service, "status" => status).set(count as f64);
     }
     {
-        let sched = crate::lock(&shared.sched);
+        let sched = shared.lifecycle.scheduler();
         for (name, &id) in &shared.service_ids {
             gauge!("jobrelay_server_queue_depth", "service" => name.clone())
                 .set(sched.queued(id) as f64);

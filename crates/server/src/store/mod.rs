@@ -179,6 +179,9 @@ pub struct Change {
     /// not be reached): remember it in `abandoned_runs`, in the same transaction, so it is
     /// killed there once the client answers again (see [`JobDb::abandoned_on`]).
     pub abandon_run: bool,
+    /// Commit only while the job is in this run (its dispatch key): an event about a run
+    /// (its end, its loss, a failing check) must never move a later run of the same job.
+    pub only_run: Option<Option<String>>,
 }
 
 /// A run the server gave away while its client could not be reached: to be killed there.

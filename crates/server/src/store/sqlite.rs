@@ -399,19 +399,37 @@ impl JobDb for SqliteDb {
             .map(|s| format!("'{}'", s.as_str()))
             .collect::<Vec<_>>()
             .join(", ");
+        // Only while the job is still in the run the change is about (its dispatch key).
+        let (run_guard, run_key) = match &change.only_run {
+            Some(key) => ("AND dispatch_key IS ?2", key.clone()),
+            None => ("", None),
+        };
         if change.abandon_run {
             // Read before the update clears them: the run this change gives away.
             tx.prepare_cached(&format!(
                 "INSERT OR REPLACE INTO abandoned_runs (client, dest_id, dispatch_key, job_id)
                  SELECT client, dest_id, dispatch_key, id FROM jobs
-                 WHERE id = ?1 AND status IN ({states})
+                 WHERE id = ?1 AND status IN ({states}) {run_guard}
                  AND client IS NOT NULL AND dest_id IS NOT NULL"
             ))
-            .and_then(|mut stmt| stmt.execute([id]))
+            .and_then(|mut stmt| {
+                if change.only_run.is_some() {
+                    stmt.execute(params![id, run_key])
+                } else {
+                    stmt.execute([id])
+                }
+            })
             .map_err(|e| self.sql_err(e))?;
         }
+        let run_guard = if change.only_run.is_some() {
+            values.push(Box::new(run_key));
+            format!("AND dispatch_key IS ?{}", values.len())
+        } else {
+            String::new()
+        };
         let sql = format!(
-            "UPDATE jobs SET {} WHERE id = ?{id_param} AND status IN ({states}) RETURNING {COLUMNS}",
+            "UPDATE jobs SET {} WHERE id = ?{id_param} AND status IN ({states}) {run_guard} \
+             RETURNING {COLUMNS}",
             sets.join(", ")
         );
         // A handful of distinct statements (by the fields set): parsed once, then cached.

@@ -1,6 +1,7 @@
 //! The jobs as the rest of the server sees them: reads go to the database ([`JobDb`]); every
 //! committed change also wakes the long-polls waiting on its job, counts in the metrics and is
-//! logged, here and nowhere else. The database only stores.
+//! logged, here and nowhere else. The database only stores. Changes are committed only by the
+//! lifecycle (`insert_job` and `transition` are private to it); reads are open to all.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -61,7 +62,7 @@ impl JobTable {
     }
 
     /// [`JobDb::insert_job`], counted and logged once committed.
-    pub fn insert_job(
+    pub(super) fn insert_job(
         &self,
         user_id: i64,
         service: &str,
@@ -85,7 +86,7 @@ impl JobTable {
 
     /// [`JobDb::transition`]; once committed, the job's long-polls are woken, the change is
     /// counted and logged.
-    pub fn transition(
+    pub(super) fn transition(
         &self,
         id: i64,
         from: &[JobStatus],

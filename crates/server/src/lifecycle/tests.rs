@@ -1,18 +1,17 @@
-//! In-process tests of job lifecycle races (the defects issue 13's review found): a temporary
-//! database, the real scheduler and the functions of [`crate::jobs`], each race made
-//! deterministic (waits on the backoff tasks' end; a fake client that lets the other side win
-//! inside the window).
-//! No dispatcher, collector or probe runs: a test plays their part step by step.
+//! In-process tests of the lifecycle's events and their races (the defects issue 13's review
+//! found), as `tako` tests its reactor: a temporary database, the real scheduler, the
+//! lifecycle's events and, for terminate, [`crate::jobs`] against a fake client; each race
+//! made deterministic (waits on the backoff tasks' end; a fake client that lets the other side
+//! win inside the window). No dispatcher, collector or probe runs: a test plays their part
+//! step by step.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
+use super::{Effect, JobTable, Lifecycle};
 use crate::clients::ClientHandle;
 use crate::config::{ClientEndpoint, ServerConfig, ServiceConfig};
-use crate::job_table::JobTable;
 use crate::jobs::{self, Terminated};
 use crate::scheduler::{Scheduler, ServiceId};
 use crate::store::{Change, Job, JobStatus, SqliteDb};
@@ -37,7 +36,9 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
         dir.path().to_path_buf(),
         [(SERVICE.to_owned(), service.clone())].into(),
     );
-    let store = JobTable::new(Box::new(SqliteDb::open(&config.db_path).unwrap()));
+    let store = Arc::new(JobTable::new(Box::new(
+        SqliteDb::open(&config.db_path).unwrap(),
+    )));
     let mut sched = Scheduler::new();
     let client = sched.add_client();
     sched.set_client(client, true, Some(8), 0.0);
@@ -52,17 +53,22 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
     for d in [&jobs_dir, &results_dir, &staging_dir] {
         std::fs::create_dir_all(d).unwrap();
     }
+    let service_ids: HashMap<String, _> = [(SERVICE.to_owned(), sid)].into();
+    let lifecycle = Lifecycle::new(
+        store.clone(),
+        sched,
+        service_ids.clone(),
+        config.max_attempts,
+    );
     let shared = Arc::new(Shared {
         config,
         store,
-        sched: Mutex::new(sched),
-        wake: Notify::new(),
+        lifecycle,
         clients: vec![handle],
         client_by_base: [(endpoint.base.clone(), client)].into(),
-        service_ids: [(SERVICE.to_owned(), sid)].into(),
+        service_ids,
         loops: crate::supervise::Loops::default(),
         in_flight: Mutex::new(HashMap::new()),
-        fetch_failures: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(4),
         jobs_dir,
         results_dir,
@@ -76,61 +82,42 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
 }
 
 impl Fixture {
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.shared.lifecycle
+    }
+
     /// What `/upload` does: a Queued job in the database and in its user's queue.
     fn upload(&self) -> Job {
-        let job = self
-            .shared
-            .store
-            .insert_job(USER, SERVICE, |_| Ok(()))
-            .unwrap();
-        self.shared
-            .sched
-            .lock()
+        self.lifecycle()
+            .uploaded(USER, SERVICE, |_| Ok(()))
             .unwrap()
-            .enqueue(self.service, USER, job.id);
-        job
     }
 
     /// What the dispatcher does up to its send: the scheduler's decisions, each committed
     /// Processing with one more attempt. Returns the jobs it sends.
     fn dispatch(&self) -> Vec<Job> {
-        let decisions = crate::lock(&self.shared.sched).decide();
         let base = self.shared.clients[0].base().to_owned();
-        decisions
+        self.lifecycle()
+            .decide()
             .into_iter()
             .map(|d| {
-                let job = self.get(d.job);
-                let change = Change {
-                    attempts: Some(job.attempts + 1),
-                    client: Some(Some(base.clone())),
-                    dispatch_key: Some(Some(format!("k:{}:{}", job.id, job.attempts + 1))),
-                    ..Default::default()
-                };
-                self.shared
-                    .store
-                    .transition(d.job, &[JobStatus::Queued], JobStatus::Processing, change)
-                    .unwrap()
-                    .expect("a decided job is Queued")
+                let job = self
+                    .lifecycle()
+                    .sending(&d, &base)
+                    .expect("a decided job is Queued");
+                assert_eq!(job.status, JobStatus::Processing);
+                job
             })
             .collect()
     }
 
-    /// The client accepted the job as payload `dest`.
+    /// The client accepted the job as payload `dest`: Submitted, and one check asked for.
     fn submitted(&self, job: &Job, dest: i64) -> Job {
-        let change = Change {
-            dest_id: Some(Some(dest)),
-            ..Default::default()
-        };
-        self.shared
-            .store
-            .transition(
-                job.id,
-                &[JobStatus::Processing],
-                JobStatus::Submitted,
-                change,
-            )
-            .unwrap()
-            .expect("the job is Processing")
+        let effects = self.lifecycle().submitted(job, dest, None);
+        let now = self.get(job.id);
+        assert_eq!(now.status, JobStatus::Submitted);
+        assert_eq!(effects, [Effect::Check(Box::new(now.clone()))]);
+        now
     }
 
     fn get(&self, id: i64) -> Job {
@@ -138,27 +125,20 @@ impl Fixture {
     }
 
     fn is_active(&self, id: i64) -> bool {
-        crate::lock(&self.shared.sched).is_active(id)
+        self.lifecycle().scheduler().is_active(id)
     }
 
     fn queued(&self) -> usize {
-        crate::lock(&self.shared.sched).queued(self.service)
+        self.lifecycle().scheduler().queued(self.service)
     }
 
-    /// A check of `id`'s run that has been failing for an hour (the collector's record).
+    /// A check of `id`'s run failed (the collector's record).
     fn failing_checks(&self, id: i64) {
-        let since = Instant::now()
-            .checked_sub(Duration::from_secs(3600))
-            .unwrap_or_else(Instant::now);
-        self.shared
-            .fetch_failures
-            .lock()
-            .unwrap()
-            .insert(id, (since, 5));
+        self.lifecycle().check_failed(id, false);
     }
 
     fn checks_failing(&self, id: i64) -> bool {
-        crate::lock(&self.shared.fetch_failures).contains_key(&id)
+        crate::lock(&self.lifecycle().failing_checks).contains_key(&id)
     }
 }
 
@@ -174,22 +154,19 @@ fn a_late_failure_of_an_old_run_keeps_the_new_runs_quota() {
     let sent = f.dispatch();
     assert_eq!(sent.iter().map(|j| j.id).collect::<Vec<_>>(), [a.id]);
     let first_run = f.submitted(&sent[0], 1);
-    jobs::requeue(
-        &f.shared,
-        &first_run,
-        &JobStatus::ON_CLIENT,
-        "the client restarted while the job ran",
-        Duration::ZERO,
+    assert_eq!(
+        f.lifecycle()
+            .run_lost(&first_run, "the client restarted while the job ran"),
+        []
     );
     let again = f.dispatch();
     assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), [a.id]);
 
-    jobs::fail(
-        &f.shared,
+    assert!(!f.lifecycle().failed(
         &first_run,
         &JobStatus::ON_CLIENT,
         "its results could not be fetched".into(),
-    );
+    ));
     assert_eq!(f.get(a.id).status, JobStatus::Processing);
     assert!(f.is_active(a.id), "the new run lost its quota slot");
     assert!(
@@ -210,23 +187,11 @@ fn a_late_give_up_of_an_old_run_keeps_the_new_runs_quota() {
     f.upload();
     let sent = f.dispatch();
     let mut stale = f.submitted(&sent[0], 1);
-    jobs::requeue(
-        &f.shared,
-        &stale,
-        &JobStatus::ON_CLIENT,
-        "lost",
-        Duration::ZERO,
-    );
+    f.lifecycle().run_lost(&stale, "lost");
     assert_eq!(f.dispatch().len(), 1);
     // As if read when every attempt was used up: requeue gives up, from Submitted/Running.
     stale.attempts = f.shared.config.max_attempts;
-    jobs::requeue(
-        &f.shared,
-        &stale,
-        &JobStatus::ON_CLIENT,
-        "lost again",
-        Duration::ZERO,
-    );
+    f.lifecycle().run_lost(&stale, "lost again");
     assert_eq!(f.get(a.id).status, JobStatus::Processing);
     assert!(f.is_active(a.id), "the new run lost its quota slot");
     assert!(f.dispatch().is_empty(), "the user ran past runs_per_user");
@@ -245,13 +210,17 @@ async fn a_job_terminated_during_its_requeue_backoff_stays_out_of_the_queue() {
     // Each backoff task holds the server's state until it is done.
     let idle = Arc::strong_count(&f.shared);
     for job in &sent {
-        jobs::requeue(
-            &f.shared,
-            job,
-            &[JobStatus::Processing],
-            "could not send",
-            Duration::from_millis(200),
+        let effects = f
+            .lifecycle()
+            .send_failed(job, "could not send", Duration::from_millis(200));
+        assert_eq!(
+            effects,
+            [Effect::OfferAgain {
+                id: job.id,
+                after: Duration::from_millis(200)
+            }]
         );
+        crate::effects::perform(&f.shared, effects).await;
     }
     assert_eq!(f.get(a.id).status, JobStatus::Queued);
     assert_eq!(f.queued(), 0, "offered again before its backoff");
@@ -282,34 +251,26 @@ async fn a_job_terminated_during_its_requeue_backoff_stays_out_of_the_queue() {
 async fn failing_checks_are_forgotten_when_the_run_ends() {
     let f = fixture("http://127.0.0.1:9", 8);
     let uploaded: Vec<Job> = (0..4).map(|_| f.upload()).collect();
-    let runs: Vec<Job> = f
-        .dispatch()
+    let mut sent = f.dispatch();
+    assert_eq!(sent.len(), uploaded.len());
+    // One stays Processing (a send that fails), the others are on the client.
+    let sending = sent.remove(1);
+    let runs: Vec<Job> = sent
         .iter()
         .enumerate()
         .map(|(i, job)| f.submitted(job, i as i64 + 1))
         .collect();
-    assert_eq!(runs.len(), uploaded.len());
-    for run in &runs {
-        f.failing_checks(run.id);
+    for job in runs.iter().chain([&sending]) {
+        f.failing_checks(job.id);
     }
 
-    jobs::requeue(
-        &f.shared,
-        &runs[0],
-        &JobStatus::ON_CLIENT,
-        "lost",
-        Duration::ZERO,
-    );
+    f.lifecycle().run_lost(&runs[0], "lost");
     assert!(!f.checks_failing(runs[0].id), "requeued at once");
 
-    jobs::requeue(
-        &f.shared,
-        &runs[1],
-        &JobStatus::ON_CLIENT,
-        "lost",
-        Duration::from_secs(1),
-    );
-    assert!(!f.checks_failing(runs[1].id), "requeued after a backoff");
+    f.lifecycle()
+        .send_failed(&sending, "could not send", Duration::from_secs(1));
+    assert!(!f.checks_failing(sending.id), "requeued after a backoff");
+    let runs = [runs[0].clone(), sending, runs[1].clone(), runs[2].clone()];
 
     // Its client is no longer configured: terminated without a request.
     f.shared
@@ -331,9 +292,10 @@ async fn failing_checks_are_forgotten_when_the_run_ends() {
     ));
     assert!(!f.checks_failing(runs[2].id), "terminated");
 
-    jobs::fail(&f.shared, &runs[3], &JobStatus::ON_CLIENT, "failed".into());
+    f.lifecycle()
+        .failed(&runs[3], &JobStatus::ON_CLIENT, "failed".into());
     assert!(!f.checks_failing(runs[3].id), "failed");
-    assert!(crate::lock(&f.shared.fetch_failures).is_empty());
+    assert!(crate::lock(&f.lifecycle().failing_checks).is_empty());
 }
 
 /// A whole archive holding one file.
@@ -466,4 +428,42 @@ async fn a_terminated_job_holds_its_partial_zip() {
         );
         assert_eq!(files_in(&f.shared.results_dir), [format!("{}.zip", job.id)]);
     }
+}
+
+/// A word about a run reaches the lifecycle after the job moved into its next run, on the
+/// same client states: the collector's give-up on the old run's failing checks (it holds the
+/// job as it was), a late end or loss of the old payload. Guarded by status alone, each would
+/// move the new run (Submitted, like the old one); guarded by the run's key, none does.
+#[test]
+fn a_late_word_about_an_old_run_never_moves_the_next_run() {
+    let f = fixture("http://127.0.0.1:9", 1);
+    let a = f.upload();
+    let old_run = f.submitted(&f.dispatch()[0], 1);
+    f.lifecycle().run_lost(&old_run, "the client restarted");
+    let new_run = f.submitted(&f.dispatch()[0], 2);
+    assert_eq!(new_run.status, old_run.status, "both runs on the client");
+    assert_ne!(new_run.dispatch_key, old_run.dispatch_key);
+
+    assert!(!f.lifecycle().failed(
+        &old_run,
+        &JobStatus::ON_CLIENT,
+        "its results could not be fetched for 60s".into(),
+    ));
+    assert_eq!(
+        f.lifecycle()
+            .ended_on_client(&old_run, JobStatus::Failed, Some(3), None),
+        []
+    );
+    assert_eq!(f.lifecycle().completed(&old_run), []);
+    assert_eq!(f.lifecycle().run_lost(&old_run, "lost again"), []);
+    f.lifecycle().running(&old_run);
+
+    let now = f.get(a.id);
+    assert_eq!(now.status, JobStatus::Submitted, "{now:?}");
+    assert_eq!(now.dest_id, Some(2));
+    assert_eq!(now.attempts, 2);
+    assert!(f.is_active(a.id));
+    // The new run's own words still count.
+    f.lifecycle().running(&new_run);
+    assert_eq!(f.get(a.id).status, JobStatus::Running);
 }

@@ -1,0 +1,51 @@
+//! Performs what the lifecycle's events ask for once their change is committed: the I/O edge
+//! of a state change. Checks and delayed offers run on tasks of their own; kills, releases
+//! and the removal of inputs are done before this returns, in order.
+
+use std::sync::Arc;
+
+use crate::lifecycle::{Effect, Effects};
+use crate::Shared;
+
+/// Boxed: a check may end in effects of its own (results stored, a release), so this future
+/// and the collector's contain each other.
+pub fn perform(
+    shared: &Arc<Shared>,
+    effects: Effects,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    Box::pin(perform_all(shared, effects))
+}
+
+async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
+    for effect in effects {
+        match effect {
+            Effect::Check(job) => {
+                if let Some(client) = shared.client_of(job.client.as_deref()) {
+                    tokio::spawn(crate::collector::check_job(shared.clone(), client, *job));
+                }
+            }
+            Effect::Kill { client, dest } => {
+                if let Some(client) = shared.client_of(Some(&client)) {
+                    if let crate::gateway::Killed::Failed { why, .. } =
+                        crate::gateway::kill(shared, &client, dest).await
+                    {
+                        tracing::info!(dest, error = why, "could not kill payload");
+                    }
+                }
+            }
+            Effect::Release { client, dest } => {
+                if let Some(client) = shared.client_of(Some(&client)) {
+                    crate::gateway::release(shared, &client, dest).await;
+                }
+            }
+            Effect::DropInputs(id) => crate::jobs::drop_inputs(shared, id).await,
+            Effect::OfferAgain { id, after } => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    shared.lifecycle.offer_again(id);
+                });
+            }
+        }
+    }
+}
