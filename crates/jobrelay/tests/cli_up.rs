@@ -8,20 +8,9 @@ use std::process::{Command, Output};
 
 use support::*;
 
-/// Starts `jobrelay up` on free ports with its data in `dir`.
+/// Starts `jobrelay up` on free ports with its data in `dir`, two jobs at a time.
 fn up(dir: &Path) -> Proc {
-    Proc::start(
-        &[
-            "up",
-            "--port",
-            "0",
-            "--slots",
-            "2",
-            "--data-dir",
-            dir.join("data").to_str().unwrap(),
-        ],
-        &dir.join("logs"),
-    )
+    Proc::up(dir, &["--slots", "2"])
 }
 
 /// Runs `jobrelay <args>` against `server` as user 1.

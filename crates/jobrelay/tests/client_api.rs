@@ -83,16 +83,8 @@ async fn failing_script_is_failed_with_its_exit_code() {
     assert_eq!(record["exit_code"], 3);
     assert!(record["reason"].as_str().unwrap().contains('3'));
     // The work directory, stderr included, is still available.
-    let partial = client
-        .http
-        .get(client.url(&format!("/retrieve_partial/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(unzip(&partial)[".jobrelay.stderr"], b"oops\n");
+    let partial = client.retrieve_partial_zip(id).await;
+    assert_eq!(partial[".jobrelay.stderr"], b"oops\n");
 }
 
 #[tokio::test]
@@ -146,12 +138,7 @@ async fn kill_stops_the_whole_process_group_including_background_children() {
     let child = read_pid(&child_pid).await;
     assert!(pid_alive(shell) && pid_alive(child));
 
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(id).await;
     assert_eq!(response.status(), 200);
     let record: serde_json::Value = response.json().await.unwrap();
     assert_eq!(record["status"], "Killed");
@@ -160,12 +147,7 @@ async fn kill_stops_the_whole_process_group_including_background_children() {
     assert!(!pid_alive(shell), "run.sh survived the kill");
     assert!(!pid_alive(child), "the background child survived the kill");
 
-    let again = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let again = client.kill(id).await;
     assert_eq!(again.status(), 409);
     let body: serde_json::Value = again.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("Killed"));
@@ -182,12 +164,7 @@ async fn kill_reaches_children_that_ignore_sigterm_after_the_grace_period() {
     );
     let id = client.submit_script(&script).await;
     let child = read_pid(&child_pid).await;
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(id).await;
     assert_eq!(response.status(), 200);
     eventually(
         Duration::from_secs(10),
@@ -206,33 +183,18 @@ async fn killed_prepared_payload_never_starts_and_finished_one_answers_409() {
     let waiting = client
         .submit_script(&format!("touch {}/started\n", marker.path().display()))
         .await;
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{waiting}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(waiting).await;
     assert_eq!(response.status(), 200);
     let killed: serde_json::Value = response.json().await.unwrap();
     assert_eq!(killed["status"], "Killed");
-    let kill_blocker = client
-        .http
-        .post(client.url(&format!("/kill/{blocker}")))
-        .send()
-        .await
-        .unwrap();
+    let kill_blocker = client.kill(blocker).await;
     assert_eq!(kill_blocker.status(), 200);
 
     let done = client.submit_script("true\n").await;
     client.wait_for(done, "Completed").await;
     assert!(!marker.path().join("started").exists());
     assert_eq!(client.record(waiting).await["status"], "Killed");
-    let late = client
-        .http
-        .post(client.url(&format!("/kill/{done}")))
-        .send()
-        .await
-        .unwrap();
+    let late = client.kill(done).await;
     assert_eq!(late.status(), 409);
     // Killing a finished payload leaves it Completed and retrievable.
     assert_eq!(client.retrieve_zip(done).await.len(), 3);
@@ -505,12 +467,7 @@ async fn kill_reaches_leftovers(env: &[(&str, &str)]) {
     let id = client.submit_script(&format!("{leave}sleep 300\n")).await;
     let a = read_pid(&files[0]).await;
     let b = read_pid(&files[1]).await;
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(id).await;
     assert_eq!(response.status(), 200);
     let record: serde_json::Value = response.json().await.unwrap();
     assert_eq!(record["status"], "Killed", "{record}");

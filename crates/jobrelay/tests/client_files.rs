@@ -12,41 +12,10 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use support::host::{have_bwrap, is_root};
 use support::*;
 
 const SECRET: &str = "TOP-SECRET-SHADOW-CONTENT";
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-fn have_bwrap() -> bool {
-    std::process::Command::new("bwrap")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// A client whose temporary directory the payloads' user may pass through.
-fn start_client(extra: &[&str]) -> TestClient {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let data = dir.path().join("data");
-    let mut args = vec![
-        "client",
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let proc = Proc::start(&args, &dir.path().join("logs"));
-    TestClient {
-        proc,
-        dir,
-        http: http(),
-    }
-}
 
 /// An HTTP client whose requests give up soon: a request the client parks fails the test
 /// instead of hanging it.
@@ -69,12 +38,7 @@ async fn log(http: &reqwest::Client, client: &TestClient, id: u64, stream: &str)
 }
 
 async fn kill(client: &TestClient, id: u64) {
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(id).await;
     assert!(response.status().is_success(), "{}", response.status());
 }
 
@@ -99,7 +63,7 @@ async fn a_log_swapped_for_a_link_or_a_fifo_answers_an_error_never_the_target() 
     }
     let http = impatient();
     for setup in setups {
-        let client = start_client(&setup);
+        let client = TestClient::start_for_other_users(&setup);
         let script = format!(
             "rm -f .jobrelay.stderr .jobrelay.stdout\nmkfifo .jobrelay.stderr\n\
              ln -s {} .jobrelay.stdout\nsleep 300\n",
@@ -272,7 +236,7 @@ async fn the_servers_log_endpoint_never_serves_what_a_jobs_log_link_points_at() 
     .unwrap();
     std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
     let config = write_server_config(dir.path(), &[("demo", vec![client.url.clone()], 5, 5)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--users-file", users.to_str().unwrap()],

@@ -4,6 +4,7 @@
 mod support;
 
 use futures_util::StreamExt;
+use support::rng::noise;
 use support::*;
 
 const GIB: u64 = 1 << 30;

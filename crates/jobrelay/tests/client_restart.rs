@@ -51,12 +51,7 @@ async fn state_survives_kill_9_and_restart() {
 }
 
 async fn kill(client: &TestClient, id: u64) -> serde_json::Value {
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(id).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }

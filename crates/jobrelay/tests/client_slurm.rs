@@ -104,12 +104,7 @@ async fn wait_long(
 }
 
 async fn kill(client: &TestClient, id: u64) -> (u16, serde_json::Value) {
-    let response = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let response = client.kill(id).await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
 }
@@ -499,25 +494,10 @@ async fn max_runtime_cancels_a_slurm_job_that_runs_too_long() {
 /// Runs `jobrelay client <args>` expecting it to refuse to start; returns its stderr.
 fn refused_start(args: &[&str], path: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut command = Command::new(binary());
-    command
-        .args([
-            "client",
-            "--port",
-            "0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ])
-        .args(args)
-        .env_remove("PORT")
-        .env_remove("DATA_PATH");
-    if let Some(path) = path {
-        command.env("PATH", path);
-    }
-    let out = command.output().unwrap();
-    assert!(!out.status.success(), "it started: {args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let env: Vec<(&str, &str)> = path.map(|path| ("PATH", path)).into_iter().collect();
+    let (status, stderr) = run_client_until_exit(&dir.path().join("data"), args, &env);
+    assert!(!status.success(), "it started: {args:?}");
+    stderr
 }
 
 #[test]

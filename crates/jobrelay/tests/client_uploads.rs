@@ -4,33 +4,10 @@
 mod support;
 
 use std::time::Duration;
+use support::multipart::raw_multipart;
 use support::*;
 
 const BOUNDARY: &str = "jobrelay-test-boundary";
-
-/// (field name, file name, content) of one part.
-type RawPart<'a> = (&'a str, Option<&'a [u8]>, &'a [u8]);
-
-/// A multipart body built by hand, so that tests control every byte of the part headers.
-fn raw_multipart(parts: &[RawPart]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, file_name, content) in parts {
-        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
-        body.extend_from_slice(
-            format!("Content-Disposition: form-data; name=\"{name}\"").as_bytes(),
-        );
-        if let Some(file_name) = file_name {
-            body.extend_from_slice(b"; filename=\"");
-            body.extend_from_slice(file_name);
-            body.extend_from_slice(b"\"");
-        }
-        body.extend_from_slice(b"\r\n\r\n");
-        body.extend_from_slice(content);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
 
 async fn post_raw(
     client: &TestClient,
@@ -78,30 +55,30 @@ async fn bad_submissions_are_refused_with_json_and_leave_nothing_behind() {
             format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"run.sh\"\r\n\r\necho").into_bytes(),
             400,
         ),
-        ("no file", multipart.clone(), raw_multipart(&[("user", None, b"1")]), 400),
-        ("empty body", multipart.clone(), raw_multipart(&[]), 400),
-        ("empty name", multipart.clone(), raw_multipart(&[("file", Some(b""), run)]), 400),
-        ("absolute", multipart.clone(), raw_multipart(&[("file", Some(b"/etc/cron.d/x"), run)]), 400),
-        ("dot-dot", multipart.clone(), raw_multipart(&[("file", Some(b"../../x"), run)]), 400),
-        ("inner dot-dot", multipart.clone(), raw_multipart(&[("file", Some(b"a/../../x"), run)]), 400),
-        ("backslash", multipart.clone(), raw_multipart(&[("file", Some(b"a\\b"), run)]), 400),
-        ("nul", multipart.clone(), raw_multipart(&[("file", Some(b"a\0b"), run)]), 400),
+        ("no file", multipart.clone(), raw_multipart(BOUNDARY, &[(Some(b"user"), None, b"1")]), 400),
+        ("empty body", multipart.clone(), raw_multipart(BOUNDARY, &[]), 400),
+        ("empty name", multipart.clone(), raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b""), run)]), 400),
+        ("absolute", multipart.clone(), raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b"/etc/cron.d/x"), run)]), 400),
+        ("dot-dot", multipart.clone(), raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b"../../x"), run)]), 400),
+        ("inner dot-dot", multipart.clone(), raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b"a/../../x"), run)]), 400),
+        ("backslash", multipart.clone(), raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b"a\\b"), run)]), 400),
+        ("nul", multipart.clone(), raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b"a\0b"), run)]), 400),
         (
             "repeated",
             multipart.clone(),
-            raw_multipart(&[("file", Some(b"run.sh"), run), ("file", Some(b"run.sh"), run)]),
+            raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b"run.sh"), run), (Some(b"file"), Some(b"run.sh"), run)]),
             400,
         ),
         (
             "file and directory",
             multipart.clone(),
-            raw_multipart(&[("file", Some(b"a"), run), ("file", Some(b"a/b"), run)]),
+            raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b"a"), run), (Some(b"file"), Some(b"a/b"), run)]),
             400,
         ),
         (
             "too large",
             multipart.clone(),
-            raw_multipart(&[("file", Some(b"run.sh"), run), ("file", Some(b"big"), &[b'x'; 5000])]),
+            raw_multipart(BOUNDARY, &[(Some(b"file"), Some(b"run.sh"), run), (Some(b"file"), Some(b"big"), &[b'x'; 5000])]),
             413,
         ),
     ];

@@ -18,7 +18,8 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use support::{eventually, unzip};
+use support::server::{job_form, post_upload};
+use support::{eventually, http_with_token, unzip};
 
 const IMAGE: &str = "jobrelay:container-tests";
 const LB_IMAGE: &str = "jobrelay-lb:container-tests";
@@ -230,32 +231,8 @@ impl Drop for Stack {
     }
 }
 
-/// An HTTP client sending the stack's user token.
-fn authed(token: &str) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap()
-}
-
 async fn upload(http: &reqwest::Client, url: &str, files: &[(&str, &[u8])]) -> i64 {
-    let form = support::files_form(files)
-        .text("user_id", "1")
-        .text("service", "example");
-    let response = http
-        .post(format!("{url}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.unwrap();
+    let (status, body) = post_upload(http, url, job_form(1, "example", files)).await;
     assert_eq!(status, 201, "upload refused: {body}");
     body["id"].as_i64().unwrap()
 }
@@ -303,7 +280,7 @@ async fn compose_stack_runs_the_example_through_the_load_balancer_and_keeps_jobs
     let stack = Stack::new(compose, "updown", &[]);
     let url = stack.up().await;
     eprintln!("stack up from nothing in {:?}", started.elapsed());
-    let http = authed(&stack.user_token());
+    let http = http_with_token(&stack.user_token());
 
     let script = std::fs::read(repo().join("examples/residues/run.sh")).unwrap();
     let pdb = std::fs::read(repo().join("examples/residues/peptides.pdb")).unwrap();
@@ -326,7 +303,7 @@ async fn compose_stack_runs_the_example_through_the_load_balancer_and_keeps_jobs
         .compose(&["down", "-t", "30"])
         .unwrap_or_else(|e| panic!("{e}"));
     let url = stack.up().await;
-    let http = authed(&stack.user_token());
+    let http = http_with_token(&stack.user_token());
     let job = finished(&http, &url, first, Duration::from_secs(10)).await;
     assert_eq!(job["status"], "Completed", "{job}");
     assert_eq!(
@@ -504,7 +481,7 @@ async fn client_cut_off_past_client_timeout_has_its_jobs_requeued_and_finished_e
         &[two_clients_override(dir.path(), client_timeout)],
     );
     let url = stack.up().await;
-    let http = authed(&stack.user_token());
+    let http = http_with_token(&stack.user_token());
 
     // A stream of jobs: 4 slots in all, 12 jobs of 3 s each.
     let jobs = 12;

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use reqwest::multipart::{Form, Part};
 use serde::Deserialize;
-use support::server::{start_client, start_server, tree, wait_status, write_server_config};
+use support::server::{
+    post_upload, start_client, tree, wait_status, write_server_config, TestServer,
+};
 use support::{eventually, http, pid_alive, read_pid, unzip, TestClient};
 
 /// The reference's payload record, as its server deserialises it: all fields required.
@@ -308,18 +310,6 @@ async fn a_reference_server_downloads_partial_results_and_terminates_a_running_j
     assert_eq!(reference.follow(id).await.0, RefStatus::Killed);
 }
 
-/// Posts a form to our server's `/upload`; returns (status, body).
-async fn post_upload(http: &reqwest::Client, server: &str, form: Form) -> (u16, serde_json::Value) {
-    let response = http
-        .post(format!("{server}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 fn part(content: &[u8], file_name: &str) -> Part {
     Part::bytes(content.to_vec()).file_name(file_name.to_owned())
 }
@@ -329,7 +319,7 @@ async fn our_server_takes_files_under_any_field_name_as_platforms_send_them() {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 5)]);
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     assert_pong(&http, &server.url).await;
     let listing = b"find . -type f ! -name '.jobrelay*' ! -name listing.txt | sort > listing.txt\n";
@@ -391,7 +381,7 @@ async fn our_server_takes_files_under_any_field_name_as_platforms_send_them() {
     assert_eq!(entries["data/deeper/b.pdb"], b"B");
 
     // Refusals, whichever way the name came, leave nothing behind.
-    let data = dir.path().join("server");
+    let data = server.data_dir();
     let jobs_before = tree(&data.join("jobs")).len();
     for (form, expected) in [
         (
@@ -483,7 +473,7 @@ async fn our_server_serves_partial_results_and_terminate_before_dispatch() {
         dir.path(),
         &[("parked", vec!["http://127.0.0.1:9".into()], 5, 5)],
     );
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let form = Form::new()
         .text("user_id", "3")

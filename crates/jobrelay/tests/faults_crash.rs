@@ -5,55 +5,15 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::net::free_port;
+use support::rng::Rng;
+use support::runlog::count_lines;
 use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(300);
-
-fn count_lines(log: &Path) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        *counts.entry(line.to_owned()).or_insert(0) += 1;
-    }
-    counts
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A small deterministic generator (xorshift), so a failing run can be replayed by its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-async fn job_record(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
-    http.get(format!("{server}/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Kind {
@@ -88,7 +48,7 @@ async fn server_crash_loop_loses_no_job_and_runs_none_twice() {
         root,
         &[("example", vec![a.url.clone(), b.url.clone()], 10, 16)],
     );
-    let mut server = start_server(root, &config, &[]);
+    let mut server = TestServer::start(root, &config, &[]);
     let http = http();
 
     let mut plan = Vec::new();
@@ -155,7 +115,7 @@ async fn server_crash_loop_loses_no_job_and_runs_none_twice() {
             server.kill9();
             kills += 1;
             tokio::time::sleep(Duration::from_millis(rng.below(1000))).await;
-            server = start_server(root, &config, &[]);
+            server.restart();
         } else {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -205,20 +165,11 @@ async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let done = root.join("done.log");
-    let port = free_port().to_string();
-    let data = root.join("client");
-    let args = [
-        "client",
-        "--port",
-        &port,
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--slots",
-        "4",
-    ];
-    let mut client = Proc::start(&args, root);
+    let port = free_port();
+    let start = || start_client_at(root, "client", port, &["--slots", "4"]);
+    let mut client = start();
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = start_server(root, &config, &["--client-timeout", "2"]);
+    let server = TestServer::start(root, &config, &["--client-timeout", "2"]);
     let http = http();
 
     // First attempt: a long run (killed with its client); later ones: quick.
@@ -259,7 +210,7 @@ async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns() {
         assert_eq!(job["status"], "Queued", "{job}");
     }
     // The client returns (same address, same data: it also stops what the dead one left).
-    let _client = Proc::start(&args, root);
+    let _client = start();
     for (n, id) in ids.iter().enumerate() {
         wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
         let entries = unzip(&download_zip(&http, &server.url, *id).await);
@@ -274,20 +225,12 @@ async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns() {
 async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let port = free_port().to_string();
+    let port = free_port();
     let data = root.join("client");
-    let args = [
-        "client",
-        "--port",
-        &port,
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--slots",
-        "2",
-    ];
-    let mut client = Proc::start(&args, root);
+    let start = || start_client_at(root, "client", port, &["--slots", "2"]);
+    let mut client = start();
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         root,
         &config,
         &["--client-timeout", "2", "--max-attempts", "3"],
@@ -320,7 +263,7 @@ async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() 
         }
         if let Ok(Some(_)) = client.child.try_wait() {
             restarts += 1;
-            client = Proc::start(&args, root);
+            client = start();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -362,7 +305,7 @@ async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() 
         // The server may have given up on the killer (its client unreachable too long) before
         // the last run's kill was seen here: bring the client back, as its supervisor would.
         if let Ok(Some(_)) = client.child.try_wait() {
-            client = Proc::start(&args, root);
+            client = start();
         }
         if Instant::now() > deadline {
             let payloads = tree(&data.join("payloads"))
@@ -402,28 +345,13 @@ async fn client_crash_loop_runs_no_job_twice() {
     let root = dir.path();
     let started = root.join("started.log");
     let done = root.join("done.log");
-    let mut args = Vec::new();
-    for name in ["a", "b"] {
-        let port = free_port().to_string();
-        let data = root.join(name).to_str().unwrap().to_owned();
-        args.push(vec![
-            "client".to_owned(),
-            "--port".to_owned(),
-            port,
-            "--data-dir".to_owned(),
-            data,
-            "--slots".to_owned(),
-            "8".to_owned(),
-        ]);
-    }
-    let start = |args: &Vec<String>| {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start(&args, root)
-    };
-    let mut clients: Vec<Proc> = args.iter().map(start).collect();
+    // Each client keeps its name (data directory) and port across its restarts.
+    let places: Vec<(&str, u16)> = ["a", "b"].into_iter().map(|n| (n, free_port())).collect();
+    let start = |&(name, port): &(&str, u16)| start_client_at(root, name, port, &["--slots", "8"]);
+    let mut clients: Vec<Proc> = places.iter().map(start).collect();
     let urls = clients.iter().map(|c| c.url.clone()).collect();
     let config = write_server_config(root, &[("example", urls, 10, 16)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
 
     let mut plan = Vec::new();
@@ -473,7 +401,7 @@ async fn client_crash_loop_runs_no_job_twice() {
         clients[which].kill9();
         kills += 1;
         tokio::time::sleep(Duration::from_millis(rng.below(1000))).await;
-        clients[which] = start(&args[which]);
+        clients[which] = start(&places[which]);
     }
     let elapsed = begin.elapsed();
 

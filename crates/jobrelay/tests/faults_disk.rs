@@ -58,7 +58,7 @@ async fn a_client_full_while_receiving_does_not_lose_the_job() {
         root,
         &[("example", vec![full.url.clone(), roomy.url.clone()], 10, 10)],
     );
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
     let big = vec![b'z'; 4 << 20];
     let id = upload_job(
@@ -103,7 +103,7 @@ async fn a_job_filling_its_clients_disk_fails_with_a_clear_reason() {
     };
     let client = start_client(root, "client", &[]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
     let id = upload_job(
         &http,
@@ -152,7 +152,7 @@ async fn a_server_full_during_upload_answers_507_keeps_nothing_and_keeps_serving
     };
     let client = start_client(root, "client", &[]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
     let big = vec![b'q'; 6 << 20];
     let mut refused = 0;
@@ -207,7 +207,7 @@ async fn results_on_a_full_server_disk_are_fetched_again_and_complete_once_space
     // The database elsewhere: only the result ZIP meets the full disk. A short client
     // timeout: a fetch that keeps failing for another reason fails the job after it.
     let db = root.join("jobrelay.sqlite");
-    let server = start_server(
+    let server = TestServer::start(
         root,
         &config,
         &["--db", db.to_str().unwrap(), "--client-timeout", "2"],

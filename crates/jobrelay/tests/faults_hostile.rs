@@ -10,6 +10,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::multipart::{raw_multipart, RawPart};
+use support::net::addr_of;
 use support::server::*;
 use support::*;
 
@@ -17,33 +19,6 @@ const BOUNDARY: &str = "hostile-boundary";
 
 /// Headers must arrive, and a body average 1 KiB/s, within 3 s (30 s by default).
 const SLOW: &[(&str, &str)] = &[("JOBRELAY_SLOW_REQUEST_SECS", "3")];
-
-/// One part: (field name or None for a part without a name, file name, content).
-type Part<'a> = (Option<&'a [u8]>, Option<&'a [u8]>, &'a [u8]);
-
-fn multipart(parts: &[Part]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, file_name, content) in parts {
-        body.extend_from_slice(
-            format!("--{BOUNDARY}\r\nContent-Disposition: form-data").as_bytes(),
-        );
-        if let Some(name) = name {
-            body.extend_from_slice(b"; name=\"");
-            body.extend_from_slice(name);
-            body.extend_from_slice(b"\"");
-        }
-        if let Some(file_name) = file_name {
-            body.extend_from_slice(b"; filename=\"");
-            body.extend_from_slice(file_name);
-            body.extend_from_slice(b"\"");
-        }
-        body.extend_from_slice(b"\r\n\r\n");
-        body.extend_from_slice(content);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
 
 /// A raw HTTP/1.1 exchange (Connection: close): the status and the body. Every byte of the
 /// request line and headers is ours, so paths and headers can be anything.
@@ -132,20 +107,16 @@ fn assert_json_4xx(what: &str, (status, body): (u16, Vec<u8>)) {
     assert!(!message.is_empty(), "{what}: no error message in {json}");
 }
 
-fn addr(url: &str) -> SocketAddr {
-    url.trim_start_matches("http://").parse().unwrap()
-}
-
 /// The bad bodies every upload endpoint must refuse. `fields` are the extra text parts the
 /// endpoint needs (user_id, service on the server).
-fn hostile_bodies(fields: &[Part]) -> Vec<(String, Vec<u8>)> {
+fn hostile_bodies(fields: &[RawPart]) -> Vec<(String, Vec<u8>)> {
     let run: &[u8] = b"echo hi > out\n";
-    let with = |files: &[Part]| {
+    let with = |files: &[RawPart]| {
         let mut parts = fields.to_vec();
         parts.extend_from_slice(files);
-        multipart(&parts)
+        raw_multipart(BOUNDARY, &parts)
     };
-    let file = |name: &'static [u8]| -> Part<'static> { (Some(b"file"), Some(name), b"x") };
+    let file = |name: &'static [u8]| -> RawPart<'static> { (Some(b"file"), Some(name), b"x") };
     let long = vec![b'a'; 4096];
     let long: &'static [u8] = Box::leak(long.into_boxed_slice());
     let mut cases: Vec<(String, Vec<u8>)> = vec![
@@ -309,10 +280,10 @@ async fn the_server_refuses_every_hostile_input_with_json_and_keeps_nothing() {
         root,
         &[("example", vec!["http://127.0.0.1:9".into()], 5, 10)],
     );
-    let server = start_server_with_env(root, &config, &["--max-upload", "1000000"], SLOW);
-    let a = addr(&server.url);
+    let server = TestServer::start_with_env(root, &config, &["--max-upload", "1000000"], SLOW);
+    let a = addr_of(&server.url);
     let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
-    let fields: Vec<Part> = vec![
+    let fields: Vec<RawPart> = vec![
         (Some(b"user_id"), None, b"1"),
         (Some(b"service"), None, b"example"),
     ];
@@ -335,11 +306,14 @@ async fn the_server_refuses_every_hostile_input_with_json_and_keeps_nothing() {
             ("service not UTF-8", b"1", b"\xff"),
             ("service path trick", b"1", b"../example"),
         ] {
-            let body = multipart(&[
-                (Some(b"user_id"), None, user),
-                (Some(b"service"), None, service),
-                (Some(b"file"), Some(b"run.sh"), b"true"),
-            ]);
+            let body = raw_multipart(
+                BOUNDARY,
+                &[
+                    (Some(b"user_id"), None, user),
+                    (Some(b"service"), None, service),
+                    (Some(b"file"), Some(b"run.sh"), b"true"),
+                ],
+            );
             assert_json_4xx(what, post(a, b"/upload", &content_type, &body));
             staging_and_jobs_empty(root).unwrap_or_else(|e| panic!("{what}: {e}"));
             tried += 1;
@@ -402,7 +376,7 @@ async fn the_server_refuses_every_hostile_input_with_json_and_keeps_nothing() {
     });
 
     // Thousands of tiny files: accepted whole, or refused whole.
-    let mut parts: Vec<Part> = fields.clone();
+    let mut parts: Vec<RawPart> = fields.clone();
     let names: Vec<Vec<u8>> = (0..3000)
         .map(|n| format!("d{}/f{n}", n % 30).into_bytes())
         .collect();
@@ -410,7 +384,7 @@ async fn the_server_refuses_every_hostile_input_with_json_and_keeps_nothing() {
     for name in &names {
         parts.push((Some(b"file"), Some(name), b"x"));
     }
-    let body = multipart(&parts);
+    let body = raw_multipart(BOUNDARY, &parts);
     let (status, answer) =
         tokio::task::block_in_place(|| post(a, b"/upload", &content_type, &body));
     let stored = tree(&root.join("server/jobs"))
@@ -451,7 +425,7 @@ async fn the_server_refuses_every_hostile_input_with_json_and_keeps_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_refuses_every_hostile_input_with_json_and_keeps_nothing() {
     let client = TestClient::start_with_env(&["--max-upload", "1000000"], SLOW);
-    let a = addr(&client.proc.url);
+    let a = addr_of(&client.proc.url);
     let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
     let nothing = |what: &str| {
         for sub in ["staging", "work", "payloads"] {

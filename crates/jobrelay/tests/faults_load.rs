@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::net::addr_of;
 use support::server::*;
 use support::*;
 
@@ -55,7 +56,7 @@ async fn concurrent_uploaders_for_a_minute_lose_nothing_in_bounded_memory() {
         root,
         &[("example", vec![a.url.clone(), b.url.clone()], 5, 8)],
     );
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .pool_max_idle_per_host(uploaders as usize)
@@ -197,8 +198,8 @@ async fn ten_thousand_idle_connections_do_not_stop_new_ones() {
     let root = dir.path();
     let client = start_client(root, "client", &[]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(root, &config, &[]);
-    let addr: std::net::SocketAddr = server.url.trim_start_matches("http://").parse().unwrap();
+    let server = TestServer::start(root, &config, &[]);
+    let addr = addr_of(&server.url);
     let http = http();
 
     let begin = Instant::now();

@@ -5,35 +5,22 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
+use support::net::addr_of;
 use support::proxy::{FaultProxy, Mode};
+use support::runlog::count_lines;
 use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(180);
-
-fn count_lines(log: &Path) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        *counts.entry(line.to_owned()).or_insert(0) += 1;
-    }
-    counts
-}
-
-fn addr_of(url: &str) -> SocketAddr {
-    url.trim_start_matches("http://").parse().unwrap()
-}
 
 /// A client behind a proxy, and a server that knows the client only through the proxy.
 struct Setup {
     dir: tempfile::TempDir,
     _client: Proc,
     proxy: FaultProxy,
-    server: Proc,
+    server: TestServer,
     http: reqwest::Client,
 }
 
@@ -43,7 +30,7 @@ impl Setup {
         let client = start_client(dir.path(), "client", &["--slots", "4"]);
         let proxy = FaultProxy::start(addr_of(&client.url));
         let config = write_server_config(dir.path(), &[("example", vec![proxy.url()], 10, 10)]);
-        let server = start_server(dir.path(), &config, server_extra);
+        let server = TestServer::start(dir.path(), &config, server_extra);
         Setup {
             dir,
             _client: client,
@@ -282,7 +269,7 @@ async fn a_stopped_client_loses_its_job_within_the_timeout_and_its_run_is_killed
     let root = dir.path();
     let client = start_client(root, "client", &["--slots", "2"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         root,
         &config,
         &["--client-timeout", &TIMEOUT_SECS.to_string()],

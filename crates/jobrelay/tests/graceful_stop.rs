@@ -4,10 +4,10 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::server::{start_client, start_server, write_server_config};
+use support::net::addr_of;
+use support::server::{start_client, write_server_config, TestServer};
 use support::{eventually, http, Proc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,10 +40,6 @@ fn multipart(fields: &[(&str, &str)], size: usize) -> Vec<u8> {
     body.extend(std::iter::repeat_n(b'x', size));
     body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
     body
-}
-
-fn addr_of(url: &str) -> SocketAddr {
-    url.trim_start_matches("http://").parse().unwrap()
 }
 
 fn sigterm(process: &Proc) {
@@ -149,11 +145,11 @@ async fn server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("svc", vec![client.url.clone()], 5, 5)]);
-    let mut server = start_server(dir.path(), &config, &[]);
+    let mut server = TestServer::start(dir.path(), &config, &[]);
     let body = multipart(&[("user_id", "7"), ("service", "svc")], 4 << 20);
 
     let (status, answer) = upload_across_sigterm(
-        &mut server,
+        &mut server.proc,
         "/upload",
         &body,
         &dir.path().join("server/staging"),
@@ -163,7 +159,7 @@ async fn server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections
     let id = json_of(&answer)["id"].as_i64().unwrap();
 
     // The committed job is there after a restart, with all of its file.
-    let server = start_server(dir.path(), &config, &[]);
+    server.restart();
     let job: serde_json::Value = http()
         .get(format!("{}/jobs/{id}", server.url))
         .send()

@@ -7,34 +7,12 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use support::server::{job_form, post_upload};
 use support::*;
 
-fn up(dir: &std::path::Path) -> Proc {
-    Proc::start(
-        &[
-            "up",
-            "--port",
-            "0",
-            "--data-dir",
-            dir.join("data").to_str().unwrap(),
-        ],
-        &dir.join("logs"),
-    )
-}
-
 async fn upload(http: &reqwest::Client, url: &str, script: &str) -> u64 {
-    let form = files_form(&[("run.sh", script.as_bytes())])
-        .text("user_id", "7")
-        .text("service", "example");
-    let answer: serde_json::Value = http
-        .post(format!("{url}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let form = job_form(7, "example", &[("run.sh", script.as_bytes())]);
+    let (_, answer) = post_upload(http, url, form).await;
     answer["id"].as_u64().unwrap()
 }
 
@@ -58,7 +36,7 @@ async fn job_status(http: &reqwest::Client, url: &str, id: u64) -> String {
 #[tokio::test]
 async fn logs_follow_a_running_job_then_come_from_the_stored_results() {
     let tmp = tempfile::tempdir().unwrap();
-    let system = up(tmp.path());
+    let system = Proc::up(tmp.path(), &[]);
     let http = http();
     let gate = tmp.path().join("gate");
     let script = format!(
@@ -157,7 +135,7 @@ async fn logs_follow_a_running_job_then_come_from_the_stored_results() {
 #[tokio::test]
 async fn overview_clients_metrics_and_dashboard_are_served() {
     let tmp = tempfile::tempdir().unwrap();
-    let system = up(tmp.path());
+    let system = Proc::up(tmp.path(), &[]);
     let http = http();
     let done = upload(&http, &system.url, "echo done\n").await;
     let failed = upload(&http, &system.url, "exit 2\n").await;

@@ -76,16 +76,7 @@ fn readme_commands_work() {
     std::fs::write(work.join("input.pdb"), "ATOM\n").unwrap();
     std::fs::write(work.join("a.pdb"), "ATOM\n").unwrap();
 
-    let system = Proc::start(
-        &[
-            "up",
-            "--port",
-            "0",
-            "--data-dir",
-            tmp.path().join("data").to_str().unwrap(),
-        ],
-        &tmp.path().join("logs"),
-    );
+    let system = Proc::up(tmp.path(), &[]);
     let client = TestClient::start(&[]);
     let bin_dir = Path::new(binary()).parent().unwrap().to_path_buf();
     let path = format!(

@@ -20,20 +20,6 @@ fn write_secret(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// An HTTP client that sends `Authorization: Bearer <token>`.
-fn http_with(token: &str) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .default_headers(headers)
-        .build()
-        .unwrap()
-}
-
 async fn status_and_json(response: reqwest::Response) -> (u16, serde_json::Value) {
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or_default())
@@ -59,7 +45,7 @@ async fn client_with_a_token_refuses_requests_without_it() {
         assert_eq!(r.status(), 200, "{path}");
     }
     // Everything else needs the token: no header, a wrong one, another scheme.
-    let wrong = http_with("client-secret-2");
+    let wrong = http_with_token("client-secret-2");
     for (http, what) in [(&anonymous, "no token"), (&wrong, "wrong token")] {
         for path in ["/load", "/info", "/retrieve/1", "/events", "/nowhere"] {
             let (status, body) = status_and_json(
@@ -101,7 +87,7 @@ async fn client_with_a_token_refuses_requests_without_it() {
     assert!(!client_has_payloads(&dir.path().join("client")));
 
     // With the token, the client works as usual.
-    let authed = http_with("client-secret-1");
+    let authed = http_with_token("client-secret-1");
     let (status, info) = status_and_json(
         authed
             .get(format!("{}/info", client.url))
@@ -157,7 +143,7 @@ async fn server_sends_the_client_token_and_jobs_run() {
         &["--token-file", token.to_str().unwrap()],
     );
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--client-token-file", token.to_str().unwrap()],
@@ -195,7 +181,7 @@ async fn a_service_token_file_in_the_toml_is_used() {
         ),
     )
     .unwrap();
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let id = upload_job(&http, &server.url, 3, "example", &[("run.sh", b"true\n")]).await;
     wait_status(&http, &server.url, id, &["Completed"], LONG).await;
@@ -211,7 +197,7 @@ async fn a_server_without_the_token_dispatches_nothing() {
         &["--token-file", token.to_str().unwrap()],
     );
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let id = upload_job(&http, &server.url, 3, "example", &[("run.sh", b"true\n")]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -267,16 +253,16 @@ async fn users_see_and_act_on_their_own_jobs_only() {
     let users = write_secret(dir.path(), "users.toml", USERS);
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--users-file", users.to_str().unwrap()],
     );
     let url = server.url.clone();
     let (alice, bob, admin, anonymous) = (
-        http_with("alice-token"),
-        http_with("bob-token"),
-        http_with("admin-token"),
+        http_with_token("alice-token"),
+        http_with_token("bob-token"),
+        http_with_token("admin-token"),
         http(),
     );
 
@@ -286,7 +272,7 @@ async fn users_see_and_act_on_their_own_jobs_only() {
     assert_eq!(body["status"], "Unknown");
     assert_eq!(body["id"], 0);
     assert!(body["message"].is_string());
-    let (status, _) = upload_as(&http_with("mallory"), &url, None, b"true\n").await;
+    let (status, _) = upload_as(&http_with_token("mallory"), &url, None, b"true\n").await;
     assert_eq!(status, 401);
     for path in ["/jobs", "/jobs/1", "/download/1", "/download_partial/1"] {
         let r = anonymous.get(format!("{url}{path}")).send().await.unwrap();
@@ -444,7 +430,7 @@ async fn the_cli_sends_its_token() {
     let users = write_secret(dir.path(), "users.toml", USERS);
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--users-file", users.to_str().unwrap()],
@@ -520,16 +506,16 @@ async fn the_overview_counts_only_the_callers_jobs() {
     let users = write_secret(dir.path(), "users.toml", USERS);
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(
+    let server = TestServer::start(
         dir.path(),
         &config,
         &["--users-file", users.to_str().unwrap()],
     );
     let url = server.url.clone();
     let (alice, bob, admin) = (
-        http_with("alice-token"),
-        http_with("bob-token"),
-        http_with("admin-token"),
+        http_with_token("alice-token"),
+        http_with_token("bob-token"),
+        http_with_token("admin-token"),
     );
     let (status, body) = upload_as(&alice, &url, None, b"sleep 300\n").await;
     assert_eq!(status, 201, "{body}");

@@ -10,18 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
+use support::host::{have_bwrap, is_root};
 use support::*;
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-fn have_bwrap() -> bool {
-    std::process::Command::new("bwrap")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 fn skip_unless_root(what: &str) -> bool {
     if !is_root() {
@@ -42,27 +32,6 @@ fn skip_unless_sandbox(what: &str) -> bool {
     false
 }
 
-/// A client whose temporary directory the payloads' user may pass through.
-fn start_client(extra: &[&str]) -> TestClient {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let data = dir.path().join("data");
-    let mut args = vec![
-        "client",
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let proc = Proc::start(&args, &dir.path().join("logs"));
-    TestClient {
-        proc,
-        dir,
-        http: http(),
-    }
-}
-
 fn text(entries: &std::collections::BTreeMap<String, Vec<u8>>, name: &str) -> String {
     String::from_utf8_lossy(entries.get(name).map(Vec::as_slice).unwrap_or(b"")).into_owned()
 }
@@ -81,19 +50,6 @@ async fn run_to_end(client: &TestClient, script: &str) -> serde_json::Value {
     .await
 }
 
-async fn partial(client: &TestClient, id: u64) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let bytes = client
-        .http
-        .get(client.url(&format!("/retrieve_partial/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    unzip(&bytes)
-}
-
 /// The client still takes and runs a payload.
 async fn still_serving(client: &TestClient) {
     let id = client.submit_script("echo fine > ok.txt\n").await;
@@ -106,7 +62,7 @@ async fn run_as_runs_payloads_as_that_user_in_a_private_work_directory() {
     if skip_unless_root("--run-as") {
         return;
     }
-    let client = start_client(&["--run-as", "nobody"]);
+    let client = TestClient::start_for_other_users(&["--run-as", "nobody"]);
     let data = client.data_dir();
     let script = format!(
         "id -u > uid.txt; id -G > groups.txt; echo $HOME > home.txt\n\
@@ -154,14 +110,8 @@ async fn run_as_is_refused_with_the_slurm_executor_and_for_root() {
         (vec!["--run-as", "root"], "is root"),
         (vec!["--run-as", "no-such-user-here"], "no user"),
     ] {
-        let output = std::process::Command::new(binary())
-            .args(["client", "--port", "0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{args:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let (status, stderr) = run_client_until_exit(&dir.path().join("data"), &args, &[]);
+        assert!(!status.success(), "{args:?}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
@@ -169,14 +119,12 @@ async fn run_as_is_refused_with_the_slurm_executor_and_for_root() {
 #[tokio::test]
 async fn sandbox_is_refused_clearly_without_bwrap() {
     let dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(binary())
-        .args(["client", "--port", "0", "--sandbox", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env("PATH", dir.path())
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (status, stderr) = run_client_until_exit(
+        &dir.path().join("data"),
+        &["--sandbox"],
+        &[("PATH", dir.path().to_str().unwrap())],
+    );
+    assert!(!status.success());
     assert!(stderr.contains("needs bubblewrap"), "{stderr}");
 }
 
@@ -185,7 +133,7 @@ async fn limits_stop_fork_bombs_memory_hogs_huge_files_and_cpu_hogs() {
     if skip_unless_root("--run-as with limits") {
         return;
     }
-    let client = start_client(&[
+    let client = TestClient::start_for_other_users(&[
         "--run-as",
         "nobody",
         "--limit-processes",
@@ -208,7 +156,7 @@ async fn limits_stop_fork_bombs_memory_hogs_huge_files_and_cpu_hogs() {
     assert_eq!(record["status"], "Failed", "{record}");
     assert_eq!(record["exit_code"], 3, "{record}");
     let id = record["id"].as_u64().unwrap();
-    let out = text(&partial(&client, id).await, ".jobrelay.stdout");
+    let out = text(&client.retrieve_partial_zip(id).await, ".jobrelay.stdout");
     assert!(out.starts_with("fork failed"), "{out}");
 
     // Memory: an allocation past the address-space limit fails.
@@ -219,7 +167,7 @@ async fn limits_stop_fork_bombs_memory_hogs_huge_files_and_cpu_hogs() {
     .await;
     assert_eq!(record["status"], "Failed", "{record}");
     let id = record["id"].as_u64().unwrap();
-    let files = partial(&client, id).await;
+    let files = client.retrieve_partial_zip(id).await;
     assert!(!text(&files, ".jobrelay.stdout").contains("allocated"));
     assert!(
         text(&files, ".jobrelay.stderr").contains("Out of memory"),
@@ -234,7 +182,7 @@ async fn limits_stop_fork_bombs_memory_hogs_huge_files_and_cpu_hogs() {
     )
     .await;
     let id = record["id"].as_u64().unwrap();
-    let files = partial(&client, id).await;
+    let files = client.retrieve_partial_zip(id).await;
     assert_eq!(text(&files, "st.txt"), "status 153\n");
     assert_eq!(files["big"].len(), 1048576);
 
@@ -246,7 +194,10 @@ async fn limits_stop_fork_bombs_memory_hogs_huge_files_and_cpu_hogs() {
     )
     .await;
     let id = record["id"].as_u64().unwrap();
-    assert_eq!(text(&partial(&client, id).await, "fd.txt"), "refused 64\n");
+    assert_eq!(
+        text(&client.retrieve_partial_zip(id).await, "fd.txt"),
+        "refused 64\n"
+    );
 
     // CPU time: a busy loop is killed by SIGXCPU (24).
     let record = run_to_end(&client, "while :; do :; done\n").await;
@@ -261,7 +212,7 @@ async fn sandbox_gives_no_network_no_writes_outside_and_a_private_tmp() {
     if skip_unless_sandbox("--sandbox") {
         return;
     }
-    let client = start_client(&["--sandbox", "--run-as", "nobody"]);
+    let client = TestClient::start_for_other_users(&["--sandbox", "--run-as", "nobody"]);
     let port = client.proc.url.rsplit(':').next().unwrap().to_owned();
     let data = client.data_dir();
     let marker = format!("jobrelay-sandbox-{}", std::process::id());
@@ -298,7 +249,7 @@ async fn sandbox_gives_no_network_no_writes_outside_and_a_private_tmp() {
     assert!(!Path::new(&format!("/tmp/{marker}")).exists());
 
     // Without the sandbox, the same connection works (the test is not vacuous).
-    let plain = start_client(&[]);
+    let plain = TestClient::start_for_other_users(&[]);
     let record = run_to_end(
         &plain,
         &format!("(exec 3<>/dev/tcp/127.0.0.1/{port}) && echo connected > net.txt\n"),
@@ -313,7 +264,13 @@ async fn kill_reaches_every_process_in_the_sandbox() {
     if skip_unless_sandbox("--sandbox") {
         return;
     }
-    let client = start_client(&["--sandbox", "--run-as", "nobody", "--kill-grace", "2"]);
+    let client = TestClient::start_for_other_users(&[
+        "--sandbox",
+        "--run-as",
+        "nobody",
+        "--kill-grace",
+        "2",
+    ]);
     let id = client
         .submit_script("sleep 300 & echo $! > bg.pid\nsleep 300\n")
         .await;
@@ -321,12 +278,7 @@ async fn kill_reaches_every_process_in_the_sandbox() {
     let pid_file = client.data_dir().join(format!("work/{id}/bg.pid"));
     let background = read_pid(&pid_file).await;
     assert!(pid_alive(background));
-    let killed = client
-        .http
-        .post(client.url(&format!("/kill/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let killed = client.kill(id).await;
     assert_eq!(killed.status(), 200);
     eventually(
         Duration::from_secs(30),
@@ -342,7 +294,7 @@ async fn kill_reaches_every_process_in_the_sandbox() {
 /// swaps between listing and writing deterministically.
 #[tokio::test]
 async fn a_job_swapping_a_directory_for_a_link_cannot_lead_the_zip_out() {
-    let client = start_client(&[]);
+    let client = TestClient::start_for_other_users(&[]);
     let outside = tempfile::tempdir().unwrap();
     let secret = "TOP-SECRET-CONTENT";
     std::fs::create_dir(outside.path().join("sub")).unwrap();
@@ -409,7 +361,7 @@ async fn a_hard_link_to_a_file_the_job_cannot_read_stays_out_of_the_zip() {
     if skip_unless_root("--run-as") {
         return;
     }
-    let client = start_client(&["--run-as", "nobody"]);
+    let client = TestClient::start_for_other_users(&["--run-as", "nobody"]);
     // A root-only secret on the same file system as the work directory.
     let secret = client.dir.path().join("secret");
     std::fs::write(&secret, "ROOT-ONLY").unwrap();
@@ -449,7 +401,7 @@ async fn sandbox_without_run_as_still_confines_a_root_job() {
     if skip_unless_sandbox("--sandbox") {
         return;
     }
-    let client = start_client(&["--sandbox"]);
+    let client = TestClient::start_for_other_users(&["--sandbox"]);
     let port = client.proc.url.rsplit(':').next().unwrap().to_owned();
     let marker = format!("jobrelay-sandbox-root-{}", std::process::id());
     let script = format!(

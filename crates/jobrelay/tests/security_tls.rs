@@ -75,7 +75,7 @@ async fn a_job_runs_end_to_end_over_tls() {
         "--client-token-file",
         token.to_str().unwrap(),
     ]);
-    let server = start_server(dir.path(), &config, &server_args);
+    let server = TestServer::start(dir.path(), &config, &server_args);
     assert!(server.url.starts_with("https://"), "{}", server.url);
 
     let http = https_client(&ca);
@@ -136,7 +136,7 @@ async fn the_server_refuses_a_client_whose_certificate_its_ca_did_not_sign() {
         ],
     );
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(dir.path(), &config, &["--client-ca", ca.to_str().unwrap()]);
+    let server = TestServer::start(dir.path(), &config, &["--client-ca", ca.to_str().unwrap()]);
     let http = http();
     let id = upload_job(&http, &server.url, 5, "example", &[("run.sh", b"true\n")]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -168,14 +168,8 @@ async fn tls_flags_go_together_and_bad_files_stop_the_start() {
             "certificate",
         ),
     ] {
-        let output = std::process::Command::new(binary())
-            .args(["client", "--port", "0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{args:?}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let (status, stderr) = run_client_until_exit(&dir.path().join("data"), &args, &[]);
+        assert!(!status.success(), "{args:?}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }

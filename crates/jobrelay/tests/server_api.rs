@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use support::rng::noise;
 use support::server::*;
 use support::*;
 
@@ -18,7 +19,7 @@ async fn upload_then_download_the_result_zip() {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
 
     let script = b"echo hello; cat input.txt > out.txt; mkdir -p sub; echo deep > sub/d.txt\n";
@@ -43,7 +44,7 @@ async fn upload_then_download_the_result_zip() {
     assert_eq!(entries["run.sh"], script);
     assert_eq!(entries[".jobrelay.stdout"], b"hello\n");
     // Results stored once, as a whole ZIP; the uploaded copy is gone (it is in the ZIP).
-    let data = dir.path().join("server");
+    let data = server.data_dir();
     assert_eq!(
         tree(&data.join("results")),
         [data.join(format!("results/{id}.zip"))]
@@ -170,14 +171,7 @@ async fn refused(
     expected: u16,
     needle: &str,
 ) {
-    let response = http
-        .post(format!("{server}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let body: serde_json::Value = response.json().await.unwrap();
+    let (status, body) = post_upload(http, server, form).await;
     assert_eq!(status, expected, "{body}");
     assert_eq!(body["id"], 0, "{body}");
     assert_eq!(body["status"], "Unknown", "{body}");
@@ -196,7 +190,7 @@ async fn every_refused_upload_leaves_nothing_behind() {
         dir.path(),
         &[("example", vec!["http://127.0.0.1:9".into()], 5, 10)],
     );
-    let server = start_server(dir.path(), &config, &["--max-upload", "1000"]);
+    let server = TestServer::start(dir.path(), &config, &["--max-upload", "1000"]);
     let http = http();
     let run: &[(&str, &[u8])] = &[("run.sh", b"true\n")];
     let with = |user: Option<&str>, service: Option<&str>, files: &[(&str, &[u8])]| {
@@ -282,7 +276,7 @@ async fn every_refused_upload_leaves_nothing_behind() {
         .unwrap();
     assert_eq!(not_multipart.status(), 400);
 
-    let data = dir.path().join("server");
+    let data = server.data_dir();
     assert!(tree(&data.join("jobs")).is_empty(), "{:?}", tree(&data));
     assert!(tree(&data.join("staging")).is_empty(), "{:?}", tree(&data));
     assert!(tree(&data.join("results")).is_empty());
@@ -481,7 +475,7 @@ async fn a_client_speaking_only_the_seed_contract_works() {
     let dir = tempfile::tempdir().unwrap();
     let stub = start_seed_stub(&dir.path().join("stub")).await;
     let config = write_server_config(dir.path(), &[("seed", vec![stub.url.clone()], 5, 10)]);
-    let server = start_server(dir.path(), &config, &["--poll-interval", "0.2"]);
+    let server = TestServer::start(dir.path(), &config, &["--poll-interval", "0.2"]);
     let http = http();
     let mut ids = Vec::new();
     for n in 0..3 {
@@ -551,7 +545,7 @@ async fn a_job_that_cannot_be_sent_fails_after_max_attempts_with_the_reason() {
 
     let dir = tempfile::tempdir().unwrap();
     let config = write_server_config(dir.path(), &[("broken", vec![url], 5, 10)]);
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let id = upload_job(&http, &server.url, 1, "broken", &[("run.sh", b"true\n")]).await;
     let job = wait_status(&http, &server.url, id, &["Failed"], LONG).await;
@@ -568,7 +562,7 @@ async fn job_status_long_poll_answers_when_the_job_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let get = |url: String| {
         let http = http.clone();
@@ -670,7 +664,7 @@ async fn throughput_of_trivial_jobs() {
         dir.path(),
         &[("example", vec![client.url.clone()], 1000, 1000)],
     );
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     // Latency of one job, polling its state every 2 ms.
     for _ in 0..3 {
@@ -755,7 +749,7 @@ async fn large_files_stream_through_the_server_in_small_memory() {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 5, 10)]);
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let size = 200 * 1024 * 1024;
     // Incompressible (the client deflates what shrinks), so the ZIP carries every byte.
@@ -823,7 +817,7 @@ async fn a_result_that_is_never_a_whole_zip_fails_the_job_instead_of_completing_
 
     let dir = tempfile::tempdir().unwrap();
     let config = write_server_config(dir.path(), &[("cut", vec![url], 5, 10)]);
-    let server = start_server(dir.path(), &config, &["--client-timeout", "2"]);
+    let server = TestServer::start(dir.path(), &config, &["--client-timeout", "2"]);
     let http = http();
     let id = upload_job(&http, &server.url, 1, "cut", &[("run.sh", b"true\n")]).await;
     let job = wait_status(&http, &server.url, id, &["Failed", "Completed"], LONG).await;
@@ -843,7 +837,7 @@ async fn user_id_zero_is_a_user_and_negative_ids_are_refused() {
         dir.path(),
         &[("example", vec!["http://127.0.0.1:9".into()], 5, 10)],
     );
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let upload = |user: &'static str| {
         let form = files_form(&[("run.sh", b"true\n")])

@@ -41,7 +41,7 @@ async fn a_result_over_max_result_fails_the_job_with_a_clear_reason_and_stores_n
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = config_with(dir.path(), &client.url, "max_result = 1048576");
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     // 5 GiB that cost the job nothing: a sparse file. Deflated, still well over 1 MiB.
     let id = upload_job(
@@ -92,7 +92,7 @@ async fn a_sparse_gigabyte_result_becomes_a_small_zip() {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = config_with(dir.path(), &client.url, "");
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     let http = http();
     let id = upload_job(
         &http,
@@ -149,7 +149,7 @@ async fn a_job_of_more_files_than_the_open_file_limit_is_sent_and_completes() {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = config_with(dir.path(), &client.url, "");
-    let server = start_server(dir.path(), &config, &[]);
+    let server = TestServer::start(dir.path(), &config, &[]);
     if !limit_open_files(server.pid(), 1024) {
         eprintln!("skipped: prlimit could not lower the server's open-file limit");
         return;
@@ -180,7 +180,7 @@ async fn more_files_than_max_files_are_refused_with_413_leaving_nothing() {
         ),
     )
     .unwrap();
-    let server = start_server(dir.path(), &path, &[]);
+    let server = TestServer::start(dir.path(), &path, &[]);
     let http = http();
     let names: Vec<String> = (0..25).map(|i| format!("f{i}.txt")).collect();
     let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use support::net::{addr_of, free_port};
+use support::runlog::count_lines;
 use support::server::*;
 use support::*;
 
@@ -20,14 +22,6 @@ fn logging_script(log: &Path, name: &str, seconds: f64) -> String {
     )
 }
 
-fn count_lines(log: &Path) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        *counts.entry(line.to_owned()).or_insert(0) += 1;
-    }
-    counts
-}
-
 #[tokio::test]
 async fn server_killed_mid_run_and_restarted_completes_every_job_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,7 +29,7 @@ async fn server_killed_mid_run_and_restarted_completes_every_job_exactly_once() 
     let log = root.join("runs.log");
     let client = start_client(root, "client", &["--slots", "2"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let mut server = start_server(root, &config, &[]);
+    let mut server = TestServer::start(root, &config, &[]);
     let http = http();
 
     let names: Vec<String> = (1..=8).map(|n| format!("job{n}")).collect();
@@ -62,7 +56,7 @@ async fn server_killed_mid_run_and_restarted_completes_every_job_exactly_once() 
 
     // Jobs finish on the client while the server is down.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let server = start_server(root, &config, &[]);
+    server.restart();
     for (id, name) in ids.iter().zip(&names) {
         wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
         let entries = unzip(&download_zip(&http, &server.url, *id).await);
@@ -94,7 +88,7 @@ async fn a_client_killed_mid_run_loses_no_job() {
             10,
         )],
     );
-    let server = start_server(root, &config, &["--client-timeout", "3"]);
+    let server = TestServer::start(root, &config, &["--client-timeout", "3"]);
     let http = http();
 
     let names: Vec<String> = (1..=6).map(|n| format!("job{n}")).collect();
@@ -161,18 +155,12 @@ async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
     let log = root.join("runs.log");
     let client = start_client(root, "client", &["--slots", "2"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let data = root.join("server");
-    let args = [
-        "server",
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ];
-    let mut server =
-        Proc::start_with_env(&args, root, &[("JOBRELAY_TEST_CRASH_AFTER_SUBMIT", "1")]);
+    let mut server = TestServer::start_with_env(
+        root,
+        &config,
+        &[],
+        &[("JOBRELAY_TEST_CRASH_AFTER_SUBMIT", "1")],
+    );
     let http = http();
     let script = logging_script(&log, "once", 0.2);
     let id = upload_job(
@@ -184,10 +172,11 @@ async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
     )
     .await;
     // The server exits once the client has the payload, before recording it.
-    let status = tokio::task::block_in_place(|| server.child.wait().unwrap());
+    let status = tokio::task::block_in_place(|| server.proc.child.wait().unwrap());
     assert_eq!(status.code(), Some(86), "{}", server.log());
 
-    let server = Proc::start(&args, root);
+    // Started again without the crash.
+    let server = TestServer::start(root, &config, &[]);
     wait_status(&http, &server.url, id, &["Completed"], LONG).await;
     let entries = unzip(&download_zip(&http, &server.url, id).await);
     assert_eq!(entries["out.txt"], b"once\n");
@@ -204,40 +193,16 @@ async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
     assert_eq!(job["attempts"], 1, "{job}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let log = root.join("runs.log");
-    let port = free_port().to_string();
-    let data = root.join("client");
-    let client_args = |data: &Path| {
-        vec![
-            "client".to_owned(),
-            "--port".to_owned(),
-            port.clone(),
-            "--data-dir".to_owned(),
-            data.to_str().unwrap().to_owned(),
-            "--slots".to_owned(),
-            "4".to_owned(),
-        ]
-    };
-    let start = |data: &Path| {
-        let args = client_args(data);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start(&args, root)
-    };
-    let mut client = start(&data);
+    let port = free_port();
+    let start = |name: &str| start_client_at(root, name, port, &["--slots", "4"]);
+    let mut client = start("client");
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
 
     // Phase 1: the client is killed and restarted with its data: it follows the payloads
@@ -261,7 +226,7 @@ async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
         wait_status(&http, &server.url, *id, &["Running"], LONG).await;
     }
     client.kill9();
-    let mut client = start(&data);
+    let mut client = start("client");
     for id in &ids {
         wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
         let job: serde_json::Value = http
@@ -301,7 +266,7 @@ async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
         wait_status(&http, &server.url, *id, &["Running"], LONG).await;
     }
     client.kill9();
-    let _client = start(&root.join("client-wiped"));
+    let _client = start("client-wiped");
     for (n, id) in ids.iter().enumerate() {
         wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
         let entries = unzip(&download_zip(&http, &server.url, *id).await);
@@ -322,16 +287,6 @@ fn gated_script(log: &Path, flag: &Path, name: &str) -> String {
     )
 }
 
-async fn job_of(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
-    http.get(format!("{server}/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Item 3 of issue 20: a client whose data directory went back (here wiped, `node-id` kept)
 /// hands out a payload id an earlier job of another user still holds. The server must see
 /// from the payload's key that it is not that job's run, queue the job again, and give each
@@ -348,24 +303,11 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
     let root = dir.path();
     let log = root.join("runs.log");
     let (flag1, flag2) = (root.join("go1"), root.join("go2"));
-    let port = free_port().to_string();
+    let port = free_port();
     let data = root.join("client");
-    let start = || {
-        Proc::start(
-            &[
-                "client",
-                "--port",
-                &port,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--slots",
-                "4",
-            ],
-            root,
-        )
-    };
+    let start = || start_client_at(root, "client", port, &["--slots", "4"]);
     let mut client = start();
-    let proxy = FaultProxy::start(client.url.trim_start_matches("http://").parse().unwrap());
+    let proxy = FaultProxy::start(addr_of(&client.url));
     let config = write_server_config(
         root,
         &[
@@ -373,7 +315,7 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
             ("b", vec![client.url.clone()], 10, 10),
         ],
     );
-    let server = start_server(root, &config, &["--client-timeout", "120"]);
+    let server = TestServer::start(root, &config, &["--client-timeout", "120"]);
     let http = http();
     let script1 = gated_script(&log, &flag1, "job1");
     let job1 = upload_job(
@@ -423,7 +365,7 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
         Duration::from_secs(60),
         "user 1's job sent again",
         || async {
-            let job = job_of(&http, &server.url, job1).await;
+            let job = job_record(&http, &server.url, job1).await;
             (job["attempts"].as_u64() >= Some(2) && job["dest_id"].as_i64() != Some(dest1))
                 .then_some(job)
         },
@@ -466,7 +408,7 @@ async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
     let client = start_client(root, "client", &[]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
     let http = http();
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let mut ids = Vec::new();
     for _ in 0..2 {
         ids.push(
@@ -483,8 +425,8 @@ async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
     for id in &ids {
         wait_status(&http, &server.url, *id, &["Completed"], LONG).await;
     }
+    let data = server.data_dir();
     drop(server);
-    let data = root.join("server");
     let db = data.join("jobrelay.sqlite");
     std::fs::OpenOptions::new()
         .write(true)
@@ -538,7 +480,7 @@ async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
     for sub in ["jobs", "results"] {
         std::fs::rename(data.join(sub), root.join(format!("{sub}.old"))).unwrap();
     }
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let id = upload_job(
         &http,
         &server.url,
@@ -566,23 +508,11 @@ async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
 async fn a_job_terminated_while_its_client_is_down_is_killed_there_once_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let port = free_port().to_string();
-    let data = root.join("client");
-    let start = || {
-        Proc::start(
-            &[
-                "client",
-                "--port",
-                &port,
-                "--data-dir",
-                data.to_str().unwrap(),
-            ],
-            root,
-        )
-    };
+    let port = free_port();
+    let start = || start_client_at(root, "client", port, &[]);
     let mut client = start();
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 5)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
     let pid_file = root.join("child.pid");
     let script = format!("sleep 300 &\necho $! > {}\nwait\n", pid_file.display());

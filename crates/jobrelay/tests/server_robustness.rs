@@ -32,7 +32,7 @@ async fn every_background_loop_that_panics_once_is_restarted_and_jobs_still_comp
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 2, 4)]);
     // The dispatcher panics holding the scheduler's lock: its poisoning must not matter.
-    let server = start_server_with_env(
+    let server = TestServer::start_with_env(
         dir.path(),
         &config,
         &[],
@@ -86,7 +86,7 @@ async fn a_loop_that_keeps_panicking_makes_health_fail_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 2, 4)]);
-    let server = start_server_with_env(
+    let server = TestServer::start_with_env(
         dir.path(),
         &config,
         &[],
@@ -110,7 +110,7 @@ async fn a_cleaned_job_has_no_timeline_left_and_its_events_answer_an_empty_list(
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("example", vec![client.url.clone()], 2, 4)]);
-    let server = start_server(dir.path(), &config, &["--max-age", "1"]);
+    let server = TestServer::start(dir.path(), &config, &["--max-age", "1"]);
     let http = http();
     let id = upload_job(
         &http,
@@ -214,7 +214,7 @@ async fn the_server_never_reuses_a_connection_idle_as_long_as_clients_keep_them(
     let stub = start_closing_stub(close_after).await;
     let dir = tempfile::tempdir().unwrap();
     let config = write_server_config(dir.path(), &[("example", vec![stub.url.clone()], 2, 4)]);
-    let _server = start_server_with_env(
+    let _server = TestServer::start_with_env(
         dir.path(),
         &config,
         &["--client-timeout", "6"],

@@ -57,7 +57,7 @@ async fn reference_quota_example_three_plus_two_run_and_the_rest_wait() {
     std::fs::create_dir_all(root.join("gates")).unwrap();
     let client = start_client(root, "client", &["--slots", "8"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 3, 5)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
 
     let mut ids = Vec::new();
@@ -130,7 +130,7 @@ async fn waiting_users_take_turns_and_each_users_jobs_go_in_order() {
     let gate = root.join("gate");
     let client = start_client(root, "client", &["--slots", "4"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 1)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
     let script = |name: &str| {
         format!(
@@ -189,7 +189,7 @@ async fn terminate_queued_running_and_finished_jobs() {
     std::fs::create_dir_all(&out).unwrap();
     let client = start_client(root, "client", &["--slots", "2", "--kill-grace", "1"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 1)]);
-    let server = start_server(root, &config, &[]);
+    let server = TestServer::start(root, &config, &[]);
     let http = http();
 
     let running_script = format!(
@@ -328,18 +328,10 @@ async fn terminate_while_the_job_is_being_sent_kills_the_payload_it_became() {
     let ran = root.join("ran.log");
     let client = start_client(root, "client", &["--kill-grace", "1"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
-    let data = root.join("server");
-    let server = Proc::start_with_env(
-        &[
-            "server",
-            "--port",
-            "0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
+    let server = TestServer::start_with_env(
         root,
+        &config,
+        &[],
         // The client has the payload; the server waits 2 s before recording it.
         &[("JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS", "2000")],
     );

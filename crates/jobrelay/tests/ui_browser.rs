@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::server::{job_form, post_upload};
 use support::*;
 
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -211,34 +212,15 @@ async fn dashboard_shows_jobs_tails_logs_and_terminates() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let system = Proc::start(
-        &[
-            "up",
-            "--port",
-            "0",
-            "--data-dir",
-            tmp.path().join("data").to_str().unwrap(),
-        ],
-        &tmp.path().join("logs"),
-    );
+    let system = Proc::up(tmp.path(), &[]);
     let http = http();
     let pid_file = tmp.path().join("pid");
     let upload = |script: String| {
         let http = http.clone();
         let url = system.url.clone();
         async move {
-            let form = files_form(&[("run.sh", script.as_bytes())])
-                .text("user_id", "3")
-                .text("service", "example");
-            let answer: Value = http
-                .post(format!("{url}/upload"))
-                .multipart(form)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let form = job_form(3, "example", &[("run.sh", script.as_bytes())]);
+            let (_, answer) = post_upload(&http, &url, form).await;
             answer["id"].as_u64().unwrap()
         }
     };

@@ -38,12 +38,13 @@ pub mod probe;
 pub mod scheduler;
 pub mod store;
 pub mod supervise;
+pub mod sync;
 pub mod telemetry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use config::{ClientEndpoint, ServerArgs, ServerConfig, ServiceConfig};
@@ -58,15 +59,8 @@ use crate::store::SqliteDb;
 /// Most job checks (`/retrieve` calls and result downloads) in progress at once.
 const MAX_CONCURRENT_CHECKS: usize = 64;
 
-/// Locks `mutex` even when a thread panicked while holding it. Every mutex of the server holds
-/// state that a panic cannot leave torn (maps and values changed by single calls; the
-/// database's transaction rolls back as the panic unwinds), so one panicking task must not
-/// make every later user of the lock panic too.
-pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+/// [`sync::lock`], at the root since every module uses it.
+pub use sync::lock;
 
 /// State shared by every part of a running server.
 pub struct Shared {

@@ -2,10 +2,16 @@
 //! loopback ports and talk HTTP to them.
 #![allow(dead_code)]
 
+pub mod host;
+pub mod multipart;
+pub mod net;
 pub mod proxy;
+pub mod rng;
+pub mod runlog;
 pub mod server;
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,6 +86,36 @@ impl Proc {
         }
     }
 
+    /// Starts `jobrelay client <extra>` on `port` (0: any free one) with its data in `data`,
+    /// logging to `log_dir`.
+    pub fn client(
+        port: u16,
+        data: &Path,
+        log_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        let port = port.to_string();
+        let mut args = vec![
+            "client",
+            "--port",
+            &port,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Proc::start_with_env(&args, log_dir, env)
+    }
+
+    /// Starts `jobrelay up <extra>` (server and client in one process) on port 0 with its data
+    /// in `dir/data`, logging to `dir/logs`.
+    pub fn up(dir: &Path, extra: &[&str]) -> Proc {
+        let data = dir.join("data");
+        let mut args = vec!["up", "--port", "0", "--data-dir", data.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Proc::start(&args, &dir.join("logs"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -132,12 +168,62 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `jobrelay client --port 0 --data-dir <data> <args>` with `env` until it exits: its
+/// exit status and stderr. For starts that must be refused; one that is not runs until the
+/// test harness gives up on it.
+pub fn run_client_until_exit(
+    data: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
+    let output = Command::new(binary())
+        .args(["client", "--port", "0", "--data-dir"])
+        .arg(data)
+        .args(args)
+        .env_remove("PORT")
+        .env_remove("DATA_PATH")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run jobrelay client");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// An HTTP client for tests, with a generous timeout for loaded CI machines.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()
         .unwrap()
+}
+
+/// [`http`] sending `Authorization: Bearer <token>` on every request: a user of a server
+/// started with a users file.
+pub fn http_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Posts a multipart form to `url`; returns (status, JSON body), whatever they are.
+pub async fn post_form(
+    http: &reqwest::Client,
+    url: &str,
+    form: reqwest::multipart::Form,
+) -> (u16, serde_json::Value) {
+    let response = http.post(url).multipart(form).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
 }
 
 /// A multipart form with the given (name, content) files in `file` fields.
@@ -150,20 +236,6 @@ pub fn files_form(files: &[(&str, &[u8])]) -> reqwest::multipart::Form {
         );
     }
     form
-}
-
-/// `len` pseudo-random bytes (xorshift): what the client's archive cannot deflate, for tests
-/// whose ZIP must carry every byte.
-pub fn noise(len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
 }
 
 /// Polls `check` until it returns Some, or panics after `timeout`.
@@ -224,7 +296,18 @@ impl TestClient {
     }
 
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> TestClient {
+        Self::start_in(tempfile::tempdir().unwrap(), extra, env)
+    }
+
+    /// A client whose temporary directory the payloads' user may pass through (mode 0711),
+    /// for `--run-as` tests: a private temporary directory would stop that user at its door.
+    pub fn start_for_other_users(extra: &[&str]) -> TestClient {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        Self::start_in(dir, extra, &[])
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> TestClient {
         let proc = Self::launch(dir.path(), extra, env);
         TestClient {
             proc,
@@ -234,16 +317,7 @@ impl TestClient {
     }
 
     fn launch(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-        let data = dir.join("data");
-        let mut args = vec![
-            "client",
-            "--port",
-            "0",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        Proc::start_with_env(&args, &dir.join("logs"), env)
+        Proc::client(0, &dir.join("data"), &dir.join("logs"), extra, env)
     }
 
     /// kill -9 the client and start it again on the same data directory.
@@ -282,15 +356,7 @@ impl TestClient {
     }
 
     pub async fn submit_form(&self, form: reqwest::multipart::Form) -> (u16, serde_json::Value) {
-        let response = self
-            .http
-            .post(self.url("/submit"))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap())
+        post_form(&self.http, &self.url("/submit"), form).await
     }
 
     /// Submits a job with this run.sh and returns its id.
@@ -329,11 +395,34 @@ impl TestClient {
         .await
     }
 
+    /// The result ZIP of a payload, once it is Completed.
     pub async fn retrieve_zip(&self, id: u64) -> std::collections::BTreeMap<String, Vec<u8>> {
         self.wait_for(id, "Completed").await;
+        self.zip_at(&format!("/retrieve/{id}")).await
+    }
+
+    /// `POST /kill/{id}`: the answer, for the test to judge (200, 404 and 409 all happen).
+    pub async fn kill(&self, id: u64) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/kill/{id}")))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The work directory of a payload, as `/retrieve_partial` zips it (whatever its state).
+    pub async fn retrieve_partial_zip(
+        &self,
+        id: u64,
+    ) -> std::collections::BTreeMap<String, Vec<u8>> {
+        self.zip_at(&format!("/retrieve_partial/{id}")).await
+    }
+
+    /// The entries of the ZIP that `GET path` answers.
+    async fn zip_at(&self, path: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
         let bytes = self
             .http
-            .get(self.url(&format!("/retrieve/{id}")))
+            .get(self.url(path))
             .send()
             .await
             .unwrap()

@@ -3,20 +3,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{eventually, files_form, Proc};
+use super::{eventually, files_form, post_form, Proc};
 
-/// Starts `jobrelay client` with its data in `dir/<name>`.
+/// Starts `jobrelay client` with its data in `dir/<name>`, logging to `dir`.
 pub fn start_client(dir: &Path, name: &str, extra: &[&str]) -> Proc {
-    let data = dir.join(name);
-    let mut args = vec![
-        "client",
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Proc::start(&args, dir)
+    start_client_at(dir, name, 0, extra)
+}
+
+/// [`start_client`] on a fixed `port` (from `net::free_port`): a client that can be killed
+/// and come back at the address the server knows it by.
+pub fn start_client_at(dir: &Path, name: &str, port: u16, extra: &[&str]) -> Proc {
+    Proc::client(port, &dir.join(name), dir, extra, &[])
 }
 
 /// Writes a TOML service file: (service, client URLs, runs_per_user, max_runs).
@@ -34,18 +31,87 @@ pub fn write_server_config(dir: &Path, services: &[(&str, Vec<String>, usize, us
     path
 }
 
-/// Starts `jobrelay server` with its data in `dir/server` and the given config file.
-pub fn start_server(dir: &Path, config: &Path, extra: &[&str]) -> Proc {
-    start_server_with_env(dir, config, extra, &[])
+/// A `jobrelay server` started for one test, with its data in `dir/server` and its log in
+/// `dir`. It keeps what it was started with (config file, flags, environment), so that a
+/// test can kill it and start it again as it was, on the same data. Dropping it stops the
+/// process by its pid (SIGTERM, then SIGKILL), as [`Proc`] does.
+pub struct TestServer {
+    pub proc: Proc,
+    /// Base URL, e.g. `http://127.0.0.1:41234`; a restart listens on a new port.
+    pub url: String,
+    dir: PathBuf,
+    config: PathBuf,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
-/// [`start_server`] with extra environment variables.
-pub fn start_server_with_env(
-    dir: &Path,
-    config: &Path,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Proc {
+impl TestServer {
+    /// Starts `jobrelay server --config <config> <extra>` on port 0.
+    pub fn start(dir: &Path, config: &Path, extra: &[&str]) -> TestServer {
+        Self::start_with_env(dir, config, extra, &[])
+    }
+
+    /// [`TestServer::start`] with extra environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        config: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let proc = launch(dir, config, &extra, &env);
+        TestServer {
+            url: proc.url.clone(),
+            proc,
+            dir: dir.to_owned(),
+            config: config.to_owned(),
+            extra,
+            env,
+        }
+    }
+
+    /// Starts the server again with what it was first started with, on the same data: kills
+    /// it first (SIGKILL) if it still runs.
+    pub fn restart(&mut self) {
+        self.proc.kill9();
+        self.proc = launch(&self.dir, &self.config, &self.extra, &self.env);
+        self.url = self.proc.url.clone();
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// What the running (or last) process logged so far.
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.proc.peak_rss_kib()
+    }
+
+    /// The server's data directory (database, staging, results).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("server")
+    }
+
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+}
+
+fn launch(dir: &Path, config: &Path, extra: &[String], env: &[(String, String)]) -> Proc {
     let data = dir.join("server");
     let mut args = vec![
         "server",
@@ -56,8 +122,25 @@ pub fn start_server_with_env(
         "--config",
         config.to_str().unwrap(),
     ];
-    args.extend_from_slice(extra);
-    Proc::start_with_env(&args, dir, env)
+    args.extend(extra.iter().map(String::as_str));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proc::start_with_env(&args, dir, &env)
+}
+
+/// Posts a form to the server's `/upload`; returns (status, JSON body), whatever they are.
+pub async fn post_upload(
+    http: &reqwest::Client,
+    server: &str,
+    form: reqwest::multipart::Form,
+) -> (u16, serde_json::Value) {
+    post_form(http, &format!("{server}/upload"), form).await
+}
+
+/// The form of an upload: `files` for `user` on `service`.
+pub fn job_form(user: i64, service: &str, files: &[(&str, &[u8])]) -> reqwest::multipart::Form {
+    files_form(files)
+        .text("user_id", user.to_string())
+        .text("service", service.to_owned())
 }
 
 /// Uploads a job and returns its id; panics unless the server answers 201.
@@ -68,17 +151,7 @@ pub async fn upload_job(
     service: &str,
     files: &[(&str, &[u8])],
 ) -> i64 {
-    let form = files_form(files)
-        .text("user_id", user.to_string())
-        .text("service", service.to_owned());
-    let response = http
-        .post(format!("{server}/upload"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.unwrap();
+    let (status, body) = post_upload(http, server, job_form(user, service, files)).await;
     assert_eq!(status, 201, "upload refused: {body}");
     assert_eq!(body["status"], "Queued");
     body["id"].as_i64().unwrap()
@@ -96,6 +169,17 @@ pub async fn job_json(http: &reqwest::Client, server: &str, id: i64) -> serde_js
         return serde_json::json!({"id": id, "status": "Completed"});
     }
     response.json().await.unwrap()
+}
+
+/// The job's record from `/jobs/{id}` (JSON, whatever its status).
+pub async fn job_record(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
+    http.get(format!("{server}/jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Waits until the job is in one of `statuses`; returns its JSON.
