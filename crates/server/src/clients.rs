@@ -1,10 +1,11 @@
-//! The pool of executor clients: what each one advertises (`/info`), whether it answers, and
-//! a probe per client that checks it periodically, or with backoff while it does not answer.
+//! The pool of executor clients: what each one advertises (`/info`), whether it answers,
+//! and the bookkeeping of that (a failed request, a reached client, a full disk). Talking to
+//! a client is [`crate::gateway`]'s; probing it periodically is [`crate::probe`]'s.
 //!
 //! A client without `/info` (seed contract only) is healthy when `/health` answers; it then
 //! has no features (no change feed, no idempotency key, no release, kill tried and tolerated).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use jobrelay_common::protocol::ClientInfo;
@@ -14,15 +15,6 @@ use crate::config::ClientEndpoint;
 use crate::scheduler::ClientId;
 use crate::Shared;
 
-/// Time between two probes of a healthy client.
-const PROBE_HEALTHY: Duration = Duration::from_secs(3);
-/// First and longest wait between two probes of an unhealthy client.
-const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(200);
-const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Timeout of the small requests (`/info`, `/health`, `/load`).
-pub const SMALL_REQUEST: Duration = Duration::from_secs(10);
-/// Start of the probe error of a client that answers 401/403.
-const REFUSES_TOKEN: &str = "the client refuses our token";
 /// How long a client that answered 507 gets no new job.
 pub const FULL_PAUSE: Duration = Duration::from_secs(10);
 
@@ -30,7 +22,7 @@ pub struct ClientHandle {
     pub id: ClientId,
     pub endpoint: ClientEndpoint,
     /// HTTP to this client: its own connection pool, with the client's token as a default
-    /// header (see [`http_for`]).
+    /// header (see [`crate::gateway::http_for`]). Used by the gateway only.
     pub http: reqwest::Client,
     /// The last `/info` answer; `None` for a client without `/info` or not reached yet.
     pub info: Mutex<Option<ClientInfo>>,
@@ -113,38 +105,6 @@ impl ClientHandle {
     }
 }
 
-/// How long a connection to a client may wait idle in the pool: half the time after which a
-/// client closes an idle keep-alive connection (`jobrelay_common::serve::slow_request`, 30 s
-/// unless `JOBRELAY_SLOW_REQUEST_SECS` says otherwise; the server assumes its clients run
-/// with the value it has itself). Pooled as long as the client keeps it, a connection could
-/// be reused just as the client closes it: a send that fails and uses up an attempt.
-pub fn pool_idle() -> Duration {
-    jobrelay_common::serve::slow_request() / 2
-}
-
-/// The HTTP client for requests to `endpoint`: timeouts as the server's, and its token (if
-/// any) in every request's `Authorization` header.
-/// `ca`: the only certificates an `https://` client's certificate may be signed by.
-pub fn http_for(
-    endpoint: &ClientEndpoint,
-    ca: Option<&[reqwest::Certificate]>,
-) -> reqwest::Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(5))
-        .read_timeout(Duration::from_secs(120))
-        .pool_idle_timeout(pool_idle());
-    if let Some(token) = &endpoint.token {
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert(reqwest::header::AUTHORIZATION, token.header_value());
-        builder = builder.default_headers(headers);
-    }
-    if let Some(ca) = ca {
-        builder = builder.tls_certs_only(ca.iter().cloned());
-    }
-    builder.build()
-}
-
 /// A request to the client failed: stop placing jobs there and probe it now.
 pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
     failed_since(shared, client, why, Instant::now())
@@ -179,184 +139,4 @@ pub fn reached(client: &ClientHandle) {
     client
         .last_seen_ms
         .store(crate::store::now_ms(), std::sync::atomic::Ordering::Relaxed);
-}
-
-enum Probe {
-    /// `/info` answered.
-    Info(ClientInfo),
-    /// No `/info`, but `/health` answered (a seed-contract client).
-    Seed,
-}
-
-async fn probe_once(client: &ClientHandle, timeout: Duration) -> Result<Probe, String> {
-    let response = client
-        .http
-        .get(client.endpoint.path("/info"))
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| format!("GET /info: {e}"))?;
-    if matches!(
-        response.status(),
-        reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN
-    ) {
-        return Err(format!(
-            "{REFUSES_TOKEN} ({}): give the server the client's token \
-             (--client-token-file, or token_file of the service)",
-            response.status()
-        ));
-    }
-    if response.status().is_success() {
-        if let Ok(info) = response.json::<ClientInfo>().await {
-            return Ok(Probe::Info(info));
-        }
-    }
-    let health = client
-        .http
-        .get(client.endpoint.path("/health"))
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| format!("GET /health: {e}"))?;
-    if health.status().is_success() {
-        Ok(Probe::Seed)
-    } else {
-        Err(format!("GET /health answered {}", health.status()))
-    }
-}
-
-async fn load_of(client: &ClientHandle, timeout: Duration) -> f64 {
-    let answer = client
-        .http
-        .get(client.endpoint.path("/load"))
-        .timeout(timeout)
-        .send()
-        .await;
-    match answer {
-        Ok(r) if r.status().is_success() => r.json::<f64>().await.unwrap_or(0.0),
-        _ => 0.0,
-    }
-}
-
-/// Timeout of a probe: the usual one, but never longer than the client timeout, so a client
-/// that stops answering (SIGSTOP, a hung host: connections open, no answer) is given up
-/// within about `client_timeout` after its last answer rather than after several probe
-/// timeouts.
-pub fn probe_timeout(client_timeout: Duration) -> Duration {
-    SMALL_REQUEST
-        .min(client_timeout)
-        .max(Duration::from_millis(500))
-}
-
-/// Time between two probes of a healthy client: the usual 3 s, but at most half the client
-/// timeout, so a client that stops answering is noticed and given up within 1.5 times it.
-pub fn probe_interval(client_timeout: Duration) -> Duration {
-    PROBE_HEALTHY
-        .min(client_timeout / 2)
-        .max(Duration::from_millis(250))
-}
-
-/// Probes one client forever: every few seconds while it answers, with backoff while not.
-pub async fn probe_loop(shared: Arc<Shared>, client: Arc<ClientHandle>) {
-    let mut backoff = PROBE_BACKOFF_MIN;
-    let timeout = probe_timeout(shared.config.client_timeout);
-    loop {
-        crate::supervise::fault_point("probe");
-        let sent = Instant::now();
-        let wait = match probe_once(&client, timeout).await {
-            Ok(probe) => {
-                backoff = PROBE_BACKOFF_MIN;
-                let load = load_of(&client, timeout).await;
-                let (slots, has_info) = match probe {
-                    Probe::Info(info) => {
-                        let slots = Some(info.slots.max(1));
-                        let previous = crate::lock(&client.info).replace(info.clone());
-                        if let Some(previous) = previous {
-                            if previous.node != info.node {
-                                tracing::warn!(client = client.base(), old = %previous.node, new = %info.node, "client lost its data directory");
-                            }
-                        }
-                        (slots, true)
-                    }
-                    Probe::Seed => {
-                        *crate::lock(&client.info) = None;
-                        (None, false)
-                    }
-                };
-                let first = crate::lock(&client.probed).replace(has_info).is_none();
-                // Reachable, but a full disk keeps it out of placement a while longer; the
-                // dispatcher is woken when it came back or its slots changed.
-                let was_healthy = shared
-                    .lifecycle
-                    .client_probed(client.id, !client.is_full(), slots, load)
-                    .was_healthy;
-                reached(&client);
-                if !was_healthy {
-                    tracing::info!(
-                        client = client.base(),
-                        slots,
-                        seed_only = !has_info,
-                        "client healthy"
-                    );
-                }
-                if first {
-                    client.first_probe.notify_waiters();
-                }
-                // Runs given away while it was unreachable are killed now that it answers.
-                if !client
-                    .killing
-                    .swap(true, std::sync::atomic::Ordering::AcqRel)
-                {
-                    let (shared, client) = (shared.clone(), client.clone());
-                    tokio::spawn(async move {
-                        crate::jobs::kill_abandoned(&shared, &client).await;
-                        client
-                            .killing
-                            .store(false, std::sync::atomic::Ordering::Release);
-                    });
-                }
-                probe_interval(shared.config.client_timeout)
-            }
-            Err(why) => {
-                if backoff == PROBE_BACKOFF_MIN && why.contains(REFUSES_TOKEN) {
-                    tracing::error!(client = client.base(), "{why}");
-                }
-                failed_since(&shared, &client, &why, sent);
-                crate::collector::check_unreachable(&shared, &client);
-                let wait = backoff;
-                backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
-                wait
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = client.kick.notified() => {
-                // A burst of failures probes once, not once each.
-                tokio::time::sleep(PROBE_BACKOFF_MIN.min(wait)).await;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_probe_never_waits_longer_than_the_client_timeout() {
-        assert_eq!(
-            probe_timeout(Duration::from_secs(3)),
-            Duration::from_secs(3)
-        );
-        assert_eq!(probe_timeout(Duration::from_secs(60)), SMALL_REQUEST);
-        assert_eq!(
-            probe_timeout(Duration::from_millis(100)),
-            Duration::from_millis(500)
-        );
-        assert_eq!(probe_interval(Duration::from_secs(30)), PROBE_HEALTHY);
-        assert_eq!(
-            probe_interval(Duration::from_secs(3)),
-            Duration::from_millis(1500)
-        );
-    }
 }

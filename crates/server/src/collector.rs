@@ -16,17 +16,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobrelay_common::protocol::{
-    EventsPage, PayloadRecord, PayloadStatus, RESULT_KEY_HEADER, RESULT_NODE_HEADER,
-};
+use jobrelay_common::protocol::PayloadStatus;
 
-use crate::clients::{self, ClientHandle};
+use crate::clients::ClientHandle;
+use crate::gateway::{self, Retrieved};
 use crate::jobs::{self, CheckError};
 use crate::store::{Job, JobStatus};
 use crate::Shared;
 
-/// How long one `/events` call may wait on the client.
-const EVENTS_WAIT_SECS: u64 = 20;
 /// Pause after a failed request before the next one.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -63,35 +60,10 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
     // Until the feed's instance is known (first call, or after the client went away) ask
     // without waiting: a restarted client of an older version holds the call for the whole
     // wait before saying that our sequence number is from its previous instance.
-    let wait = if feed.instance.is_some() {
-        EVENTS_WAIT_SECS
-    } else {
-        0
-    };
-    let url = client
-        .endpoint
-        .path(&format!("/events?after={}&wait={wait}", feed.after));
-    let page = async {
-        let response = client
-            .http
-            .get(&url)
-            .timeout(Duration::from_secs(EVENTS_WAIT_SECS + 15))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("GET /events answered {}", response.status()));
-        }
-        response
-            .json::<EventsPage>()
-            .await
-            .map_err(|e| e.to_string())
-    }
-    .await;
-    let page = match page {
+    let long_poll = feed.instance.is_some();
+    let page = match gateway::events(shared, client, feed.after, long_poll).await {
         Ok(page) => page,
-        Err(e) => {
-            clients::failed(shared, client, &e);
+        Err(_) => {
             check_unreachable(shared, client);
             // Whatever happened meanwhile is learnt by reconciling once it answers again.
             feed.instance = None;
@@ -99,7 +71,6 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
             return;
         }
     };
-    clients::reached(client);
     let restarted = feed.instance.as_deref() != Some(page.instance.as_str());
     if restarted || page.truncated {
         if restarted && feed.instance.is_some() {
@@ -289,56 +260,31 @@ async fn check_once(
             return Ok(());
         }
     }
-    let url = format!("{}/{dest}", client.endpoint.retrieve);
-    let response = match client.http.get(&url).send().await {
-        Ok(r) => r,
-        Err(e) => {
-            clients::failed(&shared, &client, &e.to_string());
+    let record = match gateway::retrieve(&shared, &client, dest).await {
+        Retrieved::Unreachable(_) => {
             check_unreachable(&shared, &client);
             return Ok(());
         }
-    };
-    clients::reached(&client);
-    let status = response.status();
-    if status == reqwest::StatusCode::NOT_FOUND {
-        lost(&shared, &job, "the client no longer knows the payload");
-        return Ok(());
-    }
-    if status == reqwest::StatusCode::GONE {
-        lost(&shared, &job, "the client removed the payload's files");
-        return Ok(());
-    }
-    if !status.is_success() {
-        tracing::warn!(job = job.id, %status, "client could not tell the job's state");
-        return Err(format!("GET {url} answered {status}").into());
-    }
-    let is_zip = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/zip"));
-    if is_zip {
-        let header = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        // A client without `result_key` does not say whose run a ZIP is.
-        let key = client.has("result_key").then(|| header(RESULT_KEY_HEADER));
-        if let Err(why) = same_run(&client, &job, key, header(RESULT_NODE_HEADER).as_deref()) {
-            lost(&shared, &job, &why);
+        Retrieved::NotFound(_) => {
+            lost(&shared, &job, "the client no longer knows the payload");
             return Ok(());
         }
-        return jobs::complete(&shared, &job, response).await;
-    }
-    let record = match response.json::<PayloadRecord>().await {
-        Ok(record) => record,
-        Err(e) => {
-            tracing::warn!(job = job.id, error = %e, "unreadable payload record");
-            return Err(format!("unreadable payload record: {e}").into());
+        Retrieved::Gone(_) => {
+            lost(&shared, &job, "the client removed the payload's files");
+            return Ok(());
         }
+        Retrieved::Failed(why) => {
+            tracing::warn!(job = job.id, why, "client could not tell the job's state");
+            return Err(why.into());
+        }
+        Retrieved::Zip(zip) => {
+            if let Err(why) = same_run(&client, &job, zip.key, zip.node.as_deref()) {
+                lost(&shared, &job, &why);
+                return Ok(());
+            }
+            return jobs::complete(&shared, &job, zip.body).await;
+        }
+        Retrieved::Record(record) => record,
     };
     if let Err(why) = same_run(
         &client,
@@ -431,45 +377,15 @@ pub enum Looked {
 
 /// Asks the client about payload `job.dest_id` without acting on the job: the check made
 /// before killing a payload, so a kill never reaches another job's run.
-pub async fn look_at(client: &ClientHandle, job: &Job) -> Looked {
+pub async fn look_at(shared: &Shared, client: &ClientHandle, job: &Job) -> Looked {
     let Some(dest) = job.dest_id else {
         return Looked::NotThere("the job has no payload".into());
     };
-    let url = format!("{}/{dest}", client.endpoint.retrieve);
-    let response = match client
-        .http
-        .get(&url)
-        .timeout(clients::SMALL_REQUEST)
-        .send()
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return Looked::Unknown(e.to_string()),
-    };
-    let status = response.status();
-    if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
-        return Looked::NotThere(format!("GET {url} answered {status}"));
-    }
-    if !status.is_success() {
-        return Looked::Unknown(format!("GET {url} answered {status}"));
-    }
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let is_zip = header(reqwest::header::CONTENT_TYPE.as_str())
-        .is_some_and(|v| v.starts_with("application/zip"));
-    let (state, key, node) = if is_zip {
-        let key = client.has("result_key").then(|| header(RESULT_KEY_HEADER));
-        (PayloadStatus::Completed, key, header(RESULT_NODE_HEADER))
-    } else {
-        match response.json::<PayloadRecord>().await {
-            Ok(record) => (record.status, Some(record.key), record.node),
-            Err(e) => return Looked::Unknown(format!("unreadable payload record: {e}")),
-        }
+    let (state, key, node) = match gateway::look(shared, client, dest).await {
+        Retrieved::Zip(zip) => (PayloadStatus::Completed, zip.key, zip.node),
+        Retrieved::Record(record) => (record.status, Some(record.key), record.node),
+        Retrieved::NotFound(why) | Retrieved::Gone(why) => return Looked::NotThere(why),
+        Retrieved::Failed(why) | Retrieved::Unreachable(why) => return Looked::Unknown(why),
     };
     match same_run(client, job, key, node.as_deref()) {
         Ok(()) => Looked::Ours(state),

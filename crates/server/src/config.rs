@@ -144,11 +144,6 @@ impl ClientEndpoint {
         }
         Ok(endpoint)
     }
-
-    /// URL of another endpoint below the base, e.g. `path("/info")`.
-    pub fn path(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
 }
 
 fn parse_http_url(raw: &str) -> anyhow::Result<url::Url> {

@@ -7,20 +7,15 @@
 //! and the client's node. A server that dies in between sends again with the same key after
 //! restart; a client with the `key` extension answers with the payload it already has.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use jobrelay_common::protocol::PayloadRecord;
-use reqwest::multipart::{Form, Part};
-
-use crate::clients::{self, ClientHandle};
+use crate::clients::ClientHandle;
+use crate::gateway::{self, JobFile, Submitted};
 use crate::jobs;
 use crate::scheduler::Decision;
 use crate::store::{Job, JobStatus};
 use crate::Shared;
-
-/// Size of the chunks files are read in when streamed over HTTP.
-const STREAM_CHUNK: usize = 256 * 1024;
 
 /// When this environment variable is set, the server exits right after a client accepted a
 /// payload and before the payload's id is committed (used by the tests of restarts).
@@ -190,8 +185,8 @@ pub async fn resend(shared: Arc<Shared>, job: Job) {
     }
 }
 
-/// Lists the regular files below `dir` as (relative name with '/', path, size).
-fn files_of(dir: &Path) -> std::io::Result<Vec<(String, PathBuf, u64)>> {
+/// Lists the regular files below `dir`, by name relative to it.
+fn files_of(dir: &Path) -> std::io::Result<Vec<JobFile>> {
     let mut out = Vec::new();
     let mut stack = vec![(String::new(), dir.to_path_buf())];
     while let Some((prefix, path)) = stack.pop() {
@@ -203,21 +198,21 @@ fn files_of(dir: &Path) -> std::io::Result<Vec<(String, PathBuf, u64)>> {
             if kind.is_dir() {
                 stack.push((format!("{name}/"), entry.path()));
             } else if kind.is_file() {
-                out.push((name, entry.path(), entry.metadata()?.len()));
+                out.push(JobFile {
+                    name,
+                    path: entry.path(),
+                    len: entry.metadata()?.len(),
+                });
             }
         }
     }
     Ok(out)
 }
 
-async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
-    let mut form = Form::new();
-    if let Some(key) = key {
-        form = form.text("key", key.to_owned());
-    }
+/// The job's files, listed and sized in one blocking call (not one per operation).
+async fn list_files(dir: &Path) -> std::io::Result<Vec<JobFile>> {
     let dir = dir.to_path_buf();
-    // Listing and sizing every file in one blocking call (not one per operation).
-    let files = tokio::task::spawn_blocking(move || files_of(&dir))
+    tokio::task::spawn_blocking(move || files_of(&dir))
         .await
         // Cancelled: the runtime is shutting down (the server is stopping), the files are fine.
         .map_err(|e| {
@@ -227,32 +222,7 @@ async fn form_for(dir: &Path, key: Option<&str>) -> std::io::Result<Form> {
                 std::io::ErrorKind::Other // a panic: the job's files could not be read
             };
             std::io::Error::new(kind, e)
-        })??;
-    for (name, path, length) in files {
-        form = form.part(
-            "file",
-            Part::stream_with_length(lazy_file_body(path), length).file_name(name),
-        );
-    }
-    Ok(form)
-}
-
-/// A body that opens its file only when the multipart body reaches it, so one descriptor is
-/// open at a time however many files a job has (1,500 files under a limit of 1,024 open
-/// files were accepted, then failed to send). The inputs do not change once uploaded, so
-/// the size listed beforehand holds.
-fn lazy_file_body(path: PathBuf) -> reqwest::Body {
-    use futures_util::{StreamExt, TryStreamExt};
-    let stream = futures_util::stream::once(async move {
-        let file = tokio::fs::File::open(&path).await?;
-        Ok::<_, std::io::Error>(tokio_util::io::ReaderStream::with_capacity(
-            file,
-            STREAM_CHUNK,
-        ))
-    })
-    .try_flatten()
-    .boxed();
-    reqwest::Body::wrap_stream(stream)
+        })?
 }
 
 /// Streams the job's files to the client and records the payload it became.
@@ -261,8 +231,8 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
         .has("key")
         .then(|| job.dispatch_key.clone())
         .flatten();
-    let form = match form_for(&shared.job_dir(job.id), key.as_deref()).await {
-        Ok(form) => form,
+    let files = match list_files(&shared.job_dir(job.id)).await {
+        Ok(files) => files,
         // The server is stopping: the job stays Processing and the next start sends it again
         // (with the same key), as after a crash. Failing it would lose a job that is whole.
         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
@@ -278,80 +248,41 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             return;
         }
     };
-    let answer = client
-        .http
-        .post(&client.endpoint.submit)
-        .multipart(form)
-        .send()
-        .await;
-    let response = match answer {
-        Ok(r) => r,
-        Err(e) => {
-            let why = format!("could not send to {}: {e}", client.base());
-            clients::failed(shared, client, &why);
-            // Not connected at all: this request cannot have been received.
-            let delivery = delivery.after_failure(!e.is_connect());
-            if key.is_some() && send_again(shared, client, &job, delivery, &why) {
-                return;
-            }
-            let effects = shared
-                .lifecycle
-                .send_failed(&job, &why, jobs::backoff(job.attempts));
-            crate::effects::perform(shared, effects).await;
-            return;
-        }
-    };
-    let status = response.status();
-    // 401/403: the client refuses our token, not the job; it is the operator's to fix, and
-    // the job waits for a client that takes it.
-    if status.is_client_error()
-        && status != reqwest::StatusCode::REQUEST_TIMEOUT
-        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
-        && status != reqwest::StatusCode::UNAUTHORIZED
-        && status != reqwest::StatusCode::FORBIDDEN
-    {
-        let body = response.text().await.unwrap_or_default();
-        shared.lifecycle.failed(
-            &job,
-            &[JobStatus::Processing],
-            format!(
-                "client {} refused the job ({status}): {}",
-                client.base(),
-                body.chars().take(500).collect::<String>()
-            ),
-        );
-        return;
-    }
-    if status == reqwest::StatusCode::INSUFFICIENT_STORAGE {
-        // The client's disk is full: place the job elsewhere (or here later), and do not
-        // count a send that never ran against the job's attempts.
-        let why = format!("{} has no disk space for the job (507)", client.base());
-        clients::full(shared, client);
-        let effects =
-            shared
-                .lifecycle
-                .send_refused_for_room(&job, &why, jobs::backoff(job.attempts));
-        crate::effects::perform(shared, effects).await;
-        return;
-    }
-    let record = if status.is_success() {
-        response
-            .json::<PayloadRecord>()
-            .await
-            .map_err(|e| format!("unreadable answer: {e}"))
-    } else {
-        Err(format!("answered {status}"))
-    };
-    let record = match record {
-        Ok(record) => record,
-        Err(e) => {
-            let why = format!("{} /submit failed: {e}", client.base());
-            clients::failed(shared, client, &why);
-            // A 200 whose body broke off was received; a 503 may have been (the client's
-            // store answered late, and makes the payload after all).
-            let delivery = delivery.after_failure(
-                status.is_success() || status == reqwest::StatusCode::SERVICE_UNAVAILABLE,
+    let record = match gateway::submit(shared, client, files, key.as_deref()).await {
+        Submitted::Accepted(record) => record,
+        Submitted::Refused { status, body } => {
+            shared.lifecycle.failed(
+                &job,
+                &[JobStatus::Processing],
+                format!(
+                    "client {} refused the job ({status}): {}",
+                    client.base(),
+                    body.chars().take(500).collect::<String>()
+                ),
             );
+            return;
+        }
+        Submitted::NoRoom => {
+            // The client's disk is full: place the job elsewhere (or here later), and do not
+            // count a send that never ran against the job's attempts.
+            let why = format!("{} has no disk space for the job (507)", client.base());
+            let effects =
+                shared
+                    .lifecycle
+                    .send_refused_for_room(&job, &why, jobs::backoff(job.attempts));
+            crate::effects::perform(shared, effects).await;
+            return;
+        }
+        Submitted::Unreachable {
+            why,
+            maybe_received,
+        }
+        | Submitted::Failed {
+            why,
+            maybe_received,
+            ..
+        } => {
+            let delivery = delivery.after_failure(maybe_received);
             if key.is_some() && send_again(shared, client, &job, delivery, &why) {
                 return;
             }
@@ -362,7 +293,6 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             return;
         }
     };
-    clients::reached(client);
     if let Some(ms) = std::env::var(PAUSE_AFTER_SUBMIT)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

@@ -26,12 +26,16 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
             }
             Effect::Kill { client, dest } => {
                 if let Some(client) = shared.client_of(Some(&client)) {
-                    crate::jobs::kill(&client, dest).await;
+                    if let crate::gateway::Killed::Failed { why, .. } =
+                        crate::gateway::kill(shared, &client, dest).await
+                    {
+                        tracing::info!(dest, error = why, "could not kill payload");
+                    }
                 }
             }
             Effect::Release { client, dest } => {
                 if let Some(client) = shared.client_of(Some(&client)) {
-                    crate::jobs::release(&client, dest).await;
+                    crate::gateway::release(shared, &client, dest).await;
                 }
             }
             Effect::DropInputs(id) => crate::jobs::drop_inputs(shared, id).await,

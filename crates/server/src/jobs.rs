@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use crate::clients::ClientHandle;
+use crate::gateway::{self, Download, Failure, Killed};
 use crate::store::{Job, JobStatus};
 use crate::Shared;
 
@@ -118,12 +119,8 @@ pub fn max_result(shared: &Shared, job: &Job) -> u64 {
 /// renames it into place. Nothing is left at `dest` unless the archive is complete. An
 /// answer longer than `limit` bytes is cut off as soon as it passes the limit (its part file
 /// removed): no more than `limit` bytes of it ever reach the disk.
-pub async fn store_zip(
-    response: reqwest::Response,
-    dest: &Path,
-    limit: u64,
-) -> Result<(), StoreError> {
-    if response.content_length().is_some_and(|n| n > limit) {
+pub async fn store_zip(zip: Download, dest: &Path, limit: u64) -> Result<(), StoreError> {
+    if zip.announced_len().is_some_and(|n| n > limit) {
         return Err(StoreError::TooLarge { limit });
     }
     // A name of its own: two fetches of one job (terminate and the collector) never share it.
@@ -132,7 +129,7 @@ pub async fn store_zip(
         dest.file_name().unwrap_or_default().to_string_lossy(),
         jobrelay_common::fsutil::unique_name("")
     ));
-    let mut body = response.bytes_stream();
+    let mut body = zip.into_stream();
     // The result of a short job is small: one blocking call instead of one per file
     // operation (create, each write, sync, open, rename) saves as many thread hand-overs.
     let mut head = Vec::new();
@@ -241,13 +238,8 @@ pub async fn fetch_partial(
     keep_existing: bool,
 ) -> Option<Held> {
     let dest = job.dest_id?;
-    let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
-    let response = match client.http.get(&url).send().await {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => {
-            tracing::info!(job = job.id, status = %r.status(), "no partial results from the client");
-            return None;
-        }
+    let zip = match gateway::retrieve_partial(shared, client, dest).await {
+        Ok(zip) => zip,
         Err(e) => {
             tracing::info!(job = job.id, error = %e, "no partial results from the client");
             return None;
@@ -256,7 +248,7 @@ pub async fn fetch_partial(
     let limit = max_result(shared, job);
     let result = shared.result_path(job.id);
     if !keep_existing {
-        if let Err(e) = store_zip(response, &result, limit).await {
+        if let Err(e) = store_zip(zip, &result, limit).await {
             tracing::warn!(job = job.id, error = %e, "partial results not stored");
         }
         return None;
@@ -267,7 +259,7 @@ pub async fn fetch_partial(
         job.id,
         jobrelay_common::fsutil::unique_name("")
     ));
-    if let Err(e) = store_zip(response, &staged, limit).await {
+    if let Err(e) = store_zip(zip, &staged, limit).await {
         tracing::warn!(job = job.id, error = %e, "partial results not stored");
         return None;
     }
@@ -309,39 +301,6 @@ impl Drop for Held {
     }
 }
 
-/// Lets the client remove its copy of a payload whose results are stored.
-pub async fn release(client: &ClientHandle, dest: i64) {
-    if !client.has("release") {
-        return;
-    }
-    let url = client.endpoint.path(&format!("/release/{dest}"));
-    match client
-        .http
-        .post(&url)
-        .timeout(crate::clients::SMALL_REQUEST)
-        .send()
-        .await
-    {
-        Ok(r) if r.status().is_success() => {}
-        Ok(r) => tracing::info!(dest, status = %r.status(), "client did not release payload"),
-        Err(e) => tracing::info!(dest, error = %e, "could not release payload"),
-    }
-}
-
-/// Asks `client` to stop payload `dest` (a payload made for a job that moved on meanwhile).
-pub async fn kill(client: &ClientHandle, dest: i64) {
-    let url = format!("{}/{dest}", client.endpoint.kill);
-    if let Err(e) = client
-        .http
-        .post(&url)
-        .timeout(Duration::from_secs(120))
-        .send()
-        .await
-    {
-        tracing::info!(dest, error = %e, "could not kill payload");
-    }
-}
-
 /// Records a final state reported by the client (Failed, Invalid, Killed), after fetching
 /// what the job left in its work directory.
 pub async fn finish_on_client(
@@ -363,13 +322,9 @@ pub async fn finish_on_client(
 /// the client's copy. Results over the service's `max_result` fail the job (nothing of them
 /// is kept, the client's copy is released); other failures leave the job where it is for the
 /// collector to fetch again.
-pub async fn complete(
-    shared: &Arc<Shared>,
-    job: &Job,
-    response: reqwest::Response,
-) -> Result<(), CheckError> {
+pub async fn complete(shared: &Arc<Shared>, job: &Job, zip: Download) -> Result<(), CheckError> {
     let limit = max_result(shared, job);
-    match store_zip(response, &shared.result_path(job.id), limit).await {
+    match store_zip(zip, &shared.result_path(job.id), limit).await {
         Ok(()) => {}
         Err(StoreError::TooLarge { limit }) => {
             tracing::warn!(
@@ -443,39 +398,32 @@ pub async fn kill_abandoned(shared: &Arc<Shared>, client: &ClientHandle) {
             node: None,
             ..job
         };
-        let done = match crate::collector::look_at(client, &as_sent).await {
+        let done = match crate::collector::look_at(shared, client, &as_sent).await {
             crate::collector::Looked::Ours(state) if state.is_finished() => {
                 tracing::info!(job = run.job_id, dest = run.dest_id, %state, "a run given away ended meanwhile; its result is not taken");
-                release(client, run.dest_id).await;
+                gateway::release(shared, client, run.dest_id).await;
                 true
             }
             crate::collector::Looked::Ours(_) => {
-                let url = format!("{}/{}", client.endpoint.kill, run.dest_id);
-                match client
-                    .http
-                    .post(&url)
-                    .timeout(Duration::from_secs(120))
-                    .send()
-                    .await
-                {
-                    Ok(r) if r.status().is_success() || r.status().as_u16() == 409 => {
+                match gateway::kill(shared, client, run.dest_id).await {
+                    Killed::Done | Killed::Finished => {
                         tracing::warn!(
                             job = run.job_id,
                             dest = run.dest_id,
                             client = client.base(),
                             "killed a run the server had given away while the client was unreachable"
                         );
-                        release(client, run.dest_id).await;
+                        gateway::release(shared, client, run.dest_id).await;
                         true
                     }
                     // A seed-contract client cannot kill: nothing more to do.
-                    Ok(r) if matches!(r.status().as_u16(), 404 | 405) => true,
-                    Ok(r) => {
-                        tracing::warn!(job = run.job_id, status = %r.status(), "could not kill a run given away; will try again");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::warn!(job = run.job_id, error = %e, "could not kill a run given away; will try again");
+                    Killed::Unsupported(_) => true,
+                    Killed::Failed { why, .. } => {
+                        tracing::warn!(
+                            job = run.job_id,
+                            error = why,
+                            "could not kill a run given away; will try again"
+                        );
                         false
                     }
                 }
@@ -564,7 +512,9 @@ async fn terminate_on_client(
         )?;
         return Ok(done.map(Terminated::Done));
     };
-    if let crate::collector::Looked::NotThere(why) = crate::collector::look_at(&client, job).await {
+    if let crate::collector::Looked::NotThere(why) =
+        crate::collector::look_at(shared, &client, job).await
+    {
         // Another job's run holds that payload id now (the client's records went back), or
         // the client lost it: there is nothing of this job to stop, and nothing to kill.
         let done = shared.lifecycle.terminated(
@@ -575,21 +525,12 @@ async fn terminate_on_client(
         )?;
         return Ok(done.map(Terminated::Done));
     }
-    let url = format!("{}/{dest}", client.endpoint.kill);
-    // The client answers once the process group is gone, which takes up to its kill grace.
-    let answer = client
-        .http
-        .post(&url)
-        .timeout(Duration::from_secs(120))
-        .send()
-        .await;
     // A run the client could not be told to stop (unreachable, or failing with a 5xx) is
     // remembered with Killed, so it is killed there once the client answers again; a client
     // that does not know `/kill` (404/405, seed contract) is not asked again.
-    let mut abandon_run = false;
-    let message = match answer {
-        Ok(r) if r.status().is_success() => "terminated by request".to_owned(),
-        Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+    let (message, abandon_run) = match gateway::kill(shared, &client, dest).await {
+        Killed::Done => ("terminated by request".to_owned(), false),
+        Killed::Finished => {
             // It finished on the client first: take its real outcome.
             crate::collector::check_job(shared.clone(), client.clone(), job.clone()).await;
             let now = shared.store.get(job.id)?.expect("job exists");
@@ -600,18 +541,24 @@ async fn terminate_on_client(
             tokio::time::sleep(Duration::from_millis(200)).await;
             return Ok(None);
         }
-        Ok(r) => {
-            abandon_run = r.status().is_server_error();
-            format!(
-                "terminated; the client could not stop it (POST {url} answered {})",
-                r.status()
-            )
-        }
-        Err(e) => {
-            abandon_run = true;
-            crate::clients::failed(shared, &client, &e.to_string());
-            format!("terminated; the client could not be reached to stop it: {e}")
-        }
+        Killed::Unsupported(why) => (
+            format!("terminated; the client could not stop it ({why})"),
+            false,
+        ),
+        Killed::Failed {
+            failure: Failure::Answered(status),
+            why,
+        } => (
+            format!("terminated; the client could not stop it ({why})"),
+            status.is_server_error(),
+        ),
+        Killed::Failed {
+            failure: Failure::Unreachable(_),
+            why,
+        } => (
+            format!("terminated; the client could not be reached to stop it: {why}"),
+            true,
+        ),
     };
     // Not over a stored result before Killed is committed: a completion racing this one
     // (its whole ZIP stored, then Completed) keeps its ZIP.
@@ -625,7 +572,7 @@ async fn terminate_on_client(
                 held.replace(&shared.result_path(job.id)).await;
             }
             drop_inputs(shared, job.id).await;
-            release(&client, dest).await;
+            gateway::release(shared, &client, dest).await;
             Some(Terminated::Done(done))
         }
         None => {

@@ -11,6 +11,9 @@
 //! - [`effects`]: performs those effects at the edge (checks, kills, releases, timers);
 //! - [`scheduler`]: pure quotas, round-robin fair share and placement;
 //! - [`clients`]: the pool of executor clients, their health and `/info`;
+//! - [`gateway`]: the one way to talk to a client: a typed call per client endpoint, its
+//!   URL, timeout and the client's bookkeeping; no other module builds a client URL;
+//! - [`probe`]: checks each client periodically (`/info`, `/load`), with backoff while down;
 //! - [`dispatcher`]: sends the scheduler's decisions to clients, idempotently;
 //! - [`collector`]: follows jobs on clients (change feed or polling) and fetches results;
 //! - [`jobs`]: what happens around a job's state changes: results stored, partial results,
@@ -27,10 +30,12 @@ pub mod collector;
 pub mod config;
 pub mod dispatcher;
 pub mod effects;
+pub mod gateway;
 pub mod http;
 pub mod janitor;
 pub mod jobs;
 pub mod lifecycle;
+pub mod probe;
 pub mod scheduler;
 pub mod store;
 pub mod supervise;
@@ -155,7 +160,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         Some(path) => {
             let pem = std::fs::read(path)
                 .map_err(|e| anyhow::anyhow!("cannot read --client-ca {}: {e}", path.display()))?;
-            Some(reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            Some(gateway::certificates(&pem).map_err(|e| {
                 anyhow::anyhow!("no usable CA certificate in {}: {e}", path.display())
             })?)
         }
@@ -179,7 +184,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .entry(endpoint.base.clone())
                 .or_insert_with(|| {
                     let id = sched.add_client();
-                    let http = clients::http_for(endpoint, client_ca.as_deref());
+                    let http = gateway::http_for(endpoint, client_ca.as_deref());
                     clients.push(
                         http.map(|http| Arc::new(ClientHandle::new(id, endpoint.clone(), http))),
                     );
@@ -279,7 +284,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     for client in &shared.clients {
         let (s, c) = (shared.clone(), client.clone());
         tasks.push(loops.spawn("probe", Some(client.base()), move || {
-            clients::probe_loop(s.clone(), c.clone())
+            probe::run(s.clone(), c.clone())
         }));
         let (s, c) = (shared.clone(), client.clone());
         tasks.push(loops.spawn("collector", Some(client.base()), move || {

@@ -14,16 +14,15 @@ use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::TryStreamExt;
 use jobrelay_common::archive::zip_stream;
 use jobrelay_common::http::bad_query;
 use jobrelay_common::logtail::{self, Stream};
-use jobrelay_common::protocol::ErrorBody;
 use jobrelay_common::upload;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{Caller, OwnerRefused};
+use crate::gateway::{self, Failure, Log};
 use crate::http::error::{blocking, ApiError, ApiResult, IdPath, JobAnswer};
 use crate::jobs::{self, Terminated};
 use crate::store::{Job, JobEvent, JobStatus, ListFilter};
@@ -504,22 +503,24 @@ pub(super) async fn download_partial(
     }
     if JobStatus::ON_CLIENT.contains(&job.status) {
         if let (Some(client), Some(dest)) = (shared.client_of(job.client.as_deref()), job.dest_id) {
-            let url = client.endpoint.path(&format!("/retrieve_partial/{dest}"));
-            let response = client.http.get(&url).send().await.map_err(|e| {
-                ApiError::for_job(
-                    StatusCode::BAD_GATEWAY,
-                    job.id,
-                    format!("the job's client did not answer: {e}"),
-                )
-            })?;
-            if !response.status().is_success() {
-                return Err(ApiError::for_job(
-                    StatusCode::BAD_GATEWAY,
-                    job.id,
-                    format!("the job's client answered {}", response.status()),
-                ));
-            }
-            let stream = response.bytes_stream().map_err(std::io::Error::other);
+            let zip = match gateway::retrieve_partial(&shared, &client, dest).await {
+                Ok(zip) => zip,
+                Err(Failure::Unreachable(e)) => {
+                    return Err(ApiError::for_job(
+                        StatusCode::BAD_GATEWAY,
+                        job.id,
+                        format!("the job's client did not answer: {e}"),
+                    ))
+                }
+                Err(Failure::Answered(status)) => {
+                    return Err(ApiError::for_job(
+                        StatusCode::BAD_GATEWAY,
+                        job.id,
+                        format!("the job's client answered {status}"),
+                    ))
+                }
+            };
+            let stream = zip.into_stream();
             return Ok((
                 [
                     (header::CONTENT_TYPE, "application/zip".to_owned()),
@@ -698,10 +699,6 @@ async fn log_from_client(
         // A client without the log extension (seed contract): nothing to show until the end.
         return Ok(Vec::new());
     }
-    let url = client.endpoint.path(&format!(
-        "/log/{dest}?stream={}&offset={offset}",
-        stream.as_str()
-    ));
     let unreachable = |e: String| {
         ApiError::for_job(
             StatusCode::BAD_GATEWAY,
@@ -709,33 +706,16 @@ async fn log_from_client(
             format!("cannot read the log from {}: {e}", client.base()),
         )
     };
-    let response = client
-        .http
-        .get(url)
-        .timeout(crate::clients::SMALL_REQUEST)
-        .send()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    if response.status() == StatusCode::CONFLICT {
+    match gateway::log(shared, &client, dest, stream.as_str(), offset).await {
+        Log::Bytes(bytes) => Ok(bytes.to_vec()),
         // The client refused the file (a link, a FIFO, another owner's file in place of the
         // log): the job's doing, not the client's failure; say so as the client did.
-        let why = response
-            .json::<ErrorBody>()
-            .await
-            .map(|body| body.error)
-            .unwrap_or_else(|_| "the log is not a regular file of the job".into());
-        return Err(ApiError::for_job(
+        Log::Refused(why) => Err(ApiError::for_job(
             StatusCode::CONFLICT,
             job.id,
             format!("the client refused to read this log: {why}"),
-        ));
+        )),
+        Log::Failed(Failure::Answered(status)) => Err(unreachable(format!("it answered {status}"))),
+        Log::Failed(Failure::Unreachable(why)) => Err(unreachable(why)),
     }
-    if !response.status().is_success() {
-        return Err(unreachable(format!("it answered {}", response.status())));
-    }
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    Ok(bytes.to_vec())
 }

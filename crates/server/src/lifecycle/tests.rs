@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Effect, JobTable, Lifecycle};
-use crate::clients::{self, ClientHandle};
+use crate::clients::ClientHandle;
 use crate::config::{ClientEndpoint, ServerConfig, ServiceConfig};
 use crate::jobs::{self, Terminated};
 use crate::scheduler::{Scheduler, ServiceId};
@@ -43,7 +43,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
     let client = sched.add_client();
     sched.set_client(client, true, Some(8), 0.0);
     let sid = sched.add_service(service.runs_per_user, service.max_runs, vec![client]);
-    let http = clients::http_for(&endpoint, None).unwrap();
+    let http = crate::gateway::http_for(&endpoint, None).unwrap();
     let handle = Arc::new(ClientHandle::new(client, endpoint.clone(), http));
     let (jobs_dir, results_dir, staging_dir) = (
         dir.path().join("jobs"),
