@@ -151,6 +151,7 @@ fn shared_on(dir: &std::path::Path, db: Box<dyn JobDb>) -> Arc<Shared> {
         client_by_base: HashMap::new(),
         service_ids,
         loops: crate::supervise::Loops::default(),
+        check_requests: crate::shared::CheckRequests::default(),
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(4),
         jobs_dir,
@@ -159,70 +160,124 @@ fn shared_on(dir: &std::path::Path, db: Box<dyn JobDb>) -> Arc<Shared> {
     })
 }
 
+/// A server on a store held by the test, on a runtime of two async workers (as on a small
+/// machine: work that waited on the store on one of them would take a worker per wait).
+struct HeldStore {
+    runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    gate: Arc<Mutex<()>>,
+    shared: Arc<Shared>,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl HeldStore {
+    fn start() -> HeldStore {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Mutex::new(()));
+        let db = GatedDb {
+            inner: SqliteDb::open(&dir.path().join("jobs.sqlite")).unwrap(),
+            gate: gate.clone(),
+        };
+        let shared = shared_on(dir.path(), Box::new(db));
+        let app = super::router(shared.clone());
+        let base = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            base
+        });
+        HeldStore {
+            runtime,
+            _dir: dir,
+            gate,
+            shared,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Holds the store for [`HELD`], starts `waiters` (work that waits on it; more than there
+    /// are workers), and checks that `GET /` answers meanwhile; then that every waiter ends.
+    fn ping_answers_while(&self, waiters: impl FnOnce() -> Vec<tokio::task::JoinHandle<()>>) {
+        std::thread::scope(|scope| {
+            let (held, holding) = std::sync::mpsc::channel::<()>();
+            let gate = self.gate.clone();
+            scope.spawn(move || {
+                let _held = crate::lock(&gate);
+                held.send(()).unwrap();
+                std::thread::sleep(HELD);
+            });
+            holding.recv().unwrap();
+            let waiting = waiters();
+            std::thread::sleep(Duration::from_millis(300));
+            // The ping needs no store: it answers at once while those wait.
+            let asked = Instant::now();
+            let ping = self
+                .runtime
+                .block_on(self.http.get(format!("{}/", self.base)).send())
+                .unwrap();
+            let took = asked.elapsed();
+            assert!(ping.status().is_success());
+            assert!(
+                took < HELD / 2,
+                "GET / took {took:?} while the store was held: a wait blocks an async worker"
+            );
+            for waiter in waiting {
+                self.runtime.block_on(waiter).unwrap();
+            }
+        });
+    }
+}
+
 #[test]
 fn a_held_store_does_not_stall_requests_that_need_none() {
-    // Two async workers, as on a small machine: a handler that waited on the store on one of
-    // them (instead of the blocking pool) would take a worker per request.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let gate = Arc::new(Mutex::new(()));
-    let db = GatedDb {
-        inner: SqliteDb::open(&dir.path().join("jobs.sqlite")).unwrap(),
-        gate: gate.clone(),
-    };
-    let shared = shared_on(dir.path(), Box::new(db));
-    let (base, server) = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = super::router(shared);
-        (
-            base,
-            tokio::spawn(async move { axum::serve(listener, app).await }),
-        )
-    });
-    let http = reqwest::Client::new();
-
-    std::thread::scope(|scope| {
-        let (held, holding) = std::sync::mpsc::channel::<()>();
-        scope.spawn(move || {
-            let _held = crate::lock(&gate);
-            held.send(()).unwrap();
-            std::thread::sleep(HELD);
-        });
-        holding.recv().unwrap();
-        // Requests that wait on the store: more than there are workers.
-        let waiting: Vec<_> = (0..8)
+    let server = HeldStore::start();
+    server.ping_answers_while(|| {
+        (0..8)
             .map(|i| {
                 let url = match i % 3 {
-                    0 => format!("{base}/jobs"),
-                    1 => format!("{base}/jobs/1"),
-                    _ => format!("{base}/jobs/1/events"),
+                    0 => format!("{}/jobs", server.base),
+                    1 => format!("{}/jobs/1", server.base),
+                    _ => format!("{}/jobs/1/events", server.base),
                 };
-                let http = http.clone();
-                runtime.spawn(async move { http.get(url).send().await.map(|r| r.status()) })
+                let http = server.http.clone();
+                server.runtime.spawn(async move {
+                    // Once the store is free, the waiting requests are answered as usual.
+                    let status = http.get(url).send().await.unwrap().status();
+                    assert!(status == 200 || status == 404, "{status}");
+                })
             })
-            .collect();
-        std::thread::sleep(Duration::from_millis(300));
-        // The ping needs no store: it answers at once while those wait.
-        let asked = Instant::now();
-        let ping = runtime
-            .block_on(http.get(format!("{base}/")).send())
-            .unwrap();
-        let took = asked.elapsed();
-        assert!(ping.status().is_success());
-        assert!(
-            took < HELD / 2,
-            "GET / took {took:?} while the store was held: a handler blocks an async worker"
-        );
-        // Once the store is free, the waiting requests are answered as usual.
-        for request in waiting {
-            let status = runtime.block_on(request).unwrap().unwrap();
-            assert!(status == 200 || status == 404, "{status}");
-        }
+            .collect()
     });
-    server.abort();
+}
+
+/// The same rule for the background loops: they call the lifecycle's events and the job
+/// table's reads from async tasks, and a held database must not take the workers from the
+/// requests that need none (the job table runs each call off the worker).
+#[test]
+fn a_held_store_does_not_let_the_loops_stall_requests_that_need_none() {
+    let server = HeldStore::start();
+    server.ping_answers_while(|| {
+        (0..8)
+            .map(|i| {
+                let shared = server.shared.clone();
+                server.runtime.spawn(async move {
+                    // What the collector and the dispatcher do, on async workers.
+                    if i % 2 == 0 {
+                        assert!(shared.store.get(1).unwrap().is_none());
+                    } else {
+                        assert_eq!(shared.lifecycle.decide().len(), 0);
+                        let none = shared.store.on_client("http://c").unwrap();
+                        assert!(none.is_empty());
+                    }
+                })
+            })
+            .collect()
+    });
 }

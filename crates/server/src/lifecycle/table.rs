@@ -2,6 +2,10 @@
 //! committed change also wakes the long-polls waiting on its job, counts in the metrics and is
 //! logged, here and nowhere else. The database only stores. Changes are committed only by the
 //! lifecycle (`insert_job` and `transition` are private to it); reads are open to all.
+//!
+//! Every database call runs through [`off_worker`]: called from an async task, it does not hold
+//! up the other tasks of its worker thread (a slow disk or a long lock of the database must
+//! not stall requests that need neither), whoever calls it (a handler, a loop, an event).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -10,6 +14,7 @@ use metrics::{counter, histogram};
 use tokio::sync::Notify;
 
 use crate::store::{now_ms, AbandonedRun, Change, Job, JobDb, JobEvent, JobStatus, ListFilter};
+use crate::sync::off_worker;
 
 pub struct JobTable {
     db: Box<dyn JobDb>,
@@ -69,8 +74,10 @@ impl JobTable {
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut place_files = Some(place_files);
-        let job = self.db.insert_job(user_id, service, &mut |id| {
-            place_files.take().expect("files are placed once")(id)
+        let job = off_worker(|| {
+            self.db.insert_job(user_id, service, &mut |id| {
+                place_files.take().expect("files are placed once")(id)
+            })
         })?;
         counter!("jobrelay_server_jobs_uploaded_total", "service" => service.to_owned())
             .increment(1);
@@ -93,7 +100,7 @@ impl JobTable {
         to: JobStatus,
         change: Change,
     ) -> anyhow::Result<Option<Job>> {
-        let job = self.db.transition(id, from, to, change)?;
+        let job = off_worker(|| self.db.transition(id, from, to, change))?;
         if let Some(job) = &job {
             count_in_metrics(job);
             self.changed(id);
@@ -117,56 +124,56 @@ impl JobTable {
         self.db.mark_at_open()
     }
     pub fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
-        self.db.get(id)
+        off_worker(|| self.db.get(id))
     }
     pub fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
-        self.db.history(id)
+        off_worker(|| self.db.history(id))
     }
     pub fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
-        self.db.counts(user)
+        off_worker(|| self.db.counts(user))
     }
     pub fn finished_per_minute(
         &self,
         since_ms: i64,
         user: Option<i64>,
     ) -> anyhow::Result<Vec<(i64, i64)>> {
-        self.db.finished_per_minute(since_ms, user)
+        off_worker(|| self.db.finished_per_minute(since_ms, user))
     }
     pub fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
-        self.db.in_states(states)
+        off_worker(|| self.db.in_states(states))
     }
     pub fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
-        self.db.on_client(base)
+        off_worker(|| self.db.on_client(base))
     }
     pub fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
-        self.db.abandoned_on(base)
+        off_worker(|| self.db.abandoned_on(base))
     }
     pub fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
-        self.db.forget_abandoned(base, dest_id)
+        off_worker(|| self.db.forget_abandoned(base, dest_id))
     }
     pub fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
-        self.db.by_dest(base, dest_id)
+        off_worker(|| self.db.by_dest(base, dest_id))
     }
     pub fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
-        self.db.finished_before(cutoff_ms)
+        off_worker(|| self.db.finished_before(cutoff_ms))
     }
     pub fn ids_with_files(&self) -> anyhow::Result<HashSet<i64>> {
-        self.db.ids_with_files()
+        off_worker(|| self.db.ids_with_files())
     }
     pub fn all_ids(&self) -> anyhow::Result<HashSet<i64>> {
-        self.db.all_ids()
+        off_worker(|| self.db.all_ids())
     }
     pub fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
-        self.db.list(filter)
+        off_worker(|| self.db.list(filter))
     }
     pub fn count(&self) -> anyhow::Result<i64> {
-        self.db.count()
+        off_worker(|| self.db.count())
     }
     pub fn health(&self) -> Result<(), String> {
-        self.db.health()
+        off_worker(|| self.db.health())
     }
     pub fn check_integrity(&self) -> Result<(), String> {
-        self.db.check_integrity()
+        off_worker(|| self.db.check_integrity())
     }
 }
 
