@@ -12,8 +12,8 @@ use jobrelay_common::protocol::ClientInfo;
 use tokio::sync::Notify;
 
 use crate::config::ClientEndpoint;
+use crate::lifecycle::Lifecycle;
 use crate::scheduler::ClientId;
-use crate::Shared;
 
 /// How long a client that answered 507 gets no new job.
 pub const FULL_PAUSE: Duration = Duration::from_secs(10);
@@ -38,7 +38,7 @@ pub struct ClientHandle {
     pub last_seen_ms: std::sync::atomic::AtomicI64,
     /// Until when the client is kept out of placement because its disk was full (507).
     pub full_until: Mutex<Option<Instant>>,
-    /// True while runs given away are being killed there ([`crate::jobs::kill_abandoned`]).
+    /// True while runs given away are being killed there ([`crate::stop::kill_abandoned`]).
     pub killing: std::sync::atomic::AtomicBool,
 }
 
@@ -106,15 +106,15 @@ impl ClientHandle {
 }
 
 /// A request to the client failed: stop placing jobs there and probe it now.
-pub fn failed(shared: &Shared, client: &ClientHandle, why: &str) {
-    failed_since(shared, client, why, Instant::now())
+pub fn failed(lifecycle: &Lifecycle, client: &ClientHandle, why: &str) {
+    failed_since(lifecycle, client, why, Instant::now())
 }
 
 /// [`failed`] for a request sent at `sent`: the client has not answered since then at least,
 /// so that is when it became unreachable (a request that timed out says so only after its
 /// timeout, which must not lengthen `--client-timeout`).
-pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Instant) {
-    let was_healthy = shared.lifecycle.client_out(client.id).was_healthy;
+pub fn failed_since(lifecycle: &Lifecycle, client: &ClientHandle, why: &str, sent: Instant) {
+    let was_healthy = lifecycle.client_out(client.id).was_healthy;
     {
         let mut since = crate::lock(&client.unreachable_since);
         *since = Some(since.map_or(sent, |t| t.min(sent)));
@@ -127,9 +127,9 @@ pub fn failed_since(shared: &Shared, client: &ClientHandle, why: &str, sent: Ins
 
 /// The client answered 507 (no disk space for a payload): no job is placed there for
 /// [`FULL_PAUSE`]; its probe puts it back after that (and wakes the dispatcher).
-pub fn full(shared: &Shared, client: &ClientHandle) {
+pub fn full(lifecycle: &Lifecycle, client: &ClientHandle) {
     *crate::lock(&client.full_until) = Some(Instant::now() + FULL_PAUSE);
-    shared.lifecycle.client_out(client.id);
+    lifecycle.client_out(client.id);
     tracing::warn!(client = client.base(), pause = ?FULL_PAUSE, "client has no disk space; placing jobs elsewhere for a while");
 }
 

@@ -11,7 +11,7 @@
 //! lost) or another dispatch key for its payload id (its records went back: [`same_run`]),
 //! or stays unreachable longer than the client timeout. In that last case the run may still
 //! be there: it is recorded as abandoned and killed once the client answers again
-//! ([`crate::jobs::kill_abandoned`]).
+//! ([`crate::stop::kill_abandoned`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,12 +20,26 @@ use jobrelay_common::protocol::PayloadStatus;
 
 use crate::clients::ClientHandle;
 use crate::gateway::{self, Retrieved};
-use crate::jobs::{self, CheckError};
+use crate::results::{self, CheckError};
 use crate::store::{Job, JobStatus};
 use crate::Shared;
 
 /// Pause after a failed request before the next one.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// Serves the checks the effects ask for ([`crate::shared::CheckRequests`]): each runs as
+/// [`check_job`] on its own task.
+pub async fn serve_check_requests(shared: Arc<Shared>) {
+    let serving = shared.clone();
+    serving
+        .check_requests
+        .serve(|job| {
+            if let Some(client) = shared.client_of(job.client.as_deref()) {
+                tokio::spawn(check_job(shared.clone(), client, job));
+            }
+        })
+        .await;
+}
 
 /// Follows one client forever.
 pub async fn watch(shared: Arc<Shared>, client: Arc<ClientHandle>) {
@@ -228,7 +242,7 @@ fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, error: 
         );
         return;
     }
-    let delay = jobs::backoff(tries);
+    let delay = results::backoff(tries);
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
         check_job(shared, client, job).await;
@@ -282,7 +296,7 @@ async fn check_once(
                 lost(&shared, &job, &why);
                 return Ok(());
             }
-            return jobs::complete(&shared, &job, zip.body).await;
+            return results::complete(&shared, &job, zip.body).await;
         }
         Retrieved::Record(record) => record,
     };
@@ -316,7 +330,7 @@ async fn check_once(
                 PayloadStatus::Killed => JobStatus::Killed,
                 _ => JobStatus::Failed,
             };
-            jobs::finish_on_client(
+            results::finish_on_client(
                 &shared,
                 &client,
                 &job,

@@ -1,10 +1,10 @@
 //! Sends the scheduler's decisions to clients.
 //!
-//! Woken by the [`Shared::wake`] notification (upload, freed slot, finished job, client back),
-//! it asks the scheduler what may go now, and for each job: commits Processing with a new
-//! attempt number and an idempotency key `<server id>:<job id>:<attempt>`, streams the job's
-//! files to the client's `/submit` with that key, and commits Submitted with the payload id
-//! and the client's node. A server that dies in between sends again with the same key after
+//! Woken by the lifecycle (upload, freed slot, finished job, client back), it asks it what may
+//! go now, and for each job: `sending` commits Processing with a new attempt number and an
+//! idempotency key `<server id>:<job id>:<attempt>`, the job's files go to the client's
+//! `/submit` with that key, and `submitted` commits Submitted with the payload id and the
+//! client's node. A server that dies in between sends again with the same key after
 //! restart; a client with the `key` extension answers with the payload it already has.
 
 use std::path::Path;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::clients::ClientHandle;
 use crate::gateway::{self, JobFile, Submitted};
-use crate::jobs;
+use crate::results;
 use crate::scheduler::Decision;
 use crate::store::{Job, JobStatus};
 use crate::Shared;
@@ -269,7 +269,7 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             let effects =
                 shared
                     .lifecycle
-                    .send_refused_for_room(&job, &why, jobs::backoff(job.attempts));
+                    .send_refused_for_room(&job, &why, results::backoff(job.attempts));
             crate::effects::perform(shared, effects).await;
             return;
         }
@@ -288,7 +288,7 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             }
             let effects = shared
                 .lifecycle
-                .send_failed(&job, &why, jobs::backoff(job.attempts));
+                .send_failed(&job, &why, results::backoff(job.attempts));
             crate::effects::perform(shared, effects).await;
             return;
         }

@@ -19,11 +19,7 @@ pub fn perform(
 async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
     for effect in effects {
         match effect {
-            Effect::Check(job) => {
-                if let Some(client) = shared.client_of(job.client.as_deref()) {
-                    tokio::spawn(crate::collector::check_job(shared.clone(), client, *job));
-                }
-            }
+            Effect::Check(job) => shared.check_requests.ask(*job),
             Effect::Kill { client, dest } => {
                 if let Some(client) = shared.client_of(Some(&client)) {
                     if let crate::gateway::Killed::Failed { why, .. } =
@@ -38,7 +34,7 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
                     crate::gateway::release(shared, &client, dest).await;
                 }
             }
-            Effect::DropInputs(id) => crate::jobs::drop_inputs(shared, id).await,
+            Effect::DropInputs(id) => drop_inputs(shared, id).await,
             Effect::OfferAgain { id, after } => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
@@ -48,4 +44,18 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
             }
         }
     }
+}
+
+/// Removes a finished job's uploaded files once its results (whole or partial) are stored:
+/// they are in the result ZIP too, and may be large. Without stored results they stay, for
+/// `/download_partial`, until the janitor.
+async fn drop_inputs(shared: &Shared, id: i64) {
+    if !shared.result_path(id).is_file() {
+        return;
+    }
+    let dir = shared.job_dir(id);
+    let _ = tokio::task::spawn_blocking(move || {
+        jobrelay_common::fsutil::remove_dir_all_if_exists(&dir)
+    })
+    .await;
 }

@@ -8,7 +8,10 @@
 //!   state change committed and guarded;
 //! - [`lifecycle`]: the one writer of job state: every event's guarded transition, the
 //!   scheduler's update and the side tables, returning the effects to perform;
-//! - [`effects`]: performs those effects at the edge (checks, kills, releases, timers);
+//! - [`effects`]: performs those effects at the edge (checks asked of the collector, kills,
+//!   releases, timers);
+//! - [`shared`]: what the running server's parts share;
+//! - [`sync`]: the poison-proof lock, and `off_worker` for the database calls;
 //! - [`scheduler`]: pure quotas, round-robin fair share and placement;
 //! - [`clients`]: the pool of executor clients, their health and `/info`;
 //! - [`gateway`]: the one way to talk to a client: a typed call per client endpoint, its
@@ -16,8 +19,8 @@
 //! - [`probe`]: checks each client periodically (`/info`, `/load`), with backoff while down;
 //! - [`dispatcher`]: sends the scheduler's decisions to clients, idempotently;
 //! - [`collector`]: follows jobs on clients (change feed or polling) and fetches results;
-//! - [`jobs`]: what happens around a job's state changes: results stored, partial results,
-//!   terminate, runs given away killed;
+//! - [`results`]: a job's result ZIP (whole or partial) stored before its final state;
+//! - [`stop`]: terminate carried to a client, and runs given away killed there;
 //! - [`auth`]: the users file and who may see what (pure);
 //! - [`views`]: the read side: what the dashboard and `/clients` show;
 //! - [`http`]: thin HTTP handlers, the error shape and the OpenAPI document;
@@ -33,10 +36,12 @@ pub mod effects;
 pub mod gateway;
 pub mod http;
 pub mod janitor;
-pub mod jobs;
 pub mod lifecycle;
 pub mod probe;
+pub mod results;
 pub mod scheduler;
+pub mod shared;
+pub mod stop;
 pub mod store;
 pub mod supervise;
 pub mod sync;
@@ -45,7 +50,6 @@ pub mod views;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,54 +59,16 @@ use jobrelay_common::serve::Serving;
 
 use crate::clients::ClientHandle;
 use crate::lifecycle::{JobTable, Lifecycle};
-use crate::scheduler::{Scheduler, ServiceId};
+use crate::scheduler::Scheduler;
 use crate::store::SqliteDb;
 
 /// Most job checks (`/retrieve` calls and result downloads) in progress at once.
 const MAX_CONCURRENT_CHECKS: usize = 64;
 
+/// [`shared::Shared`], at the root since most modules take it.
+pub use shared::Shared;
 /// [`sync::lock`], at the root since every module uses it.
 pub use sync::lock;
-
-/// State shared by every part of a running server.
-pub struct Shared {
-    pub config: ServerConfig,
-    /// The jobs, to read; every change goes through `lifecycle`.
-    pub store: Arc<JobTable>,
-    /// The one writer of job state (and owner of the scheduler).
-    pub lifecycle: Lifecycle,
-    pub clients: Vec<Arc<ClientHandle>>,
-    pub client_by_base: HashMap<String, usize>,
-    pub service_ids: HashMap<String, ServiceId>,
-    /// Jobs whose state is being checked on their client right now; `true` when another
-    /// check was asked for meanwhile.
-    pub in_flight: Mutex<HashMap<i64, bool>>,
-    /// Bounds the checks of jobs running at once (a reconcile of thousands of jobs).
-    pub checks: tokio::sync::Semaphore,
-    /// `<data>/jobs/<id>/`: the uploaded files of each job.
-    pub jobs_dir: PathBuf,
-    /// `<data>/results/<id>.zip`: the stored work directory of each finished job.
-    pub results_dir: PathBuf,
-    /// `<data>/staging/`: uploads being received.
-    pub staging_dir: PathBuf,
-    /// The background loops, for `/health`.
-    pub loops: supervise::Loops,
-}
-
-impl Shared {
-    pub fn job_dir(&self, id: i64) -> PathBuf {
-        self.jobs_dir.join(id.to_string())
-    }
-
-    pub fn result_path(&self, id: i64) -> PathBuf {
-        self.results_dir.join(format!("{id}.zip"))
-    }
-
-    pub fn client_of(&self, base: Option<&str>) -> Option<Arc<ClientHandle>> {
-        base.and_then(|b| self.client_by_base.get(b))
-            .map(|&i| self.clients[i].clone())
-    }
-}
 
 /// A server that is serving.
 pub struct RunningServer {
@@ -247,6 +213,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         client_by_base,
         service_ids,
         loops: supervise::Loops::default(),
+        check_requests: shared::CheckRequests::default(),
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
         jobs_dir,
@@ -293,6 +260,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     }
     let s = shared.clone();
     tasks.push(loops.spawn("dispatcher", None, move || dispatcher::run(s.clone())));
+    let s = shared.clone();
+    tasks.push(loops.spawn("checks", None, move || {
+        collector::serve_check_requests(s.clone())
+    }));
     let s = shared.clone();
     tasks.push(loops.spawn("janitor", None, move || janitor::run(s.clone())));
     let s = shared.clone();

@@ -1,7 +1,7 @@
 //! A probe per client: asks it what it is (`/info`, else `/health`) and its load every few
 //! seconds while it answers, with backoff while it does not, and keeps the scheduler's view
 //! of it (healthy, slots, load) up to date. A client that answers again gets the runs given
-//! away while it was unreachable killed ([`crate::jobs::kill_abandoned`]).
+//! away while it was unreachable killed ([`crate::stop::kill_abandoned`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,7 +85,7 @@ pub async fn run(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                 {
                     let (shared, client) = (shared.clone(), client.clone());
                     tokio::spawn(async move {
-                        crate::jobs::kill_abandoned(&shared, &client).await;
+                        crate::stop::kill_abandoned(&shared, &client).await;
                         client
                             .killing
                             .store(false, std::sync::atomic::Ordering::Release);

@@ -1,5 +1,5 @@
 //! The server's Prometheus metrics. Counters and histograms are recorded where a job's state
-//! is committed ([`crate::job_table`]); gauges (jobs per state, queue depth, client health) are
+//! is committed ([`crate::lifecycle::JobTable`]); gauges (jobs per state, queue depth, client health) are
 //! computed when `/metrics` is scraped ([`render`]).
 
 use metrics::gauge;

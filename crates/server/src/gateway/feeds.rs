@@ -45,7 +45,7 @@ pub async fn events(
     .await;
     match &page {
         Ok(_) => clients::reached(client),
-        Err(why) => clients::failed(shared, client, why),
+        Err(why) => clients::failed(&shared.lifecycle, client, why),
     }
     page
 }

@@ -32,7 +32,7 @@ pub async fn probe(
     let probe = probe_once(client, timeout).await;
     match &probe {
         Ok(_) => clients::reached(client),
-        Err(why) => clients::failed_since(shared, client, why, sent),
+        Err(why) => clients::failed_since(&shared.lifecycle, client, why, sent),
     }
     probe
 }

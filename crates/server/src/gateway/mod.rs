@@ -167,7 +167,7 @@ async fn exchange(
         }
         Err(e) => {
             let why = e.to_string();
-            clients::failed(shared, client, &why);
+            clients::failed(&shared.lifecycle, client, &why);
             Err(Failure::Unreachable(why))
         }
     }

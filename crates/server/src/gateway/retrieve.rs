@@ -83,7 +83,7 @@ async fn retrieve_within(
         Ok(r) => r,
         Err(e) => {
             let why = e.to_string();
-            clients::failed(shared, client, &why);
+            clients::failed(&shared.lifecycle, client, &why);
             return Retrieved::Unreachable(why);
         }
     };

@@ -140,7 +140,7 @@ pub async fn submit(
         Ok(r) => r,
         Err(e) => {
             let why = format!("could not send to {}: {e}", client.base());
-            clients::failed(shared, client, &why);
+            clients::failed(&shared.lifecycle, client, &why);
             return Submitted::Unreachable {
                 maybe_received: may_have_reached(&e),
                 why,
@@ -150,7 +150,7 @@ pub async fn submit(
     let status = response.status();
     let failed = |e: String| {
         let why = format!("{} /submit failed: {e}", client.base());
-        clients::failed(shared, client, &why);
+        clients::failed(&shared.lifecycle, client, &why);
         Submitted::Failed {
             status,
             maybe_received: answer_maybe_received(status),
@@ -163,7 +163,7 @@ pub async fn submit(
             body: response.text().await.unwrap_or_default(),
         },
         SubmitStatus::NoRoom => {
-            clients::full(shared, client);
+            clients::full(&shared.lifecycle, client);
             Submitted::NoRoom
         }
         SubmitStatus::Failed => failed(format!("answered {status}")),

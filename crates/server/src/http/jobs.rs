@@ -1,6 +1,6 @@
 //! The job routes: `/upload`, `/download/{id}`, `/download_partial/{id}`,
 //! `/terminate/{id}` (the reference's), `/jobs`, `/jobs/{id}` (a long-poll with `?wait=S`),
-//! `/jobs/{id}/events` and `/jobs/{id}/log`. Each parses, calls [`crate::jobs`] or the store's
+//! `/jobs/{id}/events` and `/jobs/{id}/log`. Each parses, calls the lifecycle, [`crate::stop`] or the store's
 //! reads (on the blocking pool, through [`blocking`]) and shapes the answer.
 
 use std::path::PathBuf;
@@ -24,7 +24,7 @@ use utoipa::{OpenApi, ToSchema};
 use crate::auth::{Caller, OwnerRefused};
 use crate::gateway::{self, Failure, Log};
 use crate::http::error::{blocking, ApiError, ApiResult, IdPath, JobAnswer};
-use crate::jobs::{self, Terminated};
+use crate::stop::{self, Terminated};
 use crate::store::{Job, JobEvent, JobStatus, ListFilter};
 use crate::{views, Shared};
 
@@ -568,7 +568,7 @@ pub(super) async fn terminate(
     IdPath(id, _): IdPath<ApiError>,
 ) -> ApiResult<Response> {
     let id = find(&shared, &caller, &id).await?.id;
-    match jobs::terminate(&shared, id).await? {
+    match stop::terminate(&shared, id).await? {
         Terminated::Done(job) => Ok(Json(job).into_response()),
         Terminated::AlreadyFinished(job) => Ok((
             StatusCode::CONFLICT,

@@ -1,4 +1,4 @@
-//! The server's HTTP API, thin: handlers parse, call [`crate::jobs`] or the read side (the
+//! The server's HTTP API, thin: handlers parse, call the lifecycle, [`crate::stop`] or the read side (the
 //! store's reads, [`crate::views`]) and shape the answer; every store or file-system call of
 //! theirs goes through [`error::blocking`] onto the blocking pool. This file only assembles
 //! the router.

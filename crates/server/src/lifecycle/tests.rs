@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use super::{Effect, JobTable, Lifecycle};
 use crate::clients::ClientHandle;
 use crate::config::{ClientEndpoint, ServerConfig, ServiceConfig};
-use crate::jobs::{self, Terminated};
 use crate::scheduler::{Scheduler, ServiceId};
+use crate::stop::{self, Terminated};
 use crate::store::{Change, Job, JobStatus, SqliteDb};
 use crate::Shared;
 
@@ -68,6 +68,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
         client_by_base: [(endpoint.base.clone(), client)].into(),
         service_ids,
         loops: crate::supervise::Loops::default(),
+        check_requests: crate::shared::CheckRequests::default(),
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(4),
         jobs_dir,
@@ -226,7 +227,7 @@ async fn a_job_terminated_during_its_requeue_backoff_stays_out_of_the_queue() {
     assert_eq!(f.queued(), 0, "offered again before its backoff");
     assert!(!f.is_active(a.id));
 
-    match jobs::terminate(&f.shared, a.id).await.unwrap() {
+    match stop::terminate(&f.shared, a.id).await.unwrap() {
         Terminated::Done(job) => assert_eq!(job.status, JobStatus::Killed),
         _ => panic!("a Queued job is terminated"),
     }
@@ -287,7 +288,7 @@ async fn failing_checks_are_forgotten_when_the_run_ends() {
         .unwrap()
         .unwrap();
     assert!(matches!(
-        jobs::terminate(&f.shared, runs[2].id).await.unwrap(),
+        stop::terminate(&f.shared, runs[2].id).await.unwrap(),
         Terminated::Done(_)
     ));
     assert!(!f.checks_failing(runs[2].id), "terminated");
@@ -363,7 +364,7 @@ async fn a_completion_racing_terminate_keeps_its_whole_zip() {
 
     let (shared, id, whole_zip) = (f.shared.clone(), job.id, whole.clone());
     let server = fake_client(listener, partial, move || {
-        // The collector's `jobs::complete`, in its order: results, then Completed.
+        // The collector's `results::complete`, in its order: results, then Completed.
         std::fs::write(shared.result_path(id), &whole_zip).unwrap();
         shared
             .store
@@ -377,7 +378,7 @@ async fn a_completion_racing_terminate_keeps_its_whole_zip() {
             .expect("the job is on its client");
     });
 
-    let outcome = jobs::terminate(&f.shared, run.id).await.unwrap();
+    let outcome = stop::terminate(&f.shared, run.id).await.unwrap();
     server.abort();
     match outcome {
         Terminated::AlreadyFinished(job) => assert_eq!(job.status, JobStatus::Completed),
@@ -416,7 +417,7 @@ async fn a_terminated_job_holds_its_partial_zip() {
             let now = shared.store.get(id).unwrap().unwrap().status;
             assert!(JobStatus::ON_CLIENT.contains(&now), "{now}");
         });
-        let outcome = jobs::terminate(&f.shared, run.id).await.unwrap();
+        let outcome = stop::terminate(&f.shared, run.id).await.unwrap();
         server.abort();
         match outcome {
             Terminated::Done(job) => assert_eq!(job.status, JobStatus::Killed),

@@ -4,7 +4,7 @@
 //! reads its API and loops need, the runs given away. [`sqlite::SqliteDb`] is the embedded
 //! implementation (WAL, one file); another database implements the same trait. A store only
 //! stores: waking long-polls, metrics and logs of committed changes are the caller's
-//! ([`crate::job_table::JobTable`]).
+//! ([`crate::lifecycle::JobTable`]).
 
 pub mod sqlite;
 
