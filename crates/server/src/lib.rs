@@ -15,6 +15,7 @@
 //! - [`jobs`]: the job state changes that touch store, scheduler and files together;
 //! - [`api`]: thin HTTP handlers and the OpenAPI document;
 //! - [`janitor`]: removes files of jobs past the retention period;
+//! - [`webhooks`]: signed notifications of jobs' ends to their callbacks, from the outbox;
 //! - [`supervise`]: runs the background loops, restarts one that panics, reports them.
 
 pub mod api;
@@ -31,6 +32,7 @@ pub mod scheduler;
 pub mod store;
 pub mod supervise;
 pub mod telemetry;
+pub mod webhooks;
 
 #[cfg(test)]
 mod lifecycle_tests;
@@ -144,6 +146,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     if config.services.is_empty() {
         anyhow::bail!("no service configured");
     }
+    webhooks::check_config(&config)?;
     let data_dir = config.data_dir.clone();
     let jobs_dir = data_dir.join("jobs");
     let results_dir = data_dir.join("results");
@@ -296,6 +299,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tasks.push(loops.spawn("janitor", None, move || janitor::run(s.clone())));
     let s = shared.clone();
     tasks.push(loops.spawn("integrity", None, move || check_integrity(s.clone())));
+    let s = shared.clone();
+    tasks.push(loops.spawn("webhooks", None, move || webhooks::delivery::run(s.clone())));
     for job in resend {
         tasks.push(tokio::spawn(dispatcher::resend(shared.clone(), job)));
     }

@@ -81,7 +81,7 @@ impl Fixture {
         let job = self
             .shared
             .store
-            .insert_job(USER, SERVICE, |_| Ok(()))
+            .insert_job(USER, SERVICE, None, |_| Ok(()))
             .unwrap();
         self.shared
             .sched
