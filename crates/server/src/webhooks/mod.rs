@@ -88,13 +88,13 @@ pub fn callback_from_fields(
             None => return Ok(None),
         },
     };
+    let allowlist = Allowlist::parse(&config.webhooks.allowed_hosts).map_err(CallbackRefused)?;
+    let url = allowlist.check(&url).map_err(CallbackRefused)?;
     if settings.is_none_or(|s| s.webhook_secret.is_none()) {
         return Err(CallbackRefused(format!(
             "service {service:?} takes no callbacks: it has no webhook_secret to sign them"
         )));
     }
-    let allowlist = Allowlist::parse(&config.webhooks.allowed_hosts).map_err(CallbackRefused)?;
-    let url = allowlist.check(&url).map_err(CallbackRefused)?;
     Ok(Some(Callback {
         url: url.to_string(),
         on_running,
