@@ -342,6 +342,60 @@ async fn a_callback_off_the_allowlist_is_refused_at_upload() {
     );
 }
 
+/// `jobrelay submit --callback URL`, run as a user would (a blocking process: on a thread, so
+/// the receiver on this runtime keeps answering).
+async fn cli_submit(server: &str, dir: &Path, callback: &str) -> std::process::Output {
+    let (server, dir, callback) = (server.to_owned(), dir.to_owned(), callback.to_owned());
+    tokio::task::spawn_blocking(move || {
+        std::fs::write(dir.join("run.sh"), "true\n").unwrap();
+        std::process::Command::new(binary())
+            .args([
+                "submit",
+                "--service",
+                "example",
+                "--callback",
+                &callback,
+                "--wait",
+            ])
+            .arg(dir.join("run.sh"))
+            .env("JOBRELAY_SERVER", server)
+            .env("JOBRELAY_USER", "1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_cli_submits_a_callback() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let receiver = Receiver::start(0, 200).await;
+    let client = start_client(root, "client", &[]);
+    let config = webhook_config(root, &client.url, 5);
+    let server = start_server(root, &config, &[]);
+
+    let done = cli_submit(&server.url, root, &receiver.url).await;
+    assert!(done.status.success(), "{done:?}");
+    let id: i64 = String::from_utf8_lossy(&done.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let hit = eventually(LONG, "the CLI's job notified", || async {
+        receiver.accepted().into_iter().next()
+    })
+    .await;
+    assert_signed(&hit);
+    let body: serde_json::Value = serde_json::from_slice(&hit.body).unwrap();
+    assert_eq!(body["id"], id);
+
+    let refused = cli_submit(&server.url, root, "http://10.0.0.1/hook").await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("allowed_hosts"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_thousand_jobs_are_each_notified_and_accepted_once() {
     const JOBS: usize = 1000;

@@ -670,6 +670,31 @@ mod tests {
     }
 
     #[test]
+    fn webhook_settings_from_the_file() {
+        let text = "[webhooks]\nallowed_hosts = [\"hooks.test\"]\nretry_period = 60\n\n\
+                    [services.x]\nclients = [\"http://a:1\"]\n\
+                    webhook_url = \"https://hooks.test/x\"\nwebhook_secret = \"s3cret\"\n";
+        let webhooks = webhooks_from(Some(text)).unwrap();
+        assert_eq!(webhooks.allowed_hosts, ["hooks.test"]);
+        assert_eq!(webhooks.retry_period, Duration::from_secs(60));
+        let x = &services_from(Some(text), env(&[])).unwrap()["x"];
+        assert_eq!(x.webhook_url.as_deref(), Some("https://hooks.test/x"));
+        assert_eq!(
+            x.webhook_secret.as_ref().map(|s| s.expose()),
+            Some("s3cret")
+        );
+        assert_eq!(webhooks_from(None).unwrap(), WebhookConfig::default());
+        assert_eq!(WebhookConfig::default().retry_period, DEFAULT_WEBHOOK_RETRY);
+
+        let both = "[services.x]\nclients = [\"http://a:1\"]\nwebhook_secret = \"s\"\n\
+                    webhook_secret_file = \"/nonexistent\"\n";
+        let why = services_from(Some(both), env(&[])).unwrap_err().to_string();
+        assert!(why.contains("not both"), "{why}");
+        let zero = "[webhooks]\nretry_period = 0\n";
+        assert!(webhooks_from(Some(zero)).is_err());
+    }
+
+    #[test]
     fn bad_configurations_name_the_problem() {
         type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
         let cases: &[Case] = &[
