@@ -342,6 +342,44 @@ async fn a_callback_off_the_allowlist_is_refused_at_upload() {
     );
 }
 
+#[tokio::test]
+async fn the_delivery_loop_is_restarted_after_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let receiver = Receiver::start(0, 200).await;
+    let client = start_client(root, "client", &[]);
+    let config = webhook_config(root, &client.url, 5);
+    let server = start_server_with_env(
+        root,
+        &config,
+        &[],
+        &[("JOBRELAY_TEST_PANIC_ONCE", "webhooks")],
+    );
+    let http = http();
+    let id = upload_ok(&http, &server.url, &receiver.url, "true\n").await;
+    let hit = eventually(LONG, "the job notified", || async {
+        receiver.accepted().into_iter().next()
+    })
+    .await;
+    let body: serde_json::Value = serde_json::from_slice(&hit.body).unwrap();
+    assert_eq!(body["id"], id);
+    let metrics = http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let restarts = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("jobrelay_server_loop_restarts_total{") && l.contains("loop=\"webhooks\"")
+        })
+        .unwrap_or_else(|| panic!("no restart of the webhooks loop counted:\n{metrics}"));
+    assert!(restarts.ends_with(" 1"), "{restarts}");
+}
+
 /// `jobrelay submit --callback URL`, run as a user would (a blocking process: on a thread, so
 /// the receiver on this runtime keeps answering).
 async fn cli_submit(server: &str, dir: &Path, callback: &str) -> std::process::Output {
