@@ -20,6 +20,13 @@ use support::*;
 const LONG: Duration = Duration::from_secs(60);
 const SECRET: &str = "whsec-test-0123456789";
 
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 /// One request the receiver got.
 #[derive(Clone, Debug)]
 struct Hit {
@@ -28,6 +35,8 @@ struct Hit {
     event: String,
     body: Bytes,
     answered: u16,
+    /// Unix ms when it arrived.
+    received_ms: i64,
 }
 
 /// A webhook receiver: answers `fail_first` requests with 503, then `status`.
@@ -69,6 +78,7 @@ impl Receiver {
                         event: header("x-jobrelay-event"),
                         body,
                         answered,
+                        received_ms: unix_ms(),
                     });
                     StatusCode::from_u16(answered).unwrap()
                 }
@@ -427,6 +437,10 @@ async fn the_cli_submits_a_callback() {
     assert_signed(&hit);
     let body: serde_json::Value = serde_json::from_slice(&hit.body).unwrap();
     assert_eq!(body["id"], id);
+    // Sent as the end is committed, not on a timer (a second is the aim; 2 s on a loaded
+    // machine).
+    let after = hit.received_ms - body["finished_ms"].as_i64().unwrap();
+    assert!(after < 2000, "notified {after} ms after the job ended");
 
     let refused = cli_submit(&server.url, root, "http://10.0.0.1/hook").await;
     assert!(!refused.status.success());
