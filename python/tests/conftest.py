@@ -14,7 +14,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -37,13 +37,15 @@ def find_binary() -> Optional[Path]:
 
 
 class Server:
-    """A running `jobrelay up`, stopped by its pid."""
+    """A running `jobrelay up` (or the `jobrelay` command of ``args``, which prints its
+    "listening on" address too), stopped by its pid."""
 
-    def __init__(self, binary: Path, data_dir: Path) -> None:
+    def __init__(self, binary: Path, data_dir: Path, args: Optional[List[str]] = None) -> None:
+        argv = args or ["up", "--port", "0", "--slots", "4", "--data-dir", str(data_dir)]
         self.process = subprocess.Popen(
-            [str(binary), "up", "--port", "0", "--slots", "4", "--data-dir", str(data_dir)],
+            [str(binary), *argv],
             stdout=subprocess.PIPE,
-            stderr=open(data_dir.parent / "up.stderr", "wb"),
+            stderr=open(data_dir.parent / f"{argv[0]}.stderr", "wb"),
             stdin=subprocess.DEVNULL,
         )
         lines: "queue.Queue[str]" = queue.Queue()

@@ -193,6 +193,17 @@ def test_unknown_fields_are_harmless(url: str, make_job: JobFactory) -> None:
             cpus=2,
             memory_mb=512,
             walltime=60,
-            callback_url="https://platform.example/hook",
         )
         assert job.wait(60).state == JobState.COMPLETED
+
+
+def test_a_callback_to_a_server_without_an_allowlist_is_refused(
+    url: str, make_job: JobFactory
+) -> None:
+    # `jobrelay up` configures no webhooks: a callback would never be sent, so it is refused
+    # rather than silently dropped.
+    with jobrelay.Client(url, user=1) as client:
+        with pytest.raises(jobrelay.Refused) as refused:
+            client.submit(make_job("true"), SERVICE, callback_url="https://platform.example/hook")
+    assert refused.value.status == 400
+    assert "callback" in str(refused.value)

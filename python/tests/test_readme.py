@@ -59,6 +59,27 @@ def test_the_fastapi_snippet(url: str, tmp_path: Path, monkeypatch: Any) -> None
         assert web.post("/runs/" + str(run) + "/cancel").json() == {"state": "Completed"}
 
 
+def test_the_webhook_receiver_snippet(tmp_path: Path, monkeypatch: Any) -> None:
+    pytest.importorskip("fastapi", reason="FastAPI not installed")
+    from fastapi.testclient import TestClient
+
+    import jobrelay
+
+    monkeypatch.setenv("JOBRELAY_WEBHOOK_SECRET", "whsec-readme")
+    app = load("Receiving webhooks (FastAPI)", tmp_path, "platform_hook")["app"]
+    body = json.dumps({"id": 5, "status": "Completed"}).encode()
+    headers = {
+        "X-Jobrelay-Signature": jobrelay.webhooks.sign("whsec-readme", body),
+        "X-Jobrelay-Delivery": "d-1",
+        "Content-Type": "application/json",
+    }
+    with TestClient(app) as web:
+        assert web.post("/jobrelay/hook", content=body, headers=headers).status_code == 204
+        assert web.post("/jobrelay/hook", content=body, headers=headers).status_code == 204
+        forged = {**headers, "X-Jobrelay-Signature": jobrelay.webhooks.sign("guess", body)}
+        assert web.post("/jobrelay/hook", content=body, headers=forged).status_code == 400
+
+
 def test_the_django_snippet(url: str, tmp_path: Path, monkeypatch: Any) -> None:
     pytest.importorskip("django", reason="Django not installed")
     import django

@@ -117,12 +117,16 @@ impl ServerApi {
         &self,
         service: &str,
         user: Option<i64>,
+        callback: Option<&str>,
         files: &[UploadFile],
         bar: &ProgressBar,
     ) -> anyhow::Result<Value> {
         let mut form = Form::new().text("service", service.to_owned());
         if let Some(user) = user {
             form = form.text("user_id", user.to_string());
+        }
+        if let Some(url) = callback {
+            form = form.text("callback_url", url.to_owned());
         }
         // Each file is opened only when the body reaches it: one descriptor at a time, so a
         // directory of more files than the open-file limit uploads too.

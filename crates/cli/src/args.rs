@@ -74,6 +74,10 @@ pub struct SubmitArgs {
     /// With --wait: give up after this many seconds.
     #[arg(long, requires = "wait")]
     pub timeout: Option<f64>,
+    /// URL the server POSTs the job's JSON to, signed, when it ends (its host must be in the
+    /// server's webhook allowlist).
+    #[arg(long, value_name = "URL")]
+    pub callback: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -146,7 +146,9 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
     let api = ServerApi::connect(&args.conn)?;
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = progress::transfer(json || total < BAR_THRESHOLD, Some(total), "uploading");
-    let answer = api.upload(&args.service, user, &files, &bar).await?;
+    let answer = api
+        .upload(&args.service, user, args.callback.as_deref(), &files, &bar)
+        .await?;
     bar.finish_and_clear();
     let id = answer["id"]
         .as_u64()

@@ -168,6 +168,11 @@ pub struct ServiceConfig {
     pub max_result: u64,
     /// Most files one upload may hold (an upload with more is refused with 413).
     pub max_files: usize,
+    /// Where the notifications of its jobs go when a job gives no `callback_url`.
+    pub webhook_url: Option<String>,
+    /// Key of the HMAC signature of its notifications; without it, its jobs take no
+    /// callback.
+    pub webhook_secret: Option<Secret>,
 }
 
 impl ServiceConfig {
@@ -179,6 +184,8 @@ impl ServiceConfig {
             max_runs: DEFAULT_MAX_RUNS,
             max_result: DEFAULT_MAX_RESULT,
             max_files: DEFAULT_MAX_FILES,
+            webhook_url: None,
+            webhook_secret: None,
         }
     }
 }
@@ -202,6 +209,63 @@ pub struct ServerConfig {
     /// CA file that `https://` clients' certificates are verified against (only these CAs);
     /// `None`: the system's roots.
     pub client_ca: Option<PathBuf>,
+    /// Completion webhooks, server-wide (see [`crate::webhooks`]).
+    pub webhooks: WebhookConfig,
+}
+
+/// Default time a notification is retried before it is given up: 24 h.
+pub const DEFAULT_WEBHOOK_RETRY: Duration = Duration::from_secs(24 * 3600);
+
+/// The `[webhooks]` table of the TOML file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// Hosts callbacks may go to (`hooks.example.org`, `*.example.org`, `10.0.0.5`); empty:
+    /// no callbacks at all, so a user cannot make the server call an internal address.
+    pub allowed_hosts: Vec<String>,
+    /// How long a notification is retried before it is given up.
+    pub retry_period: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            allowed_hosts: Vec::new(),
+            retry_period: DEFAULT_WEBHOOK_RETRY,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct TomlWebhooks {
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    /// Seconds.
+    retry_period: Option<f64>,
+}
+
+/// The `[webhooks]` table of the TOML text (the defaults without one).
+pub fn webhooks_from(toml_text: Option<&str>) -> anyhow::Result<WebhookConfig> {
+    let file: TomlFile = match toml_text {
+        Some(text) => {
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("bad configuration file: {e}"))?
+        }
+        None => TomlFile::default(),
+    };
+    let table = file.webhooks.unwrap_or_default();
+    let retry_period = match table.retry_period {
+        Some(secs) => Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                anyhow::anyhow!("[webhooks] retry_period must be a positive number of seconds")
+            })?,
+        None => DEFAULT_WEBHOOK_RETRY,
+    };
+    Ok(WebhookConfig {
+        allowed_hosts: table.allowed_hosts,
+        retry_period,
+    })
 }
 
 impl ServerConfig {
@@ -220,6 +284,7 @@ impl ServerConfig {
             users: None,
             tls: None,
             client_ca: None,
+            webhooks: WebhookConfig::default(),
         }
     }
 }
@@ -229,6 +294,7 @@ impl ServerConfig {
 struct TomlFile {
     #[serde(default)]
     services: BTreeMap<String, TomlService>,
+    webhooks: Option<TomlWebhooks>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -242,6 +308,9 @@ struct TomlService {
     max_files: Option<usize>,
     /// File holding the token of this service's clients.
     token_file: Option<PathBuf>,
+    webhook_url: Option<String>,
+    webhook_secret: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
 }
 
 #[derive(Default)]
@@ -286,6 +355,16 @@ pub fn services_from(
             })
             .collect::<anyhow::Result<Vec<_>>>()
             .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
+        let webhook_secret = match (&service.webhook_secret, &service.webhook_secret_file) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "service {name:?}: give webhook_secret or webhook_secret_file, not both"
+            ),
+            (Some(text), None) => Some(Secret::new(text.clone())),
+            (None, Some(path)) => Some(Secret::read_file(path)),
+            (None, None) => None,
+        }
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("service {name:?}: webhook secret: {e}"))?;
         services.insert(
             name,
             ServiceConfig {
@@ -294,6 +373,8 @@ pub fn services_from(
                 max_runs: service.max_runs.unwrap_or(DEFAULT_MAX_RUNS),
                 max_result: service.max_result.unwrap_or(DEFAULT_MAX_RESULT),
                 max_files: service.max_files.unwrap_or(DEFAULT_MAX_FILES),
+                webhook_url: service.webhook_url,
+                webhook_secret,
             },
         );
     }
@@ -485,6 +566,7 @@ impl ServerArgs {
             users,
             tls: TlsFiles::from_args(self.tls_cert, self.tls_key).map_err(anyhow::Error::msg)?,
             client_ca: self.client_ca,
+            webhooks: webhooks_from(text.as_deref())?,
         })
     }
 }
@@ -580,6 +662,31 @@ mod tests {
         .unwrap();
         assert_eq!(services["example"].clients.len(), 2);
         assert_eq!(services["example"].max_runs, 4);
+    }
+
+    #[test]
+    fn webhook_settings_from_the_file() {
+        let text = "[webhooks]\nallowed_hosts = [\"hooks.test\"]\nretry_period = 60\n\n\
+                    [services.x]\nclients = [\"http://a:1\"]\n\
+                    webhook_url = \"https://hooks.test/x\"\nwebhook_secret = \"s3cret\"\n";
+        let webhooks = webhooks_from(Some(text)).unwrap();
+        assert_eq!(webhooks.allowed_hosts, ["hooks.test"]);
+        assert_eq!(webhooks.retry_period, Duration::from_secs(60));
+        let x = &services_from(Some(text), env(&[])).unwrap()["x"];
+        assert_eq!(x.webhook_url.as_deref(), Some("https://hooks.test/x"));
+        assert_eq!(
+            x.webhook_secret.as_ref().map(|s| s.expose()),
+            Some("s3cret")
+        );
+        assert_eq!(webhooks_from(None).unwrap(), WebhookConfig::default());
+        assert_eq!(WebhookConfig::default().retry_period, DEFAULT_WEBHOOK_RETRY);
+
+        let both = "[services.x]\nclients = [\"http://a:1\"]\nwebhook_secret = \"s\"\n\
+                    webhook_secret_file = \"/nonexistent\"\n";
+        let why = services_from(Some(both), env(&[])).unwrap_err().to_string();
+        assert!(why.contains("not both"), "{why}");
+        let zero = "[webhooks]\nretry_period = 0\n";
+        assert!(webhooks_from(Some(zero)).is_err());
     }
 
     #[test]

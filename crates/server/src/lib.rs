@@ -25,6 +25,7 @@
 //! - [`views`]: the read side: what the dashboard and `/clients` show;
 //! - [`http`]: thin HTTP handlers, the error shape and the OpenAPI document;
 //! - [`janitor`]: removes files of jobs past the retention period;
+//! - [`webhooks`]: signed notifications of jobs' ends to their callbacks, from the outbox;
 //! - [`supervise`]: runs the background loops, restarts one that panics, reports them.
 
 pub mod auth;
@@ -47,6 +48,7 @@ pub mod supervise;
 pub mod sync;
 pub mod telemetry;
 pub mod views;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -107,6 +109,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     if config.services.is_empty() {
         anyhow::bail!("no service configured");
     }
+    webhooks::check_config(&config)?;
     let data_dir = config.data_dir.clone();
     let jobs_dir = data_dir.join("jobs");
     let results_dir = data_dir.join("results");
@@ -268,6 +271,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tasks.push(loops.spawn("janitor", None, move || janitor::run(s.clone())));
     let s = shared.clone();
     tasks.push(loops.spawn("integrity", None, move || check_integrity(s.clone())));
+    let s = shared.clone();
+    tasks.push(loops.spawn("webhooks", None, move || webhooks::delivery::run(s.clone())));
     for job in resend {
         tasks.push(tokio::spawn(dispatcher::resend(shared.clone(), job)));
     }

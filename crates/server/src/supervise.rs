@@ -1,5 +1,5 @@
-//! The server's background loops (dispatcher, janitor, integrity check, and a probe and a
-//! collector per client), each run under a supervisor that restarts it when it panics or
+//! The server's background loops (dispatcher, janitor, integrity check, webhook delivery, and
+//! a probe and a collector per client), each run under a supervisor that restarts it when it panics or
 //! ends, and the health of those loops for `/health`.
 //!
 //! A restart waits 100 ms, doubling with each restart in the last minute up to 10 s, so a
@@ -27,7 +27,7 @@ const FIRST_DELAY: Duration = Duration::from_millis(100);
 const MAX_DELAY: Duration = Duration::from_secs(10);
 
 /// Fault injection for the tests: a comma-separated list of loop kinds (`dispatcher`,
-/// `collector`, `probe`, `janitor`, `integrity`) that panic the first time they reach their
+/// `collector`, `probe`, `janitor`, `integrity`, `webhooks`) that panic the first time they reach their
 /// fault point ([`fault_point`]).
 pub const PANIC_ONCE: &str = "JOBRELAY_TEST_PANIC_ONCE";
 /// The same, panicking every time.

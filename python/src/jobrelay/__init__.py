@@ -20,6 +20,7 @@ from ._errors import (
 )
 from ._models import Event, JobInfo, JobState
 from ._sync import Client, Job
+from . import webhooks
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ __all__ = [
     "Unreachable",
     "UnsafeArchive",
     "Unsupported",
+    "webhooks",
 ]

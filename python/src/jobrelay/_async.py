@@ -126,9 +126,12 @@ class AsyncClient:
         memory_mb: Optional[int] = None,
         walltime: Optional[float] = None,
         callback_url: Optional[str] = None,
+        callback_events: Optional[str] = None,
     ) -> AsyncJob:
         """See :meth:`jobrelay.Client.submit`."""
-        extra = p.submit_fields(priority, cpus, memory_mb, walltime, callback_url)
+        extra = p.submit_fields(
+            priority, cpus, memory_mb, walltime, callback_url, callback_events
+        )
         info = await self._run(self._protocol.submit(files, service, user_id, extra))
         return AsyncJob(self, info.id, info)
 

@@ -181,6 +181,7 @@ def submit_fields(
     memory_mb: Optional[int],
     walltime: Optional[float],
     callback_url: Optional[str],
+    callback_events: Optional[str] = None,
 ) -> Dict[str, Optional[object]]:
     """The optional form fields of an upload. The server ignores text fields it does not
     know, so these are harmless today and take effect once it reads them."""
@@ -190,6 +191,7 @@ def submit_fields(
         "memory_mb": memory_mb,
         "walltime_secs": walltime,
         "callback_url": callback_url,
+        "callback_events": callback_events,
     }
 
 

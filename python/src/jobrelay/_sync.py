@@ -125,12 +125,17 @@ class Client:
         memory_mb: Optional[int] = None,
         walltime: Optional[float] = None,
         callback_url: Optional[str] = None,
+        callback_events: Optional[str] = None,
     ) -> Job:
         """Uploads a job (files streamed from disk, a directory with its tree) and returns it
         once the server has it stored. ``priority``, ``cpus``, ``memory_mb``, ``walltime``
         (seconds) and ``callback_url`` are sent as form fields only when given; servers that
-        do not know them ignore them."""
-        extra = p.submit_fields(priority, cpus, memory_mb, walltime, callback_url)
+        do not know them ignore them. A jobrelay server POSTs the job's signed JSON to
+        ``callback_url`` when it ends (check it with :func:`jobrelay.webhooks.verify`), and
+        when it starts running too with ``callback_events="running,final"``."""
+        extra = p.submit_fields(
+            priority, cpus, memory_mb, walltime, callback_url, callback_events
+        )
         info = self._run(self._protocol.submit(files, service, user_id, extra))
         return Job(self, info.id, info)
 

@@ -25,7 +25,8 @@ use crate::auth::{Caller, OwnerRefused};
 use crate::gateway::{self, Failure, Log};
 use crate::http::error::{blocking, ApiError, ApiResult, IdPath, JobAnswer};
 use crate::stop::{self, Terminated};
-use crate::store::{Job, JobEvent, JobStatus, ListFilter};
+use crate::store::{Job, JobEvent, JobStatus, ListFilter, Notification};
+use crate::webhooks::JobWithNotifications;
 use crate::{views, Shared};
 
 /// Size of the chunks files are read in when streamed over HTTP.
@@ -47,7 +48,16 @@ const JOB_STATUS_HEADER: &str = "x-job-status";
         job_events,
         job_log
     ),
-    components(schemas(JobAnswer, Job, JobStatus, UploadForm, JobList, JobEvent))
+    components(schemas(
+        JobAnswer,
+        Job,
+        JobStatus,
+        UploadForm,
+        JobList,
+        JobEvent,
+        JobWithNotifications,
+        Notification
+    ))
 )]
 pub struct JobsDoc;
 
@@ -78,6 +88,12 @@ pub struct UploadForm {
     user_id: i64,
     /// Name of a configured service.
     service: String,
+    /// URL the job's JSON is POSTed to (signed, `X-Jobrelay-Signature`) when it reaches a
+    /// final state; its host must be in the server's `[webhooks] allowed_hosts` and the
+    /// service must have a `webhook_secret`. Default: the service's `webhook_url`, if any.
+    callback_url: Option<String>,
+    /// `final` (default) or `running` too (`running,final`): also notify when it starts.
+    callback_events: Option<String>,
 }
 
 /// Upload a job: its files, its user and its service. The files are on disk and the job
@@ -91,7 +107,7 @@ pub struct UploadForm {
         (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 403, description = "With a users file: user_id is not the token's user", body = JobAnswer),
         (status = 201, description = "Job queued", body = JobAnswer),
-        (status = 400, description = "Not multipart; missing, non-integer or negative user_id; missing or unknown service; no file; bad or repeated file name", body = JobAnswer),
+        (status = 400, description = "Not multipart; missing, non-integer or negative user_id; missing or unknown service; no file; bad or repeated file name; a callback_url off the allowlist, or to a service without a webhook secret", body = JobAnswer),
         (status = 413, description = "Upload larger than --max-upload, or more files than the service's max_files", body = JobAnswer),
         (status = 507, description = "No disk space left", body = JobAnswer),
     )
@@ -182,6 +198,9 @@ pub(super) async fn upload(
             ),
         ));
     }
+    let callback =
+        crate::webhooks::callback_from_fields(&received.fields, &shared.config, &service)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let (files, bytes) = (received.files.len(), received.total_bytes);
     let staging = received.staging;
     let job = blocking("committing the upload", {
@@ -189,7 +208,9 @@ pub(super) async fn upload(
         move || {
             shared
                 .lifecycle
-                .uploaded(user_id, &service, |id| staging.persist(&shared.job_dir(id)))
+                .uploaded(user_id, &service, callback.as_ref(), |id| {
+                    staging.persist(&shared.job_dir(id))
+                })
                 .map_err(|e| {
                     let disk_full = e
                         .downcast_ref::<std::io::Error>()
@@ -320,6 +341,7 @@ pub struct StatusQuery {
 
 /// The job as JSON, whatever its state (jobrelay's addition to the reference API). With
 /// `?wait=SECONDS` a long-poll that answers once the job has finished (as `/download` does).
+/// A job with a callback also shows its `notifications`.
 #[utoipa::path(
     get,
     path = "/jobs/{id}",
@@ -327,7 +349,7 @@ pub struct StatusQuery {
     params(("id" = i64, Path, description = "Job id"), StatusQuery),
     responses(
         (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
-        (status = 200, description = "The job (once finished, or when the wait is over)", body = Job),
+        (status = 200, description = "The job (once finished, or when the wait is over), with its notifications if it has a callback", body = JobWithNotifications),
         (status = 400, description = "A bad id or wait", body = JobAnswer),
         (status = 404, description = "Unknown job", body = JobAnswer),
     )
@@ -337,8 +359,14 @@ pub(super) async fn job_status(
     Extension(caller): Extension<Caller>,
     IdPath(id, _): IdPath<ApiError>,
     query: Result<Query<StatusQuery>, QueryRejection>,
-) -> ApiResult<Json<Job>> {
-    Ok(Json(find_waiting(&shared, &caller, &id, query).await?))
+) -> ApiResult<Json<JobWithNotifications>> {
+    let job = find_waiting(&shared, &caller, &id, query).await?;
+    let notifications = blocking("reading the job's notifications", {
+        let (shared, id) = (shared.clone(), job.id);
+        move || shared.store.notifications(id).map_err(ApiError::from)
+    })
+    .await?;
+    Ok(Json(JobWithNotifications { job, notifications }))
 }
 
 /// The job, at once without `wait`; with `wait=S`, once it has finished or after S seconds

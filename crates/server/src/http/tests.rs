@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use crate::config::{ServerConfig, ServiceConfig};
 use crate::lifecycle::{JobTable, Lifecycle};
 use crate::scheduler::Scheduler;
-use crate::store::{AbandonedRun, Change, Job, JobDb, JobEvent, JobStatus, ListFilter, SqliteDb};
+use crate::store::{
+    AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent, JobStatus,
+    ListFilter, Notification, SqliteDb,
+};
 use crate::Shared;
 
 /// How long the store is held; a ping stalled behind it takes about this long.
@@ -37,10 +40,12 @@ impl JobDb for GatedDb {
         &self,
         user_id: i64,
         service: &str,
+        callback: Option<&Callback>,
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let _gate = self.pass();
-        self.inner.insert_job(user_id, service, place_files)
+        self.inner
+            .insert_job(user_id, service, callback, place_files)
     }
     fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
         let _gate = self.pass();
@@ -111,6 +116,32 @@ impl JobDb for GatedDb {
     fn count(&self) -> anyhow::Result<i64> {
         let _gate = self.pass();
         self.inner.count()
+    }
+    fn due_deliveries(&self, now_ms: i64, limit: usize) -> anyhow::Result<Vec<Delivery>> {
+        let _gate = self.pass();
+        self.inner.due_deliveries(now_ms, limit)
+    }
+    fn next_delivery_ms(&self) -> anyhow::Result<Option<i64>> {
+        let _gate = self.pass();
+        self.inner.next_delivery_ms()
+    }
+    fn retry_delivery(&self, id: &str, status: &str, next_ms: i64) -> anyhow::Result<()> {
+        let _gate = self.pass();
+        self.inner.retry_delivery(id, status, next_ms)
+    }
+    fn finish_delivery(
+        &self,
+        id: &str,
+        status: &str,
+        tried: bool,
+        end: DeliveryEnd,
+    ) -> anyhow::Result<()> {
+        let _gate = self.pass();
+        self.inner.finish_delivery(id, status, tried, end)
+    }
+    fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>> {
+        let _gate = self.pass();
+        self.inner.notifications(id)
     }
     fn health(&self) -> Result<(), String> {
         let _gate = self.pass();

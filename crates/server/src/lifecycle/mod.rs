@@ -144,13 +144,16 @@ impl Lifecycle {
         &self,
         user_id: i64,
         service: &str,
+        callback: Option<&crate::store::Callback>,
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let &service_id = self
             .services
             .get(service)
             .ok_or_else(|| anyhow::anyhow!("unknown service {service:?}"))?;
-        let job = self.jobs.insert_job(user_id, service, place_files)?;
+        let job = self
+            .jobs
+            .insert_job(user_id, service, callback, place_files)?;
         crate::lock(&self.sched).enqueue(service_id, user_id, job.id);
         self.wake.notify_one();
         Ok(job)

@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use metrics::{counter, histogram};
 use tokio::sync::Notify;
 
-use crate::store::{now_ms, AbandonedRun, Change, Job, JobDb, JobEvent, JobStatus, ListFilter};
+use crate::store::{
+    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent, JobStatus,
+    ListFilter, Notification,
+};
 use crate::sync::off_worker;
 
 pub struct JobTable {
@@ -21,6 +24,9 @@ pub struct JobTable {
     /// Long-polls waiting on a job (`GET /jobs/{id}?wait=`): woken after each committed
     /// change of that job. An entry lives while a [`JobWatch`] holds it.
     watchers: Mutex<HashMap<i64, Arc<Notify>>>,
+    /// Wakes the webhook delivery loop: a change that may have written a notification
+    /// (to a final state, or Running) was committed.
+    pub deliveries: Notify,
 }
 
 /// Registration of a long-poll on one job: [`JobWatch::notify`] is woken after every
@@ -46,6 +52,7 @@ impl JobTable {
         JobTable {
             db,
             watchers: Mutex::new(HashMap::new()),
+            deliveries: Notify::new(),
         }
     }
 
@@ -71,11 +78,12 @@ impl JobTable {
         &self,
         user_id: i64,
         service: &str,
+        callback: Option<&Callback>,
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut place_files = Some(place_files);
         let job = off_worker(|| {
-            self.db.insert_job(user_id, service, &mut |id| {
+            self.db.insert_job(user_id, service, callback, &mut |id| {
                 place_files.take().expect("files are placed once")(id)
             })
         })?;
@@ -104,6 +112,9 @@ impl JobTable {
         if let Some(job) = &job {
             count_in_metrics(job);
             self.changed(id);
+            if to == JobStatus::Running || (to.is_finished() && to != JobStatus::Cleaned) {
+                self.deliveries.notify_one();
+            }
             tracing::info!(
                 job = id,
                 status = %to,
@@ -168,6 +179,27 @@ impl JobTable {
     }
     pub fn count(&self) -> anyhow::Result<i64> {
         off_worker(|| self.db.count())
+    }
+    pub fn due_deliveries(&self, now_ms: i64, limit: usize) -> anyhow::Result<Vec<Delivery>> {
+        off_worker(|| self.db.due_deliveries(now_ms, limit))
+    }
+    pub fn next_delivery_ms(&self) -> anyhow::Result<Option<i64>> {
+        off_worker(|| self.db.next_delivery_ms())
+    }
+    pub fn retry_delivery(&self, id: &str, status: &str, next_ms: i64) -> anyhow::Result<()> {
+        off_worker(|| self.db.retry_delivery(id, status, next_ms))
+    }
+    pub fn finish_delivery(
+        &self,
+        id: &str,
+        status: &str,
+        tried: bool,
+        end: DeliveryEnd,
+    ) -> anyhow::Result<()> {
+        off_worker(|| self.db.finish_delivery(id, status, tried, end))
+    }
+    pub fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>> {
+        off_worker(|| self.db.notifications(id))
     }
     pub fn health(&self) -> Result<(), String> {
         off_worker(|| self.db.health())

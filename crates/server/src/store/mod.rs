@@ -184,6 +184,73 @@ pub struct Change {
     pub only_run: Option<Option<String>>,
 }
 
+/// Where a job's notifications go, given at upload (or the service's default) and stored
+/// with the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callback {
+    pub url: String,
+    /// Also notify when the job starts running (besides its final state).
+    pub on_running: bool,
+}
+
+/// One notification of the outbox: a job's JSON as it was when the state change committed,
+/// to be POSTed to its callback until a receiver takes it or the retry period is over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// Stays the same on every try, so receivers can deduplicate.
+    pub id: String,
+    pub job_id: i64,
+    pub service: String,
+    /// The state the job reached (`Running`, `Completed`, ...).
+    pub event: JobStatus,
+    pub url: String,
+    pub body: String,
+    pub created_ms: i64,
+    pub attempts: u32,
+}
+
+/// How a delivery ended, for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryEnd {
+    /// A receiver answered 2xx.
+    Delivered,
+    /// A receiver answered 410 Gone: it wants no more.
+    Gone,
+    /// Retried for the whole retry period without success.
+    Expired,
+    /// The server may no longer send it (callback host off the allowlist, no secret).
+    Refused,
+}
+
+impl DeliveryEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryEnd::Delivered => "delivered",
+            DeliveryEnd::Gone => "gone",
+            DeliveryEnd::Expired => "expired",
+            DeliveryEnd::Refused => "refused",
+        }
+    }
+}
+
+/// A job's notification as `GET /jobs/{id}` shows it.
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
+pub struct Notification {
+    /// Delivery id (the `X-Jobrelay-Delivery` header).
+    pub id: String,
+    /// The state it announces.
+    pub event: String,
+    pub url: String,
+    /// Tries made so far.
+    pub attempts: u32,
+    /// The receiver's last HTTP status, or why the last try failed (`connect: ...`).
+    pub last_status: Option<String>,
+    /// Unix ms of the next try; `None` once it has ended.
+    pub next_try_ms: Option<i64>,
+    /// `delivered`, `gone`, `expired` or `refused` once it has ended; `None` while pending.
+    pub outcome: Option<String>,
+}
+
 /// A run the server gave away while its client could not be reached: to be killed there.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AbandonedRun {
@@ -222,16 +289,21 @@ pub trait JobDb: Send + Sync {
     /// The job-id mark as found at open (0 without one).
     fn mark_at_open(&self) -> i64;
     /// Inserts a Queued job and runs `place_files(id)` inside the same transaction: the job
-    /// exists if and only if its files were put in place.
+    /// exists if and only if its files were put in place. A job with a `callback` gets a
+    /// notification in the outbox, in the same transaction, each time [`JobDb::transition`]
+    /// moves it to a final state (or to Running, if asked).
     fn insert_job(
         &self,
         user_id: i64,
         service: &str,
+        callback: Option<&Callback>,
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job>;
     fn get(&self, id: i64) -> anyhow::Result<Option<Job>>;
     /// Moves job `id` from one of `from` to `to`, setting the fields of `change`. Returns the
     /// job as it is after the change, or `None` if it was in none of `from` (nothing changed).
+    /// The change writes the job's notification, if its callback asks for this state, in the
+    /// same transaction: a committed change is never left unannounced.
     fn transition(
         &self,
         id: i64,
@@ -270,6 +342,24 @@ pub trait JobDb: Send + Sync {
     /// jobs match in all.
     fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)>;
     fn count(&self) -> anyhow::Result<i64>;
+    /// Pending notifications due at `now_ms` (their next try has come), oldest due first, at
+    /// most `limit`.
+    fn due_deliveries(&self, now_ms: i64, limit: usize) -> anyhow::Result<Vec<Delivery>>;
+    /// Unix ms of the earliest next try of a pending notification.
+    fn next_delivery_ms(&self) -> anyhow::Result<Option<i64>>;
+    /// A try of delivery `id` failed with `status`: try again at `next_ms`.
+    fn retry_delivery(&self, id: &str, status: &str, next_ms: i64) -> anyhow::Result<()>;
+    /// Delivery `id` has ended (`tried`: a request was made, counted as an attempt), its last
+    /// status `status`.
+    fn finish_delivery(
+        &self,
+        id: &str,
+        status: &str,
+        tried: bool,
+        end: DeliveryEnd,
+    ) -> anyhow::Result<()>;
+    /// The notifications of job `id`, oldest first.
+    fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>>;
     /// `Err` with the reason when the database is known to be damaged or cannot be read.
     fn health(&self) -> Result<(), String>;
     /// Reads every page of the database and remembers a failure for [`JobDb::health`].

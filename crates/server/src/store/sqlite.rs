@@ -7,7 +7,10 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::{now_ms, rfc3339, AbandonedRun, Change, Job, JobDb, JobEvent, JobStatus, ListFilter};
+use super::{
+    now_ms, rfc3339, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
+    JobStatus, ListFilter, Notification,
+};
 
 /// A status column the server does not know (written by a newer version, or by hand) is an
 /// error naming it, never read as some other state: read as Failed it would be final, its
@@ -72,6 +75,82 @@ fn record_event(
             message,
             attempts,
             client
+        ])
+    })
+    .map_err(sql_err)?;
+    Ok(())
+}
+
+/// `ALTER TABLE ADD COLUMN` for each of `columns` (name, type) that `table` lacks.
+fn add_missing_columns(
+    conn: &Connection,
+    table: &str,
+    columns: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let present: HashSet<String> = conn
+        .prepare(&format!("PRAGMA table_info({table})"))
+        .and_then(|mut stmt| {
+            stmt.query_map([], |r| r.get::<_, String>(1))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .map_err(sql_err)?;
+    for (name, kind) in columns {
+        if !present.contains(*name) {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {kind}"))
+                .map_err(sql_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// How `callback_events` is stored: the states that are announced.
+fn events_column(callback: &Callback) -> &'static str {
+    if callback.on_running {
+        "running,final"
+    } else {
+        "final"
+    }
+}
+
+/// Writes job `job`'s notification of the state it just reached, if its callback asks for
+/// it; part of the caller's transaction.
+fn queue_notification(conn: &Connection, job: &Job, now: i64) -> anyhow::Result<()> {
+    let announced = match job.status {
+        JobStatus::Running => "running",
+        s if s.is_finished() && s != JobStatus::Cleaned => "final",
+        _ => return Ok(()),
+    };
+    let callback: Option<(Option<String>, Option<String>)> = conn
+        .prepare_cached("SELECT callback_url, callback_events FROM jobs WHERE id = ?1")
+        .and_then(|mut stmt| {
+            stmt.query_row([job.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(sql_err)?;
+    let Some((Some(url), events)) = callback else {
+        return Ok(());
+    };
+    if !events
+        .as_deref()
+        .unwrap_or("final")
+        .split(',')
+        .any(|e| e == announced)
+    {
+        return Ok(());
+    }
+    let body = serde_json::to_string(job)?;
+    conn.prepare_cached(
+        "INSERT INTO webhook_outbox (id, job_id, event, url, body, created_ms, next_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            uuid::Uuid::new_v4().to_string(),
+            job.id,
+            job.status.as_str(),
+            url,
+            body,
+            now
         ])
     })
     .map_err(sql_err)?;
@@ -151,12 +230,35 @@ impl SqliteDb {
                  job_id INTEGER NOT NULL,
                  PRIMARY KEY (client, dest_id)
              );
+             -- The notifications of jobs with a callback (the webhook outbox): written in the
+             -- transaction of the state change they announce; next_ms is NULL once ended.
+             CREATE TABLE IF NOT EXISTS webhook_outbox (
+                 id TEXT PRIMARY KEY,
+                 job_id INTEGER NOT NULL,
+                 event TEXT NOT NULL,
+                 url TEXT NOT NULL,
+                 body TEXT NOT NULL,
+                 created_ms INTEGER NOT NULL,
+                 attempts INTEGER NOT NULL DEFAULT 0,
+                 last_status TEXT,
+                 next_ms INTEGER,
+                 outcome TEXT
+             );
+             CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(next_ms)
+                 WHERE next_ms IS NOT NULL;
+             CREATE INDEX IF NOT EXISTS webhook_outbox_by_job ON webhook_outbox(job_id);
              CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events(job_id);
              CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs(finished_ms);
              CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs(status);
              CREATE INDEX IF NOT EXISTS jobs_by_dest ON jobs(client, dest_id);",
         )
         .map_err(sql_err)?;
+        // Columns added after the first release: a database made by an older version gets them.
+        add_missing_columns(
+            &conn,
+            "jobs",
+            &[("callback_url", "TEXT"), ("callback_events", "TEXT")],
+        )?;
         let existing: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'server_id'", [], |r| {
                 r.get(0)
@@ -320,16 +422,26 @@ impl JobDb for SqliteDb {
         &self,
         user_id: i64,
         service: &str,
+        callback: Option<&Callback>,
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut conn = crate::lock(&self.conn);
         let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         tx.prepare_cached(
-            "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms)
-             VALUES ('Queued', 'Job queued', ?1, ?2, ?3, ?3)",
+            "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms,
+                               callback_url, callback_events)
+             VALUES ('Queued', 'Job queued', ?1, ?2, ?3, ?3, ?4, ?5)",
         )
-        .and_then(|mut stmt| stmt.execute(params![user_id, service, now]))
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                user_id,
+                service,
+                now,
+                callback.map(|c| c.url.as_str()),
+                callback.map(events_column)
+            ])
+        })
         .map_err(|e| self.sql_err(e))?;
         let id = tx.last_insert_rowid();
         // Before the commit: a mark ahead of the database skips an id, never reuses one.
@@ -446,20 +558,29 @@ impl JobDb for SqliteDb {
         match &job {
             // A Cleaned job keeps its row (its id answers) but not its timeline: the events
             // table would otherwise grow with every job ever run.
+            // So do its ended notifications; pending ones go on until they end.
             Some(_) if to == JobStatus::Cleaned => {
                 tx.prepare_cached("DELETE FROM job_events WHERE job_id = ?1")
                     .and_then(|mut stmt| stmt.execute([id]))
                     .map_err(|e| self.sql_err(e))?;
+                tx.prepare_cached(
+                    "DELETE FROM webhook_outbox WHERE job_id = ?1 AND next_ms IS NULL",
+                )
+                .and_then(|mut stmt| stmt.execute([id]))
+                .map_err(|e| self.sql_err(e))?;
             }
-            Some(job) => record_event(
-                &tx,
-                id,
-                now,
-                to,
-                &job.message,
-                job.attempts,
-                job.client.as_deref(),
-            )?,
+            Some(job) => {
+                record_event(
+                    &tx,
+                    id,
+                    now,
+                    to,
+                    &job.message,
+                    job.attempts,
+                    job.client.as_deref(),
+                )?;
+                queue_notification(&tx, job, now)?;
+            }
             None => {}
         }
         tx.commit().map_err(|e| self.sql_err(e))?;
@@ -673,6 +794,96 @@ impl JobDb for SqliteDb {
         conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
             .map_err(|e| self.sql_err(e))
     }
+    fn due_deliveries(&self, now_ms: i64, limit: usize) -> anyhow::Result<Vec<Delivery>> {
+        let conn = crate::lock(&self.conn);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT o.id, o.job_id, j.service, o.event, o.url, o.body, o.created_ms,
+                        o.attempts
+                 FROM webhook_outbox o JOIN jobs j ON j.id = o.job_id
+                 WHERE o.next_ms IS NOT NULL AND o.next_ms <= ?1
+                 ORDER BY o.next_ms LIMIT ?2",
+            )
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map(params![now_ms, limit as i64], |r| {
+                Ok(Delivery {
+                    id: r.get(0)?,
+                    job_id: r.get(1)?,
+                    service: r.get(2)?,
+                    event: r.get(3)?,
+                    url: r.get(4)?,
+                    body: r.get(5)?,
+                    created_ms: r.get(6)?,
+                    attempts: r.get(7)?,
+                })
+            })
+            .map_err(|e| self.sql_err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.sql_err(e))?;
+        Ok(rows)
+    }
+    fn next_delivery_ms(&self) -> anyhow::Result<Option<i64>> {
+        let conn = crate::lock(&self.conn);
+        conn.query_row(
+            "SELECT MIN(next_ms) FROM webhook_outbox WHERE next_ms IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| self.sql_err(e))
+    }
+    fn retry_delivery(&self, id: &str, status: &str, next_ms: i64) -> anyhow::Result<()> {
+        let conn = crate::lock(&self.conn);
+        conn.prepare_cached(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, last_status = ?2, next_ms = ?3
+             WHERE id = ?1 AND next_ms IS NOT NULL",
+        )
+        .and_then(|mut stmt| stmt.execute(params![id, status, next_ms]))
+        .map_err(|e| self.sql_err(e))?;
+        Ok(())
+    }
+    fn finish_delivery(
+        &self,
+        id: &str,
+        status: &str,
+        tried: bool,
+        end: DeliveryEnd,
+    ) -> anyhow::Result<()> {
+        let conn = crate::lock(&self.conn);
+        conn.prepare_cached(
+            "UPDATE webhook_outbox SET attempts = attempts + ?2, last_status = ?3,
+                    next_ms = NULL, outcome = ?4
+             WHERE id = ?1 AND next_ms IS NOT NULL",
+        )
+        .and_then(|mut stmt| stmt.execute(params![id, i64::from(tried), status, end.as_str()]))
+        .map_err(|e| self.sql_err(e))?;
+        Ok(())
+    }
+    fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>> {
+        let conn = crate::lock(&self.conn);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, event, url, attempts, last_status, next_ms, outcome
+                 FROM webhook_outbox WHERE job_id = ?1 ORDER BY created_ms, rowid",
+            )
+            .map_err(|e| self.sql_err(e))?;
+        let rows = stmt
+            .query_map([id], |r| {
+                Ok(Notification {
+                    id: r.get(0)?,
+                    event: r.get(1)?,
+                    url: r.get(2)?,
+                    attempts: r.get(3)?,
+                    last_status: r.get(4)?,
+                    next_try_ms: r.get(5)?,
+                    outcome: r.get(6)?,
+                })
+            })
+            .map_err(|e| self.sql_err(e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| self.sql_err(e))?;
+        Ok(rows)
+    }
 }
 
 #[cfg(test)]
@@ -684,7 +895,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         let store = SqliteDb::open(&path).unwrap();
-        let job = store.insert_job(7, "example", &mut |_| Ok(())).unwrap();
+        let job = store
+            .insert_job(7, "example", None, &mut |_| Ok(()))
+            .unwrap();
         assert_eq!(job.status, JobStatus::Queued);
         let moved = store
             .transition(
@@ -722,7 +935,9 @@ mod tests {
     fn a_run_given_away_is_remembered_in_the_same_commit() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
-        let job = store.insert_job(7, "example", &mut |_| Ok(())).unwrap();
+        let job = store
+            .insert_job(7, "example", None, &mut |_| Ok(()))
+            .unwrap();
         let sent = Change {
             client: Some(Some("http://c".into())),
             dest_id: Some(Some(5)),
@@ -769,12 +984,158 @@ mod tests {
     }
 
     #[test]
+    fn a_notification_is_written_with_the_state_change_it_announces() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+        let final_only = Callback {
+            url: "http://hooks/a".into(),
+            on_running: false,
+        };
+        let job = store
+            .insert_job(1, "x", Some(&final_only), &mut |_| Ok(()))
+            .unwrap();
+        let silent = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+        for id in [job.id, silent.id] {
+            store
+                .transition(
+                    id,
+                    &[JobStatus::Queued],
+                    JobStatus::Running,
+                    Change::default(),
+                )
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(store.due_deliveries(i64::MAX, 10).unwrap(), vec![]);
+        // A guarded change that does not apply announces nothing.
+        assert!(store
+            .transition(
+                job.id,
+                &[JobStatus::Queued],
+                JobStatus::Killed,
+                Change::default()
+            )
+            .unwrap()
+            .is_none());
+        for id in [job.id, silent.id] {
+            store
+                .transition(
+                    id,
+                    &[JobStatus::Running],
+                    JobStatus::Completed,
+                    Change::default(),
+                )
+                .unwrap()
+                .unwrap();
+        }
+        let due = store.due_deliveries(now_ms(), 10).unwrap();
+        assert_eq!(due.len(), 1, "{due:?}");
+        let delivery = &due[0];
+        assert_eq!(
+            (delivery.job_id, delivery.event),
+            (job.id, JobStatus::Completed)
+        );
+        assert_eq!(delivery.url, "http://hooks/a");
+        let body: serde_json::Value = serde_json::from_str(&delivery.body).unwrap();
+        assert_eq!(body["status"], "Completed");
+
+        store
+            .retry_delivery(&delivery.id, "503", now_ms() + 60_000)
+            .unwrap();
+        assert_eq!(store.due_deliveries(now_ms(), 10).unwrap(), vec![]);
+        assert!(store.next_delivery_ms().unwrap().unwrap() > now_ms());
+        store
+            .finish_delivery(&delivery.id, "200", true, DeliveryEnd::Delivered)
+            .unwrap();
+        assert_eq!(store.next_delivery_ms().unwrap(), None);
+        let shown = store.notifications(job.id).unwrap();
+        assert_eq!(shown.len(), 1);
+        assert_eq!(shown[0].attempts, 2);
+        assert_eq!(shown[0].last_status.as_deref(), Some("200"));
+        assert_eq!(shown[0].outcome.as_deref(), Some("delivered"));
+        assert_eq!(shown[0].next_try_ms, None);
+
+        // Running too when asked.
+        let both = Callback {
+            url: "http://hooks/b".into(),
+            on_running: true,
+        };
+        let job = store
+            .insert_job(1, "x", Some(&both), &mut |_| Ok(()))
+            .unwrap();
+        store
+            .transition(
+                job.id,
+                &[JobStatus::Queued],
+                JobStatus::Running,
+                Change::default(),
+            )
+            .unwrap()
+            .unwrap();
+        let due = store.due_deliveries(now_ms(), 10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].event, JobStatus::Running);
+    }
+
+    #[test]
+    fn a_database_of_an_older_version_gains_the_callback_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE jobs (
+                     id INTEGER PRIMARY KEY AUTOINCREMENT, status TEXT NOT NULL,
+                     message TEXT NOT NULL DEFAULT '', user_id INTEGER NOT NULL,
+                     service TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, client TEXT,
+                     dest_id INTEGER, node TEXT, dispatch_key TEXT, exit_code INTEGER,
+                     created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+                     finished_ms INTEGER);
+                 INSERT INTO jobs (status, user_id, service, created_ms, updated_ms)
+                     VALUES ('Running', 1, 'x', 0, 0);",
+            )
+            .unwrap();
+        let store = SqliteDb::open(&db).unwrap();
+        // The old job has no callback: finishing it announces nothing.
+        store
+            .transition(
+                1,
+                &[JobStatus::Running],
+                JobStatus::Failed,
+                Change::default(),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.next_delivery_ms().unwrap(), None);
+        let callback = Callback {
+            url: "http://hooks/".into(),
+            on_running: false,
+        };
+        let job = store
+            .insert_job(1, "x", Some(&callback), &mut |_| Ok(()))
+            .unwrap();
+        store
+            .transition(
+                job.id,
+                &[JobStatus::Queued],
+                JobStatus::Killed,
+                Change::default(),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.due_deliveries(now_ms(), 10).unwrap().len(), 1);
+        drop(store);
+        // Opening again adds nothing twice.
+        SqliteDb::open(&db).unwrap();
+    }
+
+    #[test]
     fn job_ids_continue_above_the_mark_when_the_database_is_emptied() {
         let dir = tempfile::tempdir().unwrap();
         let (db, mark) = (dir.path().join("db.sqlite"), dir.path().join("last-job-id"));
         let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
         for _ in 0..3 {
-            store.insert_job(1, "x", &mut |_| Ok(())).unwrap();
+            store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
         }
         drop(store);
         assert_eq!(std::fs::read_to_string(&mark).unwrap().trim(), "3");
@@ -783,12 +1144,18 @@ mod tests {
         let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
         assert_eq!(store.count().unwrap(), 0);
         assert_eq!(store.mark_at_open(), 3);
-        assert_eq!(store.insert_job(1, "x", &mut |_| Ok(())).unwrap().id, 4);
+        assert_eq!(
+            store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id,
+            4
+        );
         drop(store);
         // A database that is ahead of a lost mark sets it.
         std::fs::remove_file(&mark).unwrap();
         let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
-        assert_eq!(store.insert_job(1, "x", &mut |_| Ok(())).unwrap().id, 5);
+        assert_eq!(
+            store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id,
+            5
+        );
         drop(store);
         std::fs::write(&mark, "five").unwrap();
         assert!(SqliteDb::open_with_mark(&db, &mark).is_err());
@@ -800,7 +1167,7 @@ mod tests {
         let db = dir.path().join("db.sqlite");
         let store = SqliteDb::open(&db).unwrap();
         for _ in 0..50 {
-            let job = store.insert_job(1, "x", &mut |_| Ok(())).unwrap();
+            let job = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
             store
                 .transition(
                     job.id,
@@ -845,7 +1212,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
         let store = SqliteDb::open(&db).unwrap();
-        let job = store.insert_job(1, "x", &mut |_| Ok(())).unwrap();
+        let job = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
         Connection::open(&db)
             .unwrap()
             .execute("UPDATE jobs SET status = 'Paused' WHERE id = ?1", [job.id])
@@ -869,8 +1236,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
         let store = SqliteDb::open(&db).unwrap();
-        let cleaned = store.insert_job(1, "x", &mut |_| Ok(())).unwrap().id;
-        let kept = store.insert_job(1, "x", &mut |_| Ok(())).unwrap().id;
+        let cleaned = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id;
+        let kept = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id;
         for id in [cleaned, kept] {
             store
                 .transition(
@@ -929,7 +1296,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
         for user in [1, 2, 1, 1] {
-            store.insert_job(user, "x", &mut |_| Ok(())).unwrap();
+            store.insert_job(user, "x", None, &mut |_| Ok(())).unwrap();
         }
         let filter = ListFilter {
             user_id: Some(1),
@@ -952,7 +1319,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
         assert!(store
-            .insert_job(1, "x", &mut |_| Err(std::io::Error::other("disk")))
+            .insert_job(1, "x", None, &mut |_| Err(std::io::Error::other("disk")))
             .is_err());
         assert_eq!(store.count().unwrap(), 0);
     }
