@@ -112,7 +112,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     services.insert(SERVICE.to_owned(), ServiceConfig::new(vec![endpoint]));
     let mut config = ServerConfig::new(data_dir.join("server"), services);
     config.listen = SocketAddr::from((args.host, args.port));
-    let db = config.db_path.clone();
+    let db = jobrelay_server::describe(&config.db);
     let server = match jobrelay_server::start(config).await {
         Ok(server) => server,
         Err(e) => {
@@ -125,7 +125,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "\n  API       {api}\n  OpenAPI   {api}/docs  (spec: {api}/openapi.json)\n  client    {client_url}  (service \"{SERVICE}\", {slots} slots)\n  data      {}\n  database  {}\n",
         data_dir.display(),
-        db.display()
+        db
     );
     println!("Try the bundled example job (counts residues per chain in a PDB file):\n");
     println!(

@@ -42,9 +42,11 @@ pub struct ServerArgs {
     /// Directory for uploaded jobs and stored results.
     #[arg(long, env = "DATA_PATH", default_value = "./data/server")]
     pub data_dir: PathBuf,
-    /// SQLite database file (default: <data-dir>/jobrelay.sqlite).
+    /// The database: a SQLite file (default: <data-dir>/jobrelay.sqlite), or a PostgreSQL
+    /// server as `postgres://user[:password]@host[:port]/database` (also read from
+    /// DATABASE_URL when neither this flag nor DB_PATH is given).
     #[arg(long, env = "DB_PATH")]
-    pub db: Option<PathBuf>,
+    pub db: Option<String>,
     /// TOML file describing the services and their clients.
     #[arg(long, env = "JOBRELAY_CONFIG")]
     pub config: Option<PathBuf>,
@@ -195,7 +197,7 @@ impl ServiceConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub db_path: PathBuf,
+    pub db: Database,
     pub services: BTreeMap<String, ServiceConfig>,
     pub max_age: Duration,
     pub max_upload: u64,
@@ -211,6 +213,38 @@ pub struct ServerConfig {
     pub client_ca: Option<PathBuf>,
     /// Completion webhooks, server-wide (see [`crate::webhooks`]).
     pub webhooks: WebhookConfig,
+}
+
+/// Where the server keeps its jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// The embedded default: one SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server, by its `postgres://` URL (checked when the store connects).
+    Postgres(String),
+}
+
+impl Database {
+    /// `--db`, else `DATABASE_URL`, else the SQLite file in the data directory. A value of
+    /// `--db` that starts with `postgres://` or `postgresql://` is a PostgreSQL URL, any other
+    /// a SQLite file; `DATABASE_URL` must be a PostgreSQL URL (the variable's usual meaning).
+    pub fn from_args(
+        db: Option<&str>,
+        database_url: Option<&str>,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let is_postgres =
+            |value: &str| value.starts_with("postgres://") || value.starts_with("postgresql://");
+        Ok(match (db, database_url) {
+            (Some(value), _) if is_postgres(value) => Database::Postgres(value.to_owned()),
+            (Some(path), _) => Database::Sqlite(PathBuf::from(path)),
+            (None, Some(url)) if is_postgres(url) => Database::Postgres(url.to_owned()),
+            (None, Some(_)) => anyhow::bail!(
+                "DATABASE_URL must be a postgres:// URL (a SQLite file is given with --db or DB_PATH)"
+            ),
+            (None, None) => Database::Sqlite(data_dir.join("jobrelay.sqlite")),
+        })
+    }
 }
 
 /// Default time a notification is retried before it is given up: 24 h.
@@ -273,7 +307,7 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf, services: BTreeMap<String, ServiceConfig>) -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            db_path: data_dir.join("jobrelay.sqlite"),
+            db: Database::Sqlite(data_dir.join("jobrelay.sqlite")),
             data_dir,
             services,
             max_age: Duration::from_secs(864000),
@@ -548,14 +582,14 @@ impl ServerArgs {
             )
         })?;
         let data_dir = std::fs::canonicalize(&self.data_dir)?;
-        let db_path = self
-            .db
-            .clone()
-            .unwrap_or_else(|| data_dir.join("jobrelay.sqlite"));
+        let database_url = std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|url| !url.is_empty());
+        let db = Database::from_args(self.db.as_deref(), database_url.as_deref(), &data_dir)?;
         Ok(ServerConfig {
             listen: SocketAddr::new(self.bind, self.port),
             data_dir,
-            db_path,
+            db,
             services,
             max_age: seconds("max-age", self.max_age)?,
             max_upload: self.max_upload,
@@ -750,5 +784,33 @@ mod tests {
                 "error {error:?} should mention {needle:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_database_comes_from_the_flag_then_database_url_then_the_data_directory() {
+        let dir = std::path::Path::new("/data");
+        let pg = "postgres://jr@db:5432/jobs";
+        let from = |db, url| Database::from_args(db, url, dir).unwrap();
+        assert_eq!(
+            from(None, None),
+            Database::Sqlite(dir.join("jobrelay.sqlite"))
+        );
+        assert_eq!(from(Some(pg), None), Database::Postgres(pg.into()));
+        assert_eq!(
+            from(Some("postgresql://h/d"), None),
+            Database::Postgres("postgresql://h/d".into())
+        );
+        assert_eq!(
+            from(Some("/srv/jobs.sqlite"), Some(pg)),
+            Database::Sqlite("/srv/jobs.sqlite".into())
+        );
+        assert_eq!(from(None, Some(pg)), Database::Postgres(pg.into()));
+        let why = Database::from_args(None, Some("/srv/jobs.sqlite"), dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            why.contains("DATABASE_URL must be a postgres:// URL"),
+            "{why}"
+        );
     }
 }

@@ -60,9 +60,10 @@ use jobrelay_common::fsutil::remove_dir_all_if_exists;
 use jobrelay_common::serve::Serving;
 
 use crate::clients::ClientHandle;
+use crate::config::Database;
 use crate::lifecycle::{JobTable, Lifecycle};
 use crate::scheduler::Scheduler;
-use crate::store::SqliteDb;
+use crate::store::{PgDb, SqliteDb};
 
 /// Most job checks (`/retrieve` calls and result downloads) in progress at once.
 const MAX_CONCURRENT_CHECKS: usize = 64;
@@ -119,11 +120,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     }
-    let store = Arc::new(JobTable::new(Box::new(SqliteDb::open_with_mark(
-        &config.db_path,
-        &data_dir.join(JOB_ID_MARK),
-    )?)));
-    refuse_a_database_behind_its_files(&store, &config.db_path, &jobs_dir, &results_dir)?;
+    let db: Box<dyn store::JobDb> = match &config.db {
+        Database::Sqlite(path) => {
+            Box::new(SqliteDb::open_with_mark(path, &data_dir.join(JOB_ID_MARK))?)
+        }
+        Database::Postgres(url) => Box::new(PgDb::open(url)?),
+    };
+    let store = Arc::new(JobTable::new(db));
+    refuse_a_database_behind_its_files(&store, &describe(&config.db), &jobs_dir, &results_dir)?;
 
     let client_ca = match &config.client_ca {
         Some(path) => {
@@ -276,7 +280,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     for job in resend {
         tasks.push(tokio::spawn(dispatcher::resend(shared.clone(), job)));
     }
-    tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), db = %shared.config.db_path.display(), "server started");
+    tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), db = %describe(&shared.config.db), "server started");
     Ok(RunningServer {
         addr,
         scheme,
@@ -284,6 +288,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         serving,
         tasks,
     })
+}
+
+/// The database for people: a SQLite file's path, a PostgreSQL URL without its password.
+pub fn describe(db: &Database) -> String {
+    match db {
+        Database::Sqlite(path) => path.display().to_string(),
+        Database::Postgres(url) => store::postgres::redact(url),
+    }
 }
 
 /// Name of the job-id high-water mark in the data directory ([`SqliteDb::open_with_mark`]).
@@ -298,7 +310,7 @@ const INTEGRITY_EVERY: Duration = Duration::from_secs(600);
 /// row is normal only for the upload a crash cut short (the last id handed out).
 fn refuse_a_database_behind_its_files(
     store: &JobTable,
-    db: &std::path::Path,
+    db: &str,
     jobs_dir: &std::path::Path,
     results_dir: &std::path::Path,
 ) -> anyhow::Result<()> {
@@ -339,7 +351,7 @@ fn refuse_a_database_behind_its_files(
          would delete those files. Restore the database from a backup; or, to start afresh \
          without those jobs, move {} and {} out of the way (new job ids continue after {} \
          either way)",
-        db.display(),
+        db,
         jobs_dir.display(),
         results_dir.display(),
         jobs_dir.display(),

@@ -37,7 +37,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
         [(SERVICE.to_owned(), service.clone())].into(),
     );
     let store = Arc::new(JobTable::new(Box::new(
-        SqliteDb::open(&config.db_path).unwrap(),
+        SqliteDb::open(&config.data_dir.join("jobrelay.sqlite")).unwrap(),
     )));
     let mut sched = Scheduler::new();
     let client = sched.add_client();

@@ -2,17 +2,22 @@
 //!
 //! [`JobDb`] is everything the server asks of its database: a guarded state change, the
 //! reads its API and loops need, the runs given away. [`sqlite::SqliteDb`] is the embedded
-//! implementation (WAL, one file); another database implements the same trait. A store only
+//! implementation (WAL, one file), [`postgres::PgDb`] the one on a PostgreSQL server; both
+//! pass the same tests (`suite.rs`). A store only
 //! stores: waking long-polls, metrics and logs of committed changes are the caller's
 //! ([`crate::lifecycle::JobTable`]).
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+pub use postgres::PgDb;
 pub use sqlite::SqliteDb;
 
 /// Milliseconds since the Unix epoch.

@@ -1,0 +1,1028 @@
+//! The store on PostgreSQL: the same tables and the same guarded transactions as the SQLite
+//! store, for a server whose database is a PostgreSQL server (`--db postgres://...`).
+//!
+//! Driver: tokio-postgres with a deadpool pool of connections. [`JobDb`] is synchronous and
+//! its calls arrive from anywhere: a tokio worker inside `block_in_place` (the job table's
+//! `off_worker`), a blocking-pool thread, a current-thread runtime's only thread, or a plain
+//! thread (tests, start-up). `Handle::block_on` or `Runtime::block_on` would panic on some
+//! of those (a thread that is inside a runtime), so every call is a task on a small runtime
+//! that this store owns (one worker thread, which also drives the pool's connections), and
+//! the calling thread waits for its answer on a standard channel: that works from every one
+//! of those places, and the connections outlive whichever runtime the caller runs on.
+//!
+//! TLS to the database is not offered (see SECURITY.md): a URL is accepted with no `sslmode`
+//! or `sslmode=disable`, and any other mode is refused at start, rather than connecting in
+//! plain text to a server the user asked to reach over TLS.
+
+mod migrate;
+#[cfg(test)]
+pub mod testing;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime,
+};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::{
+    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent, JobStatus,
+    ListFilter, Notification,
+};
+
+const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, dest_id, node, \
+                       dispatch_key, exit_code, created_ms, updated_ms, finished_ms";
+
+/// Connections kept open to the database: the server's calls are short, a few at a time.
+const POOL_SIZE: usize = 16;
+/// Longest wait for a new connection (TCP connect and authentication).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a free connection of the pool when all are busy.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// The PostgreSQL implementation of [`JobDb`].
+pub struct PgDb {
+    /// Runs every database call (see the module's documentation); `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    server_id: String,
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Reads a `postgres://` (or `postgresql://`) URL into the driver's configuration, refusing
+/// what this store does not support (TLS) with the reason and what to do instead.
+pub fn parse_url(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let shown = redact(url);
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        anyhow::bail!("{shown} is not a PostgreSQL URL: it starts with postgres://");
+    }
+    if let Some((_, query)) = url.split_once('?') {
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            if key == "sslmode" && value != "disable" {
+                anyhow::bail!(
+                    "{shown}: sslmode={value} is not supported: jobrelay connects to PostgreSQL \
+                     without TLS. Give sslmode=disable and reach the database over a trusted \
+                     network, a Unix socket (?host=/run/postgresql) or a TLS tunnel (SECURITY.md)"
+                );
+            }
+        }
+    }
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("bad PostgreSQL URL {shown}: {e}"))?;
+    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("jobrelay");
+    }
+    Ok(config)
+}
+
+impl PgDb {
+    /// Connects to the database at `url`, brings its schema up to date and reads (or makes)
+    /// its identity. Fails with the URL (without password) when it cannot.
+    pub fn open(url: &str) -> anyhow::Result<Self> {
+        Self::connect(parse_url(url)?, &redact(url))
+    }
+
+    /// [`PgDb::open`] with a configuration already read; `shown` names it in errors.
+    pub fn connect(config: tokio_postgres::Config, shown: &str) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("jobrelay-postgres")
+            .enable_all()
+            .build()?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // A connection is checked by its state, not a query: a broken one is closed
+                // (the driver sees the socket end) and replaced at the next call.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(WAIT_TIMEOUT))
+            .build()?;
+        let mut db = PgDb {
+            runtime: Some(runtime),
+            pool,
+            server_id: String::new(),
+        };
+        let fresh_id = uuid::Uuid::new_v4().to_string();
+        db.server_id = db
+            .run(|pool| async move {
+                let mut client = pool.get().await?;
+                let applied = migrate::migrate(&mut client).await?;
+                if !applied.is_empty() {
+                    tracing::info!(?applied, "database schema migrated");
+                }
+                client
+                    .execute(
+                        "INSERT INTO meta (key, value) VALUES ('server_id', $1)
+                         ON CONFLICT (key) DO NOTHING",
+                        &[&fresh_id],
+                    )
+                    .await?;
+                let row = client
+                    .query_one("SELECT value FROM meta WHERE key = 'server_id'", &[])
+                    .await?;
+                Ok(row.get::<_, String>(0))
+            })
+            .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL database {shown}: {e:#}"))?;
+        Ok(db)
+    }
+
+    /// Runs `work` on the store's runtime and waits for its answer on this thread.
+    fn run<T, Fut>(&self, work: impl FnOnce(Pool) -> Fut) -> anyhow::Result<T>
+    where
+        Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        let task = work(self.pool.clone());
+        runtime.spawn(async move {
+            let _ = answer.send(task.await);
+        });
+        answered
+            .recv()
+            .map_err(|_| anyhow::anyhow!("database error: the call was cut short"))?
+            .map_err(|e| anyhow::anyhow!("database error: {e:#}"))
+    }
+
+    /// Runs `work` with a pooled connection.
+    fn with_client<T, Fut>(
+        &self,
+        work: impl FnOnce(Object) -> Fut + Send + 'static,
+    ) -> anyhow::Result<T>
+    where
+        Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.run(|pool| async move { work(pool.get().await?).await })
+    }
+
+    /// Every job `sql` selects (its columns [`COLUMNS`]).
+    fn jobs(&self, sql: String, params: Vec<Param>) -> anyhow::Result<Vec<Job>> {
+        self.with_client(move |client| async move {
+            let statement = client.prepare_cached(&sql).await?;
+            let rows = client.query(&statement, &refs(&params)).await?;
+            rows.iter().map(job_from_row).collect()
+        })
+    }
+
+    /// The first column of every row `sql` selects.
+    fn column<T>(&self, sql: &'static str, params: Vec<Param>) -> anyhow::Result<Vec<T>>
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a> + Send + 'static,
+    {
+        self.with_client(move |client| async move {
+            let statement = client.prepare_cached(sql).await?;
+            let rows = client.query(&statement, &refs(&params)).await?;
+            rows.iter()
+                .map(|r| r.try_get(0).map_err(anyhow::Error::from))
+                .collect()
+        })
+    }
+
+    /// Runs one statement that changes rows.
+    fn execute(&self, sql: &'static str, params: Vec<Param>) -> anyhow::Result<()> {
+        self.with_client(move |client| async move {
+            let statement = client.prepare_cached(sql).await?;
+            client.execute(&statement, &refs(&params)).await?;
+            Ok(())
+        })
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks on its tasks, which panics inside an async context (the
+        // last holder of the store may be a task); nothing of ours is left to wait for.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn refs(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+fn status_of(text: &str) -> anyhow::Result<JobStatus> {
+    // A status the server does not know is an error naming it, never another state (see the
+    // SQLite store's `FromSql`).
+    JobStatus::parse(text)
+        .ok_or_else(|| anyhow::anyhow!("unknown job status {text:?} in the database"))
+}
+
+fn count(value: i64) -> anyhow::Result<u32> {
+    u32::try_from(value).map_err(|_| anyhow::anyhow!("count {value} out of range in the database"))
+}
+
+fn job_from_row(row: &Row) -> anyhow::Result<Job> {
+    let created_ms: i64 = row.try_get(11)?;
+    let updated_ms: i64 = row.try_get(12)?;
+    let finished_ms: Option<i64> = row.try_get(13)?;
+    Ok(Job {
+        id: row.try_get(0)?,
+        status: status_of(row.try_get(1)?)?,
+        message: row.try_get(2)?,
+        user_id: row.try_get(3)?,
+        service: row.try_get(4)?,
+        attempts: count(row.try_get(5)?)?,
+        client: row.try_get(6)?,
+        dest_id: row.try_get(7)?,
+        node: row.try_get(8)?,
+        dispatch_key: row.try_get(9)?,
+        exit_code: row.try_get(10)?,
+        created_ms,
+        updated_ms,
+        finished_ms,
+        created_at: super::rfc3339(created_ms),
+        updated_at: super::rfc3339(updated_ms),
+        finished_at: finished_ms.map(super::rfc3339),
+    })
+}
+
+async fn record_event(
+    client: &impl GenericClient,
+    job: &Job,
+    at_ms: i64,
+    status: JobStatus,
+) -> anyhow::Result<()> {
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO job_events (job_id, at_ms, status, message, attempts, client)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .await?;
+    client
+        .execute(
+            &statement,
+            &[
+                &job.id,
+                &at_ms,
+                &status.as_str(),
+                &job.message,
+                &i64::from(job.attempts),
+                &job.client,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// How `callback_events` is stored: the states that are announced (as in SQLite).
+fn events_column(callback: &Callback) -> &'static str {
+    if callback.on_running {
+        "running,final"
+    } else {
+        "final"
+    }
+}
+
+/// Writes `job`'s notification of the state it just reached if its callback (`url`, `events`)
+/// asks for it; part of the caller's transaction.
+async fn queue_notification(
+    client: &impl GenericClient,
+    job: &Job,
+    url: Option<String>,
+    events: Option<String>,
+    now: i64,
+) -> anyhow::Result<()> {
+    let announced = match job.status {
+        JobStatus::Running => "running",
+        s if s.is_finished() && s != JobStatus::Cleaned => "final",
+        _ => return Ok(()),
+    };
+    let Some(url) = url else {
+        return Ok(());
+    };
+    if !events
+        .as_deref()
+        .unwrap_or("final")
+        .split(',')
+        .any(|e| e == announced)
+    {
+        return Ok(());
+    }
+    let body = serde_json::to_string(job)?;
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO webhook_outbox (id, job_id, event, url, body, created_ms, next_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $6)",
+        )
+        .await?;
+    client
+        .execute(
+            &statement,
+            &[
+                &uuid::Uuid::new_v4().to_string(),
+                &job.id,
+                &job.status.as_str(),
+                &url,
+                &body,
+                &now,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A connection inside a transaction opened by hand (`BEGIN`), for the upload, whose files
+/// are put in place on the caller's thread between the insert and the commit. Dropped without
+/// [`OpenTransaction::commit`] (an error, a panic of the caller), the connection is closed
+/// rather than given back to the pool: the server rolls the transaction back, and no later
+/// call finds itself inside it.
+struct OpenTransaction(Option<Object>);
+
+impl OpenTransaction {
+    fn client(&self) -> &Object {
+        self.0.as_ref().expect("open until committed or dropped")
+    }
+
+    async fn commit(mut self) -> anyhow::Result<()> {
+        let client = self.0.take().expect("committed once");
+        match client.batch_execute("COMMIT").await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                drop(Object::take(client));
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+impl JobDb for PgDb {
+    fn server_id(&self) -> &str {
+        &self.server_id
+    }
+    /// No mark file: ids come from a sequence, which never hands one out twice.
+    fn mark_at_open(&self) -> i64 {
+        0
+    }
+    fn insert_job(
+        &self,
+        user_id: i64,
+        service: &str,
+        callback: Option<&Callback>,
+        place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
+    ) -> anyhow::Result<Job> {
+        let service = service.to_owned();
+        let url = callback.map(|c| c.url.clone());
+        let events = callback.map(events_column);
+        let (open, job) = self.with_client(move |client| async move {
+            client.batch_execute("BEGIN").await?;
+            let open = OpenTransaction(Some(client));
+            let now = now_ms();
+            let statement = open
+                .client()
+                .prepare_cached(&format!(
+                    "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms,
+                                       callback_url, callback_events)
+                     VALUES ('Queued', 'Job queued', $1, $2, $3, $3, $4, $5)
+                     RETURNING {COLUMNS}"
+                ))
+                .await?;
+            let row = open
+                .client()
+                .query_one(&statement, &[&user_id, &service, &now, &url, &events])
+                .await?;
+            let job = job_from_row(&row)?;
+            record_event(open.client(), &job, now, JobStatus::Queued).await?;
+            Ok((open, job))
+        })?;
+        // On the caller's thread, inside the transaction: the job exists if and only if its
+        // files were put in place (an error here drops `open`, which rolls back).
+        place_files(job.id)?;
+        self.run(move |_| open.commit())?;
+        Ok(job)
+    }
+    fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
+        let jobs = self.jobs(
+            format!("SELECT {COLUMNS} FROM jobs WHERE id = $1"),
+            vec![Box::new(id)],
+        )?;
+        Ok(jobs.into_iter().next())
+    }
+    fn transition(
+        &self,
+        id: i64,
+        from: &[JobStatus],
+        to: JobStatus,
+        change: Change,
+    ) -> anyhow::Result<Option<Job>> {
+        let now = now_ms();
+        let mut sets = vec!["status = $1".to_owned(), "updated_ms = $2".to_owned()];
+        let mut values: Vec<Param> = vec![Box::new(to.as_str()), Box::new(now)];
+        let mut push = |column: &str, value: Param| {
+            values.push(value);
+            sets.push(format!("{column} = ${}", values.len()));
+        };
+        if let Some(v) = change.message.clone() {
+            push("message", Box::new(v));
+        }
+        if let Some(v) = change.attempts {
+            push("attempts", Box::new(i64::from(v)));
+        }
+        if let Some(v) = change.client.clone() {
+            push("client", Box::new(v));
+        }
+        if let Some(v) = change.dest_id {
+            push("dest_id", Box::new(v));
+        }
+        if let Some(v) = change.node.clone() {
+            push("node", Box::new(v));
+        }
+        if let Some(v) = change.dispatch_key.clone() {
+            push("dispatch_key", Box::new(v));
+        }
+        if let Some(v) = change.exit_code {
+            push("exit_code", Box::new(v));
+        }
+        if to.is_finished() && to != JobStatus::Cleaned {
+            push("finished_ms", Box::new(now));
+        }
+        let states: Vec<&'static str> = from.iter().map(|s| s.as_str()).collect();
+        values.push(Box::new(id));
+        let id_param = values.len();
+        values.push(Box::new(states.clone()));
+        let states_param = values.len();
+        // Only while the job is still in the run the change is about (its dispatch key).
+        let run_guard = match &change.only_run {
+            Some(key) => {
+                values.push(Box::new(key.clone()));
+                format!("AND dispatch_key IS NOT DISTINCT FROM ${}", values.len())
+            }
+            None => String::new(),
+        };
+        let update = format!(
+            "UPDATE jobs SET {} WHERE id = ${id_param} AND status = ANY(${states_param}) \
+             {run_guard} RETURNING {COLUMNS}, callback_url, callback_events",
+            sets.join(", ")
+        );
+        // The run this change gives away, read under the row's lock before the update
+        // clears it: no other change can slip between the read and the update.
+        let abandoned = change.abandon_run.then(|| {
+            let guard = if change.only_run.is_some() {
+                "AND dispatch_key IS NOT DISTINCT FROM $3"
+            } else {
+                ""
+            };
+            let sql = format!(
+                "SELECT client, dest_id, dispatch_key FROM jobs
+                 WHERE id = $1 AND status = ANY($2) {guard} FOR UPDATE"
+            );
+            let mut params: Vec<Param> = vec![Box::new(id), Box::new(states)];
+            if let Some(key) = change.only_run.clone() {
+                params.push(Box::new(key));
+            }
+            (sql, params)
+        });
+        self.with_client(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let mut run_given_away = None;
+            if let Some((sql, params)) = &abandoned {
+                let statement = tx.prepare_cached(sql).await?;
+                if let Some(row) = tx.query_opt(&statement, &refs(params)).await? {
+                    let (client, dest_id): (Option<String>, Option<i64>) =
+                        (row.try_get(0)?, row.try_get(1)?);
+                    if let (Some(client), Some(dest_id)) = (client, dest_id) {
+                        run_given_away =
+                            Some((client, dest_id, row.try_get::<_, Option<String>>(2)?));
+                    }
+                }
+            }
+            let statement = tx.prepare_cached(&update).await?;
+            let Some(row) = tx.query_opt(&statement, &refs(&values)).await? else {
+                tx.rollback().await?;
+                return Ok(None);
+            };
+            let job = job_from_row(&row)?;
+            if let Some((client, dest_id, key)) = run_given_away {
+                let statement = tx
+                    .prepare_cached(
+                        "INSERT INTO abandoned_runs (client, dest_id, dispatch_key, job_id)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (client, dest_id) DO UPDATE
+                         SET dispatch_key = EXCLUDED.dispatch_key, job_id = EXCLUDED.job_id",
+                    )
+                    .await?;
+                tx.execute(&statement, &[&client, &dest_id, &key, &id])
+                    .await?;
+            }
+            if to == JobStatus::Cleaned {
+                // A Cleaned job keeps its row (its id answers) but not its timeline, nor its
+                // ended notifications; pending ones go on until they end.
+                let statement = tx
+                    .prepare_cached("DELETE FROM job_events WHERE job_id = $1")
+                    .await?;
+                tx.execute(&statement, &[&id]).await?;
+                let statement = tx
+                    .prepare_cached(
+                        "DELETE FROM webhook_outbox WHERE job_id = $1 AND next_ms IS NULL",
+                    )
+                    .await?;
+                tx.execute(&statement, &[&id]).await?;
+            } else {
+                record_event(&tx, &job, now, to).await?;
+                queue_notification(&tx, &job, row.try_get(14)?, row.try_get(15)?, now).await?;
+            }
+            tx.commit().await?;
+            Ok(Some(job))
+        })
+    }
+    fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached(
+                    "SELECT at_ms, status, message, attempts, client FROM job_events
+                     WHERE job_id = $1 ORDER BY seq",
+                )
+                .await?;
+            let rows = client.query(&statement, &[&id]).await?;
+            rows.iter()
+                .map(|row| {
+                    let at_ms: i64 = row.try_get(0)?;
+                    Ok(JobEvent {
+                        at_ms,
+                        at: super::rfc3339(at_ms),
+                        status: row.try_get(1)?,
+                        message: row.try_get(2)?,
+                        attempts: count(row.try_get(3)?)?,
+                        client: row.try_get(4)?,
+                    })
+                })
+                .collect()
+        })
+    }
+    fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached(
+                    "SELECT service, status, COUNT(*) FROM jobs
+                     WHERE $1::BIGINT IS NULL OR user_id = $1 GROUP BY service, status",
+                )
+                .await?;
+            let rows = client.query(&statement, &[&user]).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect()
+        })
+    }
+    fn finished_per_minute(
+        &self,
+        since_ms: i64,
+        user: Option<i64>,
+    ) -> anyhow::Result<Vec<(i64, i64)>> {
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached(
+                    "SELECT finished_ms / 60000 * 60000 AS minute, COUNT(*) FROM jobs
+                     WHERE finished_ms >= $1 AND ($2::BIGINT IS NULL OR user_id = $2)
+                     GROUP BY minute ORDER BY minute",
+                )
+                .await?;
+            let rows = client.query(&statement, &[&since_ms, &user]).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+    }
+    fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
+        let states: Vec<&'static str> = states.iter().map(|s| s.as_str()).collect();
+        self.jobs(
+            format!("SELECT {COLUMNS} FROM jobs WHERE status = ANY($1) ORDER BY id"),
+            vec![Box::new(states)],
+        )
+    }
+    fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
+        self.jobs(
+            format!(
+                "SELECT {COLUMNS} FROM jobs
+                 WHERE client = $1 AND status IN ('Submitted', 'Running') ORDER BY id"
+            ),
+            vec![Box::new(base.to_owned())],
+        )
+    }
+    fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
+        let base = base.to_owned();
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached(
+                    "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
+                     WHERE client = $1 ORDER BY dest_id",
+                )
+                .await?;
+            let rows = client.query(&statement, &[&base]).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(AbandonedRun {
+                        client: r.try_get(0)?,
+                        dest_id: r.try_get(1)?,
+                        key: r.try_get(2)?,
+                        job_id: r.try_get(3)?,
+                    })
+                })
+                .collect()
+        })
+    }
+    fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
+        self.execute(
+            "DELETE FROM abandoned_runs WHERE client = $1 AND dest_id = $2",
+            vec![Box::new(base.to_owned()), Box::new(dest_id)],
+        )
+    }
+    fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
+        let jobs = self.jobs(
+            format!(
+                "SELECT {COLUMNS} FROM jobs WHERE client = $1 AND dest_id = $2
+                 ORDER BY id DESC LIMIT 1"
+            ),
+            vec![Box::new(base.to_owned()), Box::new(dest_id)],
+        )?;
+        Ok(jobs.into_iter().next())
+    }
+    fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
+        self.column(
+            "SELECT id FROM jobs WHERE status IN ('Completed', 'Failed', 'Invalid', 'Killed')
+             AND COALESCE(finished_ms, updated_ms) < $1 ORDER BY id",
+            vec![Box::new(cutoff_ms)],
+        )
+    }
+    fn ids_with_files(&self) -> anyhow::Result<HashSet<i64>> {
+        let ids = self.column("SELECT id FROM jobs WHERE status != 'Cleaned'", vec![])?;
+        Ok(ids.into_iter().collect())
+    }
+    fn all_ids(&self) -> anyhow::Result<HashSet<i64>> {
+        let ids = self.column("SELECT id FROM jobs", vec![])?;
+        Ok(ids.into_iter().collect())
+    }
+    fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
+        let mut conditions = Vec::new();
+        let mut values: Vec<Param> = Vec::new();
+        if let Some(user) = filter.user_id {
+            values.push(Box::new(user));
+            conditions.push(format!("user_id = ${}", values.len()));
+        }
+        if let Some(service) = &filter.service {
+            values.push(Box::new(service.clone()));
+            conditions.push(format!("service = ${}", values.len()));
+        }
+        if let Some(status) = filter.status {
+            values.push(Box::new(status.as_str()));
+            conditions.push(format!("status = ${}", values.len()));
+        }
+        let clause = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conditions.join(" AND "))
+        };
+        let count_sql = format!("SELECT COUNT(*) FROM jobs {clause}");
+        let n = values.len();
+        let page_sql = format!(
+            "SELECT {COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        );
+        let (limit, offset) = (filter.limit, filter.offset);
+        self.with_client(move |mut client| async move {
+            // One snapshot for the page and its total.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
+            let total: i64 = tx.query_one(&count_sql, &refs(&values)).await?.try_get(0)?;
+            values.push(Box::new(limit));
+            values.push(Box::new(offset));
+            let rows = tx.query(&page_sql, &refs(&values)).await?;
+            let jobs = rows
+                .iter()
+                .map(job_from_row)
+                .collect::<anyhow::Result<_>>()?;
+            tx.commit().await?;
+            Ok((jobs, total))
+        })
+    }
+    fn count(&self) -> anyhow::Result<i64> {
+        let total = self.column("SELECT COUNT(*) FROM jobs", vec![])?;
+        Ok(total.into_iter().next().unwrap_or(0))
+    }
+    fn due_deliveries(&self, now_ms: i64, limit: usize) -> anyhow::Result<Vec<Delivery>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached(
+                    "SELECT o.id, o.job_id, j.service, o.event, o.url, o.body, o.created_ms,
+                            o.attempts
+                     FROM webhook_outbox o JOIN jobs j ON j.id = o.job_id
+                     WHERE o.next_ms IS NOT NULL AND o.next_ms <= $1
+                     ORDER BY o.next_ms LIMIT $2",
+                )
+                .await?;
+            let rows = client.query(&statement, &[&now_ms, &limit]).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Delivery {
+                        id: r.try_get(0)?,
+                        job_id: r.try_get(1)?,
+                        service: r.try_get(2)?,
+                        event: status_of(r.try_get(3)?)?,
+                        url: r.try_get(4)?,
+                        body: r.try_get(5)?,
+                        created_ms: r.try_get(6)?,
+                        attempts: count(r.try_get(7)?)?,
+                    })
+                })
+                .collect()
+        })
+    }
+    fn next_delivery_ms(&self) -> anyhow::Result<Option<i64>> {
+        let next = self.column::<Option<i64>>(
+            "SELECT MIN(next_ms) FROM webhook_outbox WHERE next_ms IS NOT NULL",
+            vec![],
+        )?;
+        Ok(next.into_iter().next().flatten())
+    }
+    fn retry_delivery(&self, id: &str, status: &str, next_ms: i64) -> anyhow::Result<()> {
+        self.execute(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, last_status = $2, next_ms = $3
+             WHERE id = $1 AND next_ms IS NOT NULL",
+            vec![
+                Box::new(id.to_owned()),
+                Box::new(status.to_owned()),
+                Box::new(next_ms),
+            ],
+        )
+    }
+    fn finish_delivery(
+        &self,
+        id: &str,
+        status: &str,
+        tried: bool,
+        end: DeliveryEnd,
+    ) -> anyhow::Result<()> {
+        self.execute(
+            "UPDATE webhook_outbox SET attempts = attempts + $2, last_status = $3,
+                    next_ms = NULL, outcome = $4
+             WHERE id = $1 AND next_ms IS NOT NULL",
+            vec![
+                Box::new(id.to_owned()),
+                Box::new(i64::from(tried)),
+                Box::new(status.to_owned()),
+                Box::new(end.as_str()),
+            ],
+        )
+    }
+    fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>> {
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached(
+                    "SELECT id, event, url, attempts, last_status, next_ms, outcome
+                     FROM webhook_outbox WHERE job_id = $1 ORDER BY created_ms, seq",
+                )
+                .await?;
+            let rows = client.query(&statement, &[&id]).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Notification {
+                        id: r.try_get(0)?,
+                        event: r.try_get(1)?,
+                        url: r.try_get(2)?,
+                        attempts: count(r.try_get(3)?)?,
+                        last_status: r.try_get(4)?,
+                        next_try_ms: r.try_get(5)?,
+                        outcome: r.try_get(6)?,
+                    })
+                })
+                .collect()
+        })
+    }
+    /// A round trip to the database through the pool: a database that is down, unreachable
+    /// or refusing this server's connections is an `Err` with the driver's reason.
+    fn health(&self) -> Result<(), String> {
+        self.with_client(|client| async move {
+            client.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+        .map_err(|e| e.to_string())
+    }
+    /// PostgreSQL checks its own pages as it reads them (and with data checksums, if the
+    /// cluster has them); there is no whole-database check a client can run cheaply, so this
+    /// is the round trip of [`JobDb::health`], which reports any failure as it happens.
+    fn check_integrity(&self) -> Result<(), String> {
+        self.health()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Scratch;
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_and_shown_without_their_password() {
+        assert_eq!(
+            redact("postgres://jr:s3cret@db:5432/jobs?sslmode=disable"),
+            "postgres://jr:***@db:5432/jobs?sslmode=disable"
+        );
+        assert_eq!(redact("postgres://jr@db/jobs"), "postgres://jr@db/jobs");
+        assert!(parse_url("postgres://jr@db:5432/jobs").is_ok());
+        assert!(parse_url("postgresql://jr@db/jobs?sslmode=disable").is_ok());
+        let why = parse_url("postgres://jr:s3cret@db/jobs?sslmode=require")
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("sslmode=require is not supported"), "{why}");
+        assert!(!why.contains("s3cret"), "{why}");
+        let why = parse_url("mysql://jr@db/jobs").unwrap_err().to_string();
+        assert!(why.contains("not a PostgreSQL URL"), "{why}");
+        let why = parse_url("postgres://jr@db:port/jobs")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            why.contains("bad PostgreSQL URL postgres://jr@db:port/jobs"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_database_is_an_error_naming_it() {
+        // Nothing listens on port 1.
+        let url = "postgres://jr:s3cret@127.0.0.1:1/jobs";
+        let why = match PgDb::open(url) {
+            Ok(_) => panic!("opened a database on port 1"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            why.contains("cannot open the PostgreSQL database postgres://jr:***@127.0.0.1:1/jobs"),
+            "{why}"
+        );
+        assert!(!why.contains("s3cret"), "{why}");
+    }
+
+    #[test]
+    fn servers_starting_at_once_migrate_the_schema_once() {
+        let Some(scratch) = Scratch::new() else {
+            return;
+        };
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let opening: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| scratch.open().server_id().to_owned()))
+                .collect();
+            opening.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        let db = scratch.open();
+        assert_eq!(db.server_id(), ids[0]);
+        let versions = db
+            .column::<i32>("SELECT version FROM schema_migrations", vec![])
+            .unwrap();
+        assert_eq!(versions, [1]);
+        // A database migrated by a newer version is refused, by name.
+        scratch.exec("INSERT INTO schema_migrations VALUES (999, 'future', 0)");
+        drop(db);
+        let why = match PgDb::connect(scratch.config(), "scratch") {
+            Ok(_) => panic!("opened a database of a newer schema"),
+            Err(e) => e.to_string(),
+        };
+        assert!(why.contains("newer jobrelay (schema version 999"), "{why}");
+    }
+
+    #[test]
+    fn job_ids_are_never_handed_out_twice() {
+        let Some(scratch) = Scratch::new() else {
+            return;
+        };
+        let db = scratch.open();
+        for _ in 0..3 {
+            db.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+        }
+        // An upload that failed used an id too.
+        assert!(db
+            .insert_job(1, "x", None, &mut |_| Err(std::io::Error::other("disk")))
+            .is_err());
+        scratch.exec("DELETE FROM job_events; DELETE FROM jobs;");
+        drop(db);
+        let db = scratch.open();
+        assert_eq!(db.mark_at_open(), 0);
+        assert_eq!(db.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id, 5);
+    }
+
+    #[test]
+    fn an_upload_whose_placement_panics_leaves_no_transaction_open() {
+        let Some(scratch) = Scratch::new() else {
+            return;
+        };
+        let db = scratch.open();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            db.insert_job(1, "x", None, &mut |_| panic!("placing files"))
+        }));
+        assert!(panicked.is_err());
+        // Every connection of the pool is usable and none commits the half-made upload.
+        for _ in 0..(POOL_SIZE + 2) {
+            db.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+        }
+        assert_eq!(db.count().unwrap(), POOL_SIZE as i64 + 2);
+        assert_eq!(db.get(1).unwrap(), None);
+    }
+
+    #[test]
+    fn calls_work_from_every_kind_of_thread() {
+        let Some(scratch) = Scratch::new() else {
+            return;
+        };
+        let db = std::sync::Arc::new(scratch.open());
+        let job = db.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+        let id = job.id;
+        let read = move |db: &PgDb| db.get(id).unwrap().unwrap().id;
+        // A plain thread.
+        assert_eq!(read(&db), job.id);
+        // A multi-threaded runtime's worker inside block_in_place (the job table's way), and
+        // its blocking pool.
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let on_worker = db.clone();
+        let from_worker = multi.block_on(async move {
+            tokio::spawn(async move { tokio::task::block_in_place(|| read(&on_worker)) }).await
+        });
+        assert_eq!(from_worker.unwrap(), job.id);
+        let on_pool = db.clone();
+        let from_pool = multi
+            .block_on(async move { tokio::task::spawn_blocking(move || read(&on_pool)).await });
+        assert_eq!(from_pool.unwrap(), job.id);
+        // A current-thread runtime's own thread.
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(current.block_on(async { read(&db) }), job.id);
+        // The last holder may be an async task: dropping the store there must not panic.
+        drop(multi);
+        current.block_on(async move { drop(db) });
+    }
+
+    #[test]
+    fn health_fails_while_the_database_refuses_the_server_and_recovers_after() {
+        let Some(scratch) = Scratch::new() else {
+            return;
+        };
+        let db = scratch.open();
+        assert_eq!(db.health(), Ok(()));
+        let role = &scratch.name;
+        scratch
+            .admin(&format!(
+                "ALTER ROLE {role} NOLOGIN;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';"
+            ))
+            .unwrap();
+        let why = db.health().unwrap_err();
+        assert!(why.contains("not permitted to log in"), "{why}");
+        assert!(db.get(1).is_err());
+        assert_eq!(db.check_integrity(), Err(why));
+        scratch.admin(&format!("ALTER ROLE {role} LOGIN")).unwrap();
+        assert_eq!(db.health(), Ok(()));
+        assert_eq!(db.get(1).unwrap(), None);
+    }
+}
