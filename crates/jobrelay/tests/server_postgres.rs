@@ -182,19 +182,33 @@ fn an_unreachable_database_stops_the_server_with_its_name() {
         dir.path(),
         &[("example", vec!["http://127.0.0.1:9".to_owned()], 1, 1)],
     );
-    let output = std::process::Command::new(binary())
-        .args(["server", "--port", "0", "--data-dir"])
-        .arg(dir.path().join("server"))
-        .arg("--config")
-        .arg(&config)
-        .args(["--db", "postgres://jr:s3cret@127.0.0.1:1/jobs"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Nothing listens on port 1; given by --db, then by DATABASE_URL alone.
+    let url = "postgres://jr:s3cret@127.0.0.1:1/jobs";
+    for by_flag in [true, false] {
+        let mut command = std::process::Command::new(binary());
+        command
+            .args(["server", "--port", "0", "--data-dir"])
+            .arg(dir.path().join("server"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("DB_PATH");
+        if by_flag {
+            command.args(["--db", url]).env_remove("DATABASE_URL");
+        } else {
+            command.env("DATABASE_URL", url);
+        }
+        let output = command.output().unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr
+                .contains("cannot open the PostgreSQL database postgres://jr:***@127.0.0.1:1/jobs"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("s3cret"), "{stderr}");
+    }
     assert!(
-        stderr.contains("cannot open the PostgreSQL database postgres://jr:***@127.0.0.1:1/jobs"),
-        "{stderr}"
+        !dir.path().join("server/jobrelay.sqlite").exists(),
+        "no SQLite database made beside a PostgreSQL one"
     );
-    assert!(!stderr.contains("s3cret"), "{stderr}");
 }
