@@ -216,12 +216,22 @@ pub struct ServerConfig {
 }
 
 /// Where the server keeps its jobs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     /// The embedded default: one SQLite file.
     Sqlite(PathBuf),
     /// A PostgreSQL server, by its `postgres://` URL (checked when the store connects).
     Postgres(String),
+}
+
+/// A URL may hold a password: `Debug` (of a whole `ServerConfig`, say) never shows it.
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Database::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
 }
 
 impl Database {
