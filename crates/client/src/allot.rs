@@ -73,6 +73,35 @@ pub fn request_from_fields(fields: &BTreeMap<String, String>) -> Result<Option<R
     }))
 }
 
+/// What programs print when an allocation fails, as the tail of a payload's stderr shows it
+/// under RLIMIT_AS (bash, coreutils, Python, C++, Rust, glibc's `strerror(ENOMEM)`).
+const OUT_OF_MEMORY_SIGNS: [&str; 6] = [
+    "cannot allocate",
+    "memory exhausted",
+    "memoryerror",
+    "bad_alloc",
+    "memory allocation of",
+    "out of memory",
+];
+
+/// Whether the end of the payload's stderr (its last 8 KiB) says an allocation failed: with
+/// a memory limit in force, that limit ended it. The file is opened as every file of a work
+/// directory is ([`jobrelay_common::workfile`]): a link or FIFO in its place reads as no.
+pub fn stderr_says_out_of_memory(dir: &std::path::Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let tail = || -> Option<String> {
+        let root = jobrelay_common::workfile::open_dir(dir).ok()?;
+        let name = std::path::Path::new(jobrelay_common::protocol::STDERR_FILE);
+        let mut file = jobrelay_common::workfile::open_regular(&root, name).ok()??;
+        let len = file.metadata().ok()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(8192))).ok()?;
+        let mut bytes = Vec::new();
+        file.take(8192).read_to_end(&mut bytes).ok()?;
+        Some(String::from_utf8_lossy(&bytes).to_ascii_lowercase())
+    };
+    tail().is_some_and(|text| OUT_OF_MEMORY_SIGNS.iter().any(|sign| text.contains(sign)))
+}
+
 /// What a payload was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allotment {
@@ -213,6 +242,21 @@ mod tests {
             }))
         );
         assert!(request_from_fields(&fields(&[("memory", "lots")])).is_err());
+    }
+
+    #[test]
+    fn an_allocation_failure_is_read_from_the_end_of_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!stderr_says_out_of_memory(dir.path()), "no stderr yet");
+        let stderr = dir.path().join(jobrelay_common::protocol::STDERR_FILE);
+        std::fs::write(&stderr, "Traceback ...\nValueError: bad input\n").unwrap();
+        assert!(!stderr_says_out_of_memory(dir.path()));
+        let mut text = "x".repeat(20_000);
+        text.push_str("\nbash: xrealloc: cannot allocate 205172736 bytes\n");
+        std::fs::write(&stderr, text).unwrap();
+        assert!(stderr_says_out_of_memory(dir.path()));
+        std::fs::write(&stderr, "MemoryError\n").unwrap();
+        assert!(stderr_says_out_of_memory(dir.path()));
     }
 
     #[test]

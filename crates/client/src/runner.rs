@@ -224,6 +224,20 @@ impl Runner {
                 return;
             }
             let mut ended = ended;
+            let memory_mb = self
+                .store
+                .get(id)
+                .and_then(|r| r.resources)
+                .and_then(|r| r.memory_mb);
+            if let Some(mb) = memory_mb.filter(|_| ended.status == PayloadStatus::Failed) {
+                if crate::allot::stderr_says_out_of_memory(&self.store.work_dir_of(id)) {
+                    ended.reason = format!(
+                        "the job's memory limit of {mb} MiB (RLIMIT_AS) ended it: an allocation \
+                         failed; {}",
+                        ended.reason
+                    );
+                }
+            }
             if ended.status == PayloadStatus::Failed && disk_full(&self.store.work_dir_of(id)) {
                 // The script's own error message may not have fit on the disk either.
                 ended

@@ -324,3 +324,30 @@ async fn a_job_past_its_walltime_is_killed_and_says_so() {
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(job_record(&http, &server.url, id).await["walltime_s"], 1);
 }
+
+#[tokio::test]
+async fn a_job_past_its_memory_is_stopped_and_the_reason_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &["--memory", "4G"]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 5)]);
+    let server = TestServer::start(root, &config, &[]);
+    let http = http();
+    // 300 MB in one bash variable, under a limit of 200 MiB.
+    let hog = "x=$(head -c 300000000 /dev/zero | tr '\\0' a)\necho ${#x}\n";
+    let id = upload_with(&http, &server.url, 1, hog, &[("memory", "200M")]).await;
+    let job = wait_status(&http, &server.url, id, &["Completed", "Failed"], LONG).await;
+    assert_eq!(job["status"], "Failed", "{job}");
+    let message = job["message"].as_str().unwrap();
+    assert!(
+        message.contains("memory limit of 200 MiB (RLIMIT_AS) ended it"),
+        "{message}"
+    );
+    // The same job under its limit completes.
+    let small = "x=$(head -c 1000000 /dev/zero | tr '\\0' a)\necho $JOBRELAY_MEMORY_MB\n";
+    let id = upload_with(&http, &server.url, 1, small, &[("memory", "200M")]).await;
+    let job = wait_status(&http, &server.url, id, &["Completed", "Failed"], LONG).await;
+    assert_eq!(job["status"], "Completed", "{job}");
+    let files = unzip(&download_zip(&http, &server.url, id).await);
+    assert_eq!(files[".jobrelay.stdout"], b"200\n");
+}
