@@ -380,9 +380,19 @@ async fn our_server_takes_files_under_any_field_name_as_platforms_send_them() {
     );
     assert_eq!(entries["data/deeper/b.pdb"], b"B");
 
-    // Refusals, whichever way the name came, leave nothing behind.
+    // Refusals, whichever way the name came, leave nothing behind. Both jobs are Completed,
+    // so their inputs go (just after the commit): wait for that before counting.
     let data = server.data_dir();
-    let jobs_before = tree(&data.join("jobs")).len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tree(&data.join("jobs")).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the inputs of completed jobs stay: {:?}",
+            tree(&data.join("jobs"))
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let jobs_before = 0;
     for (form, expected) in [
         (
             Form::new()

@@ -66,15 +66,20 @@ async fn logs_follow_a_running_job_then_come_from_the_stored_results() {
     .await;
     assert_eq!(first.0, "Running");
     assert_eq!(first.1, "6");
-    let stderr = http
-        .get(format!("{}/jobs/{id}/log?stream=stderr", system.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(stderr, "oops\n");
+    // The script writes stderr just after stdout's first line: wait for it, not only for that.
+    eventually(Duration::from_secs(60), "stderr's line", || async {
+        let stderr = http
+            .get(format!("{}/jobs/{id}/log?stream=stderr", system.url))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        assert!("oops\n".starts_with(&stderr), "{stderr:?}");
+        (stderr == "oops\n").then_some(())
+    })
+    .await;
 
     // `jobrelay logs --follow` prints everything and returns once the job has ended.
     let follower = {

@@ -35,7 +35,9 @@ pub async fn serve_check_requests(shared: Arc<Shared>) {
         .check_requests
         .serve(|job| {
             if let Some(client) = shared.client_of(job.client.as_deref()) {
-                tokio::spawn(check_job(shared.clone(), client, job));
+                shared
+                    .job_tasks
+                    .spawn(check_job(shared.clone(), client, job));
             }
         })
         .await;
@@ -114,7 +116,9 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
                 if event.status.is_finished() {
                     shared.lifecycle.left_client(job.id);
                 }
-                tokio::spawn(check_job(shared.clone(), client.clone(), job));
+                shared
+                    .job_tasks
+                    .spawn(check_job(shared.clone(), client.clone(), job));
             }
         }
     }
@@ -125,7 +129,9 @@ fn reconcile(shared: &Arc<Shared>, client: &Arc<ClientHandle>) {
     match shared.store.on_client(client.base()) {
         Ok(list) => {
             for job in list {
-                tokio::spawn(check_job(shared.clone(), client.clone(), job));
+                shared
+                    .job_tasks
+                    .spawn(check_job(shared.clone(), client.clone(), job));
             }
         }
         Err(e) => tracing::error!(error = %e, "cannot list jobs on client"),
@@ -158,8 +164,10 @@ pub fn check_unreachable(shared: &Arc<Shared>, client: &ClientHandle) {
                 shared.config.client_timeout.as_secs_f64()
             ),
         );
-        let shared = shared.clone();
-        tokio::spawn(async move { crate::effects::perform(&shared, effects).await });
+        let performing = shared.clone();
+        shared
+            .job_tasks
+            .spawn(async move { crate::effects::perform(&performing, effects).await });
     }
 }
 
@@ -243,9 +251,10 @@ fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, error: 
         return;
     }
     let delay = results::backoff(tries);
-    tokio::spawn(async move {
+    let checking = shared.clone();
+    shared.job_tasks.spawn(async move {
         tokio::time::sleep(delay).await;
-        check_job(shared, client, job).await;
+        check_job(checking, client, job).await;
     });
 }
 
@@ -415,6 +424,8 @@ fn lost(shared: &Arc<Shared>, job: &Job, why: &str) {
         "run lost"
     );
     let effects = shared.lifecycle.run_lost(job, why);
-    let shared = shared.clone();
-    tokio::spawn(async move { crate::effects::perform(&shared, effects).await });
+    let performing = shared.clone();
+    shared
+        .job_tasks
+        .spawn(async move { crate::effects::perform(&performing, effects).await });
 }

@@ -27,7 +27,7 @@ pub const PAUSE_AFTER_SUBMIT: &str = "JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS";
 pub async fn run(shared: Arc<Shared>) {
     loop {
         for decision in shared.lifecycle.decide() {
-            tokio::spawn(dispatch(shared.clone(), decision));
+            shared.job_tasks.spawn(dispatch(shared.clone(), decision));
         }
         shared.lifecycle.woken().await;
     }
@@ -84,7 +84,7 @@ fn send_again(
             format!("gave up after {sends} sends that may have reached the client; last: {why}"),
         );
     } else {
-        tokio::spawn(send_again_when_back(
+        shared.job_tasks.spawn(send_again_when_back(
             shared.clone(),
             client.clone(),
             job.clone(),

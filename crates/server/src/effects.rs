@@ -36,10 +36,10 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
             }
             Effect::DropInputs(id) => drop_inputs(shared, id).await,
             Effect::OfferAgain { id, after } => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
+                let offering = shared.clone();
+                shared.job_tasks.spawn(async move {
                     tokio::time::sleep(after).await;
-                    shared.lifecycle.offer_again(id);
+                    offering.lifecycle.offer_again(id);
                 });
             }
         }

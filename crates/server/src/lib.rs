@@ -86,11 +86,12 @@ pub struct RunningServer {
 impl RunningServer {
     /// Stops serving at once and stops every background task. Jobs stay in the database as
     /// they are; the next start resumes them.
-    pub fn shutdown(self) {
+    pub async fn shutdown(self) {
         self.serving.abort();
         for task in self.tasks {
             task.abort();
         }
+        self.shared.job_tasks.stop().await;
     }
 
     /// SIGTERM's stop: refuses new connections at once, lets the requests in flight finish
@@ -101,6 +102,7 @@ impl RunningServer {
         for task in self.tasks {
             task.abort();
         }
+        self.shared.job_tasks.stop().await;
     }
 }
 
@@ -219,6 +221,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         service_ids,
         loops: supervise::Loops::default(),
         check_requests: shared::CheckRequests::default(),
+        job_tasks: shared::JobTasks::default(),
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
         jobs_dir,
@@ -276,7 +279,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let s = shared.clone();
     tasks.push(loops.spawn("webhooks", None, move || webhooks::delivery::run(s.clone())));
     for job in resend {
-        tasks.push(tokio::spawn(dispatcher::resend(shared.clone(), job)));
+        shared
+            .job_tasks
+            .spawn(dispatcher::resend(shared.clone(), job));
     }
     tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), db = %shared.config.db_path.display(), "server started");
     Ok(RunningServer {
@@ -390,7 +395,10 @@ fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
         .lifecycle
         .recover_at_start(|base| shared.client_by_base.get(base).copied())?;
     let shared = shared.clone();
-    tokio::spawn(async move { effects::perform(&shared, recovered.effects).await });
+    let performing = shared.clone();
+    shared
+        .job_tasks
+        .spawn(async move { effects::perform(&performing, recovered.effects).await });
     Ok(recovered.resend)
 }
 

@@ -84,9 +84,9 @@ pub async fn run(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                     .killing
                     .swap(true, std::sync::atomic::Ordering::AcqRel)
                 {
-                    let (shared, client) = (shared.clone(), client.clone());
-                    tokio::spawn(async move {
-                        crate::stop::kill_abandoned(&shared, &client).await;
+                    let (killing, client) = (shared.clone(), client.clone());
+                    shared.job_tasks.spawn(async move {
+                        crate::stop::kill_abandoned(&killing, &client).await;
                         client
                             .killing
                             .store(false, std::sync::atomic::Ordering::Release);

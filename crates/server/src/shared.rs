@@ -37,6 +37,8 @@ pub struct Shared {
     pub staging_dir: PathBuf,
     /// Checks asked for by the effects, served by the collector.
     pub check_requests: CheckRequests,
+    /// The per-job tasks (a send, a check, a timer), stopped with the server.
+    pub job_tasks: JobTasks,
     /// The background loops, for `/health`.
     pub loops: supervise::Loops,
 }
@@ -88,5 +90,114 @@ impl CheckRequests {
         while let Some(job) = receiver.recv().await {
             serve(job);
         }
+    }
+}
+
+/// The per-job tasks a server starts (a send, a check, a backoff timer): spawned here, so
+/// that stopping the server stops them too (a task left running would go on changing jobs of
+/// a server that was stopped, with another one maybe started on the same data). A stopped
+/// task is dropped at its next await: as after a crash, the next start takes the job up
+/// where its last commit left it.
+#[derive(Default)]
+pub struct JobTasks {
+    tracker: tokio_util::task::TaskTracker,
+    stopping: tokio_util::sync::CancellationToken,
+}
+
+impl JobTasks {
+    /// Runs `task` on a task of its own, until it ends or the server stops.
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        if self.stopping.is_cancelled() {
+            return;
+        }
+        let stopping = self.stopping.clone();
+        self.tracker.spawn(async move {
+            stopping.run_until_cancelled_owned(task).await;
+        });
+    }
+
+    /// Stops every task and resolves once they are all gone.
+    pub async fn stop(&self) {
+        self.stopping.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Tasks still running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::config::{ClientEndpoint, ServerConfig, ServiceConfig};
+    use crate::store::JobStatus;
+
+    /// A seed-contract client whose `/submit` never answers: a send stays in flight.
+    async fn client_that_never_answers_a_submission() -> String {
+        use axum::routing::{get, post};
+        let router = axum::Router::new()
+            .route("/health", get(|| async { "ok" }))
+            .route(
+                "/submit",
+                post(|| async {
+                    std::future::pending::<()>().await;
+                    "never"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        base
+    }
+
+    /// `shutdown` stops the per-job tasks too (here, a send in flight), not only the loops: a
+    /// task left behind would go on acting for a server that was stopped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_server_leaves_no_task_of_its_own_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = client_that_never_answers_a_submission().await;
+        let service = ServiceConfig::new(vec![ClientEndpoint::from_base(&base).unwrap()]);
+        let config = ServerConfig::new(
+            dir.path().to_path_buf(),
+            [("example".to_owned(), service)].into(),
+        );
+        let server = crate::start(config).await.unwrap();
+        let shared = server.shared.clone();
+        let job = shared
+            .lifecycle
+            .uploaded(1, "example", None, |id| {
+                std::fs::create_dir_all(shared.job_dir(id))?;
+                std::fs::write(shared.job_dir(id).join("run.sh"), "true\n")
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shared.store.get(job.id).unwrap().unwrap().status != JobStatus::Processing {
+            assert!(Instant::now() < deadline, "the job was never sent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            shared.job_tasks.running() > 0,
+            "the send runs on a job task"
+        );
+
+        server.shutdown().await;
+        assert_eq!(shared.job_tasks.running(), 0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Arc::strong_count(&shared) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{} holders of the stopped server's state are left",
+                Arc::strong_count(&shared) - 1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Stopped mid-send, as a crash would: the next start sends it again with its key.
+        let after = shared.store.get(job.id).unwrap().unwrap();
+        assert_eq!(after.status, JobStatus::Processing);
     }
 }

@@ -184,6 +184,7 @@ fn shared_on(dir: &std::path::Path, db: Box<dyn JobDb>) -> Arc<Shared> {
         service_ids,
         loops: crate::supervise::Loops::default(),
         check_requests: crate::shared::CheckRequests::default(),
+        job_tasks: crate::shared::JobTasks::default(),
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(4),
         jobs_dir,

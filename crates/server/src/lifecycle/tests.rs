@@ -69,6 +69,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
         service_ids,
         loops: crate::supervise::Loops::default(),
         check_requests: crate::shared::CheckRequests::default(),
+        job_tasks: crate::shared::JobTasks::default(),
         in_flight: Mutex::new(HashMap::new()),
         checks: tokio::sync::Semaphore::new(4),
         jobs_dir,
