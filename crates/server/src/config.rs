@@ -792,6 +792,37 @@ mod tests {
     }
 
     #[test]
+    fn a_service_sets_defaults_and_maxima_of_what_its_jobs_ask_for() {
+        let text = "[services.docking]\nclients = [\"http://a:1\"]\ndefault_cores = 2\n\
+                    max_cores = 16\ndefault_memory = \"2G\"\nmax_memory = 65536\nmax_gpus = 2\n\
+                    default_walltime = \"1h\"\nmax_walltime = 86400\n";
+        let services = services_from(Some(text), Vec::new()).unwrap();
+        assert_eq!(
+            services["docking"].resources,
+            ResourceRules {
+                default_cores: 2,
+                max_cores: Some(16),
+                default_memory_mb: Some(2048),
+                max_memory_mb: Some(65536),
+                default_gpus: 0,
+                max_gpus: Some(2),
+                default_walltime_s: Some(3600),
+                max_walltime_s: Some(86400),
+            }
+        );
+        let over = "[services.x]\nclients = [\"http://a:1\"]\ndefault_cores = 4\nmax_cores = 2\n";
+        let e = services_from(Some(over), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("above its maximum"), "{e}");
+        let bad = "[services.x]\nclients = [\"http://a:1\"]\nmax_memory = \"lots\"\n";
+        let e = services_from(Some(bad), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory must be"), "{e}");
+    }
+
+    #[test]
     fn bad_configurations_name_the_problem() {
         type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
         let cases: &[Case] = &[
