@@ -248,12 +248,33 @@ impl Scheduler {
         self.room_changed(client);
     }
 
-    /// The cores, memory and GPUs a client advertises (`None`: it does not say).
+    /// The cores, memory and GPUs a client advertises (`None`: it does not say). The jobs
+    /// already there are counted again against it: jobs found active at start-up are placed
+    /// before the client's first probe says what it has.
     pub fn set_client_capacity(&mut self, client: ClientId, capacity: Option<Capacity>) {
-        if self.clients[client].capacity != capacity {
-            self.clients[client].capacity = capacity;
-            self.room_changed(client);
+        if self.clients[client].capacity == capacity {
+            return;
         }
+        self.clients[client].capacity = capacity;
+        let mut used = Capacity::default();
+        for job in self.active.values_mut() {
+            if job.client != Some(client) {
+                continue;
+            }
+            job.taken = match capacity {
+                Some(_) => Capacity {
+                    cores: job.ask.cores,
+                    memory_mb: job.ask.memory_mb,
+                    gpus: job.ask.gpus,
+                },
+                None => Capacity::default(),
+            };
+            used.cores += job.taken.cores;
+            used.memory_mb += job.taken.memory_mb;
+            used.gpus += job.taken.gpus;
+        }
+        self.clients[client].used = used;
+        self.room_changed(client);
     }
 
     pub fn set_client_health(&mut self, client: ClientId, healthy: bool) {
@@ -1233,6 +1254,36 @@ mod tests {
         assert_eq!(jobs(&s.decide()), [10], "8 GiB hold one 6,000 MiB job");
         s.finish(1);
         assert_eq!(jobs(&s.decide()), [3]);
+    }
+
+    #[test]
+    fn jobs_found_running_at_start_count_once_their_client_says_what_it_has() {
+        let mut s = Scheduler::new();
+        let c = s.add_client();
+        s.set_client(c, true, Some(100), 0.0);
+        s.add_service(100, 100, vec![c]);
+        // Recovered before the first probe: the client's resources are not known yet.
+        s.activate(0, 1, 1, Some(c), cores(6));
+        s.set_client_capacity(
+            c,
+            Some(Capacity {
+                cores: 8,
+                memory_mb: 0,
+                gpus: 0,
+            }),
+        );
+        assert_eq!(s.client_used(c).cores, 6);
+        s.enqueue(0, 2, 2, cores(4));
+        s.enqueue(0, 3, 3, cores(2));
+        assert_eq!(
+            jobs(&s.decide()),
+            [3],
+            "6 of 8 cores taken: the 4-core job waits"
+        );
+        assert!(s.finish(1));
+        assert_eq!(jobs(&s.decide()), [2]);
+        assert!(s.finish(2) && s.finish(3));
+        assert_eq!(s.client_used(c), Capacity::default());
     }
 
     #[test]
