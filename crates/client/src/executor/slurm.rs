@@ -740,6 +740,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_request_becomes_slurm_options_and_nothing_asked_adds_none() {
+        let nothing = Allotment {
+            cores: 1,
+            memory_mb: None,
+            gpu_ids: Vec::new(),
+        };
+        assert!(slurm_resource_args(&nothing).is_empty());
+        let docking = Allotment {
+            cores: 8,
+            memory_mb: Some(4096),
+            gpu_ids: vec![0],
+        };
+        assert_eq!(
+            slurm_resource_args(&docking),
+            ["--cpus-per-task=8", "--mem=4096M", "--gres=gpu:1"]
+        );
+    }
+
+    #[test]
     fn squeue_lines_become_rows() {
         let rows = parse_squeue("12|RUNNING|0|None|\n13|FAILED|768|NonZeroExitCode|\n\nx|y|\n");
         assert_eq!(rows.len(), 2);
