@@ -1054,7 +1054,12 @@ fn decision_time(queued: usize, users: usize, clients: usize) -> Summary {
     }
     let service = sched.add_service(5, 10, ids);
     for j in 0..queued {
-        sched.enqueue(service, (j % users.max(1)) as i64, j as i64);
+        sched.enqueue(
+            service,
+            (j % users.max(1)) as i64,
+            j as i64,
+            jobrelay_server::scheduler::Ask::default(),
+        );
     }
     let mut active: std::collections::VecDeque<i64> =
         sched.decide().into_iter().map(|d| d.job).collect();

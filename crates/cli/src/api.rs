@@ -118,6 +118,7 @@ impl ServerApi {
         service: &str,
         user: Option<i64>,
         callback: Option<&str>,
+        request: &[(&'static str, String)],
         files: &[UploadFile],
         bar: &ProgressBar,
     ) -> anyhow::Result<Value> {
@@ -127,6 +128,9 @@ impl ServerApi {
         }
         if let Some(url) = callback {
             form = form.text("callback_url", url.to_owned());
+        }
+        for (name, value) in request {
+            form = form.text(*name, value.clone());
         }
         // Each file is opened only when the body reaches it: one descriptor at a time, so a
         // directory of more files than the open-file limit uploads too.

@@ -78,6 +78,47 @@ pub struct SubmitArgs {
     /// server's webhook allowlist).
     #[arg(long, value_name = "URL")]
     pub callback: Option<String>,
+    #[command(flatten)]
+    pub request: RequestArgs,
+}
+
+/// What a job asks for; the service's defaults where not given.
+#[derive(clap::Args, Debug, Default)]
+pub struct RequestArgs {
+    /// Cores the job needs.
+    #[arg(long)]
+    pub cores: Option<u32>,
+    /// Memory the job needs: MiB, or with a unit (`4G`, `512M`).
+    #[arg(long, value_parser = jobrelay_common::resources::parse_memory_mb)]
+    pub memory: Option<u64>,
+    /// GPUs the job needs.
+    #[arg(long)]
+    pub gpus: Option<u32>,
+    /// Longest the job may run: seconds, or with a unit (`90m`, `2h`); killed past it.
+    #[arg(long, value_parser = jobrelay_common::resources::parse_seconds)]
+    pub walltime: Option<u64>,
+    /// Order among the user's own queued jobs: higher first (default 0; may be negative).
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i64>,
+}
+
+impl RequestArgs {
+    /// The upload's text fields for what was given (memory in MiB, walltime in seconds).
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        use jobrelay_common::resources::{
+            CORES_FIELD, GPUS_FIELD, MEMORY_FIELD, PRIORITY_FIELD, WALLTIME_FIELD,
+        };
+        [
+            (CORES_FIELD, self.cores.map(|n| n.to_string())),
+            (MEMORY_FIELD, self.memory.map(|n| n.to_string())),
+            (GPUS_FIELD, self.gpus.map(|n| n.to_string())),
+            (WALLTIME_FIELD, self.walltime.map(|n| n.to_string())),
+            (PRIORITY_FIELD, self.priority.map(|n| n.to_string())),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (name, v)))
+        .collect()
+    }
 }
 
 #[derive(clap::Args, Debug)]

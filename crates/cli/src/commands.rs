@@ -147,7 +147,14 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<u8> {
     let total: u64 = files.iter().map(|f| f.size).sum();
     let bar = progress::transfer(json || total < BAR_THRESHOLD, Some(total), "uploading");
     let answer = api
-        .upload(&args.service, user, args.callback.as_deref(), &files, &bar)
+        .upload(
+            &args.service,
+            user,
+            args.callback.as_deref(),
+            &args.request.fields(),
+            &files,
+            &bar,
+        )
         .await?;
     bar.finish_and_clear();
     let id = answer["id"]
@@ -229,7 +236,42 @@ async fn status(args: JobArgs) -> anyhow::Result<u8> {
             println!("{field:>10}: {}", output::cell(value));
         }
     }
+    if let Some(asked) = request_line(&record) {
+        println!("{:>10}: {asked}", "asks");
+    }
+    if let Some(waiting) = record.get("waiting_for") {
+        let message = waiting["message"].as_str().unwrap_or("");
+        let reason = waiting["reason"].as_str().unwrap_or("");
+        println!("{:>10}: {message} ({reason})", "waiting");
+    }
     Ok(exit::OK)
+}
+
+/// "4 cores, 4096 MiB, 1 GPU, walltime 7200 s, priority 2": what the job asked for beyond one
+/// core at priority 0; `None` when it asked for nothing more (or the server does not say).
+fn request_line(record: &Value) -> Option<String> {
+    let number = |name: &str| record.get(name).and_then(Value::as_i64);
+    let cores = number("cores")?;
+    let mut parts = Vec::new();
+    if cores != 1 {
+        parts.push(format!("{cores} cores"));
+    }
+    if let Some(mb) = number("memory_mb") {
+        parts.push(format!("{mb} MiB"));
+    }
+    match number("gpus") {
+        Some(0) | None => {}
+        Some(1) => parts.push("1 GPU".into()),
+        Some(n) => parts.push(format!("{n} GPUs")),
+    }
+    if let Some(secs) = number("walltime_s") {
+        parts.push(format!("walltime {secs} s"));
+    }
+    match number("priority") {
+        Some(0) | None => {}
+        Some(p) => parts.push(format!("priority {p}")),
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 async fn wait(args: WaitArgs) -> anyhow::Result<u8> {

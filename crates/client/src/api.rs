@@ -156,6 +156,7 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<ClientInfo>> {
         node: state.store.node().to_owned(),
         instance: state.store.events.instance().to_owned(),
         slots: state.runner.slots(),
+        resources: Some(state.runner.capacity()),
         running: state.runner.running_count(),
         prepared: state.store.count(PayloadStatus::Prepared),
         features: [
@@ -197,13 +198,15 @@ async fn submit(State(state): State<AppState>, request: Request) -> ApiResult<Js
         .get("key")
         .cloned()
         .filter(|k| !k.is_empty());
+    let resources = crate::allot::request_from_fields(&received.fields)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let store = state.store.clone();
     let runner = state.runner.clone();
     // Created and queued in one task that runs to its end: if the sender goes away (a server
     // killed mid-request) this handler is dropped at its next await, and a payload created but
     // never queued would stay Prepared for ever (a resent submission with its key only finds it).
     let created = blocking::run("storing the submission", SUBMIT_LIMIT, move || {
-        let created = store.create(received, key)?;
+        let created = store.create(received, key, resources)?;
         if let Created::New(record) = &created {
             runner.enqueue(record.id);
             metrics::counter!("jobrelay_client_submissions_total").increment(1);

@@ -7,6 +7,9 @@ use std::time::Duration;
 use jobrelay_common::auth::Secret;
 use jobrelay_common::tls::TlsFiles;
 
+use jobrelay_common::resources::{parse_memory_mb, Capacity};
+
+use crate::allot;
 use crate::confine::{Confinement, Limits, RunAs};
 use crate::executor::slurm::SlurmConfig;
 
@@ -41,6 +44,22 @@ pub struct ClientArgs {
     /// payloads handed to Slurm at once, default 256).
     #[arg(long)]
     pub slots: Option<usize>,
+    /// Cores payloads may share, advertised in `/info` (default: `--slots` when given, else
+    /// detected: the CPUs this process may use, cgroup quota included). Also the default of
+    /// `--slots`.
+    #[arg(long)]
+    pub cores: Option<u32>,
+    /// Memory payloads may share, advertised in `/info`: MiB or with a unit (`64G`)
+    /// (default: detected, `/proc/meminfo` or a lower cgroup `memory.max`).
+    #[arg(long, value_parser = parse_memory)]
+    pub memory: Option<u64>,
+    /// Number of GPUs, ids 0 to N-1 (default: none).
+    #[arg(long, conflicts_with = "gpu_ids")]
+    pub gpus: Option<u32>,
+    /// The GPU ids payloads may be given (`0,1`); each running payload gets its own in
+    /// `CUDA_VISIBLE_DEVICES`.
+    #[arg(long, value_delimiter = ',')]
+    pub gpu_ids: Option<Vec<u32>>,
     /// Largest accepted submission, in bytes of file content.
     #[arg(long, default_value_t = 1 << 30)]
     pub max_upload: u64,
@@ -113,6 +132,10 @@ pub struct ClientConfig {
     /// Absolute path of the data directory.
     pub data_dir: PathBuf,
     pub slots: usize,
+    /// Cores, memory and GPUs advertised in `/info`.
+    pub capacity: Capacity,
+    /// The GPUs' ids, `capacity.gpus` of them.
+    pub gpu_ids: Vec<u32>,
     pub max_upload: u64,
     pub kill_grace: Duration,
     pub max_runtime: Option<Duration>,
@@ -132,6 +155,10 @@ pub enum ExecutorConfig {
     Slurm(SlurmConfig),
 }
 
+fn parse_memory(text: &str) -> Result<u64, String> {
+    parse_memory_mb(text)
+}
+
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| anyhow::anyhow!("--{name} must be a non-negative number of seconds"))
@@ -139,12 +166,40 @@ fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
 
 impl ClientArgs {
     pub fn into_config(self) -> anyhow::Result<ClientConfig> {
+        if self.cores == Some(0) {
+            anyhow::bail!("--cores must be at least 1");
+        }
+        let gpu_ids = match (&self.gpu_ids, self.gpus) {
+            (Some(ids), _) => {
+                let mut sorted = ids.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                if sorted.len() != ids.len() {
+                    anyhow::bail!("--gpu-ids names a GPU twice");
+                }
+                ids.clone()
+            }
+            (None, Some(n)) => (0..n).collect(),
+            (None, None) => Vec::new(),
+        };
+        // Without --cores, a client given --slots has that many cores: a job that asks for
+        // nothing takes one, so N slots still run N such jobs at once (as before cores were
+        // counted). A Slurm client's cores are the cluster's, which it does not know.
+        let cores = match (self.cores, self.slots, self.executor) {
+            (Some(cores), _, _) => cores,
+            (None, Some(slots), _) => u32::try_from(slots).unwrap_or(u32::MAX),
+            (None, None, ExecutorKind::Local) => allot::detected_cores(),
+            (None, None, ExecutorKind::Slurm) => DEFAULT_SLURM_SLOTS as u32,
+        };
+        let capacity = Capacity {
+            cores,
+            memory_mb: self.memory.unwrap_or_else(allot::detected_memory_mb),
+            gpus: gpu_ids.len() as u32,
+        };
         let slots = match (self.slots, self.executor) {
             (Some(0), _) => anyhow::bail!("--slots must be at least 1"),
             (Some(n), _) => n,
-            (None, ExecutorKind::Local) => {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            }
+            (None, ExecutorKind::Local) => capacity.cores as usize,
             (None, ExecutorKind::Slurm) => DEFAULT_SLURM_SLOTS,
         };
         let executor = match self.executor {
@@ -204,6 +259,8 @@ impl ClientArgs {
             listen: SocketAddr::new(self.bind, self.port),
             data_dir,
             slots,
+            capacity,
+            gpu_ids,
             max_upload: self.max_upload,
             kill_grace: seconds("kill-grace", self.kill_grace)?,
             max_runtime: self

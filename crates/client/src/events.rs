@@ -118,6 +118,8 @@ mod tests {
             started_ms: None,
             finished_ms: None,
             slurm_job_id: None,
+            resources: None,
+            gpu_ids: Vec::new(),
         }
     }
 

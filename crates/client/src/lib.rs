@@ -2,6 +2,7 @@
 //! extensions), runs their `run.sh` through an executor (local process groups, or Slurm
 //! jobs), and serves their results as ZIPs.
 
+pub mod allot;
 pub mod api;
 pub mod auth;
 pub mod blocking;
@@ -181,6 +182,8 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
             slots: config.slots,
             kill_grace: config.kill_grace,
             max_runtime: config.max_runtime,
+            capacity: config.capacity,
+            gpu_ids: config.gpu_ids.clone(),
         },
     );
     recover(&store, &runner).await;

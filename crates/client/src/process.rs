@@ -47,6 +47,7 @@ pub fn spawn_run_script(
     dir: &Path,
     marker: &str,
     confinement: &Confinement,
+    extra_env: &[(String, String)],
     exit_file: &Path,
     cgroup: Option<&Path>,
 ) -> std::io::Result<Child> {
@@ -90,6 +91,7 @@ pub fn spawn_run_script(
         .arg(supervisor::ARG)
         .arg(spec)
         .envs(launch.env)
+        .envs(extra_env.iter().cloned())
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(stdout)

@@ -17,6 +17,9 @@ use jobrelay_common::protocol::{PayloadRecord, PayloadStatus, RUN_SCRIPT};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use jobrelay_common::resources::Capacity;
+
+use crate::allot::{Allotment, GpuLease, GpuPool};
 use crate::executor::{Ended, Executor, Job, Progress, Stopper};
 use crate::process;
 use crate::store::{now_ms, PayloadStore, Refused};
@@ -26,6 +29,10 @@ pub struct RunnerConfig {
     pub slots: usize,
     pub kill_grace: Duration,
     pub max_runtime: Option<Duration>,
+    /// What the client advertises (`/info`).
+    pub capacity: Capacity,
+    /// The GPUs payloads are given, each to one payload at a time.
+    pub gpu_ids: Vec<u32>,
 }
 
 /// Handle to a started payload's task.
@@ -48,6 +55,7 @@ pub struct Runner {
     queue: Mutex<VecDeque<u64>>,
     queued: Notify,
     slots: Arc<Semaphore>,
+    gpus: Arc<GpuPool>,
     /// Payloads handed to the executor whose task has not ended yet. A payload in here may
     /// still be Prepared (a Slurm job waiting in Slurm's queue).
     running: Mutex<HashMap<u64, Running>>,
@@ -62,6 +70,7 @@ impl Runner {
             store,
             executor,
             slots: Arc::new(Semaphore::new(config.slots)),
+            gpus: Arc::new(GpuPool::new(config.gpu_ids.clone())),
             config,
             queue: Mutex::new(VecDeque::new()),
             queued: Notify::new(),
@@ -72,6 +81,10 @@ impl Runner {
 
     pub fn slots(&self) -> usize {
         self.config.slots
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.config.capacity
     }
 
     pub fn executor(&self) -> &Executor {
@@ -123,11 +136,29 @@ impl Runner {
                 .await
                 .expect("the slot semaphore is never closed");
             let id = self.next_queued().await;
+            // Its GPUs before it starts (first in first out: a payload waiting for GPUs holds
+            // the queue, as one waiting for a slot does). The server places a job only where
+            // its GPUs are free, so this waits only for a payload whose end it saw first.
+            let wanted = self
+                .store
+                .get(id)
+                .and_then(|r| r.resources)
+                .map_or(0, |r| r.gpus as usize);
+            let gpus = match self.gpus.take(wanted).await {
+                Ok(lease) => Some(lease),
+                Err(why) => {
+                    let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
+                        r.status = PayloadStatus::Failed;
+                        r.reason = Some(why);
+                    });
+                    continue;
+                }
+            };
             if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 // Shutting down: it stays Prepared and runs at the next start.
                 return;
             }
-            self.clone().launch(id, None, Some(permit));
+            self.clone().launch(id, None, Some(permit), gpus);
         }
     }
 
@@ -135,7 +166,7 @@ impl Runner {
     /// that kept running). Call before `start`, so that it holds a slot like the others.
     pub fn adopt(self: &Arc<Self>, id: u64, job: Job) {
         let permit = self.slots.clone().try_acquire_owned().ok();
-        self.clone().launch(id, Some(job), permit);
+        self.clone().launch(id, Some(job), permit, None);
     }
 
     /// Registers the payload as started and spawns the task that owns it until it ends.
@@ -144,6 +175,7 @@ impl Runner {
         id: u64,
         adopted: Option<Job>,
         permit: Option<OwnedSemaphorePermit>,
+        gpus: Option<GpuLease>,
     ) {
         let kill = Arc::new(Notify::new());
         let (done_tx, done_rx) = watch::channel(false);
@@ -175,9 +207,11 @@ impl Runner {
 
         tokio::spawn(async move {
             let _permit = permit;
+            let gpu_ids = gpus.as_ref().map_or(Vec::new(), |g| g.ids().to_vec());
+            let _gpus = gpus;
             let stopper: Mutex<Option<Stopper>> = Mutex::new(None);
             // A panic while supervising must not leave the payload Running forever.
-            let ended = AssertUnwindSafe(self.run_payload(id, adopted, &kill, &stopper))
+            let ended = AssertUnwindSafe(self.run_payload(id, adopted, gpu_ids, &kill, &stopper))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -190,6 +224,20 @@ impl Runner {
                 return;
             }
             let mut ended = ended;
+            let memory_mb = self
+                .store
+                .get(id)
+                .and_then(|r| r.resources)
+                .and_then(|r| r.memory_mb);
+            if let Some(mb) = memory_mb.filter(|_| ended.status == PayloadStatus::Failed) {
+                if crate::allot::stderr_says_out_of_memory(&self.store.work_dir_of(id)) {
+                    ended.reason = format!(
+                        "the job's memory limit of {mb} MiB (RLIMIT_AS) ended it: an allocation \
+                         failed; {}",
+                        ended.reason
+                    );
+                }
+            }
             if ended.status == PayloadStatus::Failed && disk_full(&self.store.work_dir_of(id)) {
                 // The script's own error message may not have fit on the disk either.
                 ended
@@ -218,6 +266,7 @@ impl Runner {
         &self,
         id: u64,
         adopted: Option<Job>,
+        gpu_ids: Vec<u32>,
         kill: &Notify,
         stopper: &Mutex<Option<Stopper>>,
     ) -> Ended {
@@ -233,12 +282,18 @@ impl Runner {
                 // Write-ahead: the record says a start was attempted before any process
                 // exists, so a client killed between the start and the Running record does not
                 // start the payload a second time after a restart (recovery fails it instead).
+                let allotment = self.allotment(id, gpu_ids.clone());
                 let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
                     r.started_ms = Some(now_ms());
+                    r.gpu_ids = gpu_ids.clone();
                 });
                 let mut attempt: u32 = 0;
                 let accepted = loop {
-                    match self.executor.start(&dir, &marker, &name, attempt > 0).await {
+                    match self
+                        .executor
+                        .start(&dir, &marker, &name, attempt > 0, &allotment)
+                        .await
+                    {
                         Ok(accepted) => break accepted,
                         Err(e) if e.transient => {
                             // The payload stays Prepared and keeps its slot; a kill ends the
@@ -267,12 +322,42 @@ impl Runner {
         self.supervise(id, &mut job, kill).await
     }
 
+    /// What payload `id` is given: the cores and memory it asked for (one core, no memory
+    /// limit without a request) and the GPUs it was assigned.
+    fn allotment(&self, id: u64, gpu_ids: Vec<u32>) -> Allotment {
+        let asked = self.store.get(id).and_then(|r| r.resources);
+        Allotment {
+            cores: asked.map_or(1, |r| r.cores.max(1)),
+            memory_mb: asked.and_then(|r| r.memory_mb),
+            gpu_ids,
+        }
+    }
+
+    /// The longest payload `id` may run: the shorter of its own walltime and the client's
+    /// `--max-runtime`; with which of the two it is.
+    fn walltime_of(&self, id: u64) -> Option<(Duration, &'static str)> {
+        let asked = self
+            .store
+            .get(id)
+            .and_then(|r| r.resources)
+            .and_then(|r| r.walltime_s)
+            .map(Duration::from_secs);
+        match (asked, self.config.max_runtime) {
+            (Some(job), Some(client)) if client < job => Some((client, "--max-runtime")),
+            (Some(job), _) => Some((job, "the job's walltime")),
+            (None, Some(client)) => Some((client, "--max-runtime")),
+            (None, None) => None,
+        }
+    }
+
     /// Waits for the payload's end: its own, a kill request or the walltime (counted from the
     /// moment it runs).
     async fn supervise(&self, id: u64, job: &mut Job, kill: &Notify) -> Ended {
+        let walltime_limit = self.walltime_of(id);
+        let limit = walltime_limit.map(|(limit, _)| limit);
         let mut deadline = self.store.get(id).and_then(|r| {
             (r.status == PayloadStatus::Running)
-                .then(|| self.deadline_from(r.started_ms.unwrap_or_else(now_ms)))
+                .then(|| deadline_from(limit, r.started_ms.unwrap_or_else(now_ms)))
                 .flatten()
         });
         let grace = self.config.kill_grace;
@@ -292,7 +377,7 @@ impl Runner {
                             r.pid = pid;
                             r.started_ms = Some(started);
                         });
-                        deadline = self.deadline_from(started);
+                        deadline = deadline_from(limit, started);
                     }
                     Progress::Ended(ended) => return ended,
                 },
@@ -306,21 +391,16 @@ impl Runner {
                 }
                 _ = walltime => {
                     let ended = job.terminate(grace).await;
-                    let limit = self.config.max_runtime.unwrap_or_default().as_secs_f64();
+                    let (limit, whose) = walltime_limit.unwrap_or((Duration::ZERO, ""));
+                    let limit = limit.as_secs_f64();
                     return Ended {
                         status: PayloadStatus::Failed,
-                        reason: format!("walltime of {limit} s exceeded, killed"),
+                        reason: format!("walltime of {limit} s exceeded ({whose}), killed"),
                         ..ended
                     };
                 }
             }
         }
-    }
-
-    fn deadline_from(&self, started_ms: u64) -> Option<Instant> {
-        let limit = self.config.max_runtime?;
-        let elapsed = Duration::from_millis(now_ms().saturating_sub(started_ms));
-        Some(Instant::now() + limit.saturating_sub(elapsed))
     }
 
     /// Stops a payload: a Prepared one that was not handed to the executor never starts, a
@@ -371,6 +451,13 @@ impl Runner {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.executor.stop_all_now();
     }
+}
+
+/// When a payload started at `started_ms` must end, with a walltime `limit`.
+fn deadline_from(limit: Option<Duration>, started_ms: u64) -> Option<Instant> {
+    let limit = limit?;
+    let elapsed = Duration::from_millis(now_ms().saturating_sub(started_ms));
+    Some(Instant::now() + limit.saturating_sub(elapsed))
 }
 
 /// Longest wait between two attempts to start a payload whose executor is unreachable.

@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use jobrelay_common::fsutil::{overwrite_padded, remove_dir_all_if_exists, write_atomic};
 use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
+use jobrelay_common::resources::Request;
 use jobrelay_common::upload::ReceivedUpload;
 
 use crate::events::EventLog;
@@ -184,7 +185,12 @@ impl PayloadStore {
 
     /// Turns a received upload into a Prepared payload, or returns the payload an earlier
     /// submission with the same idempotency key created.
-    pub fn create(&self, upload: ReceivedUpload, key: Option<String>) -> io::Result<Created> {
+    pub fn create(
+        &self,
+        upload: ReceivedUpload,
+        key: Option<String>,
+        resources: Option<Request>,
+    ) -> io::Result<Created> {
         let mut records = self.records.lock().unwrap();
         if let Some(id) = key.as_ref().and_then(|k| records.by_key.get(k)) {
             // The upload's staging directory is removed when `upload` drops.
@@ -215,6 +221,8 @@ impl PayloadStore {
             started_ms: None,
             finished_ms: None,
             slurm_job_id: None,
+            resources,
+            gpu_ids: Vec::new(),
         };
         if let Err(e) = self.persist(&record) {
             let _ = remove_dir_all_if_exists(&loc);

@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod http;
 pub mod logtail;
 pub mod protocol;
+pub mod resources;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

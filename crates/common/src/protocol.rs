@@ -98,6 +98,12 @@ pub struct PayloadRecord {
     /// queued in Slurm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_job_id: Option<u64>,
+    /// What the server asked for this payload (cores, memory, GPUs, walltime), when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<crate::resources::Request>,
+    /// The GPUs the client gave the payload (its `CUDA_VISIBLE_DEVICES`), while it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_ids: Vec<u32>,
 }
 
 /// One state change of a payload, as delivered by the change feed `GET /events`.
@@ -144,6 +150,10 @@ pub struct ClientInfo {
     pub prepared: usize,
     /// Extensions this client supports, e.g. `events`, `key`, `release`.
     pub features: Vec<String>,
+    /// Cores, memory and GPUs payloads may share; absent from clients that do not say (the
+    /// server then counts only slots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<crate::resources::Capacity>,
 }
 
 /// Body of every error answer of the client.

@@ -66,6 +66,14 @@ async fn start_client(
         listen: loopback(port),
         data_dir: data_dir.join("client"),
         slots,
+        // As many cores as slots (a job asking for nothing takes one), the memory as
+        // detected, no GPUs: `up` is the one-machine quick start.
+        capacity: jobrelay_common::resources::Capacity {
+            cores: u32::try_from(slots).unwrap_or(u32::MAX),
+            memory_mb: jobrelay_client::allot::detected_memory_mb(),
+            gpus: 0,
+        },
+        gpu_ids: Vec::new(),
         max_upload: 1 << 30,
         kill_grace: Duration::from_secs(10),
         max_runtime: None,

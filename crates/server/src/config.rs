@@ -175,6 +175,62 @@ pub struct ServiceConfig {
     /// Key of the HMAC signature of its notifications; without it, its jobs take no
     /// callback.
     pub webhook_secret: Option<Secret>,
+    /// Defaults and maxima of what its jobs may ask for.
+    pub resources: ResourceRules,
+}
+
+/// What a service's jobs get when they ask for nothing, and the most they may ask for
+/// (`None`: no default, or no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceRules {
+    pub default_cores: u32,
+    pub max_cores: Option<u32>,
+    /// MiB.
+    pub default_memory_mb: Option<u64>,
+    pub max_memory_mb: Option<u64>,
+    pub default_gpus: u32,
+    pub max_gpus: Option<u32>,
+    /// Seconds.
+    pub default_walltime_s: Option<u64>,
+    pub max_walltime_s: Option<u64>,
+}
+
+impl Default for ResourceRules {
+    /// One core, no memory, GPU or walltime asked, no maxima.
+    fn default() -> Self {
+        ResourceRules {
+            default_cores: 1,
+            max_cores: None,
+            default_memory_mb: None,
+            max_memory_mb: None,
+            default_gpus: 0,
+            max_gpus: None,
+            default_walltime_s: None,
+            max_walltime_s: None,
+        }
+    }
+}
+
+/// A memory amount or a duration in the TOML file: a number (MiB, seconds) or a text with a
+/// unit (`"4G"`, `"2h"`).
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum Amount {
+    Number(u64),
+    Text(String),
+}
+
+impl Amount {
+    fn read(
+        value: &Option<Amount>,
+        parse: fn(&str) -> Result<u64, String>,
+    ) -> Result<Option<u64>, String> {
+        match value {
+            None => Ok(None),
+            Some(Amount::Number(n)) => Ok(Some(*n)),
+            Some(Amount::Text(text)) => parse(text).map(Some),
+        }
+    }
 }
 
 impl ServiceConfig {
@@ -188,6 +244,7 @@ impl ServiceConfig {
             max_files: DEFAULT_MAX_FILES,
             webhook_url: None,
             webhook_secret: None,
+            resources: ResourceRules::default(),
         }
     }
 }
@@ -355,6 +412,47 @@ struct TomlService {
     webhook_url: Option<String>,
     webhook_secret: Option<String>,
     webhook_secret_file: Option<PathBuf>,
+    default_cores: Option<u32>,
+    max_cores: Option<u32>,
+    default_memory: Option<Amount>,
+    max_memory: Option<Amount>,
+    default_gpus: Option<u32>,
+    max_gpus: Option<u32>,
+    default_walltime: Option<Amount>,
+    max_walltime: Option<Amount>,
+}
+
+impl TomlService {
+    fn resource_rules(&self) -> Result<ResourceRules, String> {
+        use jobrelay_common::resources::{parse_memory_mb, parse_seconds};
+        let rules = ResourceRules {
+            default_cores: self.default_cores.unwrap_or(1),
+            max_cores: self.max_cores,
+            default_memory_mb: Amount::read(&self.default_memory, parse_memory_mb)?,
+            max_memory_mb: Amount::read(&self.max_memory, parse_memory_mb)?,
+            default_gpus: self.default_gpus.unwrap_or(0),
+            max_gpus: self.max_gpus,
+            default_walltime_s: Amount::read(&self.default_walltime, parse_seconds)?,
+            max_walltime_s: Amount::read(&self.max_walltime, parse_seconds)?,
+        };
+        if rules.default_cores == 0 {
+            return Err("default_cores must be at least 1".into());
+        }
+        let over = |default: Option<u64>, max: Option<u64>| matches!((default, max), (Some(d), Some(m)) if d > m);
+        if over(
+            Some(rules.default_cores.into()),
+            rules.max_cores.map(u64::from),
+        ) || over(rules.default_memory_mb, rules.max_memory_mb)
+            || over(
+                Some(rules.default_gpus.into()),
+                rules.max_gpus.map(u64::from),
+            )
+            || over(rules.default_walltime_s, rules.max_walltime_s)
+        {
+            return Err("a default is above its maximum".into());
+        }
+        Ok(rules)
+    }
 }
 
 #[derive(Default)]
@@ -409,6 +507,9 @@ pub fn services_from(
         }
         .transpose()
         .map_err(|e| anyhow::anyhow!("service {name:?}: webhook secret: {e}"))?;
+        let resources = service
+            .resource_rules()
+            .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
         services.insert(
             name,
             ServiceConfig {
@@ -419,6 +520,7 @@ pub fn services_from(
                 max_files: service.max_files.unwrap_or(DEFAULT_MAX_FILES),
                 webhook_url: service.webhook_url,
                 webhook_secret,
+                resources,
             },
         );
     }
@@ -731,6 +833,37 @@ mod tests {
         assert!(why.contains("not both"), "{why}");
         let zero = "[webhooks]\nretry_period = 0\n";
         assert!(webhooks_from(Some(zero)).is_err());
+    }
+
+    #[test]
+    fn a_service_sets_defaults_and_maxima_of_what_its_jobs_ask_for() {
+        let text = "[services.docking]\nclients = [\"http://a:1\"]\ndefault_cores = 2\n\
+                    max_cores = 16\ndefault_memory = \"2G\"\nmax_memory = 65536\nmax_gpus = 2\n\
+                    default_walltime = \"1h\"\nmax_walltime = 86400\n";
+        let services = services_from(Some(text), Vec::new()).unwrap();
+        assert_eq!(
+            services["docking"].resources,
+            ResourceRules {
+                default_cores: 2,
+                max_cores: Some(16),
+                default_memory_mb: Some(2048),
+                max_memory_mb: Some(65536),
+                default_gpus: 0,
+                max_gpus: Some(2),
+                default_walltime_s: Some(3600),
+                max_walltime_s: Some(86400),
+            }
+        );
+        let over = "[services.x]\nclients = [\"http://a:1\"]\ndefault_cores = 4\nmax_cores = 2\n";
+        let e = services_from(Some(over), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("above its maximum"), "{e}");
+        let bad = "[services.x]\nclients = [\"http://a:1\"]\nmax_memory = \"lots\"\n";
+        let e = services_from(Some(bad), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory must be"), "{e}");
     }
 
     #[test]

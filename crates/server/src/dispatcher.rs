@@ -248,7 +248,8 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             return;
         }
     };
-    let record = match gateway::submit(shared, client, files, key.as_deref()).await {
+    let record = match gateway::submit(shared, client, files, key.as_deref(), &job.resources).await
+    {
         Submitted::Accepted(record) => record,
         Submitted::Refused { status, body } => {
             shared.lifecycle.failed(

@@ -39,6 +39,7 @@ pub mod http;
 pub mod janitor;
 pub mod lifecycle;
 pub mod probe;
+pub mod requests;
 pub mod results;
 pub mod scheduler;
 pub mod shared;
@@ -159,6 +160,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .entry(endpoint.base.clone())
                 .or_insert_with(|| {
                     let id = sched.add_client();
+                    sched.set_client_label(id, endpoint.base.clone());
                     let http = gateway::http_for(endpoint, client_ca.as_deref());
                     clients.push(
                         http.map(|http| Arc::new(ClientHandle::new(id, endpoint.clone(), http))),

@@ -44,20 +44,21 @@ pub async fn run(shared: Arc<Shared>, client: Arc<ClientHandle>) {
             Ok(probe) => {
                 backoff = PROBE_BACKOFF_MIN;
                 let load = gateway::load(&client, timeout).await;
-                let (slots, has_info) = match probe {
+                let (slots, capacity, has_info) = match probe {
                     Probe::Info(info) => {
                         let slots = Some(info.slots.max(1));
+                        let capacity = info.resources;
                         let previous = crate::lock(&client.info).replace(info.clone());
                         if let Some(previous) = previous {
                             if previous.node != info.node {
                                 tracing::warn!(client = client.base(), old = %previous.node, new = %info.node, "client lost its data directory");
                             }
                         }
-                        (slots, true)
+                        (slots, capacity, true)
                     }
                     Probe::Seed => {
                         *crate::lock(&client.info) = None;
-                        (None, false)
+                        (None, None, false)
                     }
                 };
                 let first = crate::lock(&client.probed).replace(has_info).is_none();
@@ -65,7 +66,7 @@ pub async fn run(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                 // dispatcher is woken when it came back or its slots changed.
                 let was_healthy = shared
                     .lifecycle
-                    .client_probed(client.id, !client.is_full(), slots, load)
+                    .client_probed(client.id, !client.is_full(), slots, capacity, load)
                     .was_healthy;
                 if !was_healthy {
                     tracing::info!(

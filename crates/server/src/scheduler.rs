@@ -1,18 +1,31 @@
-//! The scheduling core: quotas, fair share and placement. Pure: no I/O, no clock, no locks.
+//! The scheduling core: quotas, fair share, priorities, resources and placement. Pure: no
+//! I/O, no clock, no locks.
 //!
-//! State per service: one FIFO queue of job ids per user, a ring of users that have queued
-//! jobs and may run one more (round-robin), a set of users that have queued jobs but are at
-//! their `runs_per_user` quota ("blocked"), and counts of active jobs. A user moves from
-//! blocked back to the ring when one of their jobs stops being active. A decision therefore
-//! costs O(1) amortised plus a scan of the service's clients, whatever the number of queued
-//! jobs or users.
+//! State per service: one queue of job ids per user (higher `priority` first, then first in
+//! first out), a ring of users that have queued jobs and may run one more (round-robin), a
+//! set of users that have queued jobs but are at their `runs_per_user` quota ("blocked"), a
+//! set of users whose next job fits on no client right now ("no room"), and counts of active
+//! jobs. A user moves from blocked back to the ring when one of their jobs stops being
+//! active, and from no room back to the ring when cores, memory or GPUs come free on a
+//! client of the service (or the client set changes). A decision therefore costs O(log n)
+//! in the user's queue plus a scan of the service's clients, whatever the number of queued
+//! jobs; a user whose next job does not fit is parked, so they cost nothing until room
+//! frees, and they never stop other users' jobs that do fit (no head-of-line blocking
+//! across users).
 //!
-//! Placement: the healthy client of the service with the most free capacity, then the lowest
-//! reported load, then the lowest index. A client's capacity is its advertised `/info` slots;
-//! a client without `/info` (seed-contract only) is given the service's `max_runs`, so there
-//! the service quota is the only limit. Capacity is shared by every service a client serves.
+//! Placement: among the healthy clients of the service with a free slot and, when the
+//! client advertises its resources, enough free cores, memory and GPUs for the job, the one
+//! with the most room (free cores, or free slots for a client that does not advertise
+//! resources), then the lowest reported load, then the lowest index. A client's slots are
+//! its advertised `/info` slots; a client without `/info` (seed-contract only) is given the
+//! service's `max_runs`, so there the service quota is the only limit, and a job's resources
+//! are not counted on it (one job per slot, as before). Capacity is shared by every service
+//! a client serves.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+pub use jobrelay_common::resources::Capacity;
 
 pub type JobId = i64;
 pub type UserId = i64;
@@ -28,28 +41,136 @@ pub struct Decision {
     pub client: ClientId,
 }
 
+/// What a job needs from its client, and its priority within its user's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask {
+    pub cores: u32,
+    /// MiB; 0 when the job asked for no memory.
+    pub memory_mb: u64,
+    pub gpus: u32,
+    /// Higher first within the user's queue.
+    pub priority: i64,
+}
+
+impl Default for Ask {
+    /// One core, nothing else, priority 0: a job that asked for nothing.
+    fn default() -> Self {
+        Ask {
+            cores: 1,
+            memory_mb: 0,
+            gpus: 0,
+            priority: 0,
+        }
+    }
+}
+
+impl Ask {
+    fn fits_in(&self, free: &Capacity) -> bool {
+        self.cores <= free.cores && self.memory_mb <= free.memory_mb && self.gpus <= free.gpus
+    }
+
+    /// "4 cores, 2048 MiB and 1 GPU" (memory and GPUs only when asked for).
+    pub fn describe(&self) -> String {
+        let mut parts = vec![plural(u64::from(self.cores), "core")];
+        if self.memory_mb > 0 {
+            parts.push(format!("{} MiB", self.memory_mb));
+        }
+        if self.gpus > 0 {
+            parts.push(plural(u64::from(self.gpus), "GPU"));
+        }
+        join_and(parts)
+    }
+}
+
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+fn join_and(mut parts: Vec<String>) -> String {
+    match parts.len() {
+        0 => String::new(),
+        1 => parts.remove(0),
+        _ => {
+            let last = parts.pop().expect("two or more");
+            format!("{} and {last}", parts.join(", "))
+        }
+    }
+}
+
+fn describe_capacity(c: &Capacity) -> String {
+    format!(
+        "{}, {} MiB and {}",
+        plural(u64::from(c.cores), "core"),
+        c.memory_mb,
+        plural(u64::from(c.gpus), "GPU")
+    )
+}
+
+/// Why a queued job is not running yet: a machine-readable `reason` and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Waiting {
+    /// `no_healthy_client`, `user_quota`, `service_quota`, `behind_own_jobs`,
+    /// `no_free_resources` or `next_turn`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
 #[derive(Debug, Clone)]
 struct ClientState {
     healthy: bool,
     slots: Option<usize>,
+    /// Advertised resources; `None`: the client does not say (one job per slot).
+    capacity: Option<Capacity>,
     load: f64,
     active: usize,
+    /// Resources taken by the jobs placed on it (counted only when `capacity` is known at
+    /// placement; released with the same amounts).
+    used: Capacity,
+    /// How messages name the client (its base URL).
+    label: String,
 }
+
+impl ClientState {
+    fn free(&self) -> Option<Capacity> {
+        self.capacity.map(|c| Capacity {
+            cores: c.cores.saturating_sub(self.used.cores),
+            memory_mb: c.memory_mb.saturating_sub(self.used.memory_mb),
+            gpus: c.gpus.saturating_sub(self.used.gpus),
+        })
+    }
+
+    fn free_slots(&self, max_runs: usize) -> usize {
+        self.slots.unwrap_or(max_runs).saturating_sub(self.active)
+    }
+}
+
+/// Position in a user's queue: higher priority first, then the order of arrival (a job
+/// put back at the front gets a sequence number below every other).
+type QueueKey = (Reverse<i64>, i64);
 
 #[derive(Debug, Default)]
 struct ServiceState {
     runs_per_user: usize,
     max_runs: usize,
     clients: Vec<ClientId>,
-    queues: HashMap<UserId, VecDeque<JobId>>,
+    queues: HashMap<UserId, BTreeMap<QueueKey, JobId>>,
     /// Users with queued jobs that may run one more, in turn order.
     ring: VecDeque<UserId>,
     in_ring: HashSet<UserId>,
     /// Users with queued jobs at their quota.
     blocked: HashSet<UserId>,
+    /// Users whose next job fits on no client of the service right now.
+    no_room: HashSet<UserId>,
     active_by_user: HashMap<UserId, usize>,
     active: usize,
     queued: usize,
+    /// Next sequence number at the back of a queue (counts up) and at the front (down).
+    back_seq: i64,
+    front_seq: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +178,17 @@ struct ActiveJob {
     service: ServiceId,
     user: UserId,
     client: Option<ClientId>,
+    ask: Ask,
+    /// What it takes on its client (zero on a client that does not advertise resources).
+    taken: Capacity,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct QueuedJob {
+    service: ServiceId,
+    user: UserId,
+    key: QueueKey,
+    ask: Ask,
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +196,7 @@ pub struct Scheduler {
     services: Vec<ServiceState>,
     clients: Vec<ClientState>,
     active: HashMap<JobId, ActiveJob>,
+    queued_jobs: HashMap<JobId, QueuedJob>,
 }
 
 impl Scheduler {
@@ -76,10 +209,18 @@ impl Scheduler {
         self.clients.push(ClientState {
             healthy: false,
             slots: None,
+            capacity: None,
             load: 0.0,
             active: 0,
+            used: Capacity::default(),
+            label: format!("client {}", self.clients.len()),
         });
         self.clients.len() - 1
+    }
+
+    /// How messages (waiting reasons, refusals) name the client.
+    pub fn set_client_label(&mut self, client: ClientId, label: impl Into<String>) {
+        self.clients[client].label = label.into();
     }
 
     pub fn add_service(
@@ -92,6 +233,7 @@ impl Scheduler {
             runs_per_user,
             max_runs,
             clients,
+            back_seq: 1,
             ..Default::default()
         });
         self.services.len() - 1
@@ -103,14 +245,56 @@ impl Scheduler {
         c.healthy = healthy;
         c.slots = slots;
         c.load = load;
+        self.room_changed(client);
+    }
+
+    /// The cores, memory and GPUs a client advertises (`None`: it does not say). The jobs
+    /// already there are counted again against it: jobs found active at start-up are placed
+    /// before the client's first probe says what it has.
+    pub fn set_client_capacity(&mut self, client: ClientId, capacity: Option<Capacity>) {
+        if self.clients[client].capacity == capacity {
+            return;
+        }
+        self.clients[client].capacity = capacity;
+        let mut used = Capacity::default();
+        for job in self.active.values_mut() {
+            if job.client != Some(client) {
+                continue;
+            }
+            job.taken = match capacity {
+                Some(_) => Capacity {
+                    cores: job.ask.cores,
+                    memory_mb: job.ask.memory_mb,
+                    gpus: job.ask.gpus,
+                },
+                None => Capacity::default(),
+            };
+            used.cores += job.taken.cores;
+            used.memory_mb += job.taken.memory_mb;
+            used.gpus += job.taken.gpus;
+        }
+        self.clients[client].used = used;
+        self.room_changed(client);
     }
 
     pub fn set_client_health(&mut self, client: ClientId, healthy: bool) {
         self.clients[client].healthy = healthy;
+        if healthy {
+            self.room_changed(client);
+        }
     }
 
     pub fn client_slots(&self, client: ClientId) -> Option<usize> {
         self.clients[client].slots
+    }
+
+    pub fn client_capacity(&self, client: ClientId) -> Option<Capacity> {
+        self.clients[client].capacity
+    }
+
+    /// Resources taken on a client by the jobs placed there.
+    pub fn client_used(&self, client: ClientId) -> Capacity {
+        self.clients[client].used
     }
 
     /// Last reported CPU load of a client, 0 to 100.
@@ -150,12 +334,12 @@ impl Scheduler {
         self.clients[client].healthy
     }
 
-    /// Adds a job at the back of its user's queue.
-    pub fn enqueue(&mut self, service: ServiceId, user: UserId, job: JobId) {
+    /// Adds a job at the back of its user's queue (among the jobs of its priority).
+    pub fn enqueue(&mut self, service: ServiceId, user: UserId, job: JobId, ask: Ask) {
         let s = &mut self.services[service];
-        s.queues.entry(user).or_default().push_back(job);
-        s.queued += 1;
-        s.offer_turn(user);
+        let seq = s.back_seq;
+        s.back_seq += 1;
+        self.insert_queued(service, user, job, ask, seq);
     }
 
     /// Puts a job that was active back at the front of its user's queue (it keeps its place).
@@ -163,33 +347,55 @@ impl Scheduler {
         let Some(entry) = self.release(job) else {
             return false;
         };
-        let s = &mut self.services[entry.service];
-        s.queues.entry(entry.user).or_default().push_front(job);
-        s.queued += 1;
-        s.offer_turn(entry.user);
+        self.push_front(entry.service, entry.user, job, entry.ask);
         true
     }
 
-    /// Puts a job at the front of its user's queue (a job queued again keeps its place).
-    pub fn push_front(&mut self, service: ServiceId, user: UserId, job: JobId) {
+    /// Puts a job at the front of its user's queue, ahead of the jobs of its priority (a job
+    /// queued again keeps its place).
+    pub fn push_front(&mut self, service: ServiceId, user: UserId, job: JobId, ask: Ask) {
         let s = &mut self.services[service];
-        s.queues.entry(user).or_default().push_front(job);
-        s.queued += 1;
-        s.offer_turn(user);
+        let seq = s.front_seq;
+        s.front_seq -= 1;
+        self.insert_queued(service, user, job, ask, seq);
     }
 
-    /// Removes a queued job (cancelled). Cost: the length of that user's queue.
-    pub fn remove_queued(&mut self, service: ServiceId, user: UserId, job: JobId) -> bool {
+    fn insert_queued(&mut self, service: ServiceId, user: UserId, job: JobId, ask: Ask, seq: i64) {
+        let key = (Reverse(ask.priority), seq);
         let s = &mut self.services[service];
-        let Some(queue) = s.queues.get_mut(&user) else {
+        s.queues.entry(user).or_default().insert(key, job);
+        s.queued += 1;
+        // Its next job may have changed: one that fits may now be first.
+        s.no_room.remove(&user);
+        s.offer_turn(user);
+        self.queued_jobs.insert(
+            job,
+            QueuedJob {
+                service,
+                user,
+                key,
+                ask,
+            },
+        );
+    }
+
+    /// Removes a queued job (cancelled). Cost: O(log n) in that user's queue.
+    pub fn remove_queued(&mut self, service: ServiceId, user: UserId, job: JobId) -> bool {
+        let Some(entry) = self.queued_jobs.get(&job).copied() else {
             return false;
         };
-        let Some(at) = queue.iter().position(|j| *j == job) else {
+        if entry.service != service || entry.user != user {
             return false;
-        };
-        queue.remove(at);
+        }
+        self.queued_jobs.remove(&job);
+        let s = &mut self.services[service];
+        let queue = s.queues.get_mut(&user).expect("a queued job has a queue");
+        queue.remove(&entry.key);
         if queue.is_empty() {
             s.queues.remove(&user);
+        } else if s.no_room.remove(&user) {
+            // The first job may be another now.
+            s.offer_turn(user);
         }
         s.queued -= 1;
         true
@@ -202,6 +408,7 @@ impl Scheduler {
         user: UserId,
         job: JobId,
         client: Option<ClientId>,
+        ask: Ask,
     ) {
         if self.active.contains_key(&job) {
             return;
@@ -209,8 +416,20 @@ impl Scheduler {
         let s = &mut self.services[service];
         s.active += 1;
         *s.active_by_user.entry(user).or_default() += 1;
+        let mut taken = Capacity::default();
         if let Some(c) = client {
-            self.clients[c].active += 1;
+            let c = &mut self.clients[c];
+            c.active += 1;
+            if c.capacity.is_some() {
+                taken = Capacity {
+                    cores: ask.cores,
+                    memory_mb: ask.memory_mb,
+                    gpus: ask.gpus,
+                };
+                c.used.cores += taken.cores;
+                c.used.memory_mb += taken.memory_mb;
+                c.used.gpus += taken.gpus;
+            }
         }
         self.active.insert(
             job,
@@ -218,14 +437,16 @@ impl Scheduler {
                 service,
                 user,
                 client,
+                ask,
+                taken,
             },
         );
     }
 
     /// The job's payload has ended on its client (the client said so) while the job is still
-    /// active here, its results being fetched: the client's slot is free for the next job
-    /// now, while the job counts against its user's and service's quotas until [`finish`].
-    /// Returns whether a slot was freed.
+    /// active here, its results being fetched: the client's slot and resources are free for
+    /// the next job now, while the job counts against its user's and service's quotas until
+    /// [`finish`]. Returns whether a slot was freed.
     ///
     /// [`finish`]: Scheduler::finish
     pub fn leave_client(&mut self, job: JobId) -> bool {
@@ -235,8 +456,32 @@ impl Scheduler {
         let Some(c) = entry.client.take() else {
             return false;
         };
-        self.clients[c].active -= 1;
+        let taken = std::mem::take(&mut entry.taken);
+        self.free_on_client(c, taken);
         true
+    }
+
+    fn free_on_client(&mut self, client: ClientId, taken: Capacity) {
+        let c = &mut self.clients[client];
+        c.active -= 1;
+        c.used.cores -= taken.cores;
+        c.used.memory_mb -= taken.memory_mb;
+        c.used.gpus -= taken.gpus;
+        self.room_changed(client);
+    }
+
+    /// Room may have come free on `client`: the users of its services parked for lack of
+    /// room get a turn again. Costs the number of parked users, not the queued jobs.
+    fn room_changed(&mut self, client: ClientId) {
+        for s in &mut self.services {
+            if s.no_room.is_empty() || !s.clients.contains(&client) {
+                continue;
+            }
+            let parked: Vec<UserId> = s.no_room.drain().collect();
+            for user in parked {
+                s.offer_turn(user);
+            }
+        }
     }
 
     /// A job stopped being active (finished, killed, failed): frees its quota and its slot.
@@ -247,7 +492,7 @@ impl Scheduler {
     fn release(&mut self, job: JobId) -> Option<ActiveJob> {
         let entry = self.active.remove(&job)?;
         if let Some(c) = entry.client {
-            self.clients[c].active -= 1;
+            self.free_on_client(c, entry.taken);
         }
         let s = &mut self.services[entry.service];
         s.active -= 1;
@@ -268,16 +513,32 @@ impl Scheduler {
         for service in 0..self.services.len() {
             loop {
                 let s = &self.services[service];
-                if s.active >= s.max_runs || s.queued == 0 {
+                if s.active >= s.max_runs || s.queued == 0 || !self.any_free_slot(service) {
                     break;
                 }
-                let Some(client) = self.place(service) else {
+                let Some(user) = self.services[service].next_user() else {
                     break;
                 };
-                let Some((user, job)) = self.services[service].next_job() else {
-                    break;
+                let s = &self.services[service];
+                let (&key, &job) = s.queues[&user]
+                    .iter()
+                    .next()
+                    .expect("queues are never kept empty");
+                let ask = self.queued_jobs[&job].ask;
+                let Some(client) = self.place(service, &ask) else {
+                    // Fits nowhere now: parked until room frees, other users go on.
+                    self.services[service].no_room.insert(user);
+                    continue;
                 };
-                self.activate(service, user, job, Some(client));
+                self.queued_jobs.remove(&job);
+                let s = &mut self.services[service];
+                let queue = s.queues.get_mut(&user).expect("the user's queue");
+                queue.remove(&key);
+                if queue.is_empty() {
+                    s.queues.remove(&user);
+                }
+                s.queued -= 1;
+                self.activate(service, user, job, Some(client), ask);
                 let s = &mut self.services[service];
                 if s.queues.contains_key(&user) {
                     s.offer_turn(user);
@@ -293,19 +554,157 @@ impl Scheduler {
         decisions
     }
 
-    /// The healthy client of `service` with the most free capacity, if any has some.
-    fn place(&self, service: ServiceId) -> Option<ClientId> {
+    fn any_free_slot(&self, service: ServiceId) -> bool {
+        let s = &self.services[service];
+        s.clients.iter().any(|&id| {
+            let c = &self.clients[id];
+            c.healthy && c.free_slots(s.max_runs) > 0
+        })
+    }
+
+    /// The healthy client of `service` with a free slot and room for `ask` that has the most
+    /// room, if any.
+    fn place(&self, service: ServiceId, ask: &Ask) -> Option<ClientId> {
         let s = &self.services[service];
         s.clients
             .iter()
             .filter_map(|&id| {
                 let c = &self.clients[id];
-                let capacity = c.slots.unwrap_or(s.max_runs);
-                let free = capacity.saturating_sub(c.active);
-                (c.healthy && free > 0).then_some((id, free, c.load))
+                let slots = c.free_slots(s.max_runs);
+                if !c.healthy || slots == 0 {
+                    return None;
+                }
+                let room = match c.free() {
+                    Some(free) if !ask.fits_in(&free) => return None,
+                    Some(free) => free.cores as usize,
+                    None => slots,
+                };
+                Some((id, room, c.load))
             })
             .min_by(|a, b| b.1.cmp(&a.1).then(a.2.total_cmp(&b.2)).then(a.0.cmp(&b.0)))
             .map(|(id, _, _)| id)
+    }
+
+    /// Why a job asking `ask` could never run in `service` (named `name`): every client of
+    /// the service advertises its resources and none has that much, even idle. `None` when
+    /// some client could hold it, or when some client does not say what it has (or has not
+    /// said yet): then only running it tells.
+    pub fn never_fits(&self, service: ServiceId, name: &str, ask: &Ask) -> Option<String> {
+        let s = &self.services[service];
+        let mut largest: Option<(&ClientState, Capacity)> = None;
+        for &id in &s.clients {
+            let c = &self.clients[id];
+            let capacity = c.capacity?;
+            if ask.fits_in(&capacity) {
+                return None;
+            }
+            let bigger = largest.is_none_or(|(_, l)| {
+                (capacity.cores, capacity.memory_mb, capacity.gpus) > (l.cores, l.memory_mb, l.gpus)
+            });
+            if bigger {
+                largest = Some((c, capacity));
+            }
+        }
+        let (client, has) = largest?;
+        let mut needs = Vec::new();
+        let mut offers = Vec::new();
+        if ask.cores > has.cores {
+            needs.push(plural(u64::from(ask.cores), "core"));
+            offers.push(u64::from(has.cores).to_string());
+        }
+        if ask.memory_mb > has.memory_mb {
+            needs.push(format!("{} MiB", ask.memory_mb));
+            offers.push(format!("{} MiB", has.memory_mb));
+        }
+        if ask.gpus > has.gpus {
+            needs.push(plural(u64::from(ask.gpus), "GPU"));
+            offers.push(plural(u64::from(has.gpus), "GPU"));
+        }
+        Some(format!(
+            "needs {}; the largest client of service {name} ({}) has {}",
+            join_and(needs),
+            client.label,
+            join_and(offers)
+        ))
+    }
+
+    /// Why a queued job waits, or `None` when it is not queued here. A query: changes
+    /// nothing. Costs the jobs ahead of it in its user's queue plus a scan of the service's
+    /// clients.
+    pub fn waiting_for(&self, job: JobId) -> Option<Waiting> {
+        let entry = self.queued_jobs.get(&job)?;
+        let s = &self.services[entry.service];
+        let wait = |reason, message: String| Some(Waiting { reason, message });
+        let healthy: Vec<&ClientState> = s
+            .clients
+            .iter()
+            .map(|&id| &self.clients[id])
+            .filter(|c| c.healthy)
+            .collect();
+        if healthy.is_empty() {
+            return wait(
+                "no_healthy_client",
+                "no client of its service is healthy (reachable and not full)".into(),
+            );
+        }
+        let running = s.active_by_user.get(&entry.user).copied().unwrap_or(0);
+        if running >= s.runs_per_user {
+            return wait(
+                "user_quota",
+                format!(
+                    "user {} is at runs_per_user ({running} of {} running)",
+                    entry.user, s.runs_per_user
+                ),
+            );
+        }
+        if s.active >= s.max_runs {
+            return wait(
+                "service_quota",
+                format!(
+                    "the service is at max_runs ({} of {} running)",
+                    s.active, s.max_runs
+                ),
+            );
+        }
+        let ahead = s.queues[&entry.user].range(..entry.key).count();
+        if ahead > 0 {
+            return wait(
+                "behind_own_jobs",
+                format!(
+                    "behind {} of user {}",
+                    plural(ahead as u64, "earlier job"),
+                    entry.user
+                ),
+            );
+        }
+        if self.place(entry.service, &entry.ask).is_none() {
+            let with_slot: Vec<&&ClientState> = healthy
+                .iter()
+                .filter(|c| c.free_slots(s.max_runs) > 0)
+                .collect();
+            let message = if with_slot.is_empty() {
+                "every slot of every healthy client of its service is taken".to_owned()
+            } else {
+                let most = with_slot
+                    .iter()
+                    .filter_map(|c| c.free().map(|f| (c, f)))
+                    .max_by_key(|(_, f)| (f.cores, f.memory_mb, f.gpus));
+                match most {
+                    Some((c, free)) => format!(
+                        "no client has {} free now; the most free on any is {} on {}",
+                        entry.ask.describe(),
+                        describe_capacity(&free),
+                        c.label
+                    ),
+                    None => format!("no client has {} free now", entry.ask.describe()),
+                }
+            };
+            return wait("no_free_resources", message);
+        }
+        wait(
+            "next_turn",
+            "it goes at the next dispatch (other users' turns first)".into(),
+        )
     }
 
     pub fn queued(&self, service: ServiceId) -> usize {
@@ -337,7 +736,10 @@ impl ServiceState {
     /// Gives `user` a turn (back of the ring) if they have queued jobs and are under quota;
     /// otherwise parks them as blocked. Never adds a user twice.
     fn offer_turn(&mut self, user: UserId) {
-        if self.in_ring.contains(&user) || self.blocked.contains(&user) {
+        if self.in_ring.contains(&user)
+            || self.blocked.contains(&user)
+            || self.no_room.contains(&user)
+        {
             return;
         }
         if !self.queues.contains_key(&user) {
@@ -351,24 +753,19 @@ impl ServiceState {
         }
     }
 
-    /// Takes the next user's first job. Users whose queue emptied (cancellations) or who
-    /// reached their quota leave the ring on the way.
-    fn next_job(&mut self) -> Option<(UserId, JobId)> {
+    /// Takes the next user whose turn it is (out of the ring). Users whose queue emptied
+    /// (cancellations) or who reached their quota leave the ring on the way.
+    fn next_user(&mut self) -> Option<UserId> {
         while let Some(user) = self.ring.pop_front() {
             self.in_ring.remove(&user);
-            let Some(queue) = self.queues.get_mut(&user) else {
+            if !self.queues.contains_key(&user) {
                 continue;
-            };
+            }
             if self.active_by_user.get(&user).copied().unwrap_or(0) >= self.runs_per_user {
                 self.blocked.insert(user);
                 continue;
             }
-            let job = queue.pop_front().expect("queues are never kept empty");
-            if queue.is_empty() {
-                self.queues.remove(&user);
-            }
-            self.queued -= 1;
-            return Some((user, job));
+            return Some(user);
         }
         None
     }
@@ -382,7 +779,7 @@ mod tests {
     fn a_payload_that_ended_frees_its_client_slot_but_not_the_quotas() {
         let mut s = single(2, 10, Some(1));
         for j in 1..=3 {
-            s.enqueue(0, 7, j);
+            s.enqueue(0, 7, j, Ask::default());
         }
         assert_eq!(jobs(&s.decide()), vec![1]);
         assert!(s.decide().is_empty(), "the client's one slot is taken");
@@ -421,10 +818,10 @@ mod tests {
         // runs_per_user 3, max_runs 5, two users with four jobs each: 3 + 2 run, 3 wait.
         let mut s = single(3, 5, Some(100));
         for job in 1..=4 {
-            s.enqueue(0, 1, job);
+            s.enqueue(0, 1, job, Ask::default());
         }
         for job in 11..=14 {
-            s.enqueue(0, 2, job);
+            s.enqueue(0, 2, job, Ask::default());
         }
         let first = s.decide();
         assert_eq!(jobs(&first), [1, 11, 2, 12, 3]);
@@ -458,7 +855,7 @@ mod tests {
         // a user with a limit of 5 never has more than 5 dispatched.
         let mut s = single(5, 100, None);
         for job in 1..=8 {
-            s.enqueue(0, 7, job);
+            s.enqueue(0, 7, job, Ask::default());
         }
         assert_eq!(s.decide().len(), 5);
         assert!(s.decide().is_empty());
@@ -468,13 +865,13 @@ mod tests {
     fn round_robin_across_users_fifo_within() {
         let mut s = single(10, 1, Some(10));
         for job in 1..=3 {
-            s.enqueue(0, 100, job);
+            s.enqueue(0, 100, job, Ask::default());
         }
         for job in 11..=13 {
-            s.enqueue(0, 200, job);
+            s.enqueue(0, 200, job, Ask::default());
         }
         for job in 21..=23 {
-            s.enqueue(0, 300, job);
+            s.enqueue(0, 300, job, Ask::default());
         }
         let mut order = Vec::new();
         loop {
@@ -493,10 +890,10 @@ mod tests {
     fn a_user_arriving_late_gets_the_next_turn() {
         let mut s = single(10, 1, Some(10));
         for job in 1..=5 {
-            s.enqueue(0, 1, job);
+            s.enqueue(0, 1, job, Ask::default());
         }
         assert_eq!(jobs(&s.decide()), [1]);
-        s.enqueue(0, 2, 50);
+        s.enqueue(0, 2, 50, Ask::default());
         s.finish(1);
         assert_eq!(jobs(&s.decide()), [2]);
         s.finish(2);
@@ -507,7 +904,7 @@ mod tests {
     fn blocked_user_returns_when_a_job_finishes() {
         let mut s = single(1, 10, Some(10));
         for job in 1..=3 {
-            s.enqueue(0, 1, job);
+            s.enqueue(0, 1, job, Ask::default());
         }
         assert_eq!(jobs(&s.decide()), [1]);
         assert!(s.decide().is_empty());
@@ -519,7 +916,7 @@ mod tests {
     fn requeued_job_keeps_its_place_and_frees_its_slot() {
         let mut s = single(10, 10, Some(1));
         for job in 1..=3 {
-            s.enqueue(0, 1, job);
+            s.enqueue(0, 1, job, Ask::default());
         }
         assert_eq!(jobs(&s.decide()), [1]);
         assert!(s.requeue(1));
@@ -530,16 +927,16 @@ mod tests {
     #[test]
     fn cancelled_queued_jobs_are_skipped() {
         let mut s = single(10, 10, Some(10));
-        s.enqueue(0, 1, 1);
-        s.enqueue(0, 2, 2);
-        s.enqueue(0, 2, 3);
+        s.enqueue(0, 1, 1, Ask::default());
+        s.enqueue(0, 2, 2, Ask::default());
+        s.enqueue(0, 2, 3, Ask::default());
         assert!(s.remove_queued(0, 1, 1));
         assert!(!s.remove_queued(0, 1, 1));
         assert!(s.remove_queued(0, 2, 2));
         assert_eq!(jobs(&s.decide()), [3]);
         // The emptied user can queue again and is not counted twice in the ring.
-        s.enqueue(0, 1, 4);
-        s.enqueue(0, 1, 5);
+        s.enqueue(0, 1, 4, Ask::default());
+        s.enqueue(0, 1, 5, Ask::default());
         assert_eq!(jobs(&s.decide()), [4, 5]);
     }
 
@@ -554,7 +951,7 @@ mod tests {
         s.set_client(c, false, Some(8), 0.0);
         s.add_service(100, 100, vec![a, b, c]);
         for job in 1..=6 {
-            s.enqueue(0, 1, job);
+            s.enqueue(0, 1, job, Ask::default());
         }
         let d = s.decide();
         let clients: Vec<_> = d.iter().map(|d| d.client).collect();
@@ -569,7 +966,7 @@ mod tests {
     fn no_healthy_client_means_no_decision() {
         let mut s = single(5, 5, None);
         s.set_client_health(0, false);
-        s.enqueue(0, 1, 1);
+        s.enqueue(0, 1, 1, Ask::default());
         assert!(s.decide().is_empty());
         s.set_client_health(0, true);
         assert_eq!(jobs(&s.decide()), [1]);
@@ -579,7 +976,7 @@ mod tests {
     fn a_client_without_slots_is_limited_by_the_service_quota() {
         let mut s = single(100, 4, None);
         for job in 1..=10 {
-            s.enqueue(0, 1, job);
+            s.enqueue(0, 1, job, Ask::default());
         }
         assert_eq!(s.decide().len(), 4);
     }
@@ -587,9 +984,9 @@ mod tests {
     #[test]
     fn activated_jobs_count_against_quotas() {
         let mut s = single(2, 10, Some(10));
-        s.activate(0, 1, 100, Some(0));
-        s.activate(0, 1, 101, None);
-        s.enqueue(0, 1, 1);
+        s.activate(0, 1, 100, Some(0), Ask::default());
+        s.activate(0, 1, 101, None, Ask::default());
+        s.enqueue(0, 1, 1, Ask::default());
         assert!(s.decide().is_empty());
         s.finish(101);
         assert_eq!(jobs(&s.decide()), [1]);
@@ -602,10 +999,10 @@ mod tests {
         s.set_client(c, true, Some(3), 0.0);
         s.add_service(10, 10, vec![c]);
         s.add_service(10, 10, vec![c]);
-        s.enqueue(0, 1, 1);
-        s.enqueue(0, 1, 2);
-        s.enqueue(1, 1, 3);
-        s.enqueue(1, 1, 4);
+        s.enqueue(0, 1, 1, Ask::default());
+        s.enqueue(0, 1, 2, Ask::default());
+        s.enqueue(1, 1, 3, Ask::default());
+        s.enqueue(1, 1, 4, Ask::default());
         assert_eq!(s.decide().len(), 3);
     }
 
@@ -614,7 +1011,7 @@ mod tests {
         // 100,000 queued jobs from 1,000 users; each decision must not scan them.
         let mut s = single(2, 50, Some(50));
         for i in 0..100_000 {
-            s.enqueue(0, i % 1000, i);
+            s.enqueue(0, i % 1000, i, Ask::default());
         }
         let start = std::time::Instant::now();
         let mut dispatched = 0;
@@ -638,7 +1035,7 @@ mod tests {
     fn fairness_holds_with_many_users() {
         let mut s = single(1, 10, Some(10));
         for i in 0..1000 {
-            s.enqueue(0, i % 100, i);
+            s.enqueue(0, i % 100, i, Ask::default());
         }
         let mut seen_by_user: HashMap<UserId, Vec<JobId>> = HashMap::new();
         let mut rounds = 0;
@@ -699,7 +1096,7 @@ mod tests {
                 match rng.below(10) {
                     0..=3 => {
                         let user = rng.below(5) as i64;
-                        s.enqueue(0, user, next);
+                        s.enqueue(0, user, next, Ask::default());
                         queued.entry(user).or_default().push_back(next);
                         next += 1;
                     }
@@ -768,6 +1165,358 @@ mod tests {
                     s.queued(0),
                     queued.values().map(VecDeque::len).sum::<usize>()
                 );
+            }
+        }
+    }
+
+    fn cores(n: u32) -> Ask {
+        Ask {
+            cores: n,
+            ..Ask::default()
+        }
+    }
+
+    fn with_capacity(s: &mut Scheduler, cores: u32, memory_mb: u64, gpus: u32) -> ClientId {
+        let c = s.add_client();
+        s.set_client(c, true, Some(100), 0.0);
+        s.set_client_capacity(
+            c,
+            Some(Capacity {
+                cores,
+                memory_mb,
+                gpus,
+            }),
+        );
+        c
+    }
+
+    #[test]
+    fn mixed_sizes_pack_without_ever_exceeding_a_client() {
+        let mut s = Scheduler::new();
+        let big = with_capacity(&mut s, 8, 16_384, 0);
+        let small = with_capacity(&mut s, 2, 4_096, 0);
+        s.add_service(100, 100, vec![big, small]);
+        let mut rng = Lcg(7);
+        let mut asks = HashMap::new();
+        for job in 0..200 {
+            let ask = Ask {
+                cores: if rng.below(3) == 0 { 4 } else { 1 },
+                memory_mb: 512 * rng.below(4),
+                ..Ask::default()
+            };
+            asks.insert(job, ask);
+            s.enqueue(0, rng.below(4) as i64, job, ask);
+        }
+        let mut running: Vec<Decision> = Vec::new();
+        let mut done = 0;
+        while done < 200 {
+            running.extend(s.decide());
+            for c in [big, small] {
+                let (cores, memory) = running
+                    .iter()
+                    .filter(|d| d.client == c)
+                    .fold((0, 0), |(n, m), d| {
+                        (n + asks[&d.job].cores, m + asks[&d.job].memory_mb)
+                    });
+                let cap = s.client_capacity(c).unwrap();
+                assert!(cores <= cap.cores && memory <= cap.memory_mb);
+                assert_eq!(s.client_used(c).cores, cores);
+            }
+            assert!(!running.is_empty(), "something always runs");
+            let d = running.remove(rng.below(running.len() as u64) as usize);
+            assert!(s.finish(d.job));
+            done += 1;
+        }
+        assert_eq!(s.client_used(big), Capacity::default());
+        assert_eq!(s.client_used(small), Capacity::default());
+        assert_eq!(s.queued(0), 0);
+    }
+
+    #[test]
+    fn gpus_and_memory_count_like_cores() {
+        let mut s = Scheduler::new();
+        let c = with_capacity(&mut s, 16, 8_192, 2);
+        s.add_service(100, 100, vec![c]);
+        let gpu = Ask {
+            gpus: 1,
+            ..Ask::default()
+        };
+        for job in 1..=3 {
+            s.enqueue(0, job, job, gpu);
+        }
+        assert_eq!(jobs(&s.decide()), [1, 2], "two GPUs, two jobs");
+        let fat = Ask {
+            memory_mb: 6_000,
+            ..Ask::default()
+        };
+        s.enqueue(0, 10, 10, fat);
+        s.enqueue(0, 11, 11, fat);
+        assert_eq!(jobs(&s.decide()), [10], "8 GiB hold one 6,000 MiB job");
+        s.finish(1);
+        assert_eq!(jobs(&s.decide()), [3]);
+    }
+
+    #[test]
+    fn jobs_found_running_at_start_count_once_their_client_says_what_it_has() {
+        let mut s = Scheduler::new();
+        let c = s.add_client();
+        s.set_client(c, true, Some(100), 0.0);
+        s.add_service(100, 100, vec![c]);
+        // Recovered before the first probe: the client's resources are not known yet.
+        s.activate(0, 1, 1, Some(c), cores(6));
+        s.set_client_capacity(
+            c,
+            Some(Capacity {
+                cores: 8,
+                memory_mb: 0,
+                gpus: 0,
+            }),
+        );
+        assert_eq!(s.client_used(c).cores, 6);
+        s.enqueue(0, 2, 2, cores(4));
+        s.enqueue(0, 3, 3, cores(2));
+        assert_eq!(
+            jobs(&s.decide()),
+            [3],
+            "6 of 8 cores taken: the 4-core job waits"
+        );
+        assert!(s.finish(1));
+        assert_eq!(jobs(&s.decide()), [2]);
+        assert!(s.finish(2) && s.finish(3));
+        assert_eq!(s.client_used(c), Capacity::default());
+    }
+
+    #[test]
+    fn higher_priority_first_then_first_in_first_out() {
+        let mut s = single(1, 1, Some(1));
+        let at = |priority| Ask {
+            priority,
+            ..Ask::default()
+        };
+        s.enqueue(0, 1, 1, at(0));
+        s.enqueue(0, 1, 2, at(5));
+        s.enqueue(0, 1, 3, at(0));
+        s.enqueue(0, 1, 4, at(5));
+        s.enqueue(0, 1, 5, at(-1));
+        let mut order = Vec::new();
+        while s.queued(0) > 0 {
+            let d = s.decide();
+            assert_eq!(d.len(), 1);
+            order.push(d[0].job);
+            s.finish(d[0].job);
+        }
+        assert_eq!(order, [2, 4, 1, 3, 5]);
+        // A job queued again goes first among its priority, not above a higher one.
+        s.enqueue(0, 1, 6, at(1));
+        s.enqueue(0, 1, 7, at(0));
+        s.enqueue(0, 1, 8, at(0));
+        assert_eq!(jobs(&s.decide()), [6]);
+        s.finish(6);
+        assert_eq!(jobs(&s.decide()), [7]);
+        assert!(s.requeue(7));
+        assert_eq!(jobs(&s.decide()), [7]);
+    }
+
+    #[test]
+    fn a_user_whose_job_fits_nowhere_now_does_not_block_other_users() {
+        let mut s = Scheduler::new();
+        let c = with_capacity(&mut s, 4, 0, 0);
+        s.add_service(100, 100, vec![c]);
+        s.enqueue(0, 1, 1, cores(3));
+        assert_eq!(jobs(&s.decide()), [1]);
+        // User 2's next job needs 4 cores, only 1 is free: users 3 and 4 go past it.
+        s.enqueue(0, 2, 20, cores(4));
+        s.enqueue(0, 3, 30, cores(1));
+        assert_eq!(jobs(&s.decide()), [30]);
+        s.finish(30);
+        s.enqueue(0, 4, 40, cores(1));
+        assert_eq!(jobs(&s.decide()), [40]);
+        assert_eq!(
+            s.waiting_for(20).map(|w| w.reason),
+            Some("no_free_resources")
+        );
+        s.finish(40);
+        s.finish(1);
+        assert_eq!(jobs(&s.decide()), [20], "room freed: the big job runs");
+    }
+
+    #[test]
+    fn a_job_no_client_could_ever_hold_is_named_with_the_largest_client() {
+        let mut s = Scheduler::new();
+        let a = with_capacity(&mut s, 16, 65_536, 0);
+        let b = with_capacity(&mut s, 4, 8_192, 2);
+        s.set_client_label(a, "http://big:9000");
+        s.add_service(10, 10, vec![a, b]);
+        assert_eq!(s.never_fits(0, "docking", &cores(16)), None);
+        assert_eq!(
+            s.never_fits(0, "docking", &cores(64)).as_deref(),
+            Some("needs 64 cores; the largest client of service docking (http://big:9000) has 16")
+        );
+        let gpu = Ask {
+            cores: 8,
+            gpus: 1,
+            ..Ask::default()
+        };
+        let why = s
+            .never_fits(0, "docking", &gpu)
+            .expect("8 cores and a GPU: none has both");
+        assert!(
+            why.contains("needs 1 GPU") && why.contains("has 0 GPUs"),
+            "{why}"
+        );
+        // A client that does not advertise its resources might hold anything.
+        let unknown = s.add_client();
+        s.add_service(10, 10, vec![a, unknown]);
+        assert_eq!(s.never_fits(1, "x", &cores(64)), None);
+    }
+
+    #[test]
+    fn every_waiting_reason_is_explained() {
+        let mut s = Scheduler::new();
+        let c = with_capacity(&mut s, 4, 4_096, 0);
+        s.set_client_label(c, "http://c:9000");
+        s.add_service(2, 3, vec![c]);
+        // No healthy client.
+        s.set_client_health(c, false);
+        s.enqueue(0, 1, 1, cores(1));
+        let w = s.waiting_for(1).unwrap();
+        assert_eq!(w.reason, "no_healthy_client", "{}", w.message);
+        s.set_client_health(c, true);
+        // Its turn comes next: nothing decided yet.
+        assert_eq!(s.waiting_for(1).unwrap().reason, "next_turn");
+        s.enqueue(0, 1, 2, cores(1));
+        s.enqueue(0, 1, 3, cores(1));
+        // Behind its own user's jobs.
+        let w = s.waiting_for(3).unwrap();
+        assert_eq!(w.reason, "behind_own_jobs");
+        assert_eq!(w.message, "behind 2 earlier jobs of user 1");
+        assert_eq!(jobs(&s.decide()), [1, 2]);
+        // The user is at runs_per_user.
+        let w = s.waiting_for(3).unwrap();
+        assert_eq!(w.reason, "user_quota");
+        assert_eq!(w.message, "user 1 is at runs_per_user (2 of 2 running)");
+        // The service at max_runs.
+        s.enqueue(0, 2, 20, cores(1));
+        s.enqueue(0, 3, 30, cores(1));
+        assert_eq!(jobs(&s.decide()), [20]);
+        let w = s.waiting_for(30).unwrap();
+        assert_eq!(w.reason, "service_quota");
+        assert_eq!(w.message, "the service is at max_runs (3 of 3 running)");
+        // No client with the free resources: 2 cores free, 4 asked.
+        s.finish(20);
+        s.finish(2);
+        assert!(s.remove_queued(0, 3, 30) && s.remove_queued(0, 1, 3));
+        s.enqueue(0, 3, 31, cores(4));
+        s.enqueue(0, 4, 40, cores(1));
+        assert_eq!(jobs(&s.decide()), [40]);
+        let w = s.waiting_for(31).unwrap();
+        assert_eq!(w.reason, "no_free_resources");
+        assert_eq!(
+            w.message,
+            "no client has 4 cores free now; the most free on any is 2 cores, 4096 MiB and 0 GPUs on http://c:9000"
+        );
+        assert_eq!(s.waiting_for(40), None, "not queued: running");
+    }
+
+    #[test]
+    fn random_operations_with_resources_keep_every_invariant() {
+        for seed in 0..30 {
+            let mut rng = Lcg(seed + 1000);
+            let mut s = Scheduler::new();
+            let caps = [(8, 8_192, 2), (2, 2_048, 0), (4, 4_096, 1)];
+            let clients: Vec<_> = caps
+                .iter()
+                .map(|&(c, m, g)| with_capacity(&mut s, c, m, g))
+                .collect();
+            let rpu = 1 + rng.below(4) as usize;
+            let max = 2 + rng.below(10) as usize;
+            s.add_service(rpu, max, clients.clone());
+            let mut queued: HashMap<UserId, Vec<(JobId, Ask, i64)>> = HashMap::new();
+            let mut active: HashMap<JobId, (UserId, ClientId, Ask)> = HashMap::new();
+            let mut seq = 0;
+            for step in 0..2000 {
+                match rng.below(10) {
+                    0..=3 => {
+                        let user = rng.below(4) as i64;
+                        let ask = Ask {
+                            cores: [1, 1, 2, 4][rng.below(4) as usize],
+                            memory_mb: 1024 * rng.below(3),
+                            gpus: u32::from(rng.below(5) == 0),
+                            priority: rng.below(3) as i64,
+                        };
+                        seq += 1;
+                        s.enqueue(0, user, step, ask);
+                        queued.entry(user).or_default().push((step, ask, seq));
+                    }
+                    4..=6 if !active.is_empty() => {
+                        let job = *active
+                            .keys()
+                            .nth(rng.below(active.len() as u64) as usize)
+                            .unwrap();
+                        active.remove(&job);
+                        assert!(s.finish(job));
+                    }
+                    7 => {
+                        let c = clients[rng.below(3) as usize];
+                        s.set_client_health(c, rng.below(3) != 0);
+                    }
+                    _ => {}
+                }
+                for d in s.decide() {
+                    let q = queued.get_mut(&d.user).expect("user had queued jobs");
+                    // The user's first job: highest priority, then earliest.
+                    let first = q
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, (_, ask, seq))| (Reverse(ask.priority), *seq))
+                        .map(|(i, _)| i)
+                        .unwrap();
+                    let (job, ask, _) = q.remove(first);
+                    assert_eq!(job, d.job, "priority, then FIFO (seed {seed})");
+                    assert!(s.client_healthy(d.client));
+                    active.insert(job, (d.user, d.client, ask));
+                }
+                queued.retain(|_, q| !q.is_empty());
+                assert!(active.len() <= max);
+                let mut per_user: HashMap<UserId, usize> = HashMap::new();
+                let mut used: HashMap<ClientId, (u32, u64, u32)> = HashMap::new();
+                for (user, client, ask) in active.values() {
+                    *per_user.entry(*user).or_default() += 1;
+                    let u = used.entry(*client).or_default();
+                    u.0 += ask.cores;
+                    u.1 += ask.memory_mb;
+                    u.2 += ask.gpus;
+                }
+                assert!(per_user.values().all(|n| *n <= rpu));
+                for (c, &(cores, memory, gpus)) in clients.iter().zip(&caps) {
+                    let u = used.get(c).copied().unwrap_or_default();
+                    assert!(
+                        u.0 <= cores && u.1 <= memory && u.2 <= gpus,
+                        "over client {c}"
+                    );
+                }
+                // Work-conserving: no user under quota has a first job that fits somewhere.
+                if active.len() < max {
+                    for (user, q) in &queued {
+                        if per_user.get(user).copied().unwrap_or(0) >= rpu {
+                            continue;
+                        }
+                        let (_, ask, _) = q
+                            .iter()
+                            .min_by_key(|(_, ask, seq)| (Reverse(ask.priority), *seq))
+                            .unwrap();
+                        for (c, &(cores, memory, gpus)) in clients.iter().zip(&caps) {
+                            let u = used.get(c).copied().unwrap_or_default();
+                            let fits = u.0 + ask.cores <= cores
+                                && u.1 + ask.memory_mb <= memory
+                                && u.2 + ask.gpus <= gpus;
+                            assert!(
+                                !(s.client_healthy(*c) && fits),
+                                "user {user}'s job could run on {c} but waits (seed {seed})"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

@@ -67,6 +67,14 @@ pub struct ClientView {
     pub last_seen: Option<String>,
     pub version: Option<String>,
     pub features: Vec<String>,
+    /// Cores, memory (MiB) and GPUs it advertises (`/info`), if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub resources: Option<crate::scheduler::Capacity>,
+    /// What this server's jobs there take of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub used: Option<crate::scheduler::Capacity>,
 }
 
 /// The clients of every service: health, load, slots, jobs, last contact.
@@ -94,6 +102,10 @@ pub fn client_views(shared: &Shared) -> Vec<ClientView> {
                 last_seen: (last_seen > 0).then(|| rfc3339(last_seen)),
                 version: info.as_ref().map(|i| i.version.clone()),
                 features: info.map(|i| i.features).unwrap_or_default(),
+                resources: sched.client_capacity(client.id),
+                used: sched
+                    .client_capacity(client.id)
+                    .map(|_| sched.client_used(client.id)),
             }
         })
         .collect()

@@ -5,6 +5,7 @@
 //! client restarted after `kill -9` settles a payload that finished meanwhile from what
 //! happened, and follows one that still runs ([`LocalExecutor::reattach`]).
 
+use crate::allot::Allotment;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -87,7 +88,12 @@ impl LocalExecutor {
         self.runs_dir.join(id.to_string())
     }
 
-    pub fn start(&self, dir: &Path, marker: &str) -> Result<LocalJob, String> {
+    pub fn start(
+        &self,
+        dir: &Path,
+        marker: &str,
+        allotment: &Allotment,
+    ) -> Result<LocalJob, String> {
         let id = id_of(dir)?;
         let exit_file = self.exit_file(id);
         let _ = std::fs::remove_file(&exit_file);
@@ -98,15 +104,29 @@ impl LocalExecutor {
             ),
             None => None,
         };
-        let child =
-            process::spawn_run_script(dir, marker, &self.confinement, &exit_file, leaf.as_deref())
-                .map_err(|e| {
-                    metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
-                    if let Some(leaf) = &leaf {
-                        let _ = std::fs::remove_dir(leaf);
-                    }
-                    format!("could not start run.sh: {e}")
-                })?;
+        // The payload's memory as its address-space limit (RLIMIT_AS), unless the client's
+        // own --limit-memory is lower: an allocation past it fails.
+        let mut confinement = self.confinement.clone();
+        if let Some(mb) = allotment.memory_mb {
+            let bytes = mb.saturating_mul(1 << 20);
+            let limit = &mut confinement.limits.address_space;
+            *limit = Some(limit.map_or(bytes, |l| l.min(bytes)));
+        }
+        let child = process::spawn_run_script(
+            dir,
+            marker,
+            &confinement,
+            &allotment.env(),
+            &exit_file,
+            leaf.as_deref(),
+        )
+        .map_err(|e| {
+            metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
+            if let Some(leaf) = &leaf {
+                let _ = std::fs::remove_dir(leaf);
+            }
+            format!("could not start run.sh: {e}")
+        })?;
         let pgid = child.id().unwrap_or(0);
         let tracker = match leaf {
             Some(leaf) => Tracker::Cgroup(leaf, marker.to_owned()),

@@ -13,6 +13,7 @@
 pub mod local;
 pub mod slurm;
 
+use crate::allot::Allotment;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -112,17 +113,19 @@ impl Executor {
     /// Starts the payload in `dir`. `marker` tags its processes (see `process::MARKER_VAR`),
     /// `job_name` names it where the executor has names (Slurm). `retrying`: an earlier
     /// attempt failed in a way that may still have started it (Slurm: look the job up by its
-    /// name before submitting again).
+    /// name before submitting again). `allotment`: what the payload is given (its
+    /// environment says so; the memory is a limit where the executor can set one).
     pub async fn start(
         &self,
         dir: &Path,
         marker: &str,
         job_name: &str,
         retrying: bool,
+        allotment: &Allotment,
     ) -> Result<Accepted, StartError> {
         match self {
             Executor::Local(local) => local
-                .start(dir, marker)
+                .start(dir, marker, allotment)
                 .map(|job| Accepted {
                     job: Job::Local(job),
                     slurm_job_id: None,
@@ -132,7 +135,9 @@ impl Executor {
                     transient: false,
                 }),
             Executor::Slurm(slurm) => {
-                let job = slurm.submit(dir, marker, job_name, retrying).await?;
+                let job = slurm
+                    .submit(dir, marker, job_name, retrying, allotment)
+                    .await?;
                 let id = job.job_id();
                 Ok(Accepted {
                     job: Job::Slurm(job),

@@ -19,6 +19,7 @@
 //! - `/load`: the share of usable CPUs allocated, `sinfo -h -o %C` (allocated/idle/other/total)
 //!   over the configured partition or the whole cluster: allocated / (allocated + idle).
 
+use crate::allot::Allotment;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -291,6 +292,7 @@ impl SlurmExecutor {
         marker: &str,
         job_name: &str,
         retrying: bool,
+        allotment: &Allotment,
     ) -> Result<SlurmJob, StartError> {
         let _turn = self.submissions.acquire().await.expect("never closed");
         if retrying {
@@ -318,6 +320,7 @@ impl SlurmExecutor {
         if let Some(account) = &self.config.account {
             args.push(format!("--account={account}"));
         }
+        args.extend(slurm_resource_args(allotment));
         args.extend(self.config.extra_args.iter().cloned());
         let transient = |reason: String| StartError {
             reason,
@@ -326,6 +329,8 @@ impl SlurmExecutor {
         let mut child = Command::new("sbatch")
             .args(&args)
             .env(MARKER_VAR, marker)
+            // sbatch exports the submitting environment: the job sees what it was given.
+            .envs(allotment.env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -713,9 +718,45 @@ impl Drop for SlurmJob {
     }
 }
 
+/// The payload's request as Slurm options: `--cpus-per-task`, `--mem` (MiB) and
+/// `--gres=gpu:N`; a payload that asked for nothing gets none (the cluster's defaults).
+/// Slurm assigns the GPUs itself, so `CUDA_VISIBLE_DEVICES` is Slurm's inside the job.
+fn slurm_resource_args(allotment: &Allotment) -> Vec<String> {
+    let mut args = Vec::new();
+    if allotment.cores > 1 {
+        args.push(format!("--cpus-per-task={}", allotment.cores));
+    }
+    if let Some(mb) = allotment.memory_mb {
+        args.push(format!("--mem={mb}M"));
+    }
+    if !allotment.gpu_ids.is_empty() {
+        args.push(format!("--gres=gpu:{}", allotment.gpu_ids.len()));
+    }
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_becomes_slurm_options_and_nothing_asked_adds_none() {
+        let nothing = Allotment {
+            cores: 1,
+            memory_mb: None,
+            gpu_ids: Vec::new(),
+        };
+        assert!(slurm_resource_args(&nothing).is_empty());
+        let docking = Allotment {
+            cores: 8,
+            memory_mb: Some(4096),
+            gpu_ids: vec![0],
+        };
+        assert_eq!(
+            slurm_resource_args(&docking),
+            ["--cpus-per-task=8", "--mem=4096M", "--gres=gpu:1"]
+        );
+    }
 
     #[test]
     fn squeue_lines_become_rows() {

@@ -9,6 +9,7 @@ use reqwest::multipart::{Form, Part};
 
 use super::{url, To};
 use crate::clients::{self, ClientHandle};
+use crate::store::JobResources;
 use crate::Shared;
 
 /// Size of the chunks files are read in when streamed to a client.
@@ -17,7 +18,7 @@ const STREAM_CHUNK: usize = 256 * 1024;
 /// The answer to a submission.
 pub enum Submitted {
     /// The client took the payload.
-    Accepted(PayloadRecord),
+    Accepted(Box<PayloadRecord>),
     /// The client refused the job itself (a 4xx other than 401, 403, 408 and 429): sending
     /// it again cannot help.
     Refused { status: StatusCode, body: String },
@@ -46,12 +47,30 @@ pub struct JobFile {
     pub len: u64,
 }
 
-/// The multipart form of a submission: field `key` first when given, then a field `file`
-/// per file with its relative name as the filename.
-fn form_for(files: Vec<JobFile>, key: Option<&str>) -> Form {
+/// The multipart form of a submission: field `key` first when given, then the job's request
+/// (`cores`, `memory` in MiB, `gpus`, `walltime` in seconds) when it asked for more than one
+/// core and nothing else, then a field `file` per file with its relative name as the
+/// filename. A client that does not read the request ignores those text fields.
+fn form_for(files: Vec<JobFile>, key: Option<&str>, resources: &JobResources) -> Form {
+    use jobrelay_common::resources::{CORES_FIELD, GPUS_FIELD, MEMORY_FIELD, WALLTIME_FIELD};
     let mut form = Form::new();
     if let Some(key) = key {
         form = form.text("key", key.to_owned());
+    }
+    let nothing_asked = JobResources {
+        priority: resources.priority,
+        ..JobResources::default()
+    };
+    if *resources != nothing_asked {
+        form = form
+            .text(CORES_FIELD, resources.cores.to_string())
+            .text(GPUS_FIELD, resources.gpus.to_string());
+        if let Some(mb) = resources.memory_mb {
+            form = form.text(MEMORY_FIELD, mb.to_string());
+        }
+        if let Some(secs) = resources.walltime_s {
+            form = form.text(WALLTIME_FIELD, secs.to_string());
+        }
     }
     for file in files {
         form = form.part(
@@ -129,11 +148,12 @@ pub async fn submit(
     client: &ClientHandle,
     files: Vec<JobFile>,
     key: Option<&str>,
+    resources: &JobResources,
 ) -> Submitted {
     let answer = client
         .http
         .post(url(&client.endpoint, To::Submit))
-        .multipart(form_for(files, key))
+        .multipart(form_for(files, key, resources))
         .send()
         .await;
     let response = match answer {
@@ -170,7 +190,7 @@ pub async fn submit(
         SubmitStatus::Success => match response.json::<PayloadRecord>().await {
             Ok(record) => {
                 clients::reached(client);
-                Submitted::Accepted(record)
+                Submitted::Accepted(Box::new(record))
             }
             Err(e) => failed(format!("unreadable answer: {e}")),
         },

@@ -94,6 +94,16 @@ pub struct UploadForm {
     callback_url: Option<String>,
     /// `final` (default) or `running` too (`running,final`): also notify when it starts.
     callback_events: Option<String>,
+    /// Cores the job needs (default: the service's `default_cores`, 1).
+    cores: Option<u32>,
+    /// Memory the job needs: MiB, or with a unit (`4G`, `512M`).
+    memory: Option<String>,
+    /// GPUs the job needs (default 0).
+    gpus: Option<u32>,
+    /// Longest run: seconds, or with a unit (`90m`, `2h`); the client kills it past that.
+    walltime: Option<String>,
+    /// Order within the user's queue: higher first, then first in first out (default 0).
+    priority: Option<i64>,
 }
 
 /// Upload a job: its files, its user and its service. The files are on disk and the job
@@ -107,7 +117,7 @@ pub struct UploadForm {
         (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 403, description = "With a users file: user_id is not the token's user", body = JobAnswer),
         (status = 201, description = "Job queued", body = JobAnswer),
-        (status = 400, description = "Not multipart; missing, non-integer or negative user_id; missing or unknown service; no file; bad or repeated file name; a callback_url off the allowlist, or to a service without a webhook secret", body = JobAnswer),
+        (status = 400, description = "Not multipart; missing, non-integer or negative user_id; missing or unknown service; no file; bad or repeated file name; a callback_url off the allowlist, or to a service without a webhook secret; cores, memory, gpus, walltime or priority unreadable or over the service's maximum; a request no client of the service could ever hold (the message names the largest client)", body = JobAnswer),
         (status = 413, description = "Upload larger than --max-upload, or more files than the service's max_files", body = JobAnswer),
         (status = 507, description = "No disk space left", body = JobAnswer),
     )
@@ -201,6 +211,15 @@ pub(super) async fn upload(
     let callback =
         crate::webhooks::callback_from_fields(&received.fields, &shared.config, &service)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let resources = crate::requests::from_fields(
+        &received.fields,
+        &shared.config.services[&service].resources,
+        &service,
+    )
+    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    if let Some(why) = shared.lifecycle.never_fits(&service, &resources) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, why));
+    }
     let (files, bytes) = (received.files.len(), received.total_bytes);
     let staging = received.staging;
     let job = blocking("committing the upload", {
@@ -208,7 +227,7 @@ pub(super) async fn upload(
         move || {
             shared
                 .lifecycle
-                .uploaded(user_id, &service, callback.as_ref(), |id| {
+                .uploaded(user_id, &service, callback.as_ref(), &resources, |id| {
                     staging.persist(&shared.job_dir(id))
                 })
                 .map_err(|e| {
@@ -366,7 +385,16 @@ pub(super) async fn job_status(
         move || shared.store.notifications(id).map_err(ApiError::from)
     })
     .await?;
-    Ok(Json(JobWithNotifications { job, notifications }))
+    let waiting_for = if job.status == JobStatus::Queued {
+        shared.lifecycle.waiting_for(job.id)
+    } else {
+        None
+    };
+    Ok(Json(JobWithNotifications {
+        job,
+        notifications,
+        waiting_for,
+    }))
 }
 
 /// The job, at once without `wait`; with `wait=S`, once it has finished or after S seconds

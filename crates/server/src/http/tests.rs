@@ -9,8 +9,8 @@ use crate::config::{ServerConfig, ServiceConfig};
 use crate::lifecycle::{JobTable, Lifecycle};
 use crate::scheduler::Scheduler;
 use crate::store::{
-    AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent, JobStatus,
-    ListFilter, Notification, SqliteDb,
+    AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent, JobResources,
+    JobStatus, ListFilter, Notification, SqliteDb,
 };
 use crate::Shared;
 
@@ -41,11 +41,12 @@ impl JobDb for GatedDb {
         user_id: i64,
         service: &str,
         callback: Option<&Callback>,
+        resources: &JobResources,
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let _gate = self.pass();
         self.inner
-            .insert_job(user_id, service, callback, place_files)
+            .insert_job(user_id, service, callback, resources, place_files)
     }
     fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
         let _gate = self.pass();

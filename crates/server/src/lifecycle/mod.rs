@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::scheduler::{Decision, Scheduler, ServiceId};
-use crate::store::{Change, Job, JobStatus};
+use crate::scheduler::{Ask, Capacity, Decision, Scheduler, ServiceId, Waiting};
+use crate::store::{Change, Job, JobResources, JobStatus};
 pub use table::{JobTable, JobWatch};
 
 /// Longest wait before a job that could not be sent is offered to the scheduler again.
@@ -117,14 +117,17 @@ impl Lifecycle {
         client: crate::scheduler::ClientId,
         placeable: bool,
         slots: Option<usize>,
+        capacity: Option<Capacity>,
         load: f64,
     ) -> ClientChange {
         let mut sched = crate::lock(&self.sched);
         let was_healthy = sched.client_healthy(client);
         let old_slots = sched.client_slots(client);
+        let old_capacity = sched.client_capacity(client);
         sched.set_client(client, placeable, slots, load);
+        sched.set_client_capacity(client, capacity);
         drop(sched);
-        if !was_healthy || old_slots != slots {
+        if !was_healthy || old_slots != slots || old_capacity != capacity {
             self.wake.notify_one();
         }
         ClientChange { was_healthy }
@@ -145,6 +148,7 @@ impl Lifecycle {
         user_id: i64,
         service: &str,
         callback: Option<&crate::store::Callback>,
+        resources: &JobResources,
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let &service_id = self
@@ -153,10 +157,23 @@ impl Lifecycle {
             .ok_or_else(|| anyhow::anyhow!("unknown service {service:?}"))?;
         let job = self
             .jobs
-            .insert_job(user_id, service, callback, place_files)?;
-        crate::lock(&self.sched).enqueue(service_id, user_id, job.id);
+            .insert_job(user_id, service, callback, resources, place_files)?;
+        crate::lock(&self.sched).enqueue(service_id, user_id, job.id, ask(&job));
         self.wake.notify_one();
         Ok(job)
+    }
+
+    /// Why a job asking for `resources` could never run in `service` (no client of it has
+    /// that much, even idle), naming the largest client; `None` when it could, or when that
+    /// is not known (a client that does not advertise its resources, or not probed yet).
+    pub fn never_fits(&self, service: &str, resources: &JobResources) -> Option<String> {
+        let &id = self.services.get(service)?;
+        crate::lock(&self.sched).never_fits(id, service, &ask_of(resources))
+    }
+
+    /// Why job `id` waits, while it is queued (a query of the scheduler, nothing changes).
+    pub fn waiting_for(&self, id: i64) -> Option<Waiting> {
+        crate::lock(&self.sched).waiting_for(id)
     }
 
     /// What may be sent now, and where.
@@ -373,7 +390,7 @@ impl Lifecycle {
             // Freed and queued again under one lock: no other job of the user takes its place.
             let mut sched = crate::lock(&self.sched);
             sched.finish(job.id);
-            sched.push_front(service, job.user_id, job.id);
+            sched.push_front(service, job.user_id, job.id, ask(job));
             drop(sched);
             self.wake.notify_one();
             vec![]
@@ -407,7 +424,7 @@ impl Lifecycle {
         let Some(&service) = self.services.get(&job.service) else {
             return;
         };
-        sched.push_front(service, job.user_id, id);
+        sched.push_front(service, job.user_id, id, ask(&job));
         drop(sched);
         self.wake.notify_one();
     }
@@ -575,11 +592,11 @@ impl Lifecycle {
                     continue;
                 };
                 if job.status == JobStatus::Queued {
-                    sched.enqueue(service, job.user_id, job.id);
+                    sched.enqueue(service, job.user_id, job.id, ask(&job));
                     continue;
                 }
                 let client = job.client.as_deref().and_then(&client_of);
-                sched.activate(service, job.user_id, job.id, client);
+                sched.activate(service, job.user_id, job.id, client, ask(&job));
                 if job.status == JobStatus::Processing {
                     if client.is_some() {
                         resend.push(job);
@@ -626,6 +643,20 @@ impl std::ops::Deref for SchedulerView<'_> {
 /// What [`Lifecycle::client_probed`] and [`Lifecycle::client_out`] found before the change.
 pub struct ClientChange {
     pub was_healthy: bool,
+}
+
+/// What the scheduler counts of a job: its cores, memory and GPUs, and its priority.
+fn ask(job: &Job) -> Ask {
+    ask_of(&job.resources)
+}
+
+fn ask_of(r: &JobResources) -> Ask {
+    Ask {
+        cores: r.cores,
+        memory_mb: r.memory_mb.unwrap_or(0),
+        gpus: r.gpus,
+        priority: r.priority,
+    }
 }
 
 /// `effects`, then the release of the job's payload on its client (when it has one).

@@ -14,8 +14,8 @@ use metrics::{counter, histogram};
 use tokio::sync::Notify;
 
 use crate::store::{
-    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent, JobStatus,
-    ListFilter, Notification,
+    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
+    JobResources, JobStatus, ListFilter, Notification,
 };
 use crate::sync::off_worker;
 
@@ -79,13 +79,15 @@ impl JobTable {
         user_id: i64,
         service: &str,
         callback: Option<&Callback>,
+        resources: &JobResources,
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut place_files = Some(place_files);
         let job = off_worker(|| {
-            self.db.insert_job(user_id, service, callback, &mut |id| {
-                place_files.take().expect("files are placed once")(id)
-            })
+            self.db
+                .insert_job(user_id, service, callback, resources, &mut |id| {
+                    place_files.take().expect("files are placed once")(id)
+                })
         })?;
         counter!("jobrelay_server_jobs_uploaded_total", "service" => service.to_owned())
             .increment(1);

@@ -91,7 +91,7 @@ impl Fixture {
     /// What `/upload` does: a Queued job in the database and in its user's queue.
     fn upload(&self) -> Job {
         self.lifecycle()
-            .uploaded(USER, SERVICE, None, |_| Ok(()))
+            .uploaded(USER, SERVICE, None, &Default::default(), |_| Ok(()))
             .unwrap()
     }
 

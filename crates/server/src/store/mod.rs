@@ -130,6 +130,37 @@ pub struct Job {
     pub created_at: String,
     pub updated_at: String,
     pub finished_at: Option<String>,
+    /// What the job asked for (new fields after the reference's).
+    #[serde(flatten)]
+    pub resources: JobResources,
+}
+
+/// What a job asks for, fixed at upload (its own fields, else its service's defaults).
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, utoipa::ToSchema)]
+pub struct JobResources {
+    /// Cores (1 unless asked).
+    pub cores: u32,
+    /// Memory in MiB, if asked.
+    pub memory_mb: Option<u64>,
+    /// GPUs (0 unless asked).
+    pub gpus: u32,
+    /// Longest run in seconds, if asked.
+    pub walltime_s: Option<u64>,
+    /// Order within its user's queue: higher first, then first in first out.
+    pub priority: i64,
+}
+
+impl Default for JobResources {
+    /// A job that asked for nothing: one core, priority 0.
+    fn default() -> Self {
+        JobResources {
+            cores: 1,
+            memory_mb: None,
+            gpus: 0,
+            walltime_s: None,
+            priority: 0,
+        }
+    }
 }
 
 /// Formats Unix milliseconds as RFC 3339 UTC, e.g. `2026-11-28T09:37:47.123Z`.
@@ -293,7 +324,7 @@ pub trait JobDb: Send + Sync {
     fn server_id(&self) -> &str;
     /// The job-id mark as found at open (0 without one).
     fn mark_at_open(&self) -> i64;
-    /// Inserts a Queued job and runs `place_files(id)` inside the same transaction: the job
+    /// Inserts a Queued job asking for `resources` and runs `place_files(id)` inside the same transaction: the job
     /// exists if and only if its files were put in place. A job with a `callback` gets a
     /// notification in the outbox, in the same transaction, each time [`JobDb::transition`]
     /// moves it to a final state (or to Running, if asked).
@@ -302,6 +333,7 @@ pub trait JobDb: Send + Sync {
         user_id: i64,
         service: &str,
         callback: Option<&Callback>,
+        resources: &JobResources,
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job>;
     fn get(&self, id: i64) -> anyhow::Result<Option<Job>>;

@@ -29,12 +29,15 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::{
-    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent, JobStatus,
-    ListFilter, Notification,
+    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
+    JobResources, JobStatus, ListFilter, Notification,
 };
 
 const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, dest_id, node, \
-                       dispatch_key, exit_code, created_ms, updated_ms, finished_ms";
+                       dispatch_key, exit_code, created_ms, updated_ms, finished_ms, \
+                       cores, memory_mb, gpus, walltime_s, priority";
+/// Where the callback columns follow [`COLUMNS`] in a transition's `RETURNING`.
+const CALLBACK_AT: usize = 19;
 
 /// Connections kept open to the database: the server's calls are short, a few at a time.
 const POOL_SIZE: usize = 16;
@@ -250,6 +253,21 @@ fn count(value: i64) -> anyhow::Result<u32> {
     u32::try_from(value).map_err(|_| anyhow::anyhow!("count {value} out of range in the database"))
 }
 
+fn amount(value: Option<i64>) -> anyhow::Result<Option<u64>> {
+    value
+        .map(|v| {
+            u64::try_from(v).map_err(|_| anyhow::anyhow!("amount {v} out of range in the database"))
+        })
+        .transpose()
+}
+
+/// A request's amount as stored (BIGINT); past `i64::MAX` it is refused, never wrapped.
+fn stored(value: Option<u64>) -> anyhow::Result<Option<i64>> {
+    value
+        .map(|v| i64::try_from(v).map_err(|_| anyhow::anyhow!("amount {v} is too large")))
+        .transpose()
+}
+
 fn job_from_row(row: &Row) -> anyhow::Result<Job> {
     let created_ms: i64 = row.try_get(11)?;
     let updated_ms: i64 = row.try_get(12)?;
@@ -272,6 +290,13 @@ fn job_from_row(row: &Row) -> anyhow::Result<Job> {
         created_at: super::rfc3339(created_ms),
         updated_at: super::rfc3339(updated_ms),
         finished_at: finished_ms.map(super::rfc3339),
+        resources: JobResources {
+            cores: count(row.try_get(14)?)?,
+            memory_mb: amount(row.try_get(15)?)?,
+            gpus: count(row.try_get(16)?)?,
+            walltime_s: amount(row.try_get(17)?)?,
+            priority: row.try_get(18)?,
+        },
     })
 }
 
@@ -405,9 +430,16 @@ impl JobDb for PgDb {
         user_id: i64,
         service: &str,
         callback: Option<&Callback>,
+        resources: &JobResources,
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let service = service.to_owned();
+        let (cores, gpus, priority) = (
+            i64::from(resources.cores),
+            i64::from(resources.gpus),
+            resources.priority,
+        );
+        let (memory_mb, walltime_s) = (stored(resources.memory_mb)?, stored(resources.walltime_s)?);
         let url = callback.map(|c| c.url.clone());
         let events = callback.map(events_column);
         let (open, job) = self.with_client(move |client| async move {
@@ -418,14 +450,29 @@ impl JobDb for PgDb {
                 .client()
                 .prepare_cached(&format!(
                     "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms,
-                                       callback_url, callback_events)
-                     VALUES ('Queued', 'Job queued', $1, $2, $3, $3, $4, $5)
+                                       callback_url, callback_events,
+                                       cores, memory_mb, gpus, walltime_s, priority)
+                     VALUES ('Queued', 'Job queued', $1, $2, $3, $3, $4, $5, $6, $7, $8, $9, $10)
                      RETURNING {COLUMNS}"
                 ))
                 .await?;
             let row = open
                 .client()
-                .query_one(&statement, &[&user_id, &service, &now, &url, &events])
+                .query_one(
+                    &statement,
+                    &[
+                        &user_id,
+                        &service,
+                        &now,
+                        &url,
+                        &events,
+                        &cores,
+                        &memory_mb,
+                        &gpus,
+                        &walltime_s,
+                        &priority,
+                    ],
+                )
                 .await?;
             let job = job_from_row(&row)?;
             record_event(open.client(), &job, now, JobStatus::Queued).await?;
@@ -565,7 +612,8 @@ impl JobDb for PgDb {
                 tx.execute(&statement, &[&id]).await?;
             } else {
                 record_event(&tx, &job, now, to).await?;
-                queue_notification(&tx, &job, row.try_get(14)?, row.try_get(15)?, now).await?;
+                let (url, events) = (row.try_get(CALLBACK_AT)?, row.try_get(CALLBACK_AT + 1)?);
+                queue_notification(&tx, &job, url, events, now).await?;
             }
             tx.commit().await?;
             Ok(Some(job))
@@ -918,7 +966,7 @@ mod tests {
         let versions = db
             .column::<i32>("SELECT version FROM schema_migrations", vec![])
             .unwrap();
-        assert_eq!(versions, [1]);
+        assert_eq!(versions, [1, 2]);
         // A database migrated by a newer version is refused, by name.
         scratch.exec("INSERT INTO schema_migrations VALUES (999, 'future', 0)");
         drop(db);
@@ -930,23 +978,60 @@ mod tests {
     }
 
     #[test]
+    fn a_database_of_the_first_schema_gains_the_request_columns() {
+        let Some(scratch) = Scratch::new() else {
+            return;
+        };
+        let db = scratch.open();
+        db.insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .unwrap();
+        drop(db);
+        // As the first version left it: schema 1 only, one job.
+        scratch.exec(
+            "ALTER TABLE jobs DROP COLUMN cores, DROP COLUMN memory_mb, DROP COLUMN gpus,
+                 DROP COLUMN walltime_s, DROP COLUMN priority;
+             DELETE FROM schema_migrations WHERE version > 1;",
+        );
+        let db = scratch.open();
+        assert_eq!(
+            db.get(1).unwrap().unwrap().resources,
+            JobResources::default()
+        );
+        let versions = db
+            .column::<i32>(
+                "SELECT version FROM schema_migrations ORDER BY version",
+                vec![],
+            )
+            .unwrap();
+        assert_eq!(versions, [1, 2]);
+    }
+
+    #[test]
     fn job_ids_are_never_handed_out_twice() {
         let Some(scratch) = Scratch::new() else {
             return;
         };
         let db = scratch.open();
         for _ in 0..3 {
-            db.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+            db.insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .unwrap();
         }
         // An upload that failed used an id too.
         assert!(db
-            .insert_job(1, "x", None, &mut |_| Err(std::io::Error::other("disk")))
+            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Err(
+                std::io::Error::other("disk")
+            ))
             .is_err());
         scratch.exec("DELETE FROM job_events; DELETE FROM jobs;");
         drop(db);
         let db = scratch.open();
         assert_eq!(db.mark_at_open(), 0);
-        assert_eq!(db.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id, 5);
+        assert_eq!(
+            db.insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .unwrap()
+                .id,
+            5
+        );
     }
 
     #[test]
@@ -956,12 +1041,15 @@ mod tests {
         };
         let db = scratch.open();
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            db.insert_job(1, "x", None, &mut |_| panic!("placing files"))
+            db.insert_job(1, "x", None, &JobResources::default(), &mut |_| {
+                panic!("placing files")
+            })
         }));
         assert!(panicked.is_err());
         // Every connection of the pool is usable and none commits the half-made upload.
         for _ in 0..(POOL_SIZE + 2) {
-            db.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+            db.insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .unwrap();
         }
         assert_eq!(db.count().unwrap(), POOL_SIZE as i64 + 2);
         assert_eq!(db.get(1).unwrap(), None);
@@ -973,7 +1061,9 @@ mod tests {
             return;
         };
         let db = std::sync::Arc::new(scratch.open());
-        let job = db.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+        let job = db
+            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .unwrap();
         let id = job.id;
         let read = move |db: &PgDb| db.get(id).unwrap().unwrap().id;
         // A plain thread.

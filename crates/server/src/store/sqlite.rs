@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
     now_ms, rfc3339, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
-    JobStatus, ListFilter, Notification,
+    JobResources, JobStatus, ListFilter, Notification,
 };
 
 /// A status column the server does not know (written by a newer version, or by hand) is an
@@ -27,7 +27,8 @@ impl rusqlite::types::FromSql for JobStatus {
 }
 
 const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, dest_id, node, \
-                       dispatch_key, exit_code, created_ms, updated_ms, finished_ms";
+                       dispatch_key, exit_code, created_ms, updated_ms, finished_ms, \
+                       cores, memory_mb, gpus, walltime_s, priority";
 
 fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
     let created_ms: i64 = row.get(11)?;
@@ -51,6 +52,13 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         created_at: rfc3339(created_ms),
         updated_at: rfc3339(updated_ms),
         finished_at: finished_ms.map(rfc3339),
+        resources: JobResources {
+            cores: row.get(14)?,
+            memory_mb: row.get(15)?,
+            gpus: row.get(16)?,
+            walltime_s: row.get(17)?,
+            priority: row.get(18)?,
+        },
     })
 }
 
@@ -257,7 +265,16 @@ impl SqliteDb {
         add_missing_columns(
             &conn,
             "jobs",
-            &[("callback_url", "TEXT"), ("callback_events", "TEXT")],
+            &[
+                ("callback_url", "TEXT"),
+                ("callback_events", "TEXT"),
+                // A job's request (issue 15); rows of an older database asked for nothing.
+                ("cores", "INTEGER NOT NULL DEFAULT 1"),
+                ("memory_mb", "INTEGER"),
+                ("gpus", "INTEGER NOT NULL DEFAULT 0"),
+                ("walltime_s", "INTEGER"),
+                ("priority", "INTEGER NOT NULL DEFAULT 0"),
+            ],
         )?;
         let existing: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'server_id'", [], |r| {
@@ -423,6 +440,7 @@ impl JobDb for SqliteDb {
         user_id: i64,
         service: &str,
         callback: Option<&Callback>,
+        resources: &JobResources,
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut conn = crate::lock(&self.conn);
@@ -430,8 +448,9 @@ impl JobDb for SqliteDb {
         let now = now_ms();
         tx.prepare_cached(
             "INSERT INTO jobs (status, message, user_id, service, created_ms, updated_ms,
-                               callback_url, callback_events)
-             VALUES ('Queued', 'Job queued', ?1, ?2, ?3, ?3, ?4, ?5)",
+                               callback_url, callback_events,
+                               cores, memory_mb, gpus, walltime_s, priority)
+             VALUES ('Queued', 'Job queued', ?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .and_then(|mut stmt| {
             stmt.execute(params![
@@ -439,7 +458,12 @@ impl JobDb for SqliteDb {
                 service,
                 now,
                 callback.map(|c| c.url.as_str()),
-                callback.map(events_column)
+                callback.map(events_column),
+                resources.cores,
+                resources.memory_mb.map(|m| m as i64),
+                resources.gpus,
+                resources.walltime_s.map(|w| w as i64),
+                resources.priority,
             ])
         })
         .map_err(|e| self.sql_err(e))?;
@@ -909,6 +933,11 @@ mod tests {
             )
             .unwrap();
         let store = SqliteDb::open(&db).unwrap();
+        // The old job asked for nothing: one core, priority 0.
+        assert_eq!(
+            store.get(1).unwrap().unwrap().resources,
+            JobResources::default()
+        );
         // The old job has no callback: finishing it announces nothing.
         store
             .transition(
@@ -925,7 +954,13 @@ mod tests {
             on_running: false,
         };
         let job = store
-            .insert_job(1, "x", Some(&callback), &mut |_| Ok(()))
+            .insert_job(
+                1,
+                "x",
+                Some(&callback),
+                &JobResources::default(),
+                &mut |_| Ok(()),
+            )
             .unwrap();
         store
             .transition(
@@ -948,7 +983,9 @@ mod tests {
         let (db, mark) = (dir.path().join("db.sqlite"), dir.path().join("last-job-id"));
         let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
         for _ in 0..3 {
-            store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+            store
+                .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .unwrap();
         }
         drop(store);
         assert_eq!(std::fs::read_to_string(&mark).unwrap().trim(), "3");
@@ -958,7 +995,10 @@ mod tests {
         assert_eq!(store.count().unwrap(), 0);
         assert_eq!(store.mark_at_open(), 3);
         assert_eq!(
-            store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id,
+            store
+                .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .unwrap()
+                .id,
             4
         );
         drop(store);
@@ -966,7 +1006,10 @@ mod tests {
         std::fs::remove_file(&mark).unwrap();
         let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
         assert_eq!(
-            store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id,
+            store
+                .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .unwrap()
+                .id,
             5
         );
         drop(store);
@@ -980,7 +1023,9 @@ mod tests {
         let db = dir.path().join("db.sqlite");
         let store = SqliteDb::open(&db).unwrap();
         for _ in 0..50 {
-            let job = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+            let job = store
+                .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .unwrap();
             store
                 .transition(
                     job.id,
@@ -1027,8 +1072,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
         let store = SqliteDb::open(&db).unwrap();
-        let cleaned = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id;
-        let kept = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id;
+        let cleaned = store
+            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .unwrap()
+            .id;
+        let kept = store
+            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .unwrap()
+            .id;
         for id in [cleaned, kept] {
             store
                 .transition(

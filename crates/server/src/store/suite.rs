@@ -5,7 +5,8 @@
 
 use super::postgres::testing::Scratch;
 use super::{
-    now_ms, AbandonedRun, Callback, Change, DeliveryEnd, JobDb, JobStatus, ListFilter, SqliteDb,
+    now_ms, AbandonedRun, Callback, Change, DeliveryEnd, JobDb, JobResources, JobStatus,
+    ListFilter, SqliteDb,
 };
 
 /// A database the suite runs on: `open` gives a store on it (the same data each time, as a
@@ -72,12 +73,19 @@ suite!(
     listing_filters_and_pages_newest_first,
     a_failed_file_placement_leaves_no_job,
     a_change_about_one_run_never_moves_another,
+    a_job_keeps_what_it_asked_for_across_a_reopening,
 );
 
 fn transitions_are_guarded_and_survive_reopening(backend: &Backend) {
     let store = backend.open();
     let job = store
-        .insert_job(7, "example", None, &mut |_| Ok(()))
+        .insert_job(
+            7,
+            "example",
+            None,
+            &JobResources::default(),
+            &mut |_| Ok(()),
+        )
         .unwrap();
     assert_eq!(job.status, JobStatus::Queued);
     let moved = store
@@ -115,7 +123,13 @@ fn transitions_are_guarded_and_survive_reopening(backend: &Backend) {
 fn a_run_given_away_is_remembered_in_the_same_commit(backend: &Backend) {
     let store = backend.open();
     let job = store
-        .insert_job(7, "example", None, &mut |_| Ok(()))
+        .insert_job(
+            7,
+            "example",
+            None,
+            &JobResources::default(),
+            &mut |_| Ok(()),
+        )
         .unwrap();
     let sent = Change {
         client: Some(Some("http://c".into())),
@@ -169,9 +183,17 @@ fn a_notification_is_written_with_the_state_change_it_announces(backend: &Backen
         on_running: false,
     };
     let job = store
-        .insert_job(1, "x", Some(&final_only), &mut |_| Ok(()))
+        .insert_job(
+            1,
+            "x",
+            Some(&final_only),
+            &JobResources::default(),
+            &mut |_| Ok(()),
+        )
         .unwrap();
-    let silent = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+    let silent = store
+        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .unwrap();
     for id in [job.id, silent.id] {
         store
             .transition(
@@ -238,7 +260,9 @@ fn a_notification_is_written_with_the_state_change_it_announces(backend: &Backen
         on_running: true,
     };
     let job = store
-        .insert_job(1, "x", Some(&both), &mut |_| Ok(()))
+        .insert_job(1, "x", Some(&both), &JobResources::default(), &mut |_| {
+            Ok(())
+        })
         .unwrap();
     store
         .transition(
@@ -256,7 +280,9 @@ fn a_notification_is_written_with_the_state_change_it_announces(backend: &Backen
 
 fn an_unknown_status_in_the_database_is_an_error_naming_it(backend: &Backend) {
     let store = backend.open();
-    let job = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+    let job = store
+        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .unwrap();
     backend.exec(&format!(
         "UPDATE jobs SET status = 'Paused' WHERE id = {}",
         job.id
@@ -277,8 +303,14 @@ fn an_unknown_status_in_the_database_is_an_error_naming_it(backend: &Backend) {
 
 fn a_cleaned_job_keeps_no_timeline(backend: &Backend) {
     let store = backend.open();
-    let cleaned = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id;
-    let kept = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap().id;
+    let cleaned = store
+        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .unwrap()
+        .id;
+    let kept = store
+        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .unwrap()
+        .id;
     for id in [cleaned, kept] {
         store
             .transition(
@@ -311,7 +343,9 @@ fn a_cleaned_job_keeps_no_timeline(backend: &Backend) {
 fn listing_filters_and_pages_newest_first(backend: &Backend) {
     let store = backend.open();
     for user in [1, 2, 1, 1] {
-        store.insert_job(user, "x", None, &mut |_| Ok(())).unwrap();
+        store
+            .insert_job(user, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .unwrap();
     }
     let filter = ListFilter {
         user_id: Some(1),
@@ -332,14 +366,18 @@ fn listing_filters_and_pages_newest_first(backend: &Backend) {
 fn a_failed_file_placement_leaves_no_job(backend: &Backend) {
     let store = backend.open();
     assert!(store
-        .insert_job(1, "x", None, &mut |_| Err(std::io::Error::other("disk")))
+        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Err(
+            std::io::Error::other("disk")
+        ))
         .is_err());
     assert_eq!(store.count().unwrap(), 0);
 }
 
 fn a_change_about_one_run_never_moves_another(backend: &Backend) {
     let store = backend.open();
-    let job = store.insert_job(1, "x", None, &mut |_| Ok(())).unwrap();
+    let job = store
+        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .unwrap();
     let run = |key: Option<&str>| Change {
         only_run: Some(key.map(str::to_owned)),
         ..Default::default()
@@ -382,4 +420,36 @@ fn a_change_about_one_run_never_moves_another(backend: &Backend) {
         .unwrap()
         .unwrap();
     assert_eq!(ended.status, JobStatus::Completed);
+}
+
+fn a_job_keeps_what_it_asked_for_across_a_reopening(backend: &Backend) {
+    let asked = JobResources {
+        cores: 4,
+        memory_mb: Some(4096),
+        gpus: 1,
+        walltime_s: Some(7200),
+        priority: -2,
+    };
+    let id = backend
+        .open()
+        .insert_job(1, "x", None, &asked, &mut |_| Ok(()))
+        .unwrap()
+        .id;
+    let job = backend.open().get(id).unwrap().unwrap();
+    assert_eq!(job.resources, asked);
+    // New fields after the reference's, which keep their order.
+    let json = serde_json::to_string(&job).unwrap();
+    assert!(
+        json.contains(r#""finished_at":null,"cores":4,"memory_mb":4096,"gpus":1,"walltime_s":7200,"priority":-2}"#),
+        "{json}"
+    );
+    // A job that asked for nothing.
+    let plain = backend
+        .open()
+        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .unwrap();
+    assert_eq!(
+        backend.open().get(plain.id).unwrap().unwrap().resources,
+        JobResources::default()
+    );
 }

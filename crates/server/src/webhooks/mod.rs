@@ -129,6 +129,9 @@ pub struct JobWithNotifications {
     /// The job's notifications to its callback, oldest first (absent when it has none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<Notification>,
+    /// Why a Queued job is not running yet (absent in other states).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<crate::scheduler::Waiting>,
 }
 
 #[cfg(test)]

@@ -9,8 +9,14 @@ use tokio_postgres::Client;
 
 /// The migrations, oldest first: (version, name, SQL). A version is never reused or changed
 /// once released; a change of schema is a new file.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "initial", include_str!("migrations/0001_initial.sql")),
+    (
+        2,
+        "job_resources",
+        include_str!("migrations/0002_job_resources.sql"),
+    ),
+];
 
 /// Key of the advisory lock held while migrating ("jobrelay" in ASCII): every jobrelay
 /// server of a database takes the same one.
