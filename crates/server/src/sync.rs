@@ -12,6 +12,18 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Locks `mutex` (as [`lock`]) at once when it is free; when another thread holds it (a long
+/// query on the database's connection, say), waits for it off the async worker
+/// ([`off_worker`]), so that waiting holds up no other task. The free case, by far the most
+/// common, costs no hand-over of the worker.
+pub fn lock_off_worker<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => off_worker(|| lock(mutex)),
+    }
+}
+
 /// Runs `work`, which blocks (a database call), without holding up the async tasks of the
 /// worker thread it is called on: on a multi-threaded runtime's worker, through
 /// [`tokio::task::block_in_place`] (the worker's other tasks move to another thread while it

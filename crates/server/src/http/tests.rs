@@ -24,8 +24,10 @@ struct GatedDb {
 }
 
 impl GatedDb {
+    /// Held by the test as a long query holds SQLite's connection: waited for as
+    /// `SqliteDb` waits for its connection.
     fn pass(&self) -> std::sync::MutexGuard<'_, ()> {
-        crate::lock(&self.gate)
+        crate::sync::lock_off_worker(&self.gate)
     }
 }
 

@@ -3,9 +3,10 @@
 //! logged, here and nowhere else. The database only stores. Changes are committed only by the
 //! lifecycle (`insert_job` and `transition` are private to it); reads are open to all.
 //!
-//! Every database call runs through [`off_worker`]: called from an async task, it does not hold
-//! up the other tasks of its worker thread (a slow disk or a long lock of the database must
-//! not stall requests that need neither), whoever calls it (a handler, a loop, an event).
+//! Every database call may come from an async task (a loop, an event): the databases wait off
+//! the async worker when they must wait (`sync::lock_off_worker` for SQLite's connection
+//! held by a long query, `sync::off_worker` for PostgreSQL's round trip), so a held database
+//! does not stall requests that need none; a free one costs no hand-over of the worker.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,6 @@ use crate::store::{
     now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
     JobResources, JobStatus, ListFilter, Notification,
 };
-use crate::sync::off_worker;
 
 pub struct JobTable {
     db: Box<dyn JobDb>,
@@ -83,12 +83,11 @@ impl JobTable {
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut place_files = Some(place_files);
-        let job = off_worker(|| {
-            self.db
-                .insert_job(user_id, service, callback, resources, &mut |id| {
-                    place_files.take().expect("files are placed once")(id)
-                })
-        })?;
+        let job = self
+            .db
+            .insert_job(user_id, service, callback, resources, &mut |id| {
+                place_files.take().expect("files are placed once")(id)
+            })?;
         counter!("jobrelay_server_jobs_uploaded_total", "service" => service.to_owned())
             .increment(1);
         tracing::info!(
@@ -110,7 +109,7 @@ impl JobTable {
         to: JobStatus,
         change: Change,
     ) -> anyhow::Result<Option<Job>> {
-        let job = off_worker(|| self.db.transition(id, from, to, change))?;
+        let job = self.db.transition(id, from, to, change)?;
         if let Some(job) = &job {
             count_in_metrics(job);
             self.changed(id);
@@ -137,59 +136,59 @@ impl JobTable {
         self.db.mark_at_open()
     }
     pub fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
-        off_worker(|| self.db.get(id))
+        self.db.get(id)
     }
     pub fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
-        off_worker(|| self.db.history(id))
+        self.db.history(id)
     }
     pub fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
-        off_worker(|| self.db.counts(user))
+        self.db.counts(user)
     }
     pub fn finished_per_minute(
         &self,
         since_ms: i64,
         user: Option<i64>,
     ) -> anyhow::Result<Vec<(i64, i64)>> {
-        off_worker(|| self.db.finished_per_minute(since_ms, user))
+        self.db.finished_per_minute(since_ms, user)
     }
     pub fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
-        off_worker(|| self.db.in_states(states))
+        self.db.in_states(states)
     }
     pub fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
-        off_worker(|| self.db.on_client(base))
+        self.db.on_client(base)
     }
     pub fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
-        off_worker(|| self.db.abandoned_on(base))
+        self.db.abandoned_on(base)
     }
     pub fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
-        off_worker(|| self.db.forget_abandoned(base, dest_id))
+        self.db.forget_abandoned(base, dest_id)
     }
     pub fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
-        off_worker(|| self.db.by_dest(base, dest_id))
+        self.db.by_dest(base, dest_id)
     }
     pub fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
-        off_worker(|| self.db.finished_before(cutoff_ms))
+        self.db.finished_before(cutoff_ms)
     }
     pub fn ids_with_files(&self) -> anyhow::Result<HashSet<i64>> {
-        off_worker(|| self.db.ids_with_files())
+        self.db.ids_with_files()
     }
     pub fn all_ids(&self) -> anyhow::Result<HashSet<i64>> {
-        off_worker(|| self.db.all_ids())
+        self.db.all_ids()
     }
     pub fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
-        off_worker(|| self.db.list(filter))
+        self.db.list(filter)
     }
     pub fn count(&self) -> anyhow::Result<i64> {
-        off_worker(|| self.db.count())
+        self.db.count()
     }
     pub fn due_deliveries(&self, now_ms: i64, limit: usize) -> anyhow::Result<Vec<Delivery>> {
-        off_worker(|| self.db.due_deliveries(now_ms, limit))
+        self.db.due_deliveries(now_ms, limit)
     }
     pub fn next_delivery_ms(&self) -> anyhow::Result<Option<i64>> {
-        off_worker(|| self.db.next_delivery_ms())
+        self.db.next_delivery_ms()
     }
     pub fn retry_delivery(&self, id: &str, status: &str, next_ms: i64) -> anyhow::Result<()> {
-        off_worker(|| self.db.retry_delivery(id, status, next_ms))
+        self.db.retry_delivery(id, status, next_ms)
     }
     pub fn finish_delivery(
         &self,
@@ -198,16 +197,16 @@ impl JobTable {
         tried: bool,
         end: DeliveryEnd,
     ) -> anyhow::Result<()> {
-        off_worker(|| self.db.finish_delivery(id, status, tried, end))
+        self.db.finish_delivery(id, status, tried, end)
     }
     pub fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>> {
-        off_worker(|| self.db.notifications(id))
+        self.db.notifications(id)
     }
     pub fn health(&self) -> Result<(), String> {
-        off_worker(|| self.db.health())
+        self.db.health()
     }
     pub fn check_integrity(&self) -> Result<(), String> {
-        off_worker(|| self.db.check_integrity())
+        self.db.check_integrity()
     }
 }
 

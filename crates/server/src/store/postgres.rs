@@ -174,8 +174,8 @@ impl PgDb {
         runtime.spawn(async move {
             let _ = answer.send(task.await);
         });
-        answered
-            .recv()
+        // A round trip to the database: waited for off the async worker.
+        crate::sync::off_worker(|| answered.recv())
             .map_err(|_| anyhow::anyhow!("database error: the call was cut short"))?
             .map_err(|e| anyhow::anyhow!("database error: {e:#}"))
     }

@@ -392,7 +392,7 @@ impl JobDb for SqliteDb {
         self.mark_at_open
     }
     fn all_ids(&self) -> anyhow::Result<HashSet<i64>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut stmt = conn
             .prepare("SELECT id FROM jobs")
             .map_err(|e| self.sql_err(e))?;
@@ -407,7 +407,7 @@ impl JobDb for SqliteDb {
         if let Some(why) = crate::lock(&self.damaged).clone() {
             return Err(why);
         }
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         conn.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get::<_, i64>(0))
             .map(|_| ())
             .map_err(|e| self.sql_err(e).to_string())
@@ -443,7 +443,7 @@ impl JobDb for SqliteDb {
         resources: &JobResources,
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
-        let mut conn = crate::lock(&self.conn);
+        let mut conn = crate::sync::lock_off_worker(&self.conn);
         let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         tx.prepare_cached(
@@ -483,7 +483,7 @@ impl JobDb for SqliteDb {
         Ok(job)
     }
     fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
             .and_then(|mut stmt| stmt.query_row([id], job_from_row).optional())
             .map_err(|e| self.sql_err(e))
@@ -495,7 +495,7 @@ impl JobDb for SqliteDb {
         to: JobStatus,
         change: Change,
     ) -> anyhow::Result<Option<Job>> {
-        let mut conn = crate::lock(&self.conn);
+        let mut conn = crate::sync::lock_off_worker(&self.conn);
         let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
         let now = now_ms();
         let mut sets = vec!["status = ?1".to_owned(), "updated_ms = ?2".to_owned()];
@@ -611,7 +611,7 @@ impl JobDb for SqliteDb {
         Ok(job)
     }
     fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT at_ms, status, message, attempts, client FROM job_events
@@ -634,7 +634,7 @@ impl JobDb for SqliteDb {
         rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
     }
     fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT service, status, COUNT(*) FROM jobs
@@ -651,7 +651,7 @@ impl JobDb for SqliteDb {
         since_ms: i64,
         user: Option<i64>,
     ) -> anyhow::Result<Vec<(i64, i64)>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut statement = conn
             .prepare_cached(
                 "SELECT finished_ms / 60000 * 60000 AS minute, COUNT(*) FROM jobs
@@ -667,7 +667,7 @@ impl JobDb for SqliteDb {
         rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
     }
     fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let list = states
             .iter()
             .map(|s| format!("'{}'", s.as_str()))
@@ -686,7 +686,7 @@ impl JobDb for SqliteDb {
         Ok(rows)
     }
     fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND status IN ('Submitted', 'Running') ORDER BY id"
@@ -700,7 +700,7 @@ impl JobDb for SqliteDb {
         Ok(rows)
     }
     fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut stmt = conn
             .prepare_cached(
                 "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
@@ -722,14 +722,14 @@ impl JobDb for SqliteDb {
         Ok(rows)
     }
     fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         conn.prepare_cached("DELETE FROM abandoned_runs WHERE client = ?1 AND dest_id = ?2")
             .and_then(|mut stmt| stmt.execute(params![base, dest_id]))
             .map_err(|e| self.sql_err(e))?;
         Ok(())
     }
     fn by_dest(&self, base: &str, dest_id: i64) -> anyhow::Result<Option<Job>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND dest_id = ?2 ORDER BY id DESC LIMIT 1"
@@ -740,7 +740,7 @@ impl JobDb for SqliteDb {
             .map_err(|e| self.sql_err(e))
     }
     fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut stmt = conn
             .prepare(
                 "SELECT id FROM jobs WHERE status IN ('Completed', 'Failed', 'Invalid', 'Killed')
@@ -755,7 +755,7 @@ impl JobDb for SqliteDb {
         Ok(rows)
     }
     fn ids_with_files(&self) -> anyhow::Result<HashSet<i64>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut stmt = conn
             .prepare("SELECT id FROM jobs WHERE status != 'Cleaned'")
             .map_err(|e| self.sql_err(e))?;
@@ -767,7 +767,7 @@ impl JobDb for SqliteDb {
         Ok(rows)
     }
     fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut conditions = Vec::new();
         let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
         if let Some(user) = filter.user_id {
@@ -814,12 +814,12 @@ impl JobDb for SqliteDb {
         Ok((jobs, total))
     }
     fn count(&self) -> anyhow::Result<i64> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
             .map_err(|e| self.sql_err(e))
     }
     fn due_deliveries(&self, now_ms: i64, limit: usize) -> anyhow::Result<Vec<Delivery>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut stmt = conn
             .prepare_cached(
                 "SELECT o.id, o.job_id, j.service, o.event, o.url, o.body, o.created_ms,
@@ -848,7 +848,7 @@ impl JobDb for SqliteDb {
         Ok(rows)
     }
     fn next_delivery_ms(&self) -> anyhow::Result<Option<i64>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         conn.query_row(
             "SELECT MIN(next_ms) FROM webhook_outbox WHERE next_ms IS NOT NULL",
             [],
@@ -857,7 +857,7 @@ impl JobDb for SqliteDb {
         .map_err(|e| self.sql_err(e))
     }
     fn retry_delivery(&self, id: &str, status: &str, next_ms: i64) -> anyhow::Result<()> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         conn.prepare_cached(
             "UPDATE webhook_outbox SET attempts = attempts + 1, last_status = ?2, next_ms = ?3
              WHERE id = ?1 AND next_ms IS NOT NULL",
@@ -873,7 +873,7 @@ impl JobDb for SqliteDb {
         tried: bool,
         end: DeliveryEnd,
     ) -> anyhow::Result<()> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         conn.prepare_cached(
             "UPDATE webhook_outbox SET attempts = attempts + ?2, last_status = ?3,
                     next_ms = NULL, outcome = ?4
@@ -884,7 +884,7 @@ impl JobDb for SqliteDb {
         Ok(())
     }
     fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>> {
-        let conn = crate::lock(&self.conn);
+        let conn = crate::sync::lock_off_worker(&self.conn);
         let mut stmt = conn
             .prepare_cached(
                 "SELECT id, event, url, attempts, last_status, next_ms, outcome
