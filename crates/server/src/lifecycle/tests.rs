@@ -1,6 +1,6 @@
 //! In-process tests of the lifecycle's events and their races (the defects issue 13's review
 //! found), as `tako` tests its reactor: a temporary database, the real scheduler, the
-//! lifecycle's events and, for terminate, [`crate::jobs`] against a fake client; each race
+//! lifecycle's events and, for terminate, [`crate::stop`] against a fake client; each race
 //! made deterministic (waits on the backoff tasks' end; a fake client that lets the other side
 //! win inside the window). No dispatcher, collector or probe runs: a test plays their part
 //! step by step.
@@ -144,7 +144,7 @@ impl Fixture {
     }
 }
 
-/// Defect 1: a check of the job's first run kept failing and gives up (`jobs::fail` from
+/// Defect 1: a check of the job's first run kept failing and gives up (`Lifecycle::failed` from
 /// Submitted/Running) after the run was lost and the job sent again. The failure finds the
 /// job Processing and changes nothing; it must not free the new run's quota either, or the
 /// user runs two jobs under `runs_per_user = 1`.
