@@ -371,6 +371,21 @@ impl SqliteDb {
         store.mark_at_open = marked;
         Ok(store)
     }
+    /// Every row `sql` answers for `params`, read by `row`, gathered into `C` (a `Vec`, a
+    /// set); the statement is prepared once and cached.
+    fn all<T, C: FromIterator<T>>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        row: impl FnMut(&Row<'_>) -> rusqlite::Result<T>,
+    ) -> anyhow::Result<C> {
+        let conn = crate::sync::lock_off_worker(&self.conn);
+        let mut stmt = conn.prepare_cached(sql).map_err(|e| self.sql_err(e))?;
+        let rows = stmt.query_map(params, row).map_err(|e| self.sql_err(e))?;
+        rows.collect::<rusqlite::Result<C>>()
+            .map_err(|e| self.sql_err(e))
+    }
+
     /// [`sql_err`], remembering a corrupt database for [`SqliteDb::health`].
     fn sql_err(&self, e: rusqlite::Error) -> anyhow::Error {
         if matches!(
@@ -392,16 +407,7 @@ impl JobDb for SqliteDb {
         self.mark_at_open
     }
     fn all_ids(&self) -> anyhow::Result<HashSet<i64>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut stmt = conn
-            .prepare("SELECT id FROM jobs")
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(|e| self.sql_err(e))?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.sql_err(e))?;
-        Ok(rows)
+        self.all("SELECT id FROM jobs", [], |r| r.get(0))
     }
     fn health(&self) -> Result<(), String> {
         if let Some(why) = crate::lock(&self.damaged).clone() {
@@ -611,15 +617,11 @@ impl JobDb for SqliteDb {
         Ok(job)
     }
     fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut statement = conn
-            .prepare_cached(
-                "SELECT at_ms, status, message, attempts, client FROM job_events
+        self.all(
+            "SELECT at_ms, status, message, attempts, client FROM job_events
                  WHERE job_id = ?1 ORDER BY rowid",
-            )
-            .map_err(|e| self.sql_err(e))?;
-        let rows = statement
-            .query_map([id], |row| {
+            [id],
+            |row| {
                 let at_ms: i64 = row.get(0)?;
                 Ok(JobEvent {
                     at_ms,
@@ -629,97 +631,61 @@ impl JobDb for SqliteDb {
                     attempts: row.get(3)?,
                     client: row.get(4)?,
                 })
-            })
-            .map_err(|e| self.sql_err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
+            },
+        )
     }
     fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut statement = conn
-            .prepare_cached(
-                "SELECT service, status, COUNT(*) FROM jobs
+        self.all(
+            "SELECT service, status, COUNT(*) FROM jobs
                  WHERE ?1 IS NULL OR user_id = ?1 GROUP BY service, status",
-            )
-            .map_err(|e| self.sql_err(e))?;
-        let rows = statement
-            .query_map([user], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
-            .map_err(|e| self.sql_err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
+            [user],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
     }
     fn finished_per_minute(
         &self,
         since_ms: i64,
         user: Option<i64>,
     ) -> anyhow::Result<Vec<(i64, i64)>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut statement = conn
-            .prepare_cached(
-                "SELECT finished_ms / 60000 * 60000 AS minute, COUNT(*) FROM jobs
+        self.all(
+            "SELECT finished_ms / 60000 * 60000 AS minute, COUNT(*) FROM jobs
                  WHERE finished_ms >= ?1 AND (?2 IS NULL OR user_id = ?2)
                  GROUP BY minute ORDER BY minute",
-            )
-            .map_err(|e| self.sql_err(e))?;
-        let rows = statement
-            .query_map(params![since_ms, user], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .map_err(|e| self.sql_err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.sql_err(e))
+            params![since_ms, user],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
     }
     fn in_states(&self, states: &[JobStatus]) -> anyhow::Result<Vec<Job>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
         let list = states
             .iter()
             .map(|s| format!("'{}'", s.as_str()))
             .collect::<Vec<_>>()
             .join(", ");
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {COLUMNS} FROM jobs WHERE status IN ({list}) ORDER BY id"
-            ))
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map([], job_from_row)
-            .map_err(|e| self.sql_err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql_err(e))?;
-        Ok(rows)
+        self.all(
+            &format!("SELECT {COLUMNS} FROM jobs WHERE status IN ({list}) ORDER BY id"),
+            [],
+            job_from_row,
+        )
     }
     fn on_client(&self, base: &str) -> anyhow::Result<Vec<Job>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut stmt = conn
-            .prepare_cached(&format!(
+        self.all(&format!(
                 "SELECT {COLUMNS} FROM jobs WHERE client = ?1 AND status IN ('Submitted', 'Running') ORDER BY id"
-            ))
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map([base], job_from_row)
-            .map_err(|e| self.sql_err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql_err(e))?;
-        Ok(rows)
+            ), [base], job_from_row)
     }
     fn abandoned_on(&self, base: &str) -> anyhow::Result<Vec<AbandonedRun>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
+        self.all(
+            "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
                  WHERE client = ?1 ORDER BY dest_id",
-            )
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map([base], |r| {
+            [base],
+            |r| {
                 Ok(AbandonedRun {
                     client: r.get(0)?,
                     dest_id: r.get(1)?,
                     key: r.get(2)?,
                     job_id: r.get(3)?,
                 })
-            })
-            .map_err(|e| self.sql_err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql_err(e))?;
-        Ok(rows)
+            },
+        )
     }
     fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
         let conn = crate::sync::lock_off_worker(&self.conn);
@@ -740,31 +706,17 @@ impl JobDb for SqliteDb {
             .map_err(|e| self.sql_err(e))
     }
     fn finished_before(&self, cutoff_ms: i64) -> anyhow::Result<Vec<i64>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut stmt = conn
-            .prepare(
-                "SELECT id FROM jobs WHERE status IN ('Completed', 'Failed', 'Invalid', 'Killed')
-                 AND COALESCE(finished_ms, updated_ms) < ?1 ORDER BY id",
-            )
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map([cutoff_ms], |r| r.get(0))
-            .map_err(|e| self.sql_err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql_err(e))?;
-        Ok(rows)
+        self.all(
+            "SELECT id FROM jobs WHERE status IN ('Completed', 'Failed', 'Invalid', 'Killed')
+             AND COALESCE(finished_ms, updated_ms) < ?1 ORDER BY id",
+            [cutoff_ms],
+            |r| r.get(0),
+        )
     }
     fn ids_with_files(&self) -> anyhow::Result<HashSet<i64>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut stmt = conn
-            .prepare("SELECT id FROM jobs WHERE status != 'Cleaned'")
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(|e| self.sql_err(e))?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(|e| self.sql_err(e))?;
-        Ok(rows)
+        self.all("SELECT id FROM jobs WHERE status != 'Cleaned'", [], |r| {
+            r.get(0)
+        })
     }
     fn list(&self, filter: &ListFilter) -> anyhow::Result<(Vec<Job>, i64)> {
         let conn = crate::sync::lock_off_worker(&self.conn);
@@ -819,18 +771,14 @@ impl JobDb for SqliteDb {
             .map_err(|e| self.sql_err(e))
     }
     fn due_deliveries(&self, now_ms: i64, limit: usize) -> anyhow::Result<Vec<Delivery>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT o.id, o.job_id, j.service, o.event, o.url, o.body, o.created_ms,
+        self.all(
+            "SELECT o.id, o.job_id, j.service, o.event, o.url, o.body, o.created_ms,
                         o.attempts
                  FROM webhook_outbox o JOIN jobs j ON j.id = o.job_id
                  WHERE o.next_ms IS NOT NULL AND o.next_ms <= ?1
                  ORDER BY o.next_ms LIMIT ?2",
-            )
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map(params![now_ms, limit as i64], |r| {
+            params![now_ms, limit as i64],
+            |r| {
                 Ok(Delivery {
                     id: r.get(0)?,
                     job_id: r.get(1)?,
@@ -841,11 +789,8 @@ impl JobDb for SqliteDb {
                     created_ms: r.get(6)?,
                     attempts: r.get(7)?,
                 })
-            })
-            .map_err(|e| self.sql_err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql_err(e))?;
-        Ok(rows)
+            },
+        )
     }
     fn next_delivery_ms(&self) -> anyhow::Result<Option<i64>> {
         let conn = crate::sync::lock_off_worker(&self.conn);
@@ -884,15 +829,11 @@ impl JobDb for SqliteDb {
         Ok(())
     }
     fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>> {
-        let conn = crate::sync::lock_off_worker(&self.conn);
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id, event, url, attempts, last_status, next_ms, outcome
+        self.all(
+            "SELECT id, event, url, attempts, last_status, next_ms, outcome
                  FROM webhook_outbox WHERE job_id = ?1 ORDER BY created_ms, rowid",
-            )
-            .map_err(|e| self.sql_err(e))?;
-        let rows = stmt
-            .query_map([id], |r| {
+            [id],
+            |r| {
                 Ok(Notification {
                     id: r.get(0)?,
                     event: r.get(1)?,
@@ -902,11 +843,8 @@ impl JobDb for SqliteDb {
                     next_try_ms: r.get(5)?,
                     outcome: r.get(6)?,
                 })
-            })
-            .map_err(|e| self.sql_err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.sql_err(e))?;
-        Ok(rows)
+            },
+        )
     }
 }
 
