@@ -129,7 +129,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }
         Database::Postgres(url) => Box::new(PgDb::open(url)?),
     };
-    let store = Arc::new(JobTable::new(db));
+    let mut store = JobTable::new(db);
+    if config.webhooks.allowed_hosts.is_empty() {
+        // No upload can carry a callback: no notification is written.
+        store = store.without_callbacks();
+    }
+    let store = Arc::new(store);
     refuse_a_database_behind_its_files(&store, &describe(&config.db), &jobs_dir, &results_dir)?;
 
     let client_ca = match &config.client_ca {

@@ -27,6 +27,9 @@ pub struct JobTable {
     /// Wakes the webhook delivery loop: a change that may have written a notification
     /// (to a final state, or Running) was committed.
     pub deliveries: Notify,
+    /// Whether uploads may carry callbacks at all (an allowlist is configured). Without one no
+    /// notification is written, and the loop is not woken (two queries per finished job).
+    callbacks: bool,
 }
 
 /// Registration of a long-poll on one job: [`JobWatch::notify`] is woken after every
@@ -53,7 +56,16 @@ impl JobTable {
             db,
             watchers: Mutex::new(HashMap::new()),
             deliveries: Notify::new(),
+            callbacks: true,
         }
+    }
+
+    /// A table on which uploads take no callback (no `[webhooks] allowed_hosts`): committed
+    /// changes do not wake the delivery loop, which still sends what an earlier configuration
+    /// left in the outbox on its own schedule.
+    pub fn without_callbacks(mut self) -> Self {
+        self.callbacks = false;
+        self
     }
 
     /// Registers a long-poll on job `id`. Create the `notified()` future (and `enable` it)
@@ -113,7 +125,9 @@ impl JobTable {
         if let Some(job) = &job {
             count_in_metrics(job);
             self.changed(id);
-            if to == JobStatus::Running || (to.is_finished() && to != JobStatus::Cleaned) {
+            if self.callbacks
+                && (to == JobStatus::Running || (to.is_finished() && to != JobStatus::Cleaned))
+            {
                 self.deliveries.notify_one();
             }
             tracing::info!(
