@@ -492,8 +492,11 @@ impl Lifecycle {
         message: String,
         abandon_run: bool,
     ) -> anyhow::Result<Option<Job>> {
+        // Only the run the request was carried to: if the job moved into a new run meanwhile
+        // (lost, sent again), this changes nothing and the caller looks again.
         let change = Change {
             abandon_run,
+            only_run: Some(job.dispatch_key.clone()),
             ..Change::message(message)
         };
         let Some(done) = self

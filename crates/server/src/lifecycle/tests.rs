@@ -459,6 +459,13 @@ fn a_late_word_about_an_old_run_never_moves_the_next_run() {
     assert_eq!(f.lifecycle().completed(&old_run), []);
     assert_eq!(f.lifecycle().run_lost(&old_run, "lost again"), []);
     f.lifecycle().running(&old_run);
+    // A terminate carried to the old run's client commits nothing on the new run: the caller
+    // reads the job again and stops the run it is in now.
+    assert!(f
+        .lifecycle()
+        .terminated(&old_run, &JobStatus::ON_CLIENT, "terminated".into(), false)
+        .unwrap()
+        .is_none());
 
     let now = f.get(a.id);
     assert_eq!(now.status, JobStatus::Submitted, "{now:?}");

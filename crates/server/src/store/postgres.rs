@@ -56,20 +56,36 @@ pub struct PgDb {
     server_id: String,
 }
 
-/// The URL without its password, for messages and logs.
+/// The URL without its password, for messages and logs: the one in the user info (which
+/// ends at the last `@` before the query, since a password may hold a `/`) and a `password`
+/// query parameter.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_owned(),
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    let main = match before_query.rsplit_once('@') {
+        Some((userinfo, host_and_path)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host_and_path}"),
+            None => before_query.to_owned(),
         },
-        None => url.to_owned(),
-    }
+        None => before_query.to_owned(),
+    };
+    let Some(query) = query else {
+        return format!("{scheme}://{main}");
+    };
+    let query = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{scheme}://{main}?{query}")
 }
 
 /// Reads a `postgres://` (or `postgresql://`) URL into the driver's configuration, refusing
@@ -916,6 +932,16 @@ mod tests {
             "postgres://jr:***@db:5432/jobs?sslmode=disable"
         );
         assert_eq!(redact("postgres://jr@db/jobs"), "postgres://jr@db/jobs");
+        // A password holding a '/' (the user info ends at the last '@'), or given as a query
+        // parameter, is hidden too.
+        assert_eq!(
+            redact("postgres://jr:pa/ss@db/jobs"),
+            "postgres://jr:***@db/jobs"
+        );
+        assert_eq!(
+            redact("postgres://jr@db/jobs?sslmode=disable&password=s3cret"),
+            "postgres://jr@db/jobs?sslmode=disable&password=***"
+        );
         assert!(parse_url("postgres://jr@db:5432/jobs").is_ok());
         assert!(parse_url("postgresql://jr@db/jobs?sslmode=disable").is_ok());
         let why = parse_url("postgres://jr:s3cret@db/jobs?sslmode=require")
