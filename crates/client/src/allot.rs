@@ -38,9 +38,13 @@ fn mem_total_mb(meminfo: &str) -> Option<u64> {
 }
 
 fn cgroup_memory_max_mb() -> Option<u64> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let text = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")).ok()?;
+    // Where the cgroup2 tree is mounted (not always /sys/fs/cgroup: /sys/fs/cgroup/unified on
+    // a hybrid host) and our place in it, as the payloads' cgroups find them.
+    let own = crate::cgroup::own_cgroup()?;
+    let file = crate::cgroup::cgroup2_mount()?
+        .join(own.trim_start_matches('/'))
+        .join("memory.max");
+    let text = std::fs::read_to_string(file).ok()?;
     text.trim().parse::<u64>().ok().map(|bytes| bytes >> 20)
 }
 
@@ -180,6 +184,23 @@ impl GpuPool {
         self.total
     }
 
+    /// Takes back the GPUs `ids` that a payload followed again after a restart still holds,
+    /// so that no new payload is given them while it runs. Ids this client no longer has, or
+    /// that are not free, are left out of the lease (only what it took is given back).
+    pub fn claim(self: &Arc<Self>, ids: &[u32]) -> GpuLease {
+        let mut free = self.free.lock().unwrap();
+        let mut taken = Vec::new();
+        for id in ids {
+            if let Some(at) = free.iter().position(|f| f == id) {
+                taken.push(free.remove(at));
+            }
+        }
+        GpuLease {
+            pool: self.clone(),
+            ids: taken,
+        }
+    }
+
     /// Takes `n` GPUs (the lowest free ids), waiting until that many are free; `Err` when
     /// the client has fewer than `n` in all.
     pub async fn take(self: &Arc<Self>, n: usize) -> Result<GpuLease, String> {
@@ -208,6 +229,23 @@ impl GpuPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A payload followed again after a restart keeps its GPUs: a new one is given the others,
+    /// and they come back only when its lease ends.
+    #[tokio::test]
+    async fn gpus_of_a_payload_followed_again_are_not_given_out_twice() {
+        let pool = Arc::new(GpuPool::new(vec![0, 1]));
+        let adopted = pool.claim(&[0, 7]);
+        assert_eq!(
+            adopted.ids(),
+            [0],
+            "an id the client does not have is left out"
+        );
+        let next = pool.take(1).await.unwrap();
+        assert_eq!(next.ids(), [1]);
+        drop(adopted);
+        assert_eq!(pool.take(1).await.unwrap().ids(), [0]);
+    }
 
     #[test]
     fn the_environment_says_what_was_given() {

@@ -143,7 +143,7 @@ pub async fn kill_and_remove(leaf: &Path, limit: Duration) -> bool {
     }
 }
 
-fn cgroup2_mount() -> Option<PathBuf> {
+pub(crate) fn cgroup2_mount() -> Option<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     parse_cgroup2_mount(&info)
 }
@@ -160,7 +160,7 @@ fn parse_cgroup2_mount(info: &str) -> Option<PathBuf> {
     })
 }
 
-fn own_cgroup() -> Option<String> {
+pub(crate) fn own_cgroup() -> Option<String> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))

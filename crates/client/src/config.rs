@@ -51,7 +51,7 @@ pub struct ClientArgs {
     pub cores: Option<u32>,
     /// Memory payloads may share, advertised in `/info`: MiB or with a unit (`64G`)
     /// (default: detected, `/proc/meminfo` or a lower cgroup `memory.max`).
-    #[arg(long, value_parser = parse_memory)]
+    #[arg(long, value_parser = parse_memory_mb)]
     pub memory: Option<u64>,
     /// Number of GPUs, ids 0 to N-1 (default: none).
     #[arg(long, conflicts_with = "gpu_ids")]
@@ -153,10 +153,6 @@ pub struct ClientConfig {
 pub enum ExecutorConfig {
     Local,
     Slurm(SlurmConfig),
-}
-
-fn parse_memory(text: &str) -> Result<u64, String> {
-    parse_memory_mb(text)
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {

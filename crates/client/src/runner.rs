@@ -166,7 +166,13 @@ impl Runner {
     /// that kept running). Call before `start`, so that it holds a slot like the others.
     pub fn adopt(self: &Arc<Self>, id: u64, job: Job) {
         let permit = self.slots.clone().try_acquire_owned().ok();
-        self.clone().launch(id, Some(job), permit, None);
+        // The GPUs it was given are still in use: not free for the payloads queued next.
+        let gpus = self
+            .store
+            .get(id)
+            .filter(|r| !r.gpu_ids.is_empty())
+            .map(|r| self.gpus.claim(&r.gpu_ids));
+        self.clone().launch(id, Some(job), permit, gpus);
     }
 
     /// Registers the payload as started and spawns the task that owns it until it ends.
