@@ -110,8 +110,11 @@ fn write_entries<W: Write>(root: &File, listing: Listing, out: W) -> io::Result<
             };
             zip.start_file(name, options).map_err(io::Error::other)?;
             zip.write_all(&sample)?;
+            let rest = meta.len().saturating_sub(sample.len() as u64);
             drop(sample);
-            io::copy(&mut file, &mut zip)?;
+            // No more than the size listed (and announced to the ZIP writer): a job that keeps
+            // writing the file cannot make the archive endless, nor outgrow its header.
+            io::copy(&mut (&mut file).take(rest), &mut zip)?;
         }
     }
     if note_needed {
