@@ -49,7 +49,13 @@ async fn upload_then_download_the_result_zip() {
         tree(&data.join("results")),
         [data.join(format!("results/{id}.zip"))]
     );
-    assert!(!data.join(format!("jobs/{id}")).exists());
+    // Removed just after Completed is committed (the commit comes first): wait for it.
+    let inputs = data.join(format!("jobs/{id}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while inputs.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!inputs.exists());
 
     // The stored results also answer /download_partial.
     let partial = http
