@@ -12,7 +12,9 @@
 //!   releases, timers);
 //! - [`shared`]: what the running server's parts share;
 //! - [`sync`]: the poison-proof lock, and `off_worker` for the database calls;
-//! - [`scheduler`]: pure quotas, round-robin fair share and placement;
+//! - [`scheduler`]: pure quotas, round-robin or usage-based fair share, reservations and
+//!   placement;
+//! - [`usage`]: decayed core-seconds of a user, as fair share counts them (pure);
 //! - [`clients`]: the pool of executor clients, their health and `/info`;
 //! - [`gateway`]: the one way to talk to a client: a typed call per client endpoint, its
 //!   URL, timeout and the client's bookkeeping; no other module builds a client URL;
@@ -48,6 +50,7 @@ pub mod store;
 pub mod supervise;
 pub mod sync;
 pub mod telemetry;
+pub mod usage;
 pub mod views;
 pub mod webhooks;
 
