@@ -19,6 +19,7 @@
 //! - [`gateway`]: the one way to talk to a client: a typed call per client endpoint, its
 //!   URL, timeout and the client's bookkeeping; no other module builds a client URL;
 //! - [`probe`]: checks each client periodically (`/info`, `/load`), with backoff while down;
+//! - [`ratelimit`]: the token bucket of a rate quota of uploads (pure);
 //! - [`dispatcher`]: sends the scheduler's decisions to clients, idempotently;
 //! - [`collector`]: follows jobs on clients (change feed or polling) and fetches results;
 //! - [`results`]: a job's result ZIP (whole or partial) stored before its final state;
@@ -41,6 +42,7 @@ pub mod http;
 pub mod janitor;
 pub mod lifecycle;
 pub mod probe;
+pub mod ratelimit;
 pub mod requests;
 pub mod results;
 pub mod scheduler;

@@ -43,13 +43,13 @@ pub use jobrelay_common::resources::Capacity;
 use crate::usage::Decayed;
 
 /// How a service chooses whose job goes next.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
     /// Users take turns.
     RoundRobin,
     /// The waiting user with the least recent usage (core-seconds decayed with this half-life,
     /// in seconds) divided by their weight goes first.
-    FairShare { half_life_s: f64 },
+    FairShare { half_life_s: u64 },
 }
 
 /// A non-negative `f64` as an ordered key (for such numbers the bits order as the values).
@@ -422,7 +422,7 @@ impl Scheduler {
         s.fair = match policy {
             Policy::RoundRobin => None,
             Policy::FairShare { half_life_s } => {
-                let mut fair = Fair::new(half_life_s.max(1.0), now);
+                let mut fair = Fair::new(half_life_s.max(1) as f64, now);
                 fair.weights = self.weights.clone();
                 Some(fair)
             }
@@ -481,7 +481,7 @@ impl Scheduler {
         match &self.services[service].fair {
             None => Policy::RoundRobin,
             Some(fair) => Policy::FairShare {
-                half_life_s: fair.half_life,
+                half_life_s: fair.half_life as u64,
             },
         }
     }
@@ -1935,12 +1935,7 @@ mod tests {
         s.set_time(1_000_000.0);
         let c = with_capacity(&mut s, cores, 0, 0);
         s.add_service(runs_per_user, max_runs, vec![c]);
-        s.set_policy(
-            0,
-            Policy::FairShare {
-                half_life_s: 3600.0,
-            },
-        );
+        s.set_policy(0, Policy::FairShare { half_life_s: 3600 });
         s
     }
 
@@ -2199,14 +2194,10 @@ mod tests {
                 .collect();
             let rpu = 1 + rng.below(4) as usize;
             let max = 2 + rng.below(10) as usize;
-            let half_life = 60.0 + rng.below(600) as f64;
+            let half_life_s = 60 + rng.below(600);
             s.add_service(rpu, max, clients.clone());
-            s.set_policy(
-                0,
-                Policy::FairShare {
-                    half_life_s: half_life,
-                },
-            );
+            s.set_policy(0, Policy::FairShare { half_life_s });
+            let half_life = half_life_s as f64;
             let weights = [1.0, 2.0, 3.0, 0.5];
             for (user, w) in weights.iter().enumerate() {
                 s.set_weight(user as i64, *w);

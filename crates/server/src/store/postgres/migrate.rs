@@ -16,6 +16,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "job_resources",
         include_str!("migrations/0002_job_resources.sql"),
     ),
+    (
+        3,
+        "usage_and_rates",
+        include_str!("migrations/0003_usage_and_rates.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("jobrelay" in ASCII): every jobrelay
