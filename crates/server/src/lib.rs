@@ -180,7 +180,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             ids.push(id);
         }
         let sid = sched.add_service(service.runs_per_user, service.max_runs, ids);
+        sched.set_policy(sid, service.policy);
+        sched.set_reserve_after(sid, service.reserve_after.map(|d| d.as_secs_f64()));
         service_ids.insert(name.clone(), sid);
+    }
+    if let Some(users) = &config.users {
+        for share in users.shares() {
+            sched.set_weight(share.user_id, share.weight);
+        }
     }
 
     let clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -413,6 +420,7 @@ fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
             let _ = std::fs::remove_file(&path);
         }
     }
+    shared.lifecycle.load_usage()?;
     let recovered = shared
         .lifecycle
         .recover_at_start(|base| shared.client_by_base.get(base).copied())?;
