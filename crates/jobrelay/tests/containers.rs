@@ -643,3 +643,44 @@ async fn client_cut_off_past_client_timeout_has_its_jobs_requeued_and_finished_e
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_balancer_answers_in_the_servers_json_when_no_server_is_up() {
+    let _serial = serial().await;
+    let compose = require_images!();
+    let stack = Stack::new(compose, "noserver", &[]);
+    let url = stack.up().await;
+    let http = http_with_token(&stack.user_token());
+    stack
+        .compose(&["stop", "-t", "10", "server-1"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let response = http.get(format!("{url}/jobs/1")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "{:?}",
+        response.headers()
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no jobrelay server"),
+        "{body}"
+    );
+    assert_eq!(body["status"], "Unknown");
+    stack
+        .compose(&["start", "server-1"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually(
+        Duration::from_secs(60),
+        "the server back behind the load balancer",
+        || async {
+            let response = http.get(format!("{url}/health")).send().await.ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await;
+}
