@@ -100,15 +100,18 @@ impl TestDb {
 
 /// `on_both_databases!(#[tokio::test] async_fn_name, ...)`: for each `async fn NAME(db:
 /// TestDb)`, a test `sqlite::NAME` and a test `postgres::NAME` (skipped with the reason
-/// printed without `JOBRELAY_TEST_POSTGRES`), each with the test attribute given.
+/// printed without `JOBRELAY_TEST_POSTGRES`), each with the attributes given (`#[tokio::test]`
+/// and, say, `#[ignore = "slow"]`).
 #[macro_export]
 macro_rules! on_both_databases {
-    ($(#[$test:meta] $name:ident),* $(,)?) => {
+    ($($(#[$attr:meta])+ $name:ident),* $(,)?) => {
         mod sqlite {
-            $(#[$test] async fn $name() { super::$name($crate::support::db::TestDb::Sqlite).await })*
+            $($(#[$attr])+ async fn $name() {
+                super::$name($crate::support::db::TestDb::Sqlite).await
+            })*
         }
         mod postgres {
-            $(#[$test] async fn $name() {
+            $($(#[$attr])+ async fn $name() {
                 let Some(schema) = $crate::support::db::Schema::new().await else {
                     return;
                 };
