@@ -14,8 +14,16 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use futures_util::StreamExt;
+use support::db::TestDb;
 use support::server::*;
 use support::*;
+
+on_both_databases!(
+    #[tokio::test]
+    a_failing_receiver_gets_the_same_signed_delivery_until_it_accepts,
+    #[tokio::test]
+    deliveries_pending_when_the_server_is_killed_are_sent_after_its_restart,
+);
 
 const LONG: Duration = Duration::from_secs(60);
 const SECRET: &str = "whsec-test-0123456789";
@@ -185,14 +193,13 @@ async fn job_record(http: &reqwest::Client, server: &str, id: i64) -> serde_json
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_failing_receiver_gets_the_same_signed_delivery_until_it_accepts() {
+async fn a_failing_receiver_gets_the_same_signed_delivery_until_it_accepts(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let receiver = Receiver::start(2, 200).await;
     let client = start_client(root, "client", &[]);
     let config = webhook_config(root, &client.url, 5);
-    let server = TestServer::start(root, &config, &[]);
+    let server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     let id = upload_ok(&http, &server.url, &receiver.url, "echo done > out.txt\n").await;
@@ -257,14 +264,13 @@ async fn a_failing_receiver_gets_the_same_signed_delivery_until_it_accepts() {
     }
 }
 
-#[tokio::test]
-async fn deliveries_pending_when_the_server_is_killed_are_sent_after_its_restart() {
+async fn deliveries_pending_when_the_server_is_killed_are_sent_after_its_restart(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let receiver = Receiver::start(0, 503).await;
     let client = start_client(root, "client", &[]);
     let config = webhook_config(root, &client.url, 5);
-    let mut server = TestServer::start(root, &config, &[]);
+    let mut server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     let ids = [
