@@ -504,6 +504,25 @@ impl SqliteDb {
         })
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
         .map_err(|e| self.sql_err(e))?;
+        let usage = read(
+            "SELECT service, user_id, core_seconds, at_ms FROM user_usage
+             ORDER BY service, user_id",
+        )?
+        .query_map([], |r| {
+            Ok(UsageRow {
+                service: r.get(0)?,
+                user_id: r.get(1)?,
+                core_seconds: r.get(2)?,
+                at_ms: r.get(3)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| self.sql_err(e))?;
+        let rates =
+            read("SELECT service, user_id, tat_ms FROM upload_rate ORDER BY service, user_id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(|e| self.sql_err(e))?;
         let highest: i64 = tx
             .query_row(
                 "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
@@ -519,6 +538,8 @@ impl SqliteDb {
             events,
             outbox,
             abandoned,
+            usage,
+            rates,
             highest_id: highest.max(mark),
         })
     }

@@ -521,6 +521,7 @@ fn a_rate_quota_counts_across_a_reopening(backend: &Backend) {
             .unwrap(),
         Ok(())
     );
+}
 
 /// `jobrelay server migrate`'s two halves: a SQLite database read whole and written into an
 /// empty PostgreSQL one reads back the same through every method of the seam (jobs with
@@ -644,6 +645,24 @@ fn a_sqlite_database_moves_to_postgres_whole() {
         .unwrap();
     let queued = insert(3, Some(&hook(true)), &asked);
 
+    // Fair-share usage and a rate quota's bucket move too.
+    let usage = UsageRow {
+        service: "example".into(),
+        user_id: 3,
+        core_seconds: 42.5,
+        at_ms: 1_000,
+    };
+    sqlite.save_usage(&usage).unwrap();
+    let quota = crate::ratelimit::RateQuota {
+        per_hour: 1,
+        burst: 1,
+    };
+    let t0 = now_ms();
+    assert_eq!(
+        sqlite.take_upload_slot("example", 3, quota, t0).unwrap(),
+        Ok(())
+    );
+
     // The job-id mark says ids up to 9 were handed out (uploads that never committed).
     let snapshot = sqlite.snapshot(9).unwrap();
     assert_eq!(snapshot.jobs.len(), 5);
@@ -679,6 +698,13 @@ fn a_sqlite_database_moves_to_postgres_whole() {
         );
     }
     assert_eq!(pg.get(queued.id).unwrap().unwrap().resources, asked);
+    assert_eq!(pg.usage().unwrap(), [usage]);
+    assert!(
+        pg.take_upload_slot("example", 3, quota, t0)
+            .unwrap()
+            .is_err(),
+        "the bucket emptied on SQLite is still empty"
+    );
     assert!(pg.history(completed.id).unwrap().len() >= 3);
     assert_eq!(
         pg.abandoned_on("http://c").unwrap(),
