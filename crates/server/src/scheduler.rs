@@ -25,9 +25,11 @@
 //! Whose turn: round-robin by default. Under [`Policy::FairShare`] the users with a turn are
 //! kept in order of their recent usage divided by their weight ([`crate::usage`]: decayed
 //! core-seconds of finished and running jobs), the least first, ties to whoever was served
-//! longest ago; a decision takes the first (O(log users)). Usage only changes the order
-//! while jobs run, so before a round the keys of users with running jobs are recomputed
-//! (the running users, not the queue). Time is passed in ([`Scheduler::set_time`]).
+//! longest ago; a decision takes the first (O(log users)). Usage only grows while jobs run,
+//! so the key of a user with running jobs is a lower bound once time passed: when such a
+//! user comes first, their key is computed again and put back before one is taken (a lazy
+//! heap: exact, and it costs the running users that come first, not the queue). Time is
+//! passed in ([`Scheduler::set_time`]).
 //!
 //! No starvation: a job whose turn came and that fitted nowhere is parked; once it has been
 //! parked longer than the service's `reserve_after`, one client that could hold it when idle
@@ -70,10 +72,13 @@ struct Fair {
     /// Instant the keys are scaled to (moved forward now and then, see `rebase`).
     base: f64,
     usage: HashMap<UserId, Decayed>,
+    /// Users with cores running now (their keys grow with time).
+    running: HashSet<UserId>,
     weights: HashMap<UserId, f64>,
     /// Users with a turn: (usage / weight scaled to `base`, when last served, user).
     order: BTreeSet<(Key, u64, UserId)>,
-    key_of: HashMap<UserId, (Key, u64)>,
+    /// Each user with a turn: their entry in `order` and when its key was computed.
+    key_of: HashMap<UserId, (Key, u64, f64)>,
     /// When each user was last served (a counter): ties go to the one served longest ago.
     served: HashMap<UserId, u64>,
     serves: u64,
@@ -85,6 +90,7 @@ impl Fair {
             half_life,
             base: now,
             usage: HashMap::new(),
+            running: HashSet::new(),
             weights: HashMap::new(),
             order: BTreeSet::new(),
             key_of: HashMap::new(),
@@ -103,15 +109,28 @@ impl Fair {
     }
 
     fn push(&mut self, user: UserId, now: f64) {
-        let entry = (
+        let (key, served) = (
             self.key(user, now),
             self.served.get(&user).copied().unwrap_or(0),
         );
-        self.order.insert((entry.0, entry.1, user));
-        self.key_of.insert(user, entry);
+        self.order.insert((key, served, user));
+        self.key_of.insert(user, (key, served, now));
     }
 
-    fn pop(&mut self) -> Option<UserId> {
+    /// The user with the least usage now. A key only grows while its user has cores running,
+    /// so a key computed earlier is a lower bound: the first user is taken when their key is
+    /// exact (nothing running, or computed now); a stale one is computed again and put back
+    /// in its place first. Costs the running users that come first, not every running user.
+    fn pop(&mut self, now: f64) -> Option<UserId> {
+        loop {
+            let &(_, _, user) = self.order.first()?;
+            let computed = self.key_of.get(&user).map_or(now, |e| e.2);
+            if computed < now && self.running.contains(&user) {
+                self.rekey(user, now);
+                continue;
+            }
+            break;
+        }
         let (_, _, user) = self.order.pop_first()?;
         self.key_of.remove(&user);
         self.serves += 1;
@@ -121,15 +140,14 @@ impl Fair {
 
     /// Puts a user with a turn back at the place their usage gives them now.
     fn rekey(&mut self, user: UserId, now: f64) {
-        if let Some((key, served)) = self.key_of.remove(&user) {
+        if let Some((key, served, _)) = self.key_of.remove(&user) {
             self.order.remove(&(key, served, user));
             self.push(user, now);
         }
     }
 
-    /// Keys of users with running jobs grow as time passes: recomputed before a decision
-    /// (costs the users with jobs running and a turn, not the queued jobs). Every few
-    /// dozen half-lives the keys are scaled to a later base so they stay finite.
+    /// Every few dozen half-lives the keys are scaled to a later base so they stay finite
+    /// (keys of running users that grew meanwhile are brought up to date by `pop`).
     fn refresh(&mut self, now: f64) {
         if (now - self.base) / self.half_life > 64.0 {
             self.base = now;
@@ -137,16 +155,6 @@ impl Fair {
             for user in users {
                 self.rekey(user, now);
             }
-            return;
-        }
-        let running: Vec<UserId> = self
-            .usage
-            .iter()
-            .filter(|(user, u)| u.running_cores > 0 && self.key_of.contains_key(user))
-            .map(|(user, _)| *user)
-            .collect();
-        for user in running {
-            self.rekey(user, now);
         }
     }
 
@@ -158,6 +166,11 @@ impl Fair {
             u.running_cores += u64::from(cores);
         } else {
             u.running_cores = u.running_cores.saturating_sub(u64::from(cores));
+        }
+        if u.running_cores > 0 {
+            self.running.insert(user);
+        } else {
+            self.running.remove(&user);
         }
         self.rekey(user, now);
     }
@@ -759,6 +772,16 @@ impl Scheduler {
     /// Room may have come free on `client`: the users of its services parked for lack of
     /// room get a turn again. Costs the number of parked users, not the queued jobs.
     fn room_changed(&mut self, client: ClientId) {
+        // A client held for a job takes no other: only that job's user may use the room.
+        if let Some(job) = self.clients[client].reserved_for {
+            if let Some(q) = self.queued_jobs.get(&job) {
+                let s = &mut self.services[q.service];
+                if s.no_room.remove(&q.user) {
+                    s.offer_turn(q.user);
+                }
+            }
+            return;
+        }
         for s in &mut self.services {
             if s.no_room.is_empty() || !s.clients.contains(&client) {
                 continue;
@@ -887,6 +910,18 @@ impl Scheduler {
     /// past their deadline, not the queue.
     fn reserve_for_the_starving(&mut self, service: ServiceId) {
         let now = self.now;
+        let s = &self.services[service];
+        let holdable =
+            |c: &ClientState| c.healthy && c.capacity.is_some() && c.reserved_for.is_none();
+        if s.deadlines
+            .first()
+            .is_none_or(|(at, _)| f64::from_bits(at.0) > now)
+            || !s.clients.iter().any(|&id| holdable(&self.clients[id]))
+        {
+            // Nothing due, or every client is held already: the due jobs wait their turn
+            // for a hold (costs nothing per decision).
+            return;
+        }
         let due: Vec<(Key, JobId)> = self.services[service]
             .deadlines
             .iter()
@@ -1163,7 +1198,7 @@ impl ServiceState {
         loop {
             let next = match &mut self.fair {
                 None => self.ring.pop_front(),
-                Some(fair) => fair.pop(),
+                Some(fair) => fair.pop(self.now),
             };
             let user = next?;
             self.in_ring.remove(&user);
