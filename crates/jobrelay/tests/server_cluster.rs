@@ -161,15 +161,18 @@ impl Servers {
     /// index and epoch.
     async fn leader(&self, http: &reqwest::Client, among: &[usize], after: i64) -> (usize, i64) {
         eventually(LONG, "a leader", || async {
+            // The highest epoch wins: a deposed leader may not have noticed yet.
+            let mut best = None;
             for &i in among {
                 if let Some(h) = self.health(http, i).await {
                     let epoch = h["lease_epoch"].as_i64().unwrap_or(0);
-                    if h["role"] == "leader" && epoch > after {
-                        return Some((i, epoch));
+                    if h["role"] == "leader" && epoch > after && best.is_none_or(|(_, e)| epoch > e)
+                    {
+                        best = Some((i, epoch));
                     }
                 }
             }
-            None
+            best
         })
         .await
     }
@@ -266,6 +269,14 @@ async fn kill_leaders_during_a_run(
             (runs() >= before + 2).then_some(())
         })
         .await;
+        let now = cluster.leader(&http, &cluster.all(), 0).await;
+        if now != (leader, epoch) {
+            println!(
+                "the lease changed hands without a kill: {:?} -> {now:?}",
+                (leader, epoch)
+            );
+            (leader, epoch) = now;
+        }
         let victim = if kill == leader_kills {
             (leader + 1) % servers
         } else {
@@ -275,28 +286,29 @@ async fn kill_leaders_during_a_run(
         cluster.servers[victim].kill9();
         let survivors: Vec<usize> = cluster.all().into_iter().filter(|i| *i != victim).collect();
         // Uploads go on to the others meanwhile, leader or not.
-        let more = upload_spread(
-            &http,
-            &cluster,
-            &survivors,
-            &format!("k{kill}-"),
-            batch,
-            users,
-            seconds,
-        )
-        .await;
+        let prefix = format!("k{kill}-");
+        let uploading = upload_spread(&http, &cluster, &survivors, &prefix, batch, users, seconds);
+        // The failover is timed while the uploads go on.
+        let failing_over = async {
+            if victim != leader {
+                return None;
+            }
+            let found = cluster.leader(&http, &survivors, epoch).await;
+            Some((found, killed_at.elapsed()))
+        };
+        let (more, failed_over) = tokio::join!(uploading, failing_over);
         jobs.extend(more);
-        if victim == leader {
-            (leader, epoch) = cluster.leader(&http, &survivors, epoch).await;
-            let took = killed_at.elapsed();
-            println!(
-                "failover after kill -9 of the leader #{}: {:.2} s",
-                kill + 1,
-                took.as_secs_f64()
-            );
-            failovers.push(took);
-        } else {
-            println!("killed a standby (server {victim}); leader unchanged");
+        match failed_over {
+            Some((found, took)) => {
+                (leader, epoch) = found;
+                println!(
+                    "failover after kill -9 of the leader #{}: {:.2} s",
+                    kill + 1,
+                    took.as_secs_f64()
+                );
+                failovers.push(took);
+            }
+            None => println!("killed a standby (server {victim}); leader unchanged"),
         }
         cluster.servers[victim].restart();
     }
