@@ -10,13 +10,15 @@
 //! the calling thread waits for its answer on a standard channel: that works from every one
 //! of those places, and the connections outlive whichever runtime the caller runs on.
 //!
-//! TLS to the database is not offered (see SECURITY.md): a URL is accepted with no `sslmode`
-//! or `sslmode=disable`, and any other mode is refused at start, rather than connecting in
-//! plain text to a server the user asked to reach over TLS.
+//! TLS to the database: `sslmode` (`disable`, `prefer`, `require`, `verify-ca`,
+//! `verify-full`) and `sslrootcert` in the URL, read as libpq reads them, through a rustls
+//! connector ([`tls`]).
 
+mod import;
 mod migrate;
 #[cfg(test)]
 pub mod testing;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -30,6 +32,9 @@ use deadpool_postgres::{
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+pub use tls::TlsMode;
+
+use super::snapshot::{Moved, Snapshot};
 use super::{
     now_ms, AbandonedRun, Callback, Change, Cluster, Delivery, DeliveryEnd, Fenced, Job, JobDb,
     JobEvent, JobResources, JobStatus, Lease, ListFilter, Notice, Notification, ServerBeat,
@@ -68,6 +73,7 @@ pub struct PgDb {
     server_id: String,
     /// For the listening connection, which is not pooled.
     config: tokio_postgres::Config,
+    tls: TlsMode,
     /// The NOTIFY channel of this database (its identity: channels are per database, and
     /// tests share one database between schemas).
     channel: String,
@@ -108,46 +114,85 @@ pub fn redact(url: &str) -> String {
     format!("{scheme}://{main}?{query}")
 }
 
-/// Reads a `postgres://` (or `postgresql://`) URL into the driver's configuration, refusing
-/// what this store does not support (TLS) with the reason and what to do instead.
+/// Reads a `postgres://` (or `postgresql://`) URL into the driver's configuration (see
+/// [`parse_url_with_tls`]; this one is for callers that connect without TLS).
 pub fn parse_url(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    parse_url_with_tls(url).map(|(config, _)| config)
+}
+
+/// Reads a `postgres://` (or `postgresql://`) URL into the driver's configuration and what it
+/// asks of TLS (`sslmode`, `sslrootcert`, read as libpq reads them: [`tls`]), refusing what
+/// this store does not support with the reason.
+pub fn parse_url_with_tls(url: &str) -> anyhow::Result<(tokio_postgres::Config, TlsMode)> {
     let shown = redact(url);
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         anyhow::bail!("{shown} is not a PostgreSQL URL: it starts with postgres://");
     }
-    if let Some((_, query)) = url.split_once('?') {
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if key == "sslmode" && value != "disable" {
-                anyhow::bail!(
-                    "{shown}: sslmode={value} is not supported: jobrelay connects to PostgreSQL \
-                     without TLS. Give sslmode=disable and reach the database over a trusted \
-                     network, a Unix socket (?host=/run/postgresql) or a TLS tunnel (SECURITY.md)"
-                );
+    // The TLS keys are ours to read (the driver knows neither verify-* nor sslrootcert);
+    // every other parameter goes to the driver as it was written.
+    let (mut mode, mut root_cert) = (None, None);
+    let driver_url = match url.split_once('?') {
+        None => url.to_owned(),
+        Some((base, query)) => {
+            let mut kept = Vec::new();
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let parsed = url::form_urlencoded::parse(pair.as_bytes()).next();
+                match parsed {
+                    Some((key, value)) if key == "sslmode" => mode = Some(value.into_owned()),
+                    Some((key, value)) if key == "sslrootcert" => {
+                        root_cert = Some(value.into_owned())
+                    }
+                    Some((key, _)) if matches!(&*key, "sslcert" | "sslkey" | "sslpassword") => {
+                        anyhow::bail!(
+                            "{shown}: {key} is not supported: jobrelay does not present a                              client certificate; authenticate with a password"
+                        )
+                    }
+                    _ => kept.push(pair),
+                }
+            }
+            if kept.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}?{}", kept.join("&"))
             }
         }
-    }
-    let mut config: tokio_postgres::Config = url
+    };
+    let tls = TlsMode::from_params(mode.as_deref(), root_cert.as_deref())
+        .map_err(|why| anyhow::anyhow!("{shown}: {why}"))?;
+    let mut config: tokio_postgres::Config = driver_url
         .parse()
         .map_err(|e| anyhow::anyhow!("bad PostgreSQL URL {shown}: {e}"))?;
-    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    config.ssl_mode(tls.ssl_mode());
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     if config.get_application_name().is_none() {
         config.application_name("jobrelay");
     }
-    Ok(config)
+    Ok((config, tls))
 }
 
 impl PgDb {
     /// Connects to the database at `url`, brings its schema up to date and reads (or makes)
     /// its identity. Fails with the URL (without password) when it cannot.
     pub fn open(url: &str) -> anyhow::Result<Self> {
-        Self::connect(parse_url(url)?, &redact(url))
+        let shown = redact(url);
+        let (config, tls) = parse_url_with_tls(url)?;
+        Self::connect_with(config, &tls, &shown)
     }
 
-    /// [`PgDb::open`] with a configuration already read; `shown` names it in errors.
-    pub fn connect(mut config: tokio_postgres::Config, shown: &str) -> anyhow::Result<Self> {
+    /// [`PgDb::open`] with a configuration already read, without TLS; `shown` names it in
+    /// errors.
+    pub fn connect(config: tokio_postgres::Config, shown: &str) -> anyhow::Result<Self> {
+        Self::connect_with(config, &TlsMode::Off, shown)
+    }
+
+    /// [`PgDb::connect`] over TLS as `tls` says.
+    pub fn connect_with(
+        mut config: tokio_postgres::Config,
+        tls: &TlsMode,
+        shown: &str,
+    ) -> anyhow::Result<Self> {
         let idle = format!(
             "-c idle_in_transaction_session_timeout={}",
             IDLE_IN_TRANSACTION.as_millis()
@@ -163,15 +208,18 @@ impl PgDb {
             .thread_name("jobrelay-postgres")
             .enable_all()
             .build()?;
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
-            ManagerConfig {
-                // A connection is checked by its state, not a query: a broken one is closed
-                // (the driver sees the socket end) and replaced at the next call.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = || ManagerConfig {
+            // A connection is checked by its state, not a query: a broken one is closed
+            // (the driver sees the socket end) and replaced at the next call.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls
+            .connector()
+            .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL database {shown}: {e:#}"))?
+        {
+            Some(connector) => Manager::from_config(config.clone(), connector, manager_config()),
+            None => Manager::from_config(config.clone(), NoTls, manager_config()),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
@@ -184,6 +232,7 @@ impl PgDb {
             pool,
             server_id: String::new(),
             config,
+            tls: tls.clone(),
             channel: String::new(),
             fence: Arc::new(AtomicI64::new(NO_FENCE)),
             refused: Arc::new(tokio::sync::Notify::new()),
@@ -211,6 +260,19 @@ impl PgDb {
             .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL database {shown}: {e:#}"))?;
         db.channel = format!("jobrelay_{}", db.server_id.replace('-', ""));
         Ok(db)
+    }
+
+    /// Writes a whole database (read from SQLite by `jobrelay server migrate`) into this one,
+    /// in one transaction, keeping its ids and identity; refused, with nothing written, when
+    /// this database already holds a job.
+    pub fn import(&mut self, snapshot: Snapshot) -> anyhow::Result<Moved> {
+        let server_id = snapshot.server_id.clone();
+        let moved = self.with_client(move |mut client| async move {
+            import::import(&mut client, &snapshot).await
+        })?;
+        self.channel = format!("jobrelay_{}", server_id.replace('-', ""));
+        self.server_id = server_id;
+        Ok(moved)
     }
 
     /// Runs `work` on the store's runtime and waits for its answer on this thread.
@@ -1176,7 +1238,12 @@ impl Cluster for PgDb {
     }
     fn listen(&self, to: tokio::sync::mpsc::UnboundedSender<Notice>) {
         let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
-        runtime.spawn(listen(self.config.clone(), self.channel.clone(), to));
+        runtime.spawn(listen(
+            self.config.clone(),
+            self.tls.clone(),
+            self.channel.clone(),
+            to,
+        ));
     }
 }
 
@@ -1184,39 +1251,58 @@ impl Cluster for PgDb {
 /// nobody takes the notices any more.
 async fn listen(
     config: tokio_postgres::Config,
+    tls: TlsMode,
     channel: String,
     to: tokio::sync::mpsc::UnboundedSender<Notice>,
 ) {
-    use futures_util::StreamExt;
     while !to.is_closed() {
-        if let Ok((client, mut connection)) = config.connect(NoTls).await {
-            let forward = to.clone();
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            let reading = tokio::spawn(async move {
-                while let Some(Ok(message)) = messages.next().await {
-                    if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                        if let Some(notice) = notice_of(n.payload()) {
-                            if forward.send(notice).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-            if client
-                .batch_execute(&format!("LISTEN {channel}"))
-                .await
-                .is_ok()
-            {
-                let _ = to.send(Notice::Listening);
-                tracing::info!("listening to the database's notifications");
-            }
-            let _ = reading.await;
-            drop(client);
-            tracing::warn!("the database's notification connection broke; making it again");
+        match tls.connector() {
+            Ok(Some(connector)) => listen_once(&config, connector, &channel, &to).await,
+            Ok(None) => listen_once(&config, NoTls, &channel, &to).await,
+            Err(e) => tracing::error!(error = %e, "cannot listen to the database's notifications"),
         }
         tokio::time::sleep(LISTEN_RETRY).await;
     }
+}
+
+/// One listening connection, until it breaks.
+async fn listen_once<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    channel: &str,
+    to: &tokio::sync::mpsc::UnboundedSender<Notice>,
+) where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    use futures_util::StreamExt;
+    let Ok((client, mut connection)) = config.connect(tls).await else {
+        return;
+    };
+    let forward = to.clone();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let reading = tokio::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                if let Some(notice) = notice_of(n.payload()) {
+                    if forward.send(notice).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    if client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .is_ok()
+    {
+        let _ = to.send(Notice::Listening);
+        tracing::info!("listening to the database's notifications");
+    }
+    let _ = reading.await;
+    drop(client);
+    tracing::warn!("the database's notification connection broke; making it again");
 }
 
 fn notice_of(payload: &str) -> Option<Notice> {
@@ -1254,11 +1340,43 @@ mod tests {
         );
         assert!(parse_url("postgres://jr@db:5432/jobs").is_ok());
         assert!(parse_url("postgresql://jr@db/jobs?sslmode=disable").is_ok());
-        let why = parse_url("postgres://jr:s3cret@db/jobs?sslmode=require")
+        let why = parse_url("postgres://jr:s3cret@db/jobs?sslmode=allow")
             .unwrap_err()
             .to_string();
-        assert!(why.contains("sslmode=require is not supported"), "{why}");
+        assert!(why.contains("sslmode=allow is not supported"), "{why}");
         assert!(!why.contains("s3cret"), "{why}");
+        let why = parse_url("postgres://jr@db/jobs?sslcert=/c.pem&sslkey=/k.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("sslcert is not supported"), "{why}");
+        // The TLS keys are read here, the others reach the driver as written.
+        let (config, tls) = parse_url_with_tls(
+            "postgres://jr@db/jobs?sslmode=verify-full&options=-c%20search_path%3Dx\
+             &sslrootcert=/etc/ca%20file.pem&application_name=a",
+        )
+        .unwrap();
+        assert_eq!(
+            tls,
+            TlsMode::VerifyFull(tls::Roots::File("/etc/ca file.pem".into()))
+        );
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        assert_eq!(config.get_options(), Some("-c search_path=x"));
+        assert_eq!(config.get_application_name(), Some("a"));
+        let (config, tls) = parse_url_with_tls("postgres://jr@db/jobs?sslmode=require").unwrap();
+        assert_eq!(tls, TlsMode::Unverified);
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        let (config, tls) = parse_url_with_tls("postgres://jr@db/jobs").unwrap();
+        assert_eq!(tls, TlsMode::Off);
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
         let why = parse_url("mysql://jr@db/jobs").unwrap_err().to_string();
         assert!(why.contains("not a PostgreSQL URL"), "{why}");
         let why = parse_url("postgres://jr@db:port/jobs")
