@@ -22,61 +22,7 @@ const LONG: Duration = Duration::from_secs(240);
 /// `--leader-timeout` of the tests' servers, in seconds.
 const LEADER_TIMEOUT: &str = "1.5";
 
-/// A schema of its own on a PostgreSQL server, dropped at the end.
-struct Schema {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-async fn admin(url: &str, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach the test server {url}: {e}"));
-    let connection = tokio::spawn(connection);
-    client.batch_execute(sql).await.unwrap();
-    drop(client);
-    let _ = connection.await;
-}
-
-fn test_server_url() -> Option<String> {
-    let url = std::env::var("JOBRELAY_TEST_POSTGRES")
-        .ok()
-        .filter(|u| !u.is_empty());
-    if url.is_none() {
-        println!(
-            "skipped: JOBRELAY_TEST_POSTGRES is not set (a postgres:// URL, e.g. the one \
-             ../shared/postgres/start-postgres.sh prints)"
-        );
-    }
-    url
-}
-
-impl Schema {
-    async fn on(admin_url: &str) -> Schema {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let name = format!("cluster_{}_{nanos}", std::process::id());
-        admin(admin_url, &format!("CREATE SCHEMA {name}")).await;
-        let glue = if admin_url.contains('?') { '&' } else { '?' };
-        let url = format!("{admin_url}{glue}options=-c%20search_path%3D{name}");
-        Schema {
-            admin: admin_url.to_owned(),
-            name,
-            url,
-        }
-    }
-
-    async fn drop_it(self) {
-        admin(
-            &self.admin,
-            &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
-        )
-        .await;
-    }
-}
+use support::db::{postgres_url as test_server_url, Schema};
 
 /// The job of the tests: logs its run, holds a marker of its user's active runs while it
 /// sleeps, then writes its name as its result.
@@ -242,10 +188,9 @@ async fn kill_leaders_during_a_run(
     leader_kills: usize,
     seconds: f64,
 ) {
-    let Some(admin_url) = test_server_url() else {
+    let Some(schema) = Schema::new().await else {
         return;
     };
-    let schema = Schema::on(&admin_url).await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let client = start_client(root, "client", &["--slots", "8"]);
@@ -351,7 +296,7 @@ async fn kill_leaders_during_a_run(
     );
     drop(cluster);
     drop(client);
-    schema.drop_it().await;
+    drop(schema);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,10 +319,9 @@ async fn five_hundred_jobs_of_ten_users_survive_three_leader_kills() {
 /// woken (SIGCONT), the old leader's late writes are refused, it stands by, no job ran twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_stopped_past_its_lease_changes_nothing_when_it_wakes() {
-    let Some(admin_url) = test_server_url() else {
+    let Some(schema) = Schema::new().await else {
         return;
     };
-    let schema = Schema::on(&admin_url).await;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let client = start_client(root, "client", &["--slots", "4"]);
@@ -428,7 +372,7 @@ async fn a_leader_stopped_past_its_lease_changes_nothing_when_it_wakes() {
     assert_eq!(h["lease_epoch"], new_epoch);
     drop(cluster);
     drop(client);
-    schema.drop_it().await;
+    drop(schema);
 }
 
 /// A PostgreSQL server of this test's own (`../shared/postgres`), stopped and started.
@@ -441,8 +385,8 @@ struct OwnPostgres {
 impl OwnPostgres {
     fn start() -> Option<OwnPostgres> {
         // The team's shared/ beside the repository (as .ci/run has it), or where
-        // JOBRELAY_TEST_SHARED says (a worktree elsewhere).
-        let shared = std::env::var_os("JOBRELAY_TEST_SHARED")
+        // JOBRELAY_SHARED says (a worktree elsewhere).
+        let shared = std::env::var_os("JOBRELAY_SHARED")
             .map(PathBuf::from)
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
         let scripts = shared.join("postgres");
