@@ -47,17 +47,17 @@ pub struct Term {
 impl Term {
     /// Stops the loops of the term and its per-job tasks, and forgets its scheduler.
     pub async fn end(self, shared: &Shared) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        drop(self);
         shared.loops.retire(LEADER_LOOPS);
         shared.job_tasks.end_term().await;
         shared.lifecycle.stand_by();
         crate::lock(&shared.in_flight).clear();
     }
+}
 
-    /// Aborts its loops (the server stops; [`shared::JobTasks::stop`] ends the rest).
-    pub fn abort(&self) {
+impl Drop for Term {
+    /// Its loops stop with it, however it ends (a server stopping drops it).
+    fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
         }

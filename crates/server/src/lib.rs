@@ -99,9 +99,8 @@ impl RunningServer {
         for task in self.tasks {
             task.abort();
         }
-        if let Some((term, _)) = lock(&self.term).take() {
-            term.abort();
-        }
+        // Its loops stop with it.
+        drop(lock(&self.term).take());
         self.shared.job_tasks.stop().await;
     }
 
@@ -115,7 +114,7 @@ impl RunningServer {
         }
         let term = lock(&self.term).take();
         if let Some((term, epoch)) = term {
-            term.abort();
+            drop(term);
             self.shared.job_tasks.stop().await;
             // Given back, so a standby takes over at once rather than after the timeout.
             let shared = self.shared.clone();
