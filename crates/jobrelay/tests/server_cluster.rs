@@ -370,6 +370,34 @@ async fn a_leader_stopped_past_its_lease_changes_nothing_when_it_wakes() {
     let h = cluster.health(&http, other).await.unwrap();
     assert_eq!(h["role"], "leader");
     assert_eq!(h["lease_epoch"], new_epoch);
+    // The dashboard's overview lists both servers, the leader first; /metrics says who leads.
+    let overview: serde_json::Value = http
+        .get(format!("{}/overview", cluster.servers[leader].url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let servers = overview["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{overview}");
+    assert_eq!(servers[0]["role"], "leader", "{overview}");
+    assert_eq!(servers[0]["name"], h["server"], "{overview}");
+    assert_eq!(servers[1]["this"], true, "{overview}");
+    let metrics = http
+        .get(format!("{}/metrics", cluster.servers[other].url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let leading = format!("jobrelay_server_leader{{server={}}} 1", h["server"]);
+    assert!(metrics.contains(&leading), "{metrics}");
+    assert!(
+        metrics.contains(&format!("jobrelay_server_lease_epoch {new_epoch}")),
+        "{metrics}"
+    );
     drop(cluster);
     drop(client);
     drop(schema);
