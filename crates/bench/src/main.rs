@@ -9,6 +9,7 @@
 
 mod measure;
 mod peers;
+mod postgres;
 mod procs;
 mod stats;
 
@@ -38,7 +39,7 @@ pub struct Args {
     /// Keep the processes' data and logs (under --work-dir, or printed) instead of removing them.
     #[arg(long)]
     pub keep: bool,
-    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients).
+    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients,postgres).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// How jobs are followed to their end: `auto` (the best the server offers),
@@ -72,6 +73,10 @@ pub struct Args {
     /// many minutes); default the throughput count, at most 500.
     #[arg(long)]
     pub reference_jobs: Option<usize>,
+    /// PostgreSQL to measure against SQLite (`--only postgres`; also JOBRELAY_BENCH_POSTGRES):
+    /// a `postgres://` URL; the run makes a schema of its own there and drops it.
+    #[arg(long)]
+    pub postgres: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +101,12 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(measure::run_all(args.clone()));
-    let (rows, json) = result?;
+    let (mut rows, mut json) = result?;
+    if args.wants("postgres") {
+        let (pg_rows, pg_json) = runtime.block_on(postgres::run_for(&args))?;
+        rows.extend(pg_rows);
+        json["postgres"] = pg_json;
+    }
     std::fs::create_dir_all(&args.out)?;
     let table = stats::markdown(&rows);
     std::fs::write(args.out.join("results.md"), &table)?;

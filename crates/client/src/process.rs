@@ -130,9 +130,13 @@ impl Tracker {
                         .to_owned()
                 })
         };
+        // And run by the client's own user: a `--run-as` payload can exec this binary with
+        // the argument too, but only as its own user, so it cannot pose as a supervisor and
+        // keep a restarted client following a run that has ended.
         let ours = exe("self");
         pids.into_iter().any(|pid| {
             ours.is_some()
+                && runs_as_us(pid)
                 && exe(&pid.to_string()) == ours
                 && std::fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(supervisor::ARG.as_bytes()))
@@ -175,6 +179,14 @@ impl Tracker {
             }
         }
     }
+}
+
+/// Whether process `pid` runs with this process's effective user id (the owner of its
+/// `/proc` entry).
+fn runs_as_us(pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
+        .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw())
 }
 
 /// SIGKILL to every process carrying `marker`, again until a scan finds nobody (a process may
@@ -271,4 +283,30 @@ pub fn marked(marker: &str) -> Vec<i32> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_of_another_user_is_not_taken_for_ours() {
+        assert!(runs_as_us(std::process::id() as i32));
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: starting a process as nobody needs root");
+            return;
+        }
+        use std::os::unix::process::CommandExt;
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .expect("sleep as nobody");
+        let theirs = runs_as_us(other.id() as i32);
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(!theirs, "a process of nobody counted as the client's");
+        assert!(!runs_as_us(i32::MAX), "no such process");
+    }
 }
