@@ -19,8 +19,11 @@ use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(240);
-/// `--leader-timeout` of the tests' servers, in seconds.
-const LEADER_TIMEOUT: &str = "1.5";
+/// `--leader-timeout` of the tests' servers, in seconds: 1.5, or `JOBRELAY_TEST_LEADER_TIMEOUT`
+/// (to see the failover times of another timeout, the default 5 say).
+fn leader_timeout() -> String {
+    std::env::var("JOBRELAY_TEST_LEADER_TIMEOUT").unwrap_or_else(|_| "1.5".into())
+}
 
 use support::db::{postgres_url as test_server_url, Schema};
 
@@ -82,7 +85,7 @@ impl Servers {
                 TestServer::start(
                     root,
                     config,
-                    &["--db", db, "--leader-timeout", LEADER_TIMEOUT],
+                    &["--db", db, "--leader-timeout", &leader_timeout()],
                 )
             })
             .collect();
