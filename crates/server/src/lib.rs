@@ -244,6 +244,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config.max_attempts,
     );
     let clustered = store.cluster().is_some();
+    if let Some(cluster) = store.cluster() {
+        // A standby until the lease is taken: no job-state write of this server commits.
+        cluster.fence(0);
+    }
     if clustered {
         let config = config.clone();
         lifecycle = lifecycle.for_cluster(Box::new(move || schedule_of(&config).0));
