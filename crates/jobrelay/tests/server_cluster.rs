@@ -373,6 +373,17 @@ async fn a_leader_stopped_past_its_lease_changes_nothing_when_it_wakes() {
     let h = cluster.health(&http, other).await.unwrap();
     assert_eq!(h["role"], "leader");
     assert_eq!(h["lease_epoch"], new_epoch);
+    // A terminate asked of the standby reaches the leader: the running job is Killed.
+    let long = upload_spread(&http, &cluster, &[leader], "long", 1, 1, 300.0).await[0].0;
+    wait_status(&http, &cluster.servers[other].url, long, &["Running"], LONG).await;
+    let answer = http
+        .post(format!("{}/terminate/{long}", cluster.servers[leader].url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let killed: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(killed["status"], "Killed", "{killed}");
     // The dashboard's overview lists both servers, the leader first; /metrics says who leads.
     let overview: serde_json::Value = http
         .get(format!("{}/overview", cluster.servers[leader].url))
