@@ -1,6 +1,7 @@
 //! Trivial jobs on PostgreSQL against SQLite in the same run (issue 14): one server and one
-//! client per database, the same latency (one job at a time: upload, then `GET
-//! /download/{id}?wait=` until the ZIP) and throughput (jobs from 16 users at once) on each,
+//! client per database, both up at once and measured in turns, the same latency (one job at a
+//! time: upload, then `GET /download/{id}?wait=` until the ZIP) and throughput (jobs from 16
+//! users at once) on each,
 //! and where PostgreSQL's extra cost per job goes: the server's CPU, the PostgreSQL backends'
 //! CPU (read from `/proc` of the backends serving the server, on this machine) and the
 //! transactions committed per job (`pg_stat_database`). Needs a PostgreSQL URL (`--postgres`,
@@ -108,20 +109,11 @@ pub async fn run(
         .pool_max_idle_per_host(64)
         .tcp_nodelay(true)
         .build()?;
-    let sqlite = measure(
+    let measured = measure_both(
         binary,
-        &root.join("pg-sqlite"),
+        root,
         &http,
-        None,
-        latency_jobs,
-        throughput_jobs,
-    )
-    .await;
-    let postgres = measure(
-        binary,
-        &root.join("pg-postgres"),
-        &http,
-        Some((&server_url, &admin)),
+        (&server_url, &admin),
         latency_jobs,
         throughput_jobs,
     )
@@ -129,7 +121,7 @@ pub async fn run(
     admin
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .await?;
-    let (sqlite, postgres) = (sqlite?, postgres?);
+    let (sqlite, postgres) = measured?;
     let mut rows = Vec::new();
     let row = |what: String, value: String, spread: String, base: String, ratio: String| Row {
         section: "PG".into(),
@@ -156,7 +148,7 @@ pub async fn run(
         ),
     ));
     rows.push(row(
-        format!("throughput, {throughput_jobs} trivial jobs from {USERS} users, PostgreSQL (floor: SQLite)"),
+        format!("throughput, {throughput_jobs} trivial jobs from {USERS} users, PostgreSQL (median of {RUNS} runs; floor: SQLite)"),
         format!("{:.0} jobs/s", postgres.jobs_per_s),
         String::new(),
         format!("{:.0} jobs/s", sqlite.jobs_per_s),
@@ -205,113 +197,153 @@ pub async fn run(
     ))
 }
 
-/// One server (on SQLite, or on `postgres` = (server URL, admin connection)) and one client
-/// with 8 slots: the latency of `latency_jobs` jobs one at a time, then the throughput of
-/// `throughput_jobs` jobs.
-async fn measure(
+/// A server (on SQLite, or on PostgreSQL) with its own client of 8 slots.
+struct Side {
+    server: Proc,
+    _client: Proc,
+    base: String,
+}
+
+impl Side {
+    fn start(binary: &Path, dir: &Path, db: Option<&str>) -> anyhow::Result<Side> {
+        std::fs::create_dir_all(dir)?;
+        let client_args: Vec<String> = ["client", "--port", "0", "--slots", "8", "--data-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([dir.join("client").display().to_string()])
+            .collect();
+        let client = Proc::start(binary, &client_args, &dir.join("client.log"), "client")?;
+        let config = dir.join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[services.bench]\nclients = [{:?}]\nruns_per_user = 8\nmax_runs = 8\n",
+                client.url
+            ),
+        )?;
+        let mut server_args: Vec<String> = vec![
+            "server".into(),
+            "--port".into(),
+            "0".into(),
+            "--data-dir".into(),
+            dir.join("server").display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        if let Some(url) = db {
+            server_args.extend(["--db".into(), url.to_owned()]);
+        }
+        let server = Proc::start(binary, &server_args, &dir.join("server.log"), "server")?;
+        Ok(Side {
+            base: server.url.clone(),
+            server,
+            _client: client,
+        })
+    }
+
+    /// `jobs` trivial jobs from 16 users at once: (jobs per second, server CPU seconds).
+    async fn throughput(&self, http: &reqwest::Client, jobs: usize) -> anyhow::Result<(f64, f64)> {
+        let cpu = cpu_seconds(self.server.pid)?;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for u in 0..USERS {
+            let (http, base) = (http.clone(), self.base.clone());
+            let share = jobs / USERS as usize + usize::from((u as usize) < jobs % USERS as usize);
+            tasks.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..share {
+                    ids.push(upload(&http, &base, 1 + u).await?);
+                }
+                for id in ids {
+                    follow(&http, &base, id).await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok((jobs as f64 / elapsed, cpu_seconds(self.server.pid)? - cpu))
+    }
+}
+
+/// Throughput runs per database, alternating (the median is kept).
+const RUNS: usize = 3;
+
+/// Both servers at once, measured in turns so that the machine's drift falls on both alike:
+/// latency samples alternate SQLite, PostgreSQL, one job at a time; then throughput runs
+/// alternate the same way. On PostgreSQL also the backends' CPU (by pid, from `/proc`) and
+/// the transactions committed over its throughput runs.
+async fn measure_both(
     binary: &Path,
-    dir: &Path,
+    root: &Path,
     http: &reqwest::Client,
-    postgres: Option<(&str, &tokio_postgres::Client)>,
+    (url, admin): (&str, &tokio_postgres::Client),
     latency_jobs: usize,
     throughput_jobs: usize,
-) -> anyhow::Result<Figures> {
-    std::fs::create_dir_all(dir)?;
-    let client_args: Vec<String> = ["client", "--port", "0", "--slots", "8", "--data-dir"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([dir.join("client").display().to_string()])
-        .collect();
-    let client = Proc::start(binary, &client_args, &dir.join("client.log"), "client")?;
-    let config = dir.join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[services.bench]\nclients = [{:?}]\nruns_per_user = 8\nmax_runs = 8\n",
-            client.url
-        ),
-    )?;
-    let mut server_args: Vec<String> = vec![
-        "server".into(),
-        "--port".into(),
-        "0".into(),
-        "--data-dir".into(),
-        dir.join("server").display().to_string(),
-        "--config".into(),
-        config.display().to_string(),
-    ];
-    if let Some((url, _)) = postgres {
-        server_args.extend(["--db".into(), url.to_owned()]);
+) -> anyhow::Result<(Figures, Figures)> {
+    let sqlite = Side::start(binary, &root.join("pg-sqlite"), None)?;
+    let postgres = Side::start(binary, &root.join("pg-postgres"), Some(url))?;
+    let sides = [&sqlite, &postgres];
+    // Warm up: connections made, clients probed.
+    for side in sides {
+        for _ in 0..5 {
+            round_trip(http, &side.base, 1).await?;
+        }
     }
-    let server = Proc::start(binary, &server_args, &dir.join("server.log"), "server")?;
-    let base = server.url.clone();
-    // Warm up: connections made, the client probed.
-    for _ in 0..5 {
-        round_trip(http, &base, 1).await?;
-    }
-    let mut samples = Vec::with_capacity(latency_jobs);
+    let mut latency: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for n in 0..latency_jobs {
-        let started = Instant::now();
-        round_trip(http, &base, 1 + (n as i64 % USERS)).await?;
-        samples.push(started.elapsed().as_secs_f64());
+        for (i, side) in sides.iter().enumerate() {
+            let started = Instant::now();
+            round_trip(http, &side.base, 1 + (n as i64 % USERS)).await?;
+            latency[i].push(started.elapsed().as_secs_f64());
+        }
     }
-    let latency = Summary::of(&samples);
+    let backends_before = backend_cpu(admin).await?;
+    let commits_before = commits(admin).await?;
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut cpu: [f64; 2] = [0.0, 0.0];
+    let mut pg_elapsed_jobs = 0usize;
+    for _ in 0..RUNS {
+        for (i, side) in sides.iter().enumerate() {
+            let (rate, seconds) = side.throughput(http, throughput_jobs).await?;
+            rates[i].push(rate);
+            cpu[i] += seconds;
+            if i == 1 {
+                pg_elapsed_jobs += throughput_jobs;
+            }
+        }
+    }
+    let backends_after = backend_cpu(admin).await?;
+    let commits_after = commits(admin).await?;
+    // Every backend of the server's pool: CPU since the first look, or since it was opened.
+    let backend_seconds: f64 = backends_after
+        .iter()
+        .map(|(pid, after)| after - backends_before.get(pid).copied().unwrap_or(0.0))
+        .sum();
+    let jobs = (throughput_jobs * RUNS).max(1) as f64;
+    let median = |v: &[f64]| Summary::of(v).p50;
+    let figures = |i: usize, pg: bool| Figures {
+        latency: Summary::of(&latency[i]),
+        jobs_per_s: median(&rates[i]),
+        server_cpu_per_job: cpu[i] / jobs,
+        backend_cpu_per_job: pg.then(|| backend_seconds / pg_elapsed_jobs.max(1) as f64),
+        commits_per_job: pg
+            .then(|| (commits_after - commits_before) as f64 / pg_elapsed_jobs.max(1) as f64),
+    };
+    Ok((figures(0, false), figures(1, true)))
+}
 
-    let backends = match postgres {
-        Some((_, admin)) => Some(backend_pids(admin).await?),
-        None => None,
-    };
-    let backend_cpu = |pids: &[u32]| {
-        pids.iter()
-            .filter_map(|p| cpu_seconds(*p).ok())
-            .sum::<f64>()
-    };
-    let backend_before = backends.as_deref().map(backend_cpu);
-    let commits_before = match postgres {
-        Some((_, admin)) => Some(commits(admin).await?),
-        None => None,
-    };
-    let server_cpu = cpu_seconds(server.pid)?;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for u in 0..USERS {
-        let (http, base) = (http.clone(), base.clone());
-        let share = throughput_jobs / USERS as usize
-            + usize::from((u as usize) < throughput_jobs % USERS as usize);
-        tasks.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for _ in 0..share {
-                ids.push(upload(&http, &base, 1 + u).await?);
-            }
-            for id in ids {
-                follow(&http, &base, id).await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let server_cpu_after = cpu_seconds(server.pid)?;
-    let jobs = throughput_jobs.max(1) as f64;
-    let backend_cpu_per_job = match (&backends, backend_before) {
-        (Some(pids), Some(before)) => Some((backend_cpu(pids) - before) / jobs),
-        _ => None,
-    };
-    let commits_per_job = match (postgres, commits_before) {
-        (Some((_, admin)), Some(before)) => Some((commits(admin).await? - before) as f64 / jobs),
-        _ => None,
-    };
-    drop(server);
-    drop(client);
-    Ok(Figures {
-        latency,
-        jobs_per_s: throughput_jobs as f64 / elapsed,
-        server_cpu_per_job: (server_cpu_after - server_cpu) / jobs,
-        backend_cpu_per_job,
-        commits_per_job,
-    })
+/// CPU seconds so far of each PostgreSQL backend serving a jobrelay server, by pid.
+async fn backend_cpu(
+    admin: &tokio_postgres::Client,
+) -> anyhow::Result<std::collections::HashMap<u32, f64>> {
+    Ok(backend_pids(admin)
+        .await?
+        .into_iter()
+        .filter_map(|pid| cpu_seconds(pid).ok().map(|cpu| (pid, cpu)))
+        .collect())
 }
 
 /// The pids of the PostgreSQL backends serving a jobrelay server (its pool's connections).
