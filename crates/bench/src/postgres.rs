@@ -5,8 +5,8 @@
 //! and where PostgreSQL's extra cost per job goes: the server's CPU, the PostgreSQL backends'
 //! CPU (read from `/proc` of the backends serving the server, on this machine) and the
 //! transactions committed per job (`pg_stat_database`). Needs a PostgreSQL URL (`--postgres`,
-//! else `JOBRELAY_BENCH_POSTGRES` or `JOBRELAY_TEST_POSTGRES`); the run makes a schema of
-//! its own there and drops it. Without one the figures are skipped, with the reason.
+//! else `JOBRELAY_BENCH_POSTGRES` or `JOBRELAY_TEST_POSTGRES`); the run makes a database of
+//! its own there (so its statistics are its own) and drops it. Without one the figures are skipped, with the reason.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,6 +50,7 @@ struct Figures {
     server_cpu_per_job: f64,
     backend_cpu_per_job: Option<f64>,
     commits_per_job: Option<f64>,
+    rows_per_job: Option<f64>,
 }
 
 /// [`run`] with the harness's arguments: its binary, a scratch directory of its own, its
@@ -96,14 +97,18 @@ pub async fn run(
         }
     };
     let admin = connect(&url).await?;
-    let schema = format!("bench_{}", std::process::id());
+    // A database of its own: its statistics (pg_stat_database) and backends are the run's
+    // alone, whatever else uses the same PostgreSQL server.
+    let database = format!("jobrelay_bench_{}", std::process::id());
     admin
-        .batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .await?;
-    let glue = if url.contains('?') { '&' } else { '?' };
-    let server_url = format!("{url}{glue}options=-c%20search_path%3D{schema}");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await?;
+    let mut server_url = reqwest::Url::parse(&url).context("the PostgreSQL URL")?;
+    server_url.set_path(&format!("/{database}"));
+    let server_url = server_url.to_string();
     let http = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(64)
@@ -113,13 +118,13 @@ pub async fn run(
         binary,
         root,
         &http,
-        (&server_url, &admin),
+        (&server_url, &admin, &database),
         latency_jobs,
         throughput_jobs,
     )
     .await;
     admin
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .await?;
     let (sqlite, postgres) = measured?;
     let mut rows = Vec::new();
@@ -173,6 +178,15 @@ pub async fn run(
             String::new(),
         ));
     }
+    if let Some(written) = postgres.rows_per_job {
+        rows.push(row(
+            "rows written (inserted, updated, deleted) per job on PostgreSQL".into(),
+            format!("{written:.1}"),
+            String::new(),
+            "—".into(),
+            String::new(),
+        ));
+    }
     if let Some(commits) = postgres.commits_per_job {
         rows.push(row(
             "transactions committed per job on PostgreSQL (throughput run)".into(),
@@ -189,6 +203,7 @@ pub async fn run(
             "server_cpu_s_per_job": f.server_cpu_per_job,
             "backend_cpu_s_per_job": f.backend_cpu_per_job,
             "commits_per_job": f.commits_per_job,
+            "rows_written_per_job": f.rows_per_job,
         })
     };
     Ok((
@@ -279,7 +294,7 @@ async fn measure_both(
     binary: &Path,
     root: &Path,
     http: &reqwest::Client,
-    (url, admin): (&str, &tokio_postgres::Client),
+    (url, admin, database): (&str, &tokio_postgres::Client, &str),
     latency_jobs: usize,
     throughput_jobs: usize,
 ) -> anyhow::Result<(Figures, Figures)> {
@@ -300,8 +315,8 @@ async fn measure_both(
             latency[i].push(started.elapsed().as_secs_f64());
         }
     }
-    let backends_before = backend_cpu(admin).await?;
-    let commits_before = commits(admin).await?;
+    let backends_before = backend_cpu(admin, database).await?;
+    let commits_before = commits(admin, database).await?;
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut cpu: [f64; 2] = [0.0, 0.0];
     let mut pg_elapsed_jobs = 0usize;
@@ -315,8 +330,8 @@ async fn measure_both(
             }
         }
     }
-    let backends_after = backend_cpu(admin).await?;
-    let commits_after = commits(admin).await?;
+    let backends_after = backend_cpu(admin, database).await?;
+    let commits_after = commits(admin, database).await?;
     // Every backend of the server's pool: CPU since the first look, or since it was opened.
     let backend_seconds: f64 = backends_after
         .iter()
@@ -330,47 +345,48 @@ async fn measure_both(
         server_cpu_per_job: cpu[i] / jobs,
         backend_cpu_per_job: pg.then(|| backend_seconds / pg_elapsed_jobs.max(1) as f64),
         commits_per_job: pg
-            .then(|| (commits_after - commits_before) as f64 / pg_elapsed_jobs.max(1) as f64),
+            .then(|| (commits_after.0 - commits_before.0) as f64 / pg_elapsed_jobs.max(1) as f64),
+        rows_per_job: pg
+            .then(|| (commits_after.1 - commits_before.1) as f64 / pg_elapsed_jobs.max(1) as f64),
     };
     Ok((figures(0, false), figures(1, true)))
 }
 
-/// CPU seconds so far of each PostgreSQL backend serving a jobrelay server, by pid.
+/// CPU seconds so far of each PostgreSQL backend serving a jobrelay server in `database`,
+/// by pid.
 async fn backend_cpu(
     admin: &tokio_postgres::Client,
+    database: &str,
 ) -> anyhow::Result<std::collections::HashMap<u32, f64>> {
-    Ok(backend_pids(admin)
-        .await?
-        .into_iter()
+    let rows = admin
+        .query(
+            "SELECT pid FROM pg_stat_activity
+             WHERE application_name = 'jobrelay' AND datname = $1",
+            &[&database],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, i32>(0) as u32)
         .filter_map(|pid| cpu_seconds(pid).ok().map(|cpu| (pid, cpu)))
         .collect())
 }
 
-/// The pids of the PostgreSQL backends serving a jobrelay server (its pool's connections).
-async fn backend_pids(admin: &tokio_postgres::Client) -> anyhow::Result<Vec<u32>> {
-    let rows = admin
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'jobrelay'",
-            &[],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
-}
-
-/// Transactions committed in the database so far (all its sessions; the run is alone there
-/// but for this admin connection's own few).
-async fn commits(admin: &tokio_postgres::Client) -> anyhow::Result<i64> {
+/// Transactions committed in `database` so far, and rows written (inserted, updated,
+/// deleted): the run is alone there.
+async fn commits(admin: &tokio_postgres::Client, database: &str) -> anyhow::Result<(i64, i64)> {
     // Statistics are a snapshot per transaction: a fresh one each time.
     admin
         .batch_execute("SELECT pg_stat_clear_snapshot()")
         .await?;
     let row = admin
         .query_one(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-            &[],
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted
+             FROM pg_stat_database WHERE datname = $1",
+            &[&database],
         )
         .await?;
-    Ok(row.get(0))
+    Ok((row.get(0), row.get(1)))
 }
 
 async fn upload(http: &reqwest::Client, base: &str, user: i64) -> anyhow::Result<i64> {
