@@ -60,13 +60,18 @@ pub async fn run_for(args: &crate::Args) -> anyhow::Result<(Vec<Row>, Value)> {
     let scratch = tempfile::Builder::new()
         .prefix("jobrelay-bench-pg-")
         .tempdir()?;
-    let (latency, throughput) = if args.quick { (20, 100) } else { (200, 2_000) };
+    let (latency, throughput, runs) = if args.quick {
+        (20, 100, 1)
+    } else {
+        (200, 2_000, 3)
+    };
     run(
         &binary,
         scratch.path(),
         args.postgres.as_deref(),
         args.latency_jobs.unwrap_or(latency),
         args.throughput_jobs.unwrap_or(throughput),
+        args.runs.unwrap_or(runs).max(1),
     )
     .await
 }
@@ -78,6 +83,7 @@ pub async fn run(
     given: Option<&str>,
     latency_jobs: usize,
     throughput_jobs: usize,
+    runs: usize,
 ) -> anyhow::Result<(Vec<Row>, Value)> {
     let url = match url(given) {
         Ok(url) => url,
@@ -121,6 +127,7 @@ pub async fn run(
         (&server_url, &admin, &database),
         latency_jobs,
         throughput_jobs,
+        runs,
     )
     .await;
     admin
@@ -153,7 +160,7 @@ pub async fn run(
         ),
     ));
     rows.push(row(
-        format!("throughput, {throughput_jobs} trivial jobs from {USERS} users, PostgreSQL (median of {RUNS} runs; floor: SQLite)"),
+        format!("throughput, {throughput_jobs} trivial jobs from {USERS} users, PostgreSQL (median of {runs} runs; floor: SQLite)"),
         format!("{:.0} jobs/s", postgres.jobs_per_s),
         String::new(),
         format!("{:.0} jobs/s", sqlite.jobs_per_s),
@@ -283,9 +290,6 @@ impl Side {
     }
 }
 
-/// Throughput runs per database, alternating (the median is kept).
-const RUNS: usize = 3;
-
 /// Both servers at once, measured in turns so that the machine's drift falls on both alike:
 /// latency samples alternate SQLite, PostgreSQL, one job at a time; then throughput runs
 /// alternate the same way. On PostgreSQL also the backends' CPU (by pid, from `/proc`) and
@@ -297,6 +301,7 @@ async fn measure_both(
     (url, admin, database): (&str, &tokio_postgres::Client, &str),
     latency_jobs: usize,
     throughput_jobs: usize,
+    runs: usize,
 ) -> anyhow::Result<(Figures, Figures)> {
     let sqlite = Side::start(binary, &root.join("pg-sqlite"), None)?;
     let postgres = Side::start(binary, &root.join("pg-postgres"), Some(url))?;
@@ -320,7 +325,7 @@ async fn measure_both(
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut cpu: [f64; 2] = [0.0, 0.0];
     let mut pg_elapsed_jobs = 0usize;
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         for (i, side) in sides.iter().enumerate() {
             let (rate, seconds) = side.throughput(http, throughput_jobs).await?;
             rates[i].push(rate);
@@ -337,7 +342,7 @@ async fn measure_both(
         .iter()
         .map(|(pid, after)| after - backends_before.get(pid).copied().unwrap_or(0.0))
         .sum();
-    let jobs = (throughput_jobs * RUNS).max(1) as f64;
+    let jobs = (throughput_jobs * runs).max(1) as f64;
     let median = |v: &[f64]| Summary::of(v).p50;
     let figures = |i: usize, pg: bool| Figures {
         latency: Summary::of(&latency[i]),
