@@ -8,6 +8,7 @@
 //! runs (small counts, a few seconds).
 
 mod measure;
+mod peers;
 mod postgres;
 mod procs;
 mod stats;
@@ -59,8 +60,22 @@ pub struct Args {
     /// Runs of the throughput and many-clients measurements (median over them).
     #[arg(long)]
     pub runs: Option<usize>,
+    /// Peers run in the throughput scenario, in the same run as jobrelay and its floor:
+    /// `hyperqueue` (HyperQueue from PyPI in a virtualenv of the cache directory, made if
+    /// missing) or `reference=PATH` (a job-orchestrator binary). Repeatable; a peer that
+    /// cannot run is skipped with the reason printed.
+    #[arg(long, value_parser = peers::Peer::parse)]
+    pub peer: Vec<peers::Peer>,
+    /// The peers' cache directory (default: $XDG_CACHE_HOME/jobrelay-bench or ~/.cache/jobrelay-bench).
+    #[arg(long)]
+    pub peer_cache: Option<PathBuf>,
+    /// Jobs per run for the reference peer (it ticks every 500 ms: the full count would take
+    /// many minutes); default the throughput count, at most 500.
+    #[arg(long)]
+    pub reference_jobs: Option<usize>,
     /// PostgreSQL to measure against SQLite (`--only postgres`; also JOBRELAY_BENCH_POSTGRES):
-    /// a `postgres://` URL; the run makes a schema of its own there and drops it.
+    /// a `postgres://` URL of a role that may create databases; the run makes one of its own
+    /// there and drops it.
     #[arg(long)]
     pub postgres: Option<String>,
 }

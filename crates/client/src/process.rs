@@ -2,7 +2,6 @@
 //! stopping the whole group (SIGTERM, then SIGKILL after a grace period), and [`Tracker`],
 //! which reaches every process of a payload, also those that left the group.
 
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -63,30 +62,13 @@ pub fn spawn_run_script(
     };
     let spec = serde_json::to_string(&spec).map_err(std::io::Error::other)?;
     // /proc/self/exe: this very binary, even if a newer one replaced it on disk.
+    // No `pre_exec`, uid or gid here: std then starts it with posix_spawn (vfork), which
+    // neither copies this multi-threaded client's page tables nor makes it fault on each page
+    // it writes afterwards (copy-on-write), as a fork did: about 480 page faults per payload
+    // in the client (BENCHMARKS.md). The supervisor joins the payload's cgroup as its first
+    // step, before it starts anything; until then a restarted client finds it by its
+    // environment marker (`Tracker::supervisor_alive`).
     let mut command = tokio::process::Command::new("/proc/self/exe");
-    if let Some(leaf) = cgroup {
-        // Into the payload's cgroup between fork and exec, so that a client killed at any
-        // moment after the fork leaves nothing of the payload outside it (the supervisor
-        // joins again, which changes nothing).
-        let procs = std::ffi::CString::new(leaf.join("cgroup.procs").into_os_string().into_vec())
-            .map_err(std::io::Error::other)?;
-        // SAFETY: open, write and close are async-signal-safe; nothing allocates (the path
-        // was built before the fork, the error is read from errno).
-        unsafe {
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
     command
         .arg(supervisor::ARG)
         .arg(spec)
@@ -126,7 +108,14 @@ impl Tracker {
     /// to follow: processes left without it are leftovers).
     pub fn supervisor_alive(&self) -> bool {
         let pids = match self {
-            Tracker::Cgroup(leaf, _) => cgroup::pids(leaf),
+            // Its own first step joins the leaf: until then it carries only the marker.
+            Tracker::Cgroup(leaf, marker) => {
+                let mut pids = cgroup::pids(leaf);
+                if pids.is_empty() {
+                    pids = marked(marker);
+                }
+                pids
+            }
             Tracker::Marker(marker) => marked(marker),
         };
         // This very binary with the supervisor's argument: a script named like the argument

@@ -16,10 +16,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "job_resources",
         include_str!("migrations/0002_job_resources.sql"),
     ),
+    (3, "cluster", include_str!("migrations/0003_cluster.sql")),
     (
-        3,
+        4,
         "usage_and_rates",
-        include_str!("migrations/0003_usage_and_rates.sql"),
+        include_str!("migrations/0004_usage_and_rates.sql"),
     ),
 ];
 
