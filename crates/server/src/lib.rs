@@ -37,6 +37,7 @@ pub mod effects;
 pub mod gateway;
 pub mod http;
 pub mod janitor;
+pub mod joined;
 pub mod lifecycle;
 pub mod probe;
 pub mod requests;
@@ -119,6 +120,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let results_dir = data_dir.join("results");
     let staging_dir = data_dir.join("staging");
     remove_dir_all_if_exists(&staging_dir)?;
+    joined::remove_leftovers(&data_dir);
     for dir in [&jobs_dir, &results_dir, &staging_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
@@ -225,8 +227,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config,
         store,
         lifecycle,
-        clients,
-        client_by_base,
+        clients: clients::Pool::new(clients),
         service_ids,
         loops: supervise::Loops::default(),
         check_requests: shared::CheckRequests::default(),
@@ -265,7 +266,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     // Each background loop is restarted if it panics (supervise), and /health names one
     // that is down or restarting too often.
     let loops = &shared.loops;
-    for client in &shared.clients {
+    for client in shared.clients.all() {
         let (s, c) = (shared.clone(), client.clone());
         tasks.push(loops.spawn("probe", Some(client.base()), move || {
             probe::run(s.clone(), c.clone())
@@ -410,7 +411,7 @@ fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
     }
     let recovered = shared
         .lifecycle
-        .recover_at_start(|base| shared.client_by_base.get(base).copied())?;
+        .recover_at_start(|base| shared.clients.id_of(base))?;
     let shared = shared.clone();
     let performing = shared.clone();
     shared

@@ -14,14 +14,14 @@ use utoipa::OpenApi;
 
 use crate::auth::Caller;
 use crate::http::error::{blocking, ApiError, ApiResult, JobAnswer};
-use crate::views::{self, ClientView, MinuteCount, Overview, ServiceUsage, UserUsage};
+use crate::views::{self, ClientView, JoinedView, MinuteCount, Overview, ServiceUsage, UserUsage};
 use crate::Shared;
 
 /// These routes' part of `/openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
     paths(health, ping, overview, clients, metrics),
-    components(schemas(Overview, ServiceUsage, UserUsage, MinuteCount, ClientView))
+    components(schemas(Overview, ServiceUsage, UserUsage, MinuteCount, ClientView, JoinedView))
 )]
 pub struct ObserveDoc;
 
