@@ -721,3 +721,44 @@ async fn a_link_cut_under_the_timeout_resumes_and_past_it_moves_the_job() {
     );
     drop(other);
 }
+
+#[tokio::test]
+async fn a_server_killed_and_restarted_mid_run_finds_its_joined_clients_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("pids")).unwrap();
+    let (config, token) = joinable_config(root);
+    let port = support::net::free_port().to_string();
+    let data = root.join("server");
+    let args = [
+        "server",
+        "--port",
+        &port,
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let mut server = Proc::start(&args, root);
+    let url = server.url.clone();
+    let http = http();
+    let log = root.join("runs.log");
+    let _client = pull_client(root, "client", &url, &token, &["--slots", "2"]);
+    wait_joined(&http, &url, 1).await;
+    let script = traced_script(root, &log, "across", 4);
+    let id = upload_job(&http, &url, 1, "example", &[("run.sh", script.as_bytes())]).await;
+    wait_status(&http, &url, id, &["Running"], LONG).await;
+    server.kill9();
+    let server = Proc::start(&args, root);
+    // A new HTTP client: the old one's pooled connections went with the killed server.
+    let http = support::http();
+    // The client joins again, its job is followed there and completes once.
+    let job = wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    assert_eq!(job["status"], "Completed");
+    let record = job_record(&http, &server.url, id).await;
+    assert_eq!(record["attempts"], 1, "{record}");
+    let runs = count_lines(&log);
+    assert_eq!(runs.get("start across"), Some(&1), "{runs:?}");
+    assert!(server.log().contains("waiting for it to join again"));
+    assert_eq!(wait_joined(&http, &server.url, 1).await.len(), 1);
+}

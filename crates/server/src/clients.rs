@@ -247,7 +247,7 @@ pub struct Joined {
     /// The client's data-directory identity (`node-id`), stable across its restarts.
     pub node: String,
     /// The services it serves.
-    pub services: Vec<String>,
+    pub services: Mutex<Vec<String>>,
     /// The credential it was given at registration, for its tunnels and its leave.
     pub credential: Secret,
     /// When it joined first (Unix ms).

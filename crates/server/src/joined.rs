@@ -156,6 +156,14 @@ pub async fn join(
         shared
             .lifecycle
             .client_joined(Some(client.id), &base, &services);
+        {
+            let mut known = crate::lock(&joined.services);
+            for name in &services {
+                if !known.contains(name) {
+                    known.push(name.clone());
+                }
+            }
+        }
         joined.heartbeat(from);
         joined
             .leaving
@@ -165,9 +173,31 @@ pub async fn join(
         return Ok(answer(&base, &joined.credential));
     }
 
-    let dir = shared.config.data_dir.join("joined");
+    let id = shared.clients.all().len();
+    let (client, listener) =
+        new_handle(&shared.config.data_dir, id, &request.node, &services, from)?;
+    let added = shared.lifecycle.client_joined(None, &base, &services);
+    debug_assert_eq!(added, id);
+    let client = Arc::new(client);
+    shared.clients.push(client.clone());
+    follow(shared, &client, listener);
+    tracing::info!(client = %base, from, services = ?services, version = ?request.version, "client joined");
+    let joined = client.joined.as_ref().expect("a joined client");
+    Ok(answer(&base, &joined.credential))
+}
+
+/// A joined client's handle, id `id`, with the socket its connections go to (listening).
+pub fn new_handle(
+    data_dir: &std::path::Path,
+    id: crate::scheduler::ClientId,
+    node: &str,
+    services: &[String],
+    from: &str,
+) -> Result<(ClientHandle, tokio::net::UnixListener), Refused> {
+    let base = crate::gateway::joined_base(node);
+    let dir = data_dir.join("joined");
     let socket = make_socket_dir(&dir)
-        .map(|()| dir.join(shared.clients.all().len().to_string()))
+        .map(|()| dir.join(id.to_string()))
         .map_err(|e| Refused::Failed(format!("cannot prepare {}: {e}", dir.display())))?;
     if socket.as_os_str().len() > 100 {
         return Err(Refused::Failed(format!(
@@ -184,23 +214,45 @@ pub async fn join(
         ClientEndpoint::from_base(&base).map_err(|e| Refused::Bad(format!("bad node id: {e}")))?;
     let credential =
         Secret::generate().map_err(|e| Refused::Failed(format!("no credential: {e}")))?;
+    let now = crate::store::now_ms();
     let joined = Joined {
-        node: request.node.clone(),
-        services: services.clone(),
+        node: node.to_owned(),
+        services: std::sync::Mutex::new(services.to_vec()),
         credential,
-        since_ms: crate::store::now_ms(),
+        since_ms: now,
         from: std::sync::Mutex::new(from.to_owned()),
-        last_heartbeat_ms: std::sync::atomic::AtomicI64::new(crate::store::now_ms()),
+        last_heartbeat_ms: std::sync::atomic::AtomicI64::new(now),
         leaving: std::sync::atomic::AtomicBool::new(false),
         tunnels: Tunnels::new(socket),
     };
-    let id = shared.lifecycle.client_joined(None, &base, &services);
-    let client = Arc::new(ClientHandle::joined(id, endpoint, http, joined));
-    shared.clients.push(client.clone());
-    follow(shared, &client, listener);
-    tracing::info!(client = %base, from, services = ?services, version = ?request.version, "client joined");
-    let joined = client.joined.as_ref().expect("a joined client");
-    Ok(answer(&base, &joined.credential))
+    Ok((ClientHandle::joined(id, endpoint, http, joined), listener))
+}
+
+/// The joined clients that active jobs were on when the server stopped, by base URL, with
+/// the services of those jobs: at start they are put back in the pool (unreachable until
+/// they offer tunnels again, with a new credential they get by joining again), so their
+/// jobs are followed there rather than given away as if their client were gone.
+pub fn known_from_jobs(
+    jobs: &[crate::store::Job],
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut known: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for job in jobs {
+        let Some(base) = &job.client else { continue };
+        if node_of(base).is_none() {
+            continue;
+        }
+        let services = known.entry(base.clone()).or_default();
+        if !services.contains(&job.service) {
+            services.push(job.service.clone());
+        }
+    }
+    known
+}
+
+/// The node id named by a joined client's base URL.
+pub fn node_of(base: &str) -> Option<&str> {
+    let node = base.strip_prefix("http://")?.strip_suffix(".joined")?;
+    check_node(node).ok().map(|()| node)
 }
 
 fn answer(base: &str, credential: &Secret) -> JoinAnswer {
@@ -257,7 +309,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Every connection the server's HTTP client opens to the client waits for a tunnel.
-async fn relay(client: Arc<ClientHandle>, listener: tokio::net::UnixListener) {
+pub async fn relay(client: Arc<ClientHandle>, listener: tokio::net::UnixListener) {
     let Some(joined) = &client.joined else {
         return;
     };

@@ -180,7 +180,29 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         service_ids.insert(name.clone(), sid);
     }
 
-    let clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // Joined clients that active jobs are on: back in the pool before those jobs are
+    // recovered, so they are followed there (the clients join again and go on).
+    let mut relays = Vec::new();
+    let active = store.in_states(&store::JobStatus::ACTIVE)?;
+    for (base, names) in joined::known_from_jobs(&active) {
+        let Some(node) = joined::node_of(&base) else {
+            continue;
+        };
+        let id = sched.add_client();
+        sched.set_client_label(id, base.clone());
+        for name in &names {
+            if let Some(&sid) = service_ids.get(name) {
+                sched.add_client_to_service(sid, id);
+            }
+        }
+        let (client, listener) = joined::new_handle(&data_dir, id, node, &names, "")
+            .map_err(|e| anyhow::anyhow!("cannot set up joined client {base}: {e:?}"))?;
+        let client = Arc::new(client);
+        tracing::info!(client = %base, "a joined client has active jobs: waiting for it to join again");
+        relays.push((client.clone(), listener));
+        clients.push(client);
+    }
     match &config.users {
         Some(users) => tracing::info!(
             users = users.len(),
@@ -275,6 +297,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         tasks.push(loops.spawn("collector", Some(client.base()), move || {
             collector::watch(s.clone(), c.clone())
         }));
+    }
+    for (client, listener) in relays {
+        shared.job_tasks.spawn(joined::relay(client, listener));
     }
     let s = shared.clone();
     tasks.push(loops.spawn("dispatcher", None, move || dispatcher::run(s.clone())));

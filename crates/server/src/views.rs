@@ -107,7 +107,7 @@ pub fn client_views(shared: &Shared) -> Vec<ClientView> {
             ClientView {
                 url: client.base().to_owned(),
                 services: match &client.joined {
-                    Some(joined) => joined.services.clone(),
+                    Some(joined) => crate::lock(&joined.services).clone(),
                     None => shared
                         .config
                         .services
