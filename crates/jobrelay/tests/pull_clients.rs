@@ -138,6 +138,16 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
         .as_str()
         .unwrap()
         .starts_with("127.0.0.1:"));
+    // `jobrelay clients` lists it.
+    let listed = std::process::Command::new(binary())
+        .args(["clients", "--server", &server.url, "--joined"])
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let node = std::fs::read_to_string(root.join("client/node-id")).unwrap();
+    assert!(listed.contains(node.trim()), "{listed}");
+    assert!(listed.contains("joined") && listed.contains("healthy"), "{listed}");
     // It dials out only: not one listening socket.
     let listening = listening_inodes();
     let held = socket_inodes(client.pid());
