@@ -147,7 +147,10 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
     let listed = String::from_utf8_lossy(&listed.stdout);
     let node = std::fs::read_to_string(root.join("client/node-id")).unwrap();
     assert!(listed.contains(node.trim()), "{listed}");
-    assert!(listed.contains("joined") && listed.contains("healthy"), "{listed}");
+    assert!(
+        listed.contains("joined") && listed.contains("healthy"),
+        "{listed}"
+    );
     // It dials out only: not one listening socket.
     let listening = listening_inodes();
     let held = socket_inodes(client.pid());
@@ -771,4 +774,72 @@ async fn a_server_killed_and_restarted_mid_run_finds_its_joined_clients_jobs() {
     assert_eq!(runs.get("start across"), Some(&1), "{runs:?}");
     assert!(server.log().contains("waiting for it to join again"));
     assert_eq!(wait_joined(&http, &server.url, 1).await.len(), 1);
+}
+
+/// CPU seconds (user + system) process `pid` used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name's closing parenthesis; utime and stime are 14th, 15th.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / CLOCK_TICKS
+}
+
+/// sysconf(_SC_CLK_TCK): 100 on every Linux we run on.
+const CLOCK_TICKS: f64 = 100.0;
+
+/// Resident memory (VmRSS) of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+#[ignore = "slow: 100 client processes, 30 s of measurement"]
+async fn a_hundred_idle_joined_clients_cost_the_server_little() {
+    const CLIENTS: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (config, token) = joinable_config(root);
+    let server = TestServer::start(root, &config, &[]);
+    let http = http();
+    let mut clients = Vec::new();
+    for n in 0..CLIENTS {
+        clients.push(pull_client(
+            root,
+            &format!("c{n}"),
+            &server.url,
+            &token,
+            &["--slots", "1"],
+        ));
+    }
+    wait_joined(&http, &server.url, CLIENTS).await;
+    let rss_before = rss_kib(server.pid());
+    let cpu_before = cpu_seconds(server.pid());
+    let begin = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let cpu = cpu_seconds(server.pid()) - cpu_before;
+    let elapsed = begin.elapsed().as_secs_f64();
+    let rss = rss_kib(server.pid());
+    println!(
+        "{CLIENTS} idle joined clients: server CPU {cpu:.2} s over {elapsed:.1} s ({:.1} %), \
+         RSS {} MiB (at join {} MiB, peak {} MiB)",
+        100.0 * cpu / elapsed,
+        rss / 1024,
+        rss_before / 1024,
+        server.peak_rss_kib() / 1024
+    );
+    // Still all there, and a job still runs.
+    assert_eq!(
+        wait_joined(&http, &server.url, CLIENTS).await.len(),
+        CLIENTS
+    );
+    let id = upload_job(&http, &server.url, 1, "example", &[("run.sh", b"true\n")]).await;
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
 }
