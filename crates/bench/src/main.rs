@@ -9,6 +9,7 @@
 
 mod measure;
 mod procs;
+mod pull;
 mod stats;
 
 use std::path::PathBuf;
@@ -37,7 +38,7 @@ pub struct Args {
     /// Keep the processes' data and logs (under --work-dir, or printed) instead of removing them.
     #[arg(long)]
     pub keep: bool,
-    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients).
+    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients,pull).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// How jobs are followed to their end: `auto` (the best the server offers),
@@ -82,7 +83,12 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(measure::run_all(args.clone()));
-    let (rows, json) = result?;
+    let (mut rows, mut json) = result?;
+    if args.wants("pull") {
+        let (pull_rows, pull_json) = runtime.block_on(pull::run(&args))?;
+        rows.extend(pull_rows);
+        json["pull"] = pull_json;
+    }
     std::fs::create_dir_all(&args.out)?;
     let table = stats::markdown(&rows);
     std::fs::write(args.out.join("results.md"), &table)?;
