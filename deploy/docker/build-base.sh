@@ -11,8 +11,8 @@ set -euo pipefail
 
 IMAGE=${IMAGE:-debian:bookworm-slim}
 SUITE=${SUITE:-bookworm}
-# What the Dockerfile's runtime and load-balancer stages install (keep in step with it).
-PACKAGES=${PACKAGES:-bash,bubblewrap,util-linux,ca-certificates,curl,tini,haproxy,gawk}
+# What the Dockerfile's runtime, load-balancer and db stages install (keep in step with it).
+PACKAGES=${PACKAGES:-bash,bubblewrap,util-linux,ca-certificates,curl,tini,haproxy,gawk,postgresql}
 
 if [ "${FORCE:-0}" != 1 ] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
   echo "$IMAGE already in the engine; not rebuilt (FORCE=1 to rebuild)"

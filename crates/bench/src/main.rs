@@ -8,6 +8,8 @@
 //! runs (small counts, a few seconds).
 
 mod measure;
+mod peers;
+mod postgres;
 mod procs;
 mod pull;
 mod stats;
@@ -38,7 +40,7 @@ pub struct Args {
     /// Keep the processes' data and logs (under --work-dir, or printed) instead of removing them.
     #[arg(long)]
     pub keep: bool,
-    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients,pull).
+    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients,postgres,pull).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// How jobs are followed to their end: `auto` (the best the server offers),
@@ -59,6 +61,23 @@ pub struct Args {
     /// Runs of the throughput and many-clients measurements (median over them).
     #[arg(long)]
     pub runs: Option<usize>,
+    /// Peers run in the throughput scenario, in the same run as jobrelay and its floor:
+    /// `hyperqueue` (HyperQueue from PyPI in a virtualenv of the cache directory, made if
+    /// missing) or `reference=PATH` (a job-orchestrator binary). Repeatable; a peer that
+    /// cannot run is skipped with the reason printed.
+    #[arg(long, value_parser = peers::Peer::parse)]
+    pub peer: Vec<peers::Peer>,
+    /// The peers' cache directory (default: $XDG_CACHE_HOME/jobrelay-bench or ~/.cache/jobrelay-bench).
+    #[arg(long)]
+    pub peer_cache: Option<PathBuf>,
+    /// Jobs per run for the reference peer (it ticks every 500 ms: the full count would take
+    /// many minutes); default the throughput count, at most 500.
+    #[arg(long)]
+    pub reference_jobs: Option<usize>,
+    /// PostgreSQL to measure against SQLite (`--only postgres`; also JOBRELAY_BENCH_POSTGRES):
+    /// a `postgres://` URL; the run makes a schema of its own there and drops it.
+    #[arg(long)]
+    pub postgres: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +103,11 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let result = runtime.block_on(measure::run_all(args.clone()));
     let (mut rows, mut json) = result?;
+    if args.wants("postgres") {
+        let (pg_rows, pg_json) = runtime.block_on(postgres::run_for(&args))?;
+        rows.extend(pg_rows);
+        json["postgres"] = pg_json;
+    }
     if args.wants("pull") {
         let (pull_rows, pull_json) = runtime.block_on(pull::run(&args))?;
         rows.extend(pull_rows);

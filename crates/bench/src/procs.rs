@@ -77,6 +77,23 @@ impl Proc {
         Ok(proc)
     }
 
+    /// A process started elsewhere (a peer's), stopped like ours when dropped.
+    pub fn adopt(child: Child, url: String, name: &str) -> Proc {
+        Proc {
+            pid: child.id(),
+            child: Some(child),
+            url,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Whether the process has exited already.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     /// (user + system CPU seconds, VmHWM bytes, VmRSS bytes) from /proc.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
         cpu_seconds(self.pid)

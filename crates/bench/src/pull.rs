@@ -144,7 +144,11 @@ pub async fn run(args: &Args) -> anyhow::Result<(Vec<Row>, Value)> {
                 counts.latency_jobs
             ),
             value: ms(push_latency.p50),
-            spread: format!("p90 {} / p99 {}", ms(push_latency.p90), ms(push_latency.p99)),
+            spread: format!(
+                "p90 {} / p99 {}",
+                ms(push_latency.p90),
+                ms(push_latency.p99)
+            ),
             floor: "—".into(),
             ratio: "".into(),
             target: "".into(),
@@ -154,7 +158,11 @@ pub async fn run(args: &Args) -> anyhow::Result<(Vec<Row>, Value)> {
             section: "16".into(),
             what: "pull: latency upload → ZIP, joined client (tunnels)".into(),
             value: ms(pull_latency.p50),
-            spread: format!("p90 {} / p99 {}", ms(pull_latency.p90), ms(pull_latency.p99)),
+            spread: format!(
+                "p90 {} / p99 {}",
+                ms(pull_latency.p90),
+                ms(pull_latency.p99)
+            ),
             floor: ms(push_latency.p50),
             ratio: format!("+{}", ms(pull_latency.p50 - push_latency.p50)),
             target: "a few ms more than pushed".into(),
@@ -239,7 +247,8 @@ async fn zip_of(http: &reqwest::Client, server: &str, id: i64) -> anyhow::Result
             return Ok(());
         }
         let answer: Value = serde_json::from_slice(&body)?;
-        if ["Failed", "Killed", "Invalid", "Cleaned"].contains(&answer["status"].as_str().unwrap_or(""))
+        if ["Failed", "Killed", "Invalid", "Cleaned"]
+            .contains(&answer["status"].as_str().unwrap_or(""))
         {
             bail!("job {id} ended: {answer}");
         }

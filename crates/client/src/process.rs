@@ -2,7 +2,6 @@
 //! stopping the whole group (SIGTERM, then SIGKILL after a grace period), and [`Tracker`],
 //! which reaches every process of a payload, also those that left the group.
 
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -63,30 +62,13 @@ pub fn spawn_run_script(
     };
     let spec = serde_json::to_string(&spec).map_err(std::io::Error::other)?;
     // /proc/self/exe: this very binary, even if a newer one replaced it on disk.
+    // No `pre_exec`, uid or gid here: std then starts it with posix_spawn (vfork), which
+    // neither copies this multi-threaded client's page tables nor makes it fault on each page
+    // it writes afterwards (copy-on-write), as a fork did: about 480 page faults per payload
+    // in the client (BENCHMARKS.md). The supervisor joins the payload's cgroup as its first
+    // step, before it starts anything; until then a restarted client finds it by its
+    // environment marker (`Tracker::supervisor_alive`).
     let mut command = tokio::process::Command::new("/proc/self/exe");
-    if let Some(leaf) = cgroup {
-        // Into the payload's cgroup between fork and exec, so that a client killed at any
-        // moment after the fork leaves nothing of the payload outside it (the supervisor
-        // joins again, which changes nothing).
-        let procs = std::ffi::CString::new(leaf.join("cgroup.procs").into_os_string().into_vec())
-            .map_err(std::io::Error::other)?;
-        // SAFETY: open, write and close are async-signal-safe; nothing allocates (the path
-        // was built before the fork, the error is read from errno).
-        unsafe {
-            command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
     command
         .arg(supervisor::ARG)
         .arg(spec)
@@ -126,7 +108,14 @@ impl Tracker {
     /// to follow: processes left without it are leftovers).
     pub fn supervisor_alive(&self) -> bool {
         let pids = match self {
-            Tracker::Cgroup(leaf, _) => cgroup::pids(leaf),
+            // Its own first step joins the leaf: until then it carries only the marker.
+            Tracker::Cgroup(leaf, marker) => {
+                let mut pids = cgroup::pids(leaf);
+                if pids.is_empty() {
+                    pids = marked(marker);
+                }
+                pids
+            }
             Tracker::Marker(marker) => marked(marker),
         };
         // This very binary with the supervisor's argument: a script named like the argument
@@ -141,9 +130,13 @@ impl Tracker {
                         .to_owned()
                 })
         };
+        // And run by the client's own user: a `--run-as` payload can exec this binary with
+        // the argument too, but only as its own user, so it cannot pose as a supervisor and
+        // keep a restarted client following a run that has ended.
         let ours = exe("self");
         pids.into_iter().any(|pid| {
             ours.is_some()
+                && runs_as_us(pid)
                 && exe(&pid.to_string()) == ours
                 && std::fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(supervisor::ARG.as_bytes()))
@@ -186,6 +179,14 @@ impl Tracker {
             }
         }
     }
+}
+
+/// Whether process `pid` runs with this process's effective user id (the owner of its
+/// `/proc` entry).
+fn runs_as_us(pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
+        .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw())
 }
 
 /// SIGKILL to every process carrying `marker`, again until a scan finds nobody (a process may
@@ -282,4 +283,30 @@ pub fn marked(marker: &str) -> Vec<i32> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_of_another_user_is_not_taken_for_ours() {
+        assert!(runs_as_us(std::process::id() as i32));
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: starting a process as nobody needs root");
+            return;
+        }
+        use std::os::unix::process::CommandExt;
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .expect("sleep as nobody");
+        let theirs = runs_as_us(other.id() as i32);
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(!theirs, "a process of nobody counted as the client's");
+        assert!(!runs_as_us(i32::MAX), "no such process");
+    }
 }

@@ -23,9 +23,26 @@ enum Command {
     /// Run a server and a local client with a service `example`: a working system in one command.
     Up(up::UpArgs),
     /// Run the orchestrator server: queues jobs and dispatches them to clients.
-    Server(jobrelay_server::ServerArgs),
+    Server(ServerCommand),
     #[command(flatten)]
     User(jobrelay_cli::UserCommand),
+}
+
+/// `jobrelay server [OPTIONS]` runs the server; `jobrelay server migrate` moves its database.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ServerCommand {
+    #[command(subcommand)]
+    action: Option<ServerAction>,
+    #[command(flatten)]
+    args: jobrelay_server::ServerArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServerAction {
+    /// Move a server's SQLite database to PostgreSQL, whole, in one transaction (the server
+    /// stopped; the target holding no job).
+    Migrate(jobrelay_server::migrate::MigrateArgs),
 }
 
 fn init_logging() {
@@ -55,7 +72,21 @@ async fn run() -> std::process::ExitCode {
             init_logging();
             jobrelay_client::run(*args).await
         }
-        Command::Server(args) => {
+        Command::Server(ServerCommand {
+            action: Some(ServerAction::Migrate(args)),
+            ..
+        }) => {
+            init_logging();
+            match tokio::task::spawn_blocking(move || jobrelay_server::migrate::run(&args)).await {
+                Ok(Ok(report)) => {
+                    println!("{report}");
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::anyhow!("the migration stopped: {e}")),
+            }
+        }
+        Command::Server(ServerCommand { args, .. }) => {
             init_logging();
             jobrelay_server::run(args).await
         }

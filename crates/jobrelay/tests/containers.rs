@@ -23,6 +23,7 @@ use support::{eventually, http_with_token, unzip};
 
 const IMAGE: &str = "jobrelay:container-tests";
 const LB_IMAGE: &str = "jobrelay-lb:container-tests";
+const DB_IMAGE: &str = "jobrelay-db:container-tests";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -96,7 +97,7 @@ fn images() -> Result<Vec<String>, String> {
             let dockerfile = context.path().join("deploy/docker/Dockerfile");
             let dockerfile = dockerfile.to_str().unwrap();
             let ctx = context.path().to_str().unwrap();
-            for (target, tag) in [("lb", LB_IMAGE), ("prebuilt", IMAGE)] {
+            for (target, tag) in [("lb", LB_IMAGE), ("db", DB_IMAGE), ("prebuilt", IMAGE)] {
                 docker(&[
                     "build",
                     "-q",
@@ -165,6 +166,7 @@ impl Stack {
             .args(args)
             .env("JOBRELAY_IMAGE", IMAGE)
             .env("JOBRELAY_LB_IMAGE", LB_IMAGE)
+            .env("JOBRELAY_DB_IMAGE", DB_IMAGE)
             // A free port on 127.0.0.1, read back with `port`.
             .env("JOBRELAY_PORT", "0");
         run(&mut command)
@@ -289,6 +291,19 @@ async fn compose_stack_runs_the_example_through_the_load_balancer_and_keeps_jobs
     let job = finished(&http, &url, first, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "Completed", "{job}");
     assert_eq!(job["client"], "http://client-1:9000", "{job}");
+    // The job is in the stack's PostgreSQL, not in a SQLite file of the server's.
+    let in_db = stack.exec(
+        "db",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "psql -h \"$PGDATA\" -U jobrelay -d jobrelay -tAc \
+                 \"select status from jobs where id = {first}\""
+            ),
+        ],
+    );
+    assert_eq!(in_db.trim(), "Completed", "{in_db}");
     let before = result_zip(&http, &url, first).await;
     let table = String::from_utf8_lossy(&before["residues.tsv"]).into_owned();
     assert!(table.starts_with("file\tchain\tresidues\n"), "{table}");
@@ -627,4 +642,45 @@ async fn client_cut_off_past_client_timeout_has_its_jobs_requeued_and_finished_e
         requeued.len(),
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_balancer_answers_in_the_servers_json_when_no_server_is_up() {
+    let _serial = serial().await;
+    let compose = require_images!();
+    let stack = Stack::new(compose, "noserver", &[]);
+    let url = stack.up().await;
+    let http = http_with_token(&stack.user_token());
+    stack
+        .compose(&["stop", "-t", "10", "server-1"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let response = http.get(format!("{url}/jobs/1")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/json",
+        "{:?}",
+        response.headers()
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no jobrelay server"),
+        "{body}"
+    );
+    assert_eq!(body["status"], "Unknown");
+    stack
+        .compose(&["start", "server-1"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    eventually(
+        Duration::from_secs(60),
+        "the server back behind the load balancer",
+        || async {
+            let response = http.get(format!("{url}/health")).send().await.ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await;
 }

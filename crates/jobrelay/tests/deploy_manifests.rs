@@ -139,14 +139,15 @@ fn toml_lines(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// The compose services that run jobrelay (not the one-shot init, not the load balancer).
+/// The compose services that run jobrelay (not the one-shot init, not the load balancer, not
+/// the database).
 fn roles(compose: &Value) -> Vec<(String, Value)> {
     at(compose, &["services"])
         .as_mapping()
         .unwrap()
         .iter()
         .map(|(k, v)| (k.as_str().unwrap().to_owned(), v.clone()))
-        .filter(|(name, _)| name != "init" && name != "lb")
+        .filter(|(name, _)| !["init", "lb", "db"].contains(&name.as_str()))
         .collect()
 }
 
@@ -435,4 +436,92 @@ fn clients_are_reachable_only_from_servers() {
                 .all(|p| at(p, &["port"]).as_u64().map(|p| p.to_string()) == Some(port.clone())));
         }
     }
+}
+
+#[test]
+fn the_database_is_the_same_in_both_and_reachable_from_servers_only() {
+    let compose = compose();
+    let manifests = manifests();
+    let db = at(&compose, &["services", "db"]);
+    let set = &manifests[&("StatefulSet".into(), "db".into())];
+    let pod = at(set, &["spec", "template"]);
+    let container = &at(pod, &["spec", "containers"]).as_sequence().unwrap()[0];
+    // Same image, environment, port and files.
+    let image = str_at(db, &["image"]);
+    assert!(
+        image.ends_with(&format!(":-{}}}", str_at(container, &["image"]))),
+        "db: image {image} vs {}",
+        str_at(container, &["image"])
+    );
+    assert_eq!(compose_env(db), container_env(container), "db: env");
+    let ports = at(container, &["ports"]).as_sequence().unwrap();
+    assert_eq!(at(&ports[0], &["containerPort"]).as_u64(), Some(5432));
+    let service = &manifests[&("Service".into(), "db".into())];
+    assert!(selects(
+        &labels(at(service, &["spec", "selector"])),
+        &labels(at(pod, &["metadata", "labels"]))
+    ));
+    let mounts: Vec<String> = at(container, &["volumeMounts"])
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| str_at(m, &["mountPath"]).to_owned())
+        .collect();
+    let compose_mounts: Vec<String> = compose_mounts(db).into_keys().collect();
+    assert_eq!(
+        mounts.iter().collect::<std::collections::BTreeSet<_>>(),
+        compose_mounts.iter().collect(),
+        "db: mounts"
+    );
+    // Every server reaches it under the same name, with the same password file.
+    for (name, server) in roles(&compose) {
+        if name.starts_with("server") {
+            let env = compose_env(&server);
+            assert_eq!(env["JOBRELAY_DB_HOST"], "db", "{name}");
+            assert_eq!(
+                env["JOBRELAY_DB_PASSWORD_FILE"],
+                compose_env(db)["JOBRELAY_DB_PASSWORD_FILE"],
+                "{name}"
+            );
+            assert!(strings(at(&server, &["networks"])).contains(&"data".to_owned()));
+        } else {
+            assert!(
+                !strings(at(&server, &["networks"])).contains(&"data".to_owned()),
+                "{name} reaches the database"
+            );
+        }
+    }
+    // Compose: the database only on the internal network `data`, no port published.
+    assert_eq!(strings(at(db, &["networks"])), ["data"]);
+    assert!(db.get("ports").is_none());
+    assert_eq!(
+        at(&compose, &["networks", "data", "internal"]).as_bool(),
+        Some(true)
+    );
+    // Kubernetes: a policy on the database pod letting in server pods only, on 5432.
+    let policy = manifests
+        .iter()
+        .filter(|((kind, _), _)| kind == "NetworkPolicy")
+        .map(|(_, v)| v)
+        .find(|p| {
+            selects(
+                &labels(at(p, &["spec", "podSelector", "matchLabels"])),
+                &labels(at(pod, &["metadata", "labels"])),
+            )
+        })
+        .expect("a NetworkPolicy on the database pod");
+    let rules = at(policy, &["spec", "ingress"]).as_sequence().unwrap();
+    assert_eq!(rules.len(), 1);
+    let from = at(&rules[0], &["from"]).as_sequence().unwrap();
+    assert_eq!(
+        labels(at(&from[0], &["podSelector", "matchLabels"]))["app.kubernetes.io/component"],
+        "server"
+    );
+    assert_eq!(
+        at(&at(&rules[0], &["ports"])[0], &["port"]).as_u64(),
+        Some(5432)
+    );
+    // The password is in the Secret the init step fills.
+    let secret = &manifests[&("Secret".into(), "tokens".into())];
+    assert!(at(secret, &["stringData"]).get("db.password").is_some());
 }

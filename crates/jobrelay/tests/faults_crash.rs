@@ -7,11 +7,22 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::db::TestDb;
 use support::net::free_port;
 use support::rng::Rng;
 use support::runlog::count_lines;
 use support::server::*;
 use support::*;
+
+on_both_databases!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "slow: the crash loop; .ci/run runs it"]
+    server_crash_loop_loses_no_job_and_runs_none_twice,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    with_no_client_left_jobs_wait_queued_and_finish_when_one_returns,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit,
+);
 
 const LONG: Duration = Duration::from_secs(300);
 
@@ -26,9 +37,7 @@ enum Kind {
 /// the server is killed with SIGKILL at random moments (at least 5 times) and restarted. Every
 /// job ends in the state its script dictates, every result downloads and is right, and no
 /// job ran to completion twice (counted from a log outside the work directories).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow: the crash loop; .ci/run runs it"]
-async fn server_crash_loop_loses_no_job_and_runs_none_twice() {
+async fn server_crash_loop_loses_no_job_and_runs_none_twice(db: TestDb) {
     let jobs: usize = std::env::var("JOBRELAY_CRASH_JOBS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -48,7 +57,7 @@ async fn server_crash_loop_loses_no_job_and_runs_none_twice() {
         root,
         &[("example", vec![a.url.clone(), b.url.clone()], 10, 16)],
     );
-    let mut server = TestServer::start(root, &config, &[]);
+    let mut server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     let mut plan = Vec::new();
@@ -160,8 +169,7 @@ async fn server_crash_loop_loses_no_job_and_runs_none_twice() {
 
 /// The client dies and no other client serves the service: its jobs go back to Queued and
 /// wait there (none fails), and finish once a client comes back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns() {
+async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let done = root.join("done.log");
@@ -169,7 +177,7 @@ async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns() {
     let start = || start_client_at(root, "client", port, &["--slots", "4"]);
     let mut client = start();
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = TestServer::start(root, &config, &["--client-timeout", "2"]);
+    let server = TestServer::start(root, &config, &db.args(&["--client-timeout", "2"]));
     let http = http();
 
     // First attempt: a long run (killed with its client); later ones: quick.
@@ -221,8 +229,7 @@ async fn with_no_client_left_jobs_wait_queued_and_finish_when_one_returns() {
 
 /// A job that kills its client and its supervisor (SIGKILL) on every attempt: the client is
 /// restarted each time, and after `--max-attempts` the job is Failed with the reason.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() {
+async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let port = free_port();
@@ -233,7 +240,7 @@ async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit() 
     let server = TestServer::start(
         root,
         &config,
-        &["--client-timeout", "2", "--max-attempts", "3"],
+        &db.args(&["--client-timeout", "2", "--max-attempts", "3"]),
     );
     let http = http();
     let tries = root.join("tries.log");

@@ -6,11 +6,17 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use support::db::TestDb;
 use support::net::addr_of;
 use support::server::{start_client, write_server_config, TestServer};
 use support::{eventually, http, Proc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+on_both_databases!(
+    #[tokio::test]
+    server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections,
+);
 
 const BOUNDARY: &str = "jobrelay-graceful-stop";
 
@@ -140,12 +146,11 @@ fn json_of(body: &str) -> serde_json::Value {
     serde_json::from_str(&body[start..=end]).unwrap()
 }
 
-#[tokio::test]
-async fn server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections() {
+async fn server_sigterm_finishes_an_upload_in_flight_and_refuses_new_connections(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let client = start_client(dir.path(), "client", &[]);
     let config = write_server_config(dir.path(), &[("svc", vec![client.url.clone()], 5, 5)]);
-    let mut server = TestServer::start(dir.path(), &config, &[]);
+    let mut server = TestServer::start(dir.path(), &config, &db.args(&[]));
     let body = multipart(&[("user_id", "7"), ("service", "svc")], 4 << 20);
 
     let (status, answer) = upload_across_sigterm(

@@ -8,64 +8,12 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
+use support::db::Schema;
 use support::runlog::count_lines;
 use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(120);
-
-/// A schema of its own on the test server, dropped at the end; `url` makes the server use it.
-struct Schema {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-async fn admin(url: &str, sql: &str) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach the test server {url}: {e}"));
-    let connection = tokio::spawn(connection);
-    client.batch_execute(sql).await.unwrap();
-    drop(client);
-    let _ = connection.await;
-}
-
-impl Schema {
-    async fn new() -> Option<Schema> {
-        let Some(admin_url) = std::env::var("JOBRELAY_TEST_POSTGRES")
-            .ok()
-            .filter(|u| !u.is_empty())
-        else {
-            println!(
-                "skipped: JOBRELAY_TEST_POSTGRES is not set (a postgres:// URL, e.g. the one \
-                 ../shared/postgres/start-postgres.sh prints)"
-            );
-            return None;
-        };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let name = format!("e2e_{}_{nanos}", std::process::id());
-        admin(&admin_url, &format!("CREATE SCHEMA {name}")).await;
-        let glue = if admin_url.contains('?') { '&' } else { '?' };
-        let url = format!("{admin_url}{glue}options=-c%20search_path%3D{name}");
-        Some(Schema {
-            admin: admin_url,
-            name,
-            url,
-        })
-    }
-
-    async fn drop_it(self) {
-        admin(
-            &self.admin,
-            &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
-        )
-        .await;
-    }
-}
 
 fn logging_script(log: &Path, name: &str, seconds: f64) -> String {
     format!(
@@ -172,7 +120,7 @@ async fn a_server_on_postgres_runs_jobs_once_across_a_kill_and_terminates_them()
 
     drop(server);
     drop(client);
-    schema.drop_it().await;
+    drop(schema);
 }
 
 #[test]

@@ -6,10 +6,26 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use support::db::TestDb;
 use support::net::{addr_of, free_port};
 use support::runlog::count_lines;
 use support::server::*;
 use support::*;
+
+on_both_databases!(
+    #[tokio::test]
+    server_killed_mid_run_and_restarted_completes_every_job_exactly_once,
+    #[tokio::test]
+    a_client_killed_mid_run_loses_no_job,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_server_dying_between_submit_and_commit_does_not_run_the_job_twice,
+    #[tokio::test]
+    a_client_restarted_or_wiped_mid_run_gets_its_jobs_again,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_wiped_client_giving_a_payload_id_again_does_not_cross_results,
+    #[tokio::test]
+    a_job_terminated_while_its_client_is_down_is_killed_there_once_it_is_back,
+);
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -22,14 +38,13 @@ fn logging_script(log: &Path, name: &str, seconds: f64) -> String {
     )
 }
 
-#[tokio::test]
-async fn server_killed_mid_run_and_restarted_completes_every_job_exactly_once() {
+async fn server_killed_mid_run_and_restarted_completes_every_job_exactly_once(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let log = root.join("runs.log");
     let client = start_client(root, "client", &["--slots", "2"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let mut server = TestServer::start(root, &config, &[]);
+    let mut server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     let names: Vec<String> = (1..=8).map(|n| format!("job{n}")).collect();
@@ -72,8 +87,7 @@ async fn server_killed_mid_run_and_restarted_completes_every_job_exactly_once() 
     assert!(results.iter().all(|p| p.extension().unwrap() == "zip"));
 }
 
-#[tokio::test]
-async fn a_client_killed_mid_run_loses_no_job() {
+async fn a_client_killed_mid_run_loses_no_job(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let log = root.join("runs.log");
@@ -88,7 +102,7 @@ async fn a_client_killed_mid_run_loses_no_job() {
             10,
         )],
     );
-    let server = TestServer::start(root, &config, &["--client-timeout", "3"]);
+    let server = TestServer::start(root, &config, &db.args(&["--client-timeout", "3"]));
     let http = http();
 
     let names: Vec<String> = (1..=6).map(|n| format!("job{n}")).collect();
@@ -148,8 +162,7 @@ async fn a_client_killed_mid_run_loses_no_job() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
+async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let log = root.join("runs.log");
@@ -158,7 +171,7 @@ async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
     let mut server = TestServer::start_with_env(
         root,
         &config,
-        &[],
+        &db.args(&[]),
         &[("JOBRELAY_TEST_CRASH_AFTER_SUBMIT", "1")],
     );
     let http = http();
@@ -176,7 +189,7 @@ async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
     assert_eq!(status.code(), Some(86), "{}", server.log());
 
     // Started again without the crash.
-    let server = TestServer::start(root, &config, &[]);
+    let server = TestServer::start(root, &config, &db.args(&[]));
     wait_status(&http, &server.url, id, &["Completed"], LONG).await;
     let entries = unzip(&download_zip(&http, &server.url, id).await);
     assert_eq!(entries["out.txt"], b"once\n");
@@ -193,8 +206,7 @@ async fn a_server_dying_between_submit_and_commit_does_not_run_the_job_twice() {
     assert_eq!(job["attempts"], 1, "{job}");
 }
 
-#[tokio::test]
-async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
+async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let log = root.join("runs.log");
@@ -202,7 +214,7 @@ async fn a_client_restarted_or_wiped_mid_run_gets_its_jobs_again() {
     let start = |name: &str| start_client_at(root, name, port, &["--slots", "4"]);
     let mut client = start("client");
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 10, 10)]);
-    let server = TestServer::start(root, &config, &[]);
+    let server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     // Phase 1: the client is killed and restarted with its data: it follows the payloads
@@ -296,8 +308,7 @@ fn gated_script(log: &Path, flag: &Path, name: &str) -> String {
 /// `a` through a proxy (user 1's job), service `b` directly (user 2's). The proxy is cut while
 /// the client is wiped and user 2's job takes the freed payload id; then it heals and the
 /// server looks at user 1's job again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
+async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results(db: TestDb) {
     use support::proxy::{FaultProxy, Mode};
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -315,7 +326,7 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results() {
             ("b", vec![client.url.clone()], 10, 10),
         ],
     );
-    let server = TestServer::start(root, &config, &["--client-timeout", "120"]);
+    let server = TestServer::start(root, &config, &db.args(&["--client-timeout", "120"]));
     let http = http();
     let script1 = gated_script(&log, &flag1, "job1");
     let job1 = upload_job(
@@ -504,15 +515,14 @@ async fn an_emptied_database_is_refused_and_job_ids_are_never_reused() {
 /// A job terminated while its client cannot be reached is Killed at once, and its run there
 /// (followed by the restarted client, its supervisor having outlived the crash) is killed as
 /// soon as the client answers again: a terminate never leaves a run going.
-#[tokio::test]
-async fn a_job_terminated_while_its_client_is_down_is_killed_there_once_it_is_back() {
+async fn a_job_terminated_while_its_client_is_down_is_killed_there_once_it_is_back(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let port = free_port();
     let start = || start_client_at(root, "client", port, &[]);
     let mut client = start();
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 5)]);
-    let server = TestServer::start(root, &config, &[]);
+    let server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
     let pid_file = root.join("child.pid");
     let script = format!("sleep 300 &\necho $! > {}\nwait\n", pid_file.display());

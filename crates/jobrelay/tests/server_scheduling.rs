@@ -5,8 +5,20 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
+use support::db::TestDb;
 use support::server::*;
 use support::*;
+
+on_both_databases!(
+    #[tokio::test]
+    reference_quota_example_three_plus_two_run_and_the_rest_wait,
+    #[tokio::test]
+    waiting_users_take_turns_and_each_users_jobs_go_in_order,
+    #[tokio::test]
+    terminate_queued_running_and_finished_jobs,
+    #[tokio::test]
+    terminate_while_the_job_is_being_sent_kills_the_payload_it_became,
+);
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -49,15 +61,14 @@ fn active(statuses: &[String]) -> usize {
         .count()
 }
 
-#[tokio::test]
-async fn reference_quota_example_three_plus_two_run_and_the_rest_wait() {
+async fn reference_quota_example_three_plus_two_run_and_the_rest_wait(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     std::fs::create_dir_all(root.join("marks")).unwrap();
     std::fs::create_dir_all(root.join("gates")).unwrap();
     let client = start_client(root, "client", &["--slots", "8"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 3, 5)]);
-    let server = TestServer::start(root, &config, &[]);
+    let server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     let mut ids = Vec::new();
@@ -122,15 +133,14 @@ async fn reference_quota_example_three_plus_two_run_and_the_rest_wait() {
     }
 }
 
-#[tokio::test]
-async fn waiting_users_take_turns_and_each_users_jobs_go_in_order() {
+async fn waiting_users_take_turns_and_each_users_jobs_go_in_order(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let order = root.join("order.log");
     let gate = root.join("gate");
     let client = start_client(root, "client", &["--slots", "4"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 1)]);
-    let server = TestServer::start(root, &config, &[]);
+    let server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
     let script = |name: &str| {
         format!(
@@ -181,15 +191,14 @@ async fn waiting_users_take_turns_and_each_users_jobs_go_in_order() {
     assert_eq!(got, ["A1", "A2", "B1", "C1", "A3", "B2", "C2", "B3", "C3"]);
 }
 
-#[tokio::test]
-async fn terminate_queued_running_and_finished_jobs() {
+async fn terminate_queued_running_and_finished_jobs(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let out = root.join("pids");
     std::fs::create_dir_all(&out).unwrap();
     let client = start_client(root, "client", &["--slots", "2", "--kill-grace", "1"]);
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 1)]);
-    let server = TestServer::start(root, &config, &[]);
+    let server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     let running_script = format!(
@@ -321,8 +330,7 @@ async fn terminate_queued_running_and_finished_jobs() {
     assert!(!ran, "the queued job ran: {}", server.log());
 }
 
-#[tokio::test]
-async fn terminate_while_the_job_is_being_sent_kills_the_payload_it_became() {
+async fn terminate_while_the_job_is_being_sent_kills_the_payload_it_became(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let ran = root.join("ran.log");
@@ -331,7 +339,7 @@ async fn terminate_while_the_job_is_being_sent_kills_the_payload_it_became() {
     let server = TestServer::start_with_env(
         root,
         &config,
-        &[],
+        &db.args(&[]),
         // The client has the payload; the server waits 2 s before recording it.
         &[("JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS", "2000")],
     );

@@ -14,8 +14,16 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use futures_util::StreamExt;
+use support::db::TestDb;
 use support::server::*;
 use support::*;
+
+on_both_databases!(
+    #[tokio::test]
+    a_failing_receiver_gets_the_same_signed_delivery_until_it_accepts,
+    #[tokio::test]
+    deliveries_pending_when_the_server_is_killed_are_sent_after_its_restart,
+);
 
 const LONG: Duration = Duration::from_secs(60);
 const SECRET: &str = "whsec-test-0123456789";
@@ -105,17 +113,32 @@ impl Receiver {
 /// A server configuration with one service whose notifications are signed with [`SECRET`]
 /// and a callback allowlist of 127.0.0.1 only.
 fn webhook_config(dir: &Path, client: &str, runs: usize) -> PathBuf {
+    webhook_config_with(dir, client, runs, "allowed_hosts = [\"127.0.0.1\"]")
+}
+
+/// [`webhook_config`] with `webhooks` as the `[webhooks]` table's lines.
+fn webhook_config_with(dir: &Path, client: &str, runs: usize, webhooks: &str) -> PathBuf {
     let path = dir.join("server.toml");
     std::fs::write(
         &path,
         format!(
-            "[webhooks]\nallowed_hosts = [\"127.0.0.1\"]\n\n\
+            "[webhooks]\n{webhooks}\n\n\
              [services.example]\nclients = [{client:?}]\nruns_per_user = {runs}\n\
              max_runs = {runs}\nwebhook_secret = {SECRET:?}\n"
         ),
     )
     .unwrap();
     path
+}
+
+/// The job's first notification once it has ended (its `outcome` set).
+async fn ended_notification(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
+    eventually(LONG, "the notification ended", || async {
+        let record = job_record(http, server, id).await;
+        let first = record["notifications"][0].clone();
+        first["outcome"].is_string().then_some(first)
+    })
+    .await
 }
 
 async fn upload_with_callback(
@@ -170,14 +193,13 @@ async fn job_record(http: &reqwest::Client, server: &str, id: i64) -> serde_json
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_failing_receiver_gets_the_same_signed_delivery_until_it_accepts() {
+async fn a_failing_receiver_gets_the_same_signed_delivery_until_it_accepts(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let receiver = Receiver::start(2, 200).await;
     let client = start_client(root, "client", &[]);
     let config = webhook_config(root, &client.url, 5);
-    let server = TestServer::start(root, &config, &[]);
+    let server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     let id = upload_ok(&http, &server.url, &receiver.url, "echo done > out.txt\n").await;
@@ -242,14 +264,13 @@ async fn a_failing_receiver_gets_the_same_signed_delivery_until_it_accepts() {
     }
 }
 
-#[tokio::test]
-async fn deliveries_pending_when_the_server_is_killed_are_sent_after_its_restart() {
+async fn deliveries_pending_when_the_server_is_killed_are_sent_after_its_restart(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let receiver = Receiver::start(0, 503).await;
     let client = start_client(root, "client", &[]);
     let config = webhook_config(root, &client.url, 5);
-    let mut server = TestServer::start(root, &config, &[]);
+    let mut server = TestServer::start(root, &config, &db.args(&[]));
     let http = http();
 
     let ids = [
@@ -490,4 +511,132 @@ async fn a_thousand_jobs_are_each_notified_and_accepted_once() {
     );
     assert!(per_job.values().all(|n| *n == 1));
     assert_signed(&accepted[0]);
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_loopback_is_refused_unless_private_addresses_are_allowed() {
+    // `localhost` is on the allowlist as a name: it resolves to loopback, which a delivery
+    // may not reach (a name's DNS may be a user's to choose), until the operator says so.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let receiver = Receiver::start(0, 200).await;
+    let named = receiver.url.replace("127.0.0.1", "localhost");
+    let client = start_client(root, "client", &[]);
+    let http = http();
+    let config = webhook_config_with(root, &client.url, 5, "allowed_hosts = [\"localhost\"]");
+    let server = TestServer::start(root, &config, &[]);
+    let id = upload_ok(&http, &server.url, &named, "true\n").await;
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    let refused = ended_notification(&http, &server.url, id).await;
+    assert_eq!(refused["outcome"], "refused", "{refused}");
+    let why = refused["last_status"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("non-public") && why.contains("allow_private_addresses"),
+        "{why}"
+    );
+    assert!(receiver.hits().is_empty(), "{:?}", receiver.hits());
+    drop(server);
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &[]);
+    let config = webhook_config_with(
+        root,
+        &client.url,
+        5,
+        "allowed_hosts = [\"localhost\"]\nallow_private_addresses = true",
+    );
+    let server = TestServer::start(root, &config, &[]);
+    let id = upload_ok(&http, &server.url, &named, "true\n").await;
+    let delivered = ended_notification(&http, &server.url, id).await;
+    assert_eq!(delivered["outcome"], "delivered", "{delivered}");
+    assert_eq!(receiver.accepted().len(), 1);
+}
+
+#[tokio::test]
+async fn a_receiver_answering_410_is_never_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let receiver = Receiver::start(0, 410).await;
+    let client = start_client(root, "client", &[]);
+    let config = webhook_config(root, &client.url, 5);
+    let server = TestServer::start(root, &config, &[]);
+    let http = http();
+    let id = upload_ok(&http, &server.url, &receiver.url, "true\n").await;
+    let gone = ended_notification(&http, &server.url, id).await;
+    assert_eq!(gone["outcome"], "gone", "{gone}");
+    assert_eq!(gone["attempts"], 1);
+    assert_eq!(gone["next_try_ms"], serde_json::Value::Null);
+    // A retry would come a second after the first try: give it three.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.hits().len(), 1, "{:?}", receiver.hits());
+}
+
+#[tokio::test]
+async fn a_notification_failing_past_the_retry_period_is_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let receiver = Receiver::start(0, 503).await;
+    let client = start_client(root, "client", &[]);
+    // Tries at 0 s and 1 s; the next would come at 3 s, past the 2 s period.
+    let config = webhook_config_with(
+        root,
+        &client.url,
+        5,
+        "allowed_hosts = [\"127.0.0.1\"]\nretry_period = 2",
+    );
+    let server = TestServer::start(root, &config, &[]);
+    let http = http();
+    let id = upload_ok(&http, &server.url, &receiver.url, "true\n").await;
+    let expired = ended_notification(&http, &server.url, id).await;
+    assert_eq!(expired["outcome"], "expired", "{expired}");
+    assert_eq!(expired["last_status"], "503");
+    // Normally two tries; a loaded machine may make the first late enough for one only.
+    let hits = receiver.hits();
+    assert!(!hits.is_empty() && hits.len() <= 2, "{hits:?}");
+    assert_eq!(expired["attempts"], hits.len());
+    assert_eq!(expired["next_try_ms"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed() {
+    // An allowed host answering 307 towards another address must not lead the server there:
+    // the answer counts as a failed try.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let target = Receiver::start(0, 200).await;
+    let redirects = Arc::new(AtomicUsize::new(0));
+    let (count, location) = (redirects.clone(), target.url.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let (count, location) = (count.clone(), location.clone());
+            async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, location)],
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirecting = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let client = start_client(root, "client", &[]);
+    let config = webhook_config(root, &client.url, 5);
+    let server = TestServer::start(root, &config, &[]);
+    let http = http();
+    let id = upload_ok(&http, &server.url, &redirecting, "true\n").await;
+    let retried = eventually(LONG, "a second try", || async {
+        let record = job_record(&http, &server.url, id).await;
+        let first = record["notifications"][0].clone();
+        (first["attempts"].as_u64() >= Some(2)).then_some(first)
+    })
+    .await;
+    assert_eq!(retried["last_status"], "307", "{retried}");
+    assert!(retried["outcome"].is_null(), "{retried}");
+    assert!(redirects.load(Ordering::SeqCst) >= 2);
+    assert!(target.hits().is_empty(), "{:?}", target.hits());
 }

@@ -333,6 +333,9 @@ pub struct WebhookConfig {
     pub allowed_hosts: Vec<String>,
     /// How long a notification is retried before it is given up.
     pub retry_period: Duration,
+    /// Host names may resolve to loopback or private addresses (by default a delivery to such
+    /// a name is refused; addresses written in `allowed_hosts` are always allowed).
+    pub allow_private_addresses: bool,
 }
 
 impl Default for WebhookConfig {
@@ -340,6 +343,7 @@ impl Default for WebhookConfig {
         WebhookConfig {
             allowed_hosts: Vec::new(),
             retry_period: DEFAULT_WEBHOOK_RETRY,
+            allow_private_addresses: false,
         }
     }
 }
@@ -351,6 +355,8 @@ struct TomlWebhooks {
     allowed_hosts: Vec<String>,
     /// Seconds.
     retry_period: Option<f64>,
+    #[serde(default)]
+    allow_private_addresses: bool,
 }
 
 /// The `[webhooks]` table of the TOML text (the defaults without one).
@@ -374,6 +380,7 @@ pub fn webhooks_from(toml_text: Option<&str>) -> anyhow::Result<WebhookConfig> {
     Ok(WebhookConfig {
         allowed_hosts: table.allowed_hosts,
         retry_period,
+        allow_private_addresses: table.allow_private_addresses,
     })
 }
 

@@ -26,7 +26,8 @@
 //! - [`http`]: thin HTTP handlers, the error shape and the OpenAPI document;
 //! - [`janitor`]: removes files of jobs past the retention period;
 //! - [`webhooks`]: signed notifications of jobs' ends to their callbacks, from the outbox;
-//! - [`supervise`]: runs the background loops, restarts one that panics, reports them.
+//! - [`supervise`]: runs the background loops, restarts one that panics, reports them;
+//! - [`migrate`]: `jobrelay server migrate`, a SQLite database moved whole to PostgreSQL.
 
 pub mod auth;
 pub mod clients;
@@ -39,6 +40,7 @@ pub mod http;
 pub mod janitor;
 pub mod joined;
 pub mod lifecycle;
+pub mod migrate;
 pub mod probe;
 pub mod requests;
 pub mod results;
@@ -337,7 +339,7 @@ pub fn describe(db: &Database) -> String {
 }
 
 /// Name of the job-id high-water mark in the data directory ([`SqliteDb::open_with_mark`]).
-pub const JOB_ID_MARK: &str = "last-job-id";
+pub use store::sqlite::JOB_ID_MARK;
 /// Time between two integrity checks of the database (the first runs at start).
 const INTEGRITY_EVERY: Duration = Duration::from_secs(600);
 

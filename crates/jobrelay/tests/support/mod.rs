@@ -2,6 +2,7 @@
 //! loopback ports and talk HTTP to them.
 #![allow(dead_code)]
 
+pub mod db;
 pub mod host;
 pub mod multipart;
 pub mod net;

@@ -8,6 +8,7 @@
 //! ([`crate::lifecycle::JobTable`]).
 
 pub mod postgres;
+pub mod snapshot;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;

@@ -10,13 +10,15 @@
 //! the calling thread waits for its answer on a standard channel: that works from every one
 //! of those places, and the connections outlive whichever runtime the caller runs on.
 //!
-//! TLS to the database is not offered (see SECURITY.md): a URL is accepted with no `sslmode`
-//! or `sslmode=disable`, and any other mode is refused at start, rather than connecting in
-//! plain text to a server the user asked to reach over TLS.
+//! TLS to the database: `sslmode` (`disable`, `prefer`, `require`, `verify-ca`,
+//! `verify-full`) and `sslrootcert` in the URL, read as libpq reads them, through a rustls
+//! connector ([`tls`]).
 
+mod import;
 mod migrate;
 #[cfg(test)]
 pub mod testing;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -28,6 +30,9 @@ use deadpool_postgres::{
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+pub use tls::TlsMode;
+
+use super::snapshot::{Moved, Snapshot};
 use super::{
     now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
     JobResources, JobStatus, ListFilter, Notification,
@@ -88,60 +93,102 @@ pub fn redact(url: &str) -> String {
     format!("{scheme}://{main}?{query}")
 }
 
-/// Reads a `postgres://` (or `postgresql://`) URL into the driver's configuration, refusing
-/// what this store does not support (TLS) with the reason and what to do instead.
+/// Reads a `postgres://` (or `postgresql://`) URL into the driver's configuration (see
+/// [`parse_url_with_tls`]; this one is for callers that connect without TLS).
 pub fn parse_url(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    parse_url_with_tls(url).map(|(config, _)| config)
+}
+
+/// Reads a `postgres://` (or `postgresql://`) URL into the driver's configuration and what it
+/// asks of TLS (`sslmode`, `sslrootcert`, read as libpq reads them: [`tls`]), refusing what
+/// this store does not support with the reason.
+pub fn parse_url_with_tls(url: &str) -> anyhow::Result<(tokio_postgres::Config, TlsMode)> {
     let shown = redact(url);
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         anyhow::bail!("{shown} is not a PostgreSQL URL: it starts with postgres://");
     }
-    if let Some((_, query)) = url.split_once('?') {
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if key == "sslmode" && value != "disable" {
-                anyhow::bail!(
-                    "{shown}: sslmode={value} is not supported: jobrelay connects to PostgreSQL \
-                     without TLS. Give sslmode=disable and reach the database over a trusted \
-                     network, a Unix socket (?host=/run/postgresql) or a TLS tunnel (SECURITY.md)"
-                );
+    // The TLS keys are ours to read (the driver knows neither verify-* nor sslrootcert);
+    // every other parameter goes to the driver as it was written.
+    let (mut mode, mut root_cert) = (None, None);
+    let driver_url = match url.split_once('?') {
+        None => url.to_owned(),
+        Some((base, query)) => {
+            let mut kept = Vec::new();
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let parsed = url::form_urlencoded::parse(pair.as_bytes()).next();
+                match parsed {
+                    Some((key, value)) if key == "sslmode" => mode = Some(value.into_owned()),
+                    Some((key, value)) if key == "sslrootcert" => {
+                        root_cert = Some(value.into_owned())
+                    }
+                    Some((key, _)) if matches!(&*key, "sslcert" | "sslkey" | "sslpassword") => {
+                        anyhow::bail!(
+                            "{shown}: {key} is not supported: jobrelay does not present a                              client certificate; authenticate with a password"
+                        )
+                    }
+                    _ => kept.push(pair),
+                }
+            }
+            if kept.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}?{}", kept.join("&"))
             }
         }
-    }
-    let mut config: tokio_postgres::Config = url
+    };
+    let tls = TlsMode::from_params(mode.as_deref(), root_cert.as_deref())
+        .map_err(|why| anyhow::anyhow!("{shown}: {why}"))?;
+    let mut config: tokio_postgres::Config = driver_url
         .parse()
         .map_err(|e| anyhow::anyhow!("bad PostgreSQL URL {shown}: {e}"))?;
-    config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    config.ssl_mode(tls.ssl_mode());
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     if config.get_application_name().is_none() {
         config.application_name("jobrelay");
     }
-    Ok(config)
+    Ok((config, tls))
 }
 
 impl PgDb {
     /// Connects to the database at `url`, brings its schema up to date and reads (or makes)
     /// its identity. Fails with the URL (without password) when it cannot.
     pub fn open(url: &str) -> anyhow::Result<Self> {
-        Self::connect(parse_url(url)?, &redact(url))
+        let shown = redact(url);
+        let (config, tls) = parse_url_with_tls(url)?;
+        Self::connect_with(config, &tls, &shown)
     }
 
-    /// [`PgDb::open`] with a configuration already read; `shown` names it in errors.
+    /// [`PgDb::open`] with a configuration already read, without TLS; `shown` names it in
+    /// errors.
     pub fn connect(config: tokio_postgres::Config, shown: &str) -> anyhow::Result<Self> {
+        Self::connect_with(config, &TlsMode::Off, shown)
+    }
+
+    /// [`PgDb::connect`] over TLS as `tls` says.
+    pub fn connect_with(
+        config: tokio_postgres::Config,
+        tls: &TlsMode,
+        shown: &str,
+    ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("jobrelay-postgres")
             .enable_all()
             .build()?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                // A connection is checked by its state, not a query: a broken one is closed
-                // (the driver sees the socket end) and replaced at the next call.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = || ManagerConfig {
+            // A connection is checked by its state, not a query: a broken one is closed
+            // (the driver sees the socket end) and replaced at the next call.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls
+            .connector()
+            .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL database {shown}: {e:#}"))?
+        {
+            Some(connector) => Manager::from_config(config, connector, manager_config()),
+            None => Manager::from_config(config, NoTls, manager_config()),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
@@ -176,6 +223,18 @@ impl PgDb {
             })
             .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL database {shown}: {e:#}"))?;
         Ok(db)
+    }
+
+    /// Writes a whole database (read from SQLite by `jobrelay server migrate`) into this one,
+    /// in one transaction, keeping its ids and identity; refused, with nothing written, when
+    /// this database already holds a job.
+    pub fn import(&mut self, snapshot: Snapshot) -> anyhow::Result<Moved> {
+        let server_id = snapshot.server_id.clone();
+        let moved = self.with_client(move |mut client| async move {
+            import::import(&mut client, &snapshot).await
+        })?;
+        self.server_id = server_id;
+        Ok(moved)
     }
 
     /// Runs `work` on the store's runtime and waits for its answer on this thread.
@@ -944,11 +1003,43 @@ mod tests {
         );
         assert!(parse_url("postgres://jr@db:5432/jobs").is_ok());
         assert!(parse_url("postgresql://jr@db/jobs?sslmode=disable").is_ok());
-        let why = parse_url("postgres://jr:s3cret@db/jobs?sslmode=require")
+        let why = parse_url("postgres://jr:s3cret@db/jobs?sslmode=allow")
             .unwrap_err()
             .to_string();
-        assert!(why.contains("sslmode=require is not supported"), "{why}");
+        assert!(why.contains("sslmode=allow is not supported"), "{why}");
         assert!(!why.contains("s3cret"), "{why}");
+        let why = parse_url("postgres://jr@db/jobs?sslcert=/c.pem&sslkey=/k.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains("sslcert is not supported"), "{why}");
+        // The TLS keys are read here, the others reach the driver as written.
+        let (config, tls) = parse_url_with_tls(
+            "postgres://jr@db/jobs?sslmode=verify-full&options=-c%20search_path%3Dx\
+             &sslrootcert=/etc/ca%20file.pem&application_name=a",
+        )
+        .unwrap();
+        assert_eq!(
+            tls,
+            TlsMode::VerifyFull(tls::Roots::File("/etc/ca file.pem".into()))
+        );
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        assert_eq!(config.get_options(), Some("-c search_path=x"));
+        assert_eq!(config.get_application_name(), Some("a"));
+        let (config, tls) = parse_url_with_tls("postgres://jr@db/jobs?sslmode=require").unwrap();
+        assert_eq!(tls, TlsMode::Unverified);
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        let (config, tls) = parse_url_with_tls("postgres://jr@db/jobs").unwrap();
+        assert_eq!(tls, TlsMode::Off);
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
         let why = parse_url("mysql://jr@db/jobs").unwrap_err().to_string();
         assert!(why.contains("not a PostgreSQL URL"), "{why}");
         let why = parse_url("postgres://jr@db:port/jobs")

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use super::snapshot::{EventRow, JobRow, OutboxRow, Snapshot};
 use super::{
     now_ms, rfc3339, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
     JobResources, JobStatus, ListFilter, Notification,
@@ -164,6 +165,9 @@ fn queue_notification(conn: &Connection, job: &Job, now: i64) -> anyhow::Result<
     .map_err(sql_err)?;
     Ok(())
 }
+
+/// Name of the job-id high-water mark in the data directory ([`SqliteDb::open_with_mark`]).
+pub const JOB_ID_MARK: &str = "last-job-id";
 
 /// The SQLite implementation of [`JobDb`].
 pub struct SqliteDb {
@@ -326,6 +330,18 @@ impl SqliteDb {
             .truncate(false)
             .open(mark)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", mark.display()))?;
+        // Held (shared) while the server runs: `jobrelay server migrate` takes it alone, so
+        // it refuses a database a server is serving, and a server cannot start mid-move.
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "{} is held by `jobrelay server migrate`: start the server once it is done",
+                mark.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                anyhow::bail!("cannot lock {}: {e}", mark.display())
+            }
+        }
         let mut text = String::new();
         file.read_to_string(&mut text)
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", mark.display()))?;
@@ -399,6 +415,97 @@ impl SqliteDb {
             }
         }
         sql_err(e)
+    }
+}
+
+impl SqliteDb {
+    /// Every row of the database in one read transaction, for a move to another database
+    /// (`jobrelay server migrate`); `mark` is the job-id mark of its data directory (0 when
+    /// there is none), so the highest id counts ids handed out by uploads that never committed.
+    pub fn snapshot(&self, mark: i64) -> anyhow::Result<Snapshot> {
+        let mut conn = crate::lock(&self.conn);
+        let tx = conn.transaction().map_err(|e| self.sql_err(e))?;
+        let read = |sql: &str| tx.prepare(sql).map_err(|e| self.sql_err(e));
+        let jobs = read(&format!(
+            "SELECT {COLUMNS}, callback_url, callback_events FROM jobs ORDER BY id"
+        ))?
+        .query_map([], |row| {
+            Ok(JobRow {
+                job: job_from_row(row)?,
+                callback_url: row.get(19)?,
+                callback_events: row.get(20)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| self.sql_err(e))?;
+        let events = read(
+            "SELECT job_id, at_ms, status, message, attempts, client FROM job_events
+             ORDER BY rowid",
+        )?
+        .query_map([], |r| {
+            Ok(EventRow {
+                job_id: r.get(0)?,
+                at_ms: r.get(1)?,
+                status: r.get(2)?,
+                message: r.get(3)?,
+                attempts: r.get(4)?,
+                client: r.get(5)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| self.sql_err(e))?;
+        let outbox = read(
+            "SELECT id, job_id, event, url, body, created_ms, attempts, last_status, next_ms,
+                    outcome
+             FROM webhook_outbox ORDER BY rowid",
+        )?
+        .query_map([], |r| {
+            Ok(OutboxRow {
+                id: r.get(0)?,
+                job_id: r.get(1)?,
+                event: r.get(2)?,
+                url: r.get(3)?,
+                body: r.get(4)?,
+                created_ms: r.get(5)?,
+                attempts: r.get(6)?,
+                last_status: r.get(7)?,
+                next_ms: r.get(8)?,
+                outcome: r.get(9)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| self.sql_err(e))?;
+        let abandoned = read(
+            "SELECT client, dest_id, dispatch_key, job_id FROM abandoned_runs
+             ORDER BY client, dest_id",
+        )?
+        .query_map([], |r| {
+            Ok(AbandonedRun {
+                client: r.get(0)?,
+                dest_id: r.get(1)?,
+                key: r.get(2)?,
+                job_id: r.get(3)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| self.sql_err(e))?;
+        let highest: i64 = tx
+            .query_row(
+                "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
+                        COALESCE((SELECT MAX(id) FROM jobs), 0))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sql_err(e))?;
+        tx.commit().map_err(|e| self.sql_err(e))?;
+        Ok(Snapshot {
+            server_id: self.server_id.clone(),
+            jobs,
+            events,
+            outbox,
+            abandoned,
+            highest_id: highest.max(mark),
+        })
     }
 }
 

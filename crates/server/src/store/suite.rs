@@ -453,3 +453,211 @@ fn a_job_keeps_what_it_asked_for_across_a_reopening(backend: &Backend) {
         JobResources::default()
     );
 }
+
+/// `jobrelay server migrate`'s two halves: a SQLite database read whole and written into an
+/// empty PostgreSQL one reads back the same through every method of the seam (jobs with
+/// every column, timelines, notifications pending and ended, runs given away, identity), new
+/// ids continue past the highest id ever handed out, and a database holding jobs is refused
+/// with nothing written.
+#[test]
+fn a_sqlite_database_moves_to_postgres_whole() {
+    let Some(scratch) = Scratch::new() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+    let hook = |on_running| Callback {
+        url: "http://hooks/x".into(),
+        on_running,
+    };
+    let asked = JobResources {
+        cores: 4,
+        memory_mb: Some(2048),
+        gpus: 1,
+        walltime_s: Some(3600),
+        priority: -3,
+    };
+    let insert = |user, callback: Option<&Callback>, resources: &JobResources| {
+        sqlite
+            .insert_job(user, "example", callback, resources, &mut |_| Ok(()))
+            .unwrap()
+    };
+    let sent = |client: &str, dest: i64, key: &str| Change {
+        attempts: Some(1),
+        client: Some(Some(client.into())),
+        dest_id: Some(Some(dest)),
+        node: Some(Some("node-a".into())),
+        dispatch_key: Some(Some(key.into())),
+        ..Default::default()
+    };
+    // Completed, announced and delivered.
+    let completed = insert(1, Some(&hook(true)), &JobResources::default());
+    sqlite
+        .transition(
+            completed.id,
+            &[JobStatus::Queued],
+            JobStatus::Running,
+            sent("http://c", 1, "k:1:1"),
+        )
+        .unwrap()
+        .unwrap();
+    sqlite
+        .transition(
+            completed.id,
+            &[JobStatus::Running],
+            JobStatus::Completed,
+            Change {
+                exit_code: Some(Some(0)),
+                ..Change::message("done")
+            },
+        )
+        .unwrap()
+        .unwrap();
+    let delivered = sqlite.due_deliveries(now_ms() + 1, 10).unwrap();
+    sqlite
+        .finish_delivery(&delivered[0].id, "200", true, DeliveryEnd::Delivered)
+        .unwrap();
+    // Failed, its notification still pending after a failed try.
+    let failed = insert(2, Some(&hook(false)), &JobResources::default());
+    sqlite
+        .transition(
+            failed.id,
+            &[JobStatus::Queued],
+            JobStatus::Failed,
+            Change {
+                exit_code: Some(Some(3)),
+                ..Change::message("exit 3")
+            },
+        )
+        .unwrap()
+        .unwrap();
+    let pending = sqlite
+        .due_deliveries(now_ms() + 1, 10)
+        .unwrap()
+        .into_iter()
+        .find(|d| d.job_id == failed.id)
+        .unwrap();
+    sqlite
+        .retry_delivery(&pending.id, "503", now_ms() + 1)
+        .unwrap();
+    // Killed after its run was given away.
+    let killed = insert(1, None, &JobResources::default());
+    sqlite
+        .transition(
+            killed.id,
+            &[JobStatus::Queued],
+            JobStatus::Submitted,
+            sent("http://c", 7, "k:3:1"),
+        )
+        .unwrap()
+        .unwrap();
+    sqlite
+        .transition(
+            killed.id,
+            &JobStatus::ON_CLIENT,
+            JobStatus::Killed,
+            Change {
+                abandon_run: true,
+                ..Change::message("killed")
+            },
+        )
+        .unwrap()
+        .unwrap();
+    // Cleaned (no timeline), and Queued with a request and a callback that wants Running.
+    let cleaned = insert(3, None, &JobResources::default());
+    sqlite
+        .transition(
+            cleaned.id,
+            &[JobStatus::Queued],
+            JobStatus::Cleaned,
+            Change::default(),
+        )
+        .unwrap()
+        .unwrap();
+    let queued = insert(3, Some(&hook(true)), &asked);
+
+    // The job-id mark says ids up to 9 were handed out (uploads that never committed).
+    let snapshot = sqlite.snapshot(9).unwrap();
+    assert_eq!(snapshot.jobs.len(), 5);
+    assert_eq!(snapshot.highest_id, 9);
+    let mut pg = scratch.open();
+    assert_ne!(pg.server_id(), sqlite.server_id());
+    let moved = pg.import(snapshot.clone()).unwrap();
+    assert_eq!(moved.jobs, 5);
+    assert_eq!(moved.events, snapshot.events.len());
+    // Completed's Running (delivered) and Completed (pending), Failed's (tried once).
+    assert_eq!(snapshot.outbox.len(), 3);
+    assert_eq!(moved.notifications, 3);
+    assert_eq!(moved.abandoned_runs, 1);
+    assert_eq!(moved.next_id, 10);
+    assert_eq!(pg.server_id(), sqlite.server_id());
+    drop(pg);
+
+    // Opened again, as a server on PostgreSQL finds it.
+    let pg = scratch.open();
+    assert_eq!(pg.server_id(), sqlite.server_id());
+    let ids = [completed.id, failed.id, killed.id, cleaned.id, queued.id];
+    for id in ids {
+        assert_eq!(pg.get(id).unwrap(), sqlite.get(id).unwrap(), "job {id}");
+        assert_eq!(
+            pg.history(id).unwrap(),
+            sqlite.history(id).unwrap(),
+            "job {id}"
+        );
+        assert_eq!(
+            pg.notifications(id).unwrap(),
+            sqlite.notifications(id).unwrap(),
+            "job {id}"
+        );
+    }
+    assert_eq!(pg.get(queued.id).unwrap().unwrap().resources, asked);
+    assert!(pg.history(completed.id).unwrap().len() >= 3);
+    assert_eq!(
+        pg.abandoned_on("http://c").unwrap(),
+        sqlite.abandoned_on("http://c").unwrap()
+    );
+    assert_eq!(pg.abandoned_on("http://c").unwrap().len(), 1);
+    let all = ListFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    assert_eq!(pg.list(&all).unwrap(), sqlite.list(&all).unwrap());
+    assert_eq!(
+        pg.counts(None).unwrap().len(),
+        sqlite.counts(None).unwrap().len()
+    );
+    let due = |db: &dyn JobDb| db.due_deliveries(now_ms() + 10, 10).unwrap();
+    assert_eq!(due(&pg), due(&sqlite));
+    assert_eq!(due(&pg).len(), 2);
+    assert_eq!(
+        pg.by_dest("http://c", 1).unwrap().map(|j| j.id),
+        Some(completed.id)
+    );
+    // The callback moved with its job: Running is announced on PostgreSQL.
+    pg.transition(
+        queued.id,
+        &[JobStatus::Queued],
+        JobStatus::Running,
+        Change::default(),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(pg.notifications(queued.id).unwrap().len(), 1);
+    // New ids continue past the mark.
+    let next = pg
+        .insert_job(
+            1,
+            "example",
+            None,
+            &JobResources::default(),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+    assert_eq!(next.id, 10);
+
+    // A database that holds jobs is refused, and keeps what it had.
+    let mut pg = scratch.open();
+    let why = pg.import(snapshot).unwrap_err().to_string();
+    assert!(why.contains("already holds 6 job(s)"), "{why}");
+    assert_eq!(pg.count().unwrap(), 6);
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use metrics::counter;
 use tokio::task::JoinSet;
 
-use super::{signing, Allowlist};
+use super::{resolver, signing, Allowlist};
 use crate::store::{now_ms, Delivery, DeliveryEnd};
 use crate::Shared;
 
@@ -33,10 +33,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 const IDLE: Duration = Duration::from_secs(2);
 
 /// The HTTP client of the deliveries: its own (not the executor clients' pools), short
-/// timeouts, and redirects not followed, so an allowed host cannot send the server on to
-/// one that is not.
-fn http_client() -> reqwest::Client {
+/// timeouts, redirects not followed, so an allowed host cannot send the server on to one that
+/// is not, and names resolved to public addresses only ([`resolver`]) unless allowed.
+fn http_client(allow_private: bool) -> reqwest::Client {
     reqwest::Client::builder()
+        .dns_resolver(resolver::PublicOnly { allow_private })
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RESPONSE_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
@@ -55,7 +56,7 @@ pub fn backoff(attempts: u32) -> Duration {
 /// Runs forever (under `supervise`): sends what is due, sleeps until the next try is due or
 /// a state change may have written a notification.
 pub async fn run(shared: Arc<Shared>) {
-    let http = http_client();
+    let http = http_client(shared.config.webhooks.allow_private_addresses);
     let mut sending: JoinSet<()> = JoinSet::new();
     let mut in_flight: HashMap<tokio::task::Id, String> = HashMap::new();
     loop {
@@ -162,6 +163,17 @@ async fn deliver(shared: Arc<Shared>, http: reqwest::Client, delivery: Delivery)
         .await;
     let tried = match tried {
         Ok(answer) => Tried::Answered(answer.status()),
+        Err(e) if resolver::refusal(&e).is_some() => {
+            let why = resolver::refusal(&e).expect("checked").to_string();
+            record(
+                &shared,
+                &delivery,
+                &why,
+                false,
+                Outcome::End(DeliveryEnd::Refused),
+            );
+            return;
+        }
         Err(e) if e.is_timeout() => Tried::Failed(format!("timeout: {e}")),
         Err(e) if e.is_connect() => Tried::Failed(format!("connect: {e}")),
         Err(e) => Tried::Failed(format!("request: {e}")),

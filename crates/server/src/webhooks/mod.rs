@@ -10,10 +10,12 @@
 //!
 //! - [`allowlist`]: which hosts callbacks may go to (none without an allowlist);
 //! - [`signing`]: the `X-Jobrelay-Signature` header;
-//! - [`delivery`]: the loop that sends notifications.
+//! - [`delivery`]: the loop that sends notifications;
+//! - [`resolver`]: names resolved to public addresses only.
 
 pub mod allowlist;
 pub mod delivery;
+pub mod resolver;
 pub mod signing;
 
 use std::collections::BTreeMap;

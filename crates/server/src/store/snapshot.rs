@@ -1,0 +1,65 @@
+//! Everything a database holds, read in one snapshot, as `jobrelay server migrate` moves it
+//! from SQLite to PostgreSQL: every column of every row, in the order it was written.
+
+use super::{AbandonedRun, Job};
+
+/// A job row: the job as the API sees it and its callback columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub job: Job,
+    pub callback_url: Option<String>,
+    pub callback_events: Option<String>,
+}
+
+/// One row of a job's timeline (`job_events`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub job_id: i64,
+    pub at_ms: i64,
+    pub status: String,
+    pub message: String,
+    pub attempts: i64,
+    pub client: Option<String>,
+}
+
+/// One row of the webhook outbox, pending or ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: String,
+    pub job_id: i64,
+    pub event: String,
+    pub url: String,
+    pub body: String,
+    pub created_ms: i64,
+    pub attempts: i64,
+    pub last_status: Option<String>,
+    pub next_ms: Option<i64>,
+    pub outcome: Option<String>,
+}
+
+/// A whole database. Timeline and outbox rows are in the order they were written, which is
+/// the order the API lists them in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// The database's identity, part of every dispatch key: kept, so a run sent before the
+    /// move is still recognised as this server's by its key.
+    pub server_id: String,
+    pub jobs: Vec<JobRow>,
+    pub events: Vec<EventRow>,
+    pub outbox: Vec<OutboxRow>,
+    pub abandoned: Vec<AbandonedRun>,
+    /// The highest job id ever handed out (the database's sequence, its rows and the mark):
+    /// new ids continue after it.
+    pub highest_id: i64,
+}
+
+/// What a move wrote, for its report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub jobs: usize,
+    pub events: usize,
+    pub notifications: usize,
+    pub abandoned_runs: usize,
+    /// The id the next upload gets.
+    pub next_id: i64,
+}
