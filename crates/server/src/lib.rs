@@ -43,6 +43,7 @@ pub mod effects;
 pub mod gateway;
 pub mod http;
 pub mod janitor;
+pub mod joined;
 pub mod leader;
 pub mod lifecycle;
 pub mod migrate;
@@ -161,6 +162,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             data_dir.join("staging").join(&name)
         }
     };
+    joined::remove_leftovers(&data_dir);
     for dir in [&jobs_dir, &results_dir, &staging_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
@@ -196,7 +198,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
 
-    let (sched, endpoints, client_by_base, service_ids) = schedule_of(&config);
+    let (mut sched, endpoints, _, service_ids) = schedule_of(&config);
     let clients = endpoints
         .into_iter()
         .enumerate()
@@ -205,7 +207,29 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .map(|http| Arc::new(ClientHandle::new(id, endpoint, http)))
         })
         .collect::<Vec<_>>();
-    let clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // Joined clients that active jobs are on: back in the pool before those jobs are
+    // recovered, so they are followed there (the clients join again and go on).
+    let mut relays = Vec::new();
+    let active = store.in_states(&store::JobStatus::ACTIVE)?;
+    for (base, names) in joined::known_from_jobs(&active) {
+        let Some(node) = joined::node_of(&base) else {
+            continue;
+        };
+        let id = sched.add_client();
+        sched.set_client_label(id, base.clone());
+        for name in &names {
+            if let Some(&sid) = service_ids.get(name) {
+                sched.add_client_to_service(sid, id);
+            }
+        }
+        let (client, listener) = joined::new_handle(&data_dir, id, node, &names, "")
+            .map_err(|e| anyhow::anyhow!("cannot set up joined client {base}: {e:?}"))?;
+        let client = Arc::new(client);
+        tracing::info!(client = %base, "a joined client has active jobs: waiting for it to join again");
+        relays.push((client.clone(), listener));
+        clients.push(client);
+    }
     match &config.users {
         Some(users) => tracing::info!(
             users = users.len(),
@@ -269,8 +293,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config,
         store,
         lifecycle,
-        clients,
-        client_by_base,
+        clients: clients::Pool::new(clients),
         service_ids,
         loops: supervise::Loops::default(),
         check_requests: shared::CheckRequests::default(),
@@ -314,6 +337,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let mut tasks = Vec::new();
     // Each background loop is restarted if it panics (supervise), and /health names one
     // that is down or restarting too often. The leader's loops run in its term (leader).
+    for (client, listener) in relays {
+        tasks.push(tokio::spawn(joined::relay(client, listener)));
+    }
     let s = shared.clone();
     tasks.push(
         shared
