@@ -21,7 +21,9 @@ use jobrelay_common::fsutil::remove_dir_all_if_exists;
 
 use crate::shared::RoleState;
 use crate::store::{Cluster, Notice};
-use crate::{collector, dispatcher, effects, janitor, probe, stop, supervise, webhooks, Shared};
+use crate::{
+    collector, dispatcher, effects, janitor, joined, probe, stop, supervise, webhooks, Shared,
+};
 
 /// The loops only a leader runs (retired from `/health` when its term ends).
 const LEADER_LOOPS: &[&str] = &[
@@ -67,6 +69,7 @@ impl Drop for Term {
 /// Starts leading: what the previous leader (or process) left is settled as at a restart,
 /// then the leader's loops start.
 pub fn start_term(shared: &Arc<Shared>) -> anyhow::Result<Term> {
+    joined::seat_from_jobs(shared)?;
     let resend = recover(shared)?;
     let mut tasks = Vec::new();
     let loops = &shared.loops;
