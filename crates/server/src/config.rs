@@ -65,6 +65,11 @@ pub struct ServerArgs {
     /// Seconds a client may stay unreachable before its jobs are queued again.
     #[arg(long, default_value_t = 30.0)]
     pub client_timeout: f64,
+    /// With PostgreSQL, several servers may share the database: one leads (schedules,
+    /// dispatches, collects) under a lease it renews every third of this many seconds; when
+    /// it cannot, a standby takes over after this long. Unused with SQLite.
+    #[arg(long, env = "JOBRELAY_LEADER_TIMEOUT", default_value_t = 5.0)]
+    pub leader_timeout: f64,
     /// File holding the token sent to every client (`Authorization: Bearer`), the one each
     /// client reads from its --token-file; a service's `token_file` in the TOML wins.
     #[arg(long, env = "JOBRELAY_CLIENT_TOKEN_FILE")]
@@ -261,6 +266,8 @@ pub struct ServerConfig {
     pub max_attempts: u32,
     pub poll_interval: Duration,
     pub client_timeout: Duration,
+    /// How long a leader's lease lasts unrenewed (PostgreSQL only).
+    pub leader_timeout: Duration,
     /// Users and their tokens; `None`: the caller's `user_id` is trusted.
     pub users: Option<Arc<Users>>,
     /// Serve HTTPS with these files; `None`: plain HTTP.
@@ -389,6 +396,7 @@ impl ServerConfig {
             max_attempts: 3,
             poll_interval: Duration::from_millis(500),
             client_timeout: Duration::from_secs(30),
+            leader_timeout: Duration::from_secs(5),
             users: None,
             tls: None,
             client_ca: None,
@@ -716,12 +724,21 @@ impl ServerArgs {
             poll_interval: seconds("poll-interval", self.poll_interval)?
                 .max(Duration::from_millis(10)),
             client_timeout: seconds("client-timeout", self.client_timeout)?,
+            leader_timeout: leader_timeout(self.leader_timeout)?,
             users,
             tls: TlsFiles::from_args(self.tls_cert, self.tls_key).map_err(anyhow::Error::msg)?,
             client_ca: self.client_ca,
             webhooks: webhooks_from(text.as_deref())?,
         })
     }
+}
+
+/// `--leader-timeout`: at least 0.3 s (a renewal every 0.1 s), at most an hour.
+fn leader_timeout(secs: f64) -> anyhow::Result<Duration> {
+    if !(0.3..=3600.0).contains(&secs) {
+        anyhow::bail!("--leader-timeout must be between 0.3 and 3600 seconds, not {secs}");
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]

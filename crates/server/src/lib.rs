@@ -25,6 +25,8 @@
 //! - [`views`]: the read side: what the dashboard and `/clients` show;
 //! - [`http`]: thin HTTP handlers, the error shape and the OpenAPI document;
 //! - [`janitor`]: removes files of jobs past the retention period;
+//! - [`leader`]: which server runs the loops that change jobs: the lease, its terms, and the
+//!   notices of other servers' commits;
 //! - [`webhooks`]: signed notifications of jobs' ends to their callbacks, from the outbox;
 //! - [`supervise`]: runs the background loops, restarts one that panics, reports them;
 //! - [`migrate`]: `jobrelay server migrate`, a SQLite database moved whole to PostgreSQL.
@@ -38,6 +40,7 @@ pub mod effects;
 pub mod gateway;
 pub mod http;
 pub mod janitor;
+pub mod leader;
 pub mod lifecycle;
 pub mod migrate;
 pub mod probe;
@@ -84,6 +87,8 @@ pub struct RunningServer {
     pub shared: Arc<Shared>,
     serving: Serving,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The term of leadership in force, if this server leads.
+    term: Arc<Mutex<Option<(leader::Term, i64)>>>,
 }
 
 impl RunningServer {
@@ -94,6 +99,8 @@ impl RunningServer {
         for task in self.tasks {
             task.abort();
         }
+        // Its loops stop with it.
+        drop(lock(&self.term).take());
         self.shared.job_tasks.stop().await;
     }
 
@@ -104,6 +111,22 @@ impl RunningServer {
         self.serving.stop().await;
         for task in self.tasks {
             task.abort();
+        }
+        let term = lock(&self.term).take();
+        if let Some((term, epoch)) = term {
+            drop(term);
+            self.shared.job_tasks.stop().await;
+            // Given back, so a standby takes over at once rather than after the timeout.
+            let shared = self.shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(cluster) = shared.store.cluster() {
+                    cluster.fence(0);
+                    if let Err(e) = cluster.resign(&shared.role.name, epoch) {
+                        tracing::warn!(error = %e, "could not give the lease back");
+                    }
+                }
+            })
+            .await;
         }
         self.shared.job_tasks.stop().await;
     }
@@ -119,8 +142,20 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let data_dir = config.data_dir.clone();
     let jobs_dir = data_dir.join("jobs");
     let results_dir = data_dir.join("results");
-    let staging_dir = data_dir.join("staging");
-    remove_dir_all_if_exists(&staging_dir)?;
+    let name = server_name();
+    let staging_dir = match &config.db {
+        Database::Sqlite(_) => {
+            let staging_dir = data_dir.join("staging");
+            remove_dir_all_if_exists(&staging_dir)?;
+            staging_dir
+        }
+        // Servers sharing the data directory each receive uploads in a folder of their own;
+        // those that stopped long ago left theirs.
+        Database::Postgres(_) => {
+            remove_old_staging(&data_dir.join("staging"));
+            data_dir.join("staging").join(&name)
+        }
+    };
     for dir in [&jobs_dir, &results_dir, &staging_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
@@ -156,30 +191,15 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
 
-    let mut sched = Scheduler::new();
-    let mut clients = Vec::new();
-    let mut client_by_base = HashMap::new();
-    let mut service_ids = HashMap::new();
-    for (name, service) in &config.services {
-        let mut ids = Vec::new();
-        for endpoint in &service.clients {
-            let id = *client_by_base
-                .entry(endpoint.base.clone())
-                .or_insert_with(|| {
-                    let id = sched.add_client();
-                    sched.set_client_label(id, endpoint.base.clone());
-                    let http = gateway::http_for(endpoint, client_ca.as_deref());
-                    clients.push(
-                        http.map(|http| Arc::new(ClientHandle::new(id, endpoint.clone(), http))),
-                    );
-                    id
-                });
-            ids.push(id);
-        }
-        let sid = sched.add_service(service.runs_per_user, service.max_runs, ids);
-        service_ids.insert(name.clone(), sid);
-    }
-
+    let (sched, endpoints, client_by_base, service_ids) = schedule_of(&config);
+    let clients = endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(id, endpoint)| {
+            gateway::http_for(&endpoint, client_ca.as_deref())
+                .map(|http| Arc::new(ClientHandle::new(id, endpoint, http)))
+        })
+        .collect::<Vec<_>>();
     let clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
     match &config.users {
         Some(users) => tracing::info!(
@@ -217,11 +237,24 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             );
         }
     }
-    let lifecycle = Lifecycle::new(
+    let mut lifecycle = Lifecycle::new(
         store.clone(),
         sched,
         service_ids.clone(),
         config.max_attempts,
+    );
+    let clustered = store.cluster().is_some();
+    if clustered {
+        let config = config.clone();
+        lifecycle = lifecycle.for_cluster(Box::new(move || schedule_of(&config).0));
+    }
+    let role = shared::Role::new(
+        name,
+        shared::RoleState {
+            leading: !clustered,
+            since_ms: (!clustered).then(store::now_ms),
+            ..Default::default()
+        },
     );
     let shared = Arc::new(Shared {
         config,
@@ -238,9 +271,15 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         jobs_dir,
         results_dir,
         staging_dir,
+        role,
     });
 
-    let resend = recover(&shared)?;
+    // A database of its own: this server leads for ever, starting as a restart does.
+    let term = Arc::new(Mutex::new(if clustered {
+        None
+    } else {
+        Some((leader::start_term(&shared)?, 0))
+    }));
 
     let listener = tokio::net::TcpListener::bind(shared.config.listen)
         .await
@@ -265,34 +304,27 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     };
     let mut tasks = Vec::new();
     // Each background loop is restarted if it panics (supervise), and /health names one
-    // that is down or restarting too often.
-    let loops = &shared.loops;
-    for client in &shared.clients {
-        let (s, c) = (shared.clone(), client.clone());
-        tasks.push(loops.spawn("probe", Some(client.base()), move || {
-            probe::run(s.clone(), c.clone())
-        }));
-        let (s, c) = (shared.clone(), client.clone());
-        tasks.push(loops.spawn("collector", Some(client.base()), move || {
-            collector::watch(s.clone(), c.clone())
-        }));
-    }
+    // that is down or restarting too often. The leader's loops run in its term (leader).
     let s = shared.clone();
-    tasks.push(loops.spawn("dispatcher", None, move || dispatcher::run(s.clone())));
-    let s = shared.clone();
-    tasks.push(loops.spawn("checks", None, move || {
-        collector::serve_check_requests(s.clone())
-    }));
-    let s = shared.clone();
-    tasks.push(loops.spawn("janitor", None, move || janitor::run(s.clone())));
-    let s = shared.clone();
-    tasks.push(loops.spawn("integrity", None, move || check_integrity(s.clone())));
-    let s = shared.clone();
-    tasks.push(loops.spawn("webhooks", None, move || webhooks::delivery::run(s.clone())));
-    for job in resend {
+    tasks.push(
         shared
-            .job_tasks
-            .spawn(dispatcher::resend(shared.clone(), job));
+            .loops
+            .spawn("integrity", None, move || check_integrity(s.clone())),
+    );
+    if let Some(cluster) = shared.store.cluster() {
+        let (notices, received) = tokio::sync::mpsc::unbounded_channel();
+        cluster.listen(notices);
+        let received = Arc::new(tokio::sync::Mutex::new(received));
+        let s = shared.clone();
+        tasks.push(shared.loops.spawn("notices", None, move || {
+            leader::follow_notices(s.clone(), received.clone())
+        }));
+        let (s, url) = (shared.clone(), format!("{scheme}://{addr}"));
+        tasks.push(shared.loops.spawn("heartbeat", None, move || {
+            leader::heartbeat(s.clone(), url.clone())
+        }));
+        let (s, t) = (shared.clone(), term.clone());
+        tasks.push(tokio::spawn(leader::campaign(s, t)));
     }
     tracing::info!(%addr, data_dir = %shared.config.data_dir.display(), db = %describe(&shared.config.db), "server started");
     Ok(RunningServer {
@@ -301,6 +333,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shared,
         serving,
         tasks,
+        term,
     })
 }
 
@@ -385,40 +418,63 @@ async fn check_integrity(shared: Arc<Shared>) {
     }
 }
 
-/// Settles what a previous process left: files of uncommitted uploads and half-fetched
-/// results are removed; Queued jobs are queued again in order; active jobs count against the
-/// quotas again. Returns the jobs that were being sent (Processing): they are sent again with
-/// the same idempotency key.
-fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<store::Job>> {
-    let known = shared.store.ids_with_files()?;
-    for entry in std::fs::read_dir(&shared.jobs_dir)? {
-        let entry = entry?;
-        let id = entry.file_name().to_string_lossy().parse::<i64>().ok();
-        if id.is_none_or(|id| !known.contains(&id)) {
-            tracing::warn!(path = %entry.path().display(), "removing files of an uncommitted upload or a cleaned job");
+/// The scheduler of `config`'s services and clients, with no job: each client's endpoint
+/// (indexed by its id), the client ids by base URL, the service ids by name.
+type Schedule = (
+    Scheduler,
+    Vec<ClientEndpoint>,
+    HashMap<String, usize>,
+    HashMap<String, scheduler::ServiceId>,
+);
+
+fn schedule_of(config: &ServerConfig) -> Schedule {
+    let mut sched = Scheduler::new();
+    let mut endpoints = Vec::new();
+    let mut client_by_base = HashMap::new();
+    let mut service_ids = HashMap::new();
+    for (name, service) in &config.services {
+        let mut ids = Vec::new();
+        for endpoint in &service.clients {
+            let id = *client_by_base
+                .entry(endpoint.base.clone())
+                .or_insert_with(|| {
+                    let id = sched.add_client();
+                    sched.set_client_label(id, endpoint.base.clone());
+                    endpoints.push(endpoint.clone());
+                    id
+                });
+            ids.push(id);
+        }
+        let sid = sched.add_service(service.runs_per_user, service.max_runs, ids);
+        service_ids.insert(name.clone(), sid);
+    }
+    (sched, endpoints, client_by_base, service_ids)
+}
+
+/// This process's name among the servers of a database: host, pid and a random part.
+fn server_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &random[..8])
+}
+
+/// Staging folders of servers on a shared data directory untouched for a day: they stopped
+/// in the middle of an upload.
+fn remove_old_staging(staging: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(staging) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+            t.elapsed()
+                .is_ok_and(|age| age > Duration::from_secs(86400))
+        });
+        if stale {
             let _ = remove_dir_all_if_exists(&entry.path());
         }
     }
-    for entry in std::fs::read_dir(&shared.results_dir)? {
-        let path = entry?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let id = name
-            .strip_suffix(".zip")
-            .and_then(|id| id.parse::<i64>().ok());
-        // Half-fetched results (`*.part`) and results of cleaned jobs.
-        if id.is_none_or(|id| !known.contains(&id)) {
-            let _ = std::fs::remove_file(&path);
-        }
-    }
-    let recovered = shared
-        .lifecycle
-        .recover_at_start(|base| shared.client_by_base.get(base).copied())?;
-    let shared = shared.clone();
-    let performing = shared.clone();
-    shared
-        .job_tasks
-        .spawn(async move { effects::perform(&performing, recovered.effects).await });
-    Ok(recovered.resend)
 }
 
 /// Resolves on SIGINT or SIGTERM.

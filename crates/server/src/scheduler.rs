@@ -730,6 +730,11 @@ impl Scheduler {
     pub fn is_active(&self, job: JobId) -> bool {
         self.active.contains_key(&job)
     }
+
+    /// Whether `job` is queued or active here (known to this scheduler).
+    pub fn knows(&self, job: JobId) -> bool {
+        self.active.contains_key(&job) || self.queued_jobs.contains_key(&job)
+    }
 }
 
 impl ServiceState {

@@ -41,6 +41,8 @@ pub struct Shared {
     pub job_tasks: JobTasks,
     /// The background loops, for `/health`.
     pub loops: supervise::Loops,
+    /// Whether this server leads, and who does.
+    pub role: Role,
 }
 
 impl Shared {
@@ -98,34 +100,107 @@ impl CheckRequests {
 /// a server that was stopped, with another one maybe started on the same data). A stopped
 /// task is dropped at its next await: as after a crash, the next start takes the job up
 /// where its last commit left it.
+/// A leader's term ends the same way ([`JobTasks::end_term`]): its tasks stop, and the next
+/// term starts with none.
 #[derive(Default)]
 pub struct JobTasks {
+    term: Mutex<Term>,
+}
+
+#[derive(Default, Clone)]
+struct Term {
     tracker: tokio_util::task::TaskTracker,
     stopping: tokio_util::sync::CancellationToken,
 }
 
 impl JobTasks {
+    fn current(&self) -> Term {
+        crate::lock(&self.term).clone()
+    }
+
     /// Runs `task` on a task of its own, until it ends or the server stops.
     pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        if self.stopping.is_cancelled() {
+        let term = self.current();
+        if term.stopping.is_cancelled() {
             return;
         }
-        let stopping = self.stopping.clone();
-        self.tracker.spawn(async move {
+        let stopping = term.stopping.clone();
+        term.tracker.spawn(async move {
             stopping.run_until_cancelled_owned(task).await;
         });
     }
 
     /// Stops every task and resolves once they are all gone.
     pub async fn stop(&self) {
-        self.stopping.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
+        let term = self.current();
+        term.stopping.cancel();
+        term.tracker.close();
+        term.tracker.wait().await;
+    }
+
+    /// Stops every task of this leader's term (as [`JobTasks::stop`]); tasks spawned later
+    /// run again, for the next term.
+    pub async fn end_term(&self) {
+        let ending = std::mem::take(&mut *crate::lock(&self.term));
+        ending.stopping.cancel();
+        ending.tracker.close();
+        ending.tracker.wait().await;
     }
 
     /// Tasks still running.
     pub fn running(&self) -> usize {
-        self.tracker.len()
+        self.current().tracker.len()
+    }
+}
+
+/// This server's part in a cluster of servers on one database, as `/health`, `/metrics` and
+/// the dashboard show it. Changed only by the leader's campaign (`crate::leader`).
+pub struct Role {
+    /// This server's name (unique per process).
+    pub name: String,
+    pub started_ms: i64,
+    state: Mutex<RoleState>,
+}
+
+/// What a server knows of the leadership.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoleState {
+    /// Whether this server leads.
+    pub leading: bool,
+    /// The leader (this server or another), when known.
+    pub leader: Option<String>,
+    /// Unix ms since which it leads.
+    pub since_ms: Option<i64>,
+    /// The lease's epoch; `None` without a lease (a database of one server's own).
+    pub epoch: Option<i64>,
+}
+
+impl Role {
+    pub fn new(name: String, state: RoleState) -> Self {
+        Role {
+            name,
+            started_ms: crate::store::now_ms(),
+            state: Mutex::new(state),
+        }
+    }
+
+    /// The role of a server on a database of its own: it leads, without a lease.
+    pub fn alone() -> Self {
+        Role::new(
+            "this-server".into(),
+            RoleState {
+                leading: true,
+                ..RoleState::default()
+            },
+        )
+    }
+
+    pub fn get(&self) -> RoleState {
+        crate::lock(&self.state).clone()
+    }
+
+    pub fn set(&self, state: RoleState) {
+        *crate::lock(&self.state) = state;
     }
 }
 

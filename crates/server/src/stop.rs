@@ -111,6 +111,53 @@ pub enum Terminated {
     Done(Job),
     AlreadyFinished(Job),
     NotFound,
+    /// A standby passed the request on to the leader, which had not carried it out yet
+    /// when the wait was over (the job as it was then).
+    Requested(Job),
+}
+
+/// Longest wait of a standby for the leader to carry out a terminate request.
+const REQUEST_WAIT: Duration = Duration::from_secs(30);
+
+/// Cancels a job wherever it is, from any server: the leader does it; a standby commits a
+/// request the leader acts on (told by a notification, or finding it when it takes over)
+/// and waits for the job's end.
+pub async fn terminate_from_any_server(
+    shared: &Arc<Shared>,
+    id: i64,
+) -> anyhow::Result<Terminated> {
+    let Some(cluster) = shared
+        .store
+        .cluster()
+        .filter(|_| !shared.lifecycle.leading())
+    else {
+        return terminate(shared, id).await;
+    };
+    let watch = shared.store.watch(id);
+    let deadline = tokio::time::Instant::now() + REQUEST_WAIT;
+    let mut requested = false;
+    loop {
+        let notified = watch.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let Some(job) = shared.store.get(id)? else {
+            return Ok(Terminated::NotFound);
+        };
+        if job.status.is_finished() {
+            return Ok(match (requested, job.status) {
+                (true, JobStatus::Killed) => Terminated::Done(job),
+                _ => Terminated::AlreadyFinished(job),
+            });
+        }
+        if !requested {
+            cluster.request_terminate(id)?;
+            requested = true;
+            continue;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Ok(Terminated::Requested(job));
+        }
+    }
 }
 
 /// Cancels a job wherever it is.

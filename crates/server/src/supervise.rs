@@ -157,6 +157,11 @@ impl Loops {
         })
     }
 
+    /// Forgets the loops of these kinds (their tasks were aborted: a leader's term ended).
+    pub fn retire(&self, kinds: &[&str]) {
+        crate::lock(&self.loops).retain(|l| !kinds.contains(&l.kind));
+    }
+
     /// `Err` naming every loop that is down or restarting too often.
     pub fn health(&self) -> Result<(), String> {
         let problems: Vec<String> = crate::lock(&self.loops)

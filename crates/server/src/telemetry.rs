@@ -34,5 +34,17 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
                 .set(sched.active_on_client(client.id) as f64);
         }
     }
+    let role = shared.role.get();
+    gauge!("jobrelay_server_leader", "server" => shared.role.name.clone()).set(if role.leading {
+        1.0
+    } else {
+        0.0
+    });
+    if let Some(epoch) = role.epoch {
+        gauge!("jobrelay_server_lease_epoch").set(epoch as f64);
+    }
+    if let Some(since) = role.since_ms {
+        gauge!("jobrelay_server_leader_since_seconds").set(since as f64 / 1000.0);
+    }
     Ok(jobrelay_common::telemetry::render())
 }

@@ -50,6 +50,48 @@ pub struct Overview {
     pub throughput: Vec<MinuteCount>,
     pub finished_last_hour: i64,
     pub clients: Vec<ClientView>,
+    /// The servers sharing the database (heard from in the last minute), the leader first;
+    /// empty for a server on a database of its own, and for a user who is not an admin.
+    pub servers: Vec<ServerView>,
+}
+
+/// A server of the database, from its heartbeat.
+#[derive(Serialize, ToSchema)]
+pub struct ServerView {
+    pub name: String,
+    pub url: String,
+    /// `leader` or `standby`.
+    pub role: String,
+    /// This server (the one answering).
+    pub this: bool,
+    pub started_at: String,
+    pub last_seen: String,
+}
+
+/// The servers of the database, leader first (none without a shared database).
+pub fn server_views(shared: &Shared) -> anyhow::Result<Vec<ServerView>> {
+    let Some(cluster) = shared.store.cluster() else {
+        return Ok(Vec::new());
+    };
+    let leader = shared.role.get().leader;
+    let mut servers: Vec<ServerView> = cluster
+        .servers(now_ms() - 60_000)?
+        .into_iter()
+        .map(|s| ServerView {
+            role: if leader.as_deref() == Some(s.name.as_str()) {
+                "leader".into()
+            } else {
+                "standby".into()
+            },
+            this: s.name == shared.role.name,
+            started_at: rfc3339(s.started_ms),
+            last_seen: rfc3339(s.seen_ms),
+            name: s.name,
+            url: s.url,
+        })
+        .collect();
+    servers.sort_by_key(|s| s.role != "leader");
+    Ok(servers)
 }
 
 #[derive(Serialize, ToSchema)]
@@ -176,6 +218,11 @@ pub fn overview(shared: &Shared, only: Option<i64>) -> anyhow::Result<Overview> 
             Vec::new()
         } else {
             client_views(shared)
+        },
+        servers: if only.is_some() {
+            Vec::new()
+        } else {
+            server_views(shared)?
         },
     })
 }

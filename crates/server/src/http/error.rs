@@ -68,6 +68,12 @@ impl From<UploadError> for ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
+        // The database out of reach, or this server deposed mid-request: try again (another
+        // server, or this one in a moment).
+        if e.is::<crate::store::Unavailable>() || e.is::<crate::store::Fenced>() {
+            tracing::warn!(error = %e, "request refused for now");
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"));
+        }
         tracing::error!(error = %e, "request failed");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
     }

@@ -614,6 +614,7 @@ pub(super) async fn download_partial(
     responses(
         (status = 401, description = "With a users file: no token, or an unknown one", body = JobAnswer),
         (status = 200, description = "The job, now Killed", body = Job),
+        (status = 202, description = "Asked of a standby server: the request is committed and the leading server carries it out, but had not yet after 30 s (e.g. while a standby takes over)", body = JobAnswer),
         (status = 404, description = "Unknown job", body = JobAnswer),
         (status = 409, description = "The job had already finished", body = JobAnswer),
     )
@@ -624,8 +625,20 @@ pub(super) async fn terminate(
     IdPath(id, _): IdPath<ApiError>,
 ) -> ApiResult<Response> {
     let id = find(&shared, &caller, &id).await?.id;
-    match stop::terminate(&shared, id).await? {
+    match stop::terminate_from_any_server(&shared, id).await? {
         Terminated::Done(job) => Ok(Json(job).into_response()),
+        Terminated::Requested(job) => Ok((
+            StatusCode::ACCEPTED,
+            Json(JobAnswer {
+                id: job.id,
+                status: job.status.to_string(),
+                message: format!(
+                    "terminate of job {} requested: the leading server carries it out",
+                    job.id
+                ),
+            }),
+        )
+            .into_response()),
         Terminated::AlreadyFinished(job) => Ok((
             StatusCode::CONFLICT,
             Json(JobAnswer {

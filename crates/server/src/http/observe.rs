@@ -14,14 +14,14 @@ use utoipa::OpenApi;
 
 use crate::auth::Caller;
 use crate::http::error::{blocking, ApiError, ApiResult, JobAnswer};
-use crate::views::{self, ClientView, MinuteCount, Overview, ServiceUsage, UserUsage};
+use crate::views::{self, ClientView, MinuteCount, Overview, ServerView, ServiceUsage, UserUsage};
 use crate::Shared;
 
 /// These routes' part of `/openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
     paths(health, ping, overview, clients, metrics),
-    components(schemas(Overview, ServiceUsage, UserUsage, MinuteCount, ClientView))
+    components(schemas(Overview, ServiceUsage, UserUsage, MinuteCount, ClientView, ServerView))
 )]
 pub struct ObserveDoc;
 
@@ -49,24 +49,40 @@ pub(super) async fn ping() -> Json<serde_json::Value> {
 
 /// Health check.
 #[utoipa::path(get, path = "/health", responses(
-    (status = 200, description = "`{\"status\":\"healthy\"}`"),
-    (status = 503, description = "`{\"status\":\"unhealthy\",\"message\":...}`: the database is damaged or cannot be read, or a background loop (dispatcher, janitor, a client's probe or collector...) is down or restarting too often"),
+    (status = 200, description = "`{\"status\":\"healthy\", \"role\", \"server\", \"leader\", \"leader_since\", \"lease_epoch\"}`: `role` is `leader` or `standby` (several servers on one PostgreSQL database; a server on its own database always leads and has no lease epoch)"),
+    (status = 503, description = "`{\"status\":\"unhealthy\",\"message\":...}` (and the role fields): the database is damaged or cannot be read, or a background loop (dispatcher, janitor, a client's probe or collector...) is down or restarting too often"),
 ))]
 pub(super) async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let role = role_fields(&shared);
     let checked = match shared.loops.health() {
         Err(why) => Err(why),
         Ok(()) => blocking("checking the database", move || Ok(shared.store.health()))
             .await
             .unwrap_or_else(|_| Err("the health check failed".into())),
     };
-    match checked {
-        Ok(()) => Json(serde_json::json!({ "status": "healthy" })).into_response(),
+    let (status, mut body) = match checked {
+        Ok(()) => (StatusCode::OK, serde_json::json!({ "status": "healthy" })),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "unhealthy", "message": why })),
-        )
-            .into_response(),
+            serde_json::json!({ "status": "unhealthy", "message": why }),
+        ),
+    };
+    if let (Some(body), serde_json::Value::Object(role)) = (body.as_object_mut(), role) {
+        body.extend(role);
     }
+    (status, Json(body)).into_response()
+}
+
+/// Which server leads, since when, the lease's epoch, and this server's role.
+fn role_fields(shared: &Shared) -> serde_json::Value {
+    let role = shared.role.get();
+    serde_json::json!({
+        "role": if role.leading { "leader" } else { "standby" },
+        "server": shared.role.name,
+        "leader": if role.leading { Some(shared.role.name.clone()) } else { role.leader },
+        "leader_since": role.since_ms.map(crate::store::rfc3339),
+        "lease_epoch": role.epoch,
+    })
 }
 
 /// The dashboard: one self-contained page (no CDN, no build step) that polls the JSON below.

@@ -192,6 +192,7 @@ fn shared_on(dir: &std::path::Path, db: Box<dyn JobDb>) -> Arc<Shared> {
         jobs_dir,
         results_dir,
         staging_dir,
+        role: crate::shared::Role::alone(),
     })
 }
 

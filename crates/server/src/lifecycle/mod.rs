@@ -21,6 +21,7 @@ mod table;
 mod tests;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,7 +70,15 @@ pub struct Lifecycle {
     /// Wakes the dispatcher: a new job, a freed slot, a client back.
     wake: Notify,
     max_attempts: u32,
+    /// Whether this server leads (always, on a database of its own): a standby keeps no jobs
+    /// in its scheduler, the leader learns of its uploads from the database.
+    leading: AtomicBool,
+    /// Makes the scheduler afresh (services and clients, no job), for a change of leader.
+    fresh: Option<SchedulerFactory>,
 }
+
+/// Builds a [`Scheduler`] with the services and clients and no job.
+pub type SchedulerFactory = Box<dyn Fn() -> Scheduler + Send + Sync>;
 
 impl Lifecycle {
     pub fn new(
@@ -85,7 +94,100 @@ impl Lifecycle {
             failing_checks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             max_attempts,
+            leading: AtomicBool::new(true),
+            fresh: None,
         }
+    }
+
+    /// A lifecycle that starts as a standby and can change role ([`Lifecycle::lead`],
+    /// [`Lifecycle::stand_by`]): `fresh` makes the empty scheduler of each new term.
+    pub fn for_cluster(mut self, fresh: SchedulerFactory) -> Self {
+        self.leading = AtomicBool::new(false);
+        self.fresh = Some(fresh);
+        self
+    }
+
+    /// Whether this server leads now.
+    pub fn leading(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    /// This server took the lease: an empty scheduler, filled by
+    /// [`Lifecycle::recover_at_start`] next, as after a restart.
+    pub fn lead(&self) {
+        self.renew_term();
+        self.leading.store(true, Ordering::SeqCst);
+    }
+
+    /// This server lost the lease: it forgets the jobs it scheduled (the next leader
+    /// rebuilds them from the database).
+    pub fn stand_by(&self) {
+        self.leading.store(false, Ordering::SeqCst);
+        self.renew_term();
+    }
+
+    fn renew_term(&self) {
+        if let Some(fresh) = &self.fresh {
+            *crate::lock(&self.sched) = fresh();
+        }
+        crate::lock(&self.failing_checks).clear();
+    }
+
+    /// Another server committed a change of job `id` (or this one missed it): a Queued job
+    /// this scheduler does not hold yet is queued (an upload on a standby). Notifications are
+    /// hints: the state is read from the database, under the scheduler's lock (as
+    /// [`Lifecycle::offer_again`] does), so a job is never queued twice.
+    pub fn learned_of(&self, id: i64) {
+        if !self.leading() {
+            return;
+        }
+        let mut sched = crate::lock(&self.sched);
+        if sched.knows(id) {
+            return;
+        }
+        let job = match self.jobs.get(id) {
+            Ok(Some(job)) if job.status == JobStatus::Queued => job,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(job = id, error = %e, "cannot read a job another server changed");
+                return;
+            }
+        };
+        let Some(&service) = self.services.get(&job.service) else {
+            return;
+        };
+        sched.enqueue(service, job.user_id, id, ask(&job));
+        drop(sched);
+        self.wake.notify_one();
+    }
+
+    /// Queues every Queued job of the database this scheduler does not hold: after a lost
+    /// notification (the listening connection broke), and now and then.
+    pub fn catch_up(&self) -> anyhow::Result<()> {
+        if !self.leading() {
+            return Ok(());
+        }
+        let mut woken = false;
+        let queued = self.jobs.in_states(&[JobStatus::Queued])?;
+        let mut sched = crate::lock(&self.sched);
+        for job in queued {
+            if sched.knows(job.id) {
+                continue;
+            }
+            // Read again under the lock: it may have been sent and finished meanwhile.
+            if !matches!(self.jobs.get(job.id), Ok(Some(now)) if now.status == JobStatus::Queued) {
+                continue;
+            }
+            if let Some(&service) = self.services.get(&job.service) {
+                sched.enqueue(service, job.user_id, job.id, ask(&job));
+                woken = true;
+            }
+        }
+        drop(sched);
+        if woken {
+            self.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// The jobs, to read.
@@ -158,8 +260,15 @@ impl Lifecycle {
         let job = self
             .jobs
             .insert_job(user_id, service, callback, resources, place_files)?;
-        crate::lock(&self.sched).enqueue(service_id, user_id, job.id, ask(&job));
-        self.wake.notify_one();
+        if self.leading() {
+            // A leader that just took over may have found it in the database already.
+            let mut sched = crate::lock(&self.sched);
+            if !sched.knows(job.id) {
+                sched.enqueue(service_id, user_id, job.id, ask(&job));
+            }
+            drop(sched);
+            self.wake.notify_one();
+        }
         Ok(job)
     }
 
@@ -410,6 +519,10 @@ impl Lifecycle {
     /// Killed: either this sees Killed, or that finds the job queued.
     pub fn offer_again(&self, id: i64) {
         let mut sched = crate::lock(&self.sched);
+        if sched.knows(id) {
+            // Queued meanwhile by a catch-up with the database.
+            return;
+        }
         let job = match self.jobs.get(id) {
             Ok(Some(job)) if job.status == JobStatus::Queued => job,
             Ok(_) => return,
@@ -595,7 +708,10 @@ impl Lifecycle {
                     continue;
                 };
                 if job.status == JobStatus::Queued {
-                    sched.enqueue(service, job.user_id, job.id, ask(&job));
+                    // An upload committed since this term began may be queued already.
+                    if !sched.knows(job.id) {
+                        sched.enqueue(service, job.user_id, job.id, ask(&job));
+                    }
                     continue;
                 }
                 let client = job.client.as_deref().and_then(&client_of);

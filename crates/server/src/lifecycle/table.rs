@@ -85,6 +85,23 @@ impl JobTable {
         }
     }
 
+    /// Another server committed a change of job `id`: its long-polls here look again.
+    pub fn changed_elsewhere(&self, id: i64) {
+        self.changed(id);
+    }
+
+    /// Every long-poll looks again (notifications may have been lost meanwhile).
+    pub fn wake_all(&self) {
+        for notify in crate::lock(&self.watchers).values() {
+            notify.notify_waiters();
+        }
+    }
+
+    /// What servers sharing the database share; `None` on a database of one server's own.
+    pub fn cluster(&self) -> Option<&dyn crate::store::Cluster> {
+        self.db.cluster()
+    }
+
     /// [`JobDb::insert_job`], counted and logged once committed.
     pub(super) fn insert_job(
         &self,

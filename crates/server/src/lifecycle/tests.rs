@@ -75,6 +75,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
         jobs_dir,
         results_dir,
         staging_dir,
+        role: crate::shared::Role::alone(),
     });
     Fixture {
         shared,
@@ -385,6 +386,7 @@ async fn a_completion_racing_terminate_keeps_its_whole_zip() {
         Terminated::AlreadyFinished(job) => assert_eq!(job.status, JobStatus::Completed),
         Terminated::Done(job) => panic!("terminate won against a committed completion: {job:?}"),
         Terminated::NotFound => panic!("the job vanished"),
+        Terminated::Requested(_) => panic!("the leader passed the request on"),
     }
     assert_eq!(f.get(job.id).status, JobStatus::Completed);
     assert!(

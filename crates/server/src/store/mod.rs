@@ -14,7 +14,8 @@ pub mod sqlite;
 mod suite;
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -402,4 +403,107 @@ pub trait JobDb: Send + Sync {
     fn health(&self) -> Result<(), String>;
     /// Reads every page of the database and remembers a failure for [`JobDb::health`].
     fn check_integrity(&self) -> Result<(), String>;
+    /// What several servers on this database share (PostgreSQL); `None` for a database only
+    /// one server uses (SQLite), which is then always the leader.
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        None
+    }
+}
+
+/// The lease as the database holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The leader's name; `None` when nobody holds it (never taken, or given up).
+    pub holder: Option<String>,
+    /// Raised by every takeover.
+    pub epoch: i64,
+    /// Unix ms when the holder took it.
+    pub since_ms: Option<i64>,
+    /// Whether it is still in force (not expired), in the database's clock.
+    pub live: bool,
+}
+
+/// A server's last heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ServerBeat {
+    pub name: String,
+    /// Where it listens, as it says.
+    pub url: String,
+    pub started_ms: i64,
+    pub seen_ms: i64,
+}
+
+/// What another server's commit tells this one (a hint: the database is the truth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// Job `id` was inserted (uploaded, Queued).
+    New(i64),
+    /// Job `id` changed state.
+    Changed(i64),
+    /// A standby asked the leader to terminate job `id`.
+    Terminate(i64),
+    /// The listening connection was (re)made: whatever was sent while it was down is lost.
+    Listening,
+}
+
+/// A write refused because this server's lease epoch is no longer the current one: another
+/// server took the lease (or this one never held it). The server must stop acting as leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced(pub i64);
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "refused: this server is not the leader (its lease epoch {} is not the current one)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Fenced {}
+
+/// The database cannot be reached now (down, restarting, no free connection in time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the database is unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// The shared part of a database several servers use: the leader's lease, the fencing of
+/// job-state writes by its epoch, the servers' heartbeats, terminate requests for the leader,
+/// and notifications of other servers' commits.
+pub trait Cluster: Send + Sync {
+    /// Takes the lease for `me` if nobody holds it in force, for `timeout`: the new lease
+    /// (with a raised epoch), or `None` when another server holds it.
+    fn try_lead(&self, me: &str, timeout: Duration) -> anyhow::Result<Option<Lease>>;
+    /// Extends `me`'s lease of `epoch` by `timeout`; `false` when it is no longer ours.
+    fn renew(&self, me: &str, epoch: i64, timeout: Duration) -> anyhow::Result<bool>;
+    /// Gives the lease up (a graceful stop), so a standby takes over at once.
+    fn resign(&self, me: &str, epoch: i64) -> anyhow::Result<()>;
+    /// The lease as it is now.
+    fn lease(&self) -> anyhow::Result<Lease>;
+    /// From now on every job-state write checks, in its transaction, that `epoch` is still
+    /// the lease's, and is refused ([`Fenced`]) otherwise; 0 refuses them all (a standby).
+    fn fence(&self, epoch: i64);
+    /// Woken when a write was refused by the fence.
+    fn refusals(&self) -> Arc<tokio::sync::Notify>;
+    /// Records that `me` (listening at `url`, started at `started_ms`) is alive.
+    fn heartbeat(&self, me: &str, url: &str, started_ms: i64) -> anyhow::Result<()>;
+    /// The servers heard from since `since_ms`, by name.
+    fn servers(&self, since_ms: i64) -> anyhow::Result<Vec<ServerBeat>>;
+    /// Asks the leader to terminate job `id` (committed, then notified).
+    fn request_terminate(&self, id: i64) -> anyhow::Result<()>;
+    /// Terminate requests not yet carried out, oldest first.
+    fn terminate_requests(&self) -> anyhow::Result<Vec<i64>>;
+    /// The request for job `id` was carried out.
+    fn forget_terminate(&self, id: i64) -> anyhow::Result<()>;
+    /// Sends every notice of other servers' commits to `to`, from a connection of its own
+    /// made again whenever it breaks ([`Notice::Listening`] after each).
+    fn listen(&self, to: tokio::sync::mpsc::UnboundedSender<Notice>);
 }

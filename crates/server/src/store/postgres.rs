@@ -22,6 +22,8 @@ pub mod tls;
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{
@@ -34,8 +36,9 @@ pub use tls::TlsMode;
 
 use super::snapshot::{Moved, Snapshot};
 use super::{
-    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
-    JobResources, JobStatus, ListFilter, Notification,
+    now_ms, AbandonedRun, Callback, Change, Cluster, Delivery, DeliveryEnd, Fenced, Job, JobDb,
+    JobEvent, JobResources, JobStatus, Lease, ListFilter, Notice, Notification, ServerBeat,
+    Unavailable,
 };
 
 const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, dest_id, node, \
@@ -48,8 +51,17 @@ const CALLBACK_AT: usize = 19;
 const POOL_SIZE: usize = 16;
 /// Longest wait for a new connection (TCP connect and authentication).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest wait for a free connection of the pool when all are busy.
-const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a free connection of the pool when all are busy: past it a request that
+/// needs the database answers 503 rather than hanging (a database down or restarting).
+const WAIT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A session left idle inside a transaction this long is ended by the database: a server
+/// stopped (SIGSTOP, a frozen VM) in the middle of a job-state write holds the lease row's
+/// share lock, which would keep every other server from taking the lease.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
+/// Fence value while fencing is off (a store used by one process, the tests of the suite).
+const NO_FENCE: i64 = -1;
+/// Pause between two attempts to make the listening connection again.
+const LISTEN_RETRY: Duration = Duration::from_millis(500);
 
 type Param = Box<dyn ToSql + Sync + Send>;
 
@@ -59,6 +71,15 @@ pub struct PgDb {
     runtime: Option<tokio::runtime::Runtime>,
     pool: Pool,
     server_id: String,
+    /// For the listening connection, which is not pooled.
+    config: tokio_postgres::Config,
+    tls: TlsMode,
+    /// The NOTIFY channel of this database (its identity: channels are per database, and
+    /// tests share one database between schemas).
+    channel: String,
+    /// The lease epoch job-state writes carry ([`Cluster::fence`]); [`NO_FENCE`] by default.
+    fence: Arc<AtomicI64>,
+    refused: Arc<tokio::sync::Notify>,
 }
 
 /// The URL without its password, for messages and logs: the one in the user info (which
@@ -168,10 +189,20 @@ impl PgDb {
 
     /// [`PgDb::connect`] over TLS as `tls` says.
     pub fn connect_with(
-        config: tokio_postgres::Config,
+        mut config: tokio_postgres::Config,
         tls: &TlsMode,
         shown: &str,
     ) -> anyhow::Result<Self> {
+        let idle = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            IDLE_IN_TRANSACTION.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(given) if !given.is_empty() => format!("{given} {idle}"),
+            _ => idle,
+        };
+        config.options(&options);
+        config.keepalives_idle(Duration::from_secs(10));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("jobrelay-postgres")
@@ -186,8 +217,8 @@ impl PgDb {
             .connector()
             .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL database {shown}: {e:#}"))?
         {
-            Some(connector) => Manager::from_config(config, connector, manager_config()),
-            None => Manager::from_config(config, NoTls, manager_config()),
+            Some(connector) => Manager::from_config(config.clone(), connector, manager_config()),
+            None => Manager::from_config(config.clone(), NoTls, manager_config()),
         };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -200,6 +231,11 @@ impl PgDb {
             runtime: Some(runtime),
             pool,
             server_id: String::new(),
+            config,
+            tls: tls.clone(),
+            channel: String::new(),
+            fence: Arc::new(AtomicI64::new(NO_FENCE)),
+            refused: Arc::new(tokio::sync::Notify::new()),
         };
         let fresh_id = uuid::Uuid::new_v4().to_string();
         db.server_id = db
@@ -222,6 +258,7 @@ impl PgDb {
                 Ok(row.get::<_, String>(0))
             })
             .map_err(|e| anyhow::anyhow!("cannot open the PostgreSQL database {shown}: {e:#}"))?;
+        db.channel = format!("jobrelay_{}", db.server_id.replace('-', ""));
         Ok(db)
     }
 
@@ -233,6 +270,7 @@ impl PgDb {
         let moved = self.with_client(move |mut client| async move {
             import::import(&mut client, &snapshot).await
         })?;
+        self.channel = format!("jobrelay_{}", server_id.replace('-', ""));
         self.server_id = server_id;
         Ok(moved)
     }
@@ -251,8 +289,8 @@ impl PgDb {
         });
         // A round trip to the database: waited for off the async worker.
         crate::sync::off_worker(|| answered.recv())
-            .map_err(|_| anyhow::anyhow!("database error: the call was cut short"))?
-            .map_err(|e| anyhow::anyhow!("database error: {e:#}"))
+            .map_err(|_| anyhow::Error::new(Unavailable("the call was cut short".into())))?
+            .map_err(classify)
     }
 
     /// Runs `work` with a pooled connection.
@@ -315,6 +353,68 @@ fn refs(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
         .iter()
         .map(|p| p.as_ref() as &(dyn ToSql + Sync))
         .collect()
+}
+
+/// A failed call as the server needs to see it: refused by the fence ([`Fenced`]), the
+/// database out of reach ([`Unavailable`]: no connection, a broken one, the server shutting
+/// down), or another error.
+fn classify(e: anyhow::Error) -> anyhow::Error {
+    if e.is::<Fenced>() || e.is::<Unavailable>() {
+        return e;
+    }
+    let out_of_reach = e.chain().any(|cause| {
+        if cause
+            .downcast_ref::<deadpool_postgres::PoolError>()
+            .is_some()
+        {
+            return true;
+        }
+        cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .is_some_and(|pg| match pg.as_db_error() {
+                // Connection exceptions (08) and operator intervention (57: shutdown).
+                Some(db) => ["08", "57"].iter().any(|c| db.code().code().starts_with(c)),
+                // The connection closed or broke under the call.
+                None => {
+                    pg.is_closed()
+                        || std::error::Error::source(pg).is_some_and(|s| s.is::<std::io::Error>())
+                }
+            })
+    });
+    if out_of_reach {
+        anyhow::Error::new(Unavailable(format!("{e:#}")))
+    } else {
+        anyhow::anyhow!("database error: {e:#}")
+    }
+}
+
+/// Tells the other servers (and this one's listener) that job `id` changed; part of the
+/// caller's transaction, so sent only if it commits.
+async fn notify_changed(
+    client: &impl GenericClient,
+    channel: &str,
+    what: String,
+) -> anyhow::Result<()> {
+    let statement = client.prepare_cached("SELECT pg_notify($1, $2)").await?;
+    client.execute(&statement, &[&channel, &what]).await?;
+    Ok(())
+}
+
+/// The fence of a job-state write, first in its transaction: the lease row is read under a
+/// share lock and must still carry `epoch`. A takeover's update of that row waits for every
+/// write holding the lock, and every write after it sees the new epoch and is refused, so no
+/// write of a deposed leader commits once another server leads.
+async fn check_fence(client: &impl GenericClient, epoch: i64) -> anyhow::Result<()> {
+    if epoch == NO_FENCE {
+        return Ok(());
+    }
+    let statement = client
+        .prepare_cached("SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = $1 FOR SHARE")
+        .await?;
+    match client.query_opt(&statement, &[&epoch]).await? {
+        Some(_) if epoch > 0 => Ok(()),
+        _ => Err(Fenced(epoch).into()),
+    }
 }
 
 fn status_of(text: &str) -> anyhow::Result<JobStatus> {
@@ -517,6 +617,7 @@ impl JobDb for PgDb {
         let (memory_mb, walltime_s) = (stored(resources.memory_mb)?, stored(resources.walltime_s)?);
         let url = callback.map(|c| c.url.clone());
         let events = callback.map(events_column);
+        let channel = self.channel.clone();
         let (open, job) = self.with_client(move |client| async move {
             client.batch_execute("BEGIN").await?;
             let open = OpenTransaction(Some(client));
@@ -551,6 +652,7 @@ impl JobDb for PgDb {
                 .await?;
             let job = job_from_row(&row)?;
             record_event(open.client(), &job, now, JobStatus::Queued).await?;
+            notify_changed(open.client(), &channel, format!("n{}", job.id)).await?;
             Ok((open, job))
         })?;
         // On the caller's thread, inside the transaction: the job exists if and only if its
@@ -640,8 +742,16 @@ impl JobDb for PgDb {
             }
             (sql, params)
         });
+        let (channel, epoch) = (self.channel.clone(), self.fence.load(Ordering::SeqCst));
+        let refused = self.refused.clone();
         self.with_client(move |mut client| async move {
             let tx = client.transaction().await?;
+            if let Err(e) = check_fence(&tx, epoch).await {
+                if e.is::<Fenced>() {
+                    refused.notify_waiters();
+                }
+                return Err(e);
+            }
             let mut run_given_away = None;
             if let Some((sql, params)) = &abandoned {
                 let statement = tx.prepare_cached(sql).await?;
@@ -690,6 +800,7 @@ impl JobDb for PgDb {
                 let (url, events) = (row.try_get(CALLBACK_AT)?, row.try_get(CALLBACK_AT + 1)?);
                 queue_notification(&tx, &job, url, events, now).await?;
             }
+            notify_changed(&tx, &channel, format!("j{id}")).await?;
             tx.commit().await?;
             Ok(Some(job))
         })
@@ -977,6 +1088,232 @@ impl JobDb for PgDb {
     fn check_integrity(&self) -> Result<(), String> {
         self.health()
     }
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        Some(self)
+    }
+}
+
+/// `timeout` as the milliseconds of an SQL interval.
+fn millis(timeout: Duration) -> i64 {
+    i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Cluster for PgDb {
+    fn try_lead(&self, me: &str, timeout: Duration) -> anyhow::Result<Option<Lease>> {
+        let me = me.to_owned();
+        self.with_client(move |mut client| async move {
+            let tx = client.transaction().await?;
+            // Waits for the writes of the old epoch to end, not for a stopped server.
+            tx.batch_execute("SET LOCAL lock_timeout = '1s'").await?;
+            let row = tx
+                .query_opt(
+                    "UPDATE leader_lease
+                     SET holder = $1, epoch = epoch + 1, since_ms = $2,
+                         expires_at = now() + $3::BIGINT * interval '1 millisecond'
+                     WHERE id = 1 AND (holder IS NULL OR expires_at IS NULL OR expires_at < now())
+                     RETURNING epoch, since_ms",
+                    &[&me, &now_ms(), &millis(timeout)],
+                )
+                .await;
+            let row = match row {
+                Ok(row) => row,
+                // 55P03: the lock was not free in time; another attempt will follow.
+                Err(e) if e.code().is_some_and(|c| c.code() == "55P03") => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            tx.commit().await?;
+            Ok(row.map(|row| Lease {
+                holder: Some(me),
+                epoch: row.get(0),
+                since_ms: row.get(1),
+                live: true,
+            }))
+        })
+    }
+    fn renew(&self, me: &str, epoch: i64, timeout: Duration) -> anyhow::Result<bool> {
+        let me = me.to_owned();
+        self.with_client(move |mut client| async move {
+            let tx = client.transaction().await?;
+            tx.batch_execute("SET LOCAL lock_timeout = '1s'").await?;
+            let n = tx
+                .execute(
+                    "UPDATE leader_lease SET expires_at = now() + $3::BIGINT * interval '1 millisecond'
+                     WHERE id = 1 AND holder = $1 AND epoch = $2",
+                    &[&me, &epoch, &millis(timeout)],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(n == 1)
+        })
+    }
+    fn resign(&self, me: &str, epoch: i64) -> anyhow::Result<()> {
+        self.execute(
+            "UPDATE leader_lease SET holder = NULL, expires_at = NULL
+             WHERE id = 1 AND holder = $1 AND epoch = $2",
+            vec![Box::new(me.to_owned()), Box::new(epoch)],
+        )
+    }
+    fn lease(&self) -> anyhow::Result<Lease> {
+        self.with_client(move |client| async move {
+            let row = client
+                .query_one(
+                    "SELECT holder, epoch, since_ms, COALESCE(expires_at > now(), false)
+                     FROM leader_lease WHERE id = 1",
+                    &[],
+                )
+                .await?;
+            Ok(Lease {
+                holder: row.try_get(0)?,
+                epoch: row.try_get(1)?,
+                since_ms: row.try_get(2)?,
+                live: row.try_get(3)?,
+            })
+        })
+    }
+    fn fence(&self, epoch: i64) {
+        self.fence.store(epoch.max(0), Ordering::SeqCst);
+    }
+    fn refusals(&self) -> Arc<tokio::sync::Notify> {
+        self.refused.clone()
+    }
+    fn heartbeat(&self, me: &str, url: &str, started_ms: i64) -> anyhow::Result<()> {
+        self.execute(
+            "INSERT INTO servers (name, url, started_ms, seen_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url, seen_ms = EXCLUDED.seen_ms",
+            vec![
+                Box::new(me.to_owned()),
+                Box::new(url.to_owned()),
+                Box::new(started_ms),
+                Box::new(now_ms()),
+            ],
+        )
+    }
+    fn servers(&self, since_ms: i64) -> anyhow::Result<Vec<ServerBeat>> {
+        self.with_client(move |client| async move {
+            let rows = client
+                .query(
+                    "SELECT name, url, started_ms, seen_ms FROM servers
+                     WHERE seen_ms >= $1 ORDER BY name",
+                    &[&since_ms],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ServerBeat {
+                        name: r.try_get(0)?,
+                        url: r.try_get(1)?,
+                        started_ms: r.try_get(2)?,
+                        seen_ms: r.try_get(3)?,
+                    })
+                })
+                .collect()
+        })
+    }
+    fn request_terminate(&self, id: i64) -> anyhow::Result<()> {
+        let channel = self.channel.clone();
+        self.with_client(move |mut client| async move {
+            let tx = client.transaction().await?;
+            tx.execute(
+                "INSERT INTO terminate_requests (job_id, requested_ms) VALUES ($1, $2)
+                 ON CONFLICT (job_id) DO NOTHING",
+                &[&id, &now_ms()],
+            )
+            .await?;
+            notify_changed(&tx, &channel, format!("t{id}")).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+    fn terminate_requests(&self) -> anyhow::Result<Vec<i64>> {
+        self.column(
+            "SELECT job_id FROM terminate_requests ORDER BY requested_ms, job_id",
+            vec![],
+        )
+    }
+    fn forget_terminate(&self, id: i64) -> anyhow::Result<()> {
+        self.execute(
+            "DELETE FROM terminate_requests WHERE job_id = $1",
+            vec![Box::new(id)],
+        )
+    }
+    fn listen(&self, to: tokio::sync::mpsc::UnboundedSender<Notice>) {
+        let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
+        runtime.spawn(listen(
+            self.config.clone(),
+            self.tls.clone(),
+            self.channel.clone(),
+            to,
+        ));
+    }
+}
+
+/// The listening connection: made, `LISTEN`ed on, read until it breaks, made again; ends when
+/// nobody takes the notices any more.
+async fn listen(
+    config: tokio_postgres::Config,
+    tls: TlsMode,
+    channel: String,
+    to: tokio::sync::mpsc::UnboundedSender<Notice>,
+) {
+    while !to.is_closed() {
+        match tls.connector() {
+            Ok(Some(connector)) => listen_once(&config, connector, &channel, &to).await,
+            Ok(None) => listen_once(&config, NoTls, &channel, &to).await,
+            Err(e) => tracing::error!(error = %e, "cannot listen to the database's notifications"),
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
+    }
+}
+
+/// One listening connection, until it breaks.
+async fn listen_once<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    channel: &str,
+    to: &tokio::sync::mpsc::UnboundedSender<Notice>,
+) where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    use futures_util::StreamExt;
+    let Ok((client, mut connection)) = config.connect(tls).await else {
+        return;
+    };
+    let forward = to.clone();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let reading = tokio::spawn(async move {
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                if let Some(notice) = notice_of(n.payload()) {
+                    if forward.send(notice).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    if client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .is_ok()
+    {
+        let _ = to.send(Notice::Listening);
+        tracing::info!("listening to the database's notifications");
+    }
+    let _ = reading.await;
+    drop(client);
+    tracing::warn!("the database's notification connection broke; making it again");
+}
+
+fn notice_of(payload: &str) -> Option<Notice> {
+    let (kind, id) = payload.split_at_checked(1)?;
+    let id = id.parse().ok()?;
+    match kind {
+        "n" => Some(Notice::New(id)),
+        "j" => Some(Notice::Changed(id)),
+        "t" => Some(Notice::Terminate(id)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -1083,7 +1420,7 @@ mod tests {
         let versions = db
             .column::<i32>("SELECT version FROM schema_migrations", vec![])
             .unwrap();
-        assert_eq!(versions, [1, 2]);
+        assert_eq!(versions, [1, 2, 3]);
         // A database migrated by a newer version is refused, by name.
         scratch.exec("INSERT INTO schema_migrations VALUES (999, 'future', 0)");
         drop(db);
@@ -1120,7 +1457,7 @@ mod tests {
                 vec![],
             )
             .unwrap();
-        assert_eq!(versions, [1, 2]);
+        assert_eq!(versions, [1, 2, 3]);
     }
 
     #[test]

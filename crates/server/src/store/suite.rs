@@ -74,7 +74,141 @@ suite!(
     a_failed_file_placement_leaves_no_job,
     a_change_about_one_run_never_moves_another,
     a_job_keeps_what_it_asked_for_across_a_reopening,
+    a_deposed_leader_changes_no_job,
 );
+
+/// Fencing: two servers on one database; the one whose lease epoch is no longer current
+/// has every job-state write refused (nothing changes, and it is told), a standby's too; the
+/// leader's writes are announced to the other servers. SQLite has one server: no lease.
+fn a_deposed_leader_changes_no_job(backend: &Backend) {
+    use std::time::{Duration, Instant};
+
+    use super::{Fenced, Notice};
+    let (first, second) = (backend.open(), backend.open());
+    let Some(a) = first.cluster() else {
+        assert!(
+            second.cluster().is_none(),
+            "one server on its database leads alone"
+        );
+        return;
+    };
+    let b = second.cluster().expect("both stores share the database");
+    let timeout = Duration::from_millis(400);
+    let job = first
+        .insert_job(
+            7,
+            "example",
+            None,
+            &JobResources::default(),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+    let (notices, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    b.listen(notices);
+    let lease = a
+        .try_lead("a", timeout)
+        .unwrap()
+        .expect("a free lease is taken");
+    a.fence(lease.epoch);
+    // Taken and in force: nobody else gets it.
+    assert_eq!(b.try_lead("b", timeout).unwrap(), None);
+    assert_eq!(b.lease().unwrap().holder.as_deref(), Some("a"));
+    // A standby (fenced at 0) changes no job.
+    b.fence(0);
+    let refused = second.transition(
+        job.id,
+        &[JobStatus::Queued],
+        JobStatus::Processing,
+        Change::default(),
+    );
+    assert!(refused.unwrap_err().is::<Fenced>());
+    // The leader does.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while heard.try_recv() != Ok(Notice::Listening) {
+        assert!(Instant::now() < deadline, "the listener never connected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let moved = first
+        .transition(
+            job.id,
+            &[JobStatus::Queued],
+            JobStatus::Processing,
+            Change::default(),
+        )
+        .unwrap()
+        .expect("the leader's write commits");
+    assert_eq!(moved.status, JobStatus::Processing);
+    loop {
+        match heard.try_recv() {
+            Ok(Notice::Changed(id)) => {
+                assert_eq!(id, job.id);
+                break;
+            }
+            _ => {
+                assert!(Instant::now() < deadline, "the change was not announced");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    // `a` stops renewing; once the lease expires `b` takes it with a higher epoch.
+    let taken = loop {
+        if let Some(lease) = b.try_lead("b", timeout).unwrap() {
+            break lease;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the expired lease was never taken"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(taken.epoch > lease.epoch);
+    b.fence(taken.epoch);
+    // The deposed leader wakes late: its writes are refused, it is told, nothing changed.
+    let refusals = a.refusals();
+    let told = refusals.notified();
+    tokio::pin!(told);
+    told.as_mut().enable();
+    let late = first.transition(
+        job.id,
+        &[JobStatus::Processing],
+        JobStatus::Completed,
+        Change::default(),
+    );
+    assert!(late.unwrap_err().is::<Fenced>());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), told).await })
+        .expect("the refusal was announced");
+    assert!(!a.renew("a", lease.epoch, timeout).unwrap());
+    assert_eq!(
+        first.get(job.id).unwrap().unwrap().status,
+        JobStatus::Processing
+    );
+    // The new leader's writes go through; a given-back lease is free at once.
+    let done = second
+        .transition(
+            job.id,
+            &[JobStatus::Processing],
+            JobStatus::Completed,
+            Change::default(),
+        )
+        .unwrap();
+    assert_eq!(done.unwrap().status, JobStatus::Completed);
+    b.resign("b", taken.epoch).unwrap();
+    let again = a
+        .try_lead("a", timeout)
+        .unwrap()
+        .expect("a lease given back is free");
+    assert_eq!(again.epoch, taken.epoch + 1);
+    // Terminate requests wait for the leader, committed.
+    b.request_terminate(job.id).unwrap();
+    assert_eq!(a.terminate_requests().unwrap(), [job.id]);
+    a.forget_terminate(job.id).unwrap();
+    assert!(a.terminate_requests().unwrap().is_empty());
+}
 
 fn transitions_are_guarded_and_survive_reopening(backend: &Backend) {
     let store = backend.open();

@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "job_resources",
         include_str!("migrations/0002_job_resources.sql"),
     ),
+    (3, "cluster", include_str!("migrations/0003_cluster.sql")),
 ];
 
 /// Key of the advisory lock held while migrating ("jobrelay" in ASCII): every jobrelay
