@@ -11,6 +11,7 @@ mod measure;
 mod peers;
 mod postgres;
 mod procs;
+mod pull;
 mod stats;
 
 use std::path::PathBuf;
@@ -39,7 +40,7 @@ pub struct Args {
     /// Keep the processes' data and logs (under --work-dir, or printed) instead of removing them.
     #[arg(long)]
     pub keep: bool,
-    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients,postgres).
+    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients,postgres,pull).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// How jobs are followed to their end: `auto` (the best the server offers),
@@ -106,6 +107,11 @@ fn main() -> anyhow::Result<()> {
         let (pg_rows, pg_json) = runtime.block_on(postgres::run_for(&args))?;
         rows.extend(pg_rows);
         json["postgres"] = pg_json;
+    }
+    if args.wants("pull") {
+        let (pull_rows, pull_json) = runtime.block_on(pull::run(&args))?;
+        rows.extend(pull_rows);
+        json["pull"] = pull_json;
     }
     std::fs::create_dir_all(&args.out)?;
     let table = stats::markdown(&rows);

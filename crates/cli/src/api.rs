@@ -208,6 +208,11 @@ impl ServerApi {
         Ok((bytes, next, status))
     }
 
+    /// The server's clients (`/clients`).
+    pub async fn clients(&self) -> anyhow::Result<Value> {
+        self.json(self.http.get(self.url("/clients"))).await
+    }
+
     pub async fn jobs(&self, query: &[(&str, String)]) -> anyhow::Result<Value> {
         self.json(self.http.get(self.url("/jobs")).query(query))
             .await

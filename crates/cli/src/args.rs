@@ -39,6 +39,17 @@ pub enum UserCommand {
     Jobs(JobsArgs),
     /// Print a job's stdout or stderr (--follow: keep printing until the job ends).
     Logs(LogsArgs),
+    /// List the server's clients, configured and joined (`jobrelay client --connect`).
+    Clients(ClientsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ClientsArgs {
+    #[command(flatten)]
+    pub conn: ConnectionOpts,
+    /// Only the clients that joined at run time.
+    #[arg(long)]
+    pub joined: bool,
 }
 
 #[derive(clap::Args, Debug)]

@@ -8,7 +8,9 @@ use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
 
 use crate::api::{collect_files, ServerApi};
-use crate::args::{DownloadArgs, JobArgs, JobsArgs, LogsArgs, SubmitArgs, UserCommand, WaitArgs};
+use crate::args::{
+    ClientsArgs, DownloadArgs, JobArgs, JobsArgs, LogsArgs, SubmitArgs, UserCommand, WaitArgs,
+};
 use crate::output::{self, exit, exit_code_for};
 use crate::progress;
 
@@ -29,6 +31,7 @@ pub async fn run(command: UserCommand) -> ExitCode {
         UserCommand::Cancel(args) => cancel(args).await,
         UserCommand::Jobs(args) => jobs(args).await,
         UserCommand::Logs(args) => logs(args).await,
+        UserCommand::Clients(args) => clients(args).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -348,6 +351,67 @@ async fn cancel(args: JobArgs) -> anyhow::Result<u8> {
     } else {
         println!("job {} cancelled ({})", args.id, status_of(&answer));
     }
+    Ok(exit::OK)
+}
+
+async fn clients(args: ClientsArgs) -> anyhow::Result<u8> {
+    let api = ServerApi::connect(&args.conn)?;
+    let answer = api.clients().await?;
+    let list: Vec<serde_json::Value> = answer
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| !args.joined || c.get("joined").is_some())
+        .collect();
+    if args.conn.json {
+        output::print_json(&serde_json::Value::Array(list));
+        return Ok(exit::OK);
+    }
+    let header = [
+        "CLIENT",
+        "KIND",
+        "SERVICES",
+        "HEALTH",
+        "SLOTS",
+        "ACTIVE",
+        "FROM",
+        "SINCE",
+        "HEARTBEAT",
+    ];
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|c| {
+            let joined = c.get("joined");
+            let field = |key: &str| joined.map(|j| output::cell(&j[key])).unwrap_or_default();
+            let services: Vec<String> = c["services"]
+                .as_array()
+                .map(|s| s.iter().map(output::cell).collect())
+                .unwrap_or_default();
+            let health = match (c["healthy"].as_bool(), joined.map(|j| &j["leaving"])) {
+                (_, Some(serde_json::Value::Bool(true))) => "leaving",
+                (Some(true), _) => "healthy",
+                _ => "unreachable",
+            };
+            vec![
+                output::cell(&c["url"]),
+                if joined.is_some() {
+                    "joined"
+                } else {
+                    "configured"
+                }
+                .to_owned(),
+                services.join(","),
+                health.to_owned(),
+                output::cell(&c["slots"]),
+                output::cell(&c["active"]),
+                field("from"),
+                field("since"),
+                field("last_heartbeat"),
+            ]
+        })
+        .collect();
+    println!("{}", output::table(&header, &rows));
     Ok(exit::OK)
 }
 

@@ -34,9 +34,10 @@ pub struct ClientArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
-    /// Port to listen on (0 picks a free one).
-    #[arg(long, env = "PORT", default_value_t = 9000)]
-    pub port: u16,
+    /// Port to listen on (0 picks a free one; default 9000). With --connect the client needs
+    /// no port: it listens only when given one (for `/health` and `/metrics`, say).
+    #[arg(long, env = "PORT")]
+    pub port: Option<u16>,
     /// Directory for payload records and work directories.
     #[arg(long, env = "DATA_PATH", default_value = "./data/client")]
     pub data_dir: PathBuf,
@@ -123,12 +124,45 @@ pub struct ClientArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Join the server at this URL and pull work from it (the client dials out; no server
+    /// configuration names it). Needs --service and --join-token-file.
+    #[arg(long, requires_all = ["service", "join_token_file"])]
+    pub connect: Option<String>,
+    /// A service to serve when joining with --connect; repeatable.
+    #[arg(long, requires = "connect")]
+    pub service: Vec<String>,
+    /// File holding the service's join token (the server's --join-token-file or the
+    /// service's `join_token_file`).
+    #[arg(long, env = "JOBRELAY_JOIN_TOKEN_FILE", requires = "connect")]
+    pub join_token_file: Option<PathBuf>,
+    /// CA certificates (PEM) the --connect server's certificate must be signed by (default:
+    /// the system's roots).
+    #[arg(long, requires = "connect")]
+    pub ca: Option<PathBuf>,
+    /// With --connect, how long SIGTERM waits for the payloads here to finish and be
+    /// collected before the client stops (the server queues the rest again elsewhere once it
+    /// finds the client gone).
+    #[arg(long, default_value_t = 600.0)]
+    pub leave_grace: f64,
+}
+
+/// How a client that dials out joins its server (`--connect`).
+#[derive(Debug, Clone)]
+pub struct PullConfig {
+    /// The server's base URL, without a trailing `/`.
+    pub server: String,
+    pub services: Vec<String>,
+    pub join_token: Secret,
+    /// PEM certificates the server's must be signed by; `None`: the system's roots.
+    pub ca: Option<Vec<u8>>,
+    pub leave_grace: Duration,
 }
 
 /// Everything the client needs to run, checked.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    pub listen: SocketAddr,
+    /// Where the API listens; `None` (a client that only dials out): nowhere.
+    pub listen: Option<SocketAddr>,
     /// Absolute path of the data directory.
     pub data_dir: PathBuf,
     pub slots: usize,
@@ -147,12 +181,51 @@ pub struct ClientConfig {
     pub confinement: Confinement,
     /// Serve HTTPS with these files; `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// Join a server and pull work from it (`--connect`); `None`: wait to be pushed to.
+    pub pull: Option<PullConfig>,
 }
 
 #[derive(Debug, Clone)]
 pub enum ExecutorConfig {
     Local,
     Slurm(SlurmConfig),
+}
+
+/// Port of a client that is given none.
+pub const DEFAULT_PORT: u16 = 9000;
+
+fn pull_config(
+    server: &str,
+    services: &[String],
+    join_token_file: Option<&std::path::Path>,
+    ca: Option<&std::path::Path>,
+    leave_grace: Duration,
+) -> anyhow::Result<PullConfig> {
+    let parsed = reqwest::Url::parse(server.trim())
+        .map_err(|e| anyhow::anyhow!("--connect {server:?}: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+        anyhow::bail!("--connect {server:?}: expected http(s)://host[:port]");
+    }
+    if services.is_empty() {
+        anyhow::bail!("--connect needs at least one --service");
+    }
+    let join_token = Secret::read_file(
+        join_token_file.ok_or_else(|| anyhow::anyhow!("--connect needs --join-token-file"))?,
+    )
+    .map_err(|e| anyhow::anyhow!("--join-token-file: {e}"))?;
+    let ca = ca
+        .map(|path| {
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read --ca {}: {e}", path.display()))
+        })
+        .transpose()?;
+    Ok(PullConfig {
+        server: parsed.as_str().trim_end_matches('/').to_owned(),
+        services: services.to_vec(),
+        join_token,
+        ca,
+        leave_grace,
+    })
 }
 
 fn seconds(name: &str, value: f64) -> anyhow::Result<Duration> {
@@ -251,8 +324,24 @@ impl ClientArgs {
             )
         })?;
         let data_dir = std::fs::canonicalize(&self.data_dir)?;
+        let pull = match &self.connect {
+            None => None,
+            Some(server) => Some(pull_config(
+                server,
+                &self.service,
+                self.join_token_file.as_deref(),
+                self.ca.as_deref(),
+                seconds("leave-grace", self.leave_grace)?,
+            )?),
+        };
+        let listen = match (self.port, &pull) {
+            (Some(port), _) => Some(SocketAddr::new(self.bind, port)),
+            (None, Some(_)) => None,
+            (None, None) => Some(SocketAddr::new(self.bind, DEFAULT_PORT)),
+        };
         Ok(ClientConfig {
-            listen: SocketAddr::new(self.bind, self.port),
+            listen,
+            pull,
             data_dir,
             slots,
             capacity,

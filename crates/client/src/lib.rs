@@ -14,6 +14,7 @@ pub mod executor;
 pub mod janitor;
 pub mod load;
 pub mod process;
+pub mod pull;
 pub mod runner;
 pub mod store;
 pub mod supervisor;
@@ -32,11 +33,21 @@ use crate::store::PayloadStore;
 
 /// A client that is serving.
 pub struct RunningClient {
-    pub addr: SocketAddr,
+    /// Where the API listens; `None` for a client that only dials out.
+    pub addr: Option<SocketAddr>,
     /// `http` or `https` (with `ClientConfig.tls`).
     pub scheme: &'static str,
     pub runner: Arc<Runner>,
-    server: Serving,
+    server: Option<Serving>,
+    /// With `--connect`: the join, and the API served through its tunnels.
+    pulling: Option<Pulling>,
+}
+
+struct Pulling {
+    puller: Arc<pull::Puller>,
+    serving: Serving,
+    store: Arc<PayloadStore>,
+    leave_grace: std::time::Duration,
 }
 
 impl RunningClient {
@@ -44,7 +55,12 @@ impl RunningClient {
     /// "client restarted" at the next start); Slurm jobs keep running and are followed again
     /// at the next start.
     pub fn shutdown(self) {
-        self.server.abort();
+        if let Some(server) = &self.server {
+            server.abort();
+        }
+        if let Some(pulling) = &self.pulling {
+            pulling.serving.abort();
+        }
         self.runner.kill_all_now();
         self.runner.executor().release();
     }
@@ -52,8 +68,29 @@ impl RunningClient {
     /// SIGTERM's stop: refuses new connections at once, lets the requests in flight finish
     /// (a payload being uploaded is stored and answered, a result being downloaded is sent)
     /// within the shutdown grace, then stops as [`RunningClient::shutdown`] does.
+    ///
+    /// A client that joined leaves first: the server places no new job here, and the
+    /// payloads here finish and are collected (through the tunnels, still open) for at most
+    /// `--leave-grace`; what is left then is killed, and the server queues it again elsewhere
+    /// once it finds this client gone.
     pub async fn stop_gracefully(self) {
-        self.server.stop().await;
+        if let Some(pulling) = self.pulling {
+            pulling.puller.leave().await;
+            let left = pull::drain(&pulling.store, pulling.leave_grace).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    grace = ?pulling.leave_grace,
+                    "payloads still here after the leave grace: stopping them; the server queues them again"
+                );
+            } else {
+                tracing::info!("every payload here was collected");
+            }
+            pulling.serving.stop().await;
+        }
+        if let Some(server) = self.server {
+            server.stop().await;
+        }
         self.runner.kill_all_now();
         self.runner.executor().release();
     }
@@ -192,17 +229,62 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
     let load = load::LoadGauge::default();
     runner.executor().start_load_sampler(&load);
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let addr = listener.local_addr()?;
-    let app = api::router(api::AppState {
-        store,
+    let state = api::AppState {
+        store: store.clone(),
         runner: runner.clone(),
         load,
         max_upload: config.max_upload,
         token: config.token.clone().map(Arc::new),
-    });
+    };
+    let pulling = match &config.pull {
+        None => None,
+        Some(pull_config) => {
+            let puller = pull::Puller::new(pull_config.clone(), store.node())?;
+            // The tunnels were opened with this join's credential: no token inside.
+            let app = api::router(api::AppState {
+                token: None,
+                ..state.clone()
+            });
+            let serving = Serving::spawn(puller.listener(), app);
+            tracing::info!(server = %pull_config.server, services = ?pull_config.services, "pulling work from the server");
+            Some(Pulling {
+                puller,
+                serving,
+                store: store.clone(),
+                leave_grace: pull_config.leave_grace,
+            })
+        }
+    };
+    let (addr, server) = match config.listen {
+        None => (None, None),
+        Some(listen) => {
+            let (addr, server) = listen_on(listen, &config, api::router(state)).await?;
+            (Some(addr), Some(server))
+        }
+    };
+    tracing::info!(addr = ?addr, slots = config.slots, executor = runner.executor().name(), data_dir = %config.data_dir.display(), "client started");
+    Ok(RunningClient {
+        addr,
+        scheme: if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        runner,
+        server,
+        pulling,
+    })
+}
+
+async fn listen_on(
+    listen: SocketAddr,
+    config: &ClientConfig,
+    app: axum::Router,
+) -> anyhow::Result<(SocketAddr, Serving)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
     if config.token.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
@@ -226,17 +308,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
             Serving::spawn(listener, app)
         }
     };
-    tracing::info!(%addr, slots = config.slots, executor = runner.executor().name(), data_dir = %config.data_dir.display(), "client started");
-    Ok(RunningClient {
-        addr,
-        scheme: if config.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        },
-        runner,
-        server,
-    })
+    Ok((addr, server))
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -252,11 +324,14 @@ pub async fn shutdown_signal() {
 /// `jobrelay client`: serves until SIGINT or SIGTERM.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
+    let joining = config.pull.as_ref().map(|p| p.server.clone());
     let client = start(config).await?;
-    println!(
-        "jobrelay client listening on {}://{}",
-        client.scheme, client.addr
-    );
+    if let Some(addr) = client.addr {
+        println!("jobrelay client listening on {}://{}", client.scheme, addr);
+    }
+    if let Some(server) = joining {
+        println!("jobrelay client pulling work from {server}");
+    }
     shutdown_signal().await;
     tracing::info!("client stopping: no new connections, finishing open requests");
     client.stop_gracefully().await;

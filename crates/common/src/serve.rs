@@ -80,6 +80,7 @@ pub async fn serve<L>(listener: L, app: Router) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    L::Addr: Clone + Send + Sync + 'static,
 {
     serve_until(listener, app, std::future::pending(), Duration::ZERO).await
 }
@@ -96,6 +97,7 @@ impl Serving {
     where
         L: axum::serve::Listener,
         L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        L::Addr: Clone + Send + Sync + 'static,
     {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(serve_until(
@@ -141,6 +143,7 @@ pub async fn serve_until<L, F>(
 where
     L: axum::serve::Listener,
     L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    L::Addr: Clone + Send + Sync + 'static,
     F: Future<Output = ()>,
 {
     let limit = slow_request();
@@ -151,7 +154,7 @@ where
     loop {
         while connections.try_join_next().is_some() {}
         // Accept errors (out of file descriptors and the like) are waited out inside.
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut stop => break,
         };
@@ -159,8 +162,12 @@ where
         let watcher = graceful.watcher();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-                let request =
+                let mut request =
                     request.map(|body| axum::body::Body::new(RateFloor::new(body, limit)));
+                // Who is asking, for the handlers that say (axum's `ConnectInfo`).
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer.clone()));
                 let mut app = app.clone();
                 async move { app.call(request).await }
             });

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run an executor client: accepts payloads over HTTP and runs their run.sh.
-    Client(jobrelay_client::ClientArgs),
+    Client(Box<jobrelay_client::ClientArgs>),
     /// Run a server and a local client with a service `example`: a working system in one command.
     Up(up::UpArgs),
     /// Run the orchestrator server: queues jobs and dispatches them to clients.
@@ -70,7 +70,7 @@ async fn run() -> std::process::ExitCode {
         Command::User(command) => return jobrelay_cli::run(command).await,
         Command::Client(args) => {
             init_logging();
-            jobrelay_client::run(args).await
+            jobrelay_client::run(*args).await
         }
         Command::Server(ServerCommand {
             action: Some(ServerAction::Migrate(args)),

@@ -63,7 +63,7 @@ async fn start_client(
         .ok()
         .and_then(|p| p.trim().parse::<u16>().ok());
     let config = |port: u16| ClientConfig {
-        listen: loopback(port),
+        listen: Some(loopback(port)),
         data_dir: data_dir.join("client"),
         slots,
         // As many cores as slots (a job asking for nothing takes one), the memory as
@@ -82,6 +82,7 @@ async fn start_client(
         token: Some(token.clone()),
         confinement: Default::default(),
         tls: None,
+        pull: None,
     };
     std::fs::create_dir_all(data_dir.join("client"))?;
     let client = match (port, remembered) {
@@ -95,7 +96,15 @@ async fn start_client(
         },
         (None, None) => jobrelay_client::start(config(0)).await?,
     };
-    jobrelay_common::fsutil::write_atomic(&port_file, client.addr.port().to_string().as_bytes())?;
+    jobrelay_common::fsutil::write_atomic(
+        &port_file,
+        client
+            .addr
+            .expect("up's client listens")
+            .port()
+            .to_string()
+            .as_bytes(),
+    )?;
     Ok(client)
 }
 
@@ -113,7 +122,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // A fresh secret between the server and its local client, at every start.
     let token = Secret::generate()?;
     let client = start_client(&data_dir, slots, args.client_port, &token).await?;
-    let client_url = format!("http://{}", client.addr);
+    let client_url = format!("http://{}", client.addr.expect("up's client listens"));
     let mut endpoint = ClientEndpoint::from_base(&client_url)?;
     endpoint.token = Some(token);
     let mut services = BTreeMap::new();

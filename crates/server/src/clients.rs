@@ -14,6 +14,10 @@ use tokio::sync::Notify;
 use crate::config::ClientEndpoint;
 use crate::lifecycle::Lifecycle;
 use crate::scheduler::ClientId;
+use jobrelay_common::auth::Secret;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// How long a client that answered 507 gets no new job.
 pub const FULL_PAUSE: Duration = Duration::from_secs(10);
@@ -40,6 +44,8 @@ pub struct ClientHandle {
     pub full_until: Mutex<Option<Instant>>,
     /// True while runs given away are being killed there ([`crate::stop::kill_abandoned`]).
     pub killing: std::sync::atomic::AtomicBool,
+    /// Set for a client that joined at run time (it dials out; see [`Joined`]).
+    pub joined: Option<Joined>,
 }
 
 impl ClientHandle {
@@ -56,7 +62,28 @@ impl ClientHandle {
             last_seen_ms: std::sync::atomic::AtomicI64::new(0),
             full_until: Mutex::new(None),
             killing: std::sync::atomic::AtomicBool::new(false),
+            joined: None,
         }
+    }
+
+    /// A client that joined: reached through the tunnels it opens ([`Joined`]).
+    pub fn joined(
+        id: ClientId,
+        endpoint: ClientEndpoint,
+        http: reqwest::Client,
+        joined: Joined,
+    ) -> Self {
+        ClientHandle {
+            joined: Some(joined),
+            ..ClientHandle::new(id, endpoint, http)
+        }
+    }
+
+    /// True while a joined client is leaving: it gets no new job, its jobs there finish.
+    pub fn is_leaving(&self) -> bool {
+        self.joined
+            .as_ref()
+            .is_some_and(|j| j.leaving.load(std::sync::atomic::Ordering::Acquire))
     }
 
     pub fn base(&self) -> &str {
@@ -139,4 +166,151 @@ pub fn reached(client: &ClientHandle) {
     client
         .last_seen_ms
         .store(crate::store::now_ms(), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Every client, configured or joined, by its scheduler id (the index) and by its base URL.
+/// Configured clients are added at start; joined ones when they first join, never removed
+/// while the server runs (a client that left is unhealthy, and comes back as the same one).
+#[derive(Default)]
+pub struct Pool {
+    list: RwLock<Vec<Arc<ClientHandle>>>,
+    by_base: RwLock<HashMap<String, usize>>,
+    /// Held while a client joins, so ids are handed out (scheduler, then pool) in order.
+    pub joining: tokio::sync::Mutex<()>,
+}
+
+impl Pool {
+    pub fn new(list: Vec<Arc<ClientHandle>>) -> Self {
+        let by_base = list.iter().map(|c| (c.base().to_owned(), c.id)).collect();
+        Pool {
+            list: RwLock::new(list),
+            by_base: RwLock::new(by_base),
+            joining: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The client with scheduler id `id`.
+    pub fn get(&self, id: ClientId) -> Option<Arc<ClientHandle>> {
+        read(&self.list).get(id).cloned()
+    }
+
+    /// The client with this base URL.
+    pub fn by_base(&self, base: &str) -> Option<Arc<ClientHandle>> {
+        let id = *read(&self.by_base).get(base)?;
+        self.get(id)
+    }
+
+    /// The scheduler id of the client with this base URL.
+    pub fn id_of(&self, base: &str) -> Option<ClientId> {
+        read(&self.by_base).get(base).copied()
+    }
+
+    /// Every client, in id order.
+    pub fn all(&self) -> Vec<Arc<ClientHandle>> {
+        read(&self.list).clone()
+    }
+
+    /// Adds a client; its id must be the next one (the scheduler's, taken under its lock).
+    pub fn push(&self, client: Arc<ClientHandle>) {
+        let mut list = self.list.write().unwrap_or_else(|e| e.into_inner());
+        debug_assert_eq!(client.id, list.len());
+        self.by_base
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client.base().to_owned(), client.id);
+        list.push(client);
+    }
+
+    /// The joined client holding this credential, if any (compared in constant time).
+    pub fn joined_by_credential(&self, given: &str) -> Option<Arc<ClientHandle>> {
+        // Every credential is compared, so the time does not say which one was close.
+        let mut found = None;
+        for client in read(&self.list).iter() {
+            if let Some(joined) = &client.joined {
+                if joined.credential.matches(given) && found.is_none() {
+                    found = Some(client.clone());
+                }
+            }
+        }
+        found
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the server knows of a client that joined (`jobrelay client --connect`): it opens
+/// every connection, so the server reaches it through tunnels the client offers
+/// ([`Tunnels`]); its base URL (`http://<node>.joined`) only names it.
+pub struct Joined {
+    /// The client's data-directory identity (`node-id`), stable across its restarts.
+    pub node: String,
+    /// The services it serves.
+    pub services: Mutex<Vec<String>>,
+    /// The credential it was given at registration, for its tunnels and its leave.
+    pub credential: Secret,
+    /// When it joined first (Unix ms).
+    pub since_ms: i64,
+    /// Where its last request came from (peer address).
+    pub from: Mutex<String>,
+    /// When it last offered a tunnel (its heartbeat; Unix ms).
+    pub last_heartbeat_ms: AtomicI64,
+    /// Set when it said it leaves: no new job is placed there.
+    pub leaving: AtomicBool,
+    pub tunnels: Tunnels,
+}
+
+impl Joined {
+    pub fn heartbeat(&self, from: &str) {
+        self.last_heartbeat_ms
+            .store(crate::store::now_ms(), Ordering::Relaxed);
+        let mut last = crate::lock(&self.from);
+        if *last != from {
+            *last = from.to_owned();
+        }
+    }
+}
+
+/// The server's side of a joined client's tunnels: connections the server's HTTP client
+/// opened to the client (to a Unix socket of the server's own) wait here until the client's
+/// next tunnel request takes one.
+pub struct Tunnels {
+    sender: tokio::sync::mpsc::Sender<tokio::net::UnixStream>,
+    receiver: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<tokio::net::UnixStream>>,
+    /// Where the server's HTTP client connects to reach the client.
+    pub socket: std::path::PathBuf,
+}
+
+/// Connections to a joined client that may wait for a tunnel at once.
+const WAITING_CONNECTIONS: usize = 64;
+
+impl Tunnels {
+    pub fn new(socket: std::path::PathBuf) -> Self {
+        let (sender, receiver) = tokio::sync::mpsc::channel(WAITING_CONNECTIONS);
+        Tunnels {
+            sender,
+            receiver: tokio::sync::Mutex::new(receiver),
+            socket,
+        }
+    }
+
+    /// A connection to the client waits for a tunnel; dropped (closed) when too many wait.
+    pub fn offer(&self, connection: tokio::net::UnixStream) {
+        if self.sender.try_send(connection).is_err() {
+            tracing::debug!("too many connections wait for a joined client's tunnel");
+        }
+    }
+
+    /// The next connection waiting for a tunnel, within `wait`.
+    pub async fn take(&self, wait: Duration) -> Option<tokio::net::UnixStream> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut receiver = tokio::time::timeout_at(deadline, self.receiver.lock())
+            .await
+            .ok()?;
+        tokio::time::timeout_at(deadline, receiver.recv())
+            .await
+            .ok()
+            .flatten()
+    }
 }

@@ -89,6 +89,11 @@ pub struct ServerArgs {
     /// system's trusted roots are not used then.
     #[arg(long, env = "JOBRELAY_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
+    /// File holding the token a client must give to join a service at run time
+    /// (`jobrelay client --connect ... --join-token-file`); a service's `join_token_file` in
+    /// the TOML wins. Without either, joining that service is off.
+    #[arg(long, env = "JOBRELAY_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
 }
 
 /// One executor client of a service, with the endpoints the server calls.
@@ -182,6 +187,8 @@ pub struct ServiceConfig {
     pub webhook_secret: Option<Secret>,
     /// Defaults and maxima of what its jobs may ask for.
     pub resources: ResourceRules,
+    /// The token a client must give to join this service at run time; `None`: it cannot.
+    pub join_token: Option<Secret>,
 }
 
 /// What a service's jobs get when they ask for nothing, and the most they may ask for
@@ -250,6 +257,7 @@ impl ServiceConfig {
             webhook_url: None,
             webhook_secret: None,
             resources: ResourceRules::default(),
+            join_token: None,
         }
     }
 }
@@ -424,6 +432,8 @@ struct TomlService {
     max_files: Option<usize>,
     /// File holding the token of this service's clients.
     token_file: Option<PathBuf>,
+    /// File holding the token a client gives to join this service at run time.
+    join_token_file: Option<PathBuf>,
     webhook_url: Option<String>,
     webhook_secret: Option<String>,
     webhook_secret_file: Option<PathBuf>,
@@ -486,6 +496,16 @@ pub fn services_from(
     toml_text: Option<&str>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> anyhow::Result<BTreeMap<String, ServiceConfig>> {
+    services_joinable(toml_text, env, None)
+}
+
+/// [`services_from`], with the server-wide join token (`--join-token-file`) for the services
+/// that have none of their own: such a service may have no configured client.
+pub fn services_joinable(
+    toml_text: Option<&str>,
+    env: impl IntoIterator<Item = (String, String)>,
+    join_token: Option<&Secret>,
+) -> anyhow::Result<BTreeMap<String, ServiceConfig>> {
     let file: TomlFile = match toml_text {
         Some(text) => {
             toml::from_str(text).map_err(|e| anyhow::anyhow!("bad configuration file: {e}"))?
@@ -525,6 +545,12 @@ pub fn services_from(
         let resources = service
             .resource_rules()
             .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
+        let own_join_token = service
+            .join_token_file
+            .as_deref()
+            .map(Secret::read_file)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("service {name:?}: join token: {e}"))?;
         services.insert(
             name,
             ServiceConfig {
@@ -536,6 +562,7 @@ pub fn services_from(
                 webhook_url: service.webhook_url,
                 webhook_secret,
                 resources,
+                join_token: own_join_token,
             },
         );
     }
@@ -636,9 +663,16 @@ pub fn services_from(
         }
     }
 
+    for service in services.values_mut() {
+        if service.join_token.is_none() {
+            service.join_token = join_token.cloned();
+        }
+    }
     for (name, service) in &services {
-        if service.clients.is_empty() {
-            anyhow::bail!("service {name:?} has no clients");
+        if service.clients.is_empty() && service.join_token.is_none() {
+            anyhow::bail!(
+                "service {name:?} has no clients (list some, or let clients join it with a join token)"
+            );
         }
         if service.runs_per_user == 0 || service.max_runs == 0 {
             anyhow::bail!("service {name:?}: runs_per_user and max_runs must be at least 1");
@@ -681,7 +715,14 @@ impl ServerArgs {
             })?),
             None => None,
         };
-        let mut services = services_from(text.as_deref(), std::env::vars())?;
+        let join_token = self
+            .join_token_file
+            .as_deref()
+            .map(Secret::read_file)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--join-token-file: {e}"))?;
+        let mut services =
+            services_joinable(text.as_deref(), std::env::vars(), join_token.as_ref())?;
         if let Some(path) = &self.client_token_file {
             let token = Secret::read_file(path).map_err(anyhow::Error::msg)?;
             for client in services.values_mut().flat_map(|s| s.clients.iter_mut()) {

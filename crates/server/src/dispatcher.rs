@@ -34,7 +34,9 @@ pub async fn run(shared: Arc<Shared>) {
 }
 
 async fn dispatch(shared: Arc<Shared>, decision: Decision) {
-    let client = shared.clients[decision.client].clone();
+    let Some(client) = shared.clients.get(decision.client) else {
+        return;
+    };
     // Terminated (or otherwise moved) since it was queued: nothing to send.
     if let Some(job) = shared.lifecycle.sending(&decision, client.base()) {
         send(&shared, &client, job, Delivery::NeverSent).await;

@@ -70,7 +70,7 @@ pub fn start_term(shared: &Arc<Shared>) -> anyhow::Result<Term> {
     let resend = recover(shared)?;
     let mut tasks = Vec::new();
     let loops = &shared.loops;
-    for client in &shared.clients {
+    for client in shared.clients.all() {
         let (s, c) = (shared.clone(), client.clone());
         tasks.push(loops.spawn("probe", Some(client.base()), move || {
             probe::run(s.clone(), c.clone())
@@ -137,7 +137,7 @@ fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<crate::store::Job>> {
     }
     let recovered = shared
         .lifecycle
-        .recover_at_start(|base| shared.client_by_base.get(base).copied())?;
+        .recover_at_start(|base| shared.clients.id_of(base))?;
     let shared = shared.clone();
     let performing = shared.clone();
     shared

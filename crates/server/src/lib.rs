@@ -40,6 +40,7 @@ pub mod effects;
 pub mod gateway;
 pub mod http;
 pub mod janitor;
+pub mod joined;
 pub mod leader;
 pub mod lifecycle;
 pub mod migrate;
@@ -147,6 +148,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         Database::Sqlite(_) => {
             let staging_dir = data_dir.join("staging");
             remove_dir_all_if_exists(&staging_dir)?;
+            // The sockets of joined clients a previous process left.
+            joined::remove_leftovers(&data_dir);
             staging_dir
         }
         // Servers sharing the data directory each receive uploads in a folder of their own;
@@ -191,7 +194,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
 
-    let (sched, endpoints, client_by_base, service_ids) = schedule_of(&config);
+    let (mut sched, endpoints, _, service_ids) = schedule_of(&config);
     let clients = endpoints
         .into_iter()
         .enumerate()
@@ -200,7 +203,29 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .map(|http| Arc::new(ClientHandle::new(id, endpoint, http)))
         })
         .collect::<Vec<_>>();
-    let clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // Joined clients that active jobs are on: back in the pool before those jobs are
+    // recovered, so they are followed there (the clients join again and go on).
+    let mut relays = Vec::new();
+    let active = store.in_states(&store::JobStatus::ACTIVE)?;
+    for (base, names) in joined::known_from_jobs(&active) {
+        let Some(node) = joined::node_of(&base) else {
+            continue;
+        };
+        let id = sched.add_client();
+        sched.set_client_label(id, base.clone());
+        for name in &names {
+            if let Some(&sid) = service_ids.get(name) {
+                sched.add_client_to_service(sid, id);
+            }
+        }
+        let (client, listener) = joined::new_handle(&data_dir, id, node, &names, "")
+            .map_err(|e| anyhow::anyhow!("cannot set up joined client {base}: {e:?}"))?;
+        let client = Arc::new(client);
+        tracing::info!(client = %base, "a joined client has active jobs: waiting for it to join again");
+        relays.push((client.clone(), listener));
+        clients.push(client);
+    }
     match &config.users {
         Some(users) => tracing::info!(
             users = users.len(),
@@ -260,8 +285,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config,
         store,
         lifecycle,
-        clients,
-        client_by_base,
+        clients: clients::Pool::new(clients),
         service_ids,
         loops: supervise::Loops::default(),
         check_requests: shared::CheckRequests::default(),
@@ -305,6 +329,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let mut tasks = Vec::new();
     // Each background loop is restarted if it panics (supervise), and /health names one
     // that is down or restarting too often. The leader's loops run in its term (leader).
+    for (client, listener) in relays {
+        shared.job_tasks.spawn(joined::relay(client, listener));
+    }
     let s = shared.clone();
     tasks.push(
         shared

@@ -66,7 +66,13 @@ pub async fn run(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                 // dispatcher is woken when it came back or its slots changed.
                 let was_healthy = shared
                     .lifecycle
-                    .client_probed(client.id, !client.is_full(), slots, capacity, load)
+                    .client_probed(
+                        client.id,
+                        !client.is_full() && !client.is_leaving(),
+                        slots,
+                        capacity,
+                        load,
+                    )
                     .was_healthy;
                 if !was_healthy {
                     tracing::info!(

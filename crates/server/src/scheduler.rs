@@ -239,6 +239,16 @@ impl Scheduler {
         self.services.len() - 1
     }
 
+    /// A client that joined at run time serves `service` too (a client that joins again
+    /// changes nothing). It is unhealthy until told otherwise.
+    pub fn add_client_to_service(&mut self, service: ServiceId, client: ClientId) {
+        let s = &mut self.services[service];
+        if !s.clients.contains(&client) {
+            s.clients.push(client);
+            self.room_changed(client);
+        }
+    }
+
     /// Updates what is known of a client: reachable or not, advertised slots, load (0-100).
     pub fn set_client(&mut self, client: ClientId, healthy: bool, slots: Option<usize>, load: f64) {
         let c = &mut self.clients[client];

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crate::clients::ClientHandle;
+use crate::clients::{ClientHandle, Pool};
 use crate::config::ServerConfig;
 use crate::lifecycle::{JobTable, Lifecycle};
 use crate::scheduler::ServiceId;
@@ -21,8 +21,8 @@ pub struct Shared {
     pub store: Arc<JobTable>,
     /// The one writer of job state (and owner of the scheduler).
     pub lifecycle: Lifecycle,
-    pub clients: Vec<Arc<ClientHandle>>,
-    pub client_by_base: HashMap<String, usize>,
+    /// Every client, configured or joined.
+    pub clients: Pool,
     pub service_ids: HashMap<String, ServiceId>,
     /// Jobs whose state is being checked on their client right now; `true` when another
     /// check was asked for meanwhile.
@@ -55,8 +55,7 @@ impl Shared {
     }
 
     pub fn client_of(&self, base: Option<&str>) -> Option<Arc<ClientHandle>> {
-        base.and_then(|b| self.client_by_base.get(b))
-            .map(|&i| self.clients[i].clone())
+        base.and_then(|b| self.clients.by_base(b))
     }
 }
 

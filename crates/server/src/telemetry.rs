@@ -19,7 +19,12 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
             gauge!("jobrelay_server_active_jobs", "service" => name.clone())
                 .set(sched.active(id) as f64);
         }
-        for client in &shared.clients {
+        let clients = shared.clients.all();
+        let joined = clients.iter().filter(|c| c.joined.is_some());
+        gauge!("jobrelay_server_joined_clients").set(joined.clone().count() as f64);
+        gauge!("jobrelay_server_joined_clients_healthy")
+            .set(joined.filter(|c| sched.client_healthy(c.id)).count() as f64);
+        for client in clients {
             let base = client.base().to_owned();
             gauge!("jobrelay_server_client_healthy", "client" => base.clone()).set(
                 if sched.client_healthy(client.id) {

@@ -117,6 +117,23 @@ pub struct ClientView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub used: Option<crate::scheduler::Capacity>,
+    /// Set for a client that joined at run time (`jobrelay client --connect`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joined: Option<JoinedView>,
+}
+
+/// Where a joined client is, since when, and its last heartbeat.
+#[derive(Serialize, ToSchema)]
+pub struct JoinedView {
+    pub node: String,
+    /// The address its last request came from.
+    pub from: String,
+    /// When it first joined, RFC 3339.
+    pub since: String,
+    /// When it last offered a tunnel, RFC 3339.
+    pub last_heartbeat: String,
+    /// True once it said it leaves: it gets no new job.
+    pub leaving: bool,
 }
 
 /// The clients of every service: health, load, slots, jobs, last contact.
@@ -124,19 +141,23 @@ pub fn client_views(shared: &Shared) -> Vec<ClientView> {
     let sched = shared.lifecycle.scheduler();
     shared
         .clients
-        .iter()
+        .all()
+        .into_iter()
         .map(|client| {
             let info = crate::lock(&client.info).clone();
             let last_seen = client.last_seen_ms.load(Ordering::Relaxed);
             ClientView {
                 url: client.base().to_owned(),
-                services: shared
-                    .config
-                    .services
-                    .iter()
-                    .filter(|(_, s)| s.clients.iter().any(|c| c.base == client.base()))
-                    .map(|(name, _)| name.clone())
-                    .collect(),
+                services: match &client.joined {
+                    Some(joined) => crate::lock(&joined.services).clone(),
+                    None => shared
+                        .config
+                        .services
+                        .iter()
+                        .filter(|(_, s)| s.clients.iter().any(|c| c.base == client.base()))
+                        .map(|(name, _)| name.clone())
+                        .collect(),
+                },
                 healthy: sched.client_healthy(client.id),
                 load: sched.client_load(client.id),
                 slots: sched.client_slots(client.id),
@@ -148,6 +169,13 @@ pub fn client_views(shared: &Shared) -> Vec<ClientView> {
                 used: sched
                     .client_capacity(client.id)
                     .map(|_| sched.client_used(client.id)),
+                joined: client.joined.as_ref().map(|j| JoinedView {
+                    node: j.node.clone(),
+                    from: crate::lock(&j.from).clone(),
+                    since: rfc3339(j.since_ms),
+                    last_heartbeat: rfc3339(j.last_heartbeat_ms.load(Ordering::Relaxed)),
+                    leaving: j.leaving.load(Ordering::Relaxed),
+                }),
             }
         })
         .collect()

@@ -31,7 +31,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `jobrelay <args>` and waits for its "listening on http://..." line on stdout.
+    /// Starts `jobrelay <args>` and waits for its "listening on http://..." line on stdout
+    /// (or, for a client that dials out, "pulling work from http://...").
     pub fn start(args: &[&str], log_dir: &Path) -> Proc {
         Self::start_with_env(args, log_dir, &[])
     }
@@ -66,6 +67,9 @@ impl Proc {
             while reader.read_line(&mut line).unwrap_or(0) > 0 {
                 if let Some(at) = line.find("listening on ") {
                     let _ = tx.send(line[at + "listening on ".len()..].trim().to_owned());
+                } else if let Some(at) = line.find("pulling work from ") {
+                    // A client that dials out (`--connect`): its URL is its server's.
+                    let _ = tx.send(line[at + "pulling work from ".len()..].trim().to_owned());
                 }
                 line.clear();
             }

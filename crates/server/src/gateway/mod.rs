@@ -77,6 +77,25 @@ pub fn http_for(
     builder.build()
 }
 
+/// The base URL that names a joined client (`http://<node>.joined`): a name only, every
+/// connection to it goes to the Unix socket of its tunnels ([`http_for_joined`]).
+pub fn joined_base(node: &str) -> String {
+    format!("http://{node}.joined")
+}
+
+/// The HTTP client for requests to a joined client: as [`http_for`], but every connection
+/// goes to `socket`, where the server's relay hands it to one of the client's tunnels. No
+/// token: the tunnel was opened with the client's credential, and the socket's directory is
+/// the server's own (0700).
+pub fn http_for_joined(socket: &std::path::Path) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .unix_socket(socket.to_path_buf())
+        .read_timeout(Duration::from_secs(120))
+        .pool_idle_timeout(pool_idle())
+        .build()
+}
+
 /// A client endpoint, with what its URL needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum To<'a> {

@@ -15,8 +15,14 @@ use jobrelay_common::auth::bearer;
 use crate::auth::{Caller, Users};
 use crate::http::error::JobAnswer;
 
-/// Requests anyone may make.
+/// Requests anyone may make (the join routes check their own join token or credential).
 fn is_open(request: &Request) -> bool {
+    if matches!(
+        request.uri().path(),
+        "/join" | "/join/tunnel" | "/join/leave"
+    ) {
+        return true;
+    }
     request.method() == Method::GET
         && matches!(
             request.uri().path(),

@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::Router;
 use utoipa::OpenApi;
 
-use crate::http::{jobs, observe};
+use crate::http::{jobs, join, observe};
 use crate::Shared;
 
 pub fn routes() -> Router<Arc<Shared>> {
@@ -37,6 +37,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
         .merge_from(jobs::JobsDoc::openapi())
         .merge_from(observe::ObserveDoc::openapi())
+        .merge_from(join::JoinDoc::openapi())
 }
 
 /// The `bearer` security scheme: a user's token from the users file, needed by every endpoint

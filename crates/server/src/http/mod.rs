@@ -6,6 +6,7 @@
 //! - [`error`]: the leaf: the reference's JSON error shape, the extractors, `blocking`;
 //! - [`auth`]: finds each request's caller (the users file's token);
 //! - [`jobs`]: the job routes (upload, list, status, events, log, downloads, terminate);
+//! - [`join`]: the routes of clients that join at run time (join, tunnel, leave);
 //! - [`observe`]: ping, health, the dashboard and its JSON, metrics;
 //! - [`docs`]: `/openapi.json` and `/docs`.
 
@@ -13,6 +14,7 @@ pub mod auth;
 pub mod docs;
 pub mod error;
 pub mod jobs;
+pub mod join;
 pub mod observe;
 
 #[cfg(test)]
@@ -31,6 +33,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let router = Router::new()
         .merge(observe::routes())
         .merge(jobs::routes())
+        .merge(join::routes())
         .merge(docs::routes());
     // The fallbacks come before the authentication layer, so that an unknown endpoint asked
     // without a token answers 401 like every other closed one.

@@ -14,14 +14,24 @@ use utoipa::OpenApi;
 
 use crate::auth::Caller;
 use crate::http::error::{blocking, ApiError, ApiResult, JobAnswer};
-use crate::views::{self, ClientView, MinuteCount, Overview, ServerView, ServiceUsage, UserUsage};
+use crate::views::{
+    self, ClientView, JoinedView, MinuteCount, Overview, ServerView, ServiceUsage, UserUsage,
+};
 use crate::Shared;
 
 /// These routes' part of `/openapi.json`.
 #[derive(OpenApi)]
 #[openapi(
     paths(health, ping, overview, clients, metrics),
-    components(schemas(Overview, ServiceUsage, UserUsage, MinuteCount, ClientView, ServerView))
+    components(schemas(
+        Overview,
+        ServiceUsage,
+        UserUsage,
+        MinuteCount,
+        ClientView,
+        ServerView,
+        JoinedView
+    ))
 )]
 pub struct ObserveDoc;
 

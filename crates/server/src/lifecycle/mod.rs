@@ -235,6 +235,28 @@ impl Lifecycle {
         ClientChange { was_healthy }
     }
 
+    /// A client joined at run time: a new scheduler id (unless `existing`), serving these
+    /// services (names the lifecycle does not know are skipped). Unhealthy until probed.
+    pub fn client_joined(
+        &self,
+        existing: Option<crate::scheduler::ClientId>,
+        label: &str,
+        services: &[String],
+    ) -> crate::scheduler::ClientId {
+        let mut sched = crate::lock(&self.sched);
+        let id = existing.unwrap_or_else(|| {
+            let id = sched.add_client();
+            sched.set_client_label(id, label);
+            id
+        });
+        for name in services {
+            if let Some(&service) = self.services.get(name) {
+                sched.add_client_to_service(service, id);
+            }
+        }
+        id
+    }
+
     /// No job goes to the client until it is found healthy again.
     pub fn client_out(&self, client: crate::scheduler::ClientId) -> ClientChange {
         let mut sched = crate::lock(&self.sched);

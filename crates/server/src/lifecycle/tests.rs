@@ -64,8 +64,7 @@ fn fixture(client_base: &str, runs_per_user: usize) -> Fixture {
         config,
         store,
         lifecycle,
-        clients: vec![handle],
-        client_by_base: [(endpoint.base.clone(), client)].into(),
+        clients: crate::clients::Pool::new(vec![handle]),
         service_ids,
         loops: crate::supervise::Loops::default(),
         check_requests: crate::shared::CheckRequests::default(),
@@ -99,7 +98,7 @@ impl Fixture {
     /// What the dispatcher does up to its send: the scheduler's decisions, each committed
     /// Processing with one more attempt. Returns the jobs it sends.
     fn dispatch(&self) -> Vec<Job> {
-        let base = self.shared.clients[0].base().to_owned();
+        let base = self.shared.clients.get(0).unwrap().base().to_owned();
         self.lifecycle()
             .decide()
             .into_iter()
