@@ -75,7 +75,8 @@ pub struct Args {
     #[arg(long)]
     pub reference_jobs: Option<usize>,
     /// PostgreSQL to measure against SQLite (`--only postgres`; also JOBRELAY_BENCH_POSTGRES):
-    /// a `postgres://` URL; the run makes a schema of its own there and drops it.
+    /// a `postgres://` URL of a role that may create databases; the run makes one of its own
+    /// there and drops it.
     #[arg(long)]
     pub postgres: Option<String>,
 }

@@ -1,11 +1,12 @@
 //! Trivial jobs on PostgreSQL against SQLite in the same run (issue 14): one server and one
-//! client per database, the same latency (one job at a time: upload, then `GET
-//! /download/{id}?wait=` until the ZIP) and throughput (jobs from 16 users at once) on each,
+//! client per database, both up at once and measured in turns, the same latency (one job at a
+//! time: upload, then `GET /download/{id}?wait=` until the ZIP) and throughput (jobs from 16
+//! users at once) on each,
 //! and where PostgreSQL's extra cost per job goes: the server's CPU, the PostgreSQL backends'
 //! CPU (read from `/proc` of the backends serving the server, on this machine) and the
 //! transactions committed per job (`pg_stat_database`). Needs a PostgreSQL URL (`--postgres`,
-//! else `JOBRELAY_BENCH_POSTGRES` or `JOBRELAY_TEST_POSTGRES`); the run makes a schema of
-//! its own there and drops it. Without one the figures are skipped, with the reason.
+//! else `JOBRELAY_BENCH_POSTGRES` or `JOBRELAY_TEST_POSTGRES`); the run makes a database of
+//! its own there (so its statistics are its own) and drops it. Without one the figures are skipped, with the reason.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -49,6 +50,7 @@ struct Figures {
     server_cpu_per_job: f64,
     backend_cpu_per_job: Option<f64>,
     commits_per_job: Option<f64>,
+    rows_per_job: Option<f64>,
 }
 
 /// [`run`] with the harness's arguments: its binary, a scratch directory of its own, its
@@ -58,13 +60,18 @@ pub async fn run_for(args: &crate::Args) -> anyhow::Result<(Vec<Row>, Value)> {
     let scratch = tempfile::Builder::new()
         .prefix("jobrelay-bench-pg-")
         .tempdir()?;
-    let (latency, throughput) = if args.quick { (20, 100) } else { (200, 2_000) };
+    let (latency, throughput, runs) = if args.quick {
+        (20, 100, 1)
+    } else {
+        (200, 2_000, 3)
+    };
     run(
         &binary,
         scratch.path(),
         args.postgres.as_deref(),
         args.latency_jobs.unwrap_or(latency),
         args.throughput_jobs.unwrap_or(throughput),
+        args.runs.unwrap_or(runs).max(1),
     )
     .await
 }
@@ -76,6 +83,7 @@ pub async fn run(
     given: Option<&str>,
     latency_jobs: usize,
     throughput_jobs: usize,
+    runs: usize,
 ) -> anyhow::Result<(Vec<Row>, Value)> {
     let url = match url(given) {
         Ok(url) => url,
@@ -95,41 +103,37 @@ pub async fn run(
         }
     };
     let admin = connect(&url).await?;
-    let schema = format!("bench_{}", std::process::id());
+    // A database of its own: its statistics (pg_stat_database) and backends are the run's
+    // alone, whatever else uses the same PostgreSQL server.
+    let database = format!("jobrelay_bench_{}", std::process::id());
     admin
-        .batch_execute(&format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .await?;
-    let glue = if url.contains('?') { '&' } else { '?' };
-    let server_url = format!("{url}{glue}options=-c%20search_path%3D{schema}");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await?;
+    let mut server_url = reqwest::Url::parse(&url).context("the PostgreSQL URL")?;
+    server_url.set_path(&format!("/{database}"));
+    let server_url = server_url.to_string();
     let http = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(64)
         .tcp_nodelay(true)
         .build()?;
-    let sqlite = measure(
+    let measured = measure_both(
         binary,
-        &root.join("pg-sqlite"),
+        root,
         &http,
-        None,
+        (&server_url, &admin, &database),
         latency_jobs,
         throughput_jobs,
-    )
-    .await;
-    let postgres = measure(
-        binary,
-        &root.join("pg-postgres"),
-        &http,
-        Some((&server_url, &admin)),
-        latency_jobs,
-        throughput_jobs,
+        runs,
     )
     .await;
     admin
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .await?;
-    let (sqlite, postgres) = (sqlite?, postgres?);
+    let (sqlite, postgres) = measured?;
     let mut rows = Vec::new();
     let row = |what: String, value: String, spread: String, base: String, ratio: String| Row {
         section: "PG".into(),
@@ -156,7 +160,7 @@ pub async fn run(
         ),
     ));
     rows.push(row(
-        format!("throughput, {throughput_jobs} trivial jobs from {USERS} users, PostgreSQL (floor: SQLite)"),
+        format!("throughput, {throughput_jobs} trivial jobs from {USERS} users, PostgreSQL (median of {runs} runs; floor: SQLite)"),
         format!("{:.0} jobs/s", postgres.jobs_per_s),
         String::new(),
         format!("{:.0} jobs/s", sqlite.jobs_per_s),
@@ -181,6 +185,15 @@ pub async fn run(
             String::new(),
         ));
     }
+    if let Some(written) = postgres.rows_per_job {
+        rows.push(row(
+            "rows written (inserted, updated, deleted) per job on PostgreSQL".into(),
+            format!("{written:.1}"),
+            String::new(),
+            "—".into(),
+            String::new(),
+        ));
+    }
     if let Some(commits) = postgres.commits_per_job {
         rows.push(row(
             "transactions committed per job on PostgreSQL (throughput run)".into(),
@@ -197,6 +210,7 @@ pub async fn run(
             "server_cpu_s_per_job": f.server_cpu_per_job,
             "backend_cpu_s_per_job": f.backend_cpu_per_job,
             "commits_per_job": f.commits_per_job,
+            "rows_written_per_job": f.rows_per_job,
         })
     };
     Ok((
@@ -205,140 +219,179 @@ pub async fn run(
     ))
 }
 
-/// One server (on SQLite, or on `postgres` = (server URL, admin connection)) and one client
-/// with 8 slots: the latency of `latency_jobs` jobs one at a time, then the throughput of
-/// `throughput_jobs` jobs.
-async fn measure(
+/// A server (on SQLite, or on PostgreSQL) with its own client of 8 slots.
+struct Side {
+    server: Proc,
+    _client: Proc,
+    base: String,
+}
+
+impl Side {
+    fn start(binary: &Path, dir: &Path, db: Option<&str>) -> anyhow::Result<Side> {
+        std::fs::create_dir_all(dir)?;
+        let client_args: Vec<String> = ["client", "--port", "0", "--slots", "8", "--data-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([dir.join("client").display().to_string()])
+            .collect();
+        let client = Proc::start(binary, &client_args, &dir.join("client.log"), "client")?;
+        let config = dir.join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[services.bench]\nclients = [{:?}]\nruns_per_user = 8\nmax_runs = 8\n",
+                client.url
+            ),
+        )?;
+        let mut server_args: Vec<String> = vec![
+            "server".into(),
+            "--port".into(),
+            "0".into(),
+            "--data-dir".into(),
+            dir.join("server").display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        if let Some(url) = db {
+            server_args.extend(["--db".into(), url.to_owned()]);
+        }
+        let server = Proc::start(binary, &server_args, &dir.join("server.log"), "server")?;
+        Ok(Side {
+            base: server.url.clone(),
+            server,
+            _client: client,
+        })
+    }
+
+    /// `jobs` trivial jobs from 16 users at once: (jobs per second, server CPU seconds).
+    async fn throughput(&self, http: &reqwest::Client, jobs: usize) -> anyhow::Result<(f64, f64)> {
+        let cpu = cpu_seconds(self.server.pid)?;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for u in 0..USERS {
+            let (http, base) = (http.clone(), self.base.clone());
+            let share = jobs / USERS as usize + usize::from((u as usize) < jobs % USERS as usize);
+            tasks.push(tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..share {
+                    ids.push(upload(&http, &base, 1 + u).await?);
+                }
+                for id in ids {
+                    follow(&http, &base, id).await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok((jobs as f64 / elapsed, cpu_seconds(self.server.pid)? - cpu))
+    }
+}
+
+/// Both servers at once, measured in turns so that the machine's drift falls on both alike:
+/// latency samples alternate SQLite, PostgreSQL, one job at a time; then throughput runs
+/// alternate the same way. On PostgreSQL also the backends' CPU (by pid, from `/proc`) and
+/// the transactions committed over its throughput runs.
+async fn measure_both(
     binary: &Path,
-    dir: &Path,
+    root: &Path,
     http: &reqwest::Client,
-    postgres: Option<(&str, &tokio_postgres::Client)>,
+    (url, admin, database): (&str, &tokio_postgres::Client, &str),
     latency_jobs: usize,
     throughput_jobs: usize,
-) -> anyhow::Result<Figures> {
-    std::fs::create_dir_all(dir)?;
-    let client_args: Vec<String> = ["client", "--port", "0", "--slots", "8", "--data-dir"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([dir.join("client").display().to_string()])
-        .collect();
-    let client = Proc::start(binary, &client_args, &dir.join("client.log"), "client")?;
-    let config = dir.join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[services.bench]\nclients = [{:?}]\nruns_per_user = 8\nmax_runs = 8\n",
-            client.url
-        ),
-    )?;
-    let mut server_args: Vec<String> = vec![
-        "server".into(),
-        "--port".into(),
-        "0".into(),
-        "--data-dir".into(),
-        dir.join("server").display().to_string(),
-        "--config".into(),
-        config.display().to_string(),
-    ];
-    if let Some((url, _)) = postgres {
-        server_args.extend(["--db".into(), url.to_owned()]);
+    runs: usize,
+) -> anyhow::Result<(Figures, Figures)> {
+    let sqlite = Side::start(binary, &root.join("pg-sqlite"), None)?;
+    let postgres = Side::start(binary, &root.join("pg-postgres"), Some(url))?;
+    let sides = [&sqlite, &postgres];
+    // Warm up: connections made, clients probed.
+    for side in sides {
+        for _ in 0..5 {
+            round_trip(http, &side.base, 1).await?;
+        }
     }
-    let server = Proc::start(binary, &server_args, &dir.join("server.log"), "server")?;
-    let base = server.url.clone();
-    // Warm up: connections made, the client probed.
-    for _ in 0..5 {
-        round_trip(http, &base, 1).await?;
-    }
-    let mut samples = Vec::with_capacity(latency_jobs);
+    let mut latency: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for n in 0..latency_jobs {
-        let started = Instant::now();
-        round_trip(http, &base, 1 + (n as i64 % USERS)).await?;
-        samples.push(started.elapsed().as_secs_f64());
+        for (i, side) in sides.iter().enumerate() {
+            let started = Instant::now();
+            round_trip(http, &side.base, 1 + (n as i64 % USERS)).await?;
+            latency[i].push(started.elapsed().as_secs_f64());
+        }
     }
-    let latency = Summary::of(&samples);
-
-    let backends = match postgres {
-        Some((_, admin)) => Some(backend_pids(admin).await?),
-        None => None,
-    };
-    let backend_cpu = |pids: &[u32]| {
-        pids.iter()
-            .filter_map(|p| cpu_seconds(*p).ok())
-            .sum::<f64>()
-    };
-    let backend_before = backends.as_deref().map(backend_cpu);
-    let commits_before = match postgres {
-        Some((_, admin)) => Some(commits(admin).await?),
-        None => None,
-    };
-    let server_cpu = cpu_seconds(server.pid)?;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for u in 0..USERS {
-        let (http, base) = (http.clone(), base.clone());
-        let share = throughput_jobs / USERS as usize
-            + usize::from((u as usize) < throughput_jobs % USERS as usize);
-        tasks.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for _ in 0..share {
-                ids.push(upload(&http, &base, 1 + u).await?);
+    let backends_before = backend_cpu(admin, database).await?;
+    let commits_before = commits(admin, database).await?;
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut cpu: [f64; 2] = [0.0, 0.0];
+    let mut pg_elapsed_jobs = 0usize;
+    for _ in 0..runs {
+        for (i, side) in sides.iter().enumerate() {
+            let (rate, seconds) = side.throughput(http, throughput_jobs).await?;
+            rates[i].push(rate);
+            cpu[i] += seconds;
+            if i == 1 {
+                pg_elapsed_jobs += throughput_jobs;
             }
-            for id in ids {
-                follow(&http, &base, id).await?;
-            }
-            anyhow::Ok(())
-        }));
+        }
     }
-    for task in tasks {
-        task.await??;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let server_cpu_after = cpu_seconds(server.pid)?;
-    let jobs = throughput_jobs.max(1) as f64;
-    let backend_cpu_per_job = match (&backends, backend_before) {
-        (Some(pids), Some(before)) => Some((backend_cpu(pids) - before) / jobs),
-        _ => None,
+    let backends_after = backend_cpu(admin, database).await?;
+    let commits_after = commits(admin, database).await?;
+    // Every backend of the server's pool: CPU since the first look, or since it was opened.
+    let backend_seconds: f64 = backends_after
+        .iter()
+        .map(|(pid, after)| after - backends_before.get(pid).copied().unwrap_or(0.0))
+        .sum();
+    let jobs = (throughput_jobs * runs).max(1) as f64;
+    let median = |v: &[f64]| Summary::of(v).p50;
+    let figures = |i: usize, pg: bool| Figures {
+        latency: Summary::of(&latency[i]),
+        jobs_per_s: median(&rates[i]),
+        server_cpu_per_job: cpu[i] / jobs,
+        backend_cpu_per_job: pg.then(|| backend_seconds / pg_elapsed_jobs.max(1) as f64),
+        commits_per_job: pg
+            .then(|| (commits_after.0 - commits_before.0) as f64 / pg_elapsed_jobs.max(1) as f64),
+        rows_per_job: pg
+            .then(|| (commits_after.1 - commits_before.1) as f64 / pg_elapsed_jobs.max(1) as f64),
     };
-    let commits_per_job = match (postgres, commits_before) {
-        (Some((_, admin)), Some(before)) => Some((commits(admin).await? - before) as f64 / jobs),
-        _ => None,
-    };
-    drop(server);
-    drop(client);
-    Ok(Figures {
-        latency,
-        jobs_per_s: throughput_jobs as f64 / elapsed,
-        server_cpu_per_job: (server_cpu_after - server_cpu) / jobs,
-        backend_cpu_per_job,
-        commits_per_job,
-    })
+    Ok((figures(0, false), figures(1, true)))
 }
 
-/// The pids of the PostgreSQL backends serving a jobrelay server (its pool's connections).
-async fn backend_pids(admin: &tokio_postgres::Client) -> anyhow::Result<Vec<u32>> {
+/// CPU seconds so far of each PostgreSQL backend serving a jobrelay server in `database`,
+/// by pid.
+async fn backend_cpu(
+    admin: &tokio_postgres::Client,
+    database: &str,
+) -> anyhow::Result<std::collections::HashMap<u32, f64>> {
     let rows = admin
         .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'jobrelay'",
-            &[],
+            "SELECT pid FROM pg_stat_activity
+             WHERE application_name = 'jobrelay' AND datname = $1",
+            &[&database],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, i32>(0) as u32)
+        .filter_map(|pid| cpu_seconds(pid).ok().map(|cpu| (pid, cpu)))
+        .collect())
 }
 
-/// Transactions committed in the database so far (all its sessions; the run is alone there
-/// but for this admin connection's own few).
-async fn commits(admin: &tokio_postgres::Client) -> anyhow::Result<i64> {
+/// Transactions committed in `database` so far, and rows written (inserted, updated,
+/// deleted): the run is alone there.
+async fn commits(admin: &tokio_postgres::Client, database: &str) -> anyhow::Result<(i64, i64)> {
     // Statistics are a snapshot per transaction: a fresh one each time.
     admin
         .batch_execute("SELECT pg_stat_clear_snapshot()")
         .await?;
     let row = admin
         .query_one(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-            &[],
+            "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted
+             FROM pg_stat_database WHERE datname = $1",
+            &[&database],
         )
         .await?;
-    Ok(row.get(0))
+    Ok((row.get(0), row.get(1)))
 }
 
 async fn upload(http: &reqwest::Client, base: &str, user: i64) -> anyhow::Result<i64> {

@@ -19,8 +19,11 @@ use support::server::*;
 use support::*;
 
 const LONG: Duration = Duration::from_secs(240);
-/// `--leader-timeout` of the tests' servers, in seconds.
-const LEADER_TIMEOUT: &str = "1.5";
+/// `--leader-timeout` of the tests' servers, in seconds: 1.5, or `JOBRELAY_TEST_LEADER_TIMEOUT`
+/// (to see the failover times of another timeout, the default 5 say).
+fn leader_timeout() -> String {
+    std::env::var("JOBRELAY_TEST_LEADER_TIMEOUT").unwrap_or_else(|_| "1.5".into())
+}
 
 use support::db::{postgres_url as test_server_url, Schema};
 
@@ -82,7 +85,7 @@ impl Servers {
                 TestServer::start(
                     root,
                     config,
-                    &["--db", db, "--leader-timeout", LEADER_TIMEOUT],
+                    &["--db", db, "--leader-timeout", &leader_timeout()],
                 )
             })
             .collect();
@@ -370,6 +373,45 @@ async fn a_leader_stopped_past_its_lease_changes_nothing_when_it_wakes() {
     let h = cluster.health(&http, other).await.unwrap();
     assert_eq!(h["role"], "leader");
     assert_eq!(h["lease_epoch"], new_epoch);
+    // A terminate asked of the standby reaches the leader: the running job is Killed.
+    let long = upload_spread(&http, &cluster, &[leader], "long", 1, 1, 300.0).await[0].0;
+    wait_status(&http, &cluster.servers[other].url, long, &["Running"], LONG).await;
+    let answer = http
+        .post(format!("{}/terminate/{long}", cluster.servers[leader].url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let killed: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(killed["status"], "Killed", "{killed}");
+    // The dashboard's overview lists both servers, the leader first; /metrics says who leads.
+    let overview: serde_json::Value = http
+        .get(format!("{}/overview", cluster.servers[leader].url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let servers = overview["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{overview}");
+    assert_eq!(servers[0]["role"], "leader", "{overview}");
+    assert_eq!(servers[0]["name"], h["server"], "{overview}");
+    assert_eq!(servers[1]["this"], true, "{overview}");
+    let metrics = http
+        .get(format!("{}/metrics", cluster.servers[other].url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let leading = format!("jobrelay_server_leader{{server={}}} 1", h["server"]);
+    assert!(metrics.contains(&leading), "{metrics}");
+    assert!(
+        metrics.contains(&format!("jobrelay_server_lease_epoch {new_epoch}")),
+        "{metrics}"
+    );
     drop(cluster);
     drop(client);
     drop(schema);

@@ -1,8 +1,9 @@
 //! `jobrelay server migrate`, end to end: a server on SQLite runs jobs (Completed, Failed,
-//! Killed, one left Queued) and is stopped; the move is refused while a server holds the
-//! source, then done; a server on PostgreSQL on the same data directory serves the old
-//! results, timelines and lists, runs the Queued job, and gives new ids after the old ones;
-//! a second move into the now full database is refused. Needs `JOBRELAY_TEST_POSTGRES`.
+//! Killed, one left Queued, one Running on its client) and is killed; the move is refused
+//! while a server holds the source, then done; a server on PostgreSQL on the same data
+//! directory serves the old results, timelines and lists, follows the Running job to its end
+//! without running it again, runs the Queued job, and gives new ids after the old ones; a
+//! second move into the now full database is refused. Needs `JOBRELAY_TEST_POSTGRES`.
 
 mod support;
 
@@ -81,6 +82,15 @@ async fn a_sqlite_server_moves_to_postgres_with_its_jobs_results_and_ids() {
         .unwrap();
     assert!(answer.status().is_success(), "{}", answer.status());
     wait_status(&http, &url, killed, &["Killed"], LONG).await;
+    // Running on the client when the server stops: followed there after the move, not run
+    // again (the database's identity, part of its dispatch key, moved with it).
+    let runs = root.join("runs.log");
+    let script = format!(
+        "echo run >> {}\nsleep 3\necho once > out.txt\n",
+        runs.display()
+    );
+    let running = upload_job(&http, &url, 3, "example", &[("run.sh", script.as_bytes())]).await;
+    wait_status(&http, &url, running, &["Running"], LONG).await;
     let ids = [completed, failed, killed, queued];
     let mut before = Vec::new();
     for id in ids {
@@ -109,10 +119,10 @@ async fn a_sqlite_server_moves_to_postgres_with_its_jobs_results_and_ids() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(
-        stdout.contains("jobs: 4 (Completed 1, Failed 1, Killed 1, Queued 1)"),
+        stdout.contains("jobs: 5 (Completed 1, Failed 1, Killed 1, Queued 1, Running 1)"),
         "{stdout}"
     );
-    assert!(stdout.contains("next job id: 5"), "{stdout}");
+    assert!(stdout.contains("next job id: 6"), "{stdout}");
 
     // The same data directory, now on PostgreSQL; service `later` has a client now.
     write_server_config(
@@ -142,6 +152,10 @@ async fn a_sqlite_server_moves_to_postgres_with_its_jobs_results_and_ids() {
     let events = get_json(&http, format!("{url}/jobs/{queued}/events")).await;
     let first = &events.as_array().unwrap()[0];
     assert_eq!(first, &before[3].1.as_array().unwrap()[0], "{events}");
+    wait_status(&http, &url, running, &["Completed"], LONG).await;
+    let entries = unzip(&download_zip(&http, &url, running).await);
+    assert_eq!(entries["out.txt"], b"once\n");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n", "ran once");
     // New ids continue after the old ones.
     let new = upload_job(
         &http,
@@ -151,7 +165,7 @@ async fn a_sqlite_server_moves_to_postgres_with_its_jobs_results_and_ids() {
         &[("run.sh", b"echo new > out.txt\n")],
     )
     .await;
-    assert_eq!(new, 5);
+    assert_eq!(new, 6);
     wait_status(&http, &url, new, &["Completed"], LONG).await;
 
     // A second move into the database that now holds jobs is refused.
@@ -159,7 +173,7 @@ async fn a_sqlite_server_moves_to_postgres_with_its_jobs_results_and_ids() {
     let output = migrate(&db_file, &schema.url);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains("already holds 5 job(s)"), "{stderr}");
+    assert!(stderr.contains("already holds 6 job(s)"), "{stderr}");
     drop(client);
     drop(schema);
 }

@@ -126,6 +126,14 @@ async fn a_server_reaches_postgres_over_tls_as_sslmode_says() {
         println!("skipped: no shared/postgres/start-postgres.sh beside the repository (or JOBRELAY_SHARED)");
         return;
     };
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root_user {
+        println!("skipped: start-postgres.sh needs root (it runs PostgreSQL as the postgres user)");
+        return;
+    }
     let pg = OwnPostgres::start(&scripts);
     let (ca, cert, key) = certificates();
     let (cert_file, key_file) = (pg.dir.join("server.crt"), pg.dir.join("server.key"));

@@ -269,6 +269,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         config.max_attempts,
     );
     let clustered = store.cluster().is_some();
+    if let Some(cluster) = store.cluster() {
+        // A standby until the lease is taken: no job-state write of this server commits.
+        cluster.fence(0);
+    }
     if clustered {
         let config = config.clone();
         lifecycle = lifecycle.for_cluster(Box::new(move || schedule_of(&config).0));
@@ -408,10 +412,19 @@ fn refuse_a_database_behind_its_files(
         .filter(|id| !known.contains(id))
         .count();
     let mark = store.mark_at_open();
+    // On a shared database another server may be committing its first upload right now
+    // (its folder is renamed in just before its row commits): only old folders count.
+    let settled = |id: &i64| {
+        store.cluster().is_none()
+            || std::fs::metadata(jobs_dir.join(id.to_string()))
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)))
+    };
     let jobs = if known.is_empty() {
         ids_in(jobs_dir, "")?
             .into_iter()
             .filter(|id| mark == 0 || *id < mark)
+            .filter(settled)
             .count()
     } else {
         0
