@@ -51,6 +51,7 @@ impl Term {
         shared.loops.retire(LEADER_LOOPS);
         shared.job_tasks.end_term().await;
         shared.lifecycle.stand_by();
+        rejoin_scheduler(shared);
         crate::lock(&shared.in_flight).clear();
     }
 }
@@ -189,6 +190,7 @@ pub async fn campaign(shared: Arc<Shared>, term_out: Arc<std::sync::Mutex<Option
         let mut renewed_at = Instant::now() - Duration::from_millis(1);
         cluster(&shared).fence(lease.epoch);
         shared.lifecycle.lead();
+        rejoin_scheduler(&shared);
         crate::lock(&shared.in_flight).clear();
         shared.role.set(RoleState {
             leading: true,
@@ -208,6 +210,7 @@ pub async fn campaign(shared: Arc<Shared>, term_out: Arc<std::sync::Mutex<Option
                 };
                 tracing::error!(why, "could not start leading; standing by");
                 shared.lifecycle.stand_by();
+                rejoin_scheduler(&shared);
                 continue;
             }
         };
@@ -369,5 +372,24 @@ async fn catch_up(shared: Arc<Shared>) {
         supervise::fault_point("catch-up");
         catch_up_once(&shared).await;
         tokio::time::sleep(CATCH_UP_EVERY).await;
+    }
+}
+
+/// A new term's scheduler is built from the configuration: the clients that joined this
+/// process at run time (in the pool after the configured ones, ids in order) are put back in
+/// it with the same ids, so their probes and collectors find them.
+fn rejoin_scheduler(shared: &Shared) {
+    for client in shared.clients.all() {
+        let Some(joined) = &client.joined else {
+            continue;
+        };
+        let services = crate::lock(&joined.services).clone();
+        let id = shared
+            .lifecycle
+            .client_joined(None, client.base(), &services);
+        debug_assert_eq!(
+            id, client.id,
+            "joined clients are last in the pool, in order"
+        );
     }
 }
