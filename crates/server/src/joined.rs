@@ -72,6 +72,9 @@ pub enum Refused {
     Forbidden(String),
     /// The server could not set the client up (500).
     Failed(String),
+    /// This server stands by (several servers on one database): only the leader dispatches
+    /// to clients, so a client joins the leader (503: the client tries again).
+    Standby,
 }
 
 /// True if some service can be joined.
@@ -145,6 +148,9 @@ pub async fn join(
     }
     if let Some(why) = forbidden {
         return Err(Refused::Forbidden(why));
+    }
+    if !shared.lifecycle.leading() {
+        return Err(Refused::Standby);
     }
 
     let base = crate::gateway::joined_base(&request.node);

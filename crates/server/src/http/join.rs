@@ -48,6 +48,10 @@ impl From<Refused> for ApiError {
             Refused::Bad(why) => ApiError::new(StatusCode::BAD_REQUEST, why),
             Refused::Unauthorized(why) => ApiError::new(StatusCode::UNAUTHORIZED, why),
             Refused::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, why),
+            Refused::Standby => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this server stands by: join the leader (route /join to it)",
+            ),
             Refused::Failed(why) => {
                 tracing::error!(why, "a client could not join");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, why)
