@@ -40,7 +40,7 @@ pub struct Args {
     /// Keep the processes' data and logs (under --work-dir, or printed) instead of removing them.
     #[arg(long)]
     pub keep: bool,
-    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients,postgres,pull).
+    /// Only these measurements (comma-separated: floor,latency,throughput,memory,idle,queue,clients,postgres,fairshare,pull).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// How jobs are followed to their end: `auto` (the best the server offers),

@@ -462,6 +462,9 @@ pub async fn run_all(args: Args) -> anyhow::Result<(Vec<Row>, Value)> {
     if args.wants("clients") {
         many_clients(&env, &counts, &mut rows, &mut doc).await?;
     }
+    if args.wants("fairshare") {
+        fair_share_scale(&counts, &mut rows, &mut doc);
+    }
     Ok((rows, doc))
 }
 
@@ -1187,6 +1190,107 @@ fn decision_time(queued: usize, users: usize, clients: usize) -> Summary {
             break;
         };
         let t = Instant::now();
+        sched.finish(done);
+        let decisions = sched.decide();
+        samples.push(t.elapsed().as_secs_f64());
+        active.extend(decisions.into_iter().map(|d| d.job));
+    }
+    Summary::of(&samples)
+}
+
+/// Measurement 6 with issue 15's scheduler: fair share on, jobs of mixed sizes (1 to 4
+/// cores, some memory) and priorities, users of different weights, clients advertising
+/// their resources, the clock moving on each round. The median over `--runs` runs of the
+/// median decision, with a small and the full backlog.
+fn fair_share_scale(counts: &Counts, rows: &mut Vec<Row>, doc: &mut Value) {
+    let (n, users) = (counts.queue_jobs, counts.queue_users);
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    for run in 0..counts.runs.max(1) {
+        small.push(fair_share_decision_time(
+            counts.sched_small,
+            users.min(counts.sched_small),
+            run,
+        ));
+        large.push(fair_share_decision_time(n, users, run));
+    }
+    let median = |mut v: Vec<Summary>| {
+        v.sort_by(|a, b| a.p50.total_cmp(&b.p50));
+        v.swap_remove(v.len() / 2)
+    };
+    let (small, large) = (median(small), median(large));
+    let ratio = large.p50 / small.p50;
+    doc["scheduling_decision_fair_share"] = json!({
+        "users": users, "clients": 8, "max_runs": 10, "runs": counts.runs.max(1),
+        "small": {"queued": counts.sched_small, "seconds": small.json()},
+        "large": {"queued": n, "seconds": large.json()},
+        "large_over_small": ratio,
+    });
+    rows.push(Row {
+        section: "6".into(),
+        what: format!(
+            "queue: one scheduling decision, fair share, mixed sizes and priorities, {n} queued, {users} users, 8 clients"
+        ),
+        value: format!("{:.2} µs", large.p50 * 1e6),
+        spread: format!("p90 {:.2} / p99 {:.2} µs", large.p90 * 1e6, large.p99 * 1e6),
+        floor: format!("{:.2} µs with {} queued", small.p50 * 1e6, counts.sched_small),
+        ratio: format!("{ratio:.2}x"),
+        target: "independent of backlog".into(),
+        met: yes(ratio < 2.0),
+    });
+}
+
+fn fair_share_decision_time(queued: usize, users: usize, seed: usize) -> Summary {
+    use jobrelay_server::scheduler::{Ask, Capacity, Policy};
+    let mut sched = Scheduler::new();
+    let mut now = 1.0e9;
+    sched.set_time(now);
+    let ids: Vec<usize> = (0..8).map(|_| sched.add_client()).collect();
+    for &c in &ids {
+        sched.set_client(c, true, Some(16), 0.0);
+        let capacity = Capacity {
+            cores: 8,
+            memory_mb: 32_768,
+            gpus: 0,
+        };
+        sched.set_client_capacity(c, Some(capacity));
+    }
+    let service = sched.add_service(5, 10, ids);
+    sched.set_policy(service, Policy::FairShare { half_life_s: 3600 });
+    sched.set_reserve_after(service, Some(600.0));
+    let users = users.max(1);
+    for u in 0..users {
+        sched.set_weight(u as i64, [1.0, 2.0, 3.0][u % 3]);
+    }
+    // A fixed mix from a simple generator: sizes and priorities vary, the backlog does not
+    // depend on the run.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ seed as u64;
+    let mut next = move |n: u64| {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) % n
+    };
+    for j in 0..queued {
+        let ask = Ask {
+            cores: [1, 1, 2, 4][next(4) as usize],
+            memory_mb: [0, 512, 2048][next(3) as usize],
+            gpus: 0,
+            priority: next(5) as i64 - 2,
+        };
+        sched.enqueue(service, (j % users) as i64, j as i64, ask);
+    }
+    let mut active: std::collections::VecDeque<i64> =
+        sched.decide().into_iter().map(|d| d.job).collect();
+    let rounds = (queued / 2).clamp(1, 20_000);
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let Some(done) = active.pop_front() else {
+            break;
+        };
+        now += 1.0;
+        let t = Instant::now();
+        sched.set_time(now);
         sched.finish(done);
         let decisions = sched.decide();
         samples.push(t.elapsed().as_secs_f64());

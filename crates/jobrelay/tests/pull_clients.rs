@@ -843,3 +843,63 @@ async fn a_hundred_idle_joined_clients_cost_the_server_little() {
     let id = upload_job(&http, &server.url, 1, "example", &[("run.sh", b"true\n")]).await;
     wait_status(&http, &server.url, id, &["Completed"], LONG).await;
 }
+
+#[tokio::test]
+async fn a_client_joins_a_server_over_tls_with_its_ca() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // A CA and the server's certificate for 127.0.0.1, signed by it.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let (ca_path, cert_path, key_path) = (
+        root.join("ca.pem"),
+        root.join("cert.pem"),
+        root.join("key.pem"),
+    );
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let (config, token) = joinable_config(root);
+    let server = TestServer::start(
+        root,
+        &config,
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let _client = pull_client(
+        root,
+        "client",
+        &server.url,
+        &token,
+        &["--ca", ca_path.to_str().unwrap()],
+    );
+    let http = reqwest::Client::builder()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    wait_joined(&http, &server.url, 1).await;
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", b"echo over-tls > out.txt\n")],
+    )
+    .await;
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    let entries = unzip(&download_zip(&http, &server.url, id).await);
+    assert_eq!(entries["out.txt"], b"over-tls\n");
+}

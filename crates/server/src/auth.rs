@@ -18,10 +18,20 @@ pub struct User {
     pub admin: bool,
 }
 
+/// What the users file says of a user id besides tokens: its fair-share weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share {
+    pub user_id: i64,
+    /// Usage counts divided by it under fair share (1 unless given).
+    pub weight: f64,
+}
+
 /// The users file: tokens and who they stand for.
 #[derive(Debug, Clone, Default)]
 pub struct Users {
     entries: Vec<(Secret, User)>,
+    /// Weights given in the file, by user id.
+    shares: Vec<Share>,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +48,8 @@ struct UserEntry {
     user_id: i64,
     #[serde(default)]
     admin: bool,
+    /// Fair-share weight of the user id (several tokens of one user give one weight).
+    weight: Option<f64>,
 }
 
 impl Users {
@@ -59,6 +71,27 @@ impl Users {
             }
             if users.entries.iter().any(|(t, _)| *t == token) {
                 anyhow::bail!("users file, entry {}: token used twice", i + 1);
+            }
+            if let Some(weight) = entry.weight {
+                if !(weight.is_finite() && weight > 0.0) {
+                    anyhow::bail!(
+                        "users file, entry {}: weight must be a number above 0, not {weight}",
+                        i + 1
+                    );
+                }
+                match users.shares.iter().find(|s| s.user_id == entry.user_id) {
+                    Some(s) if s.weight != weight => anyhow::bail!(
+                        "users file, entry {}: user {} is given two weights ({} and {weight})",
+                        i + 1,
+                        entry.user_id,
+                        s.weight
+                    ),
+                    Some(_) => {}
+                    None => users.shares.push(Share {
+                        user_id: entry.user_id,
+                        weight,
+                    }),
+                }
             }
             users.add(
                 token,
@@ -92,6 +125,11 @@ impl Users {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The fair-share weights the file gives.
+    pub fn shares(&self) -> &[Share] {
+        &self.shares
     }
 
     pub fn is_empty(&self) -> bool {
@@ -214,6 +252,33 @@ mod tests {
         assert!(Users::parse("[[users]]\ntoken = \"a\"\nuser_id = 0\n").is_ok());
         assert!(Users::parse("[[users]]\ntoken = \"a\"\nuser = 1\n").is_err());
         assert!(Users::parse("").is_err());
+    }
+
+    #[test]
+    fn fair_share_weights_of_the_users_file() {
+        let users = Users::parse(
+            "[[users]]\ntoken = \"a\"\nuser_id = 7\nweight = 3\n\
+             [[users]]\ntoken = \"b\"\nuser_id = 7\nweight = 3.0\n\
+             [[users]]\ntoken = \"c\"\nuser_id = 8\n",
+        )
+        .unwrap();
+        assert_eq!(
+            users.shares(),
+            [Share {
+                user_id: 7,
+                weight: 3.0
+            }]
+        );
+        for bad in ["weight = 0", "weight = -1", "weight = nan"] {
+            let text = format!("[[users]]\ntoken = \"a\"\nuser_id = 1\n{bad}\n");
+            assert!(Users::parse(&text).is_err(), "{bad}");
+        }
+        let two = "[[users]]\ntoken = \"a\"\nuser_id = 1\nweight = 1\n\
+                   [[users]]\ntoken = \"b\"\nuser_id = 1\nweight = 2\n";
+        assert!(Users::parse(two)
+            .unwrap_err()
+            .to_string()
+            .contains("two weights"));
     }
 
     #[test]

@@ -187,9 +187,21 @@ pub struct ServiceConfig {
     pub webhook_secret: Option<Secret>,
     /// Defaults and maxima of what its jobs may ask for.
     pub resources: ResourceRules,
+    /// Whose job goes next: round-robin (default) or fair share by recent usage.
+    pub policy: crate::scheduler::Policy,
+    /// How long a job whose turn came may wait for room before a client is held for it
+    /// (`None`: never).
+    pub reserve_after: Option<Duration>,
+    /// Uploads a user may make per hour, with a burst; `None`: no limit.
+    pub rate: Option<crate::ratelimit::RateQuota>,
     /// The token a client must give to join this service at run time; `None`: it cannot.
     pub join_token: Option<Secret>,
 }
+
+/// Default half-life of fair-share usage: one hour.
+pub const DEFAULT_FAIR_SHARE_HALF_LIFE: Duration = Duration::from_secs(3600);
+/// Default wait for room after which a client is held for a job: ten minutes.
+pub const DEFAULT_RESERVE_AFTER: Duration = Duration::from_secs(600);
 
 /// What a service's jobs get when they ask for nothing, and the most they may ask for
 /// (`None`: no default, or no limit).
@@ -257,6 +269,9 @@ impl ServiceConfig {
             webhook_url: None,
             webhook_secret: None,
             resources: ResourceRules::default(),
+            policy: crate::scheduler::Policy::RoundRobin,
+            reserve_after: Some(DEFAULT_RESERVE_AFTER),
+            rate: None,
             join_token: None,
         }
     }
@@ -445,9 +460,61 @@ struct TomlService {
     max_gpus: Option<u32>,
     default_walltime: Option<Amount>,
     max_walltime: Option<Amount>,
+    /// `round_robin` (default) or `fair_share`.
+    policy: Option<String>,
+    fair_share_half_life: Option<Amount>,
+    /// A duration; 0 never holds a client.
+    reserve_after: Option<Amount>,
+    max_jobs_per_user_per_hour: Option<u32>,
+    burst: Option<u32>,
 }
 
 impl TomlService {
+    fn policy(&self) -> Result<crate::scheduler::Policy, String> {
+        use jobrelay_common::resources::parse_seconds;
+        let half_life = Amount::read(&self.fair_share_half_life, parse_seconds)?;
+        match self.policy.as_deref() {
+            None | Some("round_robin") => {
+                if half_life.is_some() {
+                    return Err("fair_share_half_life needs policy = \"fair_share\"".into());
+                }
+                Ok(crate::scheduler::Policy::RoundRobin)
+            }
+            Some("fair_share") => {
+                let half_life_s = half_life.unwrap_or(DEFAULT_FAIR_SHARE_HALF_LIFE.as_secs());
+                if half_life_s == 0 {
+                    return Err("fair_share_half_life must be above 0".into());
+                }
+                Ok(crate::scheduler::Policy::FairShare { half_life_s })
+            }
+            Some(other) => Err(format!(
+                "policy must be \"round_robin\" or \"fair_share\", not {other:?}"
+            )),
+        }
+    }
+
+    fn reserve_after(&self) -> Result<Option<Duration>, String> {
+        use jobrelay_common::resources::parse_seconds;
+        Ok(match Amount::read(&self.reserve_after, parse_seconds)? {
+            None => Some(DEFAULT_RESERVE_AFTER),
+            Some(0) => None,
+            Some(secs) => Some(Duration::from_secs(secs)),
+        })
+    }
+
+    fn rate(&self) -> Result<Option<crate::ratelimit::RateQuota>, String> {
+        match (self.max_jobs_per_user_per_hour, self.burst) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err("burst needs max_jobs_per_user_per_hour".into()),
+            (Some(0), _) => Err("max_jobs_per_user_per_hour must be at least 1".into()),
+            (Some(_), Some(0)) => Err("burst must be at least 1".into()),
+            (Some(per_hour), burst) => Ok(Some(crate::ratelimit::RateQuota {
+                per_hour,
+                burst: burst.unwrap_or(per_hour),
+            })),
+        }
+    }
+
     fn resource_rules(&self) -> Result<ResourceRules, String> {
         use jobrelay_common::resources::{parse_memory_mb, parse_seconds};
         let rules = ResourceRules {
@@ -545,6 +612,15 @@ pub fn services_joinable(
         let resources = service
             .resource_rules()
             .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
+        let policy = service
+            .policy()
+            .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
+        let reserve_after = service
+            .reserve_after()
+            .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
+        let rate = service
+            .rate()
+            .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
         let own_join_token = service
             .join_token_file
             .as_deref()
@@ -562,6 +638,9 @@ pub fn services_joinable(
                 webhook_url: service.webhook_url,
                 webhook_secret,
                 resources,
+                policy,
+                reserve_after,
+                rate,
                 join_token: own_join_token,
             },
         );
@@ -823,6 +902,72 @@ mod tests {
         assert_eq!(services["nmr"].max_runs, 3);
         assert_eq!(services["nmr"].max_result, 1 << 20);
         assert_eq!(services["nmr"].max_files, 20);
+    }
+
+    #[test]
+    fn scheduling_policy_and_rate_quota_keys() {
+        use crate::scheduler::Policy;
+        let services = services_from(
+            Some(
+                r#"
+                [services.plain]
+                clients = ["http://127.0.0.1:9000"]
+                [services.fair]
+                clients = ["http://127.0.0.1:9000"]
+                policy = "fair_share"
+                fair_share_half_life = "2h"
+                reserve_after = "90s"
+                max_jobs_per_user_per_hour = 30
+                burst = 5
+                [services.fair_defaults]
+                clients = ["http://127.0.0.1:9000"]
+                policy = "fair_share"
+                reserve_after = 0
+                max_jobs_per_user_per_hour = 12
+                "#,
+            ),
+            env(&[]),
+        )
+        .unwrap();
+        let plain = &services["plain"];
+        assert_eq!(plain.policy, Policy::RoundRobin);
+        assert_eq!(plain.reserve_after, Some(DEFAULT_RESERVE_AFTER));
+        assert_eq!(plain.rate, None);
+        let fair = &services["fair"];
+        assert_eq!(fair.policy, Policy::FairShare { half_life_s: 7200 });
+        assert_eq!(fair.reserve_after, Some(Duration::from_secs(90)));
+        assert_eq!(
+            fair.rate,
+            Some(crate::ratelimit::RateQuota {
+                per_hour: 30,
+                burst: 5
+            })
+        );
+        let defaults = &services["fair_defaults"];
+        assert_eq!(defaults.policy, Policy::FairShare { half_life_s: 3600 });
+        assert_eq!(defaults.reserve_after, None, "0 never holds a client");
+        assert_eq!(
+            defaults.rate.unwrap().burst,
+            12,
+            "the burst defaults to the rate"
+        );
+        for (bad, says) in [
+            ("policy = \"lottery\"", "policy must be"),
+            ("fair_share_half_life = \"1h\"", "needs policy"),
+            (
+                "policy = \"fair_share\"\nfair_share_half_life = 0",
+                "above 0",
+            ),
+            ("burst = 3", "burst needs"),
+            ("max_jobs_per_user_per_hour = 0", "at least 1"),
+            ("reserve_after = \"soon\"", "service \"x\""),
+        ] {
+            let text = format!("[services.x]\nclients = [\"http://h:1\"]\n{bad}\n");
+            let e = services_from(Some(&text), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

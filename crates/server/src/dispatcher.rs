@@ -29,7 +29,13 @@ pub async fn run(shared: Arc<Shared>) {
         for decision in shared.lifecycle.decide() {
             shared.job_tasks.spawn(dispatch(shared.clone(), decision));
         }
-        shared.lifecycle.woken().await;
+        match shared.lifecycle.next_deadline() {
+            // A job will have waited long enough for a client to be held for it.
+            Some(after) => {
+                let _ = tokio::time::timeout(after, shared.lifecycle.woken()).await;
+            }
+            None => shared.lifecycle.woken().await,
+        }
     }
 }
 

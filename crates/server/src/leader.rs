@@ -136,6 +136,7 @@ fn recover(shared: &Arc<Shared>) -> anyhow::Result<Vec<crate::store::Job>> {
             let _ = std::fs::remove_file(&path);
         }
     }
+    shared.lifecycle.load_usage()?;
     let recovered = shared
         .lifecycle
         .recover_at_start(|base| shared.clients.id_of(base))?;

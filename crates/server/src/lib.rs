@@ -12,11 +12,14 @@
 //!   releases, timers);
 //! - [`shared`]: what the running server's parts share;
 //! - [`sync`]: the poison-proof lock, and `off_worker` for the database calls;
-//! - [`scheduler`]: pure quotas, round-robin fair share and placement;
+//! - [`scheduler`]: pure quotas, round-robin or usage-based fair share, reservations and
+//!   placement;
+//! - [`usage`]: decayed core-seconds of a user, as fair share counts them (pure);
 //! - [`clients`]: the pool of executor clients, their health and `/info`;
 //! - [`gateway`]: the one way to talk to a client: a typed call per client endpoint, its
 //!   URL, timeout and the client's bookkeeping; no other module builds a client URL;
 //! - [`probe`]: checks each client periodically (`/info`, `/load`), with backoff while down;
+//! - [`ratelimit`]: the token bucket of a rate quota of uploads (pure);
 //! - [`dispatcher`]: sends the scheduler's decisions to clients, idempotently;
 //! - [`collector`]: follows jobs on clients (change feed or polling) and fetches results;
 //! - [`results`]: a job's result ZIP (whole or partial) stored before its final state;
@@ -45,6 +48,7 @@ pub mod leader;
 pub mod lifecycle;
 pub mod migrate;
 pub mod probe;
+pub mod ratelimit;
 pub mod requests;
 pub mod results;
 pub mod scheduler;
@@ -54,6 +58,7 @@ pub mod store;
 pub mod supervise;
 pub mod sync;
 pub mod telemetry;
+pub mod usage;
 pub mod views;
 pub mod webhooks;
 
@@ -148,8 +153,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         Database::Sqlite(_) => {
             let staging_dir = data_dir.join("staging");
             remove_dir_all_if_exists(&staging_dir)?;
-            // The sockets of joined clients a previous process left.
-            joined::remove_leftovers(&data_dir);
             staging_dir
         }
         // Servers sharing the data directory each receive uploads in a folder of their own;
@@ -159,6 +162,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             data_dir.join("staging").join(&name)
         }
     };
+    joined::remove_leftovers(&data_dir);
     for dir in [&jobs_dir, &results_dir, &staging_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
@@ -334,7 +338,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     // Each background loop is restarted if it panics (supervise), and /health names one
     // that is down or restarting too often. The leader's loops run in its term (leader).
     for (client, listener) in relays {
-        shared.job_tasks.spawn(joined::relay(client, listener));
+        tasks.push(tokio::spawn(joined::relay(client, listener)));
     }
     let s = shared.clone();
     tasks.push(
@@ -486,7 +490,14 @@ fn schedule_of(config: &ServerConfig) -> Schedule {
             ids.push(id);
         }
         let sid = sched.add_service(service.runs_per_user, service.max_runs, ids);
+        sched.set_policy(sid, service.policy);
+        sched.set_reserve_after(sid, service.reserve_after.map(|d| d.as_secs_f64()));
         service_ids.insert(name.clone(), sid);
+    }
+    if let Some(users) = &config.users {
+        for share in users.shares() {
+            sched.set_weight(share.user_id, share.weight);
+        }
     }
     (sched, endpoints, client_by_base, service_ids)
 }

@@ -31,15 +31,19 @@ pub struct JobAnswer {
     pub message: String,
 }
 
-/// A JSON error answer in the reference's shape.
-pub struct ApiError(StatusCode, i64, String);
+/// A JSON error answer in the reference's shape; with a `Retry-After` (seconds) when set.
+pub struct ApiError(StatusCode, i64, String, Option<u64>);
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError(status, 0, message.into())
+        ApiError(status, 0, message.into(), None)
     }
     pub fn for_job(status: StatusCode, id: i64, message: impl Into<String>) -> Self {
-        ApiError(status, id, message.into())
+        ApiError(status, id, message.into(), None)
+    }
+    /// 429 Too Many Requests, to be tried again after `secs` seconds.
+    pub fn too_many(message: impl Into<String>, secs: u64) -> Self {
+        ApiError(StatusCode::TOO_MANY_REQUESTS, 0, message.into(), Some(secs))
     }
 }
 
@@ -56,7 +60,14 @@ impl IntoResponse for ApiError {
             status: "Unknown".into(),
             message: self.2,
         };
-        (self.0, Json(body)).into_response()
+        let mut response = (self.0, Json(body)).into_response();
+        if let Some(secs) = self.3 {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        response
     }
 }
 

@@ -119,6 +119,7 @@ pub struct UploadForm {
         (status = 201, description = "Job queued", body = JobAnswer),
         (status = 400, description = "Not multipart; missing, non-integer or negative user_id; missing or unknown service; no file; bad or repeated file name; a callback_url off the allowlist, or to a service without a webhook secret; cores, memory, gpus, walltime or priority unreadable or over the service's maximum; a request no client of the service could ever hold (the message names the largest client)", body = JobAnswer),
         (status = 413, description = "Upload larger than --max-upload, or more files than the service's max_files", body = JobAnswer),
+        (status = 429, description = "The job's user is past the service's max_jobs_per_user_per_hour (and burst); Retry-After says in how many seconds an upload would pass", body = JobAnswer),
         (status = 507, description = "No disk space left", body = JobAnswer),
     )
 )]
@@ -225,6 +226,24 @@ pub(super) async fn upload(
     let job = blocking("committing the upload", {
         let (shared, service) = (shared.clone(), service.clone());
         move || {
+            // Counted last, so a refused upload takes nothing from the user's quota.
+            if let Some(quota) = shared.config.services[&service].rate {
+                let now = crate::store::now_ms();
+                if let Err(wait_ms) = shared
+                    .store
+                    .take_upload_slot(&service, user_id, quota, now)?
+                {
+                    let secs = crate::ratelimit::retry_after_secs(wait_ms);
+                    return Err(ApiError::too_many(
+                        format!(
+                            "user {user_id} is past service {service:?}'s rate quota \
+                             ({} jobs an hour, {} at once): try again in {secs} s",
+                            quota.per_hour, quota.burst
+                        ),
+                        secs,
+                    ));
+                }
+            }
             shared
                 .lifecycle
                 .uploaded(user_id, &service, callback.as_ref(), &resources, |id| {

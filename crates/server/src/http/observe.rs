@@ -29,8 +29,8 @@ use crate::Shared;
         UserUsage,
         MinuteCount,
         ClientView,
-        ServerView,
-        JoinedView
+        JoinedView,
+        ServerView
     ))
 )]
 pub struct ObserveDoc;

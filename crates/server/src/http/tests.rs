@@ -146,6 +146,24 @@ impl JobDb for GatedDb {
         let _gate = self.pass();
         self.inner.notifications(id)
     }
+    fn usage(&self) -> anyhow::Result<Vec<crate::store::UsageRow>> {
+        let _gate = self.pass();
+        self.inner.usage()
+    }
+    fn save_usage(&self, row: &crate::store::UsageRow) -> anyhow::Result<()> {
+        let _gate = self.pass();
+        self.inner.save_usage(row)
+    }
+    fn take_upload_slot(
+        &self,
+        service: &str,
+        user_id: i64,
+        quota: crate::ratelimit::RateQuota,
+        now_ms: i64,
+    ) -> anyhow::Result<Result<(), i64>> {
+        let _gate = self.pass();
+        self.inner.take_upload_slot(service, user_id, quota, now_ms)
+    }
     fn health(&self) -> Result<(), String> {
         let _gate = self.pass();
         self.inner.health()

@@ -141,7 +141,7 @@ impl Lifecycle {
         if !self.leading() {
             return;
         }
-        let mut sched = crate::lock(&self.sched);
+        let mut sched = self.sched();
         if sched.knows(id) {
             return;
         }
@@ -169,7 +169,7 @@ impl Lifecycle {
         }
         let mut woken = false;
         let queued = self.jobs.in_states(&[JobStatus::Queued])?;
-        let mut sched = crate::lock(&self.sched);
+        let mut sched = self.sched();
         for job in queued {
             if sched.knows(job.id) {
                 continue;
@@ -195,6 +195,38 @@ impl Lifecycle {
         &self.jobs
     }
 
+    /// The scheduler, locked, told the time first (usage accrues and waits count with it).
+    fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler> {
+        let mut sched = crate::lock(&self.sched);
+        sched.set_time(now_secs());
+        sched
+    }
+
+    /// How long until a queued job will have waited long enough for a client to be held for
+    /// it (the dispatcher decides again then, even if nothing else happens).
+    pub fn next_deadline(&self) -> Option<Duration> {
+        let sched = self.sched();
+        let at = sched.next_deadline()?;
+        Some(Duration::from_secs_f64((at - sched.now()).max(0.0)))
+    }
+
+    /// Puts back the usage kept by earlier runs (fair share), before the jobs are recovered.
+    pub fn load_usage(&self) -> anyhow::Result<()> {
+        let rows = self.jobs.usage()?;
+        let mut sched = self.sched();
+        for row in rows {
+            if let Some(&service) = self.services.get(&row.service) {
+                sched.load_usage(
+                    service,
+                    row.user_id,
+                    row.core_seconds,
+                    row.at_ms as f64 / 1000.0,
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves when the dispatcher has something to look at (a permit is kept if nobody
     /// waits, so no wake-up is lost).
     pub async fn woken(&self) {
@@ -209,7 +241,7 @@ impl Lifecycle {
     /// The scheduler, to read (gauges, the dashboard's quotas): held locked while the view
     /// lives, so keep it short.
     pub fn scheduler(&self) -> SchedulerView<'_> {
-        SchedulerView(crate::lock(&self.sched))
+        SchedulerView(self.sched())
     }
 
     /// Client health and capacity as its probes find them; the dispatcher is woken when the
@@ -222,7 +254,7 @@ impl Lifecycle {
         capacity: Option<Capacity>,
         load: f64,
     ) -> ClientChange {
-        let mut sched = crate::lock(&self.sched);
+        let mut sched = self.sched();
         let was_healthy = sched.client_healthy(client);
         let old_slots = sched.client_slots(client);
         let old_capacity = sched.client_capacity(client);
@@ -259,7 +291,7 @@ impl Lifecycle {
 
     /// No job goes to the client until it is found healthy again.
     pub fn client_out(&self, client: crate::scheduler::ClientId) -> ClientChange {
-        let mut sched = crate::lock(&self.sched);
+        let mut sched = self.sched();
         let was_healthy = sched.client_healthy(client);
         sched.set_client_health(client, false);
         ClientChange { was_healthy }
@@ -284,7 +316,7 @@ impl Lifecycle {
             .insert_job(user_id, service, callback, resources, place_files)?;
         if self.leading() {
             // A leader that just took over may have found it in the database already.
-            let mut sched = crate::lock(&self.sched);
+            let mut sched = self.sched();
             if !sched.knows(job.id) {
                 sched.enqueue(service_id, user_id, job.id, ask(&job));
             }
@@ -299,17 +331,17 @@ impl Lifecycle {
     /// is not known (a client that does not advertise its resources, or not probed yet).
     pub fn never_fits(&self, service: &str, resources: &JobResources) -> Option<String> {
         let &id = self.services.get(service)?;
-        crate::lock(&self.sched).never_fits(id, service, &ask_of(resources))
+        self.sched().never_fits(id, service, &ask_of(resources))
     }
 
     /// Why job `id` waits, while it is queued (a query of the scheduler, nothing changes).
     pub fn waiting_for(&self, id: i64) -> Option<Waiting> {
-        crate::lock(&self.sched).waiting_for(id)
+        self.sched().waiting_for(id)
     }
 
     /// What may be sent now, and where.
     pub fn decide(&self) -> Vec<Decision> {
-        let mut sched = crate::lock(&self.sched);
+        let mut sched = self.sched();
         // Under the lock, so the tests also see a poisoned scheduler lock survived.
         crate::supervise::fault_point("dispatcher");
         sched.decide()
@@ -349,8 +381,28 @@ impl Lifecycle {
     }
 
     fn release_slot(&self, id: i64) {
-        if crate::lock(&self.sched).finish(id) {
-            self.wake.notify_one();
+        let Some((service, user, usage)) = self.sched().finish_with_usage(id) else {
+            return;
+        };
+        self.wake.notify_one();
+        // Fair share: the user's usage as it stands after this run, kept for a restart.
+        if let Some(usage) = usage {
+            let name = self
+                .services
+                .iter()
+                .find(|(_, id)| **id == service)
+                .map(|(name, _)| name.clone());
+            if let Some(service) = name {
+                let row = crate::store::UsageRow {
+                    service,
+                    user_id: user,
+                    core_seconds: usage.value,
+                    at_ms: (usage.at * 1000.0) as i64,
+                };
+                if let Err(e) = self.jobs.save_usage(&row) {
+                    tracing::warn!(error = %e, user, "could not keep the user's fair-share usage");
+                }
+            }
         }
     }
 
@@ -412,7 +464,7 @@ impl Lifecycle {
     /// The client reported the payload's end (before its results are fetched): the job no
     /// longer counts on that client's slots. Its quotas stay taken until its results are in.
     pub fn left_client(&self, id: i64) {
-        if crate::lock(&self.sched).leave_client(id) {
+        if self.sched().leave_client(id) {
             self.wake.notify_one();
         }
     }
@@ -519,7 +571,7 @@ impl Lifecycle {
         };
         if delay.is_zero() {
             // Freed and queued again under one lock: no other job of the user takes its place.
-            let mut sched = crate::lock(&self.sched);
+            let mut sched = self.sched();
             sched.finish(job.id);
             sched.push_front(service, job.user_id, job.id, ask(job));
             drop(sched);
@@ -540,7 +592,7 @@ impl Lifecycle {
     /// read under the scheduler's lock, which [`Lifecycle::terminated`] takes after it commits
     /// Killed: either this sees Killed, or that finds the job queued.
     pub fn offer_again(&self, id: i64) {
-        let mut sched = crate::lock(&self.sched);
+        let mut sched = self.sched();
         if sched.knows(id) {
             // Queued meanwhile by a catch-up with the database.
             return;
@@ -645,7 +697,7 @@ impl Lifecycle {
             // Out of its queue: Killed is committed, so a delayed offer that reads the state
             // under this lock from now on sees it (see `offer_again`).
             if let Some(&service) = self.services.get(&job.service) {
-                crate::lock(&self.sched).remove_queued(service, job.user_id, job.id);
+                self.sched().remove_queued(service, job.user_id, job.id);
             }
         } else {
             self.release_slot(job.id);
@@ -723,7 +775,7 @@ impl Lifecycle {
         let mut orphans = Vec::new();
         let mut gone_services = Vec::new();
         {
-            let mut sched = crate::lock(&self.sched);
+            let mut sched = self.sched();
             for job in self.jobs.in_states(&JobStatus::NOT_FINISHED)? {
                 let Some(&service) = self.services.get(&job.service) else {
                     gone_services.push(job);
@@ -784,6 +836,12 @@ impl std::ops::Deref for SchedulerView<'_> {
 /// What [`Lifecycle::client_probed`] and [`Lifecycle::client_out`] found before the change.
 pub struct ClientChange {
     pub was_healthy: bool,
+}
+
+/// Seconds since the Unix epoch: the scheduler's clock (usage is kept across restarts, so
+/// wall time rather than a monotonic clock).
+fn now_secs() -> f64 {
+    crate::store::now_ms() as f64 / 1000.0
 }
 
 /// What the scheduler counts of a job: its cores, memory and GPUs, and its priority.

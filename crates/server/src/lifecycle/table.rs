@@ -233,6 +233,21 @@ impl JobTable {
     pub fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>> {
         self.db.notifications(id)
     }
+    pub fn usage(&self) -> anyhow::Result<Vec<crate::store::UsageRow>> {
+        self.db.usage()
+    }
+    pub fn save_usage(&self, row: &crate::store::UsageRow) -> anyhow::Result<()> {
+        self.db.save_usage(row)
+    }
+    pub fn take_upload_slot(
+        &self,
+        service: &str,
+        user_id: i64,
+        quota: crate::ratelimit::RateQuota,
+        now_ms: i64,
+    ) -> anyhow::Result<Result<(), i64>> {
+        self.db.take_upload_slot(service, user_id, quota, now_ms)
+    }
     pub fn health(&self) -> Result<(), String> {
         self.db.health()
     }

@@ -477,3 +477,61 @@ fn a_late_word_about_an_old_run_never_moves_the_next_run() {
     f.lifecycle().running(&new_run);
     assert_eq!(f.get(a.id).status, JobStatus::Running);
 }
+
+/// Fair share: the end of a run keeps its user's usage in the database, and a lifecycle
+/// started on that database (a restarted server) counts it again.
+#[test]
+fn a_users_fair_share_usage_is_kept_when_a_run_ends_and_read_at_start() {
+    use crate::scheduler::Policy;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobrelay.sqlite");
+    let start = |db: &std::path::Path| {
+        let store = Arc::new(JobTable::new(Box::new(SqliteDb::open(db).unwrap())));
+        let mut sched = Scheduler::new();
+        let client = sched.add_client();
+        sched.set_client(client, true, Some(8), 0.0);
+        let sid = sched.add_service(5, 10, vec![client]);
+        sched.set_policy(sid, Policy::FairShare { half_life_s: 3600 });
+        let services: HashMap<String, _> = [(SERVICE.to_owned(), sid)].into();
+        (
+            Lifecycle::new(store.clone(), sched, services, 3),
+            store,
+            sid,
+        )
+    };
+    let (lifecycle, store, sid) = start(&path);
+    let job = lifecycle
+        .uploaded(USER, SERVICE, None, &Default::default(), |_| Ok(()))
+        .unwrap();
+    let decision = lifecycle.decide().pop().expect("one decision");
+    let sent = lifecycle.sending(&decision, "http://c").unwrap();
+    assert_eq!(sent.id, job.id);
+    assert!(
+        store.usage().unwrap().is_empty(),
+        "nothing kept while it runs"
+    );
+    assert!(lifecycle.failed(&sent, &JobStatus::ACTIVE, "ended".into()));
+    let kept = store.usage().unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!((kept[0].service.as_str(), kept[0].user_id), (SERVICE, USER));
+    assert!(kept[0].at_ms > 0 && kept[0].core_seconds >= 0.0);
+    drop(lifecycle);
+    drop(store);
+
+    // Make the kept usage large, as hours of work would, and start again.
+    let db = SqliteDb::open(&path).unwrap();
+    use crate::store::JobDb;
+    db.save_usage(&crate::store::UsageRow {
+        core_seconds: 7200.0,
+        ..kept[0].clone()
+    })
+    .unwrap();
+    drop(db);
+    let (lifecycle, _store, _) = start(&path);
+    lifecycle.load_usage().unwrap();
+    let usage = lifecycle.scheduler().usage(sid, USER).unwrap();
+    assert!(
+        (7000.0..=7200.0).contains(&usage.value),
+        "read back (decayed a little): {usage:?}"
+    );
+}

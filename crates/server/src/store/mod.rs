@@ -308,6 +308,16 @@ impl Change {
     }
 }
 
+/// A user's recent usage in a fair-share service, as kept: decayed core-seconds as of
+/// `at_ms` (see [`crate::usage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRow {
+    pub service: String,
+    pub user_id: i64,
+    pub core_seconds: f64,
+    pub at_ms: i64,
+}
+
 /// Which jobs `GET /jobs` lists.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -399,6 +409,20 @@ pub trait JobDb: Send + Sync {
     ) -> anyhow::Result<()>;
     /// The notifications of job `id`, oldest first.
     fn notifications(&self, id: i64) -> anyhow::Result<Vec<Notification>>;
+    /// Every user's kept fair-share usage.
+    fn usage(&self) -> anyhow::Result<Vec<UsageRow>>;
+    /// Keeps a user's fair-share usage (replacing what was kept for that service and user).
+    fn save_usage(&self, row: &UsageRow) -> anyhow::Result<()>;
+    /// One upload of `user_id` to `service` under its rate `quota` at `now_ms`, checked and
+    /// counted in one transaction (servers sharing the database count together):
+    /// `Ok(Ok(()))` when it may go, `Ok(Err(ms))` when the user must wait `ms` first.
+    fn take_upload_slot(
+        &self,
+        service: &str,
+        user_id: i64,
+        quota: crate::ratelimit::RateQuota,
+        now_ms: i64,
+    ) -> anyhow::Result<Result<(), i64>>;
     /// `Err` with the reason when the database is known to be damaged or cannot be read.
     fn health(&self) -> Result<(), String>;
     /// Reads every page of the database and remembers a failure for [`JobDb::health`].

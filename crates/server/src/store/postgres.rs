@@ -38,7 +38,7 @@ use super::snapshot::{Moved, Snapshot};
 use super::{
     now_ms, AbandonedRun, Callback, Change, Cluster, Delivery, DeliveryEnd, Fenced, Job, JobDb,
     JobEvent, JobResources, JobStatus, Lease, ListFilter, Notice, Notification, ServerBeat,
-    Unavailable,
+    Unavailable, UsageRow,
 };
 
 const COLUMNS: &str = "id, status, message, user_id, service, attempts, client, dest_id, node, \
@@ -900,6 +900,87 @@ impl JobDb for PgDb {
                 .collect()
         })
     }
+    fn usage(&self) -> anyhow::Result<Vec<UsageRow>> {
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached(
+                    "SELECT service, user_id, core_seconds, at_ms FROM user_usage
+                     ORDER BY service, user_id",
+                )
+                .await?;
+            let rows = client.query(&statement, &[]).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(UsageRow {
+                        service: r.try_get(0)?,
+                        user_id: r.try_get(1)?,
+                        core_seconds: r.try_get(2)?,
+                        at_ms: r.try_get(3)?,
+                    })
+                })
+                .collect()
+        })
+    }
+    fn save_usage(&self, row: &UsageRow) -> anyhow::Result<()> {
+        self.execute(
+            "INSERT INTO user_usage (service, user_id, core_seconds, at_ms)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (service, user_id)
+             DO UPDATE SET core_seconds = EXCLUDED.core_seconds, at_ms = EXCLUDED.at_ms",
+            vec![
+                Box::new(row.service.clone()),
+                Box::new(row.user_id),
+                Box::new(row.core_seconds),
+                Box::new(row.at_ms),
+            ],
+        )
+    }
+    fn take_upload_slot(
+        &self,
+        service: &str,
+        user_id: i64,
+        quota: crate::ratelimit::RateQuota,
+        now_ms: i64,
+    ) -> anyhow::Result<Result<(), i64>> {
+        let service = service.to_owned();
+        self.with_client(move |client| async move {
+            client.batch_execute("BEGIN").await?;
+            let open = OpenTransaction(Some(client));
+            // The row exists, then is locked: uploads of the user through any server of the
+            // database take their turn.
+            open.client()
+                .execute(
+                    "INSERT INTO upload_rate (service, user_id, tat_ms) VALUES ($1, $2, NULL)
+                     ON CONFLICT (service, user_id) DO NOTHING",
+                    &[&service, &user_id],
+                )
+                .await?;
+            let tat: Option<i64> = open
+                .client()
+                .query_one(
+                    "SELECT tat_ms FROM upload_rate WHERE service = $1 AND user_id = $2
+                     FOR UPDATE",
+                    &[&service, &user_id],
+                )
+                .await?
+                .try_get(0)?;
+            let answer = match quota.take(tat, now_ms) {
+                Err(wait) => Err(wait),
+                Ok(tat) => {
+                    open.client()
+                        .execute(
+                            "UPDATE upload_rate SET tat_ms = $3
+                             WHERE service = $1 AND user_id = $2",
+                            &[&service, &user_id, &tat],
+                        )
+                        .await?;
+                    Ok(())
+                }
+            };
+            open.commit().await?;
+            Ok(answer)
+        })
+    }
     fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
         self.execute(
             "DELETE FROM abandoned_runs WHERE client = $1 AND dest_id = $2",
@@ -1420,7 +1501,7 @@ mod tests {
         let versions = db
             .column::<i32>("SELECT version FROM schema_migrations", vec![])
             .unwrap();
-        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(versions, [1, 2, 3, 4]);
         // A database migrated by a newer version is refused, by name.
         scratch.exec("INSERT INTO schema_migrations VALUES (999, 'future', 0)");
         drop(db);
@@ -1444,6 +1525,7 @@ mod tests {
         scratch.exec(
             "ALTER TABLE jobs DROP COLUMN cores, DROP COLUMN memory_mb, DROP COLUMN gpus,
                  DROP COLUMN walltime_s, DROP COLUMN priority;
+             DROP TABLE user_usage, upload_rate;
              DELETE FROM schema_migrations WHERE version > 1;",
         );
         let db = scratch.open();
@@ -1457,7 +1539,7 @@ mod tests {
                 vec![],
             )
             .unwrap();
-        assert_eq!(versions, [1, 2, 3]);
+        assert_eq!(versions, [1, 2, 3, 4]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Everything a database holds, read in one snapshot, as `jobrelay server migrate` moves it
 //! from SQLite to PostgreSQL: every column of every row, in the order it was written.
 
-use super::{AbandonedRun, Job};
+use super::{AbandonedRun, Job, UsageRow};
 
 /// A job row: the job as the API sees it and its callback columns.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +48,10 @@ pub struct Snapshot {
     pub events: Vec<EventRow>,
     pub outbox: Vec<OutboxRow>,
     pub abandoned: Vec<AbandonedRun>,
+    /// Fair-share usage of each user and service.
+    pub usage: Vec<UsageRow>,
+    /// Each user's upload token bucket: (service, user id, kept instant in ms).
+    pub rates: Vec<(String, i64, i64)>,
     /// The highest job id ever handed out (the database's sequence, its rows and the mark):
     /// new ids continue after it.
     pub highest_id: i64,

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::snapshot::{EventRow, JobRow, OutboxRow, Snapshot};
 use super::{
     now_ms, rfc3339, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
-    JobResources, JobStatus, ListFilter, Notification,
+    JobResources, JobStatus, ListFilter, Notification, UsageRow,
 };
 
 /// A status column the server does not know (written by a newer version, or by hand) is an
@@ -256,6 +256,21 @@ impl SqliteDb {
                  next_ms INTEGER,
                  outcome TEXT
              );
+             -- Fair-share usage (issue 15): decayed core-seconds of a user as of at_ms.
+             CREATE TABLE IF NOT EXISTS user_usage (
+                 service TEXT NOT NULL,
+                 user_id INTEGER NOT NULL,
+                 core_seconds REAL NOT NULL,
+                 at_ms INTEGER NOT NULL,
+                 PRIMARY KEY (service, user_id)
+             );
+             -- Rate quotas of uploads: the token bucket of a user (see ratelimit.rs).
+             CREATE TABLE IF NOT EXISTS upload_rate (
+                 service TEXT NOT NULL,
+                 user_id INTEGER NOT NULL,
+                 tat_ms INTEGER NOT NULL,
+                 PRIMARY KEY (service, user_id)
+             );
              CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(next_ms)
                  WHERE next_ms IS NOT NULL;
              CREATE INDEX IF NOT EXISTS webhook_outbox_by_job ON webhook_outbox(job_id);
@@ -489,6 +504,25 @@ impl SqliteDb {
         })
         .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
         .map_err(|e| self.sql_err(e))?;
+        let usage = read(
+            "SELECT service, user_id, core_seconds, at_ms FROM user_usage
+             ORDER BY service, user_id",
+        )?
+        .query_map([], |r| {
+            Ok(UsageRow {
+                service: r.get(0)?,
+                user_id: r.get(1)?,
+                core_seconds: r.get(2)?,
+                at_ms: r.get(3)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(|e| self.sql_err(e))?;
+        let rates =
+            read("SELECT service, user_id, tat_ms FROM upload_rate ORDER BY service, user_id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(|e| self.sql_err(e))?;
         let highest: i64 = tx
             .query_row(
                 "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
@@ -504,6 +538,8 @@ impl SqliteDb {
             events,
             outbox,
             abandoned,
+            usage,
+            rates,
             highest_id: highest.max(mark),
         })
     }
@@ -793,6 +829,70 @@ impl JobDb for SqliteDb {
                 })
             },
         )
+    }
+    fn usage(&self) -> anyhow::Result<Vec<UsageRow>> {
+        self.all(
+            "SELECT service, user_id, core_seconds, at_ms FROM user_usage
+                 ORDER BY service, user_id",
+            [],
+            |r| {
+                Ok(UsageRow {
+                    service: r.get(0)?,
+                    user_id: r.get(1)?,
+                    core_seconds: r.get(2)?,
+                    at_ms: r.get(3)?,
+                })
+            },
+        )
+    }
+    fn save_usage(&self, row: &UsageRow) -> anyhow::Result<()> {
+        let conn = crate::sync::lock_off_worker(&self.conn);
+        conn.prepare_cached(
+            "INSERT INTO user_usage (service, user_id, core_seconds, at_ms)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (service, user_id)
+                 DO UPDATE SET core_seconds = excluded.core_seconds, at_ms = excluded.at_ms",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                row.service,
+                row.user_id,
+                row.core_seconds,
+                row.at_ms
+            ])
+        })
+        .map_err(|e| self.sql_err(e))?;
+        Ok(())
+    }
+    fn take_upload_slot(
+        &self,
+        service: &str,
+        user_id: i64,
+        quota: crate::ratelimit::RateQuota,
+        now_ms: i64,
+    ) -> anyhow::Result<Result<(), i64>> {
+        // One connection behind one lock: the read and the write cannot interleave with
+        // another upload's.
+        let conn = crate::sync::lock_off_worker(&self.conn);
+        let tat: Option<i64> = conn
+            .prepare_cached("SELECT tat_ms FROM upload_rate WHERE service = ?1 AND user_id = ?2")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![service, user_id], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(|e| self.sql_err(e))?;
+        match quota.take(tat, now_ms) {
+            Err(wait) => Ok(Err(wait)),
+            Ok(tat) => {
+                conn.prepare_cached(
+                    "INSERT INTO upload_rate (service, user_id, tat_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (service, user_id) DO UPDATE SET tat_ms = excluded.tat_ms",
+                )
+                .and_then(|mut stmt| stmt.execute(params![service, user_id, tat]))
+                .map_err(|e| self.sql_err(e))?;
+                Ok(Ok(()))
+            }
+        }
     }
     fn forget_abandoned(&self, base: &str, dest_id: i64) -> anyhow::Result<()> {
         let conn = crate::sync::lock_off_worker(&self.conn);

@@ -6,7 +6,7 @@
 use super::postgres::testing::Scratch;
 use super::{
     now_ms, AbandonedRun, Callback, Change, DeliveryEnd, JobDb, JobResources, JobStatus,
-    ListFilter, SqliteDb,
+    ListFilter, SqliteDb, UsageRow,
 };
 
 /// A database the suite runs on: `open` gives a store on it (the same data each time, as a
@@ -74,6 +74,8 @@ suite!(
     a_failed_file_placement_leaves_no_job,
     a_change_about_one_run_never_moves_another,
     a_job_keeps_what_it_asked_for_across_a_reopening,
+    fair_share_usage_is_kept_across_a_reopening,
+    a_rate_quota_counts_across_a_reopening,
     a_deposed_leader_changes_no_job,
 );
 
@@ -588,6 +590,73 @@ fn a_job_keeps_what_it_asked_for_across_a_reopening(backend: &Backend) {
     );
 }
 
+fn fair_share_usage_is_kept_across_a_reopening(backend: &Backend) {
+    let db = backend.open();
+    assert!(db.usage().unwrap().is_empty());
+    let row = |service: &str, user_id, core_seconds, at_ms| UsageRow {
+        service: service.into(),
+        user_id,
+        core_seconds,
+        at_ms,
+    };
+    db.save_usage(&row("docking", 7, 120.5, 1_000)).unwrap();
+    db.save_usage(&row("docking", 8, 3.0, 1_000)).unwrap();
+    db.save_usage(&row("nmr", 7, 1.0, 2_000)).unwrap();
+    // A later save replaces the row of that service and user.
+    db.save_usage(&row("docking", 7, 99.25, 5_000)).unwrap();
+    drop(db);
+    let db = backend.open();
+    assert_eq!(
+        db.usage().unwrap(),
+        [
+            row("docking", 7, 99.25, 5_000),
+            row("docking", 8, 3.0, 1_000),
+            row("nmr", 7, 1.0, 2_000),
+        ]
+    );
+}
+
+fn a_rate_quota_counts_across_a_reopening(backend: &Backend) {
+    use crate::ratelimit::RateQuota;
+    let quota = RateQuota {
+        per_hour: 60,
+        burst: 2,
+    };
+    let t0 = 10_000_000;
+    let db = backend.open();
+    assert_eq!(
+        db.take_upload_slot("docking", 7, quota, t0).unwrap(),
+        Ok(())
+    );
+    assert_eq!(
+        db.take_upload_slot("docking", 7, quota, t0).unwrap(),
+        Ok(())
+    );
+    assert_eq!(
+        db.take_upload_slot("docking", 7, quota, t0).unwrap(),
+        Err(60_000)
+    );
+    // Another user, another service: buckets of their own.
+    assert_eq!(
+        db.take_upload_slot("docking", 8, quota, t0).unwrap(),
+        Ok(())
+    );
+    assert_eq!(db.take_upload_slot("nmr", 7, quota, t0).unwrap(), Ok(()));
+    drop(db);
+    // A restart does not refill the bucket.
+    let db = backend.open();
+    assert_eq!(
+        db.take_upload_slot("docking", 7, quota, t0 + 30_000)
+            .unwrap(),
+        Err(30_000)
+    );
+    assert_eq!(
+        db.take_upload_slot("docking", 7, quota, t0 + 60_000)
+            .unwrap(),
+        Ok(())
+    );
+}
+
 /// `jobrelay server migrate`'s two halves: a SQLite database read whole and written into an
 /// empty PostgreSQL one reads back the same through every method of the seam (jobs with
 /// every column, timelines, notifications pending and ended, runs given away, identity), new
@@ -710,6 +779,24 @@ fn a_sqlite_database_moves_to_postgres_whole() {
         .unwrap();
     let queued = insert(3, Some(&hook(true)), &asked);
 
+    // Fair-share usage and a rate quota's bucket move too.
+    let usage = UsageRow {
+        service: "example".into(),
+        user_id: 3,
+        core_seconds: 42.5,
+        at_ms: 1_000,
+    };
+    sqlite.save_usage(&usage).unwrap();
+    let quota = crate::ratelimit::RateQuota {
+        per_hour: 1,
+        burst: 1,
+    };
+    let t0 = now_ms();
+    assert_eq!(
+        sqlite.take_upload_slot("example", 3, quota, t0).unwrap(),
+        Ok(())
+    );
+
     // The job-id mark says ids up to 9 were handed out (uploads that never committed).
     let snapshot = sqlite.snapshot(9).unwrap();
     assert_eq!(snapshot.jobs.len(), 5);
@@ -745,6 +832,13 @@ fn a_sqlite_database_moves_to_postgres_whole() {
         );
     }
     assert_eq!(pg.get(queued.id).unwrap().unwrap().resources, asked);
+    assert_eq!(pg.usage().unwrap(), [usage]);
+    assert!(
+        pg.take_upload_slot("example", 3, quota, t0)
+            .unwrap()
+            .is_err(),
+        "the bucket emptied on SQLite is still empty"
+    );
     assert!(pg.history(completed.id).unwrap().len() >= 3);
     assert_eq!(
         pg.abandoned_on("http://c").unwrap(),

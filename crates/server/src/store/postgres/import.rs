@@ -32,7 +32,8 @@ pub async fn import(client: &mut Object, snapshot: &Snapshot) -> anyhow::Result<
     // A server that started on this database before the move left its own events, outbox
     // or runs of jobs it no longer has; the source's replace them.
     tx.batch_execute(
-        "DELETE FROM job_events; DELETE FROM webhook_outbox; DELETE FROM abandoned_runs;",
+        "DELETE FROM job_events; DELETE FROM webhook_outbox; DELETE FROM abandoned_runs;
+         DELETE FROM user_usage; DELETE FROM upload_rate;",
     )
     .await?;
     tx.execute(
@@ -166,6 +167,22 @@ pub async fn import(client: &mut Object, snapshot: &Snapshot) -> anyhow::Result<
             "INSERT INTO abandoned_runs (client, dest_id, dispatch_key, job_id)
              VALUES ($1, $2, $3, $4)",
             &[&run.client, &run.dest_id, &run.key, &run.job_id],
+        )
+        .await?;
+    }
+    // Few rows (one per user and service): one statement each.
+    for row in &snapshot.usage {
+        tx.execute(
+            "INSERT INTO user_usage (service, user_id, core_seconds, at_ms)
+             VALUES ($1, $2, $3, $4)",
+            &[&row.service, &row.user_id, &row.core_seconds, &row.at_ms],
+        )
+        .await?;
+    }
+    for (service, user_id, tat_ms) in &snapshot.rates {
+        tx.execute(
+            "INSERT INTO upload_rate (service, user_id, tat_ms) VALUES ($1, $2, $3)",
+            &[service, user_id, tat_ms],
         )
         .await?;
     }

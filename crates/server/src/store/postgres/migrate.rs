@@ -17,6 +17,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("migrations/0002_job_resources.sql"),
     ),
     (3, "cluster", include_str!("migrations/0003_cluster.sql")),
+    (
+        4,
+        "usage_and_rates",
+        include_str!("migrations/0004_usage_and_rates.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("jobrelay" in ASCII): every jobrelay
