@@ -385,6 +385,32 @@ pub fn leave(shared: &Shared, client: &ClientHandle) {
     }
 }
 
+/// A new leader's start: the joined clients that active jobs are on (they were joined to the
+/// previous leader) are put in the pool, as at a process's start, so those jobs are followed
+/// there when the clients join this server, instead of being run a second time. Their probes
+/// and collectors start with the term's loops; their relays here.
+pub fn bring_back_from_jobs(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let active = shared.store.in_states(&crate::store::JobStatus::ACTIVE)?;
+    for (base, names) in known_from_jobs(&active) {
+        if shared.clients.by_base(&base).is_some() {
+            continue;
+        }
+        let Some(node) = node_of(&base) else {
+            continue;
+        };
+        let id = shared.clients.all().len();
+        let (client, listener) = new_handle(&shared.config.data_dir, id, node, &names, "")
+            .map_err(|e| anyhow::anyhow!("cannot set up joined client {base}: {e:?}"))?;
+        let added = shared.lifecycle.client_joined(None, &base, &names);
+        debug_assert_eq!(added, id);
+        let client = Arc::new(client);
+        shared.clients.push(client.clone());
+        tracing::info!(client = %base, "a joined client of the previous leader has active jobs: waiting for it to join here");
+        shared.job_tasks.spawn(relay(client, listener));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

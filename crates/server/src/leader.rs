@@ -68,6 +68,9 @@ impl Drop for Term {
 /// Starts leading: what the previous leader (or process) left is settled as at a restart,
 /// then the leader's loops start.
 pub fn start_term(shared: &Arc<Shared>) -> anyhow::Result<Term> {
+    if shared.store.cluster().is_some() {
+        crate::joined::bring_back_from_jobs(shared)?;
+    }
     let resend = recover(shared)?;
     let mut tasks = Vec::new();
     let loops = &shared.loops;
