@@ -109,12 +109,24 @@ pub async fn run(
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {database}"))
-        .await?;
-    let mut server_url = reqwest::Url::parse(&url).context("the PostgreSQL URL")?;
-    server_url.set_path(&format!("/{database}"));
-    let server_url = server_url.to_string();
+    // The pair of servers gets a database of its own: on one database, every server is one
+    // cluster's.
+    let two = format!("{database}_two");
+    for name in [&database, &two] {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+    }
+    let url_of = |name: &str| -> anyhow::Result<String> {
+        let mut server_url = reqwest::Url::parse(&url).context("the PostgreSQL URL")?;
+        server_url.set_path(&format!("/{name}"));
+        Ok(server_url.to_string())
+    };
+    let server_url = url_of(&database)?;
+    let two_url = url_of(&two)?;
     let http = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(64)
@@ -124,16 +136,18 @@ pub async fn run(
         binary,
         root,
         &http,
-        (&server_url, &admin, &database),
+        (&server_url, &two_url, &admin, &database),
         latency_jobs,
         throughput_jobs,
         runs,
     )
     .await;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
-        .await?;
-    let (sqlite, postgres) = measured?;
+    for name in [&database, &two] {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+    }
+    let (sqlite, postgres, pair) = measured?;
     let mut rows = Vec::new();
     let row = |what: String, value: String, spread: String, base: String, ratio: String| Row {
         section: "PG".into(),
@@ -176,6 +190,30 @@ pub async fn run(
             (postgres.server_cpu_per_job - sqlite.server_cpu_per_job) * 1e3
         ),
     ));
+    rows.push(row(
+        format!("latency of one trivial job, two servers on PostgreSQL, uploads turn by turn ({latency_jobs} jobs; floor: one server on PostgreSQL)"),
+        ms(pair.latency.p50),
+        format!("p90 {} / p99 {}", ms(pair.latency.p90), ms(pair.latency.p99)),
+        ms(postgres.latency.p50),
+        format!("{:+.2} ms", (pair.latency.p50 - postgres.latency.p50) * 1e3),
+    ));
+    rows.push(row(
+        format!("throughput, {throughput_jobs} trivial jobs from {USERS} users over two servers on PostgreSQL (median of {runs} runs; floor: one server on PostgreSQL)"),
+        format!("{:.0} jobs/s", pair.jobs_per_s),
+        String::new(),
+        format!("{:.0} jobs/s", postgres.jobs_per_s),
+        format!("{:.2}x", pair.jobs_per_s / postgres.jobs_per_s),
+    ));
+    rows.push(row(
+        "both servers' CPU per job, two servers on PostgreSQL (floor: one server)".into(),
+        ms(pair.server_cpu_per_job),
+        String::new(),
+        ms(postgres.server_cpu_per_job),
+        format!(
+            "{:+.2} ms",
+            (pair.server_cpu_per_job - postgres.server_cpu_per_job) * 1e3
+        ),
+    ));
     if let Some(cpu) = postgres.backend_cpu_per_job {
         rows.push(row(
             "PostgreSQL backends' CPU per job (the server's connections)".into(),
@@ -215,19 +253,21 @@ pub async fn run(
     };
     Ok((
         rows,
-        json!({ "sqlite": doc(&sqlite), "postgres": doc(&postgres) }),
+        json!({ "sqlite": doc(&sqlite), "postgres": doc(&postgres), "postgres_two_servers": doc(&pair) }),
     ))
 }
 
 /// A server (on SQLite, or on PostgreSQL) with its own client of 8 slots.
 struct Side {
-    server: Proc,
+    servers: Vec<Proc>,
     _client: Proc,
-    base: String,
+    bases: Vec<String>,
 }
 
 impl Side {
-    fn start(binary: &Path, dir: &Path, db: Option<&str>) -> anyhow::Result<Side> {
+    /// `servers` servers (more than one: on one PostgreSQL database and one data directory,
+    /// a leader and standbys) with one client of 8 slots.
+    fn start(binary: &Path, dir: &Path, db: Option<&str>, servers: usize) -> anyhow::Result<Side> {
         std::fs::create_dir_all(dir)?;
         let client_args: Vec<String> = ["client", "--port", "0", "--slots", "8", "--data-dir"]
             .iter()
@@ -243,33 +283,47 @@ impl Side {
                 client.url
             ),
         )?;
-        let mut server_args: Vec<String> = vec![
-            "server".into(),
-            "--port".into(),
-            "0".into(),
-            "--data-dir".into(),
-            dir.join("server").display().to_string(),
-            "--config".into(),
-            config.display().to_string(),
-        ];
-        if let Some(url) = db {
-            server_args.extend(["--db".into(), url.to_owned()]);
+        let mut started = Vec::new();
+        for n in 0..servers {
+            let mut server_args: Vec<String> = vec![
+                "server".into(),
+                "--port".into(),
+                "0".into(),
+                "--data-dir".into(),
+                dir.join("server").display().to_string(),
+                "--config".into(),
+                config.display().to_string(),
+            ];
+            if let Some(url) = db {
+                server_args.extend(["--db".into(), url.to_owned()]);
+            }
+            let log = dir.join(format!("server-{n}.log"));
+            started.push(Proc::start(binary, &server_args, &log, "server")?);
         }
-        let server = Proc::start(binary, &server_args, &dir.join("server.log"), "server")?;
         Ok(Side {
-            base: server.url.clone(),
-            server,
+            bases: started.iter().map(|s| s.url.clone()).collect(),
+            servers: started,
             _client: client,
         })
     }
 
-    /// `jobs` trivial jobs from 16 users at once: (jobs per second, server CPU seconds).
+    /// The server the `n`-th request goes to: turn by turn, as a round-robin load balancer.
+    fn base(&self, n: usize) -> &str {
+        &self.bases[n % self.bases.len()]
+    }
+
+    fn server_cpu(&self) -> anyhow::Result<f64> {
+        self.servers.iter().map(|s| cpu_seconds(s.pid)).sum()
+    }
+
+    /// `jobs` trivial jobs from 16 users at once, each user's on one server (turn by turn):
+    /// (jobs per second, the servers' CPU seconds).
     async fn throughput(&self, http: &reqwest::Client, jobs: usize) -> anyhow::Result<(f64, f64)> {
-        let cpu = cpu_seconds(self.server.pid)?;
+        let cpu = self.server_cpu()?;
         let started = Instant::now();
         let mut tasks = Vec::new();
         for u in 0..USERS {
-            let (http, base) = (http.clone(), self.base.clone());
+            let (http, base) = (http.clone(), self.base(u as usize).to_owned());
             let share = jobs / USERS as usize + usize::from((u as usize) < jobs % USERS as usize);
             tasks.push(tokio::spawn(async move {
                 let mut ids = Vec::new();
@@ -286,44 +340,47 @@ impl Side {
             task.await??;
         }
         let elapsed = started.elapsed().as_secs_f64();
-        Ok((jobs as f64 / elapsed, cpu_seconds(self.server.pid)? - cpu))
+        Ok((jobs as f64 / elapsed, self.server_cpu()? - cpu))
     }
 }
 
-/// Both servers at once, measured in turns so that the machine's drift falls on both alike:
-/// latency samples alternate SQLite, PostgreSQL, one job at a time; then throughput runs
-/// alternate the same way. On PostgreSQL also the backends' CPU (by pid, from `/proc`) and
+/// The three set-ups at once, measured in turns so that the machine's drift falls on all
+/// alike: latency samples alternate SQLite, PostgreSQL, two servers on PostgreSQL (their
+/// uploads turn by turn over both), one job at a time; then throughput runs alternate the
+/// same way. On PostgreSQL also the backends' CPU (by pid, from `/proc`) and
 /// the transactions committed over its throughput runs.
 async fn measure_both(
     binary: &Path,
     root: &Path,
     http: &reqwest::Client,
-    (url, admin, database): (&str, &tokio_postgres::Client, &str),
+    (url, two_url, admin, database): (&str, &str, &tokio_postgres::Client, &str),
     latency_jobs: usize,
     throughput_jobs: usize,
     runs: usize,
-) -> anyhow::Result<(Figures, Figures)> {
-    let sqlite = Side::start(binary, &root.join("pg-sqlite"), None)?;
-    let postgres = Side::start(binary, &root.join("pg-postgres"), Some(url))?;
-    let sides = [&sqlite, &postgres];
-    // Warm up: connections made, clients probed.
+) -> anyhow::Result<(Figures, Figures, Figures)> {
+    let sqlite = Side::start(binary, &root.join("pg-sqlite"), None, 1)?;
+    let postgres = Side::start(binary, &root.join("pg-postgres"), Some(url), 1)?;
+    let pair = Side::start(binary, &root.join("pg-two-servers"), Some(two_url), 2)?;
+    let sides = [&sqlite, &postgres, &pair];
+    // Warm up: connections made, clients probed, a leader elected (requests to a standby
+    // wait for it).
     for side in sides {
-        for _ in 0..5 {
-            round_trip(http, &side.base, 1).await?;
+        for n in 0..6 {
+            round_trip(http, side.base(n), 1).await?;
         }
     }
-    let mut latency: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut latency: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for n in 0..latency_jobs {
         for (i, side) in sides.iter().enumerate() {
             let started = Instant::now();
-            round_trip(http, &side.base, 1 + (n as i64 % USERS)).await?;
+            round_trip(http, side.base(n), 1 + (n as i64 % USERS)).await?;
             latency[i].push(started.elapsed().as_secs_f64());
         }
     }
     let backends_before = backend_cpu(admin, database).await?;
     let commits_before = commits(admin, database).await?;
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    let mut cpu: [f64; 2] = [0.0, 0.0];
+    let mut rates: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut cpu: [f64; 3] = [0.0, 0.0, 0.0];
     let mut pg_elapsed_jobs = 0usize;
     for _ in 0..runs {
         for (i, side) in sides.iter().enumerate() {
@@ -354,7 +411,7 @@ async fn measure_both(
         rows_per_job: pg
             .then(|| (commits_after.1 - commits_before.1) as f64 / pg_elapsed_jobs.max(1) as f64),
     };
-    Ok((figures(0, false), figures(1, true)))
+    Ok((figures(0, false), figures(1, true), figures(2, false)))
 }
 
 /// CPU seconds so far of each PostgreSQL backend serving a jobrelay server in `database`,

@@ -547,3 +547,108 @@ async fn servers_ride_out_a_restart_of_postgres() {
     drop(cluster);
     drop(client);
 }
+
+/// A TCP forwarder to the first of `upstreams` that accepts the connection, as a load
+/// balancer retrying connection failures does; its address.
+async fn first_that_answers(upstreams: Vec<std::net::SocketAddr>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let upstreams = upstreams.clone();
+            tokio::spawn(async move {
+                for upstream in upstreams {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_client_serves_the_next_leader_after_a_failover() {
+    // A client that dials out joins the leader (a standby refuses it with 503, so it asks
+    // again until it reaches the leader); the leader is killed while the client runs jobs:
+    // the next leader waits for the client to join it, and every job finishes once there.
+    let Some(schema) = Schema::new().await else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let token = root.join("join.token");
+    std::fs::write(&token, "join-token-for-the-cluster-test").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = root.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[services.example]\njoin_token_file = {:?}\nruns_per_user = 4\nmax_runs = 4\n",
+            token.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut cluster = Servers::start(root, &config, &schema.url, 2);
+    let http = http();
+    let (leader, epoch) = cluster.leader(&http, &cluster.all(), 0).await;
+    let standby = 1 - leader;
+
+    let refused = http
+        .post(format!("{}/join", cluster.servers[standby].url))
+        .bearer_auth("join-token-for-the-cluster-test")
+        .header("content-type", "application/json")
+        .body(r#"{"node":"probe-node","services":["example"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("stands by"),
+        "{body}"
+    );
+
+    let addr = |i: usize| -> std::net::SocketAddr {
+        cluster.servers[i]
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap()
+    };
+    let front = first_that_answers(vec![addr(leader), addr(standby)]).await;
+    let data = root.join("joined-client");
+    let _client = Proc::start(
+        &[
+            "client",
+            "--connect",
+            &format!("http://{front}"),
+            "--service",
+            "example",
+            "--join-token-file",
+            token.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--slots",
+            "4",
+        ],
+        root,
+    );
+    let jobs = upload_spread(&http, &cluster, &[leader], "j", 6, 2, 2.0).await;
+    eventually(LONG, "jobs running on the joined client", || async {
+        (count_lines(&root.join("runs.log")).len() >= 2).then_some(())
+    })
+    .await;
+    cluster.servers[leader].kill9();
+    let killed_at = Instant::now();
+    let (found, _) = cluster.leader(&http, &[standby], epoch).await;
+    assert_eq!(found, standby);
+    println!("failover with a joined client: {:?}", killed_at.elapsed());
+    all_done_once(&http, &cluster.servers[standby].url, root, &jobs).await;
+}

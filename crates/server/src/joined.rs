@@ -72,8 +72,8 @@ pub enum Refused {
     Forbidden(String),
     /// The server could not set the client up (500).
     Failed(String),
-    /// This server stands by (several servers on one database): only the leader dispatches
-    /// to clients, so a client joins the leader (503: the client tries again).
+    /// This server stands by: only the leader serves joined clients (503; ask again, the
+    /// load balancer or the next try reaches the leader).
     Standby,
 }
 
@@ -114,6 +114,9 @@ pub async fn join(
     if !is_on(shared) {
         return Err(Refused::Off);
     }
+    if !shared.lifecycle.leading() {
+        return Err(Refused::Standby);
+    }
     let Some(token) = token else {
         return Err(Refused::Unauthorized(
             "joining needs Authorization: Bearer <join token> (jobrelay client --join-token-file)",
@@ -149,9 +152,6 @@ pub async fn join(
     if let Some(why) = forbidden {
         return Err(Refused::Forbidden(why));
     }
-    if !shared.lifecycle.leading() {
-        return Err(Refused::Standby);
-    }
 
     let base = crate::gateway::joined_base(&request.node);
     let _joining = shared.clients.joining.lock().await;
@@ -180,8 +180,7 @@ pub async fn join(
     }
 
     let id = shared.clients.all().len();
-    let (client, listener) =
-        new_handle(&shared.config.data_dir, id, &request.node, &services, from)?;
+    let (client, listener) = new_handle(&shared.staging_dir, id, &request.node, &services, from)?;
     let added = shared.lifecycle.client_joined(None, &base, &services);
     debug_assert_eq!(added, id);
     let client = Arc::new(client);
@@ -192,16 +191,17 @@ pub async fn join(
     Ok(answer(&base, &joined.credential))
 }
 
-/// A joined client's handle, id `id`, with the socket its connections go to (listening).
+/// A joined client's handle, id `id`, with the socket its connections go to (listening),
+/// in `<own_dir>/joined/` (the server's own staging folder: never another server's).
 pub fn new_handle(
-    data_dir: &std::path::Path,
+    own_dir: &std::path::Path,
     id: crate::scheduler::ClientId,
     node: &str,
     services: &[String],
     from: &str,
 ) -> Result<(ClientHandle, tokio::net::UnixListener), Refused> {
     let base = crate::gateway::joined_base(node);
-    let dir = data_dir.join("joined");
+    let dir = own_dir.join("joined");
     let socket = make_socket_dir(&dir)
         .map(|()| dir.join(id.to_string()))
         .map_err(|e| Refused::Failed(format!("cannot prepare {}: {e}", dir.display())))?;
@@ -277,6 +277,38 @@ fn make_socket_dir(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// The joined clients that this server's active jobs are on and its pool lacks (they
+/// joined another server that led before): seated in the pool and the scheduler, so a new
+/// leader follows their jobs there (they join this server in turn) instead of giving the
+/// runs away. Called as a term starts, before the jobs are recovered.
+pub fn seat_from_jobs(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let active = shared.store.in_states(&crate::store::JobStatus::ACTIVE)?;
+    for (base, names) in known_from_jobs(&active) {
+        if shared.clients.by_base(&base).is_some() {
+            continue;
+        }
+        let Some(node) = node_of(&base) else {
+            continue;
+        };
+        // Ids are handed out in order (scheduler, then pool) under the joining lock; joins
+        // wait for the term's start, so it is free but for a moment.
+        let _joining = loop {
+            match shared.clients.joining.try_lock() {
+                Ok(held) => break held,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        };
+        let id = shared.lifecycle.client_joined(None, &base, &names);
+        let (client, listener) = new_handle(&shared.staging_dir, id, node, &names, "")
+            .map_err(|e| anyhow::anyhow!("cannot set up joined client {base}: {e:?}"))?;
+        let client = Arc::new(client);
+        shared.clients.push(client.clone());
+        shared.job_tasks.spawn_for_process(relay(client, listener));
+        tracing::info!(client = %base, "a joined client of the last leader has active jobs: waiting for it to join here");
+    }
+    Ok(())
+}
+
 /// Removes the sockets a previous server process left (at start).
 pub fn remove_leftovers(data_dir: &std::path::Path) {
     let _ = jobrelay_common::fsutil::remove_dir_all_if_exists(&data_dir.join("joined"));
@@ -286,7 +318,7 @@ pub fn remove_leftovers(data_dir: &std::path::Path) {
 /// collector, all stopped with the server.
 fn follow(shared: &Arc<Shared>, client: &Arc<ClientHandle>, listener: tokio::net::UnixListener) {
     let relayed = client.clone();
-    shared.job_tasks.spawn(relay(relayed, listener));
+    shared.job_tasks.spawn_for_process(relay(relayed, listener));
     let (s, c) = (shared.clone(), client.clone());
     let probe = shared.loops.spawn("probe", Some(client.base()), move || {
         crate::probe::run(s.clone(), c.clone())
@@ -338,6 +370,9 @@ pub fn by_credential(
     if !is_on(shared) {
         return Err(Refused::Off);
     }
+    if !shared.lifecycle.leading() {
+        return Err(Refused::Standby);
+    }
     let Some(credential) = credential else {
         return Err(Refused::Unauthorized(
             "needs Authorization: Bearer <the credential given at join>",
@@ -383,32 +418,6 @@ pub fn leave(shared: &Shared, client: &ClientHandle) {
             "client leaving: no new jobs go there"
         );
     }
-}
-
-/// A new leader's start: the joined clients that active jobs are on (they were joined to the
-/// previous leader) are put in the pool, as at a process's start, so those jobs are followed
-/// there when the clients join this server, instead of being run a second time. Their probes
-/// and collectors start with the term's loops; their relays here.
-pub fn bring_back_from_jobs(shared: &Arc<Shared>) -> anyhow::Result<()> {
-    let active = shared.store.in_states(&crate::store::JobStatus::ACTIVE)?;
-    for (base, names) in known_from_jobs(&active) {
-        if shared.clients.by_base(&base).is_some() {
-            continue;
-        }
-        let Some(node) = node_of(&base) else {
-            continue;
-        };
-        let id = shared.clients.all().len();
-        let (client, listener) = new_handle(&shared.config.data_dir, id, node, &names, "")
-            .map_err(|e| anyhow::anyhow!("cannot set up joined client {base}: {e:?}"))?;
-        let added = shared.lifecycle.client_joined(None, &base, &names);
-        debug_assert_eq!(added, id);
-        let client = Arc::new(client);
-        shared.clients.push(client.clone());
-        tracing::info!(client = %base, "a joined client of the previous leader has active jobs: waiting for it to join here");
-        shared.job_tasks.spawn(relay(client, listener));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@ use jobrelay_common::fsutil::remove_dir_all_if_exists;
 
 use crate::shared::RoleState;
 use crate::store::{Cluster, Notice};
-use crate::{collector, dispatcher, effects, janitor, probe, stop, supervise, webhooks, Shared};
+use crate::{
+    collector, dispatcher, effects, janitor, joined, probe, stop, supervise, webhooks, Shared,
+};
 
 /// The loops only a leader runs (retired from `/health` when its term ends).
 const LEADER_LOOPS: &[&str] = &[
@@ -51,7 +53,6 @@ impl Term {
         shared.loops.retire(LEADER_LOOPS);
         shared.job_tasks.end_term().await;
         shared.lifecycle.stand_by();
-        rejoin_scheduler(shared);
         crate::lock(&shared.in_flight).clear();
     }
 }
@@ -68,9 +69,7 @@ impl Drop for Term {
 /// Starts leading: what the previous leader (or process) left is settled as at a restart,
 /// then the leader's loops start.
 pub fn start_term(shared: &Arc<Shared>) -> anyhow::Result<Term> {
-    if shared.store.cluster().is_some() {
-        crate::joined::bring_back_from_jobs(shared)?;
-    }
+    joined::seat_from_jobs(shared)?;
     let resend = recover(shared)?;
     let mut tasks = Vec::new();
     let loops = &shared.loops;
@@ -194,7 +193,6 @@ pub async fn campaign(shared: Arc<Shared>, term_out: Arc<std::sync::Mutex<Option
         let mut renewed_at = Instant::now() - Duration::from_millis(1);
         cluster(&shared).fence(lease.epoch);
         shared.lifecycle.lead();
-        rejoin_scheduler(&shared);
         crate::lock(&shared.in_flight).clear();
         shared.role.set(RoleState {
             leading: true,
@@ -214,7 +212,6 @@ pub async fn campaign(shared: Arc<Shared>, term_out: Arc<std::sync::Mutex<Option
                 };
                 tracing::error!(why, "could not start leading; standing by");
                 shared.lifecycle.stand_by();
-                rejoin_scheduler(&shared);
                 continue;
             }
         };
@@ -376,24 +373,5 @@ async fn catch_up(shared: Arc<Shared>) {
         supervise::fault_point("catch-up");
         catch_up_once(&shared).await;
         tokio::time::sleep(CATCH_UP_EVERY).await;
-    }
-}
-
-/// A new term's scheduler is built from the configuration: the clients that joined this
-/// process at run time (in the pool after the configured ones, ids in order) are put back in
-/// it with the same ids, so their probes and collectors find them.
-fn rejoin_scheduler(shared: &Shared) {
-    for client in shared.clients.all() {
-        let Some(joined) = &client.joined else {
-            continue;
-        };
-        let services = crate::lock(&joined.services).clone();
-        let id = shared
-            .lifecycle
-            .client_joined(None, client.base(), &services);
-        debug_assert_eq!(
-            id, client.id,
-            "joined clients are last in the pool, in order"
-        );
     }
 }

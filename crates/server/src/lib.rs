@@ -162,7 +162,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             data_dir.join("staging").join(&name)
         }
     };
-    joined::remove_leftovers(&data_dir);
+    // Joined clients' sockets: in this server's own staging folder (servers sharing the data
+    // directory must not take each other's); an older version kept them in <data>/joined.
+    if matches!(config.db, Database::Sqlite(_)) {
+        joined::remove_leftovers(&data_dir);
+    }
     for dir in [&jobs_dir, &results_dir, &staging_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
@@ -198,7 +202,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .transpose()
         .map_err(anyhow::Error::msg)?;
 
-    let (mut sched, endpoints, _, service_ids) = schedule_of(&config);
+    let (sched, endpoints, _, service_ids) = schedule_of(&config);
     let clients = endpoints
         .into_iter()
         .enumerate()
@@ -208,28 +212,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         })
         .collect::<Vec<_>>();
     let mut clients = clients.into_iter().collect::<Result<Vec<_>, _>>()?;
-    // Joined clients that active jobs are on: back in the pool before those jobs are
-    // recovered, so they are followed there (the clients join again and go on).
-    let mut relays = Vec::new();
-    let active = store.in_states(&store::JobStatus::ACTIVE)?;
-    for (base, names) in joined::known_from_jobs(&active) {
-        let Some(node) = joined::node_of(&base) else {
-            continue;
-        };
-        let id = sched.add_client();
-        sched.set_client_label(id, base.clone());
-        for name in &names {
-            if let Some(&sid) = service_ids.get(name) {
-                sched.add_client_to_service(sid, id);
-            }
-        }
-        let (client, listener) = joined::new_handle(&data_dir, id, node, &names, "")
-            .map_err(|e| anyhow::anyhow!("cannot set up joined client {base}: {e:?}"))?;
-        let client = Arc::new(client);
-        tracing::info!(client = %base, "a joined client has active jobs: waiting for it to join again");
-        relays.push((client.clone(), listener));
-        clients.push(client);
-    }
     match &config.users {
         Some(users) => tracing::info!(
             users = users.len(),
@@ -272,6 +254,24 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         service_ids.clone(),
         config.max_attempts,
     );
+    // Joined clients that active jobs are on: back in the pool before those jobs are
+    // recovered, so they are followed there (the clients join again and go on). Seated
+    // through the lifecycle, which gives a new leader's scheduler the same ids.
+    let mut relays = Vec::new();
+    let active = store.in_states(&store::JobStatus::ACTIVE)?;
+    for (base, names) in joined::known_from_jobs(&active) {
+        let Some(node) = joined::node_of(&base) else {
+            continue;
+        };
+        let id = lifecycle.client_joined(None, &base, &names);
+        debug_assert_eq!(id, clients.len());
+        let (client, listener) = joined::new_handle(&staging_dir, id, node, &names, "")
+            .map_err(|e| anyhow::anyhow!("cannot set up joined client {base}: {e:?}"))?;
+        let client = Arc::new(client);
+        tracing::info!(client = %base, "a joined client has active jobs: waiting for it to join again");
+        relays.push((client.clone(), listener));
+        clients.push(client);
+    }
     let clustered = store.cluster().is_some();
     if let Some(cluster) = store.cluster() {
         // A standby until the lease is taken: no job-state write of this server commits.

@@ -104,6 +104,9 @@ impl CheckRequests {
 #[derive(Default)]
 pub struct JobTasks {
     term: Mutex<Term>,
+    /// Tasks that outlive a term and stop only with the server (a joined client's relay:
+    /// the next term needs it, the client's tunnels come to whichever term leads).
+    process: Term,
 }
 
 #[derive(Default, Clone)]
@@ -129,12 +132,26 @@ impl JobTasks {
         });
     }
 
+    /// Runs `task` until it ends or the server stops; a change of leader does not stop it.
+    pub fn spawn_for_process(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        if self.process.stopping.is_cancelled() {
+            return;
+        }
+        let stopping = self.process.stopping.clone();
+        self.process.tracker.spawn(async move {
+            stopping.run_until_cancelled_owned(task).await;
+        });
+    }
+
     /// Stops every task and resolves once they are all gone.
     pub async fn stop(&self) {
         let term = self.current();
-        term.stopping.cancel();
-        term.tracker.close();
+        for scope in [&term, &self.process] {
+            scope.stopping.cancel();
+            scope.tracker.close();
+        }
         term.tracker.wait().await;
+        self.process.tracker.wait().await;
     }
 
     /// Stops every task of this leader's term (as [`JobTasks::stop`]); tasks spawned later

@@ -50,7 +50,7 @@ impl From<Refused> for ApiError {
             Refused::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, why),
             Refused::Standby => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "this server stands by: join the leader (route /join to it)",
+                "this server stands by: joined clients are served by the leader; ask again",
             ),
             Refused::Failed(why) => {
                 tracing::error!(why, "a client could not join");
@@ -79,6 +79,7 @@ fn token(headers: &HeaderMap) -> Option<String> {
     (status = 401, description = "A missing or wrong join token", body = JobAnswer),
     (status = 403, description = "A service that cannot be joined", body = JobAnswer),
     (status = 404, description = "Joining is off", body = JobAnswer),
+    (status = 503, description = "This server stands by: ask again (the leader serves joined clients)", body = JobAnswer),
 ))]
 async fn join(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response, ApiError> {
     let from = peer(&request);
@@ -103,6 +104,7 @@ async fn join(State(shared): State<Arc<Shared>>, request: Request) -> Result<Res
     (status = 204, description = "Nothing needed one within the wait: ask again"),
     (status = 400, description = "Not an upgrade to jobrelay-tunnel", body = JobAnswer),
     (status = 401, description = "A missing or unknown credential", body = JobAnswer),
+    (status = 503, description = "This server stands by: ask again", body = JobAnswer),
 ))]
 async fn tunnel(
     State(shared): State<Arc<Shared>>,

@@ -75,6 +75,17 @@ pub struct Lifecycle {
     leading: AtomicBool,
     /// Makes the scheduler afresh (services and clients, no job), for a change of leader.
     fresh: Option<SchedulerFactory>,
+    /// The clients that joined at run time, in the order their ids were handed out: a new
+    /// term's scheduler gets them back under the same ids (the pool keeps them), after the
+    /// configured ones [`SchedulerFactory`] makes.
+    joined: Mutex<Vec<JoinedSeat>>,
+}
+
+/// A joined client's place in the scheduler: its id, label and services.
+struct JoinedSeat {
+    id: crate::scheduler::ClientId,
+    label: String,
+    services: Vec<String>,
 }
 
 /// Builds a [`Scheduler`] with the services and clients and no job.
@@ -96,6 +107,7 @@ impl Lifecycle {
             max_attempts,
             leading: AtomicBool::new(true),
             fresh: None,
+            joined: Mutex::new(Vec::new()),
         }
     }
 
@@ -128,7 +140,14 @@ impl Lifecycle {
 
     fn renew_term(&self) {
         if let Some(fresh) = &self.fresh {
-            *crate::lock(&self.sched) = fresh();
+            let mut sched = fresh();
+            for seat in crate::lock(&self.joined).iter() {
+                let id = sched.add_client();
+                debug_assert_eq!(id, seat.id, "joined clients keep their ids");
+                sched.set_client_label(id, &seat.label);
+                self.seat_in_services(&mut sched, id, &seat.services);
+            }
+            *crate::lock(&self.sched) = sched;
         }
         crate::lock(&self.failing_checks).clear();
     }
@@ -276,17 +295,39 @@ impl Lifecycle {
         services: &[String],
     ) -> crate::scheduler::ClientId {
         let mut sched = crate::lock(&self.sched);
+        let mut seats = crate::lock(&self.joined);
         let id = existing.unwrap_or_else(|| {
             let id = sched.add_client();
             sched.set_client_label(id, label);
+            seats.push(JoinedSeat {
+                id,
+                label: label.to_owned(),
+                services: Vec::new(),
+            });
             id
         });
+        if let Some(seat) = seats.iter_mut().find(|seat| seat.id == id) {
+            for name in services {
+                if !seat.services.contains(name) {
+                    seat.services.push(name.clone());
+                }
+            }
+        }
+        self.seat_in_services(&mut sched, id, services);
+        id
+    }
+
+    fn seat_in_services(
+        &self,
+        sched: &mut Scheduler,
+        id: crate::scheduler::ClientId,
+        services: &[String],
+    ) {
         for name in services {
             if let Some(&service) = self.services.get(name) {
                 sched.add_client_to_service(service, id);
             }
         }
-        id
     }
 
     /// No job goes to the client until it is found healthy again.
