@@ -4,6 +4,7 @@
 #   client.token  the token the server sends to every client (JOBRELAY_CLIENT_TOKEN_FILE)
 #   user-1.token  the token of user 1 (an admin), to send as `Authorization: Bearer`
 #   users.toml    the server's users file (JOBRELAY_USERS_FILE) holding that token
+#   join.token    the token a client that dials out gives to join (JOBRELAY_JOIN_TOKEN_FILE)
 #   db.password   the password of the stack's PostgreSQL user `jobrelay` (JOBRELAY_DB_PASSWORD_FILE)
 set -euo pipefail
 dir=${1:-/run/jobrelay/tokens}
@@ -20,6 +21,10 @@ if [ ! -s "$dir/users.toml" ]; then
   printf '[[users]]\ntoken = "%s"\nuser_id = 1\nadmin = true\n' "$user" > "$dir/users.toml.tmp"
   mv "$dir/users.toml.tmp" "$dir/users.toml"
   echo "wrote $dir/users.toml and $dir/user-1.token"
+fi
+if [ ! -s "$dir/join.token" ]; then
+  token > "$dir/join.token.tmp" && mv "$dir/join.token.tmp" "$dir/join.token"
+  echo "wrote $dir/join.token"
 fi
 if [ ! -s "$dir/db.password" ]; then
   token > "$dir/db.password.tmp" && mv "$dir/db.password.tmp" "$dir/db.password"

@@ -1,5 +1,6 @@
-//! Failure tests across containers: the compose stack of deploy/docker (HAProxy, a server,
-//! pushed clients, each its own container on private Docker networks), built from this
+//! Failure tests across containers: the compose stack of deploy/docker (HAProxy, two servers
+//! on one PostgreSQL, a pushed client and one that dials out, each its own container on
+//! private Docker networks), built from this
 //! checkout's debug binary with the project's own Dockerfile on a Debian base made by
 //! deploy/docker/build-base.sh. Tests talk to the stack only through the load balancer's port,
 //! published on 127.0.0.1.
@@ -198,6 +199,15 @@ impl Stack {
             .to_owned()
     }
 
+    /// The container's name (as `docker network inspect` shows it).
+    fn container_name(&self, service: &str) -> String {
+        docker(&["inspect", "-f", "{{.Name}}", &self.container(service)])
+            .unwrap()
+            .trim()
+            .trim_start_matches('/')
+            .to_owned()
+    }
+
     fn exec(&self, service: &str, args: &[&str]) -> String {
         let container = self.container(service);
         let mut all = vec!["exec", container.as_str()];
@@ -290,7 +300,59 @@ async fn compose_stack_runs_the_example_through_the_load_balancer_and_keeps_jobs
     let first = upload(&http, &url, files).await;
     let job = finished(&http, &url, first, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "Completed", "{job}");
-    assert_eq!(job["client"], "http://client-1:9000", "{job}");
+    // The example on both kinds of client: the pushed client-1 and client-2, which dials out
+    // through the load balancer (batches until each has completed one).
+    let mut on = BTreeSet::from([job["client"].as_str().unwrap().to_owned()]);
+    let both = Instant::now() + Duration::from_secs(120);
+    while !(on.contains("http://client-1:9000") && on.iter().any(|c| c.ends_with(".joined"))) {
+        assert!(
+            Instant::now() < both,
+            "not run on both kinds of client: {on:?}"
+        );
+        let mut batch = Vec::new();
+        for _ in 0..4 {
+            batch.push(upload(&http, &url, files).await);
+        }
+        for id in batch {
+            let job = finished(&http, &url, id, Duration::from_secs(60)).await;
+            assert_eq!(job["status"], "Completed", "{job}");
+            let zip = result_zip(&http, &url, id).await;
+            assert!(zip.contains_key("residues.tsv"), "{job}");
+            on.insert(job["client"].as_str().unwrap().to_owned());
+        }
+    }
+    eprintln!("the example ran on {on:?} after {:?}", started.elapsed());
+    // client-2 is on its own network with the load balancer only: no server, no other
+    // client is reachable from it, not even by name.
+    let client_2 = stack.container("client-2");
+    let networks = docker(&[
+        "inspect",
+        "-f",
+        "{{range $name, $_ := .NetworkSettings.Networks}}{{$name}} {{end}}",
+        &client_2,
+    ])
+    .unwrap();
+    assert_eq!(
+        networks.trim(),
+        stack.network("pull"),
+        "client-2's networks"
+    );
+    // Its network holds the load balancer and itself, nothing else (a name lookup of the
+    // others would wait for Docker's DNS to give up).
+    let on_pull = docker(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .Containers}}{{.Name}} {{end}}",
+        &stack.network("pull"),
+    ])
+    .unwrap();
+    let mut on_pull: Vec<&str> = on_pull.split_whitespace().collect();
+    on_pull.sort();
+    let mut expected = vec![stack.container_name("client-2"), stack.container_name("lb")];
+    expected.sort();
+    assert_eq!(on_pull, expected, "the network of client-2");
+    assert!(docker(&["exec", &client_2, "getent", "hosts", "lb"]).is_ok());
     // The job is in the stack's PostgreSQL, not in a SQLite file of the server's.
     let in_db = stack.exec(
         "db",
@@ -371,33 +433,39 @@ async fn upload_across_server_stop(stack: &Stack, http: &reqwest::Client, url: &
     tx.send(Ok(bytes::Bytes::from(vec![b'x'; 1 << 20])))
         .await
         .unwrap();
-    // The first half is on its way: stop the server's container (in the background: `docker
-    // stop` returns once it has exited, which needs the rest of this upload).
-    let container = stack.container("server-1");
-    let stopper = {
-        let container = container.clone();
-        tokio::task::spawn_blocking(move || docker(&["stop", "-t", "30", &container]))
-    };
-    eventually(
-        Duration::from_secs(30),
-        "the server to stop accepting",
-        || async {
-            let logs = run(Command::new("docker")
-                .args(["logs", &container])
-                .stderr(Stdio::piped()))
-            .ok()?;
-            let all = logs
-                + &String::from_utf8_lossy(
-                    &Command::new("docker")
-                        .args(["logs", &container])
-                        .output()
-                        .ok()?
-                        .stderr,
-                );
-            all.contains("stopped accepting").then_some(())
-        },
-    )
-    .await;
+    // The first half is on its way: stop the servers' containers, both (the load balancer
+    // sent the upload to one of them), in the background: `docker stop` returns once the
+    // server has exited, which needs the rest of this upload.
+    let mut stoppers = Vec::new();
+    for server in ["server-1", "server-2"] {
+        let container = stack.container(server);
+        stoppers.push(tokio::task::spawn_blocking(move || {
+            docker(&["stop", "-t", "30", &container])
+        }));
+    }
+    for server in ["server-1", "server-2"] {
+        let container = stack.container(server);
+        eventually(
+            Duration::from_secs(30),
+            "the servers to stop accepting",
+            || async {
+                let logs = run(Command::new("docker")
+                    .args(["logs", &container])
+                    .stderr(Stdio::piped()))
+                .ok()?;
+                let all = logs
+                    + &String::from_utf8_lossy(
+                        &Command::new("docker")
+                            .args(["logs", &container])
+                            .output()
+                            .ok()?
+                            .stderr,
+                    );
+                all.contains("stopped accepting").then_some(())
+            },
+        )
+        .await;
+    }
     tx.send(Ok(bytes::Bytes::from(vec![b'y'; 1 << 20])))
         .await
         .unwrap();
@@ -406,7 +474,9 @@ async fn upload_across_server_stop(stack: &Stack, http: &reqwest::Client, url: &
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(status, 201, "upload across the stop: {body}");
-    stopper.await.unwrap().unwrap();
+    for stopper in stoppers {
+        stopper.await.unwrap().unwrap();
+    }
     body["id"].as_i64().unwrap()
 }
 
@@ -421,13 +491,13 @@ hostname > ran-on.txt
 echo "$tag $(hostname) end" >> /var/lib/jobrelay/runs.log
 "#;
 
-/// The override of compose.yaml for the network-cut test: a second client, both in the
-/// service, and a short --client-timeout.
+/// The override of compose.yaml for the network-cut test: a second pushed client (client-3),
+/// both in the service, a short --client-timeout, and the client that dials out left off.
 fn two_clients_override(dir: &Path, client_timeout: u32) -> PathBuf {
     let toml = dir.join("server.toml");
     std::fs::write(
         &toml,
-        "[services.example]\nclients = [\"http://client-1:9000\", \"http://client-2:9000\"]\nruns_per_user = 10\nmax_runs = 10\n",
+        "[services.example]\nclients = [\"http://client-1:9000\", \"http://client-3:9000\"]\nruns_per_user = 10\nmax_runs = 10\n",
     )
     .unwrap();
     let file = dir.join("two-clients.yaml");
@@ -439,23 +509,29 @@ fn two_clients_override(dir: &Path, client_timeout: u32) -> PathBuf {
     command: ["server", "--client-timeout", "{client_timeout}"]
     volumes:
       - {toml}:/etc/jobrelay/server.toml:ro
+  server-2:
+    command: ["server", "--client-timeout", "{client_timeout}"]
+    volumes:
+      - {toml}:/etc/jobrelay/server.toml:ro
   client-1:
     command: ["client", "--slots", "2"]
   client-2:
+    profiles: [left-off]
+  client-3:
     image: ${{JOBRELAY_IMAGE:-jobrelay:latest}}
-    hostname: client-2
+    hostname: client-3
     command: ["client", "--slots", "2"]
     environment:
       PORT: "9000"
       JOBRELAY_CLIENT_TOKEN_FILE: /run/jobrelay/tokens/client.token
     volumes:
-      - client-2-data:/var/lib/jobrelay
+      - client-3-data:/var/lib/jobrelay
       - tokens:/run/jobrelay/tokens:ro
     networks: [back]
     depends_on:
       init: {{condition: service_completed_successfully}}
 volumes:
-  client-2-data: {{}}
+  client-3-data: {{}}
 "#,
             toml = toml.display()
         ),
@@ -605,7 +681,7 @@ async fn client_cut_off_past_client_timeout_has_its_jobs_requeued_and_finished_e
     }
     // Every job ran to its end at least once; a job never requeued ran once in all.
     let runs_1 = runs_on(&stack, "client-1");
-    let runs_2 = runs_on(&stack, "client-2");
+    let runs_2 = runs_on(&stack, "client-3");
     let mut requeued = BTreeSet::new();
     for (id, tag) in &ids {
         let (starts_1, ends_1) = runs_1.get(tag).copied().unwrap_or_default();
@@ -652,7 +728,7 @@ async fn the_load_balancer_answers_in_the_servers_json_when_no_server_is_up() {
     let url = stack.up().await;
     let http = http_with_token(&stack.user_token());
     stack
-        .compose(&["stop", "-t", "10", "server-1"])
+        .compose(&["stop", "-t", "10", "server-1", "server-2"])
         .unwrap_or_else(|e| panic!("{e}"));
     let response = http.get(format!("{url}/jobs/1")).send().await.unwrap();
     assert_eq!(response.status(), 503);
@@ -672,7 +748,7 @@ async fn the_load_balancer_answers_in_the_servers_json_when_no_server_is_up() {
     );
     assert_eq!(body["status"], "Unknown");
     stack
-        .compose(&["start", "server-1"])
+        .compose(&["start", "server-1", "server-2"])
         .unwrap_or_else(|e| panic!("{e}"));
     eventually(
         Duration::from_secs(60),
@@ -683,4 +759,315 @@ async fn the_load_balancer_answers_in_the_servers_json_when_no_server_is_up() {
         },
     )
     .await;
+}
+
+/// [`RECORDING_JOB`] of a fifth of a second: for streams of hundreds of jobs.
+fn short_recording_job() -> String {
+    RECORDING_JOB.replace("sleep 3", "sleep 0.2")
+}
+
+/// The host name (container) of the server that leads, from `/health` through the load
+/// balancer (`leader` is `host:pid:random`).
+async fn leader_host(http: &reqwest::Client, url: &str) -> Option<String> {
+    let health: serde_json::Value = http
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    let leader = health["leader"].as_str()?;
+    Some(leader.split(':').next()?.to_owned())
+}
+
+/// One upload of the recording job tagged `tag`: `Some(id)` when answered 201, `None` when the
+/// answer was lost (a connection cut by a kill). Any other answer fails the test.
+async fn upload_tagged(http: &reqwest::Client, url: &str, job: &str, tag: &str) -> Option<i64> {
+    let form = job_form(
+        1,
+        "example",
+        &[("run.sh", job.as_bytes()), ("tag.txt", tag.as_bytes())],
+    );
+    let answer = tokio::time::timeout(
+        Duration::from_secs(30),
+        http.post(format!("{url}/upload")).multipart(form).send(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("upload {tag} hung for 30 s"));
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("upload {tag}: no answer ({e})");
+            return None;
+        }
+    };
+    let status = answer.status().as_u16();
+    let text = answer.text().await.unwrap_or_default();
+    assert_eq!(status, 201, "upload {tag}: {text}");
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    body["id"].as_i64()
+}
+
+/// Every accepted job Completed once (one Completed event), and run once on the clients
+/// (`runs_on` both); a job whose upload got no answer ran at most once.
+async fn assert_each_ran_once(
+    stack: &Stack,
+    http: &reqwest::Client,
+    url: &str,
+    accepted: &BTreeMap<i64, String>,
+    unanswered: &[String],
+) {
+    for (id, tag) in accepted {
+        let job = finished(http, url, *id, Duration::from_secs(120)).await;
+        assert_eq!(job["status"], "Completed", "{tag}: {job}");
+        let events: Vec<serde_json::Value> = http
+            .get(format!("{url}/jobs/{id}/events"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let completions = events.iter().filter(|e| e["status"] == "Completed").count();
+        assert_eq!(completions, 1, "job {id} Completed {completions} times");
+    }
+    let mut runs = runs_on(stack, "client-1");
+    for (tag, (starts, ends)) in runs_on(stack, "client-2") {
+        let entry = runs.entry(tag).or_default();
+        entry.0 += starts;
+        entry.1 += ends;
+    }
+    for (id, tag) in accepted {
+        let (starts, ends) = runs.get(tag).copied().unwrap_or_default();
+        assert_eq!(
+            (starts, ends),
+            (1, 1),
+            "EXACTLY-ONCE: job {id} ({tag}) started {starts} and ended {ends} times"
+        );
+    }
+    for tag in unanswered {
+        let (starts, _) = runs.get(tag).copied().unwrap_or_default();
+        assert!(starts <= 1, "unanswered upload {tag} ran {starts} times");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaders_container_killed_mid_stream_the_standby_finishes_every_job_once() {
+    let _serial = serial().await;
+    let compose = require_images!();
+    let started = Instant::now();
+    let stack = Stack::new(compose, "failover", &[]);
+    let url = stack.up().await;
+    eprintln!("stack up from nothing in {:?}", started.elapsed());
+    let http = http_with_token(&stack.user_token());
+    let job = short_recording_job();
+    let first = eventually(Duration::from_secs(60), "a leader", || {
+        leader_host(&http, &url)
+    })
+    .await;
+
+    let jobs = 300;
+    let mut accepted = BTreeMap::new();
+    let mut unanswered = Vec::new();
+    let mut takeover = None;
+    for n in 0..jobs {
+        let tag = format!("job{n}");
+        match upload_tagged(&http, &url, &job, &tag).await {
+            Some(id) => {
+                accepted.insert(id, tag);
+            }
+            None => unanswered.push(tag),
+        }
+        if n == jobs / 3 {
+            docker(&["kill", &stack.container(&first)]).unwrap();
+            // The takeover, seen through the load balancer while the uploads go on.
+            let (http, url, first) = (http.clone(), url.clone(), first.clone());
+            takeover = Some(tokio::spawn(async move {
+                let killed_at = Instant::now();
+                let second = eventually(Duration::from_secs(60), "another leader", || async {
+                    leader_host(&http, &url).await.filter(|h| *h != first)
+                })
+                .await;
+                (second, killed_at.elapsed())
+            }));
+        }
+    }
+    let (second, failover) = takeover.unwrap().await.unwrap();
+    eprintln!("{first} killed: {second} leads {failover:?} later");
+    assert_each_ran_once(&stack, &http, &url, &accepted, &unanswered).await;
+    eprintln!(
+        "{} jobs accepted, {} uploads unanswered, whole test in {:?}",
+        accepted.len(),
+        unanswered.len(),
+        started.elapsed()
+    );
+}
+
+/// Waits until the server's container answers its own /health (the image's check).
+async fn server_healthy(stack: &Stack, server: &str) {
+    let container = stack.container(server);
+    eventually(
+        Duration::from_secs(60),
+        &format!("{server} healthy again"),
+        || async {
+            let container = container.clone();
+            tokio::task::spawn_blocking(move || {
+                docker(&["exec", &container, "jobrelay-healthcheck"]).ok()
+            })
+            .await
+            .ok()
+            .flatten()
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_both_servers_loses_no_upload_and_answers_no_5xx() {
+    let _serial = serial().await;
+    let compose = require_images!();
+    let started = Instant::now();
+    let stack = Stack::new(compose, "rolling", &[]);
+    let url = stack.up().await;
+    let http = http_with_token(&stack.user_token());
+    let job = short_recording_job();
+
+    // A steady stream of uploads until the restarts are over; each must be answered 201.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = {
+        let (http, url, done) = (http.clone(), url.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut accepted = BTreeMap::new();
+            let mut n = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let tag = format!("job{n}");
+                let id = upload_tagged(&http, &url, &job, &tag)
+                    .await
+                    .unwrap_or_else(|| panic!("upload {tag} lost during the rolling restart"));
+                accepted.insert(id, tag);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            accepted
+        })
+    };
+    for server in ["server-1", "server-2"] {
+        let restart = Instant::now();
+        stack
+            .compose(&["stop", "-t", "30", server])
+            .unwrap_or_else(|e| panic!("{e}"));
+        stack
+            .compose(&["start", server])
+            .unwrap_or_else(|e| panic!("{e}"));
+        server_healthy(&stack, server).await;
+        eprintln!("{server} stopped and back in {:?}", restart.elapsed());
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let accepted = stream.await.expect("the upload stream");
+    assert!(!accepted.is_empty());
+    assert_each_ran_once(&stack, &http, &url, &accepted, &[]).await;
+    eprintln!(
+        "{} uploads across the rolling restart, all 201, whole test in {:?}",
+        accepted.len(),
+        started.elapsed()
+    );
+}
+
+/// One upload during an outage: its status and JSON body, or why it got none. A request that
+/// takes longer than 30 s has hung.
+async fn upload_during_outage(
+    http: &reqwest::Client,
+    url: &str,
+    job: &str,
+    tag: &str,
+) -> Result<(u16, serde_json::Value), String> {
+    let form = job_form(
+        1,
+        "example",
+        &[("run.sh", job.as_bytes()), ("tag.txt", tag.as_bytes())],
+    );
+    let answer = tokio::time::timeout(
+        Duration::from_secs(30),
+        http.post(format!("{url}/upload")).multipart(form).send(),
+    )
+    .await
+    .map_err(|_| format!("upload {tag} hung for 30 s"))?
+    .map_err(|e| format!("upload {tag}: {e}"))?;
+    let status = answer.status().as_u16();
+    let text = answer.text().await.map_err(|e| e.to_string())?;
+    let body = serde_json::from_str(&text)
+        .map_err(|_| format!("upload {tag}: {status} with a body that is not JSON: {text}"))?;
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails today: a completion the leader's collector could not commit during a short \
+            PostgreSQL restart is not tried again, so its job stays Running (RELIABILITY.md)"]
+async fn the_database_restarted_mid_stream_loses_and_duplicates_nothing() {
+    let _serial = serial().await;
+    let compose = require_images!();
+    let started = Instant::now();
+    let stack = Stack::new(compose, "dbrestart", &[]);
+    let url = stack.up().await;
+    let http = http_with_token(&stack.user_token());
+    let job = short_recording_job();
+
+    let mut tags: BTreeMap<i64, String> = BTreeMap::new();
+    for n in 0..20 {
+        let tag = format!("before{n}");
+        let id = upload_tagged(&http, &url, &job, &tag).await.unwrap();
+        tags.insert(id, tag);
+    }
+    // Restarted while some run and others wait; uploads go on meanwhile, answered 201 or 503
+    // in JSON, never another status, never hanging.
+    let db = stack.container("db");
+    let outage = Instant::now();
+    let restart = tokio::task::spawn_blocking(move || docker(&["restart", "-t", "10", &db]));
+    let mut refused = 0;
+    let mut n = 0;
+    while !restart.is_finished() {
+        let tag = format!("during{n}");
+        n += 1;
+        match upload_during_outage(&http, &url, &job, &tag).await {
+            Ok((201, body)) => {
+                tags.insert(body["id"].as_i64().unwrap(), tag);
+            }
+            Ok((503, body)) => {
+                assert!(body["message"].is_string(), "503 without a message: {body}");
+                refused += 1;
+            }
+            Ok((status, body)) => panic!("upload {tag} during the outage: {status} {body}"),
+            Err(why) => panic!("{why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    restart.await.unwrap().expect("docker restart db");
+    // Back: uploads are taken again (within the pool's reconnect).
+    let tried = std::sync::atomic::AtomicUsize::new(0);
+    let (after, tag) = eventually(
+        Duration::from_secs(60),
+        "an upload taken after the restart",
+        || async {
+            let tag = format!(
+                "after{}",
+                tried.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            match upload_during_outage(&http, &url, &job, &tag).await {
+                Ok((201, body)) => body["id"].as_i64().map(|id| (id, tag)),
+                Ok((503, _)) => None,
+                Ok((status, body)) => panic!("upload {tag} after the outage: {status} {body}"),
+                Err(why) => panic!("{why}"),
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "database restarted: uploads taken again {:?} after the restart began; {refused} of {n} \
+         uploads refused with 503 meanwhile",
+        outage.elapsed()
+    );
+    tags.insert(after, tag);
+    assert_each_ran_once(&stack, &http, &url, &tags, &[]).await;
+    eprintln!("{} jobs, whole test in {:?}", tags.len(), started.elapsed());
 }

@@ -97,15 +97,17 @@ fn strings(value: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The `KEY: value` environment of a compose service.
+/// The `KEY: value` environment of a compose service (none given: empty).
 fn compose_env(service: &Value) -> BTreeMap<String, String> {
-    labels(at(service, &["environment"]))
+    service.get("environment").map(labels).unwrap_or_default()
 }
 
 /// The container's `env` as a map.
 fn container_env(container: &Value) -> BTreeMap<String, String> {
-    at(container, &["env"])
-        .as_sequence()
+    let Some(env) = container.get("env") else {
+        return BTreeMap::new();
+    };
+    env.as_sequence()
         .unwrap()
         .iter()
         .map(|e| {
@@ -151,6 +153,13 @@ fn roles(compose: &Value) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// A compose client that joins its server (`--connect`) rather than being pushed to.
+fn dials_out(service: &Value) -> bool {
+    strings(at(service, &["command"]))
+        .iter()
+        .any(|a| a == "--connect")
+}
+
 #[test]
 fn every_compose_role_has_a_deployment_and_service_of_the_same_name_ports_env_and_files() {
     let compose = compose();
@@ -161,8 +170,19 @@ fn every_compose_role_has_a_deployment_and_service_of_the_same_name_ports_env_an
         .map(|(_, v)| v)
         .collect();
     let roles = roles(&compose);
-    assert!(roles.iter().any(|(n, _)| n.starts_with("server")));
+    assert!(
+        roles
+            .iter()
+            .filter(|(n, _)| n.starts_with("server"))
+            .count()
+            >= 2,
+        "several servers on one database"
+    );
     assert!(roles.iter().any(|(n, _)| n.starts_with("client")));
+    assert!(
+        roles.iter().any(|(_, s)| dials_out(s)),
+        "a client that dials out"
+    );
     assert_eq!(
         deployments.len(),
         roles.len(),
@@ -213,16 +233,22 @@ fn every_compose_role_has_a_deployment_and_service_of_the_same_name_ports_env_an
             container_env(container),
             "{name}: env"
         );
-        let port: u64 = compose_env(service)["PORT"].parse().unwrap();
-        let ports = at(container, &["ports"]).as_sequence().unwrap();
-        assert_eq!(ports.len(), 1);
-        assert_eq!(at(&ports[0], &["containerPort"]).as_u64(), Some(port));
-        for probe in ["readinessProbe", "livenessProbe"] {
-            assert_eq!(
-                str_at(container, &[probe, "httpGet", "path"]),
-                "/health",
-                "{name}"
-            );
+        // A client that dials out listens on no port: nothing to probe, no Service.
+        let port: Option<u64> = compose_env(service).get("PORT").map(|p| p.parse().unwrap());
+        assert_eq!(port.is_none(), dials_out(service), "{name}: PORT");
+        if let Some(port) = port {
+            let ports = at(container, &["ports"]).as_sequence().unwrap();
+            assert_eq!(ports.len(), 1);
+            assert_eq!(at(&ports[0], &["containerPort"]).as_u64(), Some(port));
+            for probe in ["readinessProbe", "livenessProbe"] {
+                assert_eq!(
+                    str_at(container, &[probe, "httpGet", "path"]),
+                    "/health",
+                    "{name}"
+                );
+            }
+        } else {
+            assert!(container.get("ports").is_none(), "{name} declares ports");
         }
         // Stop grace: as long as compose's.
         let grace = str_at(service, &["stop_grace_period"]);
@@ -314,7 +340,15 @@ fn every_compose_role_has_a_deployment_and_service_of_the_same_name_ports_env_an
             );
         }
 
-        // The Service of the same name, so `http://client-1:9000` resolves in both.
+        // The Service of the same name, so `http://client-1:9000` resolves in both; none for
+        // a client that dials out.
+        let Some(port) = port else {
+            assert!(
+                !manifests.contains_key(&("Service".into(), name.clone())),
+                "a Service for {name}, which dials out"
+            );
+            continue;
+        };
         let service_k8s = manifests
             .get(&("Service".into(), name.clone()))
             .unwrap_or_else(|| panic!("no Service {name}"));
@@ -386,12 +420,36 @@ fn clients_are_reachable_only_from_servers() {
         at(&compose, &["networks", "back", "internal"]).as_bool(),
         Some(true)
     );
+    // A client that dials out: on a network of its own (internal) that only the load
+    // balancer shares, and it goes through the load balancer.
+    assert_eq!(
+        at(&compose, &["networks", "pull", "internal"]).as_bool(),
+        Some(true)
+    );
+    let services = at(&compose, &["services"]).as_mapping().unwrap();
     for (name, service) in roles(&compose) {
         let networks = strings(at(&service, &["networks"]));
-        if name.starts_with("client") {
+        if name.starts_with("client") && dials_out(&service) {
+            assert_eq!(networks, ["pull"], "{name}");
+            let command = strings(at(&service, &["command"]));
+            let at_connect = command.iter().position(|a| a == "--connect").unwrap();
+            assert_eq!(command[at_connect + 1], "http://lb:5000", "{name}");
+        } else if name.starts_with("client") {
             assert_eq!(networks, ["back"], "{name}");
         }
         assert!(service.get("ports").is_none(), "{name} publishes a port");
+    }
+    for (other, service) in services {
+        let on_pull = service
+            .get("networks")
+            .is_some_and(|n| strings(n).iter().any(|n| n == "pull"));
+        let other = other.as_str().unwrap();
+        if on_pull && other != "lb" {
+            assert!(
+                dials_out(service),
+                "{other} shares the network of the client that dials out"
+            );
+        }
     }
     // Kubernetes: a policy on every client pod letting in only server pods, on the client port.
     let manifests = manifests();
@@ -408,32 +466,48 @@ fn clients_are_reachable_only_from_servers() {
         if pod_labels["app.kubernetes.io/component"] != "client" {
             continue;
         }
-        let policy = policies
+        // Every policy that selects the pod (Kubernetes lets in what any of them allows).
+        let selecting: Vec<&&Value> = policies
             .iter()
-            .find(|p| {
+            .filter(|p| {
                 selects(
                     &labels(at(p, &["spec", "podSelector", "matchLabels"])),
                     &pod_labels,
                 )
             })
-            .unwrap_or_else(|| panic!("no NetworkPolicy selects {name}"));
-        assert_eq!(strings(at(policy, &["spec", "policyTypes"])), ["Ingress"]);
-        let rules = at(policy, &["spec", "ingress"]).as_sequence().unwrap();
-        for rule in rules {
-            for from in at(rule, &["from"]).as_sequence().unwrap() {
-                let peer = labels(at(from, &["podSelector", "matchLabels"]));
-                assert_eq!(
-                    peer.get("app.kubernetes.io/component").map(String::as_str),
-                    Some("server"),
-                    "{name} reachable from {peer:?}"
-                );
-                assert!(from.get("ipBlock").is_none() && from.get("namespaceSelector").is_none());
+            .collect();
+        assert!(!selecting.is_empty(), "no NetworkPolicy selects {name}");
+        let pulls = strings(
+            at(deployment, &["spec", "template", "spec", "containers"])[0]
+                .get("args")
+                .unwrap(),
+        )
+        .iter()
+        .any(|a| a == "--connect");
+        for policy in selecting {
+            assert_eq!(strings(at(policy, &["spec", "policyTypes"])), ["Ingress"]);
+            let rules = at(policy, &["spec", "ingress"]).as_sequence().unwrap();
+            if pulls {
+                assert!(rules.is_empty(), "{name} dials out: it needs no ingress");
             }
-            let port = compose_env(at(&compose, &["services", name]))["PORT"].clone();
-            let ports = at(rule, &["ports"]).as_sequence().unwrap();
-            assert!(ports
-                .iter()
-                .all(|p| at(p, &["port"]).as_u64().map(|p| p.to_string()) == Some(port.clone())));
+            for rule in rules {
+                for from in at(rule, &["from"]).as_sequence().unwrap() {
+                    let peer = labels(at(from, &["podSelector", "matchLabels"]));
+                    assert_eq!(
+                        peer.get("app.kubernetes.io/component").map(String::as_str),
+                        Some("server"),
+                        "{name} reachable from {peer:?}"
+                    );
+                    assert!(
+                        from.get("ipBlock").is_none() && from.get("namespaceSelector").is_none()
+                    );
+                }
+                let port = compose_env(at(&compose, &["services", name]))["PORT"].clone();
+                let ports = at(rule, &["ports"]).as_sequence().unwrap();
+                assert!(ports.iter().all(
+                    |p| at(p, &["port"]).as_u64().map(|p| p.to_string()) == Some(port.clone())
+                ));
+            }
         }
     }
 }
