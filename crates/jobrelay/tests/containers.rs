@@ -1002,8 +1002,6 @@ async fn upload_during_outage(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails today: a completion the leader's collector could not commit during a short \
-            PostgreSQL restart is not tried again, so its job stays Running (RELIABILITY.md)"]
 async fn the_database_restarted_mid_stream_loses_and_duplicates_nothing() {
     let _serial = serial().await;
     let compose = require_images!();

@@ -96,16 +96,30 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
             );
         }
         client.set_node(&page.node);
-        feed.instance = Some(page.instance.clone());
-        feed.after = page.next;
-        reconcile(shared, client);
+        if reconcile(shared, client) {
+            feed.instance = Some(page.instance.clone());
+            feed.after = page.next;
+        } else {
+            // The database did not answer: reconcile again at the next round.
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
         return;
     }
+    let read_from = feed.after;
     feed.after = page.next;
     for event in page.events {
         let job = match shared.store.by_dest(client.base(), event.id as i64) {
             Ok(Some(job)) if JobStatus::ON_CLIENT.contains(&job.status) => job,
-            _ => continue,
+            Ok(_) => continue,
+            Err(e) => {
+                // The database did not answer (it restarts, say): the page is read again
+                // (what was done for its first events is done again harmlessly), so no
+                // end of a run goes unseen.
+                tracing::warn!(client = client.base(), error = %e, "cannot look up a payload's job; reading the client's events again");
+                feed.after = read_from;
+                tokio::time::sleep(RETRY_PAUSE).await;
+                return;
+            }
         };
         match event.status {
             PayloadStatus::Prepared | PayloadStatus::Unknown => {}
@@ -124,8 +138,9 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
     }
 }
 
-/// Checks every job on the client (after a restart of the client or of the feed).
-fn reconcile(shared: &Arc<Shared>, client: &Arc<ClientHandle>) {
+/// Checks every job on the client (after a restart of the client or of the feed); `false`
+/// when the database could not list them (to be tried again).
+fn reconcile(shared: &Arc<Shared>, client: &Arc<ClientHandle>) -> bool {
     match shared.store.on_client(client.base()) {
         Ok(list) => {
             for job in list {
@@ -133,8 +148,12 @@ fn reconcile(shared: &Arc<Shared>, client: &Arc<ClientHandle>) {
                     .job_tasks
                     .spawn(check_job(shared.clone(), client.clone(), job));
             }
+            true
         }
-        Err(e) => tracing::error!(error = %e, "cannot list jobs on client"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list jobs on client; trying again");
+            false
+        }
     }
 }
 
@@ -231,7 +250,9 @@ pub async fn check_job(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job)
 /// long as it lasts, and the deadline starts again after it.
 fn retry_later(shared: Arc<Shared>, client: Arc<ClientHandle>, job: Job, error: CheckError) {
     let why = error.why;
-    let (since, tries) = shared.lifecycle.check_failed(job.id, error.disk_full);
+    let (since, tries) = shared
+        .lifecycle
+        .check_failed(job.id, error.disk_full || error.store_down);
     if error.disk_full && tries == 1 {
         tracing::warn!(
             job = job.id,
@@ -268,7 +289,14 @@ async fn check_once(
     // Read again: the job may have moved since it was listed.
     let job = match shared.store.get(id) {
         Ok(Some(job)) if JobStatus::ON_CLIENT.contains(&job.status) => job,
-        _ => return Ok(()),
+        Ok(_) => return Ok(()),
+        Err(e) => {
+            return Err(CheckError {
+                why: format!("the job could not be read from the database: {e:#}"),
+                disk_full: false,
+                store_down: true,
+            })
+        }
     };
     let Some(dest) = job.dest_id else {
         return Ok(());

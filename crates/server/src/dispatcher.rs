@@ -317,6 +317,21 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
     let node = record.node.clone().or_else(|| client.node());
     // Submitted, then one look at the payload (anything the client reported before this
     // commit is seen); or, terminated while it was being sent, its new payload killed.
-    let effects = shared.lifecycle.submitted(&job, record.id as i64, node);
+    // A commit the database failed (it restarts, say) is tried again until it answers: the
+    // client holds the payload, and only this commit tells the collector to follow it. (A
+    // stop meanwhile leaves the job Processing: the next start sends it again with its key.)
+    let mut tries = 0;
+    let effects = loop {
+        match shared
+            .lifecycle
+            .submitted(&job, record.id as i64, node.clone())
+        {
+            Some(effects) => break effects,
+            None => {
+                tries += 1;
+                tokio::time::sleep(results::backoff(tries)).await;
+            }
+        }
+    };
     crate::effects::perform(shared, effects).await;
 }

@@ -35,6 +35,13 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
                 }
             }
             Effect::DropInputs(id) => drop_inputs(shared, id).await,
+            Effect::CheckLater { job, after } => {
+                let checking = shared.clone();
+                shared.job_tasks.spawn(async move {
+                    tokio::time::sleep(after).await;
+                    checking.check_requests.ask(*job);
+                });
+            }
             Effect::OfferAgain { id, after } => {
                 let offering = shared.clone();
                 shared.job_tasks.spawn(async move {

@@ -66,6 +66,9 @@ pub struct CheckError {
     /// The results could not be stored for lack of disk space here: the run is fine, and
     /// is fetched again (with backoff, without a deadline) until space returns.
     pub disk_full: bool,
+    /// The database could not be read or written (it restarts, say): nothing is wrong with
+    /// the run either, so it is asked again (with backoff, without a deadline).
+    pub store_down: bool,
 }
 
 impl From<String> for CheckError {
@@ -73,6 +76,7 @@ impl From<String> for CheckError {
         CheckError {
             why,
             disk_full: false,
+            store_down: false,
         }
     }
 }
@@ -332,6 +336,7 @@ pub async fn complete(shared: &Arc<Shared>, job: &Job, zip: Download) -> Result<
             tracing::warn!(job = job.id, error = %e, "result not stored; will fetch again");
             return Err(CheckError {
                 disk_full: matches!(e, StoreError::DiskFull(_)),
+                store_down: false,
                 why: format!("the result ZIP could not be stored: {e}"),
             });
         }

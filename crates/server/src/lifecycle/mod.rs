@@ -47,6 +47,22 @@ pub enum Effect {
     DropInputs(i64),
     /// Offer job `id` to the scheduler again after `after` ([`Lifecycle::offer_again`]).
     OfferAgain { id: i64, after: Duration },
+    /// The run's end could not be committed (the database failed): ask the job's client
+    /// again after `after`, so the end is not lost (the client keeps the payload until it
+    /// is released, which only a committed end does).
+    CheckLater { job: Box<Job>, after: Duration },
+}
+
+/// How long after a failed commit of a run's end its client is asked again.
+const CHECK_AGAIN_AFTER_A_FAILED_COMMIT: Duration = Duration::from_secs(1);
+
+/// What [`Lifecycle::end`] did.
+enum Ending {
+    Ended,
+    /// The job was not in one of the states the end is from (or not the same run).
+    Elsewhere,
+    /// The database refused or failed: nothing was committed.
+    NotRecorded,
 }
 
 /// Effects to perform, in order.
@@ -450,7 +466,8 @@ impl Lifecycle {
     /// The client took the job as payload `dest`: Submitted, and one look at the payload (so
     /// nothing the client reported before this commit is missed). A job terminated while it
     /// was being sent has its new payload killed and released instead.
-    pub fn submitted(&self, job: &Job, dest: i64, node: Option<String>) -> Effects {
+    /// `None` when the database failed (nothing committed): the caller tries again.
+    pub fn submitted(&self, job: &Job, dest: i64, node: Option<String>) -> Option<Effects> {
         let client = job.client.clone().unwrap_or_default();
         let change = Change {
             message: Some(format!("submitted to {client} as payload {dest}")),
@@ -465,24 +482,24 @@ impl Lifecycle {
             JobStatus::Submitted,
             change,
         ) {
-            Ok(Some(job)) => vec![Effect::Check(Box::new(job))],
+            Ok(Some(job)) => Some(vec![Effect::Check(Box::new(job))]),
             Ok(None) => {
                 tracing::info!(
                     job = job.id,
                     dest,
                     "job terminated while being sent; killing its payload"
                 );
-                vec![
+                Some(vec![
                     Effect::Kill {
                         client: client.clone(),
                         dest,
                     },
                     Effect::Release { client, dest },
-                ]
+                ])
             }
             Err(e) => {
-                tracing::error!(job = job.id, error = %e, "could not record submission");
-                vec![]
+                tracing::error!(job = job.id, error = %e, "could not record submission; trying again");
+                None
             }
         }
     }
@@ -512,8 +529,10 @@ impl Lifecycle {
 
     /// Ends a job as Failed with `reason`, from any of `from`. `true` if this did it.
     pub fn failed(&self, job: &Job, from: &[JobStatus], reason: String) -> bool {
-        self.end(job, from, JobStatus::Failed, Change::message(reason))
-            .is_some()
+        matches!(
+            self.end(job, from, JobStatus::Failed, Change::message(reason)),
+            Ending::Ended
+        )
     }
 
     /// A send failed (the client could not be reached, or answered an error): queued again
@@ -677,10 +696,10 @@ impl Lifecycle {
             exit_code: exit_code.map(Some),
             ..Default::default()
         };
-        match self.end(job, &JobStatus::ON_CLIENT, status, change) {
-            Some(_) => with_release(job, vec![Effect::DropInputs(job.id)]),
-            None => vec![],
-        }
+        let ending = self.end(job, &JobStatus::ON_CLIENT, status, change);
+        Self::after_end(job, ending, || {
+            with_release(job, vec![Effect::DropInputs(job.id)])
+        })
     }
 
     /// The job's result ZIP is stored: Completed.
@@ -690,24 +709,22 @@ impl Lifecycle {
             exit_code: Some(Some(0)),
             ..Default::default()
         };
-        match self.end(job, &JobStatus::ON_CLIENT, JobStatus::Completed, change) {
-            Some(_) => with_release(job, vec![Effect::DropInputs(job.id)]),
-            None => vec![],
-        }
+        let ending = self.end(job, &JobStatus::ON_CLIENT, JobStatus::Completed, change);
+        Self::after_end(job, ending, || {
+            with_release(job, vec![Effect::DropInputs(job.id)])
+        })
     }
 
     /// The job ran, but its results were over the service's `max_result`: Failed, nothing
     /// kept, the client's copy released.
     pub fn results_too_large(&self, job: &Job, reason: String) -> Effects {
-        match self.end(
+        let ending = self.end(
             job,
             &JobStatus::ON_CLIENT,
             JobStatus::Failed,
             Change::message(reason),
-        ) {
-            Some(_) => with_release(job, vec![]),
-            None => vec![],
-        }
+        );
+        Self::after_end(job, ending, || with_release(job, vec![]))
     }
 
     /// A terminate request ended the job (Killed) from one of `from`; `abandon_run` when its
@@ -785,22 +802,35 @@ impl Lifecycle {
     /// Moves the job into a final state; on success, its quota slot and its failing checks
     /// are freed. Only after a transition that happened: one that found the job elsewhere
     /// (`Ok(None)`) may be a late word about an old run, and the slot is the new run's.
-    fn end(&self, job: &Job, from: &[JobStatus], to: JobStatus, change: Change) -> Option<Job> {
+    fn end(&self, job: &Job, from: &[JobStatus], to: JobStatus, change: Change) -> Ending {
         let change = Change {
             only_run: Some(job.dispatch_key.clone()),
             ..change
         };
         match self.jobs.transition(job.id, from, to, change) {
-            Ok(Some(done)) => {
+            Ok(Some(_)) => {
                 self.forget_checks(job.id);
                 self.release_slot(job.id);
-                Some(done)
+                Ending::Ended
             }
-            Ok(None) => None,
+            Ok(None) => Ending::Elsewhere,
             Err(e) => {
-                tracing::error!(job = job.id, error = %e, status = %to, "could not record the job's end");
-                None
+                tracing::error!(job = job.id, error = %e, status = %to, "could not record the job's end; its client is asked again");
+                Ending::NotRecorded
             }
+        }
+    }
+
+    /// The effects of a run's end as seen on its client: `ended`'s when committed, a check
+    /// later when the database failed, none when the job had moved on.
+    fn after_end(job: &Job, ending: Ending, ended: impl FnOnce() -> Effects) -> Effects {
+        match ending {
+            Ending::Ended => ended(),
+            Ending::Elsewhere => vec![],
+            Ending::NotRecorded => vec![Effect::CheckLater {
+                job: Box::new(job.clone()),
+                after: CHECK_AGAIN_AFTER_A_FAILED_COMMIT,
+            }],
         }
     }
 

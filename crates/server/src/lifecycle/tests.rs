@@ -115,7 +115,10 @@ impl Fixture {
 
     /// The client accepted the job as payload `dest`: Submitted, and one check asked for.
     fn submitted(&self, job: &Job, dest: i64) -> Job {
-        let effects = self.lifecycle().submitted(job, dest, None);
+        let effects = self
+            .lifecycle()
+            .submitted(job, dest, None)
+            .expect("recorded");
         let now = self.get(job.id);
         assert_eq!(now.status, JobStatus::Submitted);
         assert_eq!(effects, [Effect::Check(Box::new(now.clone()))]);
