@@ -43,9 +43,14 @@ where
     S: Clone + Send + Sync + 'static,
     E: JsonError,
 {
+    // Each drains what the sender still sends (bounded), so it reads the answer.
     router
-        .fallback(|| async { E::with_status(StatusCode::NOT_FOUND, "no such endpoint".into()) })
-        .method_not_allowed_fallback(|| async {
+        .fallback(|request: axum::extract::Request| async move {
+            crate::upload::drain_body(request.into_body()).await;
+            E::with_status(StatusCode::NOT_FOUND, "no such endpoint".into())
+        })
+        .method_not_allowed_fallback(|request: axum::extract::Request| async move {
+            crate::upload::drain_body(request.into_body()).await;
             E::with_status(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed on this endpoint".into(),

@@ -155,7 +155,10 @@ pub async fn receive_request(
     receive(multipart, staging_root, limit).await
 }
 
-async fn drain_body(body: axum::body::Body) {
+/// Reads and drops what is left of a request's body, up to a bound, so that a sender still
+/// writing it reads the error answer instead of a reset connection (a server that closes a
+/// connection with unread data makes the kernel reset it).
+pub async fn drain_body(body: axum::body::Body) {
     let mut stream = body.into_data_stream();
     let mut drained = 0u64;
     while let Some(Ok(chunk)) = stream.next().await {

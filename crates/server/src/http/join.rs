@@ -110,7 +110,13 @@ async fn tunnel(
     State(shared): State<Arc<Shared>>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    let client = joined::by_credential(&shared, token(request.headers()).as_deref())?;
+    let client = match joined::by_credential(&shared, token(request.headers()).as_deref()) {
+        Ok(client) => client,
+        Err(refused) => {
+            jobrelay_common::upload::drain_body(request.into_body()).await;
+            return Err(refused.into());
+        }
+    };
     let upgrade = request
         .headers()
         .get(header::UPGRADE)
@@ -149,11 +155,11 @@ async fn tunnel(
     (status = 200, description = "No new job goes there; its jobs finish", body = JobAnswer),
     (status = 401, description = "A missing or unknown credential", body = JobAnswer),
 ))]
-async fn leave(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let client = joined::by_credential(&shared, token(&headers).as_deref())?;
+async fn leave(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response, ApiError> {
+    let credential = token(request.headers());
+    // A leave carries no body: what a sender sent anyway is read, so it reads the answer.
+    jobrelay_common::upload::drain_body(request.into_body()).await;
+    let client = joined::by_credential(&shared, credential.as_deref())?;
     joined::leave(&shared, &client);
     Ok(Json(JobAnswer {
         id: 0,
