@@ -186,28 +186,7 @@ impl Env {
         user: i64,
         files: Vec<(&str, Vec<u8>)>,
     ) -> anyhow::Result<i64> {
-        let mut form = reqwest::multipart::Form::new();
-        for (name, content) in files {
-            form = form.part(
-                "file",
-                reqwest::multipart::Part::bytes(content).file_name(name.to_owned()),
-            );
-        }
-        let form = form
-            .text("user_id", user.to_string())
-            .text("service", "bench");
-        let response = self
-            .http
-            .post(format!("{server}/upload"))
-            .multipart(form)
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        if status != 201 {
-            bail!("upload refused ({status}): {body}");
-        }
-        body["id"].as_i64().context("no id in the upload answer")
+        upload_files(&self.http, server, user, "bench", files).await
     }
 
     async fn upload_trivial(&self, server: &str, user: i64) -> anyhow::Result<i64> {
@@ -1346,4 +1325,36 @@ async fn many_clients(
         met: "".into(),
     });
     Ok(())
+}
+
+/// Uploads `files` as one job of `user` to `service` on `server`; its id (an answer other
+/// than 201 is an error). Every scenario's uploads go through here.
+pub async fn upload_files(
+    http: &reqwest::Client,
+    server: &str,
+    user: i64,
+    service: &str,
+    files: Vec<(&str, Vec<u8>)>,
+) -> anyhow::Result<i64> {
+    let mut form = reqwest::multipart::Form::new();
+    for (name, content) in files {
+        form = form.part(
+            "file",
+            reqwest::multipart::Part::bytes(content).file_name(name.to_owned()),
+        );
+    }
+    let form = form
+        .text("user_id", user.to_string())
+        .text("service", service.to_owned());
+    let response = http
+        .post(format!("{server}/upload"))
+        .multipart(form)
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await?;
+    if status != 201 {
+        bail!("upload refused ({status}): {body}");
+    }
+    body["id"].as_i64().context("no id in the upload answer")
 }

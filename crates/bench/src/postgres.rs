@@ -452,24 +452,14 @@ async fn commits(admin: &tokio_postgres::Client, database: &str) -> anyhow::Resu
 }
 
 async fn upload(http: &reqwest::Client, base: &str, user: i64) -> anyhow::Result<i64> {
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(TRIVIAL.to_vec()).file_name("run.sh"),
-        )
-        .text("user_id", user.to_string())
-        .text("service", "bench");
-    let response = http
-        .post(format!("{base}/upload"))
-        .multipart(form)
-        .send()
-        .await?;
-    let status = response.status();
-    let body: Value = response.json().await?;
-    if status != 201 {
-        bail!("upload refused ({status}): {body}");
-    }
-    body["id"].as_i64().context("no id in the upload answer")
+    crate::measure::upload_files(
+        http,
+        base,
+        user,
+        "bench",
+        vec![("run.sh", TRIVIAL.to_vec())],
+    )
+    .await
 }
 
 /// Waits for the job's ZIP (`/download/{id}?wait=`) and reads it.

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde_json::{json, Value};
 
 use crate::procs::{find_jobrelay, Proc};
@@ -212,23 +212,7 @@ async fn wait_healthy(http: &reqwest::Client, server: &str, n: usize) -> anyhow:
 }
 
 async fn upload(http: &reqwest::Client, server: &str, service: &str) -> anyhow::Result<i64> {
-    let form = reqwest::multipart::Form::new()
-        .text("user_id", "1")
-        .text("service", service.to_owned())
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(TRIVIAL.to_vec()).file_name("run.sh"),
-        );
-    let answer: Value = http
-        .post(format!("{server}/upload"))
-        .multipart(form)
-        .send()
-        .await?
-        .json()
-        .await?;
-    answer["id"]
-        .as_i64()
-        .with_context(|| format!("upload refused: {answer}"))
+    crate::measure::upload_files(http, server, 1, service, vec![("run.sh", TRIVIAL.to_vec())]).await
 }
 
 /// Follows a job to its ZIP (`/download/{id}?wait=`).
