@@ -146,7 +146,7 @@ pub async fn receive_request(
     limit: u64,
 ) -> Result<ReceivedUpload, UploadError> {
     if let Err(e) = check_content_length(request.headers(), limit) {
-        drain_body(request.into_body()).await;
+        drain_body(request.into_body(), DRAIN_LIMIT).await;
         return Err(e);
     }
     let multipart = Multipart::from_request(request, &())
@@ -158,12 +158,12 @@ pub async fn receive_request(
 /// Reads and drops what is left of a request's body, up to a bound, so that a sender still
 /// writing it reads the error answer instead of a reset connection (a server that closes a
 /// connection with unread data makes the kernel reset it).
-pub async fn drain_body(body: axum::body::Body) {
+pub async fn drain_body(body: axum::body::Body, limit: u64) {
     let mut stream = body.into_data_stream();
     let mut drained = 0u64;
     while let Some(Ok(chunk)) = stream.next().await {
         drained += chunk.len() as u64;
-        if drained > DRAIN_LIMIT {
+        if drained > limit {
             break;
         }
     }

@@ -463,6 +463,13 @@ async fn hostile_bodies_on_the_join_routes_answer_json_4xx_and_leave_nothing() {
             .unwrap();
         let status = response.status().as_u16();
         assert!((400..500).contains(&status), "{what}: {status}");
+        // Refused before its body was read: the answer says the connection goes, so the
+        // next request does not race the close on a pooled connection.
+        let closes = response
+            .headers()
+            .get("connection")
+            .is_some_and(|v| v == "close");
+        assert_eq!(closes, *what == "huge", "{what}: {:?}", response.headers());
         let answer: serde_json::Value = response
             .json()
             .await

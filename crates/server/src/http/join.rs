@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use jobrelay_common::auth::bearer;
+use jobrelay_common::http::FALLBACK_DRAIN_LIMIT;
 use utoipa::OpenApi;
 
 use crate::http::error::{ApiError, JobAnswer};
@@ -113,7 +114,7 @@ async fn tunnel(
     let client = match joined::by_credential(&shared, token(request.headers()).as_deref()) {
         Ok(client) => client,
         Err(refused) => {
-            jobrelay_common::upload::drain_body(request.into_body()).await;
+            jobrelay_common::upload::drain_body(request.into_body(), FALLBACK_DRAIN_LIMIT).await;
             return Err(refused.into());
         }
     };
@@ -158,7 +159,7 @@ async fn tunnel(
 async fn leave(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response, ApiError> {
     let credential = token(request.headers());
     // A leave carries no body: what a sender sent anyway is read, so it reads the answer.
-    jobrelay_common::upload::drain_body(request.into_body()).await;
+    jobrelay_common::upload::drain_body(request.into_body(), FALLBACK_DRAIN_LIMIT).await;
     let client = joined::by_credential(&shared, credential.as_deref())?;
     joined::leave(&shared, &client);
     Ok(Json(JobAnswer {
