@@ -239,7 +239,7 @@ pub async fn start(config: ClientConfig) -> anyhow::Result<RunningClient> {
     let pulling = match &config.pull {
         None => None,
         Some(pull_config) => {
-            let puller = pull::Puller::new(pull_config.clone(), store.node())?;
+            let puller = pull::Puller::new(pull_config.clone(), store.node(), &config.data_dir)?;
             // The tunnels were opened with this join's credential: no token inside.
             let app = api::router(api::AppState {
                 token: None,

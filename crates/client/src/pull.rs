@@ -31,12 +31,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Longest a tunnel request may go unanswered (the server holds it for about 20 s).
 const TUNNEL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The file in the data directory that keeps the credential of the last join, so that a
+/// restarted client shows it and keeps its seat (the server refuses its node id to a join
+/// without it while the seat's client is alive).
+pub const CREDENTIAL_FILE: &str = "join-credential";
+
 /// The joining side: the HTTP client to the server, and the credential of this join.
 pub struct Puller {
     http: reqwest::Client,
     config: PullConfig,
     node: String,
     credential: tokio::sync::Mutex<Option<Secret>>,
+    /// The credential of the last join (also after the server forgot it), shown when
+    /// joining again, and where it is kept.
+    last: std::sync::Mutex<Option<Secret>>,
+    credential_file: std::path::PathBuf,
 }
 
 #[derive(serde::Deserialize)]
@@ -46,7 +55,17 @@ struct JoinAnswer {
 }
 
 impl Puller {
-    pub fn new(config: PullConfig, node: &str) -> anyhow::Result<Arc<Puller>> {
+    pub fn new(
+        config: PullConfig,
+        node: &str,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Arc<Puller>> {
+        let credential_file = data_dir.join(CREDENTIAL_FILE);
+        let last = match std::fs::read_to_string(&credential_file) {
+            Ok(text) => Secret::new(text.trim().to_owned()).ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => anyhow::bail!("cannot read {}: {e}", credential_file.display()),
+        };
         let mut builder = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(Duration::from_secs(10))
@@ -61,6 +80,8 @@ impl Puller {
             config,
             node: node.to_owned(),
             credential: tokio::sync::Mutex::new(None),
+            last: std::sync::Mutex::new(last),
+            credential_file,
         }))
     }
 
@@ -95,11 +116,15 @@ impl Puller {
     }
 
     async fn join(&self) -> Result<Secret, String> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "node": self.node,
             "services": self.config.services,
             "version": env!("CARGO_PKG_VERSION"),
         });
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(last) = last {
+            body["credential"] = last.expose().into();
+        }
         let response = self
             .http
             .post(self.url("/join"))
@@ -118,7 +143,31 @@ impl Puller {
         let answer: JoinAnswer =
             serde_json::from_str(&text).map_err(|e| format!("bad join answer: {e}"))?;
         tracing::info!(server = %self.config.server, client = %answer.client, services = ?self.config.services, "joined");
-        Secret::new(answer.credential).map_err(|e| format!("bad credential: {e}"))
+        let credential =
+            Secret::new(answer.credential).map_err(|e| format!("bad credential: {e}"))?;
+        self.keep(&credential);
+        Ok(credential)
+    }
+
+    /// Keeps the credential of this join for the next one (in memory and in the data
+    /// directory, readable by this user only). A failed write costs only a seat refused
+    /// after a restart while this one is still alive, so it is logged, not fatal.
+    fn keep(&self, credential: &Secret) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last
+            .as_ref()
+            .is_some_and(|l| l.expose() == credential.expose())
+        {
+            return;
+        }
+        *last = Some(credential.clone());
+        if let Err(e) = jobrelay_common::fsutil::write_atomic_with_mode(
+            &self.credential_file,
+            credential.expose().as_bytes(),
+            0o600,
+        ) {
+            tracing::warn!(file = %self.credential_file.display(), error = %e, "cannot keep the join credential");
+        }
     }
 
     /// Forgets a credential the server no longer knows (it restarted): the next tunnel joins

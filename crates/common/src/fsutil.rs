@@ -15,10 +15,21 @@ pub fn unique_name(prefix: &str) -> String {
 /// Replaces `path` with `contents` so that a reader (or a restart after `kill -9`) sees
 /// either the old or the new file, never a half-written one.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_atomic_with_mode(path, contents, 0o666)
+}
+
+/// [`write_atomic`] of a file created with `mode` (before the umask): a secret is written
+/// 0o600 and is never readable by others, not even for a moment.
+pub fn write_atomic_with_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(unique_name(".tmp-"));
     let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         file.write_all(contents)?;
         std::fs::rename(&tmp, path)
     })();

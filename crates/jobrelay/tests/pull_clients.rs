@@ -316,14 +316,21 @@ async fn joining_needs_the_join_token_and_tunnels_need_the_credential() {
     let joined: serde_json::Value = joined.json().await.unwrap();
     assert_eq!(joined["client"], "http://node-1.joined");
     let credential = joined["credential"].as_str().unwrap().to_owned();
-    // Joining again with the same node id is the same client, with the same credential.
-    let again: serde_json::Value = join(Some(JOIN_TOKEN), body.clone())
+    // Joining again with the same node id and its credential is the same client, with the
+    // same credential; without the credential the node id is in use (409).
+    let mut shown = body.clone();
+    shown["credential"] = credential.as_str().into();
+    let again: serde_json::Value = join(Some(JOIN_TOKEN), shown)
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(again["credential"], credential.as_str());
+    assert_eq!(
+        join(Some(JOIN_TOKEN), body.clone()).await.unwrap().status(),
+        409
+    );
     assert_eq!(joined_clients(&http, &server.url).await.len(), 1);
 
     let tunnel = |credential: Option<&str>| {
@@ -909,4 +916,102 @@ async fn a_client_joins_a_server_over_tls_with_its_ca() {
     wait_status(&http, &server.url, id, &["Completed"], LONG).await;
     let entries = unzip(&download_zip(&http, &server.url, id).await);
     assert_eq!(entries["out.txt"], b"over-tls\n");
+}
+
+/// POSTs a join with the test token for `node`, showing `credential` if given.
+async fn raw_join(
+    http: &reqwest::Client,
+    server: &str,
+    node: &str,
+    credential: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut body = serde_json::json!({"node": node, "services": ["example"]});
+    if let Some(credential) = credential {
+        body["credential"] = credential.into();
+    }
+    let response = http
+        .post(format!("{server}/join"))
+        .bearer_auth(JOIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// The join token alone does not take a live client's seat (its jobs' inputs and results
+/// would go to whoever knows its node id): a restarted client shows the credential it kept
+/// in its data directory and keeps its seat at once; only once a client has been quiet past
+/// `--client-timeout` is its node id given to another join, with a new credential.
+#[tokio::test]
+async fn a_live_clients_node_id_is_not_taken_with_the_join_token_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (config, token) = joinable_config(root);
+    let server = TestServer::start(root, &config, &["--client-timeout", "3"]);
+    let http = http();
+    let mut client = pull_client(root, "client", &server.url, &token, &[]);
+    wait_joined(&http, &server.url, 1).await;
+    let node = std::fs::read_to_string(root.join("client/node-id")).unwrap();
+    let node = node.trim();
+    let kept = root.join("client/join-credential");
+    let credential = std::fs::read_to_string(&kept).unwrap();
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    for shown in [None, Some("not-the-credential-0123456789abcdef")] {
+        let (status, answer) = raw_join(&http, &server.url, node, shown).await;
+        assert_eq!(status, 409, "{shown:?}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("alive"),
+            "{answer}"
+        );
+    }
+    let (status, answer) = raw_join(&http, &server.url, node, Some(&credential)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["credential"], credential.as_str());
+
+    // Killed and started again at once, while its seat still looks alive: it keeps it.
+    client.kill9();
+    let client = pull_client(root, "client", &server.url, &token, &[]);
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", b"echo after-restart > out.txt\n")],
+    )
+    .await;
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), credential);
+    assert!(
+        !client.log().contains("409"),
+        "the restarted client was refused: {}",
+        client.log()
+    );
+
+    // Gone for good: past the timeout another join takes the node id, with a new credential,
+    // and the old one opens no tunnel.
+    let mut client = client;
+    client.kill9();
+    let taken = eventually(LONG, "the quiet node id taken", || async {
+        let (status, answer) = raw_join(&http, &server.url, node, None).await;
+        assert!(status == 200 || status == 409, "{status}: {answer}");
+        (status == 200).then_some(answer)
+    })
+    .await;
+    assert_ne!(taken["credential"], credential.as_str());
+    let response = http
+        .get(format!("{}/join/tunnel", server.url))
+        .bearer_auth(&credential)
+        .header("connection", "upgrade")
+        .header("upgrade", "jobrelay-tunnel")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
 }

@@ -227,7 +227,7 @@ impl Pool {
         let mut found = None;
         for client in read(&self.list).iter() {
             if let Some(joined) = &client.joined {
-                if joined.credential.matches(given) && found.is_none() {
+                if joined.credential_matches(given) && found.is_none() {
                     found = Some(client.clone());
                 }
             }
@@ -248,8 +248,14 @@ pub struct Joined {
     pub node: String,
     /// The services it serves.
     pub services: Mutex<Vec<String>>,
-    /// The credential it was given at registration, for its tunnels and its leave.
-    pub credential: Secret,
+    /// Its credential, for its tunnels, its leave and its joins again: given at the first
+    /// join here, replaced only when the node id is taken over after its client went quiet.
+    pub credential: Mutex<Secret>,
+    /// Set once a join here was answered with the credential. A seat put back from jobs
+    /// after a restart or failover is not claimed: the first join of its node id takes it.
+    pub claimed: AtomicBool,
+    /// Tunnel requests held for it right now (a client offering tunnels is alive).
+    pub offering: std::sync::atomic::AtomicUsize,
     /// When it joined first (Unix ms).
     pub since_ms: i64,
     /// Where its last request came from (peer address).
@@ -262,6 +268,28 @@ pub struct Joined {
 }
 
 impl Joined {
+    /// Whether `given` is its credential (constant time).
+    pub fn credential_matches(&self, given: &str) -> bool {
+        crate::lock(&self.credential).matches(given)
+    }
+
+    pub fn credential(&self) -> Secret {
+        crate::lock(&self.credential).clone()
+    }
+
+    /// Gives the node id a new credential: the old one opens no tunnel any more.
+    pub fn replace_credential(&self) -> std::io::Result<()> {
+        *crate::lock(&self.credential) = Secret::generate()?;
+        Ok(())
+    }
+
+    /// Alive: holding a tunnel request now, or one ended less than `timeout` ago.
+    pub fn is_live(&self, timeout: std::time::Duration) -> bool {
+        let quiet_ms = crate::store::now_ms() - self.last_heartbeat_ms.load(Ordering::Relaxed);
+        self.offering.load(Ordering::Relaxed) > 0
+            || u128::try_from(quiet_ms).unwrap_or(0) < timeout.as_millis()
+    }
+
     pub fn heartbeat(&self, from: &str) {
         self.last_heartbeat_ms
             .store(crate::store::now_ms(), Ordering::Relaxed);

@@ -46,6 +46,10 @@ pub struct JoinRequest {
     /// Its version, for the dashboard.
     #[serde(default)]
     pub version: Option<String>,
+    /// The credential of its last join (kept in its data directory): joining again with it
+    /// keeps the seat. Without it, a node id whose client is alive cannot be taken (409).
+    #[serde(default)]
+    pub credential: Option<String>,
 }
 
 /// What a client that joined is told.
@@ -70,6 +74,9 @@ pub enum Refused {
     Unauthorized(&'static str),
     /// That service cannot be joined (403).
     Forbidden(String),
+    /// The node id is held by a client that is alive, and the join did not show its
+    /// credential (409).
+    InUse(String),
     /// The server could not set the client up (500).
     Failed(String),
     /// This server stands by: only the leader serves joined clients (503; ask again, the
@@ -159,6 +166,7 @@ pub async fn join(
         let Some(joined) = &client.joined else {
             return Err(Refused::Forbidden(format!("{base} is a configured client")));
         };
+        take_seat(shared, joined, request.credential.as_deref(), &base, from)?;
         shared
             .lifecycle
             .client_joined(Some(client.id), &base, &services);
@@ -176,7 +184,7 @@ pub async fn join(
             .store(false, std::sync::atomic::Ordering::Release);
         client.kick.notify_one();
         tracing::info!(client = %base, from, version = ?request.version, "client joined again");
-        return Ok(answer(&base, &joined.credential));
+        return Ok(answer(&base, &joined.credential()));
     }
 
     let id = shared.clients.all().len();
@@ -188,7 +196,45 @@ pub async fn join(
     follow(shared, &client, listener);
     tracing::info!(client = %base, from, services = ?services, version = ?request.version, "client joined");
     let joined = client.joined.as_ref().expect("a joined client");
-    Ok(answer(&base, &joined.credential))
+    joined
+        .claimed
+        .store(true, std::sync::atomic::Ordering::Release);
+    Ok(answer(&base, &joined.credential()))
+}
+
+/// A join with the node id of a seat that exists. The join token alone does not take a seat
+/// from a client that is alive: that would hand its jobs' inputs and results to whoever
+/// knows its node id. The seat's own credential keeps it (a restarted client reads it from
+/// its data directory); a seat nobody claimed here yet (put back from jobs) goes to the first
+/// join; a claimed seat whose client has been quiet past `--client-timeout` (its jobs are
+/// queued again by then) is taken over with a new credential.
+fn take_seat(
+    shared: &Shared,
+    joined: &Joined,
+    credential: Option<&str>,
+    base: &str,
+    from: &str,
+) -> Result<(), Refused> {
+    use std::sync::atomic::Ordering;
+    let shown = credential.is_some_and(|c| joined.credential_matches(c));
+    if !shown && joined.claimed.load(Ordering::Acquire) {
+        let timeout = shared.config.client_timeout;
+        if joined.is_live(timeout) {
+            return Err(Refused::InUse(format!(
+                "node id {:?} is joined by a client that is alive; a client that restarted \
+                 shows its credential (kept in its data directory), another machine needs its \
+                 own data directory; the node id is free {}s after its client goes quiet",
+                joined.node,
+                timeout.as_secs()
+            )));
+        }
+        joined
+            .replace_credential()
+            .map_err(|e| Refused::Failed(format!("no credential: {e}")))?;
+        tracing::warn!(client = %base, from, "node id taken over: its client was quiet past --client-timeout");
+    }
+    joined.claimed.store(true, Ordering::Release);
+    Ok(())
 }
 
 /// A joined client's handle, id `id`, with the socket its connections go to (listening),
@@ -224,7 +270,9 @@ pub fn new_handle(
     let joined = Joined {
         node: node.to_owned(),
         services: std::sync::Mutex::new(services.to_vec()),
-        credential,
+        credential: std::sync::Mutex::new(credential),
+        claimed: std::sync::atomic::AtomicBool::new(false),
+        offering: std::sync::atomic::AtomicUsize::new(0),
         since_ms: now,
         from: std::sync::Mutex::new(from.to_owned()),
         last_heartbeat_ms: std::sync::atomic::AtomicI64::new(now),
@@ -389,9 +437,34 @@ pub fn by_credential(
 pub async fn next_connection(client: &ClientHandle, from: &str) -> Option<tokio::net::UnixStream> {
     let joined = client.joined.as_ref()?;
     joined.heartbeat(from);
+    let _offering = Offering::count(joined);
     tokio::select! {
         connection = joined.tunnels.take(TUNNEL_WAIT) => connection,
         () = jobrelay_common::serve::stopping() => None,
+    }
+}
+
+/// Counts a held tunnel request in [`Joined::offering`] while it lives; when it ends
+/// (answered, or dropped with its connection) the client's quiet time starts from then.
+struct Offering<'a>(&'a Joined);
+
+impl<'a> Offering<'a> {
+    fn count(joined: &'a Joined) -> Offering<'a> {
+        joined
+            .offering
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Offering(joined)
+    }
+}
+
+impl Drop for Offering<'_> {
+    fn drop(&mut self) {
+        self.0
+            .last_heartbeat_ms
+            .store(crate::store::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .offering
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -49,6 +49,7 @@ impl From<Refused> for ApiError {
             Refused::Bad(why) => ApiError::new(StatusCode::BAD_REQUEST, why),
             Refused::Unauthorized(why) => ApiError::new(StatusCode::UNAUTHORIZED, why),
             Refused::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, why),
+            Refused::InUse(why) => ApiError::new(StatusCode::CONFLICT, why),
             Refused::Standby => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "this server stands by: joined clients are served by the leader; ask again",
@@ -80,6 +81,7 @@ fn token(headers: &HeaderMap) -> Option<String> {
     (status = 401, description = "A missing or wrong join token", body = JobAnswer),
     (status = 403, description = "A service that cannot be joined", body = JobAnswer),
     (status = 404, description = "Joining is off", body = JobAnswer),
+    (status = 409, description = "The node id is held by a live client and the join did not show its credential", body = JobAnswer),
     (status = 503, description = "This server stands by: ask again (the leader serves joined clients)", body = JobAnswer),
 ))]
 async fn join(State(shared): State<Arc<Shared>>, request: Request) -> Result<Response, ApiError> {
