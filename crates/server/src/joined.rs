@@ -325,6 +325,19 @@ fn make_socket_dir(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// As a term starts, every joined seat is unclaimed: its credential was given in an earlier
+/// term, and its client may since have joined the leader of the terms between (with a new
+/// credential), so its first join of this term takes the seat back (see [`take_seat`]).
+pub fn unclaim_seats(shared: &Shared) {
+    for client in shared.clients.all() {
+        if let Some(joined) = &client.joined {
+            joined
+                .claimed
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
 /// The joined clients that this server's active jobs are on and its pool lacks (they
 /// joined another server that led before): seated in the pool and the scheduler, so a new
 /// leader follows their jobs there (they join this server in turn) instead of giving the

@@ -69,6 +69,7 @@ impl Drop for Term {
 /// Starts leading: what the previous leader (or process) left is settled as at a restart,
 /// then the leader's loops start.
 pub fn start_term(shared: &Arc<Shared>) -> anyhow::Result<Term> {
+    joined::unclaim_seats(shared);
     joined::seat_from_jobs(shared)?;
     let resend = recover(shared)?;
     let mut tasks = Vec::new();
