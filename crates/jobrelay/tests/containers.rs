@@ -608,7 +608,7 @@ async fn client_cut_off_past_client_timeout_has_its_jobs_requeued_and_finished_e
             .collect();
         (!running.is_empty()).then_some(running)
     };
-    let cut_jobs = eventually(
+    eventually(
         Duration::from_secs(60),
         "a job running on client-1",
         on_client_1,
@@ -618,6 +618,12 @@ async fn client_cut_off_past_client_timeout_has_its_jobs_requeued_and_finished_e
     let back = stack.network("back");
     docker(&["network", "disconnect", &back, &client_1]).unwrap();
     let cut_at = Instant::now();
+    // The jobs the server has running there once the cut is in place: it can reach none of
+    // them again, so each must be requeued. (Listed before the cut, a job could still end
+    // and be collected while `docker network disconnect` runs, more so on a loaded machine.)
+    let cut_jobs = on_client_1()
+        .await
+        .expect("jobs running on client-1 at the cut");
     // Longer than --client-timeout, and until the server has taken every job off client-1.
     eventually(
         Duration::from_secs(90),
