@@ -744,6 +744,13 @@ async fn the_load_balancer_answers_in_the_servers_json_when_no_server_is_up() {
         "{:?}",
         response.headers()
     );
+    // A client backs off as it would for a server's own 503.
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"2"[..]),
+        "{:?}",
+        response.headers()
+    );
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(
         body["message"]
