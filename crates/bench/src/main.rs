@@ -8,6 +8,7 @@
 //! runs (small counts, a few seconds).
 
 mod measure;
+mod on_signal;
 mod peers;
 mod postgres;
 mod procs;
@@ -102,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    on_signal::stop_tree_on_signal(&runtime)?;
     let result = runtime.block_on(measure::run_all(args.clone()));
     let (mut rows, mut json) = result?;
     if args.wants("postgres") {
