@@ -368,6 +368,114 @@ async fn joining_needs_the_join_token_and_tunnels_need_the_credential() {
     );
 }
 
+/// Joins a client by hand (`POST /join` with the join token); returns its credential.
+async fn credential_of_a_joined_client(http: &reqwest::Client, server: &str, node: &str) -> String {
+    let answer: serde_json::Value = http
+        .post(format!("{server}/join"))
+        .bearer_auth(JOIN_TOKEN)
+        .json(&serde_json::json!({"node": node, "services": ["example"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["credential"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_joined_clients_credential_is_no_user_on_the_job_api() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (config, _token) = joinable_config(root);
+    let users = root.join("users.toml");
+    std::fs::write(
+        &users,
+        "[[users]]\ntoken = \"user-1-token\"\nuser_id = 1\nadmin = true\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Without a users file every caller is trusted, with one a user's token is needed: in
+    // neither may a joined client's credential act as a user.
+    for (name, extra, user) in [
+        ("open", vec![], http()),
+        (
+            "users",
+            vec!["--users-file", users.to_str().unwrap()],
+            http_with_token("user-1-token"),
+        ),
+    ] {
+        let server = TestServer::start(&root.join(name), &config, &extra);
+        let id = upload_job(
+            &user,
+            &server.url,
+            1,
+            "example",
+            &[("run.sh", b"sleep 300\n")],
+        )
+        .await;
+        let credential = credential_of_a_joined_client(&http(), &server.url, "node-1").await;
+        let client = http_with_token(&credential);
+        let routes = [
+            (reqwest::Method::POST, "/upload".to_owned()),
+            (reqwest::Method::GET, "/jobs".to_owned()),
+            (reqwest::Method::GET, format!("/jobs/{id}")),
+            (reqwest::Method::GET, format!("/jobs/{id}/events")),
+            (reqwest::Method::GET, format!("/jobs/{id}/log")),
+            (reqwest::Method::GET, format!("/download/{id}")),
+            (reqwest::Method::GET, format!("/download_partial/{id}")),
+            (reqwest::Method::POST, format!("/terminate/{id}")),
+            (reqwest::Method::GET, "/clients".to_owned()),
+            (reqwest::Method::GET, "/overview".to_owned()),
+            (reqwest::Method::GET, "/metrics".to_owned()),
+            (reqwest::Method::GET, "/health".to_owned()),
+            (reqwest::Method::GET, "/no-such-route".to_owned()),
+        ];
+        for (method, path) in &routes {
+            let mut request = client.request(method.clone(), format!("{}{path}", server.url));
+            if path == "/upload" {
+                request = request.multipart(job_form(1, "example", &[("run.sh", b"true\n")]));
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let answer: serde_json::Value = response
+                .json()
+                .await
+                .unwrap_or_else(|e| panic!("{name} {method} {path}: not JSON: {e}"));
+            assert_eq!(status, 403, "{name} {method} {path}: {answer}");
+            let message = answer["message"].as_str().unwrap();
+            assert!(
+                message.contains("joined client's credential") && message.contains("/join/tunnel"),
+                "{name} {method} {path}: {message}"
+            );
+        }
+        // Nothing it asked was done: no second job, the first not terminated.
+        let jobs: serde_json::Value = user
+            .get(format!("{}/jobs", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            jobs["jobs"].as_array().map(Vec::len),
+            Some(1),
+            "{name}: {jobs}"
+        );
+        let job = job_record(&user, &server.url, id).await;
+        assert_ne!(job["status"], "Killed", "{name}: {job}");
+        // The credential still serves its own routes.
+        let leave = client
+            .post(format!("{}/join/leave", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(leave.status(), 200, "{name}");
+    }
+}
+
 #[tokio::test]
 async fn joining_is_off_without_a_join_token() {
     let dir = tempfile::tempdir().unwrap();
