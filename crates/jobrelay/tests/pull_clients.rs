@@ -115,6 +115,28 @@ fn socket_inodes(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// The ZIP of a job's work directory as it ended (`/download_partial`: Failed or Killed).
+async fn partial_zip(http: &reqwest::Client, server: &str, id: i64) -> Vec<u8> {
+    let response = http
+        .get(format!("{server}/download_partial/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "job {id}");
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// The client holds connections (to the server) and not one listening socket.
+fn assert_dials_out_only(client: &Proc) {
+    let listening = listening_inodes();
+    let held = socket_inodes(client.pid());
+    assert!(!held.is_empty(), "it holds its connections to the server");
+    assert!(
+        held.iter().all(|inode| !listening.contains(inode)),
+        "the pulling client listens on a port"
+    );
+}
+
 /// A job that appends `start <name>` to `log`, works `seconds`, appends `end <name>` and
 /// writes its name to out.txt.
 fn logged_script(log: &Path, name: &str, seconds: f64) -> String {
@@ -151,14 +173,7 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
         listed.contains("joined") && listed.contains("healthy"),
         "{listed}"
     );
-    // It dials out only: not one listening socket.
-    let listening = listening_inodes();
-    let held = socket_inodes(client.pid());
-    assert!(!held.is_empty(), "it holds its connections to the server");
-    assert!(
-        held.iter().all(|inode| !listening.contains(inode)),
-        "the pulling client listens on a port"
-    );
+    assert_dials_out_only(&client);
 
     // Completed, with its files and logs.
     let done = upload_job(
@@ -279,6 +294,130 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
         metrics.contains("jobrelay_server_joined_clients 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_client_with_no_listening_port_runs_slurm_jobs_to_every_end() {
+    if let Some(why) = slurm::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (config, token) = joinable_config(root);
+    let server = TestServer::start(root, &config, &[]);
+    let extra = [&slurm::EXECUTOR[..], &["--slots", "3", "--kill-grace", "3"]].concat();
+    let client = pull_client(root, "client", &server.url, &token, &extra);
+    let http = http();
+    wait_joined(&http, &server.url, 1).await;
+    assert_dials_out_only(&client);
+
+    // Completed: every file of the work directory in the ZIP, none of Slurm's own.
+    let script = "echo hello\necho oops >&2\necho \"$SLURM_JOB_ID\" > slurm_job_id.txt\n\
+                  cp inputs/a.pdb out.txt\nmkdir -p sub\necho deep > sub/d.txt\n";
+    let done = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", script.as_bytes()), ("inputs/a.pdb", b"ATOM\n")],
+    )
+    .await;
+    // Failed, with its exit code.
+    let failing = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", b"echo failing\nexit 7\n")],
+    )
+    .await;
+    // Killed: a terminate through the server cancels its Slurm job.
+    let (job_file, pid_file) = (root.join("long.slurm-job"), root.join("long.pid"));
+    let long_script = format!(
+        "echo \"$SLURM_JOB_ID\" > {}\necho $$ > {}\necho partial > part.txt\nsleep 300\n",
+        job_file.display(),
+        pid_file.display()
+    );
+    let long = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", long_script.as_bytes())],
+    )
+    .await;
+
+    wait_status(&http, &server.url, done, &["Completed"], LONG).await;
+    let entries = unzip(&download_zip(&http, &server.url, done).await);
+    let names: Vec<&str> = entries.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            ".jobrelay.stderr",
+            ".jobrelay.stdout",
+            "inputs/",
+            "inputs/a.pdb",
+            "out.txt",
+            "run.sh",
+            "slurm_job_id.txt",
+            "sub/",
+            "sub/d.txt"
+        ]
+    );
+    assert_eq!(entries["out.txt"], b"ATOM\n");
+    assert_eq!(entries["sub/d.txt"], b"deep\n");
+    assert_eq!(entries["run.sh"], script.as_bytes());
+    assert_eq!(entries[".jobrelay.stdout"], b"hello\n");
+    assert_eq!(entries[".jobrelay.stderr"], b"oops\n");
+    let done_job: u64 = String::from_utf8_lossy(&entries["slurm_job_id.txt"])
+        .trim()
+        .parse()
+        .expect("run.sh ran inside a Slurm job");
+    assert_eq!(slurm::state(done_job), "COMPLETED");
+
+    let job = wait_status(&http, &server.url, failing, &["Failed"], LONG).await;
+    let record = job_record(&http, &server.url, failing).await;
+    assert_eq!(record["exit_code"], 7, "{job} {record}");
+    let entries = unzip(&partial_zip(&http, &server.url, failing).await);
+    assert_eq!(entries[".jobrelay.stdout"], b"failing\n");
+
+    wait_status(&http, &server.url, long, &["Running"], LONG).await;
+    let pid = read_pid(&pid_file).await;
+    let long_job: u64 = eventually(LONG, "the Slurm job id of the long job", || async {
+        std::fs::read_to_string(&job_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    })
+    .await;
+    assert!(slurm::listed(long_job), "squeue lists the running job");
+    let asked = std::time::Instant::now();
+    let terminated = http
+        .post(format!("{}/terminate/{long}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(terminated.status(), 200);
+    let answer: serde_json::Value = terminated.json().await.unwrap();
+    assert_eq!(answer["status"], "Killed", "{answer}");
+    let job = job_record(&http, &server.url, long).await;
+    assert_eq!(job["status"], "Killed", "{job}");
+    eventually(LONG, "squeue no longer listing the killed job", || async {
+        (!slurm::listed(long_job)).then_some(())
+    })
+    .await;
+    println!(
+        "terminate to squeue without the job: {:.2} s",
+        asked.elapsed().as_secs_f64()
+    );
+    let state = slurm::state(long_job);
+    assert!(
+        ["CANCELLED", "FAILED"].contains(&state.as_str()),
+        "Slurm says {state}"
+    );
+    assert!(!pid_alive(pid), "the killed job's process is gone");
+    let entries = unzip(&partial_zip(&http, &server.url, long).await);
+    assert_eq!(entries["part.txt"], b"partial\n");
 }
 
 #[tokio::test]
