@@ -421,6 +421,62 @@ async fn a_client_with_no_listening_port_runs_slurm_jobs_to_every_end() {
 }
 
 #[tokio::test]
+async fn a_slurm_job_outlives_its_pulling_client_killed_and_restarted() {
+    if let Some(why) = slurm::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (config, token) = joinable_config(root);
+    let server = TestServer::start(root, &config, &[]);
+    let mut client = pull_client(root, "client", &server.url, &token, &slurm::EXECUTOR);
+    let http = http();
+    wait_joined(&http, &server.url, 1).await;
+    let (log, job_file, go) = (
+        root.join("runs.log"),
+        root.join("slurm-job"),
+        root.join("go"),
+    );
+    let script = format!(
+        "echo start >> {log}\necho \"$SLURM_JOB_ID\" > {job}\n\
+         while [ ! -e {go} ]; do sleep 0.1; done\necho finished > done.txt\n",
+        log = log.display(),
+        job = job_file.display(),
+        go = go.display()
+    );
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", script.as_bytes())],
+    )
+    .await;
+    wait_status(&http, &server.url, id, &["Running"], LONG).await;
+    let slurm_job: u64 = eventually(LONG, "the Slurm job id", || async {
+        std::fs::read_to_string(&job_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    })
+    .await;
+
+    client.kill9();
+    assert_eq!(slurm::state(slurm_job), "RUNNING", "the Slurm job runs on");
+    let _client = pull_client(root, "client", &server.url, &token, &slurm::EXECUTOR);
+    wait_joined(&http, &server.url, 1).await;
+    std::fs::write(&go, b"").unwrap();
+
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    let entries = unzip(&download_zip(&http, &server.url, id).await);
+    assert_eq!(entries["done.txt"], b"finished\n");
+    let record = job_record(&http, &server.url, id).await;
+    assert_eq!(record["attempts"], 1, "followed, not sent again: {record}");
+    assert_eq!(count_lines(&log).get("start"), Some(&1), "it ran once");
+    assert_eq!(slurm::state(slurm_job), "COMPLETED");
+}
+
+#[tokio::test]
 async fn joining_needs_the_join_token_and_tunnels_need_the_credential() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
