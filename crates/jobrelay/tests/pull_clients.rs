@@ -156,6 +156,7 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
     let http = http();
     let joined = wait_joined(&http, &server.url, 1).await;
     assert_eq!(joined[0]["services"], serde_json::json!(["example"]));
+    assert_eq!(joined[0]["executor"], "local");
     assert!(joined[0]["joined"]["from"]
         .as_str()
         .unwrap()
@@ -170,7 +171,7 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
     let node = std::fs::read_to_string(root.join("client/node-id")).unwrap();
     assert!(listed.contains(node.trim()), "{listed}");
     assert!(
-        listed.contains("joined") && listed.contains("healthy"),
+        listed.contains("joined") && listed.contains("healthy") && listed.contains("local"),
         "{listed}"
     );
     assert_dials_out_only(&client);
@@ -309,7 +310,11 @@ async fn a_client_with_no_listening_port_runs_slurm_jobs_to_every_end() {
     let extra = [&slurm::EXECUTOR[..], &["--slots", "3", "--kill-grace", "3"]].concat();
     let client = pull_client(root, "client", &server.url, &token, &extra);
     let http = http();
-    wait_joined(&http, &server.url, 1).await;
+    let joined = wait_joined(&http, &server.url, 1).await;
+    assert_eq!(
+        joined[0]["executor"], "slurm",
+        "/clients says where its jobs run"
+    );
     assert_dials_out_only(&client);
 
     // Completed: every file of the work directory in the ZIP, none of Slurm's own.
