@@ -17,7 +17,7 @@ use crate::auth::Caller;
 use crate::http::error::JobAnswer;
 use crate::Shared;
 
-/// The routes a joined client's credential (or a join token) is for; they check it themselves.
+/// The routes that check a join token or a joined client's credential themselves.
 fn is_join_route(request: &Request) -> bool {
     matches!(
         request.uri().path(),
@@ -99,8 +99,8 @@ pub async fn identify(
         None => Caller::Trusted,
     };
     // Without a users file anyone is trusted, but a joined client is not anyone: its
-    // credential says it is one, and a client acts on jobs only through its tunnels. So is
-    // it on the open routes with a users file.
+    // credential says it is one, and a client acts on jobs only through its tunnels. The
+    // same holds on the open routes of a server with a users file.
     if matches!(caller, Caller::Trusted) && !is_join_route(&request) {
         if let Some(token) = token {
             if is_client_credential(&shared, token) {
