@@ -154,6 +154,9 @@ pub struct ClientInfo {
     /// server then counts only slots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<crate::resources::Capacity>,
+    /// Where its payloads run: `local` or `slurm`; absent from clients that do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
 }
 
 /// Body of every error answer of the client.

@@ -1,10 +1,8 @@
 //! The client as a gateway to Slurm (`--executor slurm`), against a real cluster.
 //!
 //! Every test skips (prints "skipped: ..." and passes) when Slurm's commands are missing or
-//! the controller does not answer, so `cargo test --workspace` passes on a plain machine.
-//! `../shared/slurm/start-slurm.sh` (as root) starts a single-node cluster; on one node any
-//! local directory is "shared" with the compute node, so the tests' temporary data
-//! directories work.
+//! the controller does not answer (`support::slurm`), so `cargo test --workspace` passes on a
+//! plain machine. The Slurm executor in a client that dials out is tested in pull_clients.rs.
 
 mod support;
 
@@ -13,38 +11,16 @@ use std::time::Duration;
 
 use support::*;
 
-/// Why the Slurm tests cannot run here, if they cannot.
-fn slurm_unavailable() -> Option<String> {
-    for program in ["sbatch", "squeue", "scancel", "sinfo", "scontrol"] {
-        match Command::new(program).arg("--version").output() {
-            Ok(out) if out.status.success() => {}
-            _ => return Some(format!("{program} is not installed")),
-        }
-    }
-    match Command::new("scontrol").arg("ping").output() {
-        Ok(out) if String::from_utf8_lossy(&out.stdout).contains("UP") => {}
-        _ => return Some("the Slurm controller does not answer (scontrol ping)".into()),
-    }
-    match Command::new("sinfo").args(["-h", "-o", "%T"]).output() {
-        Ok(out)
-            if String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .any(|s| ["idle", "mixed", "allocated", "completing"].contains(&s.trim())) => {}
-        _ => return Some("no Slurm node is up (sinfo)".into()),
-    }
-    None
-}
-
 macro_rules! require_slurm {
     () => {
-        if let Some(why) = slurm_unavailable() {
+        if let Some(why) = slurm::unavailable() {
             eprintln!("skipped: {why}");
             return;
         }
     };
 }
 
-const SLURM: [&str; 3] = ["--executor", "slurm", "--slurm-poll-interval=0.2"];
+const SLURM: [&str; 3] = slurm::EXECUTOR;
 
 fn slurm_client(extra: &[&str]) -> TestClient {
     TestClient::start(&[&SLURM[..], extra].concat())
@@ -54,26 +30,6 @@ fn slurm_client(extra: &[&str]) -> TestClient {
 fn stored_record(client: &TestClient, id: u64) -> serde_json::Value {
     let path = client.data_dir().join(format!("payloads/{id}.json"));
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-/// What `squeue` says of a job: its state.
-fn slurm_state(job_id: u64) -> String {
-    let out = Command::new("squeue")
-        .args([
-            "-h",
-            "-t",
-            "all",
-            "-j",
-            &job_id.to_string(),
-            "-O",
-            "State:|",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .trim_end_matches('|')
-        .to_owned()
 }
 
 /// Ids of the Slurm jobs (any state) with this name.
@@ -156,7 +112,7 @@ async fn slurm_job_completes_and_its_zip_is_right() {
         "run.sh ran inside that Slurm job"
     );
     assert_eq!(stored["exit_code"], 0);
-    assert_eq!(slurm_state(job_id), "COMPLETED");
+    assert_eq!(slurm::state(job_id), "COMPLETED");
 
     // The change feed saw it run, then complete.
     let page: serde_json::Value = client
@@ -237,7 +193,7 @@ async fn kill_cancels_a_running_slurm_job_and_its_background_children() {
         || async { (!pid_alive(shell) && !pid_alive(child)).then_some(()) },
     )
     .await;
-    let state = slurm_state(job_id);
+    let state = slurm::state(job_id);
     assert!(
         ["CANCELLED", "FAILED"].contains(&state.as_str()),
         "Slurm says {state}"
@@ -257,7 +213,7 @@ async fn kill_cancels_a_slurm_job_that_is_still_pending() {
     })
     .await;
     eventually(Duration::from_secs(30), "the job to be pending", || async {
-        (slurm_state(job_id) == "PENDING").then_some(())
+        (slurm::state(job_id) == "PENDING").then_some(())
     })
     .await;
     assert_eq!(client.record(id).await["status"], "Prepared");
@@ -265,7 +221,7 @@ async fn kill_cancels_a_slurm_job_that_is_still_pending() {
     let (status, record) = kill(&client, id).await;
     assert_eq!(status, 200, "{record}");
     assert_eq!(record["status"], "Killed");
-    assert_eq!(slurm_state(job_id), "CANCELLED");
+    assert_eq!(slurm::state(job_id), "CANCELLED");
     assert!(!client
         .data_dir()
         .join(format!("work/{id}/ran.txt"))
@@ -289,7 +245,7 @@ async fn restarted_client_follows_its_running_slurm_job_to_the_end() {
     client.restart_after_kill9(&SLURM);
     // Still running in Slurm, and the new client process knows it.
     assert_eq!(client.record(id).await["status"], "Running");
-    assert_eq!(slurm_state(job_id), "RUNNING");
+    assert_eq!(slurm::state(job_id), "RUNNING");
     std::fs::write(&go, b"").unwrap();
 
     let entries = client.retrieve_zip(id).await;
@@ -484,7 +440,7 @@ async fn max_runtime_cancels_a_slurm_job_that_runs_too_long() {
     let reason = record["reason"].as_str().unwrap();
     assert!(reason.contains("walltime"), "{reason}");
     let job_id = stored_record(&client, id)["slurm_job_id"].as_u64().unwrap();
-    let state = slurm_state(job_id);
+    let state = slurm::state(job_id);
     assert!(
         ["CANCELLED", "FAILED"].contains(&state.as_str()),
         "Slurm says {state}"

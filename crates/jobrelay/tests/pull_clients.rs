@@ -115,6 +115,28 @@ fn socket_inodes(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// The ZIP of a job's work directory as it ended (`/download_partial`: Failed or Killed).
+async fn partial_zip(http: &reqwest::Client, server: &str, id: i64) -> Vec<u8> {
+    let response = http
+        .get(format!("{server}/download_partial/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "job {id}");
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// The client holds connections (to the server) and not one listening socket.
+fn assert_dials_out_only(client: &Proc) {
+    let listening = listening_inodes();
+    let held = socket_inodes(client.pid());
+    assert!(!held.is_empty(), "it holds its connections to the server");
+    assert!(
+        held.iter().all(|inode| !listening.contains(inode)),
+        "the pulling client listens on a port"
+    );
+}
+
 /// A job that appends `start <name>` to `log`, works `seconds`, appends `end <name>` and
 /// writes its name to out.txt.
 fn logged_script(log: &Path, name: &str, seconds: f64) -> String {
@@ -134,6 +156,7 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
     let http = http();
     let joined = wait_joined(&http, &server.url, 1).await;
     assert_eq!(joined[0]["services"], serde_json::json!(["example"]));
+    assert_eq!(joined[0]["executor"], "local");
     assert!(joined[0]["joined"]["from"]
         .as_str()
         .unwrap()
@@ -148,17 +171,10 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
     let node = std::fs::read_to_string(root.join("client/node-id")).unwrap();
     assert!(listed.contains(node.trim()), "{listed}");
     assert!(
-        listed.contains("joined") && listed.contains("healthy"),
+        listed.contains("joined") && listed.contains("healthy") && listed.contains("local"),
         "{listed}"
     );
-    // It dials out only: not one listening socket.
-    let listening = listening_inodes();
-    let held = socket_inodes(client.pid());
-    assert!(!held.is_empty(), "it holds its connections to the server");
-    assert!(
-        held.iter().all(|inode| !listening.contains(inode)),
-        "the pulling client listens on a port"
-    );
+    assert_dials_out_only(&client);
 
     // Completed, with its files and logs.
     let done = upload_job(
@@ -282,6 +298,190 @@ async fn a_client_with_no_listening_port_runs_jobs_to_every_end() {
 }
 
 #[tokio::test]
+async fn a_client_with_no_listening_port_runs_slurm_jobs_to_every_end() {
+    if let Some(why) = slurm::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (config, token) = joinable_config(root);
+    let server = TestServer::start(root, &config, &[]);
+    let extra = [&slurm::EXECUTOR[..], &["--slots", "3", "--kill-grace", "3"]].concat();
+    let client = pull_client(root, "client", &server.url, &token, &extra);
+    let http = http();
+    let joined = wait_joined(&http, &server.url, 1).await;
+    assert_eq!(
+        joined[0]["executor"], "slurm",
+        "/clients says where its jobs run"
+    );
+    assert_dials_out_only(&client);
+
+    // Completed: every file of the work directory in the ZIP, none of Slurm's own.
+    let script = "echo hello\necho oops >&2\necho \"$SLURM_JOB_ID\" > slurm_job_id.txt\n\
+                  cp inputs/a.pdb out.txt\nmkdir -p sub\necho deep > sub/d.txt\n";
+    let done = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", script.as_bytes()), ("inputs/a.pdb", b"ATOM\n")],
+    )
+    .await;
+    // Failed, with its exit code.
+    let failing = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", b"echo failing\nexit 7\n")],
+    )
+    .await;
+    // Killed: a terminate through the server cancels its Slurm job.
+    let (job_file, pid_file) = (root.join("long.slurm-job"), root.join("long.pid"));
+    let long_script = format!(
+        "echo \"$SLURM_JOB_ID\" > {}\necho $$ > {}\necho partial > part.txt\nsleep 300\n",
+        job_file.display(),
+        pid_file.display()
+    );
+    let long = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", long_script.as_bytes())],
+    )
+    .await;
+
+    wait_status(&http, &server.url, done, &["Completed"], LONG).await;
+    let entries = unzip(&download_zip(&http, &server.url, done).await);
+    let names: Vec<&str> = entries.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            ".jobrelay.stderr",
+            ".jobrelay.stdout",
+            "inputs/",
+            "inputs/a.pdb",
+            "out.txt",
+            "run.sh",
+            "slurm_job_id.txt",
+            "sub/",
+            "sub/d.txt"
+        ]
+    );
+    assert_eq!(entries["out.txt"], b"ATOM\n");
+    assert_eq!(entries["sub/d.txt"], b"deep\n");
+    assert_eq!(entries["run.sh"], script.as_bytes());
+    assert_eq!(entries[".jobrelay.stdout"], b"hello\n");
+    assert_eq!(entries[".jobrelay.stderr"], b"oops\n");
+    let done_job: u64 = String::from_utf8_lossy(&entries["slurm_job_id.txt"])
+        .trim()
+        .parse()
+        .expect("run.sh ran inside a Slurm job");
+    assert_eq!(slurm::state(done_job), "COMPLETED");
+
+    let job = wait_status(&http, &server.url, failing, &["Failed"], LONG).await;
+    let record = job_record(&http, &server.url, failing).await;
+    assert_eq!(record["exit_code"], 7, "{job} {record}");
+    let entries = unzip(&partial_zip(&http, &server.url, failing).await);
+    assert_eq!(entries[".jobrelay.stdout"], b"failing\n");
+
+    wait_status(&http, &server.url, long, &["Running"], LONG).await;
+    let pid = read_pid(&pid_file).await;
+    let long_job: u64 = eventually(LONG, "the Slurm job id of the long job", || async {
+        std::fs::read_to_string(&job_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    })
+    .await;
+    assert!(slurm::listed(long_job), "squeue lists the running job");
+    let asked = std::time::Instant::now();
+    let terminated = http
+        .post(format!("{}/terminate/{long}", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(terminated.status(), 200);
+    let answer: serde_json::Value = terminated.json().await.unwrap();
+    assert_eq!(answer["status"], "Killed", "{answer}");
+    let job = job_record(&http, &server.url, long).await;
+    assert_eq!(job["status"], "Killed", "{job}");
+    eventually(LONG, "squeue no longer listing the killed job", || async {
+        (!slurm::listed(long_job)).then_some(())
+    })
+    .await;
+    println!(
+        "terminate to squeue without the job: {:.2} s",
+        asked.elapsed().as_secs_f64()
+    );
+    let state = slurm::state(long_job);
+    assert!(
+        ["CANCELLED", "FAILED"].contains(&state.as_str()),
+        "Slurm says {state}"
+    );
+    assert!(!pid_alive(pid), "the killed job's process is gone");
+    let entries = unzip(&partial_zip(&http, &server.url, long).await);
+    assert_eq!(entries["part.txt"], b"partial\n");
+}
+
+#[tokio::test]
+async fn a_slurm_job_outlives_its_pulling_client_killed_and_restarted() {
+    if let Some(why) = slurm::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (config, token) = joinable_config(root);
+    let server = TestServer::start(root, &config, &[]);
+    let mut client = pull_client(root, "client", &server.url, &token, &slurm::EXECUTOR);
+    let http = http();
+    wait_joined(&http, &server.url, 1).await;
+    let (log, job_file, go) = (
+        root.join("runs.log"),
+        root.join("slurm-job"),
+        root.join("go"),
+    );
+    let script = format!(
+        "echo start >> {log}\necho \"$SLURM_JOB_ID\" > {job}\n\
+         while [ ! -e {go} ]; do sleep 0.1; done\necho finished > done.txt\n",
+        log = log.display(),
+        job = job_file.display(),
+        go = go.display()
+    );
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", script.as_bytes())],
+    )
+    .await;
+    wait_status(&http, &server.url, id, &["Running"], LONG).await;
+    let slurm_job: u64 = eventually(LONG, "the Slurm job id", || async {
+        std::fs::read_to_string(&job_file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    })
+    .await;
+
+    client.kill9();
+    assert_eq!(slurm::state(slurm_job), "RUNNING", "the Slurm job runs on");
+    let _client = pull_client(root, "client", &server.url, &token, &slurm::EXECUTOR);
+    wait_joined(&http, &server.url, 1).await;
+    std::fs::write(&go, b"").unwrap();
+
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    let entries = unzip(&download_zip(&http, &server.url, id).await);
+    assert_eq!(entries["done.txt"], b"finished\n");
+    let record = job_record(&http, &server.url, id).await;
+    assert_eq!(record["attempts"], 1, "followed, not sent again: {record}");
+    assert_eq!(count_lines(&log).get("start"), Some(&1), "it ran once");
+    assert_eq!(slurm::state(slurm_job), "COMPLETED");
+}
+
+#[tokio::test]
 async fn joining_needs_the_join_token_and_tunnels_need_the_credential() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -373,6 +573,114 @@ async fn joining_needs_the_join_token_and_tunnels_need_the_credential() {
         joined_clients(&http, &server.url).await[0]["joined"]["leaving"],
         true
     );
+}
+
+/// Joins a client by hand (`POST /join` with the join token); returns its credential.
+async fn credential_of_a_joined_client(http: &reqwest::Client, server: &str, node: &str) -> String {
+    let answer: serde_json::Value = http
+        .post(format!("{server}/join"))
+        .bearer_auth(JOIN_TOKEN)
+        .json(&serde_json::json!({"node": node, "services": ["example"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["credential"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_joined_clients_credential_is_no_user_on_the_job_api() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (config, _token) = joinable_config(root);
+    let users = root.join("users.toml");
+    std::fs::write(
+        &users,
+        "[[users]]\ntoken = \"user-1-token\"\nuser_id = 1\nadmin = true\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Without a users file every caller is trusted, with one a user's token is needed: in
+    // neither may a joined client's credential act as a user.
+    for (name, extra, user) in [
+        ("open", vec![], http()),
+        (
+            "users",
+            vec!["--users-file", users.to_str().unwrap()],
+            http_with_token("user-1-token"),
+        ),
+    ] {
+        let server = TestServer::start(&root.join(name), &config, &extra);
+        let id = upload_job(
+            &user,
+            &server.url,
+            1,
+            "example",
+            &[("run.sh", b"sleep 300\n")],
+        )
+        .await;
+        let credential = credential_of_a_joined_client(&http(), &server.url, "node-1").await;
+        let client = http_with_token(&credential);
+        let routes = [
+            (reqwest::Method::POST, "/upload".to_owned()),
+            (reqwest::Method::GET, "/jobs".to_owned()),
+            (reqwest::Method::GET, format!("/jobs/{id}")),
+            (reqwest::Method::GET, format!("/jobs/{id}/events")),
+            (reqwest::Method::GET, format!("/jobs/{id}/log")),
+            (reqwest::Method::GET, format!("/download/{id}")),
+            (reqwest::Method::GET, format!("/download_partial/{id}")),
+            (reqwest::Method::POST, format!("/terminate/{id}")),
+            (reqwest::Method::GET, "/clients".to_owned()),
+            (reqwest::Method::GET, "/overview".to_owned()),
+            (reqwest::Method::GET, "/metrics".to_owned()),
+            (reqwest::Method::GET, "/health".to_owned()),
+            (reqwest::Method::GET, "/no-such-route".to_owned()),
+        ];
+        for (method, path) in &routes {
+            let mut request = client.request(method.clone(), format!("{}{path}", server.url));
+            if path == "/upload" {
+                request = request.multipart(job_form(1, "example", &[("run.sh", b"true\n")]));
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let answer: serde_json::Value = response
+                .json()
+                .await
+                .unwrap_or_else(|e| panic!("{name} {method} {path}: not JSON: {e}"));
+            assert_eq!(status, 403, "{name} {method} {path}: {answer}");
+            let message = answer["message"].as_str().unwrap();
+            assert!(
+                message.contains("joined client's credential") && message.contains("/join/tunnel"),
+                "{name} {method} {path}: {message}"
+            );
+        }
+        // Nothing it asked was done: no second job, the first not terminated.
+        let jobs: serde_json::Value = user
+            .get(format!("{}/jobs", server.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            jobs["jobs"].as_array().map(Vec::len),
+            Some(1),
+            "{name}: {jobs}"
+        );
+        let job = job_record(&user, &server.url, id).await;
+        assert_ne!(job["status"], "Killed", "{name}: {job}");
+        // The credential still serves its own routes.
+        let leave = client
+            .post(format!("{}/join/leave", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(leave.status(), 200, "{name}");
+    }
 }
 
 #[tokio::test]

@@ -108,6 +108,9 @@ pub struct ClientView {
     /// Last successful request, RFC 3339.
     pub last_seen: Option<String>,
     pub version: Option<String>,
+    /// Where its payloads run (`local`, `slurm`), as its `/info` says, if it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
     pub features: Vec<String>,
     /// Cores, memory (MiB) and GPUs it advertises (`/info`), if it does.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -164,6 +167,7 @@ pub fn client_views(shared: &Shared) -> Vec<ClientView> {
                 active: sched.active_on_client(client.id),
                 last_seen: (last_seen > 0).then(|| rfc3339(last_seen)),
                 version: info.as_ref().map(|i| i.version.clone()),
+                executor: info.as_ref().and_then(|i| i.executor.clone()),
                 features: info.map(|i| i.features).unwrap_or_default(),
                 resources: sched.client_capacity(client.id),
                 used: sched

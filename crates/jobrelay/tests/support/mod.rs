@@ -10,6 +10,7 @@ pub mod proxy;
 pub mod rng;
 pub mod runlog;
 pub mod server;
+pub mod slurm;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;

@@ -4,7 +4,8 @@
 //! the router.
 //!
 //! - [`error`]: the leaf: the reference's JSON error shape, the extractors, `blocking`;
-//! - [`auth`]: finds each request's caller (the users file's token);
+//! - [`auth`]: finds each request's caller (the users file's token; a joined client's
+//!   credential is refused off the join routes);
 //! - [`jobs`]: the job routes (upload, list, status, events, log, downloads, terminate);
 //! - [`join`]: the routes of clients that join at run time (join, tunnel, leave);
 //! - [`observe`]: ping, health, the dashboard and its JSON, metrics;
@@ -29,7 +30,6 @@ use crate::Shared;
 use error::ApiError;
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    let users = shared.config.users.clone();
     let router = Router::new()
         .merge(observe::routes())
         .merge(jobs::routes())
@@ -38,7 +38,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     // The fallbacks come before the authentication layer, so that an unknown endpoint asked
     // without a token answers 401 like every other closed one.
     let router = with_json_fallbacks::<_, ApiError>(router)
-        .with_state(shared)
-        .layer(axum::middleware::from_fn_with_state(users, auth::identify));
+        .with_state(shared.clone())
+        .layer(axum::middleware::from_fn_with_state(shared, auth::identify));
     with_standard_layers::<ApiError>(router)
 }
