@@ -157,6 +157,7 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<ClientInfo>> {
         instance: state.store.events.instance().to_owned(),
         slots: state.runner.slots(),
         resources: Some(state.runner.capacity()),
+        memory_limits: Some(state.runner.executor().memory_limits()),
         running: state.runner.running_count(),
         prepared: state.store.count(PayloadStatus::Prepared),
         features: [

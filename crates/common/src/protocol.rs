@@ -154,6 +154,10 @@ pub struct ClientInfo {
     /// server then counts only slots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<crate::resources::Capacity>,
+    /// How a job's `memory` is enforced, in words: `cgroup v2 memory.max`, `cgroup v1 memory
+    /// controller`, `RLIMIT_AS only: <why>` (jobrelay clients; absent from others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limits: Option<String>,
 }
 
 /// Body of every error answer of the client.
