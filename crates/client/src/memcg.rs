@@ -547,6 +547,24 @@ mod tests {
     }
 
     #[test]
+    fn a_containers_v1_mount_shows_its_own_cgroup_as_the_root() {
+        // Docker without a cgroup namespace: the mount's root and our path are the same.
+        let fake = Fake::new("");
+        let mount = fake.dir.path().join("memory/job/1");
+        let info = format!(
+            "35 31 0:32 /docker/abc {} rw - cgroup cgroup rw,memory\n",
+            mount.display()
+        );
+        let chosen = choose("n", None, &info, "4:memory:/docker/abc\n");
+        assert_eq!(
+            chosen,
+            Enforcement::CgroupV1 {
+                root: mount.join("jobrelay-n")
+            }
+        );
+    }
+
+    #[test]
     fn a_v1_hierarchy_where_nothing_can_be_made_falls_back_quietly() {
         // As root (CI) a read-only directory is still writable, so the failed creation is
         // made with a file in the way; a read-only mount is what containers.rs meets.

@@ -377,32 +377,6 @@ async fn a_job_past_its_memory_is_stopped_and_the_reason_says_so() {
     assert_eq!(files[".jobrelay.stdout"], b"200\n");
 }
 
-/// Where the v1 memory hierarchy is mounted, from this process's mount table.
-fn v1_memory_mount() -> Option<std::path::PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut right = right.split_whitespace();
-        (right.next()? == "cgroup" && right.nth(1)?.split(',').any(|o| o == "memory"))
-            .then(|| left.split_whitespace().nth(4).map(Into::into))
-            .flatten()
-    })
-}
-
-/// The line of `/proc/<who>/cgroup` for memory: the v1 `memory` one, else the v2 `0::` one.
-fn memory_cgroup_line(text: &str, v1: bool) -> Option<String> {
-    text.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let wanted = if v1 {
-            controllers.split(',').any(|c| c == "memory")
-        } else {
-            controllers.is_empty()
-        };
-        wanted.then(|| path.trim().to_owned())
-    })
-}
-
 #[tokio::test]
 async fn a_job_past_its_memory_cgroup_limit_is_killed_and_the_reason_says_so() {
     let dir = tempfile::tempdir().unwrap();
@@ -447,8 +421,8 @@ async fn a_job_past_its_memory_cgroup_limit_is_killed_and_the_reason_says_so() {
     let theirs = String::from_utf8_lossy(&files["cgroup.txt"]).into_owned();
     let ours = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     let (theirs, ours) = (
-        memory_cgroup_line(&theirs, v1).expect("the payload's memory cgroup"),
-        memory_cgroup_line(&ours, v1).expect("our memory cgroup"),
+        host::memory_cgroup_line(&theirs, v1).expect("the payload's memory cgroup"),
+        host::memory_cgroup_line(&ours, v1).expect("our memory cgroup"),
     );
     let tree = format!("{}/jobrelay-{node}/", ours.trim_end_matches('/'));
     let leaf = theirs
@@ -460,7 +434,7 @@ async fn a_job_past_its_memory_cgroup_limit_is_killed_and_the_reason_says_so() {
     );
     if v1 {
         // Removed once the payload ended; the client's sub-tree stays while it runs.
-        let mount = v1_memory_mount().expect("a v1 memory mount");
+        let mount = host::v1_memory_mount().expect("a v1 memory mount");
         let on_disk = mount.join(theirs.trim_start_matches('/'));
         assert!(on_disk.parent().unwrap().is_dir(), "{}", on_disk.display());
         assert!(!on_disk.exists(), "{} left behind", on_disk.display());
