@@ -125,9 +125,10 @@ impl Enforcement {
     pub fn of_payload(&self, name: &str, v2_leaf: Option<&Path>) -> Option<PayloadMemory> {
         match self {
             Enforcement::Rlimit { .. } => None,
+            // Every leaf has a memory.max; only a payload that asked for memory has a number.
             Enforcement::CgroupV2 { .. } => v2_leaf
-                .filter(|leaf| leaf.join("memory.max").exists())
-                .map(|leaf| PayloadMemory::V2(leaf.to_path_buf())),
+                .map(|leaf| PayloadMemory::V2(leaf.to_path_buf()))
+                .filter(|memory| memory.limit_mb().is_some()),
             Enforcement::CgroupV1 { root } => Some(root.join(format!("payload-{name}")))
                 .filter(|dir| dir.is_dir())
                 .map(PayloadMemory::V1),
@@ -322,14 +323,14 @@ impl PayloadMemory {
         };
         let limit = self
             .limit_mb()
-            .map_or("its".to_owned(), |mb| format!("{mb} MiB"));
+            .map_or(String::new(), |mb| format!(" of {mb} MiB"));
         let kills = match counters.oom_kills {
             Some(1) => ", 1 process killed".to_owned(),
             Some(n) => format!(", {n} processes killed"),
             None => String::new(),
         };
         Some(format!(
-            "killed: memory limit of {limit} reached ({how}{kills})"
+            "killed: memory limit{limit} reached ({how}{kills})"
         ))
     }
 
@@ -488,6 +489,12 @@ mod tests {
         assert_eq!(memory, PayloadMemory::V2(leaf.clone()));
         assert_eq!(memory.to_join(), None);
         assert_eq!(memory.limit_mb(), Some(64));
+        assert_eq!(chosen.of_payload("7", Some(&leaf)), Some(memory.clone()));
+        // A leaf without a limit of its own ("max") is no payload's memory cgroup.
+        let other = fake.tree().join("payload-8");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("memory.max"), "max\n").unwrap();
+        assert_eq!(chosen.of_payload("8", Some(&other)), None);
         std::fs::write(leaf.join("memory.events"), "max 3\noom 1\noom_kill 1\n").unwrap();
         assert_eq!(
             memory.verdict(true).as_deref(),
