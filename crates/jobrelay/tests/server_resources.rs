@@ -396,6 +396,16 @@ async fn a_job_past_its_memory_cgroup_limit_is_killed_and_the_reason_says_so() {
     let node = info["node"].as_str().unwrap().to_owned();
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 5)]);
     let server = TestServer::start(root, &config, &[]);
+    wait_for_resources(&http, &server.url, 1).await;
+    let clients: serde_json::Value = http
+        .get(format!("{}/clients", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(clients[0]["memory_limits"], how, "{clients}");
 
     // 300 MB of resident memory under a limit of 64 MiB: the limit's OOM kill ends it.
     let id = upload_with(&http, &server.url, 1, MEMORY_HOG, &[("memory", "64M")]).await;
