@@ -209,6 +209,15 @@ fn v1_root(node: &str, mountinfo: &str, own_cgroups: &str) -> Result<PathBuf, St
             base.display()
         ));
     }
+    // The mount and /proc/self/cgroup may disagree (another cgroup namespace's view, a bind
+    // mount of another part of the tree): only a cgroup that holds this process is ours.
+    let me = std::process::id() as i32;
+    if !crate::cgroup::pids(&base).contains(&me) {
+        return Err(format!(
+            "this process is not in {} (its cgroup.procs), so it is not its memory cgroup",
+            base.display()
+        ));
+    }
     let root = base.join(format!("jobrelay-{node}"));
     match std::fs::create_dir(&root) {
         Ok(()) => {}
@@ -218,9 +227,11 @@ fn v1_root(node: &str, mountinfo: &str, own_cgroups: &str) -> Result<PathBuf, St
     Ok(root)
 }
 
-/// Mount point and root of the first cgroup v1 hierarchy with the memory controller.
+/// Mount point and root of the cgroup v1 hierarchy with the memory controller: the last one
+/// mounted, which hides those before it at the same place (a container's own read-only one
+/// under a bind mount of the host's).
 fn v1_memory_mount(mountinfo: &str) -> Option<(PathBuf, String)> {
-    mountinfo.lines().find_map(|line| {
+    mountinfo.lines().rev().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mut right = right.split_whitespace();
         if right.next()? != "cgroup" {
@@ -452,6 +463,11 @@ mod tests {
             let own = dir.path().join("memory/job/1");
             std::fs::create_dir_all(&own).unwrap();
             std::fs::write(own.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+            std::fs::write(
+                own.join("cgroup.procs"),
+                format!("1\n{}\n", std::process::id()),
+            )
+            .unwrap();
             let tree = dir.path().join("unified/jobrelay-n");
             std::fs::create_dir_all(&tree).unwrap();
             std::fs::write(tree.join("cgroup.controllers"), v2_controllers).unwrap();
@@ -569,6 +585,39 @@ mod tests {
                 root: mount.join("jobrelay-n")
             }
         );
+        // The host's hierarchy bind-mounted over the container's: the later mount is the one
+        // seen there, with the root of the whole tree.
+        let host = fake.dir.path().join("memory");
+        let (docker, ours) = (host.join("docker/abc"), host.join("job/1"));
+        std::fs::create_dir_all(&docker).unwrap();
+        std::fs::copy(
+            ours.join("memory.limit_in_bytes"),
+            docker.join("memory.limit_in_bytes"),
+        )
+        .unwrap();
+        std::fs::copy(ours.join("cgroup.procs"), docker.join("cgroup.procs")).unwrap();
+        let info = format!(
+            "35 31 0:32 /docker/abc {0} ro - cgroup cgroup rw,memory\n\
+             90 35 0:32 / {0} rw - cgroup cgroup rw,memory\n",
+            host.display()
+        );
+        let chosen = choose("n", None, &info, "4:memory:/docker/abc\n");
+        assert_eq!(
+            chosen,
+            Enforcement::CgroupV1 {
+                root: docker.join("jobrelay-n")
+            }
+        );
+        // Where the view and our cgroup disagree (we are not in the cgroup the path names),
+        // nothing is made there.
+        std::fs::write(docker.join("cgroup.procs"), "1\n").unwrap();
+        std::fs::remove_dir(docker.join("jobrelay-n")).unwrap();
+        let chosen = choose("n", None, &info, "4:memory:/docker/abc\n");
+        let Enforcement::Rlimit { why } = &chosen else {
+            panic!("{chosen:?}")
+        };
+        assert!(why.contains("not in"), "{why}");
+        assert!(!docker.join("jobrelay-n").exists());
     }
 
     #[test]
