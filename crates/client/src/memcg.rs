@@ -110,6 +110,9 @@ impl Enforcement {
                         if memsw.exists() {
                             std::fs::write(memsw, bytes.to_string())?;
                         }
+                        // A new cgroup inherits its parent's oom_kill_disable: with it, a
+                        // payload at its limit would hang instead of being killed.
+                        let _ = std::fs::write(dir.join("memory.oom_control"), "0");
                         Ok(())
                     });
                 if let Err(e) = written {
