@@ -8,13 +8,15 @@
 //!    the "no internal processes" rule holds). It never writes its own cgroup's
 //!    `subtree_control` and never moves its own process. Delegation this needs: the kernel lets
 //!    a cgroup that holds processes have controllers enabled below it only when it is the root
-//!    cgroup, so this way is taken by a client running in the machine's root cgroup (or in any
-//!    cgroup an administrator set up that way); a client in a systemd unit (`Delegate=yes`)
+//!    cgroup, so this way is taken by a client running in the machine's root cgroup; a
+//!    client in a systemd unit (`Delegate=yes`)
 //!    sits in the unit's cgroup, whose `subtree_control` stays empty, and goes on to 2 or 3.
 //!    (Putting the payloads' sub-tree beside the client, in a delegated parent, as systemd's
 //!    `DelegateSubgroup=` allows, would lift this; not done.) Else:
 //! 2. **a cgroup v1 memory hierarchy**, when one is mounted and the client's own memory
-//!    cgroup in it is writable: `jobrelay-<node>/payload-<id>` below it, with
+//!    cgroup in it is writable (the last memory mount, which hides those before it at its
+//!    place, and only a cgroup whose `cgroup.procs` lists the client: a bind mount of some other
+//!    part of the tree is not taken for its own): `jobrelay-<node>/payload-<id>` below it, with
 //!    `memory.limit_in_bytes` and, where swap is accounted, `memory.memsw.limit_in_bytes`
 //!    (so swap does not dodge the limit). v1 has no "no internal processes" rule, the client
 //!    stays where it is. Else:
