@@ -113,7 +113,15 @@ mod tests {
 
     #[test]
     fn the_tree_below_a_process_is_its_descendants_only() {
-        let parents = [(1, 0), (10, 1), (11, 10), (12, 10), (13, 12), (20, 1), (21, 20)];
+        let parents = [
+            (1, 0),
+            (10, 1),
+            (11, 10),
+            (12, 10),
+            (13, 12),
+            (20, 1),
+            (21, 20),
+        ];
         assert_eq!(descendants(10, &parents), vec![11, 12, 13]);
         assert_eq!(descendants(13, &parents), Vec::<u32>::new());
     }

@@ -158,6 +158,7 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<ClientInfo>> {
         slots: state.runner.slots(),
         resources: Some(state.runner.capacity()),
         executor: Some(state.runner.executor().name().into()),
+        memory_limits: Some(state.runner.executor().memory_limits()),
         running: state.runner.running_count(),
         prepared: state.store.count(PayloadStatus::Prepared),
         features: [

@@ -6,8 +6,9 @@
 //! Delegation: the client never touches cgroups it did not make. It finds its own cgroup
 //! (`/proc/self/cgroup`, the `0::` line) on the cgroup2 mount (`/proc/self/mountinfo`),
 //! makes one sub-tree there for this data directory (`jobrelay-<node id>`), and one leaf per
-//! payload below it (`payload-<id>`). It enables no controller, so the "no internal
-//! processes" rule does not apply and the client may stay in its own cgroup. Under systemd
+//! payload below it (`payload-<id>`). It enables no controller in its own cgroup, so the "no
+//! internal processes" rule does not apply and the client may stay there; `memcg` may enable
+//! `memory` in `jobrelay-<node>` (which holds no process) when it is delegated. Under systemd
 //! give the unit `Delegate=yes` (deploy/systemd). Without a writable cgroup2 with
 //! `cgroup.kill` (Linux 5.14) the client falls back to the environment marker (`process`).
 //!

@@ -13,6 +13,7 @@ pub mod events;
 pub mod executor;
 pub mod janitor;
 pub mod load;
+pub mod memcg;
 pub mod process;
 pub mod pull;
 pub mod runner;

@@ -41,7 +41,8 @@ fn create_log(path: &Path) -> std::io::Result<std::fs::File> {
 
 /// Starts the payload supervisor (`supervisor`) for `bash run.sh` in `dir`, in a new process
 /// group, with stdin from /dev/null and stdout/stderr going to files in `dir`, confined as
-/// `confinement` says; it records the run's end in `exit_file` and runs in `cgroup` if given.
+/// `confinement` says; it records the run's end in `exit_file` and runs in `cgroup` and
+/// `memory_cgroup` (a v1 one, `memcg`) if given.
 pub fn spawn_run_script(
     dir: &Path,
     marker: &str,
@@ -49,6 +50,7 @@ pub fn spawn_run_script(
     extra_env: &[(String, String)],
     exit_file: &Path,
     cgroup: Option<&Path>,
+    memory_cgroup: Option<&Path>,
 ) -> std::io::Result<Child> {
     let stdout = create_log(&dir.join(STDOUT_FILE))?;
     let stderr = create_log(&dir.join(STDERR_FILE))?;
@@ -56,6 +58,7 @@ pub fn spawn_run_script(
     let spec = Spec {
         exit_file: exit_file.to_path_buf(),
         cgroup: cgroup.map(Path::to_path_buf),
+        memory_cgroup: memory_cgroup.map(Path::to_path_buf),
         run_as: launch.run_as,
         limits: launch.limits,
         argv: launch.argv,

@@ -235,10 +235,14 @@ impl Runner {
                 .get(id)
                 .and_then(|r| r.resources)
                 .and_then(|r| r.memory_mb);
-            if let Some(mb) = memory_mb.filter(|_| ended.status == PayloadStatus::Failed) {
+            let rlimit = self.executor.allocation_failing_limit();
+            if let (Some(mb), Some(how)) = (
+                memory_mb.filter(|_| ended.status == PayloadStatus::Failed),
+                rlimit,
+            ) {
                 if crate::allot::stderr_says_out_of_memory(&self.store.work_dir_of(id)) {
                     ended.reason = format!(
-                        "the job's memory limit of {mb} MiB (RLIMIT_AS) ended it: an allocation \
+                        "the job's memory limit of {mb} MiB ({how}) ended it: an allocation \
                          failed; {}",
                         ended.reason
                     );

@@ -4,7 +4,7 @@
 //!
 //! The client starts `/proc/self/exe` (the `jobrelay` binary, even if it was replaced on
 //! disk since) with [`ARG`] and a JSON [`Spec`]. The supervisor joins the payload's cgroup
-//! (if any), starts the payload as the spec says (user, resource limits, command), waits for
+//! and its v1 memory cgroup (if any), starts the payload as the spec says (user, resource limits, command), waits for
 //! it and writes its exit status atomically to the spec's exit file in the data directory
 //! (out of the payload's reach: `runs/`, private to the client, hidden by the sandbox), then
 //! ends the same way as the payload (same code, or the same signal), so the client sees the
@@ -28,6 +28,9 @@ pub struct Spec {
     pub exit_file: PathBuf,
     /// The payload's cgroup, joined before the payload starts.
     pub cgroup: Option<PathBuf>,
+    /// The payload's cgroup v1 memory cgroup (`memcg`), joined too.
+    #[serde(default)]
+    pub memory_cgroup: Option<PathBuf>,
     /// (uid, gid) to run the payload as (supplementary groups are dropped).
     pub run_as: Option<(u32, u32)>,
     pub limits: Limits,
@@ -97,6 +100,12 @@ fn supervise(spec: &Spec) -> i32 {
     if let Some(leaf) = &spec.cgroup {
         if let Err(e) = crate::cgroup::join(leaf) {
             eprintln!("jobrelay: cannot join the payload's cgroup: {e}");
+            return 127;
+        }
+    }
+    if let Some(dir) = &spec.memory_cgroup {
+        if let Err(e) = crate::memcg::join_v1(dir) {
+            eprintln!("jobrelay: cannot join the payload's memory cgroup: {e}");
             return 127;
         }
     }

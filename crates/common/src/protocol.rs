@@ -157,6 +157,10 @@ pub struct ClientInfo {
     /// Where its payloads run: `local` or `slurm`; absent from clients that do not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<String>,
+    /// How a job's `memory` is enforced, in words: `cgroup v2 memory.max`, `cgroup v1 memory
+    /// controller`, `RLIMIT_AS only: <why>` (jobrelay clients; absent from others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limits: Option<String>,
 }
 
 /// Body of every error answer of the client.

@@ -553,3 +553,74 @@ async fn with_cgroups_a_leftover_that_leaves_its_cgroup_dies_too() {
         "the leftover that left its cgroup survived"
     );
 }
+
+/// A payload with a memory cgroup that is killed on request leaves no cgroup behind, and its
+/// reason is the kill's, not the memory limit's. Skipped where payloads get no memory cgroup.
+#[tokio::test]
+async fn a_killed_payload_leaves_no_memory_cgroup() {
+    let client = TestClient::start(&[]);
+    let info: serde_json::Value = client
+        .http
+        .get(client.url("/info"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let how = info["memory_limits"].as_str().unwrap().to_owned();
+    if !how.starts_with("cgroup") {
+        eprintln!("skipped: the client has no memory cgroup here ({how})");
+        return;
+    }
+    let v1 = how.contains("v1");
+    let scratch = tempfile::tempdir().unwrap();
+    let cgroup_file = scratch.path().join("cgroup");
+    let script = format!(
+        "cat /proc/self/cgroup > {0}.tmp\nmv {0}.tmp {0}\nexec sleep 300\n",
+        cgroup_file.display()
+    );
+    let form = files_form(&[("run.sh", script.as_bytes())]).text("memory", "64M");
+    let (status, record) = client.submit_form(form).await;
+    assert_eq!(status, 200, "{record}");
+    let id = record["id"].as_u64().unwrap();
+    let cgroups = eventually(Duration::from_secs(30), "the payload to start", || {
+        let file = cgroup_file.clone();
+        async move { std::fs::read_to_string(file).ok() }
+    })
+    .await;
+    let path = host::memory_cgroup_line(&cgroups, v1).expect("the payload's memory cgroup");
+    let on_disk = match v1 {
+        true => host::v1_memory_mount().expect("a v1 memory mount"),
+        // The leaf of cgroup v2, on the cgroup2 mount.
+        false => std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                right
+                    .starts_with("cgroup2 ")
+                    .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))
+                    .flatten()
+            })
+            .expect("a cgroup2 mount"),
+    }
+    .join(path.trim_start_matches('/'));
+    assert!(on_disk.is_dir(), "{} while it runs", on_disk.display());
+    let limit = if v1 {
+        "memory.limit_in_bytes"
+    } else {
+        "memory.max"
+    };
+    assert_eq!(
+        std::fs::read_to_string(on_disk.join(limit)).unwrap().trim(),
+        (64u64 << 20).to_string()
+    );
+
+    let response = client.kill(id).await;
+    assert_eq!(response.status(), 200);
+    let killed: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(killed["status"], "Killed", "{killed}");
+    assert_eq!(killed["reason"], "killed on request", "{killed}");
+    assert!(!on_disk.exists(), "{} left behind", on_disk.display());
+}

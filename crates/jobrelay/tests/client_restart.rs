@@ -302,3 +302,66 @@ async fn exit_files_of_settled_payloads_are_removed_at_start() {
     assert!(!runs.join("999").exists());
     assert_eq!(client.retrieve_zip(id).await["out.txt"], b"ok\n");
 }
+
+/// A payload with a memory cgroup passes its limit while no client runs (kill -9): the
+/// restarted client settles it from its recorded exit and its cgroup's counters, the reason
+/// saying the limit killed it, and removes the cgroup. Skipped where payloads get no memory
+/// cgroup (the client's `/info` says why).
+#[tokio::test]
+async fn a_payload_killed_by_its_memory_limit_while_the_client_was_dead_says_so() {
+    let mut client = TestClient::start(&[]);
+    let info: serde_json::Value = client
+        .http
+        .get(client.url("/info"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let how = info["memory_limits"].as_str().unwrap().to_owned();
+    if !how.starts_with("cgroup") {
+        eprintln!("skipped: the client has no memory cgroup here ({how})");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let p = |f: &str| scratch.path().join(f).display().to_string();
+    let script = format!(
+        "cat /proc/self/cgroup > {cgroup}\necho $$ > {pid}\n\
+         while [ ! -e {go} ]; do sleep 0.02; done\n\
+         x=$(head -c 300000000 /dev/zero | tr '\\0' a)\necho ${{#x}}\n",
+        cgroup = p("cgroup"),
+        pid = p("pid"),
+        go = p("go"),
+    );
+    let form = files_form(&[("run.sh", script.as_bytes())]).text("memory", "64M");
+    let (status, record) = client.submit_form(form).await;
+    assert_eq!(status, 200, "{record}");
+    let id = record["id"].as_u64().unwrap();
+    let shell = read_pid(&scratch.path().join("pid")).await;
+    client.proc.kill9();
+    std::fs::write(scratch.path().join("go"), "").unwrap();
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the hog to end without a client",
+        || async { (!pid_alive(shell)).then_some(()) },
+    )
+    .await;
+
+    client.restart_after_kill9(&[]);
+    let failed = client.wait_for(id, "Failed").await;
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!("killed: memory limit of 64 MiB reached ({how}")),
+        "{failed}"
+    );
+    // Its v1 memory cgroup (a v2 one is its leaf, whose removal client_api tests) is gone.
+    let cgroups = std::fs::read_to_string(scratch.path().join("cgroup")).unwrap();
+    if how.contains("v1") {
+        let path = host::memory_cgroup_line(&cgroups, true).expect("its v1 memory cgroup");
+        assert!(path.contains("/payload-"), "{path}");
+        let mount = host::v1_memory_mount().expect("a v1 memory mount");
+        let on_disk = mount.join(path.trim_start_matches('/'));
+        assert!(!on_disk.exists(), "{} left behind", on_disk.display());
+    }
+}

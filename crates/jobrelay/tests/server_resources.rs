@@ -1,6 +1,7 @@
 //! Per-job resources through a real server and real clients: jobs land only where their
 //! cores fit, concurrent GPU jobs get different GPUs, an impossible job is refused, a waiting
-//! job says why, and the walltime kills.
+//! job says why, the walltime kills, and the memory request is a limit (a memory cgroup where
+//! the machine has one, else RLIMIT_AS) that says so when it ended a job.
 
 mod support;
 
@@ -325,17 +326,41 @@ async fn a_job_past_its_walltime_is_killed_and_says_so() {
     assert_eq!(job_record(&http, &server.url, id).await["walltime_s"], 1);
 }
 
+/// The client's `/info`.
+async fn client_info(http: &reqwest::Client, client: &str) -> serde_json::Value {
+    http.get(format!("{client}/info"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// 300 MB in one bash variable: every byte touched, so it is resident.
+const MEMORY_HOG: &str = "x=$(head -c 300000000 /dev/zero | tr '\\0' a)\necho ${#x}\n";
+
 #[tokio::test]
 async fn a_job_past_its_memory_is_stopped_and_the_reason_says_so() {
+    // RLIMIT_AS, as on a machine without a memory cgroup (cgroups off).
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let client = start_client(root, "client", &["--memory", "4G"]);
+    let client = Proc::client(
+        0,
+        &root.join("client"),
+        root,
+        &["--memory", "4G"],
+        &[("JOBRELAY_NO_CGROUP", "1")],
+    );
+    let http = http();
+    assert_eq!(
+        client_info(&http, &client.url).await["memory_limits"],
+        "RLIMIT_AS only: cgroups disabled by JOBRELAY_NO_CGROUP"
+    );
     let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 5)]);
     let server = TestServer::start(root, &config, &[]);
-    let http = http();
-    // 300 MB in one bash variable, under a limit of 200 MiB.
-    let hog = "x=$(head -c 300000000 /dev/zero | tr '\\0' a)\necho ${#x}\n";
-    let id = upload_with(&http, &server.url, 1, hog, &[("memory", "200M")]).await;
+    // 300 MB under a limit of 200 MiB.
+    let id = upload_with(&http, &server.url, 1, MEMORY_HOG, &[("memory", "200M")]).await;
     let job = wait_status(&http, &server.url, id, &["Completed", "Failed"], LONG).await;
     assert_eq!(job["status"], "Failed", "{job}");
     let message = job["message"].as_str().unwrap();
@@ -350,4 +375,78 @@ async fn a_job_past_its_memory_is_stopped_and_the_reason_says_so() {
     assert_eq!(job["status"], "Completed", "{job}");
     let files = unzip(&download_zip(&http, &server.url, id).await);
     assert_eq!(files[".jobrelay.stdout"], b"200\n");
+}
+
+#[tokio::test]
+async fn a_job_past_its_memory_cgroup_limit_is_killed_and_the_reason_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &["--memory", "4G"]);
+    let http = http();
+    let info = client_info(&http, &client.url).await;
+    let how = info["memory_limits"].as_str().unwrap().to_owned();
+    let v1 = match how.as_str() {
+        "cgroup v1 memory controller" => true,
+        "cgroup v2 memory.max" => false,
+        _ => {
+            eprintln!("skipped: the client has no memory cgroup here ({how})");
+            return;
+        }
+    };
+    let node = info["node"].as_str().unwrap().to_owned();
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 5)]);
+    let server = TestServer::start(root, &config, &[]);
+    wait_for_resources(&http, &server.url, 1).await;
+    let clients: serde_json::Value = http
+        .get(format!("{}/clients", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(clients[0]["memory_limits"], how, "{clients}");
+
+    // 300 MB of resident memory under a limit of 64 MiB: the limit's OOM kill ends it.
+    let id = upload_with(&http, &server.url, 1, MEMORY_HOG, &[("memory", "64M")]).await;
+    let job = wait_status(&http, &server.url, id, &["Completed", "Failed"], LONG).await;
+    assert_eq!(job["status"], "Failed", "{job}");
+    let message = job["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("killed: memory limit of 64 MiB reached ({how}")),
+        "{message}"
+    );
+    eprintln!("memory limits: {how}; the hog's reason: {message}");
+    assert!(!message.contains("RLIMIT_AS"), "{message}");
+
+    // Under its limit the same kind of job completes, in the payload's own memory cgroup
+    // (below the client's: the client runs in this test's), with no address-space limit.
+    let small = "x=$(head -c 1000000 /dev/zero | tr '\\0' a)\n\
+                 cat /proc/self/cgroup > cgroup.txt\nulimit -v > ulimit.txt\n";
+    let id = upload_with(&http, &server.url, 1, small, &[("memory", "64M")]).await;
+    let job = wait_status(&http, &server.url, id, &["Completed", "Failed"], LONG).await;
+    assert_eq!(job["status"], "Completed", "{job}");
+    let files = unzip(&download_zip(&http, &server.url, id).await);
+    assert_eq!(files["ulimit.txt"], b"unlimited\n");
+    let theirs = String::from_utf8_lossy(&files["cgroup.txt"]).into_owned();
+    let ours = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let (theirs, ours) = (
+        host::memory_cgroup_line(&theirs, v1).expect("the payload's memory cgroup"),
+        host::memory_cgroup_line(&ours, v1).expect("our memory cgroup"),
+    );
+    let tree = format!("{}/jobrelay-{node}/", ours.trim_end_matches('/'));
+    let leaf = theirs
+        .strip_prefix(&tree)
+        .unwrap_or_else(|| panic!("payload in {theirs}, not below {tree}"));
+    assert!(
+        leaf.starts_with("payload-") && leaf[8..].parse::<u64>().is_ok(),
+        "{theirs}"
+    );
+    if v1 {
+        // Removed once the payload ended; the client's sub-tree stays while it runs.
+        let mount = host::v1_memory_mount().expect("a v1 memory mount");
+        let on_disk = mount.join(theirs.trim_start_matches('/'));
+        assert!(on_disk.parent().unwrap().is_dir(), "{}", on_disk.display());
+        assert!(!on_disk.exists(), "{} left behind", on_disk.display());
+    }
 }

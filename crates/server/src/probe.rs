@@ -48,7 +48,7 @@ pub async fn run(shared: Arc<Shared>, client: Arc<ClientHandle>) {
                     Probe::Info(info) => {
                         let slots = Some(info.slots.max(1));
                         let capacity = info.resources;
-                        let previous = crate::lock(&client.info).replace(info.clone());
+                        let previous = crate::lock(&client.info).replace((*info).clone());
                         if let Some(previous) = previous {
                             if previous.node != info.node {
                                 tracing::warn!(client = client.base(), old = %previous.node, new = %info.node, "client lost its data directory");

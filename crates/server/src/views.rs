@@ -120,6 +120,9 @@ pub struct ClientView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub used: Option<crate::scheduler::Capacity>,
+    /// How it enforces a job's `memory` (`/info`'s `memory_limits`), if it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limits: Option<String>,
     /// Set for a client that joined at run time (`jobrelay client --connect`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub joined: Option<JoinedView>,
@@ -168,6 +171,7 @@ pub fn client_views(shared: &Shared) -> Vec<ClientView> {
                 last_seen: (last_seen > 0).then(|| rfc3339(last_seen)),
                 version: info.as_ref().map(|i| i.version.clone()),
                 executor: info.as_ref().and_then(|i| i.executor.clone()),
+                memory_limits: info.as_ref().and_then(|i| i.memory_limits.clone()),
                 features: info.map(|i| i.features).unwrap_or_default(),
                 resources: sched.client_capacity(client.id),
                 used: sched

@@ -1,6 +1,7 @@
 //! The local executor: `bash run.sh` under its supervisor (`supervisor`), in a process group
 //! of its own on this machine and, where the machine has cgroup v2, in a cgroup of its own
-//! (`cgroup`). Whatever a payload leaves running when `run.sh` exits, in its group or not, is
+//! (`cgroup`), with its memory request as a cgroup limit where the machine allows (`memcg`).
+//! Whatever a payload leaves running when `run.sh` exits, in its group or not, is
 //! killed (`process::Tracker`). The supervisor records how `run.sh` ended in `runs/<id>`, so a
 //! client restarted after `kill -9` settles a payload that finished meanwhile from what
 //! happened, and follows one that still runs ([`LocalExecutor::reattach`]).
@@ -19,6 +20,7 @@ use tokio::time::Instant;
 use super::{Ended, Progress};
 use crate::cgroup::CgroupTree;
 use crate::confine::Confinement;
+use crate::memcg::{Enforcement, PayloadMemory};
 use crate::process::{self, Tracker};
 use crate::supervisor::{self, Exit};
 
@@ -29,6 +31,8 @@ pub struct LocalExecutor {
     /// `<data>/runs`: the supervisors' exit files.
     runs_dir: PathBuf,
     cgroups: Option<Arc<CgroupTree>>,
+    /// How a payload's memory request is enforced.
+    memory: Enforcement,
 }
 
 pub struct LocalJob {
@@ -39,6 +43,8 @@ pub struct LocalJob {
     pgid: u32,
     reported_running: Option<u32>,
     tracker: Tracker,
+    /// Its memory cgroup, if its memory is limited by one.
+    memory: Option<PayloadMemory>,
     exit_file: PathBuf,
     live: Arc<Mutex<HashMap<u64, (u32, Tracker)>>>,
 }
@@ -69,6 +75,19 @@ impl LocalExecutor {
                 None
             }
         };
+        let memory = Enforcement::detect(node, cgroups.as_ref().map(|t| t.root()));
+        match &memory {
+            Enforcement::CgroupV2 { tree } => {
+                tracing::info!(memory_limits = %memory.describe(), cgroup = %tree.display(), "a job's memory is a limit on its cgroup")
+            }
+            Enforcement::CgroupV1 { root } => {
+                tracing::info!(memory_limits = %memory.describe(), cgroup = %root.display(), "a job's memory is a limit on its cgroup")
+            }
+            Enforcement::Rlimit { .. } => tracing::info!(
+                memory_limits = %memory.describe(),
+                "a job's memory is the address-space limit (RLIMIT_AS) of each of its processes"
+            ),
+        }
         if !confinement.sandbox {
             tracing::warn!(
                 "payloads run without --sandbox: they share this machine's view, and (even \
@@ -81,7 +100,13 @@ impl LocalExecutor {
             confinement,
             runs_dir,
             cgroups,
+            memory,
         })
+    }
+
+    /// How a payload's memory request is enforced here.
+    pub fn memory_enforcement(&self) -> &Enforcement {
+        &self.memory
     }
 
     fn exit_file(&self, id: u64) -> PathBuf {
@@ -104,13 +129,29 @@ impl LocalExecutor {
             ),
             None => None,
         };
-        // The payload's memory as its address-space limit (RLIMIT_AS), unless the client's
-        // own --limit-memory is lower: an allocation past it fails.
+        let remove_leaf = || {
+            if let Some(leaf) = &leaf {
+                let _ = std::fs::remove_dir(leaf);
+            }
+        };
+        // The payload's memory as a limit on its memory cgroup, or else as its address-space
+        // limit (RLIMIT_AS), unless the client's own --limit-memory is lower: an allocation
+        // past it fails. Never both: RLIMIT_AS breaks programs that reserve address space.
         let mut confinement = self.confinement.clone();
+        let mut memory = None;
         if let Some(mb) = allotment.memory_mb {
             let bytes = mb.saturating_mul(1 << 20);
-            let limit = &mut confinement.limits.address_space;
-            *limit = Some(limit.map_or(bytes, |l| l.min(bytes)));
+            memory = self
+                .memory
+                .limit(&id.to_string(), leaf.as_deref(), bytes)
+                .map_err(|e| {
+                    remove_leaf();
+                    format!("could not give the payload its memory cgroup: {e}")
+                })?;
+            if memory.is_none() {
+                let limit = &mut confinement.limits.address_space;
+                *limit = Some(limit.map_or(bytes, |l| l.min(bytes)));
+            }
         }
         let child = process::spawn_run_script(
             dir,
@@ -119,11 +160,13 @@ impl LocalExecutor {
             &allotment.env(),
             &exit_file,
             leaf.as_deref(),
+            memory.as_ref().and_then(PayloadMemory::to_join),
         )
         .map_err(|e| {
             metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
-            if let Some(leaf) = &leaf {
-                let _ = std::fs::remove_dir(leaf);
+            remove_leaf();
+            if let Some(PayloadMemory::V1(dir)) = &memory {
+                let _ = std::fs::remove_dir(dir);
             }
             format!("could not start run.sh: {e}")
         })?;
@@ -142,6 +185,7 @@ impl LocalExecutor {
             pgid,
             reported_running: None,
             tracker,
+            memory,
             exit_file,
             live: self.live.clone(),
         })
@@ -154,6 +198,7 @@ impl LocalExecutor {
         let id = record.id;
         let exit_file = self.exit_file(id);
         let leaf = self.cgroups.as_ref().map(|t| t.leaf(&id.to_string()));
+        let memory = self.memory.of_payload(&id.to_string(), leaf.as_deref());
         let tracker = match leaf {
             Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf, marker.to_owned()),
             _ => Tracker::Marker(marker.to_owned()),
@@ -170,6 +215,7 @@ impl LocalExecutor {
             // A Running record gets no second Running.
             reported_running: (record.status == PayloadStatus::Running).then_some(record.pid),
             tracker,
+            memory,
             exit_file,
             live: self.live.clone(),
         })
@@ -180,11 +226,16 @@ impl LocalExecutor {
     pub async fn kill_leftovers_of(&self, id: u64, marker: &str) -> usize {
         let left = process::marked(marker).len();
         // The cgroup tracker sweeps the marker too.
-        let tracker = match &self.cgroups {
-            Some(tree) => process::Tracker::Cgroup(tree.leaf(&id.to_string()), marker.to_owned()),
+        let leaf = self.cgroups.as_ref().map(|tree| tree.leaf(&id.to_string()));
+        let memory = self.memory.of_payload(&id.to_string(), leaf.as_deref());
+        let tracker = match leaf {
+            Some(leaf) => process::Tracker::Cgroup(leaf, marker.to_owned()),
             None => process::Tracker::Marker(marker.to_owned()),
         };
         tracker.kill_all().await;
+        if let Some(memory) = memory {
+            memory.remove(LEFTOVER_LIMIT).await;
+        }
         left
     }
 
@@ -215,11 +266,12 @@ impl LocalExecutor {
         }
     }
 
-    /// Removes the client's cgroup sub-tree if it is empty (clean shutdown).
+    /// Removes the client's cgroup sub-trees if they are empty (clean shutdown).
     pub fn release(&self) {
         if let Some(tree) = &self.cgroups {
             tree.remove_if_empty();
         }
+        self.memory.release();
     }
 }
 
@@ -257,14 +309,27 @@ impl LocalJob {
                 None
             }
         };
-        process::kill_leftovers(self.pgid);
-        self.tracker.kill_all().await;
-        Progress::Ended(match (supervisor::read_exit(&self.exit_file), status) {
+        let mut ended = match (supervisor::read_exit(&self.exit_file), status) {
             (Some(exit), _) => finish(exit),
             (None, Some(status)) => finish_exited(status),
             // Its supervisor died with it and recorded nothing: an interruption.
             (None, None) => Ended::failed("client restarted"),
-        })
+        };
+        // Asked before the leftovers go: the v2 leaf, and its counters, go with them.
+        let verdict = self
+            .memory
+            .as_ref()
+            .filter(|_| ended.status == PayloadStatus::Failed)
+            .and_then(|memory| memory.verdict(ended_by_sigkill(&ended)));
+        process::kill_leftovers(self.pgid);
+        self.tracker.kill_all().await;
+        if let Some(memory) = &self.memory {
+            memory.remove(LEFTOVER_LIMIT).await;
+        }
+        if let Some(verdict) = verdict {
+            ended.reason = format!("{verdict}; {}", ended.reason);
+        }
+        Progress::Ended(ended)
     }
 
     pub async fn terminate(&mut self, grace: Duration) -> Ended {
@@ -281,6 +346,9 @@ impl LocalJob {
         }
         process::kill_leftovers(self.pgid);
         self.tracker.kill_all().await;
+        if let Some(memory) = &self.memory {
+            memory.remove(LEFTOVER_LIMIT).await;
+        }
         if status.is_none() {
             if let Some(child) = &mut self.child {
                 status = Some(child.wait().await);
@@ -304,6 +372,14 @@ impl Drop for LocalJob {
     fn drop(&mut self) {
         self.live.lock().unwrap().remove(&self.id);
     }
+}
+
+/// Longest the memory cgroup of an ended payload is emptied before it is left in place.
+const LEFTOVER_LIMIT: Duration = Duration::from_secs(5);
+
+/// Whether the run ended by SIGKILL, its own or its script's child's (bash: code 137).
+fn ended_by_sigkill(ended: &Ended) -> bool {
+    ended.signal == Some(Signal::SIGKILL as i32) || ended.exit_code == Some(128 + 9)
 }
 
 fn finish(exit: Exit) -> Ended {

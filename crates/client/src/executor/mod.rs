@@ -216,6 +216,25 @@ impl Executor {
         }
     }
 
+    /// How a payload's memory request is enforced, as `/info` says it.
+    pub fn memory_limits(&self) -> String {
+        match self {
+            Executor::Local(local) => local.memory_enforcement().describe(),
+            Executor::Slurm(_) => "Slurm (sbatch --mem)".to_owned(),
+        }
+    }
+
+    /// The limit that makes an allocation fail when a payload passes its memory request, so
+    /// that a failed run whose stderr ends on an allocation failure was ended by it; `None`
+    /// when the executor reports itself that the limit ended a run (a memory cgroup).
+    pub fn allocation_failing_limit(&self) -> Option<&'static str> {
+        match self {
+            Executor::Local(local) if local.memory_enforcement().uses_rlimit() => Some("RLIMIT_AS"),
+            Executor::Local(_) => None,
+            Executor::Slurm(_) => Some("sbatch --mem"),
+        }
+    }
+
     /// Starts the background sampler behind `GET /load`.
     pub fn start_load_sampler(&self, gauge: &LoadGauge) {
         match self {

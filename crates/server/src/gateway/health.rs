@@ -16,7 +16,7 @@ pub const REFUSES_TOKEN: &str = "the client refuses our token";
 /// What a probe found.
 pub enum Probe {
     /// `/info` answered.
-    Info(ClientInfo),
+    Info(Box<ClientInfo>),
     /// No `/info`, but `/health` answered (a seed-contract client).
     Seed,
 }
@@ -57,7 +57,7 @@ async fn probe_once(client: &ClientHandle, timeout: Duration) -> Result<Probe, S
     }
     if response.status().is_success() {
         if let Ok(info) = response.json::<ClientInfo>().await {
-            return Ok(Probe::Info(info));
+            return Ok(Probe::Info(Box::new(info)));
         }
     }
     let health = client
