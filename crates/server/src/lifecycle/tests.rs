@@ -538,3 +538,74 @@ fn a_users_fair_share_usage_is_kept_when_a_run_ends_and_read_at_start() {
         "read back (decayed a little): {usage:?}"
     );
 }
+
+/// The database refuses every move of a job to `status` while this lives: a real SQLite
+/// error from a trigger made on a second connection, as a full disk or a lost database would
+/// fail the commit, not a mock of the store.
+struct RefusedMoves(rusqlite::Connection);
+
+fn refuse_moves_to(f: &Fixture, status: JobStatus) -> RefusedMoves {
+    let db = rusqlite::Connection::open(f._dir.path().join("jobrelay.sqlite")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch(&format!(
+        "CREATE TRIGGER refuse_moves BEFORE UPDATE OF status ON jobs
+         WHEN NEW.status = '{}'
+         BEGIN SELECT RAISE(ABORT, 'the test refuses this move'); END;",
+        status.as_str()
+    ))
+    .unwrap();
+    RefusedMoves(db)
+}
+
+impl Drop for RefusedMoves {
+    fn drop(&mut self) {
+        self.0.execute_batch("DROP TRIGGER refuse_moves").unwrap();
+    }
+}
+
+/// A run's end that could not be committed is not lost: the client is asked again later
+/// (`Effect::CheckLater`), the job keeps its run and its slot meanwhile, and the next word of
+/// the end is committed as usual.
+#[test]
+fn a_run_end_the_database_refuses_is_asked_of_the_client_again() {
+    let f = fixture("http://127.0.0.1:9", 8);
+    f.upload();
+    let sent = f.dispatch();
+    let run = f.submitted(&sent[0], 1);
+
+    let refused = refuse_moves_to(&f, JobStatus::Completed);
+    assert_eq!(
+        f.lifecycle().completed(&run),
+        [Effect::CheckLater {
+            job: Box::new(run.clone()),
+            after: super::CHECK_AGAIN_AFTER_A_FAILED_COMMIT,
+        }]
+    );
+    assert_eq!(f.get(run.id).status, JobStatus::Submitted);
+    assert!(
+        f.is_active(run.id),
+        "its slot is held while its end is unrecorded"
+    );
+    drop(refused);
+
+    let effects = f.lifecycle().completed(&run);
+    assert!(effects.contains(&Effect::DropInputs(run.id)), "{effects:?}");
+    assert_eq!(f.get(run.id).status, JobStatus::Completed);
+    assert!(!f.is_active(run.id));
+}
+
+/// A submission the database refused gives no effects (the dispatcher tries the commit
+/// again): the job stays Processing, nothing is checked or killed, and the commit tried again
+/// records it.
+#[test]
+fn a_submission_the_database_refuses_is_recorded_when_tried_again() {
+    let f = fixture("http://127.0.0.1:9", 8);
+    f.upload();
+    let sent = f.dispatch();
+    let refused = refuse_moves_to(&f, JobStatus::Submitted);
+    assert_eq!(f.lifecycle().submitted(&sent[0], 1, None), None);
+    assert_eq!(f.get(sent[0].id).status, JobStatus::Processing);
+    assert!(f.is_active(sent[0].id));
+    drop(refused);
+    f.submitted(&sent[0], 1);
+}
