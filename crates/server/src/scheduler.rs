@@ -38,11 +38,17 @@
 //! other jobs, so a big job holds one client, never the queue.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub use jobrelay_common::resources::Capacity;
 
 use crate::usage::Decayed;
+
+/// The scheduler's maps and sets hash with foldhash, seeded at random per map: a decision
+/// looks up a few dozen job and user ids, and SipHash (the standard one) was a fifth of its
+/// time (ARCHITECTURE.md, "Server dependencies").
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// How a service chooses whose job goes next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,56 +71,92 @@ impl Key {
     }
 }
 
+/// What fair share keeps of one user of a service, in one place so a decision looks the user
+/// up once.
+#[derive(Debug, Clone, Copy)]
+struct FairUser {
+    /// `None` until the user's first run or kept usage.
+    usage: Option<Decayed>,
+    weight: f64,
+    /// While the user has a turn: their entry in `order` and when its key was computed.
+    turn: Option<(Key, u64, f64)>,
+    /// When the user was last served (a counter): ties go to the one served longest ago.
+    served: u64,
+}
+
+impl FairUser {
+    fn new(weight: f64) -> FairUser {
+        FairUser {
+            usage: None,
+            weight,
+            turn: None,
+            served: 0,
+        }
+    }
+
+    /// Whether the user has cores running now (their key grows with time).
+    fn running(&self) -> bool {
+        self.usage.is_some_and(|u| u.running_cores > 0)
+    }
+}
+
 /// The fair-share state of a service: every user's usage and the waiting users in order.
 #[derive(Debug)]
 struct Fair {
     half_life: f64,
-    /// Instant the keys are scaled to (moved forward now and then, see `rebase`).
+    /// Instant the keys are scaled to (moved forward now and then, see `refresh`).
     base: f64,
-    usage: HashMap<UserId, Decayed>,
-    /// Users with cores running now (their keys grow with time).
-    running: HashSet<UserId>,
-    weights: HashMap<UserId, f64>,
+    /// `2^((at - base) / half_life)` for `at` the first of `scale`: the factor every key
+    /// computed at that instant is scaled by, computed once per instant.
+    scale: (f64, f64),
+    /// Every user the service has heard of: usage, weight, turn, last served.
+    users: HashMap<UserId, FairUser>,
     /// Users with a turn: (usage / weight scaled to `base`, when last served, user).
     order: BTreeSet<(Key, u64, UserId)>,
-    /// Each user with a turn: their entry in `order` and when its key was computed.
-    key_of: HashMap<UserId, (Key, u64, f64)>,
-    /// When each user was last served (a counter): ties go to the one served longest ago.
-    served: HashMap<UserId, u64>,
     serves: u64,
 }
 
 impl Fair {
-    fn new(half_life: f64, now: f64) -> Fair {
+    fn new(half_life: f64, now: f64, weights: &HashMap<UserId, f64>) -> Fair {
         Fair {
             half_life,
             base: now,
-            usage: HashMap::new(),
-            running: HashSet::new(),
-            weights: HashMap::new(),
+            scale: (now, 1.0),
+            users: weights
+                .iter()
+                .map(|(&user, &weight)| (user, FairUser::new(weight)))
+                .collect(),
             order: BTreeSet::new(),
-            key_of: HashMap::new(),
-            served: HashMap::new(),
             serves: 0,
         }
     }
 
-    fn key(&self, user: UserId, now: f64) -> Key {
-        let weight = self.weights.get(&user).copied().unwrap_or(1.0);
-        let scaled = self
-            .usage
-            .get(&user)
-            .map_or(0.0, |u| u.scaled(now, self.base, self.half_life));
-        Key::of(scaled / weight)
+    fn user(&mut self, user: UserId) -> &mut FairUser {
+        // A user given no weight weighs 1.
+        self.users.entry(user).or_insert(FairUser::new(1.0))
+    }
+
+    /// `2^((now - base) / half_life)`, computed again only when `now` or `base` moved.
+    fn scale_at(&mut self, now: f64) -> f64 {
+        if self.scale.0 != now {
+            self.scale = (now, ((now - self.base) / self.half_life).exp2());
+        }
+        self.scale.1
+    }
+
+    /// The user's key at `now`: usage at `now` scaled to `base`, divided by the weight.
+    fn key(u: &FairUser, now: f64, half_life: f64, scale: f64) -> Key {
+        let scaled = u.usage.map_or(0.0, |d| d.value_at(now, half_life) * scale);
+        Key::of(scaled / u.weight)
     }
 
     fn push(&mut self, user: UserId, now: f64) {
-        let (key, served) = (
-            self.key(user, now),
-            self.served.get(&user).copied().unwrap_or(0),
-        );
+        let (scale, half_life) = (self.scale_at(now), self.half_life);
+        let u = self.user(user);
+        let key = Fair::key(u, now, half_life, scale);
+        let served = u.served;
+        u.turn = Some((key, served, now));
         self.order.insert((key, served, user));
-        self.key_of.insert(user, (key, served, now));
     }
 
     /// The user with the least usage now. A key only grows while its user has cores running,
@@ -124,25 +166,37 @@ impl Fair {
     fn pop(&mut self, now: f64) -> Option<UserId> {
         loop {
             let &(_, _, user) = self.order.first()?;
-            let computed = self.key_of.get(&user).map_or(now, |e| e.2);
-            if computed < now && self.running.contains(&user) {
+            let u = &self.users[&user];
+            let computed = u.turn.map_or(now, |t| t.2);
+            if computed < now && u.running() {
                 self.rekey(user, now);
                 continue;
             }
             break;
         }
         let (_, _, user) = self.order.pop_first()?;
-        self.key_of.remove(&user);
         self.serves += 1;
-        self.served.insert(user, self.serves);
+        let serves = self.serves;
+        let u = self.user(user);
+        u.turn = None;
+        u.served = serves;
         Some(user)
     }
 
     /// Puts a user with a turn back at the place their usage gives them now.
     fn rekey(&mut self, user: UserId, now: f64) {
-        if let Some((key, served, _)) = self.key_of.remove(&user) {
-            self.order.remove(&(key, served, user));
-            self.push(user, now);
+        let (scale, half_life) = (self.scale_at(now), self.half_life);
+        let Some(u) = self.users.get_mut(&user) else {
+            return;
+        };
+        let Some((old, served, _)) = u.turn else {
+            return;
+        };
+        let key = Fair::key(u, now, half_life, scale);
+        u.turn = Some((key, served, now));
+        if key != old {
+            self.order.remove(&(old, served, user));
+            self.order.insert((key, served, user));
         }
     }
 
@@ -151,26 +205,51 @@ impl Fair {
     fn refresh(&mut self, now: f64) {
         if (now - self.base) / self.half_life > 64.0 {
             self.base = now;
-            let users: Vec<UserId> = self.key_of.keys().copied().collect();
+            self.scale = (now, 1.0);
+            let users: Vec<UserId> = self
+                .users
+                .iter()
+                .filter(|(_, u)| u.turn.is_some())
+                .map(|(&user, _)| user)
+                .collect();
             for user in users {
                 self.rekey(user, now);
             }
         }
     }
 
-    /// Cores start (`delta` > 0) or stop running for `user` at `now`.
+    /// A weight given (or changed) for `user`; it counts from their next key.
+    fn set_weight(&mut self, user: UserId, weight: f64) {
+        self.user(user).weight = weight;
+    }
+
+    /// The user's usage as last brought up to date, if any.
+    fn usage(&self, user: UserId) -> Option<Decayed> {
+        self.users.get(&user).and_then(|u| u.usage)
+    }
+
+    /// Usage kept for `user` (`value` as of `at`), their running cores unchanged.
+    fn load(&mut self, user: UserId, value: f64, at: f64, now: f64) {
+        let half_life = self.half_life;
+        let u = self.user(user);
+        let running = u.usage.map_or(0, |d| d.running_cores);
+        let mut usage = Decayed::at(value, at);
+        usage.advance(now, half_life);
+        usage.running_cores = running;
+        u.usage = Some(usage);
+        self.rekey(user, now);
+    }
+
+    /// Cores start (`starts`) or stop running for `user` at `now`.
     fn run(&mut self, user: UserId, cores: u32, starts: bool, now: f64) {
-        let u = self.usage.entry(user).or_insert(Decayed::at(0.0, now));
-        u.advance(now, self.half_life);
+        let half_life = self.half_life;
+        let u = self.user(user);
+        let d = u.usage.get_or_insert(Decayed::at(0.0, now));
+        d.advance(now, half_life);
         if starts {
-            u.running_cores += u64::from(cores);
+            d.running_cores += u64::from(cores);
         } else {
-            u.running_cores = u.running_cores.saturating_sub(u64::from(cores));
-        }
-        if u.running_cores > 0 {
-            self.running.insert(user);
-        } else {
-            self.running.remove(&user);
+            d.running_cores = d.running_cores.saturating_sub(u64::from(cores));
         }
         self.rekey(user, now);
     }
@@ -435,9 +514,7 @@ impl Scheduler {
         s.fair = match policy {
             Policy::RoundRobin => None,
             Policy::FairShare { half_life_s } => {
-                let mut fair = Fair::new(half_life_s.max(1) as f64, now);
-                fair.weights = self.weights.clone();
-                Some(fair)
+                Some(Fair::new(half_life_s.max(1) as f64, now, &self.weights))
             }
         };
     }
@@ -458,7 +535,7 @@ impl Scheduler {
         self.weights.insert(user, weight);
         for s in &mut self.services {
             if let Some(fair) = &mut s.fair {
-                fair.weights.insert(user, weight);
+                fair.set_weight(user, weight);
             }
         }
     }
@@ -468,23 +545,14 @@ impl Scheduler {
     pub fn load_usage(&mut self, service: ServiceId, user: UserId, value: f64, at: f64) {
         let now = self.now;
         if let Some(fair) = &mut self.services[service].fair {
-            let running = fair.usage.get(&user).map_or(0, |u| u.running_cores);
-            let mut usage = Decayed::at(value, at);
-            usage.advance(now, fair.half_life);
-            usage.running_cores = running;
-            fair.usage.insert(user, usage);
-            fair.rekey(user, now);
+            fair.load(user, value, at, now);
         }
     }
 
     /// The usage of `user` in a fair-share `service` now (`None` for round-robin).
     pub fn usage(&self, service: ServiceId, user: UserId) -> Option<Decayed> {
         let fair = self.services[service].fair.as_ref()?;
-        let mut usage = fair
-            .usage
-            .get(&user)
-            .copied()
-            .unwrap_or(Decayed::at(0.0, self.now));
+        let mut usage = fair.usage(user).unwrap_or(Decayed::at(0.0, self.now));
         usage.advance(self.now, fair.half_life);
         Some(usage)
     }
@@ -1139,8 +1207,7 @@ impl Scheduler {
             ),
             Some(fair) => {
                 let usage = fair
-                    .usage
-                    .get(&entry.user)
+                    .usage(entry.user)
                     .map_or(0.0, |u| u.value_at(self.now, fair.half_life));
                 wait(
                     "next_turn",
@@ -1232,6 +1299,7 @@ impl ServiceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{HashMap, HashSet};
 
     #[test]
     fn a_payload_that_ended_frees_its_client_slot_but_not_the_quotas() {
