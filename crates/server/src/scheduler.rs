@@ -159,44 +159,59 @@ impl Fair {
         self.order.insert((key, served, user));
     }
 
-    /// The user with the least usage now. A key only grows while its user has cores running,
-    /// so a key computed earlier is a lower bound: the first user is taken when their key is
-    /// exact (nothing running, or computed now); a stale one is computed again and put back
-    /// in its place first. Costs the running users that come first, not every running user.
-    fn pop(&mut self, now: f64) -> Option<UserId> {
-        loop {
-            let &(_, _, user) = self.order.first()?;
-            let u = &self.users[&user];
-            let computed = u.turn.map_or(now, |t| t.2);
-            if computed < now && u.running() {
-                self.rekey(user, now);
-                continue;
-            }
-            break;
-        }
-        let (_, _, user) = self.order.pop_first()?;
-        self.serves += 1;
-        let serves = self.serves;
-        let u = self.user(user);
-        u.turn = None;
-        u.served = serves;
-        Some(user)
-    }
-
-    /// Puts a user with a turn back at the place their usage gives them now.
-    fn rekey(&mut self, user: UserId, now: f64) {
-        let (scale, half_life) = (self.scale_at(now), self.half_life);
-        let Some(u) = self.users.get_mut(&user) else {
-            return;
-        };
+    /// Moves a user with a turn (`u`) to the place their usage at `now` gives them.
+    fn place_again(
+        order: &mut BTreeSet<(Key, u64, UserId)>,
+        u: &mut FairUser,
+        user: UserId,
+        now: f64,
+        half_life: f64,
+        scale: f64,
+    ) {
         let Some((old, served, _)) = u.turn else {
             return;
         };
         let key = Fair::key(u, now, half_life, scale);
         u.turn = Some((key, served, now));
         if key != old {
-            self.order.remove(&(old, served, user));
-            self.order.insert((key, served, user));
+            order.remove(&(old, served, user));
+            order.insert((key, served, user));
+        }
+    }
+
+    /// The user with the least usage now. A key only grows while its user has cores running,
+    /// so a key computed earlier is a lower bound: the first user is taken when their key is
+    /// exact (nothing running, or computed now); a stale one is computed again and put back
+    /// in its place first. Costs the running users that come first, not every running user.
+    fn pop(&mut self, now: f64) -> Option<UserId> {
+        let (scale, half_life) = (self.scale_at(now), self.half_life);
+        let Fair {
+            users,
+            order,
+            serves,
+            ..
+        } = self;
+        loop {
+            let &(_, _, user) = order.first()?;
+            let u = users.get_mut(&user).expect("a user with a turn is known");
+            let computed = u.turn.map_or(now, |t| t.2);
+            if computed < now && u.running() {
+                Fair::place_again(order, u, user, now, half_life, scale);
+                continue;
+            }
+            order.pop_first();
+            *serves += 1;
+            u.turn = None;
+            u.served = *serves;
+            return Some(user);
+        }
+    }
+
+    /// Puts a user with a turn back at the place their usage gives them now.
+    fn rekey(&mut self, user: UserId, now: f64) {
+        let (scale, half_life) = (self.scale_at(now), self.half_life);
+        if let Some(u) = self.users.get_mut(&user) {
+            Fair::place_again(&mut self.order, u, user, now, half_life, scale);
         }
     }
 
@@ -242,8 +257,9 @@ impl Fair {
 
     /// Cores start (`starts`) or stop running for `user` at `now`.
     fn run(&mut self, user: UserId, cores: u32, starts: bool, now: f64) {
-        let half_life = self.half_life;
-        let u = self.user(user);
+        let (scale, half_life) = (self.scale_at(now), self.half_life);
+        let Fair { users, order, .. } = self;
+        let u = users.entry(user).or_insert(FairUser::new(1.0));
         let d = u.usage.get_or_insert(Decayed::at(0.0, now));
         d.advance(now, half_life);
         if starts {
@@ -251,7 +267,7 @@ impl Fair {
         } else {
             d.running_cores = d.running_cores.saturating_sub(u64::from(cores));
         }
-        self.rekey(user, now);
+        Fair::place_again(order, u, user, now, half_life, scale);
     }
 }
 
@@ -384,20 +400,37 @@ impl ClientState {
 /// put back at the front gets a sequence number below every other).
 type QueueKey = (Reverse<i64>, i64);
 
+/// What a service keeps of one user, in one map so a decision looks the user up once. An
+/// entry holding nothing (no queued or active job, no turn, not blocked) is removed.
+#[derive(Debug, Default)]
+struct UserState {
+    /// Queued jobs, the next first.
+    queue: BTreeMap<QueueKey, JobId>,
+    /// Active jobs.
+    active: usize,
+    /// Has a turn: in the ring (round-robin) or the fair-share order. A user whose queue
+    /// emptied meanwhile (cancellations) keeps it until their turn comes.
+    in_ring: bool,
+    /// Has queued jobs but is at `runs_per_user`.
+    blocked: bool,
+}
+
+impl UserState {
+    fn holds_nothing(&self) -> bool {
+        self.queue.is_empty() && self.active == 0 && !self.in_ring && !self.blocked
+    }
+}
+
 #[derive(Debug, Default)]
 struct ServiceState {
     runs_per_user: usize,
     max_runs: usize,
     clients: Vec<ClientId>,
-    queues: HashMap<UserId, BTreeMap<QueueKey, JobId>>,
+    users: HashMap<UserId, UserState>,
     /// Users with queued jobs that may run one more, in turn order.
     ring: VecDeque<UserId>,
-    in_ring: HashSet<UserId>,
-    /// Users with queued jobs at their quota.
-    blocked: HashSet<UserId>,
     /// Users whose next job fits on no client of the service right now.
     no_room: HashSet<UserId>,
-    active_by_user: HashMap<UserId, usize>,
     active: usize,
     queued: usize,
     /// Next sequence number at the back of a queue (counts up) and at the front (down).
@@ -659,23 +692,14 @@ impl Scheduler {
     /// (user, active, queued) for every user with jobs active or queued in a service.
     pub fn user_usage(&self, service: ServiceId) -> Vec<(UserId, usize, usize)> {
         let state = &self.services[service];
-        let mut users: Vec<UserId> = state
-            .queues
-            .keys()
-            .chain(state.active_by_user.keys())
-            .copied()
-            .collect();
-        users.sort_unstable();
-        users.dedup();
-        users
-            .into_iter()
-            .map(|user| {
-                let active = state.active_by_user.get(&user).copied().unwrap_or(0);
-                let queued = state.queues.get(&user).map_or(0, |q| q.len());
-                (user, active, queued)
-            })
+        let mut users: Vec<(UserId, usize, usize)> = state
+            .users
+            .iter()
+            .map(|(&user, u)| (user, u.active, u.queue.len()))
             .filter(|(_, active, queued)| active + queued > 0)
-            .collect()
+            .collect();
+        users.sort_unstable_by_key(|&(user, _, _)| user);
+        users
     }
 
     /// Quotas of a service: (runs_per_user, max_runs).
@@ -717,7 +741,7 @@ impl Scheduler {
     fn insert_queued(&mut self, service: ServiceId, user: UserId, job: JobId, ask: Ask, seq: i64) {
         let key = (Reverse(ask.priority), seq);
         let s = &mut self.services[service];
-        s.queues.entry(user).or_default().insert(key, job);
+        s.users.entry(user).or_default().queue.insert(key, job);
         s.queued += 1;
         // Its next job may have changed: one that fits may now be first.
         s.no_room.remove(&user);
@@ -745,10 +769,12 @@ impl Scheduler {
         self.queued_jobs.remove(&job);
         self.unreserve(job);
         let s = &mut self.services[service];
-        let queue = s.queues.get_mut(&user).expect("a queued job has a queue");
-        queue.remove(&entry.key);
-        if queue.is_empty() {
-            s.queues.remove(&user);
+        let u = s.users.get_mut(&user).expect("a queued job has a queue");
+        u.queue.remove(&entry.key);
+        if u.queue.is_empty() {
+            if u.holds_nothing() {
+                s.users.remove(&user);
+            }
         } else if s.no_room.remove(&user) {
             // The first job may be another now.
             s.offer_turn(user);
@@ -772,7 +798,7 @@ impl Scheduler {
         let now = self.now;
         let s = &mut self.services[service];
         s.active += 1;
-        *s.active_by_user.entry(user).or_default() += 1;
+        s.users.entry(user).or_default().active += 1;
         if let Some(fair) = &mut s.fair {
             fair.run(user, ask.cores, true, now);
         }
@@ -899,13 +925,13 @@ impl Scheduler {
         }
         let s = &mut self.services[entry.service];
         s.active -= 1;
-        let count = s.active_by_user.get_mut(&entry.user).expect("counted user");
-        *count -= 1;
-        if *count == 0 {
-            s.active_by_user.remove(&entry.user);
-        }
-        if s.blocked.remove(&entry.user) {
+        let u = s.users.get_mut(&entry.user).expect("counted user");
+        u.active -= 1;
+        let was_blocked = std::mem::take(&mut u.blocked);
+        if was_blocked {
             s.offer_turn(entry.user);
+        } else if u.holds_nothing() {
+            s.users.remove(&entry.user);
         }
         Some(entry)
     }
@@ -928,10 +954,10 @@ impl Scheduler {
                     break;
                 };
                 let s = &self.services[service];
-                let (&key, &job) = s.queues[&user]
-                    .iter()
-                    .next()
-                    .expect("queues are never kept empty");
+                let (&key, &job) = s.users[&user]
+                    .queue
+                    .first_key_value()
+                    .expect("a user given a turn has a queued job");
                 let ask = self.queued_jobs[&job].ask;
                 let Some(client) = self.place(service, job, &ask) else {
                     // Fits nowhere now: parked until room frees, other users go on. Past
@@ -951,16 +977,14 @@ impl Scheduler {
                 self.queued_jobs.remove(&job);
                 self.unreserve(job);
                 let s = &mut self.services[service];
-                let queue = s.queues.get_mut(&user).expect("the user's queue");
-                queue.remove(&key);
-                if queue.is_empty() {
-                    s.queues.remove(&user);
-                }
+                let u = s.users.get_mut(&user).expect("the user's queue");
+                u.queue.remove(&key);
+                let more = !u.queue.is_empty();
                 s.queued -= 1;
+                // The user now has an active job: their entry stays.
                 self.activate(service, user, job, Some(client), ask);
-                let s = &mut self.services[service];
-                if s.queues.contains_key(&user) {
-                    s.offer_turn(user);
+                if more {
+                    self.services[service].offer_turn(user);
                 }
                 decisions.push(Decision {
                     job,
@@ -1013,8 +1037,8 @@ impl Scheduler {
             // is placed in this very round and the hold ends with it.
             let still_next = self.queued_jobs.get(&job).is_some_and(|q| {
                 let s = &self.services[service];
-                s.queues[&q.user].keys().next() == Some(&q.key)
-                    && s.active_by_user.get(&q.user).copied().unwrap_or(0) < s.runs_per_user
+                let u = &s.users[&q.user];
+                u.queue.keys().next() == Some(&q.key) && u.active < s.runs_per_user
             });
             if !still_next || self.reservations.contains_key(&job) {
                 self.services[service].deadlines.remove(&entry);
@@ -1134,7 +1158,8 @@ impl Scheduler {
                 "no client of its service is healthy (reachable and not full)".into(),
             );
         }
-        let running = s.active_by_user.get(&entry.user).copied().unwrap_or(0);
+        let user = &s.users[&entry.user];
+        let running = user.active;
         if running >= s.runs_per_user {
             return wait(
                 "user_quota",
@@ -1153,7 +1178,7 @@ impl Scheduler {
                 ),
             );
         }
-        let ahead = s.queues[&entry.user].range(..entry.key).count();
+        let ahead = user.queue.range(..entry.key).count();
         if ahead > 0 {
             return wait(
                 "behind_own_jobs",
@@ -1230,10 +1255,9 @@ impl Scheduler {
 
     pub fn active_of_user(&self, service: ServiceId, user: UserId) -> usize {
         self.services[service]
-            .active_by_user
+            .users
             .get(&user)
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |u| u.active)
     }
 
     pub fn active_on_client(&self, client: ClientId) -> usize {
@@ -1254,19 +1278,25 @@ impl ServiceState {
     /// Gives `user` a turn (back of the ring) if they have queued jobs and are under quota;
     /// otherwise parks them as blocked. Never adds a user twice.
     fn offer_turn(&mut self, user: UserId) {
-        if self.in_ring.contains(&user)
-            || self.blocked.contains(&user)
-            || self.no_room.contains(&user)
-        {
+        if self.no_room.contains(&user) {
             return;
         }
-        if !self.queues.contains_key(&user) {
+        let Some(u) = self.users.get_mut(&user) else {
+            return;
+        };
+        if u.in_ring || u.blocked {
             return;
         }
-        if self.active_by_user.get(&user).copied().unwrap_or(0) >= self.runs_per_user {
-            self.blocked.insert(user);
+        if u.queue.is_empty() {
+            if u.holds_nothing() {
+                self.users.remove(&user);
+            }
+            return;
+        }
+        if u.active >= self.runs_per_user {
+            u.blocked = true;
         } else {
-            self.in_ring.insert(user);
+            u.in_ring = true;
             match &mut self.fair {
                 None => self.ring.push_back(user),
                 Some(fair) => fair.push(user, self.now),
@@ -1283,12 +1313,18 @@ impl ServiceState {
                 Some(fair) => fair.pop(self.now),
             };
             let user = next?;
-            self.in_ring.remove(&user);
-            if !self.queues.contains_key(&user) {
+            let Some(u) = self.users.get_mut(&user) else {
+                continue;
+            };
+            u.in_ring = false;
+            if u.queue.is_empty() {
+                if u.holds_nothing() {
+                    self.users.remove(&user);
+                }
                 continue;
             }
-            if self.active_by_user.get(&user).copied().unwrap_or(0) >= self.runs_per_user {
-                self.blocked.insert(user);
+            if u.active >= self.runs_per_user {
+                u.blocked = true;
                 continue;
             }
             return Some(user);
