@@ -71,6 +71,16 @@ impl Key {
     }
 }
 
+/// A user's place in the fair-share order: the key, when it was computed, and whether it may
+/// be below the user's usage now (cores ran since it was computed: usage only grows).
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    key: Key,
+    served: u64,
+    computed: f64,
+    may_grow: bool,
+}
+
 /// What fair share keeps of one user of a service, in one place so a decision looks the user
 /// up once.
 #[derive(Debug, Clone, Copy)]
@@ -78,8 +88,8 @@ struct FairUser {
     /// `None` until the user's first run or kept usage.
     usage: Option<Decayed>,
     weight: f64,
-    /// While the user has a turn: their entry in `order` and when its key was computed.
-    turn: Option<(Key, u64, f64)>,
+    /// While the user has a turn: their place in `order`.
+    turn: Option<Turn>,
     /// When the user was last served (a counter): ties go to the one served longest ago.
     served: u64,
 }
@@ -155,7 +165,12 @@ impl Fair {
         let u = self.user(user);
         let key = Fair::key(u, now, half_life, scale);
         let served = u.served;
-        u.turn = Some((key, served, now));
+        u.turn = Some(Turn {
+            key,
+            served,
+            computed: now,
+            may_grow: u.running(),
+        });
         self.order.insert((key, served, user));
     }
 
@@ -168,11 +183,19 @@ impl Fair {
         half_life: f64,
         scale: f64,
     ) {
-        let Some((old, served, _)) = u.turn else {
+        let Some(Turn {
+            key: old, served, ..
+        }) = u.turn
+        else {
             return;
         };
         let key = Fair::key(u, now, half_life, scale);
-        u.turn = Some((key, served, now));
+        u.turn = Some(Turn {
+            key,
+            served,
+            computed: now,
+            may_grow: u.running(),
+        });
         if key != old {
             order.remove(&(old, served, user));
             order.insert((key, served, user));
@@ -194,8 +217,8 @@ impl Fair {
         loop {
             let &(_, _, user) = order.first()?;
             let u = users.get_mut(&user).expect("a user with a turn is known");
-            let computed = u.turn.map_or(now, |t| t.2);
-            if computed < now && u.running() {
+            let stale = u.turn.is_some_and(|t| t.may_grow && t.computed < now);
+            if stale {
                 Fair::place_again(order, u, user, now, half_life, scale);
                 continue;
             }
@@ -255,11 +278,13 @@ impl Fair {
         self.rekey(user, now);
     }
 
-    /// Cores start (`starts`) or stop running for `user` at `now`.
+    /// Cores start (`starts`) or stop running for `user` at `now`. A user with a turn keeps
+    /// their place: their key, computed before, is below their usage from now on (cores that
+    /// start) or already was (cores that stop ran since), so it is marked as one that may
+    /// have grown and `pop` computes it again if it comes first.
     fn run(&mut self, user: UserId, cores: u32, starts: bool, now: f64) {
-        let (scale, half_life) = (self.scale_at(now), self.half_life);
-        let Fair { users, order, .. } = self;
-        let u = users.entry(user).or_insert(FairUser::new(1.0));
+        let half_life = self.half_life;
+        let u = self.user(user);
         let d = u.usage.get_or_insert(Decayed::at(0.0, now));
         d.advance(now, half_life);
         if starts {
@@ -267,7 +292,9 @@ impl Fair {
         } else {
             d.running_cores = d.running_cores.saturating_sub(u64::from(cores));
         }
-        Fair::place_again(order, u, user, now, half_life, scale);
+        if let Some(turn) = &mut u.turn {
+            turn.may_grow = true;
+        }
     }
 }
 
@@ -2197,6 +2224,29 @@ mod tests {
         let usage = usage.expect("fair share keeps usage");
         assert!((usage.value - 100.0).abs() < 1.0, "{usage:?}");
         assert_eq!(usage.running_cores, 0);
+    }
+
+    #[test]
+    fn a_user_whose_job_ended_while_waiting_is_ordered_by_their_usage_then() {
+        // User 1 takes the only slot at t0 with usage 0 and waits with a second job (their
+        // place was taken before the job ran); user 2 has 50 core-seconds. After 100 s the
+        // job ends: user 1 has used about 100, so user 2 goes first, though the place user 1
+        // got at t0 (usage 0) is ahead of user 2's.
+        let mut s = fair_single(1, 10, 1);
+        let t0 = s.now();
+        s.load_usage(0, 2, 50.0, t0);
+        s.enqueue(0, 1, 1, Ask::default());
+        s.enqueue(0, 1, 2, Ask::default());
+        assert_eq!(jobs(&s.decide()), [1]);
+        s.enqueue(0, 2, 3, Ask::default());
+        s.set_time(t0 + 100.0);
+        assert!(s.finish(1));
+        assert_eq!(jobs(&s.decide()), [3], "100 core-seconds against 50");
+        // User 2's job runs 100 s too: user 1 (about 100) goes before user 2 (about 150).
+        s.enqueue(0, 2, 4, Ask::default());
+        s.set_time(t0 + 200.0);
+        assert!(s.finish(3));
+        assert_eq!(jobs(&s.decide()), [2]);
     }
 
     #[test]
