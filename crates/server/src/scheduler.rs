@@ -26,10 +26,11 @@
 //! kept in order of their recent usage divided by their weight ([`crate::usage`]: decayed
 //! core-seconds of finished and running jobs), the least first, ties to whoever was served
 //! longest ago; a decision takes the first (O(log users)). Usage only grows while jobs run,
-//! so the key of a user with running jobs is a lower bound once time passed: when such a
-//! user comes first, their key is computed again and put back before one is taken (a lazy
-//! heap: exact, and it costs the running users that come first, not the queue). Time is
-//! passed in ([`Scheduler::set_time`]).
+//! so a key computed before a user's cores ran is a lower bound: a user whose cores start
+//! or stop while they have a turn keeps their place, marked, and when such a user comes
+//! first their key is computed again and put back before one is taken (a lazy heap: exact,
+//! and it costs the marked users that come first, not the queue). Time is passed in
+//! ([`Scheduler::set_time`]).
 //!
 //! No starvation: a job whose turn came and that fitted nowhere is parked; once it has been
 //! parked longer than the service's `reserve_after`, one client that could hold it when idle
@@ -81,8 +82,7 @@ struct Turn {
     may_grow: bool,
 }
 
-/// What fair share keeps of one user of a service, in one place so a decision looks the user
-/// up once.
+/// What fair share keeps of one user of a service (a part of their `UserState`).
 #[derive(Debug, Clone, Copy)]
 struct FairUser {
     /// `None` until the user's first run or kept usage.
@@ -94,23 +94,27 @@ struct FairUser {
     served: u64,
 }
 
-impl FairUser {
-    fn new(weight: f64) -> FairUser {
+impl Default for FairUser {
+    /// A user given no weight weighs 1.
+    fn default() -> Self {
         FairUser {
             usage: None,
-            weight,
+            weight: 1.0,
             turn: None,
             served: 0,
         }
     }
+}
 
+impl FairUser {
     /// Whether the user has cores running now (their key grows with time).
     fn running(&self) -> bool {
         self.usage.is_some_and(|u| u.running_cores > 0)
     }
 }
 
-/// The fair-share state of a service: every user's usage and the waiting users in order.
+/// The fair-share state of a service: the users with a turn in order (what it keeps of each
+/// user is in their `UserState`).
 #[derive(Debug)]
 struct Fair {
     half_life: f64,
@@ -119,31 +123,20 @@ struct Fair {
     /// `2^((at - base) / half_life)` for `at` the first of `scale`: the factor every key
     /// computed at that instant is scaled by, computed once per instant.
     scale: (f64, f64),
-    /// Every user the service has heard of: usage, weight, turn, last served.
-    users: HashMap<UserId, FairUser>,
     /// Users with a turn: (usage / weight scaled to `base`, when last served, user).
     order: BTreeSet<(Key, u64, UserId)>,
     serves: u64,
 }
 
 impl Fair {
-    fn new(half_life: f64, now: f64, weights: &HashMap<UserId, f64>) -> Fair {
+    fn new(half_life: f64, now: f64) -> Fair {
         Fair {
             half_life,
             base: now,
             scale: (now, 1.0),
-            users: weights
-                .iter()
-                .map(|(&user, &weight)| (user, FairUser::new(weight)))
-                .collect(),
             order: BTreeSet::new(),
             serves: 0,
         }
-    }
-
-    fn user(&mut self, user: UserId) -> &mut FairUser {
-        // A user given no weight weighs 1.
-        self.users.entry(user).or_insert(FairUser::new(1.0))
     }
 
     /// `2^((now - base) / half_life)`, computed again only when `now` or `base` moved.
@@ -160,9 +153,9 @@ impl Fair {
         Key::of(scaled / u.weight)
     }
 
-    fn push(&mut self, user: UserId, now: f64) {
+    /// Gives `user` (whose fair-share state is `u`) a turn: a place in the order.
+    fn push(&mut self, u: &mut FairUser, user: UserId, now: f64) {
         let (scale, half_life) = (self.scale_at(now), self.half_life);
-        let u = self.user(user);
         let key = Fair::key(u, now, half_life, scale);
         let served = u.served;
         u.turn = Some(Turn {
@@ -206,85 +199,64 @@ impl Fair {
     /// so a key computed earlier is a lower bound: the first user is taken when their key is
     /// exact (nothing running, or computed now); a stale one is computed again and put back
     /// in its place first. Costs the running users that come first, not every running user.
-    fn pop(&mut self, now: f64) -> Option<UserId> {
+    fn pop(&mut self, users: &mut HashMap<UserId, UserState>, now: f64) -> Option<UserId> {
         let (scale, half_life) = (self.scale_at(now), self.half_life);
-        let Fair {
-            users,
-            order,
-            serves,
-            ..
-        } = self;
         loop {
-            let &(_, _, user) = order.first()?;
-            let u = users.get_mut(&user).expect("a user with a turn is known");
+            let &(_, _, user) = self.order.first()?;
+            let u = &mut users
+                .get_mut(&user)
+                .expect("a user with a turn is known")
+                .fair;
             let stale = u.turn.is_some_and(|t| t.may_grow && t.computed < now);
             if stale {
-                Fair::place_again(order, u, user, now, half_life, scale);
+                Fair::place_again(&mut self.order, u, user, now, half_life, scale);
                 continue;
             }
-            order.pop_first();
-            *serves += 1;
+            self.order.pop_first();
+            self.serves += 1;
             u.turn = None;
-            u.served = *serves;
+            u.served = self.serves;
             return Some(user);
         }
     }
 
     /// Puts a user with a turn back at the place their usage gives them now.
-    fn rekey(&mut self, user: UserId, now: f64) {
+    fn rekey(&mut self, u: &mut FairUser, user: UserId, now: f64) {
         let (scale, half_life) = (self.scale_at(now), self.half_life);
-        if let Some(u) = self.users.get_mut(&user) {
-            Fair::place_again(&mut self.order, u, user, now, half_life, scale);
-        }
+        Fair::place_again(&mut self.order, u, user, now, half_life, scale);
     }
 
     /// Every few dozen half-lives the keys are scaled to a later base so they stay finite
     /// (keys of running users that grew meanwhile are brought up to date by `pop`).
-    fn refresh(&mut self, now: f64) {
+    fn refresh(&mut self, users: &mut HashMap<UserId, UserState>, now: f64) {
         if (now - self.base) / self.half_life > 64.0 {
             self.base = now;
             self.scale = (now, 1.0);
-            let users: Vec<UserId> = self
-                .users
-                .iter()
-                .filter(|(_, u)| u.turn.is_some())
-                .map(|(&user, _)| user)
-                .collect();
-            for user in users {
-                self.rekey(user, now);
+            for (&user, u) in users.iter_mut() {
+                if u.fair.turn.is_some() {
+                    self.rekey(&mut u.fair, user, now);
+                }
             }
         }
     }
 
-    /// A weight given (or changed) for `user`; it counts from their next key.
-    fn set_weight(&mut self, user: UserId, weight: f64) {
-        self.user(user).weight = weight;
-    }
-
-    /// The user's usage as last brought up to date, if any.
-    fn usage(&self, user: UserId) -> Option<Decayed> {
-        self.users.get(&user).and_then(|u| u.usage)
-    }
-
     /// Usage kept for `user` (`value` as of `at`), their running cores unchanged.
-    fn load(&mut self, user: UserId, value: f64, at: f64, now: f64) {
+    fn load(&mut self, u: &mut FairUser, user: UserId, value: f64, at: f64, now: f64) {
         let half_life = self.half_life;
-        let u = self.user(user);
         let running = u.usage.map_or(0, |d| d.running_cores);
         let mut usage = Decayed::at(value, at);
         usage.advance(now, half_life);
         usage.running_cores = running;
         u.usage = Some(usage);
-        self.rekey(user, now);
+        self.rekey(u, user, now);
     }
 
     /// Cores start (`starts`) or stop running for `user` at `now`. A user with a turn keeps
     /// their place: their key, computed before, is below their usage from now on (cores that
     /// start) or already was (cores that stop ran since), so it is marked as one that may
     /// have grown and `pop` computes it again if it comes first.
-    fn run(&mut self, user: UserId, cores: u32, starts: bool, now: f64) {
+    fn run(&self, u: &mut FairUser, cores: u32, starts: bool, now: f64) {
         let half_life = self.half_life;
-        let u = self.user(user);
         let d = u.usage.get_or_insert(Decayed::at(0.0, now));
         d.advance(now, half_life);
         if starts {
@@ -428,7 +400,8 @@ impl ClientState {
 type QueueKey = (Reverse<i64>, i64);
 
 /// What a service keeps of one user, in one map so a decision looks the user up once. An
-/// entry holding nothing (no queued or active job, no turn, not blocked) is removed.
+/// entry holding nothing (no queued or active job, no turn, not blocked, no usage or weight
+/// to keep) is removed.
 #[derive(Debug, Default)]
 struct UserState {
     /// Queued jobs, the next first.
@@ -440,11 +413,18 @@ struct UserState {
     in_ring: bool,
     /// Has queued jobs but is at `runs_per_user`.
     blocked: bool,
+    /// Fair share's part (default under round-robin).
+    fair: FairUser,
 }
 
 impl UserState {
     fn holds_nothing(&self) -> bool {
-        self.queue.is_empty() && self.active == 0 && !self.in_ring && !self.blocked
+        self.queue.is_empty()
+            && self.active == 0
+            && !self.in_ring
+            && !self.blocked
+            && self.fair.usage.is_none()
+            && self.fair.weight == 1.0
     }
 }
 
@@ -574,7 +554,10 @@ impl Scheduler {
         s.fair = match policy {
             Policy::RoundRobin => None,
             Policy::FairShare { half_life_s } => {
-                Some(Fair::new(half_life_s.max(1) as f64, now, &self.weights))
+                for (&user, &weight) in &self.weights {
+                    s.users.entry(user).or_default().fair.weight = weight;
+                }
+                Some(Fair::new(half_life_s.max(1) as f64, now))
             }
         };
     }
@@ -594,8 +577,9 @@ impl Scheduler {
         };
         self.weights.insert(user, weight);
         for s in &mut self.services {
-            if let Some(fair) = &mut s.fair {
-                fair.set_weight(user, weight);
+            if s.fair.is_some() {
+                // It counts from the user's next key.
+                s.users.entry(user).or_default().fair.weight = weight;
             }
         }
     }
@@ -604,15 +588,22 @@ impl Scheduler {
     /// back at start. Ignored for a round-robin service.
     pub fn load_usage(&mut self, service: ServiceId, user: UserId, value: f64, at: f64) {
         let now = self.now;
-        if let Some(fair) = &mut self.services[service].fair {
-            fair.load(user, value, at, now);
+        let s = &mut self.services[service];
+        if let Some(fair) = &mut s.fair {
+            let u = s.users.entry(user).or_default();
+            fair.load(&mut u.fair, user, value, at, now);
         }
     }
 
     /// The usage of `user` in a fair-share `service` now (`None` for round-robin).
     pub fn usage(&self, service: ServiceId, user: UserId) -> Option<Decayed> {
-        let fair = self.services[service].fair.as_ref()?;
-        let mut usage = fair.usage(user).unwrap_or(Decayed::at(0.0, self.now));
+        let s = &self.services[service];
+        let fair = s.fair.as_ref()?;
+        let mut usage = s
+            .users
+            .get(&user)
+            .and_then(|u| u.fair.usage)
+            .unwrap_or(Decayed::at(0.0, self.now));
         usage.advance(self.now, fair.half_life);
         Some(usage)
     }
@@ -825,9 +816,10 @@ impl Scheduler {
         let now = self.now;
         let s = &mut self.services[service];
         s.active += 1;
-        s.users.entry(user).or_default().active += 1;
-        if let Some(fair) = &mut s.fair {
-            fair.run(user, ask.cores, true, now);
+        let u = s.users.entry(user).or_default();
+        u.active += 1;
+        if let Some(fair) = &s.fair {
+            fair.run(&mut u.fair, ask.cores, true, now);
         }
         let mut taken = Capacity::default();
         if let Some(c) = client {
@@ -886,8 +878,9 @@ impl Scheduler {
             active.accruing = false;
         }
         let now = self.now;
-        if let Some(fair) = &mut self.services[entry.service].fair {
-            fair.run(entry.user, entry.ask.cores, false, now);
+        let s = &mut self.services[entry.service];
+        if let (Some(fair), Some(u)) = (&s.fair, s.users.get_mut(&entry.user)) {
+            fair.run(&mut u.fair, entry.ask.cores, false, now);
         }
     }
 
@@ -968,8 +961,9 @@ impl Scheduler {
         let mut decisions = Vec::new();
         for service in 0..self.services.len() {
             let now = self.now;
-            if let Some(fair) = &mut self.services[service].fair {
-                fair.refresh(now);
+            let s = &mut self.services[service];
+            if let Some(fair) = &mut s.fair {
+                fair.refresh(&mut s.users, now);
             }
             self.reserve_for_the_starving(service);
             loop {
@@ -1258,8 +1252,9 @@ impl Scheduler {
                 "it goes at the next dispatch (other users' turns first)".into(),
             ),
             Some(fair) => {
-                let usage = fair
-                    .usage(entry.user)
+                let usage = user
+                    .fair
+                    .usage
                     .map_or(0.0, |u| u.value_at(self.now, fair.half_life));
                 wait(
                     "next_turn",
@@ -1326,7 +1321,7 @@ impl ServiceState {
             u.in_ring = true;
             match &mut self.fair {
                 None => self.ring.push_back(user),
-                Some(fair) => fair.push(user, self.now),
+                Some(fair) => fair.push(&mut u.fair, user, self.now),
             }
         }
     }
@@ -1337,7 +1332,7 @@ impl ServiceState {
         loop {
             let next = match &mut self.fair {
                 None => self.ring.pop_front(),
-                Some(fair) => fair.pop(self.now),
+                Some(fair) => fair.pop(&mut self.users, self.now),
             };
             let user = next?;
             let Some(u) = self.users.get_mut(&user) else {
