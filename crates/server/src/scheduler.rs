@@ -207,12 +207,23 @@ impl Fair {
                 .get_mut(&user)
                 .expect("a user with a turn is known")
                 .fair;
-            let stale = u.turn.is_some_and(|t| t.may_grow && t.computed < now);
-            if stale {
-                Fair::place_again(&mut self.order, u, user, now, half_life, scale);
-                continue;
-            }
             self.order.pop_first();
+            if let Some(turn) = u.turn.filter(|t| t.may_grow && t.computed < now) {
+                // Stale: its key now goes back in its place, unless it is still the least
+                // (then it is taken at once, as it would be first again).
+                let key = Fair::key(u, now, half_life, scale);
+                u.turn = Some(Turn {
+                    key,
+                    computed: now,
+                    may_grow: u.running(),
+                    ..turn
+                });
+                let entry = (key, turn.served, user);
+                if self.order.first().is_some_and(|first| *first < entry) {
+                    self.order.insert(entry);
+                    continue;
+                }
+            }
             self.serves += 1;
             u.turn = None;
             u.served = self.serves;
