@@ -26,10 +26,11 @@
 //! kept in order of their recent usage divided by their weight ([`crate::usage`]: decayed
 //! core-seconds of finished and running jobs), the least first, ties to whoever was served
 //! longest ago; a decision takes the first (O(log users)). Usage only grows while jobs run,
-//! so the key of a user with running jobs is a lower bound once time passed: when such a
-//! user comes first, their key is computed again and put back before one is taken (a lazy
-//! heap: exact, and it costs the running users that come first, not the queue). Time is
-//! passed in ([`Scheduler::set_time`]).
+//! so a key computed before a user's cores ran is a lower bound: a user whose cores start
+//! or stop while they have a turn keeps their place, marked, and when such a user comes
+//! first their key is computed again and put back before one is taken (a lazy heap: exact,
+//! and it costs the marked users that come first, not the queue). Time is passed in
+//! ([`Scheduler::set_time`]).
 //!
 //! No starvation: a job whose turn came and that fitted nowhere is parked; once it has been
 //! parked longer than the service's `reserve_after`, one client that could hold it when idle
@@ -38,11 +39,17 @@
 //! other jobs, so a big job holds one client, never the queue.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 pub use jobrelay_common::resources::Capacity;
 
 use crate::usage::Decayed;
+
+/// The scheduler's maps and sets hash with foldhash, seeded at random per map: a decision
+/// looks up a few dozen job and user ids, and SipHash (the standard one) was a fifth of its
+/// time (ARCHITECTURE.md, "Server dependencies").
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// How a service chooses whose job goes next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,22 +72,59 @@ impl Key {
     }
 }
 
-/// The fair-share state of a service: every user's usage and the waiting users in order.
+/// A user's place in the fair-share order: the key, when it was computed, and whether it may
+/// be below the user's usage now (cores ran since it was computed: usage only grows).
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    key: Key,
+    served: u64,
+    computed: f64,
+    may_grow: bool,
+}
+
+/// What fair share keeps of one user of a service (a part of their `UserState`).
+#[derive(Debug, Clone, Copy)]
+struct FairUser {
+    /// `None` until the user's first run or kept usage.
+    usage: Option<Decayed>,
+    weight: f64,
+    /// While the user has a turn: their place in `order`.
+    turn: Option<Turn>,
+    /// When the user was last served (a counter): ties go to the one served longest ago.
+    served: u64,
+}
+
+impl Default for FairUser {
+    /// A user given no weight weighs 1.
+    fn default() -> Self {
+        FairUser {
+            usage: None,
+            weight: 1.0,
+            turn: None,
+            served: 0,
+        }
+    }
+}
+
+impl FairUser {
+    /// Whether the user has cores running now (their key grows with time).
+    fn running(&self) -> bool {
+        self.usage.is_some_and(|u| u.running_cores > 0)
+    }
+}
+
+/// The fair-share state of a service: the users with a turn in order (what it keeps of each
+/// user is in their `UserState`).
 #[derive(Debug)]
 struct Fair {
     half_life: f64,
-    /// Instant the keys are scaled to (moved forward now and then, see `rebase`).
+    /// Instant the keys are scaled to (moved forward now and then, see `refresh`).
     base: f64,
-    usage: HashMap<UserId, Decayed>,
-    /// Users with cores running now (their keys grow with time).
-    running: HashSet<UserId>,
-    weights: HashMap<UserId, f64>,
+    /// `2^((at - base) / half_life)` for `at` the first of `scale`: the factor every key
+    /// computed at that instant is scaled by, computed once per instant.
+    scale: (f64, f64),
     /// Users with a turn: (usage / weight scaled to `base`, when last served, user).
     order: BTreeSet<(Key, u64, UserId)>,
-    /// Each user with a turn: their entry in `order` and when its key was computed.
-    key_of: HashMap<UserId, (Key, u64, f64)>,
-    /// When each user was last served (a counter): ties go to the one served longest ago.
-    served: HashMap<UserId, u64>,
     serves: u64,
 }
 
@@ -89,90 +133,151 @@ impl Fair {
         Fair {
             half_life,
             base: now,
-            usage: HashMap::new(),
-            running: HashSet::new(),
-            weights: HashMap::new(),
+            scale: (now, 1.0),
             order: BTreeSet::new(),
-            key_of: HashMap::new(),
-            served: HashMap::new(),
             serves: 0,
         }
     }
 
-    fn key(&self, user: UserId, now: f64) -> Key {
-        let weight = self.weights.get(&user).copied().unwrap_or(1.0);
-        let scaled = self
-            .usage
-            .get(&user)
-            .map_or(0.0, |u| u.scaled(now, self.base, self.half_life));
-        Key::of(scaled / weight)
+    /// `2^((now - base) / half_life)`, computed again only when `now` or `base` moved.
+    fn scale_at(&mut self, now: f64) -> f64 {
+        if self.scale.0 != now {
+            self.scale = (now, ((now - self.base) / self.half_life).exp2());
+        }
+        self.scale.1
     }
 
-    fn push(&mut self, user: UserId, now: f64) {
-        let (key, served) = (
-            self.key(user, now),
-            self.served.get(&user).copied().unwrap_or(0),
-        );
+    /// The user's key at `now`: usage at `now` scaled to `base`, divided by the weight.
+    fn key(u: &FairUser, now: f64, half_life: f64, scale: f64) -> Key {
+        let scaled = u.usage.map_or(0.0, |d| d.value_at(now, half_life) * scale);
+        Key::of(scaled / u.weight)
+    }
+
+    /// Gives `user` (whose fair-share state is `u`) a turn: a place in the order.
+    fn push(&mut self, u: &mut FairUser, user: UserId, now: f64) {
+        let (scale, half_life) = (self.scale_at(now), self.half_life);
+        let key = Fair::key(u, now, half_life, scale);
+        let served = u.served;
+        u.turn = Some(Turn {
+            key,
+            served,
+            computed: now,
+            may_grow: u.running(),
+        });
         self.order.insert((key, served, user));
-        self.key_of.insert(user, (key, served, now));
+    }
+
+    /// Moves a user with a turn (`u`) to the place their usage at `now` gives them.
+    fn place_again(
+        order: &mut BTreeSet<(Key, u64, UserId)>,
+        u: &mut FairUser,
+        user: UserId,
+        now: f64,
+        half_life: f64,
+        scale: f64,
+    ) {
+        let Some(Turn {
+            key: old, served, ..
+        }) = u.turn
+        else {
+            return;
+        };
+        let key = Fair::key(u, now, half_life, scale);
+        u.turn = Some(Turn {
+            key,
+            served,
+            computed: now,
+            may_grow: u.running(),
+        });
+        if key != old {
+            order.remove(&(old, served, user));
+            order.insert((key, served, user));
+        }
     }
 
     /// The user with the least usage now. A key only grows while its user has cores running,
     /// so a key computed earlier is a lower bound: the first user is taken when their key is
     /// exact (nothing running, or computed now); a stale one is computed again and put back
     /// in its place first. Costs the running users that come first, not every running user.
-    fn pop(&mut self, now: f64) -> Option<UserId> {
+    fn pop(&mut self, users: &mut HashMap<UserId, UserState>, now: f64) -> Option<UserId> {
+        let (scale, half_life) = (self.scale_at(now), self.half_life);
         loop {
             let &(_, _, user) = self.order.first()?;
-            let computed = self.key_of.get(&user).map_or(now, |e| e.2);
-            if computed < now && self.running.contains(&user) {
-                self.rekey(user, now);
-                continue;
+            let u = &mut users
+                .get_mut(&user)
+                .expect("a user with a turn is known")
+                .fair;
+            self.order.pop_first();
+            if let Some(turn) = u.turn.filter(|t| t.may_grow && t.computed < now) {
+                // Stale: its key now goes back in its place, unless it is still the least
+                // (then it is taken at once, as it would be first again).
+                let key = Fair::key(u, now, half_life, scale);
+                u.turn = Some(Turn {
+                    key,
+                    computed: now,
+                    may_grow: u.running(),
+                    ..turn
+                });
+                let entry = (key, turn.served, user);
+                if self.order.first().is_some_and(|first| *first < entry) {
+                    self.order.insert(entry);
+                    continue;
+                }
             }
-            break;
+            self.serves += 1;
+            u.turn = None;
+            u.served = self.serves;
+            return Some(user);
         }
-        let (_, _, user) = self.order.pop_first()?;
-        self.key_of.remove(&user);
-        self.serves += 1;
-        self.served.insert(user, self.serves);
-        Some(user)
     }
 
     /// Puts a user with a turn back at the place their usage gives them now.
-    fn rekey(&mut self, user: UserId, now: f64) {
-        if let Some((key, served, _)) = self.key_of.remove(&user) {
-            self.order.remove(&(key, served, user));
-            self.push(user, now);
-        }
+    fn rekey(&mut self, u: &mut FairUser, user: UserId, now: f64) {
+        let (scale, half_life) = (self.scale_at(now), self.half_life);
+        Fair::place_again(&mut self.order, u, user, now, half_life, scale);
     }
 
     /// Every few dozen half-lives the keys are scaled to a later base so they stay finite
     /// (keys of running users that grew meanwhile are brought up to date by `pop`).
-    fn refresh(&mut self, now: f64) {
+    fn refresh(&mut self, users: &mut HashMap<UserId, UserState>, now: f64) {
         if (now - self.base) / self.half_life > 64.0 {
             self.base = now;
-            let users: Vec<UserId> = self.key_of.keys().copied().collect();
-            for user in users {
-                self.rekey(user, now);
+            self.scale = (now, 1.0);
+            for (&user, u) in users.iter_mut() {
+                if u.fair.turn.is_some() {
+                    self.rekey(&mut u.fair, user, now);
+                }
             }
         }
     }
 
-    /// Cores start (`delta` > 0) or stop running for `user` at `now`.
-    fn run(&mut self, user: UserId, cores: u32, starts: bool, now: f64) {
-        let u = self.usage.entry(user).or_insert(Decayed::at(0.0, now));
-        u.advance(now, self.half_life);
+    /// Usage kept for `user` (`value` as of `at`), their running cores unchanged.
+    fn load(&mut self, u: &mut FairUser, user: UserId, value: f64, at: f64, now: f64) {
+        let half_life = self.half_life;
+        let running = u.usage.map_or(0, |d| d.running_cores);
+        let mut usage = Decayed::at(value, at);
+        usage.advance(now, half_life);
+        usage.running_cores = running;
+        u.usage = Some(usage);
+        self.rekey(u, user, now);
+    }
+
+    /// Cores start (`starts`) or stop running for `user` at `now`. A user with a turn keeps
+    /// their place: their key, computed before, is below their usage from now on (cores that
+    /// start) or already was (cores that stop ran since), so it is marked as one that may
+    /// have grown and `pop` computes it again if it comes first.
+    fn run(&self, u: &mut FairUser, cores: u32, starts: bool, now: f64) {
+        let half_life = self.half_life;
+        let d = u.usage.get_or_insert(Decayed::at(0.0, now));
+        d.advance(now, half_life);
         if starts {
-            u.running_cores += u64::from(cores);
+            d.running_cores += u64::from(cores);
         } else {
-            u.running_cores = u.running_cores.saturating_sub(u64::from(cores));
+            d.running_cores = d.running_cores.saturating_sub(u64::from(cores));
         }
-        if u.running_cores > 0 {
-            self.running.insert(user);
-        } else {
-            self.running.remove(&user);
+        if let Some(turn) = &mut u.turn {
+            turn.may_grow = true;
         }
-        self.rekey(user, now);
     }
 }
 
@@ -305,20 +410,45 @@ impl ClientState {
 /// put back at the front gets a sequence number below every other).
 type QueueKey = (Reverse<i64>, i64);
 
+/// What a service keeps of one user, in one map so a decision looks the user up once. An
+/// entry holding nothing (no queued or active job, no turn, not blocked, no usage or weight
+/// to keep) is removed.
+#[derive(Debug, Default)]
+struct UserState {
+    /// Queued jobs, the next first.
+    queue: BTreeMap<QueueKey, JobId>,
+    /// Active jobs.
+    active: usize,
+    /// Has a turn: in the ring (round-robin) or the fair-share order. A user whose queue
+    /// emptied meanwhile (cancellations) keeps it until their turn comes.
+    in_ring: bool,
+    /// Has queued jobs but is at `runs_per_user`.
+    blocked: bool,
+    /// Fair share's part (default under round-robin).
+    fair: FairUser,
+}
+
+impl UserState {
+    fn holds_nothing(&self) -> bool {
+        self.queue.is_empty()
+            && self.active == 0
+            && !self.in_ring
+            && !self.blocked
+            && self.fair.usage.is_none()
+            && self.fair.weight == 1.0
+    }
+}
+
 #[derive(Debug, Default)]
 struct ServiceState {
     runs_per_user: usize,
     max_runs: usize,
     clients: Vec<ClientId>,
-    queues: HashMap<UserId, BTreeMap<QueueKey, JobId>>,
+    users: HashMap<UserId, UserState>,
     /// Users with queued jobs that may run one more, in turn order.
     ring: VecDeque<UserId>,
-    in_ring: HashSet<UserId>,
-    /// Users with queued jobs at their quota.
-    blocked: HashSet<UserId>,
     /// Users whose next job fits on no client of the service right now.
     no_room: HashSet<UserId>,
-    active_by_user: HashMap<UserId, usize>,
     active: usize,
     queued: usize,
     /// Next sequence number at the back of a queue (counts up) and at the front (down).
@@ -435,9 +565,10 @@ impl Scheduler {
         s.fair = match policy {
             Policy::RoundRobin => None,
             Policy::FairShare { half_life_s } => {
-                let mut fair = Fair::new(half_life_s.max(1) as f64, now);
-                fair.weights = self.weights.clone();
-                Some(fair)
+                for (&user, &weight) in &self.weights {
+                    s.users.entry(user).or_default().fair.weight = weight;
+                }
+                Some(Fair::new(half_life_s.max(1) as f64, now))
             }
         };
     }
@@ -457,8 +588,9 @@ impl Scheduler {
         };
         self.weights.insert(user, weight);
         for s in &mut self.services {
-            if let Some(fair) = &mut s.fair {
-                fair.weights.insert(user, weight);
+            if s.fair.is_some() {
+                // It counts from the user's next key.
+                s.users.entry(user).or_default().fair.weight = weight;
             }
         }
     }
@@ -467,23 +599,21 @@ impl Scheduler {
     /// back at start. Ignored for a round-robin service.
     pub fn load_usage(&mut self, service: ServiceId, user: UserId, value: f64, at: f64) {
         let now = self.now;
-        if let Some(fair) = &mut self.services[service].fair {
-            let running = fair.usage.get(&user).map_or(0, |u| u.running_cores);
-            let mut usage = Decayed::at(value, at);
-            usage.advance(now, fair.half_life);
-            usage.running_cores = running;
-            fair.usage.insert(user, usage);
-            fair.rekey(user, now);
+        let s = &mut self.services[service];
+        if let Some(fair) = &mut s.fair {
+            let u = s.users.entry(user).or_default();
+            fair.load(&mut u.fair, user, value, at, now);
         }
     }
 
     /// The usage of `user` in a fair-share `service` now (`None` for round-robin).
     pub fn usage(&self, service: ServiceId, user: UserId) -> Option<Decayed> {
-        let fair = self.services[service].fair.as_ref()?;
-        let mut usage = fair
-            .usage
+        let s = &self.services[service];
+        let fair = s.fair.as_ref()?;
+        let mut usage = s
+            .users
             .get(&user)
-            .copied()
+            .and_then(|u| u.fair.usage)
             .unwrap_or(Decayed::at(0.0, self.now));
         usage.advance(self.now, fair.half_life);
         Some(usage)
@@ -591,23 +721,14 @@ impl Scheduler {
     /// (user, active, queued) for every user with jobs active or queued in a service.
     pub fn user_usage(&self, service: ServiceId) -> Vec<(UserId, usize, usize)> {
         let state = &self.services[service];
-        let mut users: Vec<UserId> = state
-            .queues
-            .keys()
-            .chain(state.active_by_user.keys())
-            .copied()
-            .collect();
-        users.sort_unstable();
-        users.dedup();
-        users
-            .into_iter()
-            .map(|user| {
-                let active = state.active_by_user.get(&user).copied().unwrap_or(0);
-                let queued = state.queues.get(&user).map_or(0, |q| q.len());
-                (user, active, queued)
-            })
+        let mut users: Vec<(UserId, usize, usize)> = state
+            .users
+            .iter()
+            .map(|(&user, u)| (user, u.active, u.queue.len()))
             .filter(|(_, active, queued)| active + queued > 0)
-            .collect()
+            .collect();
+        users.sort_unstable_by_key(|&(user, _, _)| user);
+        users
     }
 
     /// Quotas of a service: (runs_per_user, max_runs).
@@ -649,7 +770,7 @@ impl Scheduler {
     fn insert_queued(&mut self, service: ServiceId, user: UserId, job: JobId, ask: Ask, seq: i64) {
         let key = (Reverse(ask.priority), seq);
         let s = &mut self.services[service];
-        s.queues.entry(user).or_default().insert(key, job);
+        s.users.entry(user).or_default().queue.insert(key, job);
         s.queued += 1;
         // Its next job may have changed: one that fits may now be first.
         s.no_room.remove(&user);
@@ -677,10 +798,12 @@ impl Scheduler {
         self.queued_jobs.remove(&job);
         self.unreserve(job);
         let s = &mut self.services[service];
-        let queue = s.queues.get_mut(&user).expect("a queued job has a queue");
-        queue.remove(&entry.key);
-        if queue.is_empty() {
-            s.queues.remove(&user);
+        let u = s.users.get_mut(&user).expect("a queued job has a queue");
+        u.queue.remove(&entry.key);
+        if u.queue.is_empty() {
+            if u.holds_nothing() {
+                s.users.remove(&user);
+            }
         } else if s.no_room.remove(&user) {
             // The first job may be another now.
             s.offer_turn(user);
@@ -704,9 +827,10 @@ impl Scheduler {
         let now = self.now;
         let s = &mut self.services[service];
         s.active += 1;
-        *s.active_by_user.entry(user).or_default() += 1;
-        if let Some(fair) = &mut s.fair {
-            fair.run(user, ask.cores, true, now);
+        let u = s.users.entry(user).or_default();
+        u.active += 1;
+        if let Some(fair) = &s.fair {
+            fair.run(&mut u.fair, ask.cores, true, now);
         }
         let mut taken = Capacity::default();
         if let Some(c) = client {
@@ -765,8 +889,9 @@ impl Scheduler {
             active.accruing = false;
         }
         let now = self.now;
-        if let Some(fair) = &mut self.services[entry.service].fair {
-            fair.run(entry.user, entry.ask.cores, false, now);
+        let s = &mut self.services[entry.service];
+        if let (Some(fair), Some(u)) = (&s.fair, s.users.get_mut(&entry.user)) {
+            fair.run(&mut u.fair, entry.ask.cores, false, now);
         }
     }
 
@@ -831,13 +956,13 @@ impl Scheduler {
         }
         let s = &mut self.services[entry.service];
         s.active -= 1;
-        let count = s.active_by_user.get_mut(&entry.user).expect("counted user");
-        *count -= 1;
-        if *count == 0 {
-            s.active_by_user.remove(&entry.user);
-        }
-        if s.blocked.remove(&entry.user) {
+        let u = s.users.get_mut(&entry.user).expect("counted user");
+        u.active -= 1;
+        let was_blocked = std::mem::take(&mut u.blocked);
+        if was_blocked {
             s.offer_turn(entry.user);
+        } else if u.holds_nothing() {
+            s.users.remove(&entry.user);
         }
         Some(entry)
     }
@@ -847,8 +972,9 @@ impl Scheduler {
         let mut decisions = Vec::new();
         for service in 0..self.services.len() {
             let now = self.now;
-            if let Some(fair) = &mut self.services[service].fair {
-                fair.refresh(now);
+            let s = &mut self.services[service];
+            if let Some(fair) = &mut s.fair {
+                fair.refresh(&mut s.users, now);
             }
             self.reserve_for_the_starving(service);
             loop {
@@ -860,10 +986,10 @@ impl Scheduler {
                     break;
                 };
                 let s = &self.services[service];
-                let (&key, &job) = s.queues[&user]
-                    .iter()
-                    .next()
-                    .expect("queues are never kept empty");
+                let (&key, &job) = s.users[&user]
+                    .queue
+                    .first_key_value()
+                    .expect("a user given a turn has a queued job");
                 let ask = self.queued_jobs[&job].ask;
                 let Some(client) = self.place(service, job, &ask) else {
                     // Fits nowhere now: parked until room frees, other users go on. Past
@@ -883,16 +1009,14 @@ impl Scheduler {
                 self.queued_jobs.remove(&job);
                 self.unreserve(job);
                 let s = &mut self.services[service];
-                let queue = s.queues.get_mut(&user).expect("the user's queue");
-                queue.remove(&key);
-                if queue.is_empty() {
-                    s.queues.remove(&user);
-                }
+                let u = s.users.get_mut(&user).expect("the user's queue");
+                u.queue.remove(&key);
+                let more = !u.queue.is_empty();
                 s.queued -= 1;
+                // The user now has an active job: their entry stays.
                 self.activate(service, user, job, Some(client), ask);
-                let s = &mut self.services[service];
-                if s.queues.contains_key(&user) {
-                    s.offer_turn(user);
+                if more {
+                    self.services[service].offer_turn(user);
                 }
                 decisions.push(Decision {
                     job,
@@ -945,8 +1069,8 @@ impl Scheduler {
             // is placed in this very round and the hold ends with it.
             let still_next = self.queued_jobs.get(&job).is_some_and(|q| {
                 let s = &self.services[service];
-                s.queues[&q.user].keys().next() == Some(&q.key)
-                    && s.active_by_user.get(&q.user).copied().unwrap_or(0) < s.runs_per_user
+                let u = &s.users[&q.user];
+                u.queue.keys().next() == Some(&q.key) && u.active < s.runs_per_user
             });
             if !still_next || self.reservations.contains_key(&job) {
                 self.services[service].deadlines.remove(&entry);
@@ -1066,7 +1190,8 @@ impl Scheduler {
                 "no client of its service is healthy (reachable and not full)".into(),
             );
         }
-        let running = s.active_by_user.get(&entry.user).copied().unwrap_or(0);
+        let user = &s.users[&entry.user];
+        let running = user.active;
         if running >= s.runs_per_user {
             return wait(
                 "user_quota",
@@ -1085,7 +1210,7 @@ impl Scheduler {
                 ),
             );
         }
-        let ahead = s.queues[&entry.user].range(..entry.key).count();
+        let ahead = user.queue.range(..entry.key).count();
         if ahead > 0 {
             return wait(
                 "behind_own_jobs",
@@ -1138,9 +1263,9 @@ impl Scheduler {
                 "it goes at the next dispatch (other users' turns first)".into(),
             ),
             Some(fair) => {
-                let usage = fair
+                let usage = user
+                    .fair
                     .usage
-                    .get(&entry.user)
                     .map_or(0.0, |u| u.value_at(self.now, fair.half_life));
                 wait(
                     "next_turn",
@@ -1163,10 +1288,9 @@ impl Scheduler {
 
     pub fn active_of_user(&self, service: ServiceId, user: UserId) -> usize {
         self.services[service]
-            .active_by_user
+            .users
             .get(&user)
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |u| u.active)
     }
 
     pub fn active_on_client(&self, client: ClientId) -> usize {
@@ -1187,22 +1311,28 @@ impl ServiceState {
     /// Gives `user` a turn (back of the ring) if they have queued jobs and are under quota;
     /// otherwise parks them as blocked. Never adds a user twice.
     fn offer_turn(&mut self, user: UserId) {
-        if self.in_ring.contains(&user)
-            || self.blocked.contains(&user)
-            || self.no_room.contains(&user)
-        {
+        if self.no_room.contains(&user) {
             return;
         }
-        if !self.queues.contains_key(&user) {
+        let Some(u) = self.users.get_mut(&user) else {
+            return;
+        };
+        if u.in_ring || u.blocked {
             return;
         }
-        if self.active_by_user.get(&user).copied().unwrap_or(0) >= self.runs_per_user {
-            self.blocked.insert(user);
+        if u.queue.is_empty() {
+            if u.holds_nothing() {
+                self.users.remove(&user);
+            }
+            return;
+        }
+        if u.active >= self.runs_per_user {
+            u.blocked = true;
         } else {
-            self.in_ring.insert(user);
+            u.in_ring = true;
             match &mut self.fair {
                 None => self.ring.push_back(user),
-                Some(fair) => fair.push(user, self.now),
+                Some(fair) => fair.push(&mut u.fair, user, self.now),
             }
         }
     }
@@ -1213,15 +1343,21 @@ impl ServiceState {
         loop {
             let next = match &mut self.fair {
                 None => self.ring.pop_front(),
-                Some(fair) => fair.pop(self.now),
+                Some(fair) => fair.pop(&mut self.users, self.now),
             };
             let user = next?;
-            self.in_ring.remove(&user);
-            if !self.queues.contains_key(&user) {
+            let Some(u) = self.users.get_mut(&user) else {
+                continue;
+            };
+            u.in_ring = false;
+            if u.queue.is_empty() {
+                if u.holds_nothing() {
+                    self.users.remove(&user);
+                }
                 continue;
             }
-            if self.active_by_user.get(&user).copied().unwrap_or(0) >= self.runs_per_user {
-                self.blocked.insert(user);
+            if u.active >= self.runs_per_user {
+                u.blocked = true;
                 continue;
             }
             return Some(user);
@@ -1232,6 +1368,7 @@ impl ServiceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::{HashMap, HashSet};
 
     #[test]
     fn a_payload_that_ended_frees_its_client_slot_but_not_the_quotas() {
@@ -2093,6 +2230,29 @@ mod tests {
         let usage = usage.expect("fair share keeps usage");
         assert!((usage.value - 100.0).abs() < 1.0, "{usage:?}");
         assert_eq!(usage.running_cores, 0);
+    }
+
+    #[test]
+    fn a_user_whose_job_ended_while_waiting_is_ordered_by_their_usage_then() {
+        // User 1 takes the only slot at t0 with usage 0 and waits with a second job (their
+        // place was taken before the job ran); user 2 has 50 core-seconds. After 100 s the
+        // job ends: user 1 has used about 100, so user 2 goes first, though the place user 1
+        // got at t0 (usage 0) is ahead of user 2's.
+        let mut s = fair_single(1, 10, 1);
+        let t0 = s.now();
+        s.load_usage(0, 2, 50.0, t0);
+        s.enqueue(0, 1, 1, Ask::default());
+        s.enqueue(0, 1, 2, Ask::default());
+        assert_eq!(jobs(&s.decide()), [1]);
+        s.enqueue(0, 2, 3, Ask::default());
+        s.set_time(t0 + 100.0);
+        assert!(s.finish(1));
+        assert_eq!(jobs(&s.decide()), [3], "100 core-seconds against 50");
+        // User 2's job runs 100 s too: user 1 (about 100) goes before user 2 (about 150).
+        s.enqueue(0, 2, 4, Ask::default());
+        s.set_time(t0 + 200.0);
+        assert!(s.finish(3));
+        assert_eq!(jobs(&s.decide()), [2]);
     }
 
     #[test]
