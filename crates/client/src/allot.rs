@@ -40,10 +40,7 @@ fn mem_total_mb(meminfo: &str) -> Option<u64> {
 fn cgroup_memory_max_mb() -> Option<u64> {
     // Where the cgroup2 tree is mounted (not always /sys/fs/cgroup: /sys/fs/cgroup/unified on
     // a hybrid host) and our place in it, as the payloads' cgroups find them.
-    let own = crate::cgroup::own_cgroup()?;
-    let file = crate::cgroup::cgroup2_mount()?
-        .join(own.trim_start_matches('/'))
-        .join("memory.max");
+    let file = crate::cgroup::own_cgroup_dir().ok()?.join("memory.max");
     let text = std::fs::read_to_string(file).ok()?;
     text.trim().parse::<u64>().ok().map(|bytes| bytes >> 20)
 }

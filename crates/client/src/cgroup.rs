@@ -35,9 +35,18 @@ impl CgroupTree {
         if std::env::var_os(DISABLE_VAR).is_some() {
             return Err(format!("disabled by {DISABLE_VAR}"));
         }
-        let mount = cgroup2_mount().ok_or("no cgroup2 file system is mounted")?;
-        let own = own_cgroup().ok_or("this process has no cgroup v2 (no 0:: line)")?;
-        let base = mount.join(own.trim_start_matches('/'));
+        let base = own_cgroup_dir()?;
+        // The mount and /proc/self/cgroup may disagree (another cgroup namespace's view, a
+        // host's hierarchy bind-mounted into a container): only a cgroup that holds this
+        // process is ours, or the payloads' cgroups would be made outside the client's own
+        // (and outside a container's limits).
+        let me = std::process::id() as i32;
+        if !pids(&base).contains(&me) {
+            return Err(format!(
+                "this process is not in {} (its cgroup.procs), so it is not its cgroup",
+                base.display()
+            ));
+        }
         let root = base.join(format!("jobrelay-{node}"));
         let made = match std::fs::create_dir(&root) {
             Ok(()) => true,
@@ -144,20 +153,39 @@ pub async fn kill_and_remove(leaf: &Path, limit: Duration) -> bool {
     }
 }
 
-pub(crate) fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    parse_cgroup2_mount(&info)
+/// This process's own cgroup v2 directory: its `0::` path on the cgroup2 mount, or why
+/// there is none.
+pub(crate) fn own_cgroup_dir() -> Result<PathBuf, String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+    let (mount, mount_root) =
+        parse_cgroup2_mount(&info).ok_or("no cgroup2 file system is mounted")?;
+    let own = own_cgroup().ok_or("this process has no cgroup v2 (no 0:: line)")?;
+    Ok(place_in_mount(&mount, &mount_root, &own))
 }
 
-/// The mount point of the first cgroup2 file system in a mountinfo text.
-fn parse_cgroup2_mount(info: &str) -> Option<PathBuf> {
-    info.lines().find_map(|line| {
+/// Where cgroup `own` (as `/proc/self/cgroup` names it) is under a mount of the hierarchy
+/// whose root is `mount_root` (a container's mount shows its own cgroup as the root).
+fn place_in_mount(mount: &Path, mount_root: &str, own: &str) -> PathBuf {
+    let relative = own
+        .strip_prefix(mount_root)
+        .filter(|_| mount_root != "/")
+        .unwrap_or(own);
+    mount.join(relative.trim_start_matches('/'))
+}
+
+/// The mount point and root of the last cgroup2 file system in a mountinfo text: the last
+/// one mounted hides those before it at the same place.
+fn parse_cgroup2_mount(info: &str) -> Option<(PathBuf, String)> {
+    info.lines().rev().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let fs_type = right.split_whitespace().next()?;
         if fs_type != "cgroup2" {
             return None;
         }
-        left.split_whitespace().nth(4).map(PathBuf::from)
+        let mut left = left.split_whitespace();
+        let root = left.nth(3)?.to_owned();
+        Some((PathBuf::from(left.next()?), root))
     })
 }
 
@@ -170,8 +198,8 @@ pub(crate) fn own_cgroup() -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_cgroup2_mount;
-    use std::path::PathBuf;
+    use super::{parse_cgroup2_mount, place_in_mount};
+    use std::path::{Path, PathBuf};
 
     #[test]
     fn finds_the_cgroup2_mount_among_v1_ones() {
@@ -179,16 +207,47 @@ mod tests {
                     41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
         assert_eq!(
             parse_cgroup2_mount(info),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            Some((PathBuf::from("/sys/fs/cgroup/unified"), "/".into()))
         );
         let pure = "29 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
         assert_eq!(
             parse_cgroup2_mount(pure),
-            Some(PathBuf::from("/sys/fs/cgroup"))
+            Some((PathBuf::from("/sys/fs/cgroup"), "/".into()))
         );
         assert_eq!(
             parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/sda rw\n"),
             None
+        );
+    }
+
+    /// A container's own read-only mount (its cgroup as the root) under a bind mount of the
+    /// host's whole hierarchy: the last mount is the one seen at that place.
+    #[test]
+    fn the_last_cgroup2_mount_hides_those_before_it() {
+        let info = "700 690 0:30 /docker/abc /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw\n\
+                    710 700 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some((PathBuf::from("/sys/fs/cgroup"), "/".into()))
+        );
+    }
+
+    #[test]
+    fn a_cgroup_is_placed_under_its_mounts_root() {
+        let mount = Path::new("/sys/fs/cgroup");
+        // The host's view: the whole path.
+        assert_eq!(
+            place_in_mount(mount, "/", "/system.slice/c.service"),
+            PathBuf::from("/sys/fs/cgroup/system.slice/c.service")
+        );
+        // A container's mount whose root is its own cgroup, seen without a cgroup namespace.
+        assert_eq!(
+            place_in_mount(mount, "/docker/abc", "/docker/abc"),
+            PathBuf::from("/sys/fs/cgroup")
+        );
+        assert_eq!(
+            place_in_mount(mount, "/docker/abc", "/docker/abc/sub"),
+            PathBuf::from("/sys/fs/cgroup/sub")
         );
     }
 }
