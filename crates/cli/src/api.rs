@@ -60,7 +60,9 @@ impl ServerApi {
     fn build(base: &str, token: Option<&str>, ca: Option<&Path>) -> anyhow::Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
         reqwest::Url::parse(&base).with_context(|| format!("--server {base:?} is not a URL"))?;
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(jobrelay_common::serve::pool_idle());
         if let Some(ca) = ca {
             let pem = std::fs::read(ca)
                 .with_context(|| format!("cannot read --ca-cert {}", ca.display()))?;

@@ -68,6 +68,7 @@ impl Puller {
         };
         let mut builder = reqwest::Client::builder()
             .no_proxy()
+            .pool_idle_timeout(jobrelay_common::serve::pool_idle())
             .connect_timeout(Duration::from_secs(10))
             .http1_only();
         if let Some(pem) = &config.ca {

@@ -38,6 +38,15 @@ pub const DEFAULT_SLOW_REQUEST: Duration = Duration::from_secs(30);
 /// Bytes per second a request body must average once [`slow_request`] has passed.
 pub const MIN_BODY_RATE: u64 = 1024;
 
+/// How long one of our HTTP clients keeps an idle connection to a jobrelay server or client
+/// in its pool: half of [`slow_request`], after which the other side closes an idle
+/// keep-alive connection (the header-read timeout also runs between requests). Pooled for as
+/// long, a connection could be reused just as the other side closes it, and the request
+/// fails with `IncompleteMessage` (seen after 30 s idle in a test).
+pub fn pool_idle() -> Duration {
+    slow_request() / 2
+}
+
 /// How long headers may take, and the grace before a body's rate is checked.
 pub fn slow_request() -> Duration {
     std::env::var("JOBRELAY_SLOW_REQUEST_SECS")

@@ -202,6 +202,8 @@ pub fn run_client_until_exit(
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
+        // Under the servers' idle keep-alive close, as the product's own clients.
+        .pool_idle_timeout(jobrelay_common::serve::pool_idle())
         .build()
         .unwrap()
 }
@@ -216,6 +218,7 @@ pub fn http_with_token(token: &str) -> reqwest::Client {
     );
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
+        .pool_idle_timeout(jobrelay_common::serve::pool_idle())
         .default_headers(headers)
         .build()
         .unwrap()

@@ -40,13 +40,12 @@ pub use submit::{submit, JobFile, Submitted};
 /// at one payload).
 pub const SMALL_REQUEST: Duration = Duration::from_secs(10);
 
-/// How long a connection to a client may wait idle in the pool: half the time after which a
-/// client closes an idle keep-alive connection (`jobrelay_common::serve::slow_request`, 30 s
-/// unless `JOBRELAY_SLOW_REQUEST_SECS` says otherwise; the server assumes its clients run
-/// with the value it has itself). Pooled as long as the client keeps it, a connection could
-/// be reused just as the client closes it: a send that fails and uses up an attempt.
+/// How long a connection to a client may wait idle in the pool
+/// ([`jobrelay_common::serve::pool_idle`]; the server assumes its clients run with the
+/// `JOBRELAY_SLOW_REQUEST_SECS` it has itself). A connection reused just as the client closes
+/// it would be a send that fails and uses up an attempt.
 pub fn pool_idle() -> Duration {
-    jobrelay_common::serve::slow_request() / 2
+    jobrelay_common::serve::pool_idle()
 }
 
 /// The certificates of a PEM bundle (`--client-ca`).
