@@ -28,8 +28,11 @@
 //! longest ago; a decision takes the first (O(log users)). Usage only grows while jobs run,
 //! so a key computed before a user's cores ran is a lower bound: a user whose cores start
 //! or stop while they have a turn keeps their place, marked, and when such a user comes
-//! first their key is computed again and put back before one is taken (a lazy heap: exact,
-//! and it costs the marked users that come first, not the queue). Time is passed in
+//! first their key is computed again and sifted to its place before one is taken (exact,
+//! and it costs the marked users that come first, not the queue). The order is a binary
+//! heap with lazy invalidation: an entry counts while it matches its user's turn, others are
+//! dropped when they come first, and the entry of the user just served is overwritten when
+//! they get a turn again (one sift, not a removal and an insertion). Time is passed in
 //! ([`Scheduler::set_time`]).
 //!
 //! No starvation: a job whose turn came and that fitted nowhere is parked; once it has been
@@ -39,7 +42,8 @@
 //! other jobs, so a big job holds one client, never the queue.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::binary_heap::PeekMut;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 pub use jobrelay_common::resources::Capacity;
 
@@ -113,6 +117,9 @@ impl FairUser {
     }
 }
 
+/// An entry of the fair-share order: (key, when last served, user), the least first.
+type Entry = Reverse<(Key, u64, UserId)>;
+
 /// The fair-share state of a service: the users with a turn in order (what it keeps of each
 /// user is in their `UserState`).
 #[derive(Debug)]
@@ -123,8 +130,14 @@ struct Fair {
     /// `2^((at - base) / half_life)` for `at` the first of `scale`: the factor every key
     /// computed at that instant is scaled by, computed once per instant.
     scale: (f64, f64),
-    /// Users with a turn: (usage / weight scaled to `base`, when last served, user).
-    order: BTreeSet<(Key, u64, UserId)>,
+    /// Users with a turn: (usage / weight scaled to `base`, when last served, user), a binary
+    /// heap with lazy invalidation. An entry counts while it matches its user's `turn` (key
+    /// and `served`); others are stale (the user's key went down, or their turn ended) and
+    /// are dropped when they come first (or all at once, see `compact`). A user's entries
+    /// within one turn have distinct keys, so at most one matches.
+    order: BinaryHeap<Entry>,
+    /// Users with a turn: the entries of `order` that match.
+    turns: usize,
     serves: u64,
 }
 
@@ -134,7 +147,8 @@ impl Fair {
             half_life,
             base: now,
             scale: (now, 1.0),
-            order: BTreeSet::new(),
+            order: BinaryHeap::new(),
+            turns: 0,
             serves: 0,
         }
     }
@@ -153,6 +167,12 @@ impl Fair {
         Key::of(scaled / u.weight)
     }
 
+    /// Whether `entry` is the user's place in the order now (`u`: the user's state).
+    fn matches(u: &FairUser, entry: &Entry) -> bool {
+        let Reverse((key, served, _)) = *entry;
+        u.turn.is_some_and(|t| t.key == key && t.served == served)
+    }
+
     /// Gives `user` (whose fair-share state is `u`) a turn: a place in the order.
     fn push(&mut self, u: &mut FairUser, user: UserId, now: f64) {
         let (scale, half_life) = (self.scale_at(now), self.half_life);
@@ -164,71 +184,107 @@ impl Fair {
             computed: now,
             may_grow: u.running(),
         });
-        self.order.insert((key, served, user));
+        self.turns += 1;
+        let entry = Reverse((key, served, user));
+        // The user has no turn, so an entry of theirs is stale: one left first by `pop` (the
+        // user just served, given a turn again) is overwritten and sifted to its place, one
+        // sift instead of a removal and an insertion that climbs to the top.
+        if self.order.peek().is_some_and(|first| first.0 .2 == user) {
+            *self.order.peek_mut().expect("a first entry") = entry;
+        } else {
+            self.order.push(entry);
+        }
     }
 
-    /// Moves a user with a turn (`u`) to the place their usage at `now` gives them.
+    /// Moves a user with a turn (`u`) to the place their usage at `now` gives them: a key
+    /// that went down gets a new entry (the old one is stale), one that went up keeps its
+    /// entry, marked to be computed again when it comes first (a lower bound, as in `pop`).
     fn place_again(
-        order: &mut BTreeSet<(Key, u64, UserId)>,
+        order: &mut BinaryHeap<Entry>,
         u: &mut FairUser,
         user: UserId,
         now: f64,
         half_life: f64,
         scale: f64,
     ) {
-        let Some(Turn {
-            key: old, served, ..
-        }) = u.turn
-        else {
+        let Some(turn) = u.turn else {
             return;
         };
         let key = Fair::key(u, now, half_life, scale);
-        u.turn = Some(Turn {
-            key,
-            served,
-            computed: now,
-            may_grow: u.running(),
-        });
-        if key != old {
-            order.remove(&(old, served, user));
-            order.insert((key, served, user));
+        if key < turn.key {
+            u.turn = Some(Turn {
+                key,
+                computed: now,
+                may_grow: u.running(),
+                ..turn
+            });
+            order.push(Reverse((key, turn.served, user)));
+        } else if key > turn.key {
+            u.turn = Some(Turn {
+                computed: f64::NEG_INFINITY,
+                may_grow: true,
+                ..turn
+            });
         }
     }
 
     /// The user with the least usage now. A key only grows while its user has cores running,
     /// so a key computed earlier is a lower bound: the first user is taken when their key is
-    /// exact (nothing running, or computed now); a stale one is computed again and put back
-    /// in its place first. Costs the running users that come first, not every running user.
+    /// exact (nothing running, or computed now); a stale one is computed again and sifted to
+    /// its place first (when it is still the least, it is taken next). Costs the running
+    /// users that come first, not every running user; stale entries are dropped on the way.
     fn pop(&mut self, users: &mut HashMap<UserId, UserState>, now: f64) -> Option<UserId> {
         let (scale, half_life) = (self.scale_at(now), self.half_life);
+        if self.order.len() > 2 * self.turns + 64 {
+            self.compact(users);
+        }
         loop {
-            let &(_, _, user) = self.order.first()?;
-            let u = &mut users
+            let mut first = self.order.peek_mut()?;
+            let Reverse((key, served, user)) = *first;
+            let Some(u) = users
                 .get_mut(&user)
-                .expect("a user with a turn is known")
-                .fair;
-            self.order.pop_first();
-            if let Some(turn) = u.turn.filter(|t| t.may_grow && t.computed < now) {
-                // Stale: its key now goes back in its place, unless it is still the least
-                // (then it is taken at once, as it would be first again).
-                let key = Fair::key(u, now, half_life, scale);
+                .map(|u| &mut u.fair)
+                .filter(|u| Fair::matches(u, &first))
+            else {
+                PeekMut::pop(first);
+                continue;
+            };
+            let turn = u.turn.expect("a matching entry has a turn");
+            if turn.may_grow && turn.computed < now {
+                // Stale: its key now is sifted to its place (then it is exact: taken next
+                // if it is still the least).
+                let new = Fair::key(u, now, half_life, scale);
                 u.turn = Some(Turn {
-                    key,
+                    key: new,
                     computed: now,
                     may_grow: u.running(),
                     ..turn
                 });
-                let entry = (key, turn.served, user);
-                if self.order.first().is_some_and(|first| *first < entry) {
-                    self.order.insert(entry);
-                    continue;
+                if new != key {
+                    *first = Reverse((new, served, user));
                 }
+                continue;
             }
+            // Its entry stays first, stale from now on (the user has no turn): `push` reuses
+            // it if the user gets a turn again before the order changes, else it goes
+            // like any stale entry.
+            drop(first);
+            self.turns -= 1;
             self.serves += 1;
             u.turn = None;
             u.served = self.serves;
             return Some(user);
         }
+    }
+
+    /// Drops the stale entries of the order (when they outnumber the users with a turn).
+    fn compact(&mut self, users: &HashMap<UserId, UserState>) {
+        self.order.retain(|entry| {
+            let Reverse((_, _, user)) = *entry;
+            users
+                .get(&user)
+                .is_some_and(|u| Fair::matches(&u.fair, entry))
+        });
     }
 
     /// Puts a user with a turn back at the place their usage gives them now.
@@ -237,17 +293,29 @@ impl Fair {
         Fair::place_again(&mut self.order, u, user, now, half_life, scale);
     }
 
-    /// Every few dozen half-lives the keys are scaled to a later base so they stay finite
-    /// (keys of running users that grew meanwhile are brought up to date by `pop`).
+    /// Every few dozen half-lives the keys are scaled to a later base so they stay finite:
+    /// every key is computed again at `now` and the order built anew (stale entries go).
     fn refresh(&mut self, users: &mut HashMap<UserId, UserState>, now: f64) {
         if (now - self.base) / self.half_life > 64.0 {
             self.base = now;
             self.scale = (now, 1.0);
+            let half_life = self.half_life;
+            let mut entries = Vec::with_capacity(self.turns);
             for (&user, u) in users.iter_mut() {
-                if u.fair.turn.is_some() {
-                    self.rekey(&mut u.fair, user, now);
-                }
+                let u = &mut u.fair;
+                let Some(turn) = u.turn else {
+                    continue;
+                };
+                let key = Fair::key(u, now, half_life, 1.0);
+                u.turn = Some(Turn {
+                    key,
+                    computed: now,
+                    may_grow: u.running(),
+                    ..turn
+                });
+                entries.push(Reverse((key, turn.served, user)));
             }
+            self.order = BinaryHeap::from(entries);
         }
     }
 
@@ -2526,5 +2594,110 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The fair-share order's lazy heap against brute force: after random turns, cores that
+    /// start and stop, usage loaded (up and down), time passing and re-bases, every user it
+    /// takes has a turn (a stale entry is never chosen) and is the least of every user with
+    /// a turn by (key now, when last served, user); each user with a turn has exactly one
+    /// entry that counts, and that entry's key is at most the user's key now.
+    #[test]
+    fn the_fair_share_heap_takes_the_least_key_and_never_a_stale_entry() {
+        let mut compacted = 0;
+        for seed in 0..40 {
+            let mut rng = Lcg(seed + 9000);
+            let half_life = 30.0 + rng.below(300) as f64;
+            let mut now = 1e9;
+            let mut fair = Fair::new(half_life, now);
+            let mut users: super::HashMap<UserId, UserState> = Default::default();
+            let n = 2 + rng.below(60) as i64;
+            let mut taken = 0;
+            for _ in 0..3000 {
+                let user = rng.below(n as u64) as i64;
+                match rng.below(12) {
+                    0..=2 => {
+                        let u = users.entry(user).or_default();
+                        if u.fair.turn.is_none() {
+                            u.fair.weight = [1.0, 2.0, 0.5][rng.below(3) as usize];
+                            fair.push(&mut u.fair, user, now);
+                        }
+                    }
+                    3 | 4 => {
+                        let u = &mut users.entry(user).or_default().fair;
+                        let running = u.usage.map_or(0, |d| d.running_cores);
+                        let cores = 1 + rng.below(4) as u32;
+                        let starts = running == 0 || rng.below(2) == 0;
+                        fair.run(u, if starts { cores } else { running as u32 }, starts, now);
+                    }
+                    5 => {
+                        let u = &mut users.entry(user).or_default().fair;
+                        let value = rng.below(5000) as f64;
+                        fair.load(u, user, value, now - rng.below(100) as f64, now);
+                    }
+                    6 | 7 => {
+                        now += rng.below(3 * half_life as u64) as f64;
+                        fair.refresh(&mut users, now);
+                    }
+                    _ => {
+                        let scale = ((now - fair.base) / half_life).exp2();
+                        let exact = |u: &FairUser| {
+                            let t = u.turn.unwrap();
+                            if t.may_grow && t.computed < now {
+                                Fair::key(u, now, half_life, scale)
+                            } else {
+                                t.key
+                            }
+                        };
+                        let want = users
+                            .iter()
+                            .filter(|(_, u)| u.fair.turn.is_some())
+                            .map(|(&id, u)| (exact(&u.fair), u.fair.served, id))
+                            .min();
+                        let fresh_min = users
+                            .values()
+                            .filter(|u| u.fair.turn.is_some())
+                            .map(|u| f64::from_bits(Fair::key(&u.fair, now, half_life, scale).0))
+                            .fold(f64::INFINITY, f64::min);
+                        let before = fair.order.len();
+                        let got = fair.pop(&mut users, now);
+                        assert_eq!(got, want.map(|w| w.2), "seed {seed}");
+                        // Stale entries never outnumber the turns for long.
+                        assert!(fair.order.len() <= 2 * fair.turns + 66, "seed {seed}");
+                        compacted += usize::from(before > fair.order.len() + 1);
+                        if let Some(id) = got {
+                            taken += 1;
+                            let u = &users[&id].fair;
+                            assert!(u.turn.is_none(), "taken once");
+                            let k = f64::from_bits(Fair::key(u, now, half_life, scale).0);
+                            assert!(k <= fresh_min * (1.0 + 1e-12) + 1e-9, "seed {seed}");
+                            // As a decision does: the user served gets a turn again at once
+                            // (their stale first entry is reused).
+                            if rng.below(2) == 0 {
+                                let u = &mut users.get_mut(&id).unwrap().fair;
+                                fair.push(u, id, now);
+                            }
+                        }
+                    }
+                }
+                // Invariants: one counting entry per turn, a lower bound of the key now.
+                let scale = ((now - fair.base) / half_life).exp2();
+                let mut counting: HashMap<UserId, usize> = HashMap::new();
+                for entry in fair.order.iter() {
+                    let Reverse((key, _, id)) = *entry;
+                    let Some(u) = users.get(&id).filter(|u| Fair::matches(&u.fair, entry)) else {
+                        continue;
+                    };
+                    *counting.entry(id).or_default() += 1;
+                    let k = f64::from_bits(Fair::key(&u.fair, now, half_life, scale).0);
+                    assert!(f64::from_bits(key.0) <= k * (1.0 + 1e-12) + 1e-9);
+                }
+                let with_turn = users.values().filter(|u| u.fair.turn.is_some()).count();
+                assert_eq!(fair.turns, with_turn, "seed {seed}");
+                assert_eq!(counting.len(), with_turn, "seed {seed}");
+                assert!(counting.values().all(|&c| c == 1), "seed {seed}");
+            }
+            assert!(taken > 100, "seed {seed}: the test takes users");
+        }
+        assert!(compacted > 0, "stale entries were dropped");
     }
 }
