@@ -41,7 +41,6 @@
 //! running there drain, and it goes as soon as it fits. Every other client keeps taking the
 //! other jobs, so a big job holds one client, never the queue.
 
-use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::binary_heap::PeekMut;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -97,9 +96,6 @@ struct FairUser {
     turn: Option<Turn>,
     /// When the user was last served (a counter): ties go to the one served longest ago.
     served: u64,
-    /// `2^((usage.at - base) / half_life)`: with the scale at `now`, the decay since `at` is
-    /// their ratio, so keys and usage move to `now` without an `exp2` per user.
-    at_scale: f64,
 }
 
 impl Default for FairUser {
@@ -110,7 +106,6 @@ impl Default for FairUser {
             weight: 1.0,
             turn: None,
             served: 0,
-            at_scale: 1.0,
         }
     }
 }
@@ -134,7 +129,7 @@ struct Fair {
     base: f64,
     /// `2^((at - base) / half_life)` for `at` the first of `scale`: the factor every key
     /// computed at that instant is scaled by, computed once per instant.
-    scale: Cell<(f64, f64)>,
+    scale: (f64, f64),
     /// Users with a turn: (usage / weight scaled to `base`, when last served, user), a binary
     /// heap with lazy invalidation. An entry counts while it matches its user's `turn` (key
     /// and `served`); others are stale (the user's key went down, or their turn ended) and
@@ -151,7 +146,7 @@ impl Fair {
         Fair {
             half_life,
             base: now,
-            scale: Cell::new((now, 1.0)),
+            scale: (now, 1.0),
             order: BinaryHeap::new(),
             turns: 0,
             serves: 0,
@@ -159,55 +154,17 @@ impl Fair {
     }
 
     /// `2^((now - base) / half_life)`, computed again only when `now` or `base` moved.
-    fn scale_at(&self, now: f64) -> f64 {
-        let (at, scale) = self.scale.get();
-        if at == now {
-            return scale;
+    fn scale_at(&mut self, now: f64) -> f64 {
+        if self.scale.0 != now {
+            self.scale = (now, ((now - self.base) / self.half_life).exp2());
         }
-        let scale = ((now - self.base) / self.half_life).exp2();
-        self.scale.set((now, scale));
-        scale
+        self.scale.1
     }
 
-    /// The user's key at `now`: usage at `now` scaled to `base`, divided by the weight
-    /// (`scale`: the scale at `now`). `v(now)·scale` is `v(at)·at_scale + cores·(h/ln 2)·
-    /// (scale - at_scale)`, [`Decayed::value_at`] times `scale` without its `exp2`.
+    /// The user's key at `now`: usage at `now` scaled to `base`, divided by the weight.
     fn key(u: &FairUser, now: f64, half_life: f64, scale: f64) -> Key {
-        let scaled = u.usage.map_or(0.0, |d| {
-            if now >= d.at {
-                d.value * u.at_scale
-                    + d.running_cores as f64
-                        * (half_life / std::f64::consts::LN_2)
-                        * (scale - u.at_scale)
-            } else {
-                d.value * scale
-            }
-        });
+        let scaled = u.usage.map_or(0.0, |d| d.value_at(now, half_life) * scale);
         Key::of(scaled / u.weight)
-    }
-
-    /// Brings the user's usage up to `now` (`scale`: the scale at `now`), as
-    /// [`Decayed::advance`] does, the decay being `at_scale / scale`.
-    fn advance(u: &mut FairUser, now: f64, half_life: f64, scale: f64) {
-        let Some(d) = &mut u.usage else {
-            return;
-        };
-        if now > d.at {
-            let keep = u.at_scale / scale;
-            d.value = d.value * keep
-                + d.running_cores as f64 * (half_life / std::f64::consts::LN_2) * (1.0 - keep);
-            d.at = now;
-            u.at_scale = scale;
-        }
-    }
-
-    /// Every user's `at_scale` computed again for the current `base`.
-    fn rescale(&self, users: &mut HashMap<UserId, UserState>) {
-        for u in users.values_mut() {
-            if let Some(d) = u.fair.usage {
-                u.fair.at_scale = ((d.at - self.base) / self.half_life).exp2();
-            }
-        }
     }
 
     /// Whether `entry` is the user's place in the order now (`u`: the user's state).
@@ -341,8 +298,7 @@ impl Fair {
     fn refresh(&mut self, users: &mut HashMap<UserId, UserState>, now: f64) {
         if (now - self.base) / self.half_life > 64.0 {
             self.base = now;
-            self.scale.set((now, 1.0));
-            self.rescale(users);
+            self.scale = (now, 1.0);
             let half_life = self.half_life;
             let mut entries = Vec::with_capacity(self.turns);
             for (&user, u) in users.iter_mut() {
@@ -371,7 +327,6 @@ impl Fair {
         usage.advance(now, half_life);
         usage.running_cores = running;
         u.usage = Some(usage);
-        u.at_scale = ((usage.at - self.base) / half_life).exp2();
         self.rekey(u, user, now);
     }
 
@@ -380,13 +335,9 @@ impl Fair {
     /// start) or already was (cores that stop ran since), so it is marked as one that may
     /// have grown and `pop` computes it again if it comes first.
     fn run(&self, u: &mut FairUser, cores: u32, starts: bool, now: f64) {
-        let (scale, half_life) = (self.scale_at(now), self.half_life);
-        if u.usage.is_none() {
-            u.usage = Some(Decayed::at(0.0, now));
-            u.at_scale = scale;
-        }
-        Fair::advance(u, now, half_life, scale);
-        let d = u.usage.as_mut().expect("usage");
+        let half_life = self.half_life;
+        let d = u.usage.get_or_insert(Decayed::at(0.0, now));
+        d.advance(now, half_life);
         if starts {
             d.running_cores += u64::from(cores);
         } else {
@@ -685,9 +636,7 @@ impl Scheduler {
                 for (&user, &weight) in &self.weights {
                     s.users.entry(user).or_default().fair.weight = weight;
                 }
-                let fair = Fair::new(half_life_s.max(1) as f64, now);
-                fair.rescale(&mut s.users);
-                Some(fair)
+                Some(Fair::new(half_life_s.max(1) as f64, now))
             }
         };
     }
@@ -2691,10 +2640,6 @@ mod tests {
                     }
                     _ => {
                         let scale = ((now - fair.base) / half_life).exp2();
-                        // The key now as `Decayed` computes it (not as the heap does).
-                        let plain = |u: &FairUser| {
-                            u.usage.map_or(0.0, |d| d.value_at(now, half_life)) * scale / u.weight
-                        };
                         let exact = |u: &FairUser| {
                             let t = u.turn.unwrap();
                             if t.may_grow && t.computed < now {
@@ -2711,7 +2656,7 @@ mod tests {
                         let fresh_min = users
                             .values()
                             .filter(|u| u.fair.turn.is_some())
-                            .map(|u| plain(&u.fair))
+                            .map(|u| f64::from_bits(Fair::key(&u.fair, now, half_life, scale).0))
                             .fold(f64::INFINITY, f64::min);
                         let before = fair.order.len();
                         let got = fair.pop(&mut users, now);
@@ -2723,7 +2668,7 @@ mod tests {
                             taken += 1;
                             let u = &users[&id].fair;
                             assert!(u.turn.is_none(), "taken once");
-                            let k = plain(u);
+                            let k = f64::from_bits(Fair::key(u, now, half_life, scale).0);
                             assert!(k <= fresh_min * (1.0 + 1e-12) + 1e-9, "seed {seed}");
                             // As a decision does: the user served gets a turn again at once
                             // (their stale first entry is reused).
@@ -2743,12 +2688,8 @@ mod tests {
                         continue;
                     };
                     *counting.entry(id).or_default() += 1;
-                    let u = &u.fair;
-                    let k = u.usage.map_or(0.0, |d| d.value_at(now, half_life)) * scale / u.weight;
-                    assert!(
-                        f64::from_bits(key.0) <= k * (1.0 + 1e-9) + 1e-9,
-                        "seed {seed}"
-                    );
+                    let k = f64::from_bits(Fair::key(&u.fair, now, half_life, scale).0);
+                    assert!(f64::from_bits(key.0) <= k * (1.0 + 1e-12) + 1e-9);
                 }
                 let with_turn = users.values().filter(|u| u.fair.turn.is_some()).count();
                 assert_eq!(fair.turns, with_turn, "seed {seed}");
