@@ -11,7 +11,7 @@ use jobrelay_server::scheduler::Scheduler;
 use serde_json::{json, Value};
 
 use crate::peers;
-use crate::procs::{cpu_times, find_jobrelay, Proc};
+use crate::procs::{cpu_times, descendants_cpu, find_jobrelay, Proc};
 use crate::stats::{mib, ms, yes, Row, Summary};
 use crate::{Args, Follow};
 
@@ -657,7 +657,8 @@ async fn throughput_and_idle(
     // Jobs per second over the floor's spawns per second measured just before, per run.
     let mut fractions = Vec::new();
     let mut run_floors = Vec::new();
-    // CPU milliseconds per job: server, client, the client's children (bash), this harness.
+    // CPU milliseconds per job: server, client, what the client started (supervisors and bash,
+    // through its fork server or exec'd: `descendants_cpu`), this harness.
     let mut cpu: Vec<[f64; 4]> = Vec::new();
     let mut last = None;
     let runs = if args.wants("throughput") {
@@ -699,7 +700,7 @@ async fn throughput_and_idle(
         let before = [
             cpu_times(setup.server.pid)?.0,
             cpu_times(setup.clients[0].pid)?.0,
-            cpu_times(setup.clients[0].pid)?.1,
+            descendants_cpu(setup.clients[0].pid)?,
             cpu_times(me)?.0,
         ];
         let secs = many_jobs(&shared, &server, jobs, counts.users, TRIVIAL).await?;
@@ -708,7 +709,7 @@ async fn throughput_and_idle(
         let after = [
             cpu_times(setup.server.pid)?.0,
             cpu_times(setup.clients[0].pid)?.0,
-            cpu_times(setup.clients[0].pid)?.1,
+            descendants_cpu(setup.clients[0].pid)?,
             cpu_times(me)?.0,
         ];
         cpu.push(std::array::from_fn(|i| {
@@ -832,7 +833,7 @@ async fn throughput_and_idle(
         }
         rows.push(Row {
             section: "3".into(),
-            what: "throughput: CPU per job, server / client / bash (client's children) / harness"
+            what: "throughput: CPU per job, server / client / supervisors + bash (what the client started) / harness"
                 .into(),
             value: format!("{server_ms:.2} / {client_ms:.2} / {bash_ms:.2} / {bench_ms:.2} ms"),
             spread: format!(

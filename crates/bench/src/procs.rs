@@ -175,6 +175,38 @@ pub fn cpu_times(pid: u32) -> anyhow::Result<(f64, f64)> {
     ))
 }
 
+/// CPU seconds of everything a process started: its reaped children (`cpu_times`'s second
+/// part) plus its live children, each with its own reaped children. A jobrelay client's
+/// payload fork server is such a live child: the supervisors and bash it forks, reaped by
+/// it, count there, and it is reaped only when the client ends.
+pub fn descendants_cpu(pid: u32) -> anyhow::Result<f64> {
+    let mut total = cpu_times(pid)?.1;
+    for child in live_children(pid) {
+        if let Ok((own, reaped)) = cpu_times(child) {
+            total += own + reaped;
+        }
+    }
+    Ok(total)
+}
+
+/// Pids of the live children of `pid` (by the parent field of `/proc/*/stat`).
+pub fn live_children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|candidate| {
+            std::fs::read_to_string(format!("/proc/{candidate}/stat")).is_ok_and(|text| {
+                text.rfind(')')
+                    .and_then(|i| text[i + 2..].split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
 /// Locates the `jobrelay` binary: `--jobrelay`, else next to this executable.
 pub fn find_jobrelay(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(path) = given {

@@ -14,6 +14,7 @@ use tokio::process::Child;
 
 use crate::cgroup;
 use crate::confine::{self, Confinement};
+use crate::forkserver::Start;
 use crate::supervisor::{self, Spec};
 use tokio::time::Instant;
 
@@ -39,11 +40,23 @@ fn create_log(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// Starts the payload supervisor (`supervisor`) for `bash run.sh` in `dir`, in a new process
-/// group, with stdin from /dev/null and stdout/stderr going to files in `dir`, confined as
-/// `confinement` says; it records the run's end in `exit_file` and runs in `cgroup` and
-/// `memory_cgroup` (a v1 one, `memcg`) if given.
-pub fn spawn_run_script(
+/// What starts one payload's supervisor, by either path: its logs made (empty), its work
+/// directory given to its user, its spec and environment.
+pub struct Prepared {
+    dir: PathBuf,
+    stdout: std::fs::File,
+    stderr: std::fs::File,
+    spec: Spec,
+    /// The supervisor's environment on top of the client's: `confine::launch`'s, the
+    /// allotment's, the marker.
+    env: Vec<(String, String)>,
+}
+
+/// Prepares the supervisor (`supervisor`) of `bash run.sh` in `dir`: stdin from /dev/null and
+/// stdout/stderr going to files in `dir`, confined as `confinement` says; it records the
+/// run's end in `exit_file` and runs in `cgroup` and `memory_cgroup` (a v1 one, `memcg`) if
+/// given.
+pub fn prepare_run(
     dir: &Path,
     marker: &str,
     confinement: &Confinement,
@@ -51,10 +64,13 @@ pub fn spawn_run_script(
     exit_file: &Path,
     cgroup: Option<&Path>,
     memory_cgroup: Option<&Path>,
-) -> std::io::Result<Child> {
+) -> std::io::Result<Prepared> {
     let stdout = create_log(&dir.join(STDOUT_FILE))?;
     let stderr = create_log(&dir.join(STDERR_FILE))?;
     let launch = confine::launch(dir, confinement)?;
+    let mut env = launch.env;
+    env.extend(extra_env.iter().cloned());
+    env.push((MARKER_VAR.to_owned(), marker.to_owned()));
     let spec = Spec {
         exit_file: exit_file.to_path_buf(),
         cgroup: cgroup.map(Path::to_path_buf),
@@ -62,29 +78,58 @@ pub fn spawn_run_script(
         run_as: launch.run_as,
         limits: launch.limits,
         argv: launch.argv,
+        env: Vec::new(),
     };
-    let spec = serde_json::to_string(&spec).map_err(std::io::Error::other)?;
-    // /proc/self/exe: this very binary, even if a newer one replaced it on disk.
-    // No `pre_exec`, uid or gid here: std then starts it with posix_spawn (vfork), which
-    // neither copies this multi-threaded client's page tables nor makes it fault on each page
-    // it writes afterwards (copy-on-write), as a fork did: about 480 page faults per payload
-    // in the client (BENCHMARKS.md). The supervisor joins the payload's cgroup as its first
-    // step, before it starts anything; until then a restarted client finds it by its
-    // environment marker (`Tracker::supervisor_alive`).
-    let mut command = tokio::process::Command::new("/proc/self/exe");
-    command
-        .arg(supervisor::ARG)
-        .arg(spec)
-        .envs(launch.env)
-        .envs(extra_env.iter().cloned())
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .env(MARKER_VAR, marker)
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
+    Ok(Prepared {
+        dir: dir.to_path_buf(),
+        stdout,
+        stderr,
+        spec,
+        env,
+    })
+}
+
+impl Prepared {
+    /// The fork server's request for it (`forkserver`): the supervisor it forks has the fork
+    /// server's environment, so the payload's additions travel in the spec; the logs, made
+    /// here, are opened there.
+    pub fn start_request(&self) -> Start {
+        Start {
+            req: 0,
+            dir: self.dir.clone(),
+            stdout: self.dir.join(STDOUT_FILE),
+            stderr: self.dir.join(STDERR_FILE),
+            spec: Spec {
+                env: self.env.clone(),
+                ..self.spec.clone()
+            },
+        }
+    }
+
+    /// Starts the supervisor by exec'ing this binary with the spec as its argument, in a new
+    /// process group (where payloads have no cgroup leaf, or the fork server is unavailable).
+    pub fn exec_supervisor(self) -> std::io::Result<Child> {
+        let spec = serde_json::to_string(&self.spec).map_err(std::io::Error::other)?;
+        // /proc/self/exe: this very binary, even if a newer one replaced it on disk.
+        // No `pre_exec`, uid or gid here: std then starts it with posix_spawn (vfork), which
+        // neither copies this multi-threaded client's page tables nor makes it fault on each
+        // page it writes afterwards (copy-on-write), as a fork did: about 480 page faults per
+        // payload in the client (BENCHMARKS.md). The supervisor joins the payload's cgroup as
+        // its first step, before it starts anything; until then a restarted client finds it
+        // by its environment marker (`Tracker::supervisor_alive`).
+        let mut command = tokio::process::Command::new("/proc/self/exe");
+        command
+            .arg(supervisor::ARG)
+            .arg(spec)
+            .envs(self.env)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(self.stdout)
+            .stderr(self.stderr)
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+    }
 }
 
 /// Every process of one payload, however it detached itself from the process group: its

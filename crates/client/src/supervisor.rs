@@ -2,8 +2,11 @@
 //! client killed with `kill -9`, so that a restarted client learns how the run actually ended
 //! instead of guessing.
 //!
-//! The client starts `/proc/self/exe` (the `jobrelay` binary, even if it was replaced on
-//! disk since) with [`ARG`] and a JSON [`Spec`]. The supervisor joins the payload's cgroup
+//! Where payloads get cgroups of their own, the client's fork server (`forkserver`, started
+//! once per client process as `/proc/self/exe` with [`ARG`] and `--spawner`) forks each
+//! supervisor, which then runs [`supervise_forked`] (no exec); without cgroups the client
+//! starts `/proc/self/exe` (the `jobrelay` binary, even if it was replaced on disk since)
+//! with [`ARG`] and a JSON [`Spec`] per payload. Either way the supervisor joins the payload's cgroup
 //! and its v1 memory cgroup (if any), starts the payload as the spec says (user, resource limits, command), waits for
 //! it and writes its exit status atomically to the spec's exit file in the data directory
 //! (out of the payload's reach: `runs/`, private to the client, hidden by the sandbox), then
@@ -35,6 +38,11 @@ pub struct Spec {
     pub run_as: Option<(u32, u32)>,
     pub limits: Limits,
     pub argv: Vec<String>,
+    /// Environment the payload gets on top of the supervisor's own: set by the fork server's
+    /// supervisors, whose own environment is the fork server's (the exec'd supervisor gets
+    /// it as its own environment instead, so this is empty then).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
 }
 
 /// How a run ended, as the exit file records it.
@@ -82,9 +90,11 @@ pub fn run_if_invoked() -> Option<i32> {
     if args.next()? != ARG {
         return None;
     }
-    let spec = args
-        .next()
-        .and_then(|a| serde_json::from_slice::<Spec>(a.as_encoded_bytes()).ok());
+    let second = args.next();
+    if second.as_deref() == Some(std::ffi::OsStr::new(crate::forkserver::SPAWNER_ARG)) {
+        return Some(crate::forkserver::serve());
+    }
+    let spec = second.and_then(|a| serde_json::from_slice::<Spec>(a.as_encoded_bytes()).ok());
     Some(match spec {
         Some(spec) if !spec.argv.is_empty() => supervise(&spec),
         _ => {
@@ -97,24 +107,36 @@ pub fn run_if_invoked() -> Option<i32> {
 const DEFERRED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 fn supervise(spec: &Spec) -> i32 {
+    if let Err(e) = join(spec) {
+        eprintln!("jobrelay: {e}");
+        return 127;
+    }
+    supervise_forked(spec)
+}
+
+/// Joins the payload's cgroup and its v1 memory cgroup, if the spec has them.
+pub fn join(spec: &Spec) -> Result<(), String> {
     if let Some(leaf) = &spec.cgroup {
-        if let Err(e) = crate::cgroup::join(leaf) {
-            eprintln!("jobrelay: cannot join the payload's cgroup: {e}");
-            return 127;
-        }
+        crate::cgroup::join(leaf).map_err(|e| format!("cannot join the payload's cgroup: {e}"))?;
     }
     if let Some(dir) = &spec.memory_cgroup {
-        if let Err(e) = crate::memcg::join_v1(dir) {
-            eprintln!("jobrelay: cannot join the payload's memory cgroup: {e}");
-            return 127;
-        }
+        crate::memcg::join_v1(dir)
+            .map_err(|e| format!("cannot join the payload's memory cgroup: {e}"))?;
     }
+    Ok(())
+}
+
+/// The supervisor's work once it is in its cgroups (the fork server's child calls it after
+/// [`join`], with its stdio, directory and group in place): runs the payload, records its
+/// end and returns its code (or ends by its signal).
+pub fn supervise_forked(spec: &Spec) -> i32 {
     for signal in DEFERRED {
         // SAFETY: setting a disposition to SIG_IGN has no memory-safety conditions.
         unsafe { libc::signal(signal, libc::SIG_IGN) };
     }
     let mut command = std::process::Command::new(&spec.argv[0]);
     command.args(&spec.argv[1..]);
+    command.envs(spec.env.iter().map(|(k, v)| (k, v)));
     if let Some((uid, gid)) = spec.run_as {
         // std drops the supplementary groups (setgroups) when it changes user from root.
         command.uid(uid).gid(gid);

@@ -244,11 +244,18 @@ async fn a_job_that_kills_its_client_every_time_fails_after_the_attempt_limit(db
     );
     let http = http();
     let tries = root.join("tries.log");
-    // run.sh's parent is its supervisor, whose parent is the client: the job kills both, so
-    // no exit status is recorded and each restart finds the run lost (a job killing only the
-    // client would be followed after the restart and complete).
+    // run.sh's parent is its supervisor, whose parent is the client's payload fork server
+    // (with cgroups; without, the client itself), whose parent is the client: the job kills
+    // the supervisor and the client, so no exit status is recorded and each restart finds
+    // the run lost (a job killing only the client would be followed after the restart and
+    // complete).
     let script = format!(
-        "echo try >> {}\nkill -9 $(awk '{{print $4}}' /proc/$PPID/stat) $PPID\nsleep 5\n",
+        "echo try >> {}\n\
+         up=$(awk '{{print $4}}' /proc/$PPID/stat)\n\
+         if tr '\\0' ' ' < /proc/$up/cmdline | grep -q -- ' --spawner'; then\n\
+           up=$(awk '{{print $4}}' /proc/$up/stat)\n\
+         fi\n\
+         kill -9 $up $PPID\nsleep 5\n",
         tries.display()
     );
     let id = upload_job(

@@ -5,6 +5,12 @@
 //! killed (`process::Tracker`). The supervisor records how `run.sh` ended in `runs/<id>`, so a
 //! client restarted after `kill -9` settles a payload that finished meanwhile from what
 //! happened, and follows one that still runs ([`LocalExecutor::reattach`]).
+//!
+//! Where payloads have cgroup leaves, their supervisors are forked by the client's fork
+//! server (`spawner`, `forkserver`), started at the first payload; without cgroups (and if
+//! no fork server can be had) each supervisor is an exec of this binary, since a forked
+//! supervisor does not carry the payload's environment marker a restarted client would look
+//! for.
 
 use crate::allot::Allotment;
 use std::collections::HashMap;
@@ -15,6 +21,7 @@ use std::time::Duration;
 use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
 use nix::sys::signal::Signal;
 use tokio::process::Child;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Ended, Progress};
@@ -22,6 +29,7 @@ use crate::cgroup::CgroupTree;
 use crate::confine::Confinement;
 use crate::memcg::{Enforcement, PayloadMemory};
 use crate::process::{self, Tracker};
+use crate::spawner::{self, Spawner};
 use crate::supervisor::{self, Exit};
 
 /// Starts payloads locally and remembers the live ones, so that a shutdown can kill them all.
@@ -33,12 +41,28 @@ pub struct LocalExecutor {
     cgroups: Option<Arc<CgroupTree>>,
     /// How a payload's memory request is enforced.
     memory: Enforcement,
+    /// The fork server that starts the supervisors of payloads with a cgroup leaf.
+    spawner: Arc<Spawner>,
+}
+
+/// What tells a job that its supervisor ended.
+enum Waiter {
+    /// The supervisor this client process exec'd (no cgroups, or no fork server).
+    Child(Box<Child>),
+    /// A supervisor the fork server forked: its "ended".
+    Spawned(oneshot::Receiver<std::process::ExitStatus>),
+    /// What that said.
+    Ended(std::process::ExitStatus),
+    /// Nothing to wait on: adopted after a restart, or the fork server went away (the run is
+    /// then followed by its exit record and its supervisor's presence).
+    Nothing,
 }
 
 pub struct LocalJob {
     id: u64,
-    /// The supervisor, when this client process started it (not after a restart).
-    child: Option<Box<Child>>,
+    waiter: Waiter,
+    /// Adopted after a restart (not started by this client process).
+    adopted: bool,
     /// Its process group; 0 when unknown (adopted after a restart).
     pgid: u32,
     reported_running: Option<u32>,
@@ -101,6 +125,7 @@ impl LocalExecutor {
             runs_dir,
             cgroups,
             memory,
+            spawner: Arc::default(),
         })
     }
 
@@ -113,7 +138,7 @@ impl LocalExecutor {
         self.runs_dir.join(id.to_string())
     }
 
-    pub fn start(
+    pub async fn start(
         &self,
         dir: &Path,
         marker: &str,
@@ -153,7 +178,15 @@ impl LocalExecutor {
                 *limit = Some(limit.map_or(bytes, |l| l.min(bytes)));
             }
         }
-        let child = process::spawn_run_script(
+        let failed = |e: String| {
+            metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
+            remove_leaf();
+            if let Some(PayloadMemory::V1(dir)) = &memory {
+                let _ = std::fs::remove_dir(dir);
+            }
+            format!("could not start run.sh: {e}")
+        };
+        let prepared = process::prepare_run(
             dir,
             marker,
             &confinement,
@@ -162,18 +195,41 @@ impl LocalExecutor {
             leaf.as_deref(),
             memory.as_ref().and_then(PayloadMemory::to_join),
         )
-        .map_err(|e| {
-            metrics::counter!("jobrelay_client_spawn_failures_total").increment(1);
-            remove_leaf();
-            if let Some(PayloadMemory::V1(dir)) = &memory {
-                let _ = std::fs::remove_dir(dir);
-            }
-            format!("could not start run.sh: {e}")
-        })?;
-        let pgid = child.id().unwrap_or(0);
-        let tracker = match leaf {
-            Some(leaf) => Tracker::Cgroup(leaf, marker.to_owned()),
+        .map_err(|e| failed(e.to_string()))?;
+        let tracker = match &leaf {
+            Some(leaf) => Tracker::Cgroup(leaf.clone(), marker.to_owned()),
             None => Tracker::Marker(marker.to_owned()),
+        };
+        // With a leaf, the fork server; without (a forked supervisor would not carry the
+        // marker a restarted client looks for), or when no fork server can be had, an exec.
+        let forked = match &leaf {
+            Some(_) => match self.spawner.start(prepared.start_request()).await {
+                Ok(started) => Some(started),
+                Err(spawner::StartError::Unavailable(why)) => {
+                    tracing::warn!(reason = %why, "payload supervisor exec'd instead of forked");
+                    None
+                }
+                Err(spawner::StartError::Failed(e)) => return Err(failed(e)),
+                Err(spawner::StartError::Lost) => {
+                    // A supervisor may have been forked before the fork server went: nothing
+                    // of this payload may run on.
+                    tracker.kill_all().await;
+                    return Err(failed(
+                        "the payload fork server went away before it answered".into(),
+                    ));
+                }
+            },
+            None => None,
+        };
+        let (waiter, pgid) = match forked {
+            Some(started) => (Waiter::Spawned(started.ended), started.pid),
+            None => {
+                let child = prepared
+                    .exec_supervisor()
+                    .map_err(|e| failed(e.to_string()))?;
+                let pgid = child.id().unwrap_or(0);
+                (Waiter::Child(Box::new(child)), pgid)
+            }
         };
         self.live
             .lock()
@@ -181,7 +237,8 @@ impl LocalExecutor {
             .insert(id, (pgid, tracker.clone()));
         Ok(LocalJob {
             id,
-            child: Some(Box::new(child)),
+            waiter,
+            adopted: false,
             pgid,
             reported_running: None,
             tracker,
@@ -210,7 +267,8 @@ impl LocalExecutor {
         self.live.lock().unwrap().insert(id, (0, tracker.clone()));
         Some(LocalJob {
             id,
-            child: None,
+            waiter: Waiter::Nothing,
+            adopted: true,
             pgid: 0,
             // A Running record gets no second Running.
             reported_running: (record.status == PayloadStatus::Running).then_some(record.pid),
@@ -292,28 +350,46 @@ impl LocalJob {
         self.tracker.clone()
     }
 
+    /// Waits for the supervisor's end where this process can: `None` when there is nothing
+    /// to wait on (adopted, or the fork server went away).
+    async fn wait_status(&mut self) -> Option<std::io::Result<std::process::ExitStatus>> {
+        loop {
+            let next = match &mut self.waiter {
+                Waiter::Child(child) => return Some(child.wait().await),
+                Waiter::Ended(status) => return Some(Ok(*status)),
+                Waiter::Nothing => return None,
+                Waiter::Spawned(ended) => match ended.await {
+                    Ok(status) => Waiter::Ended(status),
+                    Err(_) => Waiter::Nothing,
+                },
+            };
+            self.waiter = next;
+        }
+    }
+
     pub async fn next(&mut self) -> Progress {
         if self.reported_running.is_none() {
             self.reported_running = Some(self.pgid);
             return Progress::Running { pid: self.pgid };
         }
-        let status = match &mut self.child {
-            Some(child) => Some(child.wait().await),
-            None => {
-                // Adopted: no child to wait for; its supervisor's exit file, or nobody left.
-                while supervisor::read_exit(&self.exit_file).is_none()
-                    && self.tracker.supervisor_alive()
-                {
-                    tokio::time::sleep(ADOPTED_POLL).await;
-                }
-                None
+        let status = self.wait_status().await;
+        if status.is_none() {
+            // No child to wait for: its supervisor's exit file, or nobody left.
+            while supervisor::read_exit(&self.exit_file).is_none()
+                && self.tracker.supervisor_alive()
+            {
+                tokio::time::sleep(ADOPTED_POLL).await;
             }
-        };
+        }
         let mut ended = match (supervisor::read_exit(&self.exit_file), status) {
             (Some(exit), _) => finish(exit),
             (None, Some(status)) => finish_exited(status),
             // Its supervisor died with it and recorded nothing: an interruption.
-            (None, None) => Ended::failed("client restarted"),
+            (None, None) if self.adopted => Ended::failed("client restarted"),
+            (None, None) => Ended::failed(
+                "run.sh's supervisor ended without recording how run.sh ended (its fork \
+                 server had gone)",
+            ),
         };
         // Asked before the leftovers go: the v2 leaf, and its counters, go with them.
         let verdict = self
@@ -336,10 +412,10 @@ impl LocalJob {
         process::signal_group(self.pgid, Signal::SIGTERM);
         self.tracker.signal(Signal::SIGTERM);
         let deadline = Instant::now() + grace;
-        let mut status = match &mut self.child {
-            Some(child) => tokio::time::timeout_at(deadline, child.wait()).await.ok(),
-            None => None,
-        };
+        let mut status = tokio::time::timeout_at(deadline, self.wait_status())
+            .await
+            .ok()
+            .flatten();
         while (process::group_alive(self.pgid) || self.tracker.alive()) && Instant::now() < deadline
         {
             tokio::time::sleep(POLL).await;
@@ -350,9 +426,7 @@ impl LocalJob {
             memory.remove(LEFTOVER_LIMIT).await;
         }
         if status.is_none() {
-            if let Some(child) = &mut self.child {
-                status = Some(child.wait().await);
-            }
+            status = self.wait_status().await;
         }
         let (exit_code, signal) = match (supervisor::read_exit(&self.exit_file), status) {
             (Some(exit), _) => exit.parts(),

@@ -126,6 +126,7 @@ impl Executor {
         match self {
             Executor::Local(local) => local
                 .start(dir, marker, allotment)
+                .await
                 .map(|job| Accepted {
                     job: Job::Local(job),
                     slurm_job_id: None,

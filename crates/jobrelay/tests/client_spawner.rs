@@ -1,0 +1,272 @@
+//! The client's payload fork server (issue 18): with cgroups, every supervisor is forked by
+//! one long-lived `jobrelay __jobrelay-payload-supervisor --spawner` child of the client (no
+//! exec of the binary with a JSON spec per payload); a payload outlives a `kill -9` of that
+//! fork server and of the client, and ends with its real status; without cgroups the exec
+//! path stays.
+
+mod support;
+
+use support::*;
+
+const SUPERVISOR_ARG: &str = "__jobrelay-payload-supervisor";
+
+/// The parent pid of `pid`, from `/proc/PID/stat`.
+fn ppid(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Every live process below `root` (by parent pids).
+fn descendants(root: i32) -> Vec<i32> {
+    let all: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| pid_alive(*pid))
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let parent = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, parent))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(all.iter().filter(|(_, p)| *p == parent).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// The supervisors exec'd with a JSON spec (the exec path) among the client's descendants.
+fn exec_supervisors(client: i32) -> Vec<Vec<String>> {
+    descendants(client)
+        .into_iter()
+        .map(cmdline)
+        .filter(|argv| argv.get(1).map(String::as_str) == Some(SUPERVISOR_ARG))
+        .filter(|argv| argv.get(2).is_some_and(|a| a.starts_with('{')))
+        .collect()
+}
+
+/// A run.sh that writes its shell's pid to `<name>-pid`, waits for `<name>-go`, writes
+/// `out.txt` and exits with `code`; each run is logged to `<name>-runs`.
+fn gated_script(scratch: &std::path::Path, name: &str, code: i32) -> String {
+    let p = |f: &str| scratch.join(format!("{name}-{f}")).display().to_string();
+    format!(
+        "echo run >> {runs}\n\
+         echo $$ > {pid}\n\
+         while [ ! -e {go} ]; do sleep 0.02; done\n\
+         echo {name} > out.txt\n\
+         exit {code}\n",
+        runs = p("runs"),
+        pid = p("pid"),
+        go = p("go"),
+    )
+}
+
+fn runs_of(scratch: &std::path::Path, name: &str) -> usize {
+    std::fs::read_to_string(scratch.join(format!("{name}-runs")))
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+/// Whether this machine gives payloads cgroups (the fork server is used only then).
+fn has_cgroups(client: &TestClient) -> bool {
+    let log = client.proc.log();
+    if log.contains("payloads run in cgroups of their own") {
+        return true;
+    }
+    assert!(log.contains("no cgroup v2 for payloads"), "{log}");
+    eprintln!("skipped: no cgroup v2 for payloads here, so no fork server");
+    false
+}
+
+/// (supervisor, fork server) of the payload whose shell is `shell`, checked to be the
+/// fork server's shape: a child of the client, with the supervisor's argument and
+/// `--spawner`, the supervisor forked from it (same argv, no JSON spec).
+fn forked_from_spawner(client: i32, shell: i32) -> (i32, i32) {
+    let supervisor = ppid(shell);
+    let spawner = ppid(supervisor);
+    assert_ne!(
+        supervisor, client,
+        "the supervisor is not the client's child"
+    );
+    assert_eq!(
+        ppid(spawner),
+        client,
+        "the fork server is the client's child"
+    );
+    let argv = cmdline(spawner);
+    assert_eq!(&argv[1..], [SUPERVISOR_ARG, "--spawner"], "{argv:?}");
+    let argv = cmdline(supervisor);
+    assert_eq!(&argv[1..], [SUPERVISOR_ARG, "--spawner"], "{argv:?}");
+    (supervisor, spawner)
+}
+
+/// Every supervisor of several payloads is a child of one fork server, itself the client's
+/// child, and no process with a JSON spec in its argv is among the client's descendants.
+#[tokio::test]
+async fn supervisors_are_forked_by_one_fork_server_not_exec_d_per_payload() {
+    let client = TestClient::start(&["--slots", "3"]);
+    if !has_cgroups(&client) {
+        return;
+    }
+    let client_pid = client.proc.pid() as i32;
+    let scratch = tempfile::tempdir().unwrap();
+    let s = scratch.path();
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c"] {
+        ids.push(client.submit_script(&gated_script(s, name, 0)).await);
+    }
+    let mut spawners = Vec::new();
+    let mut supervisors = Vec::new();
+    for name in ["a", "b", "c"] {
+        let shell = read_pid(&s.join(format!("{name}-pid"))).await;
+        let (supervisor, spawner) = forked_from_spawner(client_pid, shell);
+        supervisors.push(supervisor);
+        spawners.push(spawner);
+    }
+    assert!(
+        spawners.iter().all(|p| *p == spawners[0]),
+        "one fork server for all: {spawners:?}"
+    );
+    supervisors.sort();
+    supervisors.dedup();
+    assert_eq!(supervisors.len(), 3, "a supervisor per payload");
+    assert_eq!(exec_supervisors(client_pid), Vec::<Vec<String>>::new());
+    for name in ["a", "b", "c"] {
+        std::fs::write(s.join(format!("{name}-go")), "").unwrap();
+    }
+    for (id, name) in ids.iter().zip(["a", "b", "c"]) {
+        assert_eq!(
+            client.retrieve_zip(*id).await["out.txt"],
+            format!("{name}\n").as_bytes()
+        );
+    }
+}
+
+/// `kill -9` of the fork server while a payload runs: the payload runs on and ends with its
+/// real status, which the client reports; the next payload starts through a new fork server.
+#[tokio::test]
+async fn a_payload_outlives_its_killed_fork_server_and_the_next_one_starts_a_new_one() {
+    let client = TestClient::start(&[]);
+    if !has_cgroups(&client) {
+        return;
+    }
+    let client_pid = client.proc.pid() as i32;
+    let scratch = tempfile::tempdir().unwrap();
+    let s = scratch.path();
+    let id = client.submit_script(&gated_script(s, "first", 3)).await;
+    let shell = read_pid(&s.join("first-pid")).await;
+    let (supervisor, spawner) = forked_from_spawner(client_pid, shell);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(spawner),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the fork server to die",
+        || async { (!pid_alive(spawner)).then_some(()) },
+    )
+    .await;
+    assert!(
+        pid_alive(shell) && pid_alive(supervisor),
+        "the payload and its supervisor outlive the fork server"
+    );
+    assert_eq!(client.record(id).await["status"], "Running");
+    std::fs::write(s.join("first-go"), "").unwrap();
+    let failed = client.wait_for(id, "Failed").await;
+    assert_eq!(failed["exit_code"], 3, "{failed}");
+    assert_eq!(failed["reason"], "run.sh exited with code 3", "{failed}");
+    assert_eq!(runs_of(s, "first"), 1);
+
+    let next = client.submit_script(&gated_script(s, "next", 0)).await;
+    let shell = read_pid(&s.join("next-pid")).await;
+    let (_, again) = forked_from_spawner(client_pid, shell);
+    assert_ne!(again, spawner, "a new fork server");
+    std::fs::write(s.join("next-go"), "").unwrap();
+    assert_eq!(client.retrieve_zip(next).await["out.txt"], b"next\n");
+}
+
+/// `kill -9` of the client while a payload forked by its fork server runs: the fork server
+/// goes with it (EOF), the supervisor does not; the restarted client follows the payload to
+/// its real end, which is not "client restarted", and it ran once.
+#[tokio::test]
+async fn a_forked_payload_is_followed_to_its_real_end_after_a_client_kill_9() {
+    let mut client = TestClient::start(&[]);
+    if !has_cgroups(&client) {
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let s = scratch.path();
+    let id = client.submit_script(&gated_script(s, "job", 4)).await;
+    let shell = read_pid(&s.join("job-pid")).await;
+    let (supervisor, spawner) = forked_from_spawner(client.proc.pid() as i32, shell);
+    client.proc.kill9();
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the fork server to leave with its client",
+        || async { (!pid_alive(spawner)).then_some(()) },
+    )
+    .await;
+    assert!(pid_alive(supervisor), "the supervisor outlives both");
+    client.restart_after_kill9(&[]);
+    assert_eq!(client.record(id).await["status"], "Running");
+    std::fs::write(s.join("job-go"), "").unwrap();
+    let failed = client.wait_for(id, "Failed").await;
+    assert_eq!(failed["exit_code"], 4, "{failed}");
+    assert_eq!(failed["reason"], "run.sh exited with code 4", "{failed}");
+    assert_eq!(runs_of(s, "job"), 1, "it ran once");
+}
+
+/// Without cgroups (`JOBRELAY_NO_CGROUP`), a forked supervisor could not be found by its
+/// environment marker after a restart: each supervisor is exec'd with its JSON spec as the
+/// client's child, and no fork server runs.
+#[tokio::test]
+async fn without_cgroups_supervisors_are_exec_d_by_the_client() {
+    let client = TestClient::start_with_env(&[], &[("JOBRELAY_NO_CGROUP", "1")]);
+    let client_pid = client.proc.pid() as i32;
+    let scratch = tempfile::tempdir().unwrap();
+    let s = scratch.path();
+    let id = client.submit_script(&gated_script(s, "job", 0)).await;
+    let shell = read_pid(&s.join("job-pid")).await;
+    let supervisor = ppid(shell);
+    assert_eq!(ppid(supervisor), client_pid, "exec'd by the client");
+    let argv = cmdline(supervisor);
+    assert_eq!(argv[1], SUPERVISOR_ARG, "{argv:?}");
+    assert!(argv[2].starts_with('{'), "a JSON spec: {argv:?}");
+    assert!(
+        descendants(client_pid)
+            .into_iter()
+            .all(|p| !cmdline(p).iter().any(|a| a == "--spawner")),
+        "no fork server"
+    );
+    std::fs::write(s.join("job-go"), "").unwrap();
+    assert_eq!(client.retrieve_zip(id).await["out.txt"], b"job\n");
+}
