@@ -267,7 +267,7 @@ async fn terminate_on_client(
     };
     // Not over a stored result before Killed is committed: a completion racing this one
     // (its whole ZIP stored, then Completed) keeps its ZIP.
-    let held = fetch_partial(shared, &client, job, true).await;
+    let held = fetch_partial(shared, &client, job).await;
     let done = shared
         .lifecycle
         .terminated(job, &JobStatus::ON_CLIENT, message, abandon_run)?;
@@ -277,7 +277,10 @@ async fn terminate_on_client(
                 held.replace(&shared.result_path(job.id)).await;
             }
             let effects = vec![
-                Effect::DropInputs(job.id),
+                Effect::DropInputs {
+                    id: job.id,
+                    results_in_db: false,
+                },
                 Effect::Release {
                     client: client.base().to_owned(),
                     dest,

@@ -457,10 +457,10 @@ fn a_late_word_about_an_old_run_never_moves_the_next_run() {
     ));
     assert_eq!(
         f.lifecycle()
-            .ended_on_client(&old_run, JobStatus::Failed, Some(3), None),
+            .ended_on_client(&old_run, JobStatus::Failed, Some(3), None, None),
         []
     );
-    assert_eq!(f.lifecycle().completed(&old_run), []);
+    assert_eq!(f.lifecycle().completed(&old_run, None), []);
     assert_eq!(f.lifecycle().run_lost(&old_run, "lost again"), []);
     f.lifecycle().running(&old_run);
     // A terminate carried to the old run's client commits nothing on the new run: the caller
@@ -575,7 +575,7 @@ fn a_run_end_the_database_refuses_is_asked_of_the_client_again() {
 
     let refused = refuse_moves_to(&f, JobStatus::Completed);
     assert_eq!(
-        f.lifecycle().completed(&run),
+        f.lifecycle().completed(&run, None),
         [Effect::CheckLater {
             job: Box::new(run.clone()),
             after: super::CHECK_AGAIN_AFTER_A_FAILED_COMMIT,
@@ -588,8 +588,14 @@ fn a_run_end_the_database_refuses_is_asked_of_the_client_again() {
     );
     drop(refused);
 
-    let effects = f.lifecycle().completed(&run);
-    assert!(effects.contains(&Effect::DropInputs(run.id)), "{effects:?}");
+    let effects = f.lifecycle().completed(&run, None);
+    assert!(
+        effects.contains(&Effect::DropInputs {
+            id: run.id,
+            results_in_db: false
+        }),
+        "{effects:?}"
+    );
     assert_eq!(f.get(run.id).status, JobStatus::Completed);
     assert!(!f.is_active(run.id));
 }
