@@ -287,13 +287,15 @@ pub async fn fetch_partial_for_end(
 /// the name exists), else held, for the caller to put in place once Killed is committed
 /// ([`Held`]). Always a file (a terminate is rare; a completion racing it commits its ZIP,
 /// in the database or as a file, with Completed, and Killed then fails to commit).
-pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) -> Option<Held> {
-    let dest = job.dest_id?;
+pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) -> Partial {
+    let Some(dest) = job.dest_id else {
+        return Partial::Nothing;
+    };
     let zip = match gateway::retrieve_partial(shared, client, dest).await {
         Ok(zip) => zip,
         Err(e) => {
             tracing::info!(job = job.id, error = %e, "no partial results from the client");
-            return None;
+            return Partial::Nothing;
         }
     };
     let limit = max_result(shared, job);
@@ -306,18 +308,30 @@ pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) ->
     ));
     if let Err(e) = store_zip(zip, &staged, limit, false).await {
         tracing::warn!(job = job.id, error = %e, "partial results not stored");
-        return None;
+        return Partial::Nothing;
     }
     let held = Held(Some(staged.clone()));
     match tokio::fs::hard_link(&staged, &result).await {
-        Ok(()) => None, // `held` is dropped: the staged name goes, the result stays.
+        Ok(()) => Partial::Placed, // `held` is dropped: the staged name goes, the result stays.
         Err(e) => {
             if e.kind() != std::io::ErrorKind::AlreadyExists {
                 tracing::info!(job = job.id, error = %e, "cannot link the partial ZIP into place");
             }
-            Some(held)
+            Partial::Held(held)
         }
     }
+}
+
+/// What [`fetch_partial`] did with a terminate's partial ZIP.
+pub enum Partial {
+    /// There was none (or it could not be stored).
+    Nothing,
+    /// Put in place as the result file, none being there. A completion racing the terminate
+    /// may still commit its ZIP in the database: it is the job's result then, and the caller
+    /// removes this file once its Killed failed to commit.
+    Placed,
+    /// A result file was there: held, to replace it once Killed is committed.
+    Held(Held),
 }
 
 /// A partial ZIP that found a result stored already (the whole ZIP of a completion racing

@@ -402,6 +402,47 @@ async fn a_completion_racing_terminate_keeps_its_whole_zip() {
     );
 }
 
+/// The same race with a small result, kept in the database by the commit of Completed: the
+/// terminate's partial ZIP neither replaces it nor stays behind as a file.
+#[tokio::test]
+async fn a_completion_kept_in_the_database_racing_terminate_keeps_its_whole_zip() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let f = fixture(&format!("http://{}", listener.local_addr().unwrap()), 1);
+    let job = f.upload();
+    let run = f.submitted(&f.dispatch()[0], 1);
+    let whole = zip_of("out.txt", b"the whole result");
+    let (shared, id, whole_zip) = (f.shared.clone(), job.id, whole.clone());
+    let server = fake_client(listener, zip_of("out.txt", b"half"), move || {
+        shared
+            .store
+            .transition(
+                id,
+                &JobStatus::ON_CLIENT,
+                JobStatus::Completed,
+                Change {
+                    result_zip: Some(crate::store::ResultZip(whole_zip.clone().into())),
+                    ..Change::message("Job completed")
+                },
+            )
+            .unwrap()
+            .expect("the job is on its client");
+    });
+    let outcome = stop::terminate(&f.shared, run.id).await.unwrap();
+    server.abort();
+    assert!(
+        matches!(outcome, Terminated::AlreadyFinished(ref job) if job.status == JobStatus::Completed),
+        "terminate won against a committed completion"
+    );
+    assert_eq!(
+        f.shared.store.result_zip(job.id).unwrap().as_deref(),
+        Some(&whole[..])
+    );
+    assert!(
+        files_in(&f.shared.results_dir).is_empty(),
+        "the partial ZIP was left as a file"
+    );
+}
+
 /// The other side of defect 5's fix: a terminate that wins holds its partial ZIP, stored
 /// before Killed is committed when no result is there, and put over a result found there
 /// (one a lost run left) once Killed is committed.
