@@ -43,12 +43,13 @@ async fn upload_then_download_the_result_zip() {
     assert_eq!(entries["inputs/a.pdb"], b"ATOM");
     assert_eq!(entries["run.sh"], script);
     assert_eq!(entries[".jobrelay.stdout"], b"hello\n");
-    // Results stored once, as a whole ZIP; the uploaded copy is gone (it is in the ZIP).
+    // Results stored once, as a whole ZIP (a small one: in the database, no file, issue 18);
+    // the uploaded copy is gone (it is in the ZIP).
     let data = server.data_dir();
-    assert_eq!(
-        tree(&data.join("results")),
-        [data.join(format!("results/{id}.zip"))]
-    );
+    let kept = support::db::TestDb::Sqlite.result_zips(&data).await;
+    assert_eq!(kept.keys().collect::<Vec<_>>(), [&id]);
+    assert!(kept[&id] == download_zip(&http, &server.url, id).await);
+    assert!(tree(&data.join("results")).is_empty());
     // Removed just after Completed is committed (the commit comes first): wait for it.
     let inputs = data.join(format!("jobs/{id}"));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -34,7 +34,9 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
                     crate::gateway::release(shared, &client, dest).await;
                 }
             }
-            Effect::DropInputs(id) => drop_inputs(shared, id).await,
+            Effect::DropInputs { id, results_in_db } => {
+                drop_inputs(shared, id, results_in_db).await
+            }
             Effect::CheckLater { job, after } => {
                 let checking = shared.clone();
                 shared.job_tasks.spawn(async move {
@@ -53,11 +55,12 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
     }
 }
 
-/// Removes a finished job's uploaded files once its results (whole or partial) are stored:
-/// they are in the result ZIP too, and may be large. Without stored results they stay, for
-/// `/download_partial`, until the janitor.
-async fn drop_inputs(shared: &Shared, id: i64) {
-    if !shared.result_path(id).is_file() {
+/// Removes a finished job's uploaded files once its results (whole or partial) are stored,
+/// in the database (`results_in_db`: the commit said so) or as a file: they are in the result
+/// ZIP too, and may be large. Without stored results they stay, for `/download_partial`,
+/// until the janitor.
+async fn drop_inputs(shared: &Shared, id: i64, results_in_db: bool) {
+    if !results_in_db && !shared.result_path(id).is_file() {
         return;
     }
     let dir = shared.job_dir(id);

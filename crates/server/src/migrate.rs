@@ -57,6 +57,11 @@ impl std::fmt::Display for Report {
             "  runs given away, still to kill: {}",
             self.moved.abandoned_runs
         )?;
+        writeln!(
+            f,
+            "  result ZIPs kept in the database: {}",
+            self.moved.result_zips
+        )?;
         writeln!(f, "  database identity: {}", self.server_id)?;
         writeln!(f, "  next job id: {}", self.moved.next_id)?;
         write!(

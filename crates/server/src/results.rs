@@ -1,6 +1,8 @@
 //! A job's results, at the edge: the result ZIP stored whole (through a part file, its central
 //! directory checked, cut off past `max_result`) before `completed` is committed, the partial
-//! ZIP before a final state reported by the client. The state changes are the lifecycle's
+//! ZIP before a final state reported by the client. A ZIP of at most
+//! [`crate::store::MAX_RESULT_IN_DB`] is not a file at all: checked in memory, it is kept in
+//! the database by the very commit of that final state. The state changes are the lifecycle's
 //! events; the order is always: store the files, commit the new state, then act on the
 //! effects (release the client's copy, drop the inputs).
 
@@ -13,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::clients::ClientHandle;
 use crate::gateway::{self, Download};
-use crate::store::{Job, JobStatus};
+use crate::store::{Job, JobStatus, ResultZip};
 use crate::Shared;
 
 /// Longest wait before a job that could not be sent is offered to the scheduler again.
@@ -25,10 +27,31 @@ pub fn backoff(attempts: u32) -> Duration {
     (Duration::from_millis(500) * (1 << exp)).min(MAX_BACKOFF)
 }
 
-/// ZIP answers up to this size are gathered in memory and written, synced, checked and
-/// renamed in one blocking call; larger ones are streamed to disk chunk by chunk. At most
-/// `MAX_CONCURRENT_CHECKS` (64) are gathered at once: 16 MiB.
-const SMALL_ZIP: usize = 256 * 1024;
+/// ZIP answers up to this size are gathered in memory and checked there, then kept in the
+/// database with the final state ([`crate::store::MAX_RESULT_IN_DB`]) or, where a file is
+/// asked for, written, synced and renamed in one blocking call; larger ones are streamed to
+/// disk chunk by chunk. At most `MAX_CONCURRENT_CHECKS` (64) are gathered at once: 16 MiB.
+const SMALL_ZIP: usize = crate::store::MAX_RESULT_IN_DB;
+
+/// Where [`store_zip`] put a ZIP.
+#[derive(Debug)]
+pub enum Stored {
+    /// In `dest`, whole.
+    File,
+    /// Checked and held in memory, for the commit of the job's final state to keep in the
+    /// database ([`crate::store::Change::result_zip`]): nothing on disk.
+    InDb(ResultZip),
+}
+
+impl Stored {
+    /// The ZIP to commit with the final state, if it goes to the database.
+    pub fn into_db(self) -> Option<ResultZip> {
+        match self {
+            Stored::File => None,
+            Stored::InDb(zip) => Some(zip),
+        }
+    }
+}
 
 /// Why a result ZIP was not stored.
 #[derive(Debug)]
@@ -109,8 +132,15 @@ pub fn max_result(shared: &Shared, job: &Job) -> u64 {
 /// Streams a ZIP answer into `dest` through `dest.part`, checks it is a whole archive, and
 /// renames it into place. Nothing is left at `dest` unless the archive is complete. An
 /// answer longer than `limit` bytes is cut off as soon as it passes the limit (its part file
-/// removed): no more than `limit` bytes of it ever reach the disk.
-pub async fn store_zip(zip: Download, dest: &Path, limit: u64) -> Result<(), StoreError> {
+/// removed): no more than `limit` bytes of it ever reach the disk. With `in_db`, an archive
+/// of at most [`SMALL_ZIP`] is checked in memory and handed back instead ([`Stored::InDb`]),
+/// for the caller to commit with the job's final state; nothing is written here.
+pub async fn store_zip(
+    zip: Download,
+    dest: &Path,
+    limit: u64,
+    in_db: bool,
+) -> Result<Stored, StoreError> {
     if zip.announced_len().is_some_and(|n| n > limit) {
         return Err(StoreError::TooLarge { limit });
     }
@@ -138,6 +168,12 @@ pub async fn store_zip(zip: Download, dest: &Path, limit: u64) -> Result<(), Sto
             break;
         }
     }
+    if small && in_db {
+        // Reading a central directory of at most 256 KiB held in memory: no I/O, no reason
+        // for a thread hand-over.
+        check_zip(std::io::Cursor::new(&head[..]))?;
+        return Ok(Stored::InDb(ResultZip(head.into())));
+    }
     if small {
         let dest = dest.to_path_buf();
         return tokio::task::spawn_blocking(move || {
@@ -145,7 +181,7 @@ pub async fn store_zip(zip: Download, dest: &Path, limit: u64) -> Result<(), Sto
             if result.is_err() {
                 let _ = std::fs::remove_file(&part);
             }
-            result
+            result.map(|()| Stored::File)
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -182,6 +218,7 @@ pub async fn store_zip(zip: Download, dest: &Path, limit: u64) -> Result<(), Sto
         tokio::fs::rename(&part, dest)
             .await
             .map_err(|e| io_error(format!("rename into {}", dest.display()), e))
+            .map(|()| Stored::File)
     }
     .await;
     if result.is_err() {
@@ -217,17 +254,15 @@ fn store_small_zip(bytes: &[u8], part: &Path, dest: &Path) -> Result<(), StoreEr
     std::fs::rename(part, dest).map_err(|e| io_error(format!("rename into {}", dest.display()), e))
 }
 
-/// Fetches the job's work directory as it is now from its client into the results, best
-/// effort (used for Failed, Invalid and Killed jobs), before the final state is committed.
-/// With `keep_existing` a result already stored is not replaced: the partial ZIP is put in
-/// place only where there is none (atomically: a hard link fails if the name exists), else
-/// held, for the caller to put in place once its final state is committed ([`Held`]).
-pub async fn fetch_partial(
+/// Fetches the job's work directory as it is now from its client, best effort, for the
+/// final state the client reported (Failed, Invalid, Killed): a small ZIP is handed back to
+/// be committed with that state ([`Stored::InDb`]), a larger one is stored as the job's result
+/// file before the state is committed.
+pub async fn fetch_partial_for_end(
     shared: &Shared,
     client: &ClientHandle,
     job: &Job,
-    keep_existing: bool,
-) -> Option<Held> {
+) -> Option<ResultZip> {
     let dest = job.dest_id?;
     let zip = match gateway::retrieve_partial(shared, client, dest).await {
         Ok(zip) => zip,
@@ -237,33 +272,66 @@ pub async fn fetch_partial(
         }
     };
     let limit = max_result(shared, job);
-    let result = shared.result_path(job.id);
-    if !keep_existing {
-        if let Err(e) = store_zip(zip, &result, limit).await {
+    match store_zip(zip, &shared.result_path(job.id), limit, true).await {
+        Ok(stored) => stored.into_db(),
+        Err(e) => {
             tracing::warn!(job = job.id, error = %e, "partial results not stored");
+            None
         }
-        return None;
     }
+}
+
+/// Fetches the job's work directory as it is now from its client into the results, best
+/// effort, before a terminate commits Killed. A result already stored is not replaced: the
+/// partial ZIP is put in place only where there is none (atomically: a hard link fails if
+/// the name exists), else held, for the caller to put in place once Killed is committed
+/// ([`Held`]). Always a file (a terminate is rare; a completion racing it commits its ZIP,
+/// in the database or as a file, with Completed, and Killed then fails to commit).
+pub async fn fetch_partial(shared: &Shared, client: &ClientHandle, job: &Job) -> Partial {
+    let Some(dest) = job.dest_id else {
+        return Partial::Nothing;
+    };
+    let zip = match gateway::retrieve_partial(shared, client, dest).await {
+        Ok(zip) => zip,
+        Err(e) => {
+            tracing::info!(job = job.id, error = %e, "no partial results from the client");
+            return Partial::Nothing;
+        }
+    };
+    let limit = max_result(shared, job);
+    let result = shared.result_path(job.id);
     // Beside the results, under a name a start-up removes if a crash leaves it.
     let staged = shared.results_dir.join(format!(
         "{}.partial-{}",
         job.id,
         jobrelay_common::fsutil::unique_name("")
     ));
-    if let Err(e) = store_zip(zip, &staged, limit).await {
+    if let Err(e) = store_zip(zip, &staged, limit, false).await {
         tracing::warn!(job = job.id, error = %e, "partial results not stored");
-        return None;
+        return Partial::Nothing;
     }
     let held = Held(Some(staged.clone()));
     match tokio::fs::hard_link(&staged, &result).await {
-        Ok(()) => None, // `held` is dropped: the staged name goes, the result stays.
+        Ok(()) => Partial::Placed, // `held` is dropped: the staged name goes, the result stays.
         Err(e) => {
             if e.kind() != std::io::ErrorKind::AlreadyExists {
                 tracing::info!(job = job.id, error = %e, "cannot link the partial ZIP into place");
             }
-            Some(held)
+            Partial::Held(held)
         }
     }
+}
+
+/// What [`fetch_partial`] did with a terminate's partial ZIP.
+pub enum Partial {
+    /// There was none (or it could not be stored).
+    Nothing,
+    /// Put in place as the result file, none being there. A completion racing the terminate
+    /// may still commit its ZIP in the database: it is the job's result then, and the caller
+    /// removes this file once its Killed failed to commit.
+    Placed,
+    /// A result file was there: held, to replace it once Killed is committed.
+    Held(Held),
 }
 
 /// A partial ZIP that found a result stored already (the whole ZIP of a completion racing
@@ -302,21 +370,21 @@ pub async fn finish_on_client(
     exit_code: Option<i32>,
     reason: Option<String>,
 ) {
-    fetch_partial(shared, client, job, false).await;
+    let zip = fetch_partial_for_end(shared, client, job).await;
     let effects = shared
         .lifecycle
-        .ended_on_client(job, status, exit_code, reason);
+        .ended_on_client(job, status, exit_code, reason, zip);
     crate::effects::perform(shared, effects).await;
 }
 
-/// Stores the result ZIP of a Completed payload, then marks the job Completed, then releases
-/// the client's copy. Results over the service's `max_result` fail the job (nothing of them
+/// Stores the result ZIP of a Completed payload (a small one in the commit itself), then marks
+/// the job Completed, then releases the client's copy. Results over the service's `max_result` fail the job (nothing of them
 /// is kept, the client's copy is released); other failures leave the job where it is for the
 /// collector to fetch again.
 pub async fn complete(shared: &Arc<Shared>, job: &Job, zip: Download) -> Result<(), CheckError> {
     let limit = max_result(shared, job);
-    match store_zip(zip, &shared.result_path(job.id), limit).await {
-        Ok(()) => {}
+    let zip = match store_zip(zip, &shared.result_path(job.id), limit, true).await {
+        Ok(stored) => stored.into_db(),
         Err(StoreError::TooLarge { limit }) => {
             tracing::warn!(
                 job = job.id,
@@ -340,8 +408,10 @@ pub async fn complete(shared: &Arc<Shared>, job: &Job, zip: Download) -> Result<
                 why: format!("the result ZIP could not be stored: {e}"),
             });
         }
-    }
-    let effects = shared.lifecycle.completed(job);
+    };
+    // A small ZIP goes into the database in this commit; if it fails, nothing was kept and
+    // the collector fetches again (`CheckLater`).
+    let effects = shared.lifecycle.completed(job, zip);
     crate::effects::perform(shared, effects).await;
     Ok(())
 }

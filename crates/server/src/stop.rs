@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::clients::ClientHandle;
 use crate::gateway::{self, Failure, Killed};
 use crate::lifecycle::Effect;
-use crate::results::fetch_partial;
+use crate::results::{fetch_partial, Partial};
 use crate::store::{Job, JobStatus};
 use crate::Shared;
 
@@ -267,17 +267,20 @@ async fn terminate_on_client(
     };
     // Not over a stored result before Killed is committed: a completion racing this one
     // (its whole ZIP stored, then Completed) keeps its ZIP.
-    let held = fetch_partial(shared, &client, job, true).await;
+    let partial = fetch_partial(shared, &client, job).await;
     let done = shared
         .lifecycle
         .terminated(job, &JobStatus::ON_CLIENT, message, abandon_run)?;
     Ok(match done {
         Some(done) => {
-            if let Some(held) = held {
+            if let Partial::Held(held) = partial {
                 held.replace(&shared.result_path(job.id)).await;
             }
             let effects = vec![
-                Effect::DropInputs(job.id),
+                Effect::DropInputs {
+                    id: job.id,
+                    results_in_db: false,
+                },
                 Effect::Release {
                     client: client.base().to_owned(),
                     dest,
@@ -287,6 +290,12 @@ async fn terminate_on_client(
             Some(Terminated::Done(done))
         }
         None => {
+            // A final state committed with its ZIP in the database (a completion that won,
+            // or the collector's Killed) is the job's result: the partial file put in place
+            // before would only take room until the janitor.
+            if matches!(partial, Partial::Placed) && shared.store.result_zip(job.id)?.is_some() {
+                let _ = tokio::fs::remove_file(shared.result_path(job.id)).await;
+            }
             // The collector saw the kill first and recorded it: still our doing.
             let now = shared.store.get(job.id)?.expect("job exists");
             (now.status == JobStatus::Killed).then_some(Terminated::Done(now))

@@ -263,10 +263,15 @@ pub fn overview(shared: &Shared, only: Option<i64>) -> anyhow::Result<Overview> 
     })
 }
 
-/// Reads a window of the log stored in the job's result ZIP (empty when there is none).
-pub fn log_from_zip(path: &std::path::Path, stream: Stream, offset: u64) -> Vec<u8> {
+/// Reads a window of the log stored in the job's result ZIP, a file or bytes kept in the
+/// database (empty when it has none).
+pub fn log_from_zip<R: std::io::Read + std::io::Seek>(
+    zip: R,
+    stream: Stream,
+    offset: u64,
+) -> Vec<u8> {
     let read = || -> Option<Vec<u8>> {
-        let mut archive = zip::ZipArchive::new(std::fs::File::open(path).ok()?).ok()?;
+        let mut archive = zip::ZipArchive::new(zip).ok()?;
         let mut entry = archive.by_name(stream.file_name()).ok()?;
         std::io::copy(&mut (&mut entry).take(offset), &mut std::io::sink()).ok()?;
         let mut bytes = Vec::new();

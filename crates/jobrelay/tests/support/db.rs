@@ -96,6 +96,38 @@ impl TestDb {
     pub fn is_sqlite(&self) -> bool {
         matches!(self, TestDb::Sqlite)
     }
+
+    /// The result ZIPs the server's database keeps (`result_zips`, issue 18), by job id,
+    /// read behind the server's back; `data_dir` is the server's (its SQLite file is there).
+    pub async fn result_zips(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> std::collections::BTreeMap<i64, Vec<u8>> {
+        match self {
+            TestDb::Sqlite => {
+                let conn = rusqlite::Connection::open(data_dir.join("jobrelay.sqlite")).unwrap();
+                let mut stmt = conn.prepare("SELECT job_id, zip FROM result_zips").unwrap();
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap()
+            }
+            TestDb::Postgres(schema) => {
+                let (client, connection) =
+                    tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+                        .await
+                        .unwrap();
+                let connection = tokio::spawn(connection);
+                let rows = client
+                    .query("SELECT job_id, zip FROM result_zips", &[])
+                    .await
+                    .unwrap();
+                drop(client);
+                let _ = connection.await;
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+            }
+        }
+    }
 }
 
 /// `on_both_databases!(#[tokio::test] async_fn_name, ...)`: for each `async fn NAME(db:

@@ -3,7 +3,6 @@
 //! `/jobs/{id}/events` and `/jobs/{id}/log`. Each parses, calls the lifecycle, [`crate::stop`] or the store's
 //! reads (on the blocking pool, through [`blocking`]) and shapes the answer.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -298,40 +297,75 @@ async fn find(shared: &Arc<Shared>, caller: &Caller, raw: &str) -> ApiResult<Job
     .await
 }
 
-async fn zip_file(path: PathBuf, id: i64, what: &str) -> ApiResult<Response> {
-    let (file, length) = blocking("opening the result ZIP", move || {
-        let file = std::fs::File::open(path).map_err(|e| {
-            ApiError::for_job(
-                StatusCode::GONE,
-                id,
-                format!("the results of job {id} are not available: {e}"),
-            )
-        })?;
-        let length = file.metadata().map(|m| m.len()).ok();
-        Ok((tokio::fs::File::from_std(file), length))
+/// Opens a result ZIP file (410 when it is not there).
+fn open_zip_file(path: &std::path::Path, id: i64) -> ApiResult<(std::fs::File, Option<u64>)> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        ApiError::for_job(
+            StatusCode::GONE,
+            id,
+            format!("the results of job {id} are not available: {e}"),
+        )
+    })?;
+    let length = file.metadata().map(|m| m.len()).ok();
+    Ok((file, length))
+}
+
+/// A stored result ZIP on its way out: kept in the database, or a file.
+enum StoredZip {
+    Db(bytes::Bytes),
+    File(std::fs::File, Option<u64>),
+}
+
+impl StoredZip {
+    /// The same answer from either place: type, name, length, bytes.
+    fn answer(self, id: i64, what: &str) -> Response {
+        let (body, length) = match self {
+            StoredZip::Db(zip) => {
+                let length = zip.len() as u64;
+                (Body::from(zip), Some(length))
+            }
+            StoredZip::File(file, length) => (
+                Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(file),
+                    STREAM_CHUNK,
+                )),
+                length,
+            ),
+        };
+        metrics::counter!("jobrelay_server_download_bytes_total").increment(length.unwrap_or(0));
+        let mut response = (
+            [
+                (header::CONTENT_TYPE, "application/zip".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"job-{id}{what}.zip\""),
+                ),
+            ],
+            body,
+        )
+            .into_response();
+        if let Some(length) = length {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, length.into());
+        }
+        response
+    }
+}
+
+/// The job's stored result ZIP, from the database (a small one, kept with its final state)
+/// or else its file, found and opened in one blocking call.
+async fn stored_zip(shared: &Arc<Shared>, id: i64, what: &str) -> ApiResult<Response> {
+    let shared = shared.clone();
+    let stored = blocking("opening the result ZIP", move || {
+        if let Some(zip) = shared.store.result_zip(id)? {
+            return Ok(StoredZip::Db(zip));
+        }
+        let (file, length) = open_zip_file(&shared.result_path(id), id)?;
+        Ok(StoredZip::File(file, length))
     })
     .await?;
-    metrics::counter!("jobrelay_server_download_bytes_total").increment(length.unwrap_or(0));
-    let mut response = (
-        [
-            (header::CONTENT_TYPE, "application/zip".to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"job-{id}{what}.zip\""),
-            ),
-        ],
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            file,
-            STREAM_CHUNK,
-        )),
-    )
-        .into_response();
-    if let Some(length) = length {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, length.into());
-    }
-    Ok(response)
+    Ok(stored.answer(id, what))
 }
 
 /// The job's state as JSON while it is not Completed (Failed, Invalid and Killed include
@@ -357,7 +391,7 @@ pub(super) async fn download(
 ) -> ApiResult<Response> {
     let job = find_waiting(&shared, &caller, &id, query).await?;
     if job.status == JobStatus::Completed {
-        zip_file(shared.result_path(job.id), job.id, "").await
+        stored_zip(&shared, job.id, "").await
     } else {
         Ok(Json(job).into_response())
     }
@@ -565,16 +599,27 @@ pub(super) async fn download_partial(
     IdPath(id, _): IdPath<ApiError>,
 ) -> ApiResult<Response> {
     let job = find(&shared, &caller, &id).await?;
-    let (stored, dir) = (shared.result_path(job.id), shared.job_dir(job.id));
-    let (stored_exists, dir_exists) = {
-        let (stored, dir) = (stored.clone(), dir.clone());
+    let dir = shared.job_dir(job.id);
+    let (stored, dir_exists) = {
+        let (shared, dir, id) = (shared.clone(), dir.clone(), job.id);
+        let finished = job.status.is_finished();
         blocking("looking for the job's files", move || {
-            Ok((stored.is_file(), dir.is_dir()))
+            // A finished job's stored results: in the database, else as a file.
+            let stored = match finished {
+                false => None,
+                true => match shared.store.result_zip(id)? {
+                    Some(zip) => Some(StoredZip::Db(zip)),
+                    None => open_zip_file(&shared.result_path(id), id)
+                        .ok()
+                        .map(|(file, length)| StoredZip::File(file, length)),
+                },
+            };
+            Ok((stored, dir.is_dir()))
         })
         .await?
     };
-    if job.status.is_finished() && stored_exists {
-        return zip_file(stored, job.id, "-partial").await;
+    if let Some(stored) = stored {
+        return Ok(stored.answer(job.id, "-partial"));
     }
     if JobStatus::ON_CLIENT.contains(&job.status) {
         if let (Some(client), Some(dest)) = (shared.client_of(job.client.as_deref()), job.dest_id) {
@@ -748,9 +793,14 @@ pub(super) async fn job_log(
             log_from_client(&shared, &job, stream, offset).await?
         }
         status if status.is_finished() => {
-            let path = shared.result_path(job.id);
+            let (shared, id) = (shared.clone(), job.id);
             blocking("reading the stored log", move || {
-                Ok(views::log_from_zip(&path, stream, offset))
+                Ok(match shared.store.result_zip(id)? {
+                    Some(zip) => views::log_from_zip(std::io::Cursor::new(zip), stream, offset),
+                    None => std::fs::File::open(shared.result_path(id))
+                        .map(|file| views::log_from_zip(file, stream, offset))
+                        .unwrap_or_default(),
+                })
             })
             .await?
         }

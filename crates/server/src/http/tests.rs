@@ -54,6 +54,10 @@ impl JobDb for GatedDb {
         let _gate = self.pass();
         self.inner.get(id)
     }
+    fn result_zip(&self, id: i64) -> anyhow::Result<Option<bytes::Bytes>> {
+        let _gate = self.pass();
+        self.inner.result_zip(id)
+    }
     fn transition(
         &self,
         id: i64,

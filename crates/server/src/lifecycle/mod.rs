@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::scheduler::{Ask, Capacity, Decision, Scheduler, ServiceId, Waiting};
-use crate::store::{Change, Job, JobResources, JobStatus};
+use crate::store::{Change, Job, JobResources, JobStatus, ResultZip};
 pub use table::{JobTable, JobWatch};
 
 /// Longest wait before a job that could not be sent is offered to the scheduler again.
@@ -43,8 +43,10 @@ pub enum Effect {
     Kill { client: String, dest: i64 },
     /// Tell client `client` that payload `dest`'s copy may go.
     Release { client: String, dest: i64 },
-    /// The job's uploaded files may go: its results are stored (the ZIP holds them too).
-    DropInputs(i64),
+    /// The job's uploaded files may go once its results are stored (the ZIP holds them too):
+    /// `results_in_db` when the commit kept its ZIP in the database, else only if its result
+    /// file is there.
+    DropInputs { id: i64, results_in_db: bool },
     /// Offer job `id` to the scheduler again after `after` ([`Lifecycle::offer_again`]).
     OfferAgain { id: i64, after: Duration },
     /// The run's end could not be committed (the database failed): ask the job's client
@@ -677,13 +679,14 @@ impl Lifecycle {
     }
 
     /// The client reports a final state other than Completed (Failed, Invalid, Killed); the
-    /// partial results are already stored, if any.
+    /// partial results are already stored as a file, or are `zip`, kept in the same commit.
     pub fn ended_on_client(
         &self,
         job: &Job,
         status: JobStatus,
         exit_code: Option<i32>,
         reason: Option<String>,
+        zip: Option<ResultZip>,
     ) -> Effects {
         let message = reason.unwrap_or_else(|| match (status, exit_code) {
             (JobStatus::Failed, Some(code)) => format!("run.sh exited with code {code}"),
@@ -691,27 +694,44 @@ impl Lifecycle {
             (JobStatus::Killed, _) => "killed on the client".into(),
             _ => format!("{status} on the client"),
         });
+        let results_in_db = zip.is_some();
         let change = Change {
             message: Some(message),
             exit_code: exit_code.map(Some),
+            result_zip: zip,
             ..Default::default()
         };
         let ending = self.end(job, &JobStatus::ON_CLIENT, status, change);
         Self::after_end(job, ending, || {
-            with_release(job, vec![Effect::DropInputs(job.id)])
+            with_release(
+                job,
+                vec![Effect::DropInputs {
+                    id: job.id,
+                    results_in_db,
+                }],
+            )
         })
     }
 
-    /// The job's result ZIP is stored: Completed.
-    pub fn completed(&self, job: &Job) -> Effects {
+    /// The job's result ZIP is stored as a file, or is `zip`, kept in the database by this
+    /// very commit: Completed.
+    pub fn completed(&self, job: &Job, zip: Option<ResultZip>) -> Effects {
+        let results_in_db = zip.is_some();
         let change = Change {
             message: Some("Job completed".into()),
             exit_code: Some(Some(0)),
+            result_zip: zip,
             ..Default::default()
         };
         let ending = self.end(job, &JobStatus::ON_CLIENT, JobStatus::Completed, change);
         Self::after_end(job, ending, || {
-            with_release(job, vec![Effect::DropInputs(job.id)])
+            with_release(
+                job,
+                vec![Effect::DropInputs {
+                    id: job.id,
+                    results_in_db,
+                }],
+            )
         })
     }
 
@@ -763,7 +783,8 @@ impl Lifecycle {
         Ok(Some(done))
     }
 
-    /// The retention period is over: Cleaned (its timeline dropped in the same commit).
+    /// The retention period is over: Cleaned (its timeline and a result ZIP kept in the
+    /// database dropped in the same commit).
     /// `true` if this did it; the files go after.
     pub fn expired(&self, id: i64) -> anyhow::Result<bool> {
         Ok(self

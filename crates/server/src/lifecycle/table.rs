@@ -172,6 +172,10 @@ impl JobTable {
     pub fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
         self.db.history(id)
     }
+    /// The result ZIP kept in the database for job `id`, if any.
+    pub fn result_zip(&self, id: i64) -> anyhow::Result<Option<bytes::Bytes>> {
+        self.db.result_zip(id)
+    }
     pub fn counts(&self, user: Option<i64>) -> anyhow::Result<Vec<(String, String, i64)>> {
         self.db.counts(user)
     }

@@ -402,6 +402,47 @@ async fn a_completion_racing_terminate_keeps_its_whole_zip() {
     );
 }
 
+/// The same race with a small result, kept in the database by the commit of Completed: the
+/// terminate's partial ZIP neither replaces it nor stays behind as a file.
+#[tokio::test]
+async fn a_completion_kept_in_the_database_racing_terminate_keeps_its_whole_zip() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let f = fixture(&format!("http://{}", listener.local_addr().unwrap()), 1);
+    let job = f.upload();
+    let run = f.submitted(&f.dispatch()[0], 1);
+    let whole = zip_of("out.txt", b"the whole result");
+    let (shared, id, whole_zip) = (f.shared.clone(), job.id, whole.clone());
+    let server = fake_client(listener, zip_of("out.txt", b"half"), move || {
+        shared
+            .store
+            .transition(
+                id,
+                &JobStatus::ON_CLIENT,
+                JobStatus::Completed,
+                Change {
+                    result_zip: Some(crate::store::ResultZip(whole_zip.clone().into())),
+                    ..Change::message("Job completed")
+                },
+            )
+            .unwrap()
+            .expect("the job is on its client");
+    });
+    let outcome = stop::terminate(&f.shared, run.id).await.unwrap();
+    server.abort();
+    assert!(
+        matches!(outcome, Terminated::AlreadyFinished(ref job) if job.status == JobStatus::Completed),
+        "terminate won against a committed completion"
+    );
+    assert_eq!(
+        f.shared.store.result_zip(job.id).unwrap().as_deref(),
+        Some(&whole[..])
+    );
+    assert!(
+        files_in(&f.shared.results_dir).is_empty(),
+        "the partial ZIP was left as a file"
+    );
+}
+
 /// The other side of defect 5's fix: a terminate that wins holds its partial ZIP, stored
 /// before Killed is committed when no result is there, and put over a result found there
 /// (one a lost run left) once Killed is committed.
@@ -457,10 +498,10 @@ fn a_late_word_about_an_old_run_never_moves_the_next_run() {
     ));
     assert_eq!(
         f.lifecycle()
-            .ended_on_client(&old_run, JobStatus::Failed, Some(3), None),
+            .ended_on_client(&old_run, JobStatus::Failed, Some(3), None, None),
         []
     );
-    assert_eq!(f.lifecycle().completed(&old_run), []);
+    assert_eq!(f.lifecycle().completed(&old_run, None), []);
     assert_eq!(f.lifecycle().run_lost(&old_run, "lost again"), []);
     f.lifecycle().running(&old_run);
     // A terminate carried to the old run's client commits nothing on the new run: the caller
@@ -575,7 +616,7 @@ fn a_run_end_the_database_refuses_is_asked_of_the_client_again() {
 
     let refused = refuse_moves_to(&f, JobStatus::Completed);
     assert_eq!(
-        f.lifecycle().completed(&run),
+        f.lifecycle().completed(&run, None),
         [Effect::CheckLater {
             job: Box::new(run.clone()),
             after: super::CHECK_AGAIN_AFTER_A_FAILED_COMMIT,
@@ -588,8 +629,14 @@ fn a_run_end_the_database_refuses_is_asked_of_the_client_again() {
     );
     drop(refused);
 
-    let effects = f.lifecycle().completed(&run);
-    assert!(effects.contains(&Effect::DropInputs(run.id)), "{effects:?}");
+    let effects = f.lifecycle().completed(&run, None);
+    assert!(
+        effects.contains(&Effect::DropInputs {
+            id: run.id,
+            results_in_db: false
+        }),
+        "{effects:?}"
+    );
     assert_eq!(f.get(run.id).status, JobStatus::Completed);
     assert!(!f.is_active(run.id));
 }

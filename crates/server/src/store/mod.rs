@@ -220,6 +220,27 @@ pub struct Change {
     /// Commit only while the job is in this run (its dispatch key): an event about a run
     /// (its end, its loss, a failing check) must never move a later run of the same job.
     pub only_run: Option<Option<String>>,
+    /// The job's result ZIP (at most [`MAX_RESULT_IN_DB`]), kept in the database in the same
+    /// transaction as the final state it comes with (replacing one kept before): the job is
+    /// Completed if and only if its ZIP is there, with no file, fsync or rename of its own.
+    pub result_zip: Option<ResultZip>,
+}
+
+/// Result ZIPs up to this size (256 KiB) are kept in the database, in the commit of the
+/// final state that comes with them (`result_zips`, keyed by job id), rather than as
+/// `<data>/results/<id>.zip`; larger ones stay files. The results of short jobs are small,
+/// and on this machine a new inode, its fsync and its rename cost more than a trivial job's
+/// whole database work. The same size bounds what a result fetch gathers in memory.
+pub const MAX_RESULT_IN_DB: usize = 256 * 1024;
+
+/// A result ZIP held in memory on its way into the database (cheap to clone).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResultZip(pub bytes::Bytes);
+
+impl std::fmt::Debug for ResultZip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ResultZip({} bytes)", self.0.len())
+    }
 }
 
 /// Where a job's notifications go, given at upload (or the service's default) and stored
@@ -360,6 +381,10 @@ pub trait JobDb: Send + Sync {
         to: JobStatus,
         change: Change,
     ) -> anyhow::Result<Option<Job>>;
+    /// The result ZIP kept in the database for job `id` ([`Change::result_zip`]); `None`
+    /// when it has none there (its results are a file, or it has none). Removed by the
+    /// commit that marks the job Cleaned.
+    fn result_zip(&self, id: i64) -> anyhow::Result<Option<bytes::Bytes>>;
     /// Every state a job went through, oldest first.
     fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>>;
     /// Number of jobs per (service, status), of one user or of all.

@@ -668,6 +668,18 @@ impl JobDb for PgDb {
         )?;
         Ok(jobs.into_iter().next())
     }
+    fn result_zip(&self, id: i64) -> anyhow::Result<Option<bytes::Bytes>> {
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached("SELECT zip FROM result_zips WHERE job_id = $1")
+                .await?;
+            let row = client.query_opt(&statement, &[&id]).await?;
+            Ok(match row {
+                Some(row) => Some(bytes::Bytes::from(row.try_get::<_, Vec<u8>>(0)?)),
+                None => None,
+            })
+        })
+    }
     fn transition(
         &self,
         id: i64,
@@ -744,6 +756,7 @@ impl JobDb for PgDb {
         });
         let (channel, epoch) = (self.channel.clone(), self.fence.load(Ordering::SeqCst));
         let refused = self.refused.clone();
+        let result_zip = change.result_zip;
         self.with_client(move |mut client| async move {
             let tx = client.transaction().await?;
             if let Err(e) = check_fence(&tx, epoch).await {
@@ -795,7 +808,20 @@ impl JobDb for PgDb {
                     )
                     .await?;
                 tx.execute(&statement, &[&id]).await?;
+                let statement = tx
+                    .prepare_cached("DELETE FROM result_zips WHERE job_id = $1")
+                    .await?;
+                tx.execute(&statement, &[&id]).await?;
             } else {
+                if let Some(zip) = &result_zip {
+                    let statement = tx
+                        .prepare_cached(
+                            "INSERT INTO result_zips (job_id, zip) VALUES ($1, $2)
+                             ON CONFLICT (job_id) DO UPDATE SET zip = EXCLUDED.zip",
+                        )
+                        .await?;
+                    tx.execute(&statement, &[&id, &&zip.0[..]]).await?;
+                }
                 record_event(&tx, &job, now, to).await?;
                 let (url, events) = (row.try_get(CALLBACK_AT)?, row.try_get(CALLBACK_AT + 1)?);
                 queue_notification(&tx, &job, url, events, now).await?;
@@ -1501,7 +1527,7 @@ mod tests {
         let versions = db
             .column::<i32>("SELECT version FROM schema_migrations", vec![])
             .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4]);
+        assert_eq!(versions, [1, 2, 3, 4, 5]);
         // A database migrated by a newer version is refused, by name.
         scratch.exec("INSERT INTO schema_migrations VALUES (999, 'future', 0)");
         drop(db);
@@ -1525,7 +1551,7 @@ mod tests {
         scratch.exec(
             "ALTER TABLE jobs DROP COLUMN cores, DROP COLUMN memory_mb, DROP COLUMN gpus,
                  DROP COLUMN walltime_s, DROP COLUMN priority;
-             DROP TABLE user_usage, upload_rate;
+             DROP TABLE user_usage, upload_rate, result_zips;
              DELETE FROM schema_migrations WHERE version > 1;",
         );
         let db = scratch.open();
@@ -1539,7 +1565,7 @@ mod tests {
                 vec![],
             )
             .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4]);
+        assert_eq!(versions, [1, 2, 3, 4, 5]);
     }
 
     #[test]

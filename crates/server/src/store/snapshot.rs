@@ -52,6 +52,9 @@ pub struct Snapshot {
     pub usage: Vec<UsageRow>,
     /// Each user's upload token bucket: (service, user id, kept instant in ms).
     pub rates: Vec<(String, i64, i64)>,
+    /// Result ZIPs kept in the database (job id, the ZIP's bytes), by job id; each at most
+    /// [`super::MAX_RESULT_IN_DB`].
+    pub result_zips: Vec<(i64, Vec<u8>)>,
     /// The highest job id ever handed out (the database's sequence, its rows and the mark):
     /// new ids continue after it.
     pub highest_id: i64,
@@ -64,6 +67,8 @@ pub struct Moved {
     pub events: usize,
     pub notifications: usize,
     pub abandoned_runs: usize,
+    /// Result ZIPs kept in the database.
+    pub result_zips: usize,
     /// The id the next upload gets.
     pub next_id: i64,
 }

@@ -271,6 +271,12 @@ impl SqliteDb {
                  tat_ms INTEGER NOT NULL,
                  PRIMARY KEY (service, user_id)
              );
+             -- Result ZIPs of at most MAX_RESULT_IN_DB (issue 18), written in the commit of
+             -- the final state they come with, deleted in the one that marks the job Cleaned.
+             CREATE TABLE IF NOT EXISTS result_zips (
+                 job_id INTEGER PRIMARY KEY,
+                 zip BLOB NOT NULL
+             );
              CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(next_ms)
                  WHERE next_ms IS NOT NULL;
              CREATE INDEX IF NOT EXISTS webhook_outbox_by_job ON webhook_outbox(job_id);
@@ -523,6 +529,10 @@ impl SqliteDb {
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
                 .map_err(|e| self.sql_err(e))?;
+        let result_zips = read("SELECT job_id, zip FROM result_zips ORDER BY job_id")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.sql_err(e))?;
         let highest: i64 = tx
             .query_row(
                 "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
@@ -540,6 +550,7 @@ impl SqliteDb {
             abandoned,
             usage,
             rates,
+            result_zips,
             highest_id: highest.max(mark),
         })
     }
@@ -635,6 +646,13 @@ impl JobDb for SqliteDb {
         let conn = crate::sync::lock_off_worker(&self.conn);
         conn.prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
             .and_then(|mut stmt| stmt.query_row([id], job_from_row).optional())
+            .map_err(|e| self.sql_err(e))
+    }
+    fn result_zip(&self, id: i64) -> anyhow::Result<Option<bytes::Bytes>> {
+        let conn = crate::sync::lock_off_worker(&self.conn);
+        conn.prepare_cached("SELECT zip FROM result_zips WHERE job_id = ?1")
+            .and_then(|mut stmt| stmt.query_row([id], |r| r.get::<_, Vec<u8>>(0)).optional())
+            .map(|zip| zip.map(bytes::Bytes::from))
             .map_err(|e| self.sql_err(e))
     }
     fn transition(
@@ -741,8 +759,18 @@ impl JobDb for SqliteDb {
                 )
                 .and_then(|mut stmt| stmt.execute([id]))
                 .map_err(|e| self.sql_err(e))?;
+                tx.prepare_cached("DELETE FROM result_zips WHERE job_id = ?1")
+                    .and_then(|mut stmt| stmt.execute([id]))
+                    .map_err(|e| self.sql_err(e))?;
             }
             Some(job) => {
+                if let Some(zip) = &change.result_zip {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO result_zips (job_id, zip) VALUES (?1, ?2)",
+                    )
+                    .and_then(|mut stmt| stmt.execute(params![id, &zip.0[..]]))
+                    .map_err(|e| self.sql_err(e))?;
+                }
                 record_event(
                     &tx,
                     id,

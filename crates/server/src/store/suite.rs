@@ -6,7 +6,7 @@
 use super::postgres::testing::Scratch;
 use super::{
     now_ms, AbandonedRun, Callback, Change, DeliveryEnd, JobDb, JobResources, JobStatus,
-    ListFilter, SqliteDb, UsageRow,
+    ListFilter, ResultZip, SqliteDb, UsageRow,
 };
 
 /// A database the suite runs on: `open` gives a store on it (the same data each time, as a
@@ -77,7 +77,188 @@ suite!(
     fair_share_usage_is_kept_across_a_reopening,
     a_rate_quota_counts_across_a_reopening,
     a_deposed_leader_changes_no_job,
+    a_result_zip_is_kept_with_its_final_state_and_removed_with_cleaned,
+    a_change_that_does_not_commit_keeps_no_result_zip,
 );
+
+/// A small result ZIP goes into the database in the commit of the job's final state: read
+/// back whole (after a reopening, as a restarted server finds it), replaced by a later
+/// commit that carries another, and gone with the commit that marks the job Cleaned.
+fn a_result_zip_is_kept_with_its_final_state_and_removed_with_cleaned(backend: &Backend) {
+    let store = backend.open();
+    let insert = || {
+        store
+            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .unwrap()
+            .id
+    };
+    let (done, other) = (insert(), insert());
+    // Every byte value, and the largest size kept.
+    let zip: Vec<u8> = (0..super::MAX_RESULT_IN_DB)
+        .map(|i| (i * 7 % 256) as u8)
+        .collect();
+    let with_zip = |bytes: &[u8]| Change {
+        result_zip: Some(ResultZip(bytes::Bytes::copy_from_slice(bytes))),
+        ..Change::message("Job completed")
+    };
+    assert_eq!(store.result_zip(done).unwrap(), None);
+    store
+        .transition(
+            done,
+            &[JobStatus::Queued],
+            JobStatus::Running,
+            Change::default(),
+        )
+        .unwrap()
+        .unwrap();
+    store
+        .transition(
+            done,
+            &[JobStatus::Running],
+            JobStatus::Completed,
+            with_zip(&zip),
+        )
+        .unwrap()
+        .expect("the job was Running");
+    store
+        .transition(
+            other,
+            &[JobStatus::Queued],
+            JobStatus::Failed,
+            with_zip(b"partial"),
+        )
+        .unwrap()
+        .unwrap();
+    drop(store);
+    let store = backend.open();
+    assert_eq!(store.result_zip(done).unwrap().as_deref(), Some(&zip[..]));
+    assert_eq!(
+        store.result_zip(other).unwrap().as_deref(),
+        Some(&b"partial"[..])
+    );
+    // A later commit with a ZIP replaces the one kept.
+    store
+        .transition(
+            other,
+            &[JobStatus::Failed],
+            JobStatus::Killed,
+            with_zip(b"again"),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.result_zip(other).unwrap().as_deref(),
+        Some(&b"again"[..])
+    );
+    // Cleaned: gone, the other job's kept.
+    store
+        .transition(
+            done,
+            &JobStatus::FINISHED,
+            JobStatus::Cleaned,
+            Change::message("files removed"),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.result_zip(done).unwrap(), None);
+    assert_eq!(
+        store.result_zip(other).unwrap().as_deref(),
+        Some(&b"again"[..])
+    );
+    drop(store);
+    assert_eq!(backend.open().result_zip(done).unwrap(), None);
+}
+
+/// A final state that does not commit keeps no ZIP: not when the job is in none of the
+/// states it comes from, not when it is in another run, not when the database refuses the
+/// transaction (here a trigger, standing for a failing disk or a lost connection).
+fn a_change_that_does_not_commit_keeps_no_result_zip(backend: &Backend) {
+    let store = backend.open();
+    let id = store
+        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .unwrap()
+        .id;
+    let completed = |only_run: Option<Option<String>>| Change {
+        result_zip: Some(ResultZip(bytes::Bytes::from_static(b"a whole zip"))),
+        only_run,
+        ..Change::message("Job completed")
+    };
+    // Still Queued: a completion from the client states does not move it.
+    assert!(store
+        .transition(
+            id,
+            &JobStatus::ON_CLIENT,
+            JobStatus::Completed,
+            completed(None)
+        )
+        .unwrap()
+        .is_none());
+    assert_eq!(store.result_zip(id).unwrap(), None);
+    store
+        .transition(
+            id,
+            &[JobStatus::Queued],
+            JobStatus::Running,
+            Change {
+                dispatch_key: Some(Some("k:1:2".into())),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+    // A word about an earlier run.
+    assert!(store
+        .transition(
+            id,
+            &JobStatus::ON_CLIENT,
+            JobStatus::Completed,
+            completed(Some(Some("k:1:1".into())))
+        )
+        .unwrap()
+        .is_none());
+    assert_eq!(store.result_zip(id).unwrap(), None);
+    // The database refuses the transaction after the update and the ZIP's insert went
+    // through: at the timeline's row, which is written after them.
+    let postgres = store.cluster().is_some();
+    backend.exec(if postgres {
+        "CREATE FUNCTION refuse_completed() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
+         CREATE TRIGGER refuse_completed BEFORE INSERT ON job_events FOR EACH ROW
+             WHEN (NEW.status = 'Completed') EXECUTE FUNCTION refuse_completed();"
+    } else {
+        "CREATE TRIGGER refuse_completed BEFORE INSERT ON job_events
+             WHEN NEW.status = 'Completed' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+    });
+    let refused = store.transition(
+        id,
+        &JobStatus::ON_CLIENT,
+        JobStatus::Completed,
+        completed(None),
+    );
+    assert!(refused.is_err(), "{refused:?}");
+    backend.exec(if postgres {
+        "DROP TRIGGER refuse_completed ON job_events; DROP FUNCTION refuse_completed();"
+    } else {
+        "DROP TRIGGER refuse_completed;"
+    });
+    let store = backend.open();
+    assert_eq!(store.get(id).unwrap().unwrap().status, JobStatus::Running);
+    assert_eq!(store.result_zip(id).unwrap(), None);
+    // And once it commits, the ZIP is there with Completed.
+    store
+        .transition(
+            id,
+            &JobStatus::ON_CLIENT,
+            JobStatus::Completed,
+            completed(None),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.result_zip(id).unwrap().as_deref(),
+        Some(&b"a whole zip"[..])
+    );
+}
 
 /// Fencing: two servers on one database; the one whose lease epoch is no longer current
 /// has every job-state write refused (nothing changes, and it is told), a standby's too; the
@@ -711,6 +892,7 @@ fn a_sqlite_database_moves_to_postgres_whole() {
             JobStatus::Completed,
             Change {
                 exit_code: Some(Some(0)),
+                result_zip: Some(ResultZip(bytes::Bytes::from_static(b"PK a small result"))),
                 ..Change::message("done")
             },
         )
@@ -810,6 +992,7 @@ fn a_sqlite_database_moves_to_postgres_whole() {
     assert_eq!(snapshot.outbox.len(), 3);
     assert_eq!(moved.notifications, 3);
     assert_eq!(moved.abandoned_runs, 1);
+    assert_eq!(moved.result_zips, 1);
     assert_eq!(moved.next_id, 10);
     assert_eq!(pg.server_id(), sqlite.server_id());
     drop(pg);
@@ -832,6 +1015,17 @@ fn a_sqlite_database_moves_to_postgres_whole() {
         );
     }
     assert_eq!(pg.get(queued.id).unwrap().unwrap().resources, asked);
+    for id in ids {
+        assert_eq!(
+            pg.result_zip(id).unwrap(),
+            sqlite.result_zip(id).unwrap(),
+            "job {id}"
+        );
+    }
+    assert_eq!(
+        pg.result_zip(completed.id).unwrap().as_deref(),
+        Some(&b"PK a small result"[..])
+    );
     assert_eq!(pg.usage().unwrap(), [usage]);
     assert!(
         pg.take_upload_slot("example", 3, quota, t0)

@@ -33,7 +33,7 @@ pub async fn import(client: &mut Object, snapshot: &Snapshot) -> anyhow::Result<
     // or runs of jobs it no longer has; the source's replace them.
     tx.batch_execute(
         "DELETE FROM job_events; DELETE FROM webhook_outbox; DELETE FROM abandoned_runs;
-         DELETE FROM user_usage; DELETE FROM upload_rate;",
+         DELETE FROM user_usage; DELETE FROM upload_rate; DELETE FROM result_zips;",
     )
     .await?;
     tx.execute(
@@ -186,6 +186,14 @@ pub async fn import(client: &mut Object, snapshot: &Snapshot) -> anyhow::Result<
         )
         .await?;
     }
+    // One statement per ZIP: each is at most MAX_RESULT_IN_DB, so no array of them grows
+    // with the database.
+    let statement = tx
+        .prepare("INSERT INTO result_zips (job_id, zip) VALUES ($1, $2)")
+        .await?;
+    for (job_id, zip) in &snapshot.result_zips {
+        tx.execute(&statement, &[job_id, zip]).await?;
+    }
     // New uploads continue after the highest id the source handed out (a job row or an
     // upload that never committed), never on an id a platform may still hold.
     let highest = snapshot
@@ -210,6 +218,7 @@ pub async fn import(client: &mut Object, snapshot: &Snapshot) -> anyhow::Result<
         events: snapshot.events.len(),
         notifications: snapshot.outbox.len(),
         abandoned_runs: snapshot.abandoned.len(),
+        result_zips: snapshot.result_zips.len(),
         next_id,
     })
 }

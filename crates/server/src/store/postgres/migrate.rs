@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "usage_and_rates",
         include_str!("migrations/0004_usage_and_rates.sql"),
     ),
+    (
+        5,
+        "result_zips",
+        include_str!("migrations/0005_result_zips.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("jobrelay" in ASCII): every jobrelay
