@@ -11,6 +11,7 @@ pub mod config;
 pub mod confine;
 pub mod events;
 pub mod executor;
+pub mod exits;
 pub mod forkserver;
 pub mod janitor;
 pub mod load;

@@ -54,14 +54,14 @@ pub struct Prepared {
 
 /// Prepares the supervisor (`supervisor`) of `bash run.sh` in `dir`: stdin from /dev/null and
 /// stdout/stderr going to files in `dir`, confined as `confinement` says; it records the
-/// run's end in `exit_file` and runs in `cgroup` and `memory_cgroup` (a v1 one, `memcg`) if
+/// run's end in `exit` (a file, and the payload the record names) and runs in `cgroup` and `memory_cgroup` (a v1 one, `memcg`) if
 /// given.
 pub fn prepare_run(
     dir: &Path,
     marker: &str,
     confinement: &Confinement,
     extra_env: &[(String, String)],
-    exit_file: &Path,
+    exit: (&Path, u64),
     cgroup: Option<&Path>,
     memory_cgroup: Option<&Path>,
 ) -> std::io::Result<Prepared> {
@@ -72,7 +72,8 @@ pub fn prepare_run(
     env.extend(extra_env.iter().cloned());
     env.push((MARKER_VAR.to_owned(), marker.to_owned()));
     let spec = Spec {
-        exit_file: exit_file.to_path_buf(),
+        exit_file: exit.0.to_path_buf(),
+        payload: Some(exit.1),
         cgroup: cgroup.map(Path::to_path_buf),
         memory_cgroup: memory_cgroup.map(Path::to_path_buf),
         run_as: launch.run_as,

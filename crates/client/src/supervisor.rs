@@ -8,8 +8,9 @@
 //! starts `/proc/self/exe` (the `jobrelay` binary, even if it was replaced on disk since)
 //! with [`ARG`] and a JSON [`Spec`] per payload. Either way the supervisor joins the payload's cgroup
 //! and its v1 memory cgroup (if any), starts the payload as the spec says (user, resource limits, command), waits for
-//! it and writes its exit status atomically to the spec's exit file in the data directory
-//! (out of the payload's reach: `runs/`, private to the client, hidden by the sandbox), then
+//! it and records its exit status, in one write naming the payload, in the spec's exit file in
+//! the data directory (out of the payload's reach: `runs/`, private to the client, hidden by
+//! the sandbox; a file reused across payloads, see `exits`), then
 //! ends the same way as the payload (same code, or the same signal), so the client sees the
 //! payload's own status. It ignores SIGTERM, SIGINT and SIGHUP (the payload gets them back
 //! to their defaults), so stopping the payload's group does not lose the status; SIGKILL of
@@ -29,6 +30,10 @@ pub const ARG: &str = "__jobrelay-payload-supervisor";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Spec {
     pub exit_file: PathBuf,
+    /// The payload whose end is recorded in `exit_file`, named in the record (`exits`: a slot
+    /// file is reused by later payloads).
+    #[serde(default)]
+    pub payload: Option<u64>,
     /// The payload's cgroup, joined before the payload starts.
     pub cgroup: Option<PathBuf>,
     /// The payload's cgroup v1 memory cgroup (`memcg`), joined too.
@@ -78,9 +83,62 @@ impl Exit {
     }
 }
 
-/// The recorded end of a run, if its supervisor wrote one.
-pub fn read_exit(path: &Path) -> Option<Exit> {
-    Exit::parse(&std::fs::read_to_string(path).ok()?)
+/// Length of an exit record: each is padded to it, so one overwrites the last in full.
+const RECORD_LEN: usize = 64;
+
+/// The recorded end of payload `id`'s run in `path`, if its supervisor wrote one there: a
+/// record that names `id` (`payload <id> code 0`), or one of the older form without an id
+/// (`code 0`) in a file named by `id` alone (written by an earlier version's supervisor).
+pub fn read_exit(path: &Path, id: u64) -> Option<Exit> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match parse_record(&text) {
+        Some((Some(named), exit)) => (named == id).then_some(exit),
+        Some((None, exit)) => {
+            let own = path.file_name()? == std::ffi::OsStr::new(&id.to_string());
+            own.then_some(exit)
+        }
+        None => None,
+    }
+}
+
+/// The payload a record in `path` names, if it names one.
+pub fn recorded_payload(path: &Path) -> Option<u64> {
+    parse_record(&std::fs::read_to_string(path).ok()?).and_then(|(id, _)| id)
+}
+
+fn parse_record(text: &str) -> Option<(Option<u64>, Exit)> {
+    let text = text.trim();
+    match text.strip_prefix("payload ") {
+        Some(rest) => {
+            let (id, exit) = rest.split_once(' ')?;
+            Some((Some(id.parse().ok()?), Exit::parse(exit)?))
+        }
+        None => Some((None, Exit::parse(text)?)),
+    }
+}
+
+/// Records `exit` of payload `id` in `path`: one write at its start, of a record padded to
+/// [`RECORD_LEN`], into the file as it is (made only if missing): no new file for a slot used
+/// before (`exits`). A write cut short by a crash cannot be half a record: it is one `write`
+/// of less than a page.
+pub fn write_exit(path: &Path, id: Option<u64>, exit: Exit) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let mut record = match id {
+        Some(id) => format!("payload {id} {}", exit.text().trim_end()),
+        None => exit.text().trim_end().to_owned(),
+    };
+    let pad = RECORD_LEN.saturating_sub(record.len() + 1);
+    record.extend(std::iter::repeat_n(' ', pad));
+    record.push('\n');
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        // Kept: a slot's earlier record is overwritten in full by this one, of the same
+        // length, in one write (truncating first would leave an empty file in between).
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all_at(record.as_bytes(), 0)
 }
 
 /// In `main`, before anything else: runs the supervisor if the process was started as one,
@@ -163,12 +221,10 @@ pub fn supervise_forked(spec: &Spec) -> i32 {
             Exit::Code(127)
         }
     };
-    let tmp = spec.exit_file.with_extension("tmp");
-    if std::fs::write(&tmp, exit.text())
-        .and_then(|()| std::fs::rename(&tmp, &spec.exit_file))
-        .is_err()
-    {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = write_exit(&spec.exit_file, spec.payload, exit) {
+        // The client then goes by this process's own status (or, after a restart, finds
+        // nothing recorded: the run counts as interrupted).
+        eprintln!("jobrelay: cannot record how run.sh ended: {e}");
     }
     match exit {
         Exit::Code(code) => code,
@@ -193,7 +249,7 @@ pub fn supervise_forked(spec: &Spec) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::Exit;
+    use super::*;
 
     #[test]
     fn exit_records_round_trip_and_garbage_is_none() {
@@ -203,5 +259,26 @@ mod tests {
         for bad in ["", "code", "code x", "signal 9 9", "exit 1"] {
             assert_eq!(Exit::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_record_counts_only_for_the_payload_it_names_and_overwrites_a_longer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("s1");
+        write_exit(&slot, Some(123_456_789), Exit::Signal(15)).unwrap();
+        write_exit(&slot, Some(1), Exit::Code(0)).unwrap();
+        assert_eq!(std::fs::metadata(&slot).unwrap().len(), RECORD_LEN as u64);
+        assert_eq!(read_exit(&slot, 1), Some(Exit::Code(0)));
+        assert_eq!(read_exit(&slot, 123_456_789), None);
+        assert_eq!(recorded_payload(&slot), Some(1));
+        // The older form, without an id, only in a file named by the payload's id.
+        let own = dir.path().join("7");
+        write_exit(&own, None, Exit::Code(2)).unwrap();
+        assert_eq!(read_exit(&own, 7), Some(Exit::Code(2)));
+        assert_eq!(read_exit(&own, 8), None);
+        std::fs::write(&slot, "code 3\n").unwrap();
+        assert_eq!(read_exit(&slot, 1), None);
+        std::fs::write(&slot, "payload x code 3\n").unwrap();
+        assert_eq!(read_exit(&slot, 1), None);
     }
 }

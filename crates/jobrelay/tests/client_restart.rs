@@ -285,21 +285,38 @@ async fn a_client_whose_id_counter_is_behind_its_payloads_refuses_to_start() {
     assert!(next > first, "new id {next} must be above {first}");
 }
 
-/// An exit file left by a client killed between a payload's final record and the file's
-/// removal is removed at the next start (and does not change the record).
+/// Exit records take no new file per payload: each payload records its end in the slot file of
+/// its id modulo 64 in `runs/`, reused by later payloads, not in a file of its own. An exit file left by a client killed
+/// between a payload's final record and the file's removal is removed at the next start, and
+/// neither it nor a slot's record changes a settled payload.
 #[tokio::test]
 async fn exit_files_of_settled_payloads_are_removed_at_start() {
     let mut client = TestClient::start(&[]);
-    let id = client.submit_script("echo ok > out.txt\n").await;
-    client.wait_for(id, "Completed").await;
+    let mut id = 0;
+    for _ in 0..3 {
+        id = client.submit_script("echo ok > out.txt\n").await;
+        client.wait_for(id, "Completed").await;
+    }
     let runs = client.data_dir().join("runs");
-    assert!(!runs.join(id.to_string()).exists(), "removed once settled");
+    let slot = runs.join(format!("s{}", id % 64));
+    assert_eq!(
+        std::fs::read_to_string(&slot).unwrap().trim(),
+        format!("payload {id} code 0")
+    );
+    assert!(!runs.join(id.to_string()).exists(), "no file of its own");
+    assert_eq!(
+        client.entries_in("runs").len(),
+        3,
+        "one slot file per payload id modulo 64, none per payload"
+    );
     client.proc.kill9();
     std::fs::write(runs.join(id.to_string()), "code 3\n").unwrap();
     std::fs::write(runs.join("999"), "code 0\n").unwrap();
+    std::fs::write(&slot, format!("payload {id} code 3\n")).unwrap();
     client.restart_after_kill9(&[]);
     assert!(!runs.join(id.to_string()).exists());
     assert!(!runs.join("999").exists());
+    // Still Completed (retrieve_zip waits for it), with its results.
     assert_eq!(client.retrieve_zip(id).await["out.txt"], b"ok\n");
 }
 

@@ -2,7 +2,7 @@
 //! of its own on this machine and, where the machine has cgroup v2, in a cgroup of its own
 //! (`cgroup`), with its memory request as a cgroup limit where the machine allows (`memcg`).
 //! Whatever a payload leaves running when `run.sh` exits, in its group or not, is
-//! killed (`process::Tracker`). The supervisor records how `run.sh` ended in `runs/<id>`, so a
+//! killed (`process::Tracker`). The supervisor records how `run.sh` ended in `runs/` (`exits`), so a
 //! client restarted after `kill -9` settles a payload that finished meanwhile from what
 //! happened, and follows one that still runs ([`LocalExecutor::reattach`]).
 //!
@@ -14,7 +14,7 @@
 
 use crate::allot::Allotment;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,17 +27,19 @@ use tokio::time::Instant;
 use super::{Ended, Progress};
 use crate::cgroup::CgroupTree;
 use crate::confine::Confinement;
+use crate::exits::ExitFiles;
 use crate::memcg::{Enforcement, PayloadMemory};
 use crate::process::{self, Tracker};
 use crate::spawner::{self, Spawner};
-use crate::supervisor::{self, Exit};
+use crate::supervisor::Exit;
 
 /// Starts payloads locally and remembers the live ones, so that a shutdown can kill them all.
 pub struct LocalExecutor {
     live: Arc<Mutex<HashMap<u64, (u32, Tracker)>>>,
     confinement: Confinement,
     /// `<data>/runs`: the supervisors' exit files.
-    runs_dir: PathBuf,
+    /// Where supervisors record how runs ended (`runs/`).
+    exits: Arc<ExitFiles>,
     cgroups: Option<Arc<CgroupTree>>,
     /// How a payload's memory request is enforced.
     memory: Enforcement,
@@ -69,7 +71,7 @@ pub struct LocalJob {
     tracker: Tracker,
     /// Its memory cgroup, if its memory is limited by one.
     memory: Option<PayloadMemory>,
-    exit_file: PathBuf,
+    exits: Arc<ExitFiles>,
     live: Arc<Mutex<HashMap<u64, (u32, Tracker)>>>,
 }
 
@@ -122,7 +124,7 @@ impl LocalExecutor {
         Ok(LocalExecutor {
             live: Arc::default(),
             confinement,
-            runs_dir,
+            exits: Arc::new(ExitFiles::new(&runs_dir)),
             cgroups,
             memory,
             spawner: Arc::default(),
@@ -134,10 +136,6 @@ impl LocalExecutor {
         &self.memory
     }
 
-    fn exit_file(&self, id: u64) -> PathBuf {
-        self.runs_dir.join(id.to_string())
-    }
-
     pub async fn start(
         &self,
         dir: &Path,
@@ -145,8 +143,7 @@ impl LocalExecutor {
         allotment: &Allotment,
     ) -> Result<LocalJob, String> {
         let id = id_of(dir)?;
-        let exit_file = self.exit_file(id);
-        let _ = std::fs::remove_file(&exit_file);
+        let exit_file = self.exits.claim(id);
         let leaf = match &self.cgroups {
             Some(tree) => Some(
                 tree.create_leaf(&id.to_string())
@@ -155,6 +152,7 @@ impl LocalExecutor {
             None => None,
         };
         let remove_leaf = || {
+            self.exits.release(id);
             if let Some(leaf) = &leaf {
                 let _ = std::fs::remove_dir(leaf);
             }
@@ -191,7 +189,7 @@ impl LocalExecutor {
             marker,
             &confinement,
             &allotment.env(),
-            &exit_file,
+            (&exit_file, id),
             leaf.as_deref(),
             memory.as_ref().and_then(PayloadMemory::to_join),
         )
@@ -243,7 +241,7 @@ impl LocalExecutor {
             reported_running: None,
             tracker,
             memory,
-            exit_file,
+            exits: self.exits.clone(),
             live: self.live.clone(),
         })
     }
@@ -253,17 +251,17 @@ impl LocalExecutor {
     /// nothing of it is left and nothing was recorded (it is settled as interrupted).
     pub fn reattach(&self, record: &PayloadRecord, marker: &str) -> Option<LocalJob> {
         let id = record.id;
-        let exit_file = self.exit_file(id);
         let leaf = self.cgroups.as_ref().map(|t| t.leaf(&id.to_string()));
         let memory = self.memory.of_payload(&id.to_string(), leaf.as_deref());
         let tracker = match leaf {
             Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf, marker.to_owned()),
             _ => Tracker::Marker(marker.to_owned()),
         };
-        if supervisor::read_exit(&exit_file).is_none() && !tracker.supervisor_alive() {
+        if self.exits.read(id).is_none() && !tracker.supervisor_alive() {
             // Nothing to follow; the caller kills what is left (`kill_leftovers_of`).
             return None;
         }
+        self.exits.adopt(id);
         self.live.lock().unwrap().insert(id, (0, tracker.clone()));
         Some(LocalJob {
             id,
@@ -274,7 +272,7 @@ impl LocalExecutor {
             reported_running: (record.status == PayloadStatus::Running).then_some(record.pid),
             tracker,
             memory,
-            exit_file,
+            exits: self.exits.clone(),
             live: self.live.clone(),
         })
     }
@@ -297,23 +295,16 @@ impl LocalExecutor {
         left
     }
 
-    /// The payload's record is final: its exit file is no longer needed. (Removed only now,
+    /// The payload's record is final: its exit file is no longer needed. (Given up only now,
     /// so a client killed before the record was written still finds it after a restart.)
     pub fn settled(&self, id: u64) {
-        let _ = std::fs::remove_file(self.exit_file(id));
+        self.exits.release(id);
     }
 
-    /// Payload ids that have an exit file (after a restart: some may belong to payloads whose
+    /// Payload ids with a recorded end (after a restart: some may belong to payloads whose
     /// final record was written just before the previous client process died).
     pub fn exit_files(&self) -> Vec<u64> {
-        std::fs::read_dir(&self.runs_dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.exits.recorded()
     }
 
     /// SIGKILL to every live payload (client shutdown).
@@ -375,13 +366,11 @@ impl LocalJob {
         let status = self.wait_status().await;
         if status.is_none() {
             // No child to wait for: its supervisor's exit file, or nobody left.
-            while supervisor::read_exit(&self.exit_file).is_none()
-                && self.tracker.supervisor_alive()
-            {
+            while self.exits.read(self.id).is_none() && self.tracker.supervisor_alive() {
                 tokio::time::sleep(ADOPTED_POLL).await;
             }
         }
-        let mut ended = match (supervisor::read_exit(&self.exit_file), status) {
+        let mut ended = match (self.exits.read(self.id), status) {
             (Some(exit), _) => finish(exit),
             (None, Some(status)) => finish_exited(status),
             // Its supervisor died with it and recorded nothing: an interruption.
@@ -428,7 +417,7 @@ impl LocalJob {
         if status.is_none() {
             status = self.wait_status().await;
         }
-        let (exit_code, signal) = match (supervisor::read_exit(&self.exit_file), status) {
+        let (exit_code, signal) = match (self.exits.read(self.id), status) {
             (Some(exit), _) => exit.parts(),
             (None, Some(status)) => status.map(process::describe).unwrap_or((None, None)),
             (None, None) => (None, Some(Signal::SIGKILL as i32)),
