@@ -24,8 +24,9 @@ pub const SLOTS: u64 = 64;
 
 pub struct ExitFiles {
     dir: PathBuf,
-    /// Slot -> the payload that holds it.
-    held: Mutex<HashMap<u64, u64>>,
+    /// Slot -> the payload that holds it, and whether that payload's record may be in a file
+    /// of its own instead (an adopted one: its supervisor may have been given either).
+    held: Mutex<HashMap<u64, (u64, bool)>>,
 }
 
 impl ExitFiles {
@@ -50,13 +51,13 @@ impl ExitFiles {
         let slot = id % SLOTS;
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         match held.get(&slot) {
-            Some(holder) if *holder != id => {
+            Some((holder, _)) if *holder != id => {
                 let own = self.own_file(id);
                 let _ = std::fs::remove_file(&own);
                 own
             }
             _ => {
-                held.insert(slot, id);
+                held.insert(slot, (id, false));
                 self.slot_file(slot)
             }
         }
@@ -67,7 +68,7 @@ impl ExitFiles {
     pub fn adopt(&self, id: u64) {
         let slot = id % SLOTS;
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.entry(slot).or_insert(id);
+        held.entry(slot).or_insert((id, true));
     }
 
     /// How payload `id`'s run ended, if its supervisor recorded it (in its slot or in a file
@@ -83,8 +84,14 @@ impl ExitFiles {
     pub fn release(&self, id: u64) {
         let slot = id % SLOTS;
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.get(&slot) == Some(&id) {
-            held.remove(&slot);
+        if let Some((holder, maybe_own_file)) = held.get(&slot).copied() {
+            if holder == id {
+                held.remove(&slot);
+                if !maybe_own_file {
+                    // It was given its slot: no file of its own to remove.
+                    return;
+                }
+            }
         }
         drop(held);
         let _ = std::fs::remove_file(self.own_file(id));
@@ -171,7 +178,11 @@ mod tests {
         exits.adopt(9);
         let newer = exits.claim(9 + SLOTS);
         assert_eq!(newer, dir.path().join((9 + SLOTS).to_string()));
+        // An adopted payload's supervisor may have been given a file of its own.
+        write_exit(&dir.path().join("9"), Some(9), Exit::Code(0)).unwrap();
+        assert_eq!(exits.read(9), Some(Exit::Code(0)));
         exits.release(9);
+        assert!(!dir.path().join("9").exists());
         assert_eq!(exits.claim(9 + 2 * SLOTS), dir.path().join("s9"));
     }
 

@@ -18,6 +18,7 @@ pub mod load;
 pub mod memcg;
 pub mod process;
 pub mod pull;
+pub mod record_pages;
 pub mod runner;
 pub mod spawner;
 pub mod store;

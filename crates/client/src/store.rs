@@ -1,10 +1,11 @@
-//! Payload records: kept in memory, each persisted as one JSON file in the data directory
-//! (written atomically), with ids that only ever grow, also across restarts.
+//! Payload records: kept in memory, each persisted as JSON in the data directory (rewritten
+//! in place, see `record_pages`), with ids that only ever grow, also across restarts.
 //!
 //! Layout of the data directory:
 //! - `node-id`: identity of this data directory, made once;
 //! - `next-id`: ids below it may have been handed out (reserved a block at a time);
-//! - `payloads/<id>.json`: one record per payload;
+//! - `payloads/<n>.page`: the records of payloads `64 n` to `64 n + 63`, and
+//!   `payloads/<id>.json` for a record too long for its slot (`record_pages`);
 //! - `work/<id>/`: the payload's work directory;
 //! - `staging/`: uploads being received (emptied at start).
 
@@ -14,12 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use jobrelay_common::fsutil::{overwrite_padded, remove_dir_all_if_exists, write_atomic};
+use jobrelay_common::fsutil::{remove_dir_all_if_exists, write_atomic};
 use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
 use jobrelay_common::resources::Request;
 use jobrelay_common::upload::ReceivedUpload;
 
 use crate::events::EventLog;
+use crate::record_pages::RecordPages;
 use crate::workdir::{Lease, Leases};
 
 /// Milliseconds since the Unix epoch.
@@ -58,7 +60,7 @@ struct Records {
 const ID_BLOCK: u64 = 1000;
 
 pub struct PayloadStore {
-    records_dir: PathBuf,
+    pages: RecordPages,
     work_dir: PathBuf,
     staging_dir: PathBuf,
     next_id_file: PathBuf,
@@ -77,9 +79,7 @@ impl PayloadStore {
         let records_dir = data_dir.join("payloads");
         let work_dir = data_dir.join("work");
         let staging_dir = data_dir.join("staging");
-        for dir in [&records_dir, &work_dir] {
-            std::fs::create_dir_all(dir)?;
-        }
+        std::fs::create_dir_all(&work_dir)?;
         remove_dir_all_if_exists(&staging_dir)?;
         std::fs::create_dir_all(&staging_dir)?;
 
@@ -93,32 +93,7 @@ impl PayloadStore {
             }
         };
 
-        let mut by_id = BTreeMap::new();
-        for entry in std::fs::read_dir(&records_dir)? {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                // Leftover temporary file from an interrupted write.
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    serde_json::from_slice::<PayloadRecord>(&b).map_err(|e| e.to_string())
-                }) {
-                // Ids are handed out counting up from 1; one near u64::MAX is a damaged
-                // record, and trusting it would overflow the next id (a panic at every start).
-                Ok(record) if record.id >= MAX_ID => {
-                    tracing::error!(path = %path.display(), id = record.id, "payload record with an impossible id skipped")
-                }
-                Ok(record) => {
-                    by_id.insert(record.id, record);
-                }
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "unreadable payload record skipped")
-                }
-            }
-        }
+        let (pages, by_id) = RecordPages::open(&records_dir, MAX_ID)?;
         let next_id_file = data_dir.join("next-id");
         let stored_next = std::fs::read_to_string(&next_id_file)
             .ok()
@@ -135,7 +110,7 @@ impl PayloadStore {
             .filter_map(|r| r.key.clone().map(|k| (k, r.id)))
             .collect();
         Ok(PayloadStore {
-            records_dir,
+            pages,
             work_dir,
             staging_dir,
             next_id_file,
@@ -163,24 +138,9 @@ impl PayloadStore {
         self.work_dir.join(id.to_string())
     }
 
-    /// Writes a new record: a new file, atomically.
+    /// Writes a record, new or over its earlier version (`record_pages`).
     fn persist(&self, record: &PayloadRecord) -> io::Result<()> {
-        let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
-        write_atomic(
-            &self.records_dir.join(format!("{}.json", record.id)),
-            &bytes,
-        )
-    }
-
-    /// Rewrites an existing record in place (no new file, see `overwrite_padded`), or
-    /// atomically through a new file when it cannot be.
-    fn persist_again(&self, record: &PayloadRecord) -> io::Result<()> {
-        let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
-        let path = self.records_dir.join(format!("{}.json", record.id));
-        if overwrite_padded(&path, &bytes)? {
-            return Ok(());
-        }
-        write_atomic(&path, &bytes)
+        self.pages.write(record)
     }
 
     /// Turns a received upload into a Prepared payload, or returns the payload an earlier
@@ -260,7 +220,7 @@ impl PayloadStore {
         if updated.status.is_finished() && updated.finished_ms.is_none() {
             updated.finished_ms = Some(now_ms());
         }
-        if let Err(e) = self.persist_again(&updated) {
+        if let Err(e) = self.persist(&updated) {
             // Memory stays the truth for this run; the next write will try again.
             tracing::error!(id, error = %e, "could not persist payload record");
         }

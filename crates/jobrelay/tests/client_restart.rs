@@ -285,10 +285,11 @@ async fn a_client_whose_id_counter_is_behind_its_payloads_refuses_to_start() {
     assert!(next > first, "new id {next} must be above {first}");
 }
 
-/// Exit records take no new file per payload: each payload records its end in the slot file of
-/// its id modulo 64 in `runs/`, reused by later payloads, not in a file of its own. An exit file left by a client killed
-/// between a payload's final record and the file's removal is removed at the next start, and
-/// neither it nor a slot's record changes a settled payload.
+/// Exit records take no new file per payload: each payload records its end in the slot file
+/// of its id modulo 64 in `runs/`, reused by later payloads, not in a file of its own. An exit
+/// file left by a client killed between a payload's final record and the file's removal is
+/// removed at the next start, and neither it nor a slot's record changes a settled payload.
+/// Records too share files, 64 to a page (`record_pages`).
 #[tokio::test]
 async fn exit_files_of_settled_payloads_are_removed_at_start() {
     let mut client = TestClient::start(&[]);
@@ -308,6 +309,11 @@ async fn exit_files_of_settled_payloads_are_removed_at_start() {
         client.entries_in("runs").len(),
         3,
         "one slot file per payload id modulo 64, none per payload"
+    );
+    assert_eq!(
+        client.entries_in("payloads"),
+        ["0.page"],
+        "the records of payloads 0 to 63 share one page file"
     );
     client.proc.kill9();
     std::fs::write(runs.join(id.to_string()), "code 3\n").unwrap();
