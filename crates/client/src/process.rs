@@ -138,9 +138,12 @@ impl Prepared {
 /// marker (which a process can shed by exec'ing with a clean environment; see SECURITY.md).
 #[derive(Debug, Clone)]
 pub enum Tracker {
-    /// The payload's cgroup leaf, and its marker: a process running as the client's own user
-    /// can move itself out of the leaf, so the marker is swept too at every end.
-    Cgroup(PathBuf, String),
+    /// The payload's cgroup leaf, and its marker when the leaf alone does not hold all of it:
+    /// a process running as the client's own user can move itself out of the leaf, so the
+    /// marker is swept too at every end. A payload of another user (`--run-as`) cannot (the
+    /// cgroup tree is the client's), so its leaf is the whole story and no sweep reads every
+    /// process's environment at its end.
+    Cgroup(PathBuf, Option<String>),
     Marker(String),
 }
 
@@ -160,7 +163,7 @@ impl Tracker {
             // Its own first step joins the leaf: until then it carries only the marker.
             Tracker::Cgroup(leaf, marker) => {
                 let mut pids = cgroup::pids(leaf);
-                if pids.is_empty() {
+                if let Some(marker) = marker.as_deref().filter(|_| pids.is_empty()) {
                     pids = marked(marker);
                 }
                 pids
@@ -210,7 +213,9 @@ impl Tracker {
         match self {
             Tracker::Cgroup(leaf, marker) => {
                 cgroup::kill_and_remove(leaf, LEFTOVER_LIMIT).await;
-                kill_all_marked(marker).await;
+                if let Some(marker) = marker {
+                    kill_all_marked(marker).await;
+                }
             }
             Tracker::Marker(marker) => kill_all_marked(marker).await,
         }
@@ -221,7 +226,9 @@ impl Tracker {
         match self {
             Tracker::Cgroup(leaf, marker) => {
                 cgroup::kill(leaf);
-                kill_marked(marker);
+                if let Some(marker) = marker {
+                    kill_marked(marker);
+                }
             }
             Tracker::Marker(marker) => {
                 kill_marked(marker);
@@ -305,6 +312,7 @@ pub fn kill_marked(marker: &str) -> usize {
 
 /// Pids of the live processes whose environment carries `marker`.
 pub fn marked(marker: &str) -> Vec<i32> {
+    metrics::counter!("jobrelay_client_marker_sweeps_total").increment(1);
     let wanted = format!("{MARKER_VAR}={marker}");
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();

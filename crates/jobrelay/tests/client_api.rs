@@ -552,6 +552,75 @@ async fn with_cgroups_a_leftover_that_leaves_its_cgroup_dies_too() {
         !pid_alive(pid),
         "the leftover that left its cgroup survived"
     );
+    assert!(marker_sweeps(&client).await >= 1, "the marker was swept");
+}
+
+/// How many times the client has read every process's environment for a payload's marker.
+async fn marker_sweeps(client: &TestClient) -> u64 {
+    let metrics = client
+        .http
+        .get(client.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("jobrelay_client_marker_sweeps_total "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A `--run-as` payload cannot move a process out of its cgroup leaf (the tree is the
+/// client's user's), so its leaf alone holds all of it: the leftover dies at the payload's end
+/// and no sweep reads every process's environment for its marker (that scan was a tenth of the
+/// client's CPU per trivial payload, issue 18).
+#[tokio::test]
+async fn with_cgroups_a_run_as_payload_cannot_leave_its_leaf_and_needs_no_marker_sweep() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root()
+        || nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        eprintln!("skipped: needs root and the user nobody");
+        return;
+    }
+    let client = TestClient::start(&["--run-as", "nobody"]);
+    if !client
+        .proc
+        .log()
+        .contains("payloads run in cgroups of their own")
+    {
+        eprintln!("skipped: no writable cgroup v2 with cgroup.kill here (marker fallback)");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pid_file = scratch.path().join("tried");
+    let script = format!(
+        "setsid sleep 300 </dev/null >/dev/null 2>&1 &\n\
+         child=$!\n\
+         mnt=$(awk '$3==\"cgroup2\" {{print $2; exit}}' /proc/mounts)\n\
+         cg=$(sed -n 's/^0:://p' /proc/$child/cgroup)\n\
+         echo $child > \"$mnt$cg/../../cgroup.procs\" 2>/dev/null\n\
+         grep -q \"^0::$cg$\" /proc/$child/cgroup && echo still-inside > inside.txt\n\
+         echo $child > {p}\n",
+        p = pid_file.display()
+    );
+    let id = client.submit_script(&script).await;
+    let pid = read_pid(&pid_file).await;
+    let entries = client.retrieve_zip(id).await;
+    assert_eq!(
+        entries.get("inside.txt").map(Vec::as_slice),
+        Some(&b"still-inside\n"[..])
+    );
+    assert!(!pid_alive(pid), "the run-as leftover survived");
+    let second = client.submit_script("echo ok > out.txt\n").await;
+    client.wait_for(second, "Completed").await;
+    assert_eq!(marker_sweeps(&client).await, 0);
 }
 
 /// A payload with a memory cgroup that is killed on request leaves no cgroup behind, and its

@@ -194,8 +194,15 @@ impl LocalExecutor {
             memory.as_ref().and_then(PayloadMemory::to_join),
         )
         .map_err(|e| failed(e.to_string()))?;
+        let another_user = confinement
+            .run_as
+            .as_ref()
+            .is_some_and(|r| r.uid != nix::unistd::geteuid().as_raw());
         let tracker = match &leaf {
-            Some(leaf) => Tracker::Cgroup(leaf.clone(), marker.to_owned()),
+            // A payload of another user cannot leave its leaf, and its supervisor (the
+            // client's user) joins it before it starts the payload, by either path.
+            Some(leaf) if another_user => Tracker::Cgroup(leaf.clone(), None),
+            Some(leaf) => Tracker::Cgroup(leaf.clone(), Some(marker.to_owned())),
             None => Tracker::Marker(marker.to_owned()),
         };
         // With a leaf, the fork server; without (a forked supervisor would not carry the
@@ -254,7 +261,8 @@ impl LocalExecutor {
         let leaf = self.cgroups.as_ref().map(|t| t.leaf(&id.to_string()));
         let memory = self.memory.of_payload(&id.to_string(), leaf.as_deref());
         let tracker = match leaf {
-            Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf, marker.to_owned()),
+            // Its supervisor may not have joined the leaf before the last client died.
+            Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf, Some(marker.to_owned())),
             _ => Tracker::Marker(marker.to_owned()),
         };
         if self.exits.read(id).is_none() && !tracker.supervisor_alive() {
@@ -285,7 +293,7 @@ impl LocalExecutor {
         let leaf = self.cgroups.as_ref().map(|tree| tree.leaf(&id.to_string()));
         let memory = self.memory.of_payload(&id.to_string(), leaf.as_deref());
         let tracker = match leaf {
-            Some(leaf) => process::Tracker::Cgroup(leaf, marker.to_owned()),
+            Some(leaf) => process::Tracker::Cgroup(leaf, Some(marker.to_owned())),
             None => process::Tracker::Marker(marker.to_owned()),
         };
         tracker.kill_all().await;
