@@ -17,7 +17,8 @@
 //! - spawner → client ([`Reply`]): `{"reply":"started","req","pid"}` once the forked
 //!   supervisor is in its process group (its pid), its cgroup leaf and memory cgroup, with
 //!   its logs open as stdout/stderr, stdin /dev/null, in the work directory; or
-//!   `{"reply":"failed","req","error"}` (the child told why, exited 127 and was reaped);
+//!   `{"reply":"failed","req","error"}` (the child told why, exited 127 and was reaped; or
+//!   it was not in place within 30 s, `JOBRELAY_SPAWNER_PLACE_TIMEOUT_MS`, and was killed);
 //!   then `{"reply":"ended","pid","code"|"signal"}` when that supervisor ends (it ends as the
 //!   payload did).
 //!
@@ -104,7 +105,16 @@ pub fn serve() -> i32 {
             );
             return 1;
         }
-        let server = Server { sfd, old_mask: old };
+        let place_timeout_ms = std::env::var(PLACE_TIMEOUT_VAR)
+            .ok()
+            .and_then(|v| v.parse::<libc::c_int>().ok())
+            .filter(|ms| *ms > 0)
+            .unwrap_or(PLACE_TIMEOUT_MS);
+        let server = Server {
+            sfd,
+            old_mask: old,
+            place_timeout_ms,
+        };
         server.run()
     }
 }
@@ -112,7 +122,17 @@ pub fn serve() -> i32 {
 struct Server {
     sfd: libc::c_int,
     old_mask: libc::sigset_t,
+    /// Longest a forked child may take to say it is in place.
+    place_timeout_ms: libc::c_int,
 }
+
+/// Longest a forked supervisor may take to get in place (join its cgroups, open its logs,
+/// enter its work directory: milliseconds, unless a file system hangs) before the fork server
+/// kills it and answers "failed": one stuck child must not stop every later payload's start.
+const PLACE_TIMEOUT_MS: libc::c_int = 30_000;
+
+/// Overrides [`PLACE_TIMEOUT_MS`] (milliseconds), for the fork server's process.
+pub const PLACE_TIMEOUT_VAR: &str = "JOBRELAY_SPAWNER_PLACE_TIMEOUT_MS";
 
 impl Server {
     fn run(&self) -> i32 {
@@ -251,8 +271,19 @@ impl Server {
             self.child(&start, write_end);
         }
         drop(write_end);
-        let mut said = Vec::new();
-        let _ = std::fs::File::from(read_end).read_to_end(&mut said);
+        let Some(said) = read_report(read_end, self.place_timeout_ms) else {
+            // Reaped by the loop later; its "ended" is for no payload the client follows.
+            // SAFETY: kill of our own child, not yet reaped (so its pid is still its own).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return Reply::Failed {
+                req,
+                error: format!(
+                    "the supervisor was not in place within {} ms (its cgroup, its logs or \
+                     its work directory did not answer); killed",
+                    self.place_timeout_ms
+                ),
+            };
+        };
         if said == [0] {
             return Reply::Started {
                 req,
@@ -294,6 +325,42 @@ impl Server {
                 // SAFETY: as above.
                 unsafe { libc::_exit(127) }
             }
+        }
+    }
+}
+
+/// What the child wrote on its report pipe until it closed it, or `None` past `timeout_ms`.
+fn read_report(pipe: OwnedFd, timeout_ms: libc::c_int) -> Option<Vec<u8>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms as u64);
+    let mut pipe = std::fs::File::from(pipe);
+    let mut said = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut fd = libc::pollfd {
+            fd: pipe.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut fd, 1, left.as_millis().max(1) as libc::c_int) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Some(said);
+        }
+        if ready == 0 {
+            continue;
+        }
+        match pipe.read(&mut chunk) {
+            Ok(0) => return Some(said),
+            Ok(n) => said.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Some(said),
         }
     }
 }

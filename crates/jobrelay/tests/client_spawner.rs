@@ -270,3 +270,114 @@ async fn without_cgroups_supervisors_are_exec_d_by_the_client() {
     std::fs::write(s.join("job-go"), "").unwrap();
     assert_eq!(client.retrieve_zip(id).await["out.txt"], b"job\n");
 }
+
+/// A forked supervisor stuck on its way into place (here its cgroup's `cgroup.procs` is a FIFO
+/// nobody reads, so opening it to join blocks, as a hung file system would) does not stop the
+/// fork server: past its place timeout it kills that child and answers "failed", and the next
+/// start is served and runs.
+#[test]
+fn a_supervisor_stuck_getting_in_place_is_killed_and_the_next_start_is_served() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let stuck = root.join("stuck-cgroup");
+    std::fs::create_dir(&stuck).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(stuck.join("cgroup.procs"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let work = root.join("work");
+    std::fs::create_dir(&work).unwrap();
+    for log in ["out", "err"] {
+        std::fs::write(work.join(log), "").unwrap();
+    }
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let spawner = std::process::Command::new(binary())
+        .args([SUPERVISOR_ARG, "--spawner"])
+        .env("JOBRELAY_SPAWNER_PLACE_TIMEOUT_MS", "500")
+        .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    /// Whatever the test's outcome: the fork server killed, and a child still stuck on the
+    /// FIFO let go (opening its other end lets its open return).
+    struct Cleanup(std::process::Child, std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&self.1);
+        }
+    }
+    let _cleanup = Cleanup(spawner, stuck.join("cgroup.procs"));
+    let request = |req: u64, cgroup: Option<&std::path::Path>, exit: &str| {
+        serde_json::json!({
+            "req": req,
+            "dir": work,
+            "stdout": work.join("out"),
+            "stderr": work.join("err"),
+            "spec": {
+                "exit_file": root.join(exit),
+                "payload": req,
+                "cgroup": cgroup,
+                "run_as": null,
+                "limits": {},
+                "argv": ["/bin/sh", "-c", "echo ran > ran.txt"],
+            },
+        })
+        .to_string()
+            + "\n"
+    };
+    let mut writer = ours.try_clone().unwrap();
+    ours.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut replies = BufReader::new(ours);
+    let mut next = || {
+        let mut line = String::new();
+        replies.read_line(&mut line).expect("a reply within 20 s");
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    writer
+        .write_all(request(1, Some(&stuck), "exit1").as_bytes())
+        .unwrap();
+    let failed = next();
+    assert_eq!(failed["reply"], "failed", "{failed}");
+    assert_eq!(failed["req"], 1);
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("not in place within 500 ms"),
+        "{failed}"
+    );
+    writer
+        .write_all(request(2, None, "exit2").as_bytes())
+        .unwrap();
+    let mut started = None;
+    let mut ended = 0;
+    // The killed child's "ended" may come before or after the second start's replies.
+    while started.is_none() || ended < 2 {
+        let reply = next();
+        match reply["reply"].as_str().unwrap() {
+            "started" => started = Some(reply["pid"].as_u64().unwrap()),
+            "ended" => ended += 1,
+            other => panic!("unexpected {other}: {reply}"),
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(work.join("ran.txt")).unwrap(),
+        "ran\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("exit2")).unwrap().trim(),
+        "payload 2 code 0"
+    );
+}
