@@ -54,6 +54,52 @@ pub fn write_zip<W: Write>(dir: &Path, out: W) -> io::Result<W> {
     write_entries(&root, listing, out)
 }
 
+/// A ZIP archive of files held in memory (name relative to the job directory with '/',
+/// bytes), as [`write_zip`] writes a directory holding them: a directory entry for each
+/// directory on their paths, files readable by all (0644), deflated when that pays.
+pub fn zip_of_files<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> io::Result<Vec<u8>> {
+    let mut zip = ZipWriter::new(io::Cursor::new(Vec::new()));
+    let mut dirs = std::collections::BTreeSet::new();
+    for (name, bytes) in files {
+        for (at, _) in name.match_indices('/') {
+            let dir = &name[..=at];
+            if dirs.insert(dir.to_owned()) {
+                let options = SimpleFileOptions::default()
+                    .compression_method(CompressionMethod::Stored)
+                    .unix_permissions(0o755);
+                zip.add_directory(dir, options).map_err(io::Error::other)?;
+            }
+        }
+        let compressible = bytes.len() >= 64 && {
+            let mut encoder = flate2::write::DeflateEncoder::new(
+                Vec::with_capacity(bytes.len()),
+                flate2::Compression::fast(),
+            );
+            encoder
+                .write_all(&bytes[..bytes.len().min(SAMPLE)])
+                .and_then(|_| encoder.finish())
+                .is_ok_and(|c| c.len() * 10 < bytes.len().min(SAMPLE) * 9)
+        };
+        let options = SimpleFileOptions::default()
+            .unix_permissions(0o644)
+            .compression_method(if compressible {
+                CompressionMethod::Deflated
+            } else {
+                CompressionMethod::Stored
+            });
+        let options = if compressible {
+            options.compression_level(Some(1))
+        } else {
+            options
+        };
+        zip.start_file(name, options).map_err(io::Error::other)?;
+        zip.write_all(bytes)?;
+    }
+    Ok(zip.finish().map_err(io::Error::other)?.into_inner())
+}
+
 /// Writes the listed entries of the directory `root` as a ZIP archive to `out`. Whatever
 /// changed since the listing (a running job) cannot lead outside `root`.
 fn write_entries<W: Write>(root: &File, listing: Listing, out: W) -> io::Result<W> {

@@ -1,6 +1,8 @@
 //! Receives a multipart upload into a fresh staging directory, streaming every file to disk
 //! as it arrives. The directory is removed again unless the caller persists it, so a refused
-//! or broken upload leaves nothing behind.
+//! or broken upload leaves nothing behind. [`receive_keeping_small`] holds an upload whose
+//! files total at most a bound in memory instead (no directory, no file), and spills it to a
+//! staging directory as soon as it passes the bound.
 //!
 //! Every part that has a filename is a file, whatever its field name, as in the deployed
 //! reference (its server sends `/submit` with one part per file, named by the file's path
@@ -123,6 +125,27 @@ pub struct ReceivedUpload {
     pub total_bytes: u64,
 }
 
+/// A complete upload from [`receive_keeping_small`]: its files in memory, or in a staging
+/// directory once they passed the bound.
+#[derive(Debug)]
+pub struct KeptUpload {
+    /// Stored file names, in arrival order.
+    pub files: Vec<String>,
+    /// Text fields (the last value wins when a name repeats).
+    pub fields: BTreeMap<String, String>,
+    pub total_bytes: u64,
+    pub contents: Contents,
+}
+
+/// Where the files of a [`KeptUpload`] are.
+#[derive(Debug)]
+pub enum Contents {
+    /// Every file's bytes, in the order of [`KeptUpload::files`]; nothing is on disk.
+    InMemory(Vec<bytes::Bytes>),
+    /// In a staging directory, as [`receive`] leaves them.
+    Staged(StagingDir),
+}
+
 /// Refuses a request at once when its declared length is far beyond the limit.
 pub fn check_content_length(headers: &HeaderMap, limit: u64) -> Result<(), UploadError> {
     let declared = headers
@@ -194,12 +217,46 @@ pub async fn receive(
 /// [`receive`], refusing the upload as soon as it brings more than `max_files` files (so a
 /// body of a million tiny files does not fill the staging directory first).
 pub async fn receive_at_most(
-    mut multipart: Multipart,
+    multipart: Multipart,
     staging_root: &Path,
     limit: u64,
     max_files: usize,
 ) -> Result<ReceivedUpload, UploadError> {
-    let result = receive_fields(&mut multipart, staging_root, limit, max_files).await;
+    let upload = receive_kept(multipart, staging_root, limit, max_files, None).await?;
+    match upload.contents {
+        Contents::Staged(staging) => Ok(ReceivedUpload {
+            staging,
+            files: upload.files,
+            fields: upload.fields,
+            total_bytes: upload.total_bytes,
+        }),
+        Contents::InMemory(_) => unreachable!("no bound given: every upload is staged"),
+    }
+}
+
+/// [`receive_at_most`], holding the files in memory while they total at most `in_memory`
+/// bytes: such an upload touches no disk ([`Contents::InMemory`]). The first byte past the
+/// bound makes a staging directory, writes the files held so far into it and goes on as
+/// [`receive_at_most`] does ([`Contents::Staged`]). Names, limits and errors are the same
+/// either way.
+pub async fn receive_keeping_small(
+    multipart: Multipart,
+    staging_root: &Path,
+    limit: u64,
+    max_files: usize,
+    in_memory: u64,
+) -> Result<KeptUpload, UploadError> {
+    receive_kept(multipart, staging_root, limit, max_files, Some(in_memory)).await
+}
+
+async fn receive_kept(
+    mut multipart: Multipart,
+    staging_root: &Path,
+    limit: u64,
+    max_files: usize,
+    in_memory: Option<u64>,
+) -> Result<KeptUpload, UploadError> {
+    let result = receive_fields(&mut multipart, staging_root, limit, max_files, in_memory).await;
     if let Err(e) = &result {
         if !matches!(e, UploadError::Malformed(_)) {
             drain_multipart(&mut multipart).await;
@@ -208,18 +265,47 @@ pub async fn receive_at_most(
     result
 }
 
+/// Files held in memory so far: path relative to the job directory, bytes.
+type Held = Vec<(PathBuf, bytes::Bytes)>;
+
+/// Makes a staging directory under `root` and writes the files `held` into it, in one
+/// blocking call.
+async fn spill(root: &Path, held: Held) -> Result<StagingDir, UploadError> {
+    let root = root.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let staging = StagingDir::create(&root)?;
+        for (relative, bytes) in held {
+            let dest = staging.path().join(relative);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&dest, &bytes)?;
+        }
+        Ok::<_, io::Error>(staging)
+    })
+    .await
+    .map_err(|e| UploadError::from_io(io::Error::other(e)))?
+    .map_err(UploadError::from_io)
+}
+
 async fn receive_fields(
     multipart: &mut Multipart,
     staging_root: &Path,
     limit: u64,
     max_files: usize,
-) -> Result<ReceivedUpload, UploadError> {
-    let staging = StagingDir::create(staging_root).map_err(UploadError::from_io)?;
-    let mut upload = ReceivedUpload {
-        staging,
+    in_memory: Option<u64>,
+) -> Result<KeptUpload, UploadError> {
+    // Without a bound the staging directory is made first, as it always was.
+    let mut staging = match in_memory {
+        None => Some(StagingDir::create(staging_root).map_err(UploadError::from_io)?),
+        Some(_) => None,
+    };
+    let mut held: Held = Vec::new();
+    let mut upload = KeptUpload {
         files: Vec::new(),
         fields: BTreeMap::new(),
         total_bytes: 0,
+        contents: Contents::InMemory(Vec::new()),
     };
     let mut names = NameSet::default();
     while let Some(field) = multipart
@@ -254,8 +340,18 @@ async fn receive_fields(
                     name: name.clone(),
                     why,
                 })?;
-                let dest = upload.staging.path().join(relative);
-                store_file(field, &dest, limit, &mut upload.total_bytes).await?;
+                let mut field = field;
+                let (head, ended) = read_head(&mut field, limit, &mut upload.total_bytes).await?;
+                let bound = in_memory.unwrap_or(0);
+                if staging.is_none() && ended && upload.total_bytes <= bound {
+                    held.push((relative, head.into()));
+                } else {
+                    if staging.is_none() {
+                        staging = Some(spill(staging_root, std::mem::take(&mut held)).await?);
+                    }
+                    let dest = staging.as_ref().expect("staged").path().join(relative);
+                    store_file(field, head, ended, &dest, limit, &mut upload.total_bytes).await?;
+                }
                 upload.files.push(name);
             }
             None if field_name == FILE_FIELD => {
@@ -273,6 +369,10 @@ async fn receive_fields(
     if upload.files.is_empty() {
         return Err(UploadError::NoFiles);
     }
+    upload.contents = match staging {
+        Some(staging) => Contents::Staged(staging),
+        None => Contents::InMemory(held.into_iter().map(|(_, bytes)| bytes).collect()),
+    };
     Ok(upload)
 }
 
@@ -300,14 +400,14 @@ pub fn stored_name<'a>(field_name: &'a str, file_name: &'a str) -> &'a str {
 /// one blocking call (directory, create, write) rather than one per operation.
 const SMALL_FILE: usize = 64 * 1024;
 
-async fn store_file(
-    mut field: Field<'_>,
-    dest: &Path,
+/// Reads a file part until it ends or holds more than [`SMALL_FILE`] bytes: the bytes read,
+/// and whether the part ended. Counts them against `limit`.
+async fn read_head(
+    field: &mut Field<'_>,
     limit: u64,
     total: &mut u64,
-) -> Result<(), UploadError> {
+) -> Result<(Vec<u8>, bool), UploadError> {
     let mut head = Vec::new();
-    let mut small = true;
     while let Some(chunk) = field
         .chunk()
         .await
@@ -319,11 +419,23 @@ async fn store_file(
         }
         head.extend_from_slice(&chunk);
         if head.len() > SMALL_FILE {
-            small = false;
-            break;
+            return Ok((head, false));
         }
     }
-    if small {
+    Ok((head, true))
+}
+
+/// Writes a file part to `dest`: `head`, read by [`read_head`], then the rest of the part
+/// unless it `ended` (a small file: written in one blocking call).
+async fn store_file(
+    mut field: Field<'_>,
+    head: Vec<u8>,
+    ended: bool,
+    dest: &Path,
+    limit: u64,
+    total: &mut u64,
+) -> Result<(), UploadError> {
+    if ended {
         let dest = dest.to_path_buf();
         return tokio::task::spawn_blocking(move || {
             if let Some(parent) = dest.parent() {

@@ -297,3 +297,83 @@ fn any_multipart_body_is_stored_within_its_directory_or_refused_leaving_nothing(
         assert!(left.is_empty(), "seed {seed}: {} entries left", left.len());
     }
 }
+
+/// The server's receiver that keeps small uploads in memory takes and refuses exactly what
+/// the staging one does, with the same names, fields, sizes and bytes: held in memory when
+/// the files total at most its bound, else in a staging directory (spilled at the first byte
+/// past it); either way nothing is left once the upload is dropped.
+#[test]
+fn keeping_small_uploads_in_memory_changes_nothing_but_where_they_are() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let request = |body: &Vec<u8>| {
+        Request::builder()
+            .method("POST")
+            .uri("/upload")
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(axum::body::Body::from(body.clone()))
+            .unwrap()
+    };
+    for seed in seeds().into_iter().take((cases() / 5).max(1) as usize) {
+        let mut rng = Rng(seed);
+        let body = valid_body(&mut rng);
+        let body = if rng.below(2) == 0 {
+            mutate(&mut rng, body)
+        } else {
+            body
+        };
+        let limit = [64, 1000, 1 << 20][rng.below(3)];
+        let bound = [0, 10, 100, 1 << 20][rng.below(4)];
+        let (staged, kept) = runtime.block_on(async {
+            let multipart = Multipart::from_request(request(&body), &()).await.unwrap();
+            let staged = upload::receive(multipart, root.path(), limit).await;
+            let multipart = Multipart::from_request(request(&body), &()).await.unwrap();
+            let kept =
+                upload::receive_keeping_small(multipart, root.path(), limit, usize::MAX, bound)
+                    .await;
+            (staged, kept)
+        });
+        match (staged, kept) {
+            (Ok(staged), Ok(kept)) => {
+                assert_eq!(kept.files, staged.files, "seed {seed}");
+                assert_eq!(kept.fields, staged.fields, "seed {seed}");
+                assert_eq!(kept.total_bytes, staged.total_bytes, "seed {seed}");
+                let expected: Vec<Vec<u8>> = staged
+                    .files
+                    .iter()
+                    .map(|name| std::fs::read(staged.staging.path().join(name)).unwrap())
+                    .collect();
+                let got: Vec<Vec<u8>> = match &kept.contents {
+                    upload::Contents::InMemory(contents) => {
+                        assert!(kept.total_bytes <= bound, "seed {seed}");
+                        contents.iter().map(|b| b.to_vec()).collect()
+                    }
+                    upload::Contents::Staged(dir) => {
+                        assert!(kept.total_bytes > bound, "seed {seed}");
+                        kept.files
+                            .iter()
+                            .map(|name| std::fs::read(dir.path().join(name)).unwrap())
+                            .collect()
+                    }
+                };
+                assert!(got == expected, "seed {seed}: the bytes differ");
+            }
+            (Err(staged), Err(kept)) => {
+                assert_eq!(
+                    kept.status(),
+                    staged.status(),
+                    "seed {seed}: {kept} / {staged}"
+                );
+            }
+            (staged, kept) => panic!("seed {seed}: {staged:?} but {kept:?}"),
+        }
+        let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert!(left.is_empty(), "seed {seed}: {} entries left", left.len());
+    }
+}

@@ -290,11 +290,11 @@ async fn every_refused_upload_leaves_nothing_behind() {
     // Nothing in the database either: ids are never reused, and the first accepted job is 1.
     let id = upload_job(&http, url, 1, "example", run).await;
     assert_eq!(id, 1);
-    assert_eq!(
-        tree(&data.join("jobs")).len(),
-        2,
-        "the job's directory and run.sh"
-    );
+    // A small upload: its run.sh in the database with it (issue 18), no directory.
+    assert!(tree(&data.join("jobs")).is_empty(), "{:?}", tree(&data));
+    let kept = support::db::TestDb::Sqlite.input_files(&data).await;
+    assert_eq!(kept.keys().collect::<Vec<_>>(), [&id]);
+    assert_eq!(kept[&id].len(), 1, "the job's run.sh");
 }
 
 #[tokio::test]

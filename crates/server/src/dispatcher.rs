@@ -11,10 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::clients::ClientHandle;
-use crate::gateway::{self, JobFile, Submitted};
+use crate::gateway::{self, FileBody, JobFile, Submitted};
 use crate::results;
 use crate::scheduler::Decision;
-use crate::store::{Job, JobStatus};
+use crate::store::{InputFile, Job, JobStatus};
 use crate::Shared;
 
 /// When this environment variable is set, the server exits right after a client accepted a
@@ -193,7 +193,9 @@ pub async fn resend(shared: Arc<Shared>, job: Job) {
     }
 }
 
-/// Lists the regular files below `dir`, by name relative to it.
+/// Lists the regular files below `dir`, by name relative to it: a directory's files by
+/// name, then its sub-directories, the last by name first (the order of a stack), each the
+/// same way. [`in_listing_order`] gives the same order to files kept in the database.
 fn files_of(dir: &Path) -> std::io::Result<Vec<JobFile>> {
     let mut out = Vec::new();
     let mut stack = vec![(String::new(), dir.to_path_buf())];
@@ -208,8 +210,10 @@ fn files_of(dir: &Path) -> std::io::Result<Vec<JobFile>> {
             } else if kind.is_file() {
                 out.push(JobFile {
                     name,
-                    path: entry.path(),
-                    len: entry.metadata()?.len(),
+                    body: FileBody::Disk {
+                        path: entry.path(),
+                        len: entry.metadata()?.len(),
+                    },
                 });
             }
         }
@@ -217,20 +221,69 @@ fn files_of(dir: &Path) -> std::io::Result<Vec<JobFile>> {
     Ok(out)
 }
 
-/// The job's files, listed and sized in one blocking call (not one per operation).
-async fn list_files(dir: &Path) -> std::io::Result<Vec<JobFile>> {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || files_of(&dir))
-        .await
-        // Cancelled: the runtime is shutting down (the server is stopping), the files are fine.
-        .map_err(|e| {
-            let kind = if e.is_cancelled() {
-                std::io::ErrorKind::Interrupted
-            } else {
-                std::io::ErrorKind::Other // a panic: the job's files could not be read
-            };
-            std::io::Error::new(kind, e)
-        })?
+/// Sorts the files of an upload kept in the database into the order [`files_of`] would list
+/// them from its directory, so a client's `/submit` is the same either way.
+pub fn in_listing_order(files: &mut [InputFile]) {
+    files.sort_by(|a, b| listing_order(&a.name, &b.name));
+}
+
+/// [`files_of`]'s order of two names of one upload (relative paths with '/'; never the same
+/// name twice, nor a file where the other has a directory: `NameSet` refuses both). Where
+/// they part: a file before a directory, files by name, directories the last first.
+fn listing_order(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.split('/').collect(), b.split('/').collect());
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    match (a.get(common), b.get(common)) {
+        (Some(x), Some(y)) => match (common + 1 == a.len(), common + 1 == b.len()) {
+            (true, true) => x.cmp(y),
+            (true, false) => Ordering::Less,
+            (false, true) => Ordering::Greater,
+            (false, false) => y.cmp(x),
+        },
+        _ => a.len().cmp(&b.len()),
+    }
+}
+
+/// Why a job's files could not be had for a send.
+enum Unlisted {
+    /// The server is stopping (the blocking task was cancelled): the files are fine.
+    Stopping(String),
+    /// The database did not answer: worth trying again.
+    Store(String),
+    /// The job's directory could not be read.
+    Unreadable(std::io::Error),
+}
+
+/// The job's files: those kept in the database with its row, else those of its directory,
+/// read and sized in one blocking call (not one per operation).
+async fn job_files(shared: &Arc<Shared>, id: i64) -> Result<Vec<JobFile>, Unlisted> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let kept = shared
+            .store
+            .input_files(id)
+            .map_err(|e| Unlisted::Store(format!("{e:#}")))?;
+        if !kept.is_empty() {
+            return Ok(kept
+                .into_iter()
+                .map(|file| JobFile {
+                    name: file.name,
+                    body: FileBody::Kept(file.bytes),
+                })
+                .collect());
+        }
+        files_of(&shared.job_dir(id)).map_err(Unlisted::Unreadable)
+    })
+    .await
+    .map_err(|e| {
+        if e.is_cancelled() {
+            Unlisted::Stopping(e.to_string())
+        } else {
+            // A panic: the job's files could not be read.
+            Unlisted::Unreadable(std::io::Error::other(e))
+        }
+    })?
 }
 
 /// Streams the job's files to the client and records the payload it became.
@@ -239,15 +292,25 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
         .has("key")
         .then(|| job.dispatch_key.clone())
         .flatten();
-    let files = match list_files(&shared.job_dir(job.id)).await {
+    let files = match job_files(shared, job.id).await {
         Ok(files) => files,
         // The server is stopping: the job stays Processing and the next start sends it again
         // (with the same key), as after a crash. Failing it would lose a job that is whole.
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+        Err(Unlisted::Stopping(e)) => {
             tracing::warn!(job = job.id, error = %e, "send interrupted by the stop; resent at the next start");
             return;
         }
-        Err(e) => {
+        // Its inputs may be in the database, which did not answer: a failed send, tried
+        // again later, as when the client does not answer.
+        Err(Unlisted::Store(e)) => {
+            let why = format!("the job's files could not be read from the database: {e}");
+            let effects = shared
+                .lifecycle
+                .send_failed(&job, &why, results::backoff(job.attempts));
+            crate::effects::perform(shared, effects).await;
+            return;
+        }
+        Err(Unlisted::Unreadable(e)) => {
             shared.lifecycle.failed(
                 &job,
                 &[JobStatus::Processing],
@@ -334,4 +397,64 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
         }
     };
     crate::effects::perform(shared, effects).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files kept in the database are sent in the order a directory holding them is listed:
+    /// a tree with files and directories at several depths, names that sort differently as
+    /// paths and as components (`a.b` and `a/…`, `B` before `a`), shuffled each round.
+    #[test]
+    fn kept_inputs_are_sent_in_the_order_their_directory_would_be() {
+        let names = [
+            "run.sh",
+            "B",
+            "a.b",
+            "a/x",
+            "a/b/c",
+            "a/b/a",
+            "a/ab/z",
+            "a/a",
+            "ab",
+            "z/y/x/w",
+            "z/0",
+            "data/in.pdb",
+            "data/sub/1",
+            "data/sub2/1",
+            "data/sub-2/1",
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for name in names {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, name).unwrap();
+        }
+        let listed: Vec<String> = files_of(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        assert_eq!(listed.len(), names.len());
+        let mut seed = 0x5eed_u64;
+        for _ in 0..50 {
+            let mut kept: Vec<InputFile> = names
+                .iter()
+                .map(|name| InputFile {
+                    name: (*name).to_owned(),
+                    bytes: bytes::Bytes::from_static(b""),
+                })
+                .collect();
+            for i in (1..kept.len()).rev() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                kept.swap(i, (seed >> 33) as usize % (i + 1));
+            }
+            in_listing_order(&mut kept);
+            let sorted: Vec<&str> = kept.iter().map(|f| f.name.as_str()).collect();
+            assert_eq!(sorted, listed);
+        }
+    }
 }

@@ -34,9 +34,7 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
                     crate::gateway::release(shared, &client, dest).await;
                 }
             }
-            Effect::DropInputs { id, results_in_db } => {
-                drop_inputs(shared, id, results_in_db).await
-            }
+            Effect::DropInputs { id, with_commit } => drop_inputs(shared, id, with_commit).await,
             Effect::CheckLater { job, after } => {
                 let checking = shared.clone();
                 shared.job_tasks.spawn(async move {
@@ -55,17 +53,24 @@ async fn perform_all(shared: &Arc<Shared>, effects: Effects) {
     }
 }
 
-/// Removes a finished job's uploaded files once its results (whole or partial) are stored,
-/// in the database (`results_in_db`: the commit said so) or as a file: they are in the result
-/// ZIP too, and may be large. Without stored results they stay, for `/download_partial`,
-/// until the janitor.
-async fn drop_inputs(shared: &Shared, id: i64, results_in_db: bool) {
-    if !results_in_db && !shared.result_path(id).is_file() {
-        return;
-    }
+/// Removes a finished job's uploaded files once its results (whole or partial) are stored:
+/// they are in the result ZIP too, and may be large. `with_commit`: the commit of its final
+/// state stored them and deleted the input files kept in the database; else they are stored
+/// only if the result file is there (a terminate's partial ZIP), and the rows go now. Without
+/// stored results they stay, for `/download_partial`, until the janitor.
+async fn drop_inputs(shared: &Arc<Shared>, id: i64, with_commit: bool) {
     let dir = shared.job_dir(id);
+    let shared = shared.clone();
     let _ = tokio::task::spawn_blocking(move || {
-        jobrelay_common::fsutil::remove_dir_all_if_exists(&dir)
+        if !with_commit {
+            if !shared.result_path(id).is_file() {
+                return;
+            }
+            if let Err(e) = shared.store.drop_inputs(id) {
+                tracing::warn!(job = id, error = %e, "could not delete the job's kept inputs");
+            }
+        }
+        let _ = jobrelay_common::fsutil::remove_dir_all_if_exists(&dir);
     })
     .await;
 }

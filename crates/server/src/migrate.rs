@@ -62,6 +62,11 @@ impl std::fmt::Display for Report {
             "  result ZIPs kept in the database: {}",
             self.moved.result_zips
         )?;
+        writeln!(
+            f,
+            "  input files kept in the database: {}",
+            self.moved.input_files
+        )?;
         writeln!(f, "  database identity: {}", self.server_id)?;
         writeln!(f, "  next job id: {}", self.moved.next_id)?;
         write!(

@@ -261,7 +261,7 @@ mod tests {
         let shared = server.shared.clone();
         let job = shared
             .lifecycle
-            .uploaded(1, "example", None, &Default::default(), |id| {
+            .uploaded(1, "example", None, &Default::default(), &[], |id| {
                 std::fs::create_dir_all(shared.job_dir(id))?;
                 std::fs::write(shared.job_dir(id).join("run.sh"), "true\n")
             })

@@ -279,7 +279,7 @@ async fn terminate_on_client(
             let effects = vec![
                 Effect::DropInputs {
                     id: job.id,
-                    results_in_db: false,
+                    with_commit: false,
                 },
                 Effect::Release {
                     client: client.base().to_owned(),

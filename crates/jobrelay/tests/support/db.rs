@@ -130,6 +130,52 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The input files the server's database keeps (`input_files`, issue 18): by job id,
+    /// (name, bytes) in their stored order; read behind the server's back.
+    pub async fn input_files(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> std::collections::BTreeMap<i64, Vec<(String, Vec<u8>)>> {
+        let rows: Vec<(i64, String, Vec<u8>)> = match self {
+            TestDb::Sqlite => {
+                let conn = rusqlite::Connection::open(data_dir.join("jobrelay.sqlite")).unwrap();
+                let mut stmt = conn
+                    .prepare("SELECT job_id, name, bytes FROM input_files ORDER BY job_id, pos")
+                    .unwrap();
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap()
+            }
+            TestDb::Postgres(schema) => {
+                let (client, connection) =
+                    tokio_postgres::connect(&schema.url, tokio_postgres::NoTls)
+                        .await
+                        .unwrap();
+                let connection = tokio::spawn(connection);
+                let rows = client
+                    .query(
+                        "SELECT job_id, name, bytes FROM input_files ORDER BY job_id, pos",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                drop(client);
+                let _ = connection.await;
+                rows.iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect()
+            }
+        };
+        let mut out = std::collections::BTreeMap::<i64, Vec<(String, Vec<u8>)>>::new();
+        for (id, name, bytes) in rows {
+            out.entry(id).or_default().push((name, bytes));
+        }
+        out
+    }
+}
+
 /// `on_both_databases!(#[tokio::test] async_fn_name, ...)`: for each `async fn NAME(db:
 /// TestDb)`, a test `sqlite::NAME` and a test `postgres::NAME` (skipped with the reason
 /// printed without `JOBRELAY_TEST_POSTGRES`), each with the attributes given (`#[tokio::test]`

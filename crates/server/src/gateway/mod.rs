@@ -34,7 +34,7 @@ pub use control::{kill, release, Killed};
 pub use feeds::{events, log, Log};
 pub use health::{load, probe, Probe, REFUSES_TOKEN};
 pub use retrieve::{look, retrieve, retrieve_partial, ResultZip, Retrieved};
-pub use submit::{submit, JobFile, Submitted};
+pub use submit::{submit, FileBody, JobFile, Submitted};
 
 /// Timeout of the small requests (`/info`, `/health`, `/load`, `/release`, `/log`, a look
 /// at one payload).

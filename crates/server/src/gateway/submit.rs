@@ -40,11 +40,18 @@ pub enum Submitted {
 }
 
 /// A file of a job, as sent in the form: its name relative to the job's directory (with
-/// '/'), where it is, and its size.
+/// '/'), and its bytes.
 pub struct JobFile {
     pub name: String,
-    pub path: PathBuf,
-    pub len: u64,
+    pub body: FileBody,
+}
+
+/// Where a job file's bytes are.
+pub enum FileBody {
+    /// In the job's directory, `len` bytes.
+    Disk { path: PathBuf, len: u64 },
+    /// Kept in the database with the job, read into memory.
+    Kept(bytes::Bytes),
 }
 
 /// The multipart form of a submission: field `key` first when given, then the job's request
@@ -73,10 +80,15 @@ fn form_for(files: Vec<JobFile>, key: Option<&str>, resources: &JobResources) ->
         }
     }
     for file in files {
-        form = form.part(
-            "file",
-            Part::stream_with_length(lazy_file_body(file.path), file.len).file_name(file.name),
-        );
+        // The same part either way: a known length, no content type, the name as filename.
+        let part = match file.body {
+            FileBody::Disk { path, len } => Part::stream_with_length(lazy_file_body(path), len),
+            FileBody::Kept(bytes) => {
+                let len = bytes.len() as u64;
+                Part::stream_with_length(reqwest::Body::from(bytes), len)
+            }
+        };
+        form = form.part("file", part.file_name(file.name));
     }
     form
 }

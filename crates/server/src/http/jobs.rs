@@ -24,7 +24,7 @@ use crate::auth::{Caller, OwnerRefused};
 use crate::gateway::{self, Failure, Log};
 use crate::http::error::{blocking, ApiError, ApiResult, IdPath, JobAnswer};
 use crate::stop::{self, Terminated};
-use crate::store::{Job, JobEvent, JobStatus, ListFilter, Notification};
+use crate::store::{InputFile, Job, JobEvent, JobStatus, ListFilter, Notification};
 use crate::webhooks::JobWithNotifications;
 use crate::{views, Shared};
 
@@ -105,8 +105,8 @@ pub struct UploadForm {
     priority: Option<i64>,
 }
 
-/// Upload a job: its files, its user and its service. The files are on disk and the job
-/// committed before the answer.
+/// Upload a job: its files, its user and its service. The files are stored (on disk, or in
+/// the database when they total at most 64 KiB) and the job committed before the answer.
 #[utoipa::path(
     post,
     path = "/upload",
@@ -144,11 +144,14 @@ pub(super) async fn upload(
         .map(|s| s.max_files)
         .max()
         .unwrap_or(usize::MAX);
-    let received = upload::receive_at_most(
+    // Files totalling at most MAX_INPUTS_IN_DB stay in memory and go into the database with
+    // the job's row; past that they are staged on disk, as always.
+    let received = upload::receive_keeping_small(
         multipart,
         &shared.staging_dir,
         shared.config.max_upload,
         most_files,
+        crate::store::MAX_INPUTS_IN_DB as u64,
     )
     .await?;
     let given =
@@ -221,7 +224,21 @@ pub(super) async fn upload(
         return Err(ApiError::new(StatusCode::BAD_REQUEST, why));
     }
     let (files, bytes) = (received.files.len(), received.total_bytes);
-    let staging = received.staging;
+    // Kept in the database: in the order the dispatcher sends a job directory's files, so
+    // a client receives the same `/submit` either way.
+    let (inputs, staging) = match received.contents {
+        upload::Contents::InMemory(contents) => {
+            let mut inputs: Vec<InputFile> = received
+                .files
+                .into_iter()
+                .zip(contents)
+                .map(|(name, bytes)| InputFile { name, bytes })
+                .collect();
+            crate::dispatcher::in_listing_order(&mut inputs);
+            (inputs, None)
+        }
+        upload::Contents::Staged(staging) => (Vec::new(), Some(staging)),
+    };
     let job = blocking("committing the upload", {
         let (shared, service) = (shared.clone(), service.clone());
         move || {
@@ -245,9 +262,17 @@ pub(super) async fn upload(
             }
             shared
                 .lifecycle
-                .uploaded(user_id, &service, callback.as_ref(), &resources, |id| {
-                    staging.persist(&shared.job_dir(id))
-                })
+                .uploaded(
+                    user_id,
+                    &service,
+                    callback.as_ref(),
+                    &resources,
+                    &inputs,
+                    |id| match staging {
+                        Some(staging) => staging.persist(&shared.job_dir(id)),
+                        None => Ok(()),
+                    },
+                )
                 .map_err(|e| {
                     let disk_full = e
                         .downcast_ref::<std::io::Error>()
@@ -600,7 +625,7 @@ pub(super) async fn download_partial(
 ) -> ApiResult<Response> {
     let job = find(&shared, &caller, &id).await?;
     let dir = shared.job_dir(job.id);
-    let (stored, dir_exists) = {
+    let (stored, dir_exists, kept) = {
         let (shared, dir, id) = (shared.clone(), dir.clone(), job.id);
         let finished = job.status.is_finished();
         blocking("looking for the job's files", move || {
@@ -614,7 +639,13 @@ pub(super) async fn download_partial(
                         .map(|(file, length)| StoredZip::File(file, length)),
                 },
             };
-            Ok((stored, dir.is_dir()))
+            // Its uploaded files: a directory, or kept in the database.
+            let dir_exists = dir.is_dir();
+            let kept = match (&stored, dir_exists) {
+                (None, false) => shared.store.input_files(id)?,
+                _ => Vec::new(),
+            };
+            Ok((stored, dir_exists, kept))
         })
         .await?
     };
@@ -653,6 +684,17 @@ pub(super) async fn download_partial(
             )
                 .into_response());
         }
+    }
+    if job.status != JobStatus::Cleaned && !kept.is_empty() {
+        let zip = blocking("archiving the job's files", move || {
+            jobrelay_common::archive::zip_of_files(
+                kept.iter()
+                    .map(|file| (file.name.as_str(), &file.bytes[..])),
+            )
+            .map_err(|e| ApiError::from(anyhow::Error::from(e)))
+        })
+        .await?;
+        return Ok(([(header::CONTENT_TYPE, "application/zip")], zip).into_response());
     }
     if job.status != JobStatus::Cleaned && dir_exists {
         return Ok((

@@ -44,11 +44,20 @@ impl JobDb for GatedDb {
         service: &str,
         callback: Option<&Callback>,
         resources: &JobResources,
+        inputs: &[crate::store::InputFile],
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let _gate = self.pass();
         self.inner
-            .insert_job(user_id, service, callback, resources, place_files)
+            .insert_job(user_id, service, callback, resources, inputs, place_files)
+    }
+    fn input_files(&self, id: i64) -> anyhow::Result<Vec<crate::store::InputFile>> {
+        let _gate = self.pass();
+        self.inner.input_files(id)
+    }
+    fn drop_inputs(&self, id: i64) -> anyhow::Result<()> {
+        let _gate = self.pass();
+        self.inner.drop_inputs(id)
     }
     fn get(&self, id: i64) -> anyhow::Result<Option<Job>> {
         let _gate = self.pass();

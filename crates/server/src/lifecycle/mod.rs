@@ -44,9 +44,11 @@ pub enum Effect {
     /// Tell client `client` that payload `dest`'s copy may go.
     Release { client: String, dest: i64 },
     /// The job's uploaded files may go once its results are stored (the ZIP holds them too):
-    /// `results_in_db` when the commit kept its ZIP in the database, else only if its result
-    /// file is there.
-    DropInputs { id: i64, results_in_db: bool },
+    /// `with_commit` when the commit of its final state stored them (its ZIP kept in the
+    /// database, or its result file put in place before it) and so deleted the input files
+    /// kept in the database ([`Change::drop_inputs`]); else only if its result file is there,
+    /// and then the rows too.
+    DropInputs { id: i64, with_commit: bool },
     /// Offer job `id` to the scheduler again after `after` ([`Lifecycle::offer_again`]).
     OfferAgain { id: i64, after: Duration },
     /// The run's end could not be committed (the database failed): ask the job's client
@@ -356,23 +358,25 @@ impl Lifecycle {
         ClientChange { was_healthy }
     }
 
-    /// An upload: the job's row and its files together ([`JobTable::insert_job`]), then its
-    /// place in the queue.
+    /// An upload: the job's row and its files together ([`JobTable::insert_job`]: `inputs`
+    /// kept in the database, or files `place_files` puts in place), then its place in the
+    /// queue.
     pub fn uploaded(
         &self,
         user_id: i64,
         service: &str,
         callback: Option<&crate::store::Callback>,
         resources: &JobResources,
+        inputs: &[crate::store::InputFile],
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let &service_id = self
             .services
             .get(service)
             .ok_or_else(|| anyhow::anyhow!("unknown service {service:?}"))?;
-        let job = self
-            .jobs
-            .insert_job(user_id, service, callback, resources, place_files)?;
+        let job =
+            self.jobs
+                .insert_job(user_id, service, callback, resources, inputs, place_files)?;
         if self.leading() {
             // A leader that just took over may have found it in the database already.
             let mut sched = self.sched();
@@ -694,11 +698,13 @@ impl Lifecycle {
             (JobStatus::Killed, _) => "killed on the client".into(),
             _ => format!("{status} on the client"),
         });
-        let results_in_db = zip.is_some();
+        // With its partial ZIP in this commit, the inputs kept in the database go with it.
+        let with_commit = zip.is_some();
         let change = Change {
             message: Some(message),
             exit_code: exit_code.map(Some),
             result_zip: zip,
+            drop_inputs: with_commit,
             ..Default::default()
         };
         let ending = self.end(job, &JobStatus::ON_CLIENT, status, change);
@@ -707,7 +713,7 @@ impl Lifecycle {
                 job,
                 vec![Effect::DropInputs {
                     id: job.id,
-                    results_in_db,
+                    with_commit,
                 }],
             )
         })
@@ -716,11 +722,13 @@ impl Lifecycle {
     /// The job's result ZIP is stored as a file, or is `zip`, kept in the database by this
     /// very commit: Completed.
     pub fn completed(&self, job: &Job, zip: Option<ResultZip>) -> Effects {
-        let results_in_db = zip.is_some();
+        // Its results are stored either way: the inputs kept in the database go with this
+        // commit.
         let change = Change {
             message: Some("Job completed".into()),
             exit_code: Some(Some(0)),
             result_zip: zip,
+            drop_inputs: true,
             ..Default::default()
         };
         let ending = self.end(job, &JobStatus::ON_CLIENT, JobStatus::Completed, change);
@@ -729,7 +737,7 @@ impl Lifecycle {
                 job,
                 vec![Effect::DropInputs {
                     id: job.id,
-                    results_in_db,
+                    with_commit: true,
                 }],
             )
         })
@@ -783,8 +791,8 @@ impl Lifecycle {
         Ok(Some(done))
     }
 
-    /// The retention period is over: Cleaned (its timeline and a result ZIP kept in the
-    /// database dropped in the same commit).
+    /// The retention period is over: Cleaned (its timeline, and a result ZIP and input files
+    /// kept in the database, dropped in the same commit).
     /// `true` if this did it; the files go after.
     pub fn expired(&self, id: i64) -> anyhow::Result<bool> {
         Ok(self

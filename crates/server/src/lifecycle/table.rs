@@ -15,7 +15,7 @@ use metrics::{counter, histogram};
 use tokio::sync::Notify;
 
 use crate::store::{
-    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
+    now_ms, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, InputFile, Job, JobDb, JobEvent,
     JobResources, JobStatus, ListFilter, Notification,
 };
 
@@ -109,12 +109,13 @@ impl JobTable {
         service: &str,
         callback: Option<&Callback>,
         resources: &JobResources,
+        inputs: &[InputFile],
         place_files: impl FnOnce(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut place_files = Some(place_files);
         let job = self
             .db
-            .insert_job(user_id, service, callback, resources, &mut |id| {
+            .insert_job(user_id, service, callback, resources, inputs, &mut |id| {
                 place_files.take().expect("files are placed once")(id)
             })?;
         counter!("jobrelay_server_jobs_uploaded_total", "service" => service.to_owned())
@@ -171,6 +172,14 @@ impl JobTable {
     }
     pub fn history(&self, id: i64) -> anyhow::Result<Vec<JobEvent>> {
         self.db.history(id)
+    }
+    /// The input files kept in the database for job `id` (empty: on disk, or none).
+    pub fn input_files(&self, id: i64) -> anyhow::Result<Vec<InputFile>> {
+        self.db.input_files(id)
+    }
+    /// Deletes the input files kept in the database for job `id`.
+    pub fn drop_inputs(&self, id: i64) -> anyhow::Result<()> {
+        self.db.drop_inputs(id)
     }
     /// The result ZIP kept in the database for job `id`, if any.
     pub fn result_zip(&self, id: i64) -> anyhow::Result<Option<bytes::Bytes>> {

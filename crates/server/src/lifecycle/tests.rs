@@ -91,7 +91,7 @@ impl Fixture {
     /// What `/upload` does: a Queued job in the database and in its user's queue.
     fn upload(&self) -> Job {
         self.lifecycle()
-            .uploaded(USER, SERVICE, None, &Default::default(), |_| Ok(()))
+            .uploaded(USER, SERVICE, None, &Default::default(), &[], |_| Ok(()))
             .unwrap()
     }
 
@@ -545,7 +545,7 @@ fn a_users_fair_share_usage_is_kept_when_a_run_ends_and_read_at_start() {
     };
     let (lifecycle, store, sid) = start(&path);
     let job = lifecycle
-        .uploaded(USER, SERVICE, None, &Default::default(), |_| Ok(()))
+        .uploaded(USER, SERVICE, None, &Default::default(), &[], |_| Ok(()))
         .unwrap();
     let decision = lifecycle.decide().pop().expect("one decision");
     let sent = lifecycle.sending(&decision, "http://c").unwrap();
@@ -633,7 +633,7 @@ fn a_run_end_the_database_refuses_is_asked_of_the_client_again() {
     assert!(
         effects.contains(&Effect::DropInputs {
             id: run.id,
-            results_in_db: false
+            with_commit: true
         }),
         "{effects:?}"
     );

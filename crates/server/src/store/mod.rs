@@ -224,6 +224,11 @@ pub struct Change {
     /// transaction as the final state it comes with (replacing one kept before): the job is
     /// Completed if and only if its ZIP is there, with no file, fsync or rename of its own.
     pub result_zip: Option<ResultZip>,
+    /// Delete the input files kept in the database for the job ([`JobDb::insert_job`]'s
+    /// `inputs`) in the same transaction: its results are stored by this commit (or were put
+    /// in place before it), and hold the inputs too. The commit that marks a job Cleaned
+    /// deletes them whatever this says.
+    pub drop_inputs: bool,
 }
 
 /// Result ZIPs up to this size (256 KiB) are kept in the database, in the commit of the
@@ -232,6 +237,27 @@ pub struct Change {
 /// and on this machine a new inode, its fsync and its rename cost more than a trivial job's
 /// whole database work. The same size bounds what a result fetch gathers in memory.
 pub const MAX_RESULT_IN_DB: usize = 256 * 1024;
+
+/// Uploads whose files total at most this (64 KiB) are kept in the database, in the
+/// transaction that inserts the job (`input_files`, a row per file), rather than as
+/// `<data>/jobs/<id>/`: no staging directory, no inode, no rename for them. Larger uploads
+/// stay files. A trivial job's `run.sh` is a few hundred bytes; the bound also caps what an
+/// upload holds in memory before it spills to disk.
+pub const MAX_INPUTS_IN_DB: usize = 64 * 1024;
+
+/// One input file of a job kept in the database: its name relative to the job's directory
+/// (with '/'), and its bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InputFile {
+    pub name: String,
+    pub bytes: bytes::Bytes,
+}
+
+impl std::fmt::Debug for InputFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InputFile({:?}, {} bytes)", self.name, self.bytes.len())
+    }
+}
 
 /// A result ZIP held in memory on its way into the database (cheap to clone).
 #[derive(Clone, PartialEq, Eq)]
@@ -357,8 +383,10 @@ pub trait JobDb: Send + Sync {
     fn server_id(&self) -> &str;
     /// The job-id mark as found at open (0 without one).
     fn mark_at_open(&self) -> i64;
-    /// Inserts a Queued job asking for `resources` and runs `place_files(id)` inside the same transaction: the job
-    /// exists if and only if its files were put in place. A job with a `callback` gets a
+    /// Inserts a Queued job asking for `resources`, writes `inputs` (files kept in the
+    /// database, at most [`MAX_INPUTS_IN_DB`] together; empty when its files are on disk) and
+    /// runs `place_files(id)` inside the same transaction: the job exists if and only if its
+    /// files were put in place. A job with a `callback` gets a
     /// notification in the outbox, in the same transaction, each time [`JobDb::transition`]
     /// moves it to a final state (or to Running, if asked).
     fn insert_job(
@@ -367,8 +395,16 @@ pub trait JobDb: Send + Sync {
         service: &str,
         callback: Option<&Callback>,
         resources: &JobResources,
+        inputs: &[InputFile],
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job>;
+    /// The input files kept in the database for job `id`, in the order they were given to
+    /// [`JobDb::insert_job`]; empty when it has none there (its files are on disk, or were
+    /// dropped: [`Change::drop_inputs`], [`JobDb::drop_inputs`], Cleaned).
+    fn input_files(&self, id: i64) -> anyhow::Result<Vec<InputFile>>;
+    /// Deletes the input files kept in the database for job `id` (a finished job whose
+    /// results were stored after its final state's commit: a terminate's partial ZIP).
+    fn drop_inputs(&self, id: i64) -> anyhow::Result<()>;
     fn get(&self, id: i64) -> anyhow::Result<Option<Job>>;
     /// Moves job `id` from one of `from` to `to`, setting the fields of `change`. Returns the
     /// job as it is after the change, or `None` if it was in none of `from` (nothing changed).

@@ -36,8 +36,8 @@ pub use tls::TlsMode;
 
 use super::snapshot::{Moved, Snapshot};
 use super::{
-    now_ms, AbandonedRun, Callback, Change, Cluster, Delivery, DeliveryEnd, Fenced, Job, JobDb,
-    JobEvent, JobResources, JobStatus, Lease, ListFilter, Notice, Notification, ServerBeat,
+    now_ms, AbandonedRun, Callback, Change, Cluster, Delivery, DeliveryEnd, Fenced, InputFile, Job,
+    JobDb, JobEvent, JobResources, JobStatus, Lease, ListFilter, Notice, Notification, ServerBeat,
     Unavailable, UsageRow,
 };
 
@@ -606,9 +606,13 @@ impl JobDb for PgDb {
         service: &str,
         callback: Option<&Callback>,
         resources: &JobResources,
+        inputs: &[InputFile],
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let service = service.to_owned();
+        // The input files as column arrays: one statement, one round trip, however many.
+        let names: Vec<String> = inputs.iter().map(|f| f.name.clone()).collect();
+        let contents: Vec<Vec<u8>> = inputs.iter().map(|f| f.bytes.to_vec()).collect();
         let (cores, gpus, priority) = (
             i64::from(resources.cores),
             i64::from(resources.gpus),
@@ -651,6 +655,19 @@ impl JobDb for PgDb {
                 )
                 .await?;
             let job = job_from_row(&row)?;
+            if !names.is_empty() {
+                let statement = open
+                    .client()
+                    .prepare_cached(
+                        "INSERT INTO input_files (job_id, pos, name, bytes)
+                         SELECT $1, pos::INTEGER - 1, name, bytes
+                         FROM UNNEST($2::TEXT[], $3::BYTEA[]) WITH ORDINALITY AS f(name, bytes, pos)",
+                    )
+                    .await?;
+                open.client()
+                    .execute(&statement, &[&job.id, &names, &contents])
+                    .await?;
+            }
             record_event(open.client(), &job, now, JobStatus::Queued).await?;
             notify_changed(open.client(), &channel, format!("n{}", job.id)).await?;
             Ok((open, job))
@@ -678,6 +695,33 @@ impl JobDb for PgDb {
                 Some(row) => Some(bytes::Bytes::from(row.try_get::<_, Vec<u8>>(0)?)),
                 None => None,
             })
+        })
+    }
+    fn input_files(&self, id: i64) -> anyhow::Result<Vec<InputFile>> {
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached(
+                    "SELECT name, bytes FROM input_files WHERE job_id = $1 ORDER BY pos",
+                )
+                .await?;
+            let rows = client.query(&statement, &[&id]).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(InputFile {
+                        name: row.try_get(0)?,
+                        bytes: bytes::Bytes::from(row.try_get::<_, Vec<u8>>(1)?),
+                    })
+                })
+                .collect()
+        })
+    }
+    fn drop_inputs(&self, id: i64) -> anyhow::Result<()> {
+        self.with_client(move |client| async move {
+            let statement = client
+                .prepare_cached("DELETE FROM input_files WHERE job_id = $1")
+                .await?;
+            client.execute(&statement, &[&id]).await?;
+            Ok(())
         })
     }
     fn transition(
@@ -756,7 +800,7 @@ impl JobDb for PgDb {
         });
         let (channel, epoch) = (self.channel.clone(), self.fence.load(Ordering::SeqCst));
         let refused = self.refused.clone();
-        let result_zip = change.result_zip;
+        let (result_zip, drop_inputs) = (change.result_zip, change.drop_inputs);
         self.with_client(move |mut client| async move {
             let tx = client.transaction().await?;
             if let Err(e) = check_fence(&tx, epoch).await {
@@ -812,7 +856,17 @@ impl JobDb for PgDb {
                     .prepare_cached("DELETE FROM result_zips WHERE job_id = $1")
                     .await?;
                 tx.execute(&statement, &[&id]).await?;
+                let statement = tx
+                    .prepare_cached("DELETE FROM input_files WHERE job_id = $1")
+                    .await?;
+                tx.execute(&statement, &[&id]).await?;
             } else {
+                if drop_inputs {
+                    let statement = tx
+                        .prepare_cached("DELETE FROM input_files WHERE job_id = $1")
+                        .await?;
+                    tx.execute(&statement, &[&id]).await?;
+                }
                 if let Some(zip) = &result_zip {
                     let statement = tx
                         .prepare_cached(
@@ -1527,7 +1581,7 @@ mod tests {
         let versions = db
             .column::<i32>("SELECT version FROM schema_migrations", vec![])
             .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4, 5]);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
         // A database migrated by a newer version is refused, by name.
         scratch.exec("INSERT INTO schema_migrations VALUES (999, 'future', 0)");
         drop(db);
@@ -1544,14 +1598,14 @@ mod tests {
             return;
         };
         let db = scratch.open();
-        db.insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        db.insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
             .unwrap();
         drop(db);
         // As the first version left it: schema 1 only, one job.
         scratch.exec(
             "ALTER TABLE jobs DROP COLUMN cores, DROP COLUMN memory_mb, DROP COLUMN gpus,
                  DROP COLUMN walltime_s, DROP COLUMN priority;
-             DROP TABLE user_usage, upload_rate, result_zips;
+             DROP TABLE user_usage, upload_rate, result_zips, input_files;
              DELETE FROM schema_migrations WHERE version > 1;",
         );
         let db = scratch.open();
@@ -1565,7 +1619,7 @@ mod tests {
                 vec![],
             )
             .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4, 5]);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
@@ -1575,12 +1629,12 @@ mod tests {
         };
         let db = scratch.open();
         for _ in 0..3 {
-            db.insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            db.insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
                 .unwrap();
         }
         // An upload that failed used an id too.
         assert!(db
-            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Err(
+            .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Err(
                 std::io::Error::other("disk")
             ))
             .is_err());
@@ -1589,7 +1643,7 @@ mod tests {
         let db = scratch.open();
         assert_eq!(db.mark_at_open(), 0);
         assert_eq!(
-            db.insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            db.insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
                 .unwrap()
                 .id,
             5
@@ -1603,14 +1657,14 @@ mod tests {
         };
         let db = scratch.open();
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            db.insert_job(1, "x", None, &JobResources::default(), &mut |_| {
+            db.insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| {
                 panic!("placing files")
             })
         }));
         assert!(panicked.is_err());
         // Every connection of the pool is usable and none commits the half-made upload.
         for _ in 0..(POOL_SIZE + 2) {
-            db.insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            db.insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
                 .unwrap();
         }
         assert_eq!(db.count().unwrap(), POOL_SIZE as i64 + 2);
@@ -1624,7 +1678,7 @@ mod tests {
         };
         let db = std::sync::Arc::new(scratch.open());
         let job = db
-            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
             .unwrap();
         let id = job.id;
         let read = move |db: &PgDb| db.get(id).unwrap().unwrap().id;

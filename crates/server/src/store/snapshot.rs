@@ -55,6 +55,9 @@ pub struct Snapshot {
     /// Result ZIPs kept in the database (job id, the ZIP's bytes), by job id; each at most
     /// [`super::MAX_RESULT_IN_DB`].
     pub result_zips: Vec<(i64, Vec<u8>)>,
+    /// Input files kept in the database (job id, position, name, bytes), by job id and
+    /// position; each job's at most [`super::MAX_INPUTS_IN_DB`] together.
+    pub input_files: Vec<(i64, i64, String, Vec<u8>)>,
     /// The highest job id ever handed out (the database's sequence, its rows and the mark):
     /// new ids continue after it.
     pub highest_id: i64,
@@ -69,6 +72,8 @@ pub struct Moved {
     pub abandoned_runs: usize,
     /// Result ZIPs kept in the database.
     pub result_zips: usize,
+    /// Input files kept in the database (files, not jobs).
+    pub input_files: usize,
     /// The id the next upload gets.
     pub next_id: i64,
 }

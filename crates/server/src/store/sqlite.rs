@@ -9,8 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::snapshot::{EventRow, JobRow, OutboxRow, Snapshot};
 use super::{
-    now_ms, rfc3339, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, Job, JobDb, JobEvent,
-    JobResources, JobStatus, ListFilter, Notification, UsageRow,
+    now_ms, rfc3339, AbandonedRun, Callback, Change, Delivery, DeliveryEnd, InputFile, Job, JobDb,
+    JobEvent, JobResources, JobStatus, ListFilter, Notification, UsageRow,
 };
 
 /// A status column the server does not know (written by a newer version, or by hand) is an
@@ -277,6 +277,18 @@ impl SqliteDb {
                  job_id INTEGER PRIMARY KEY,
                  zip BLOB NOT NULL
              );
+             -- Input files of uploads of at most MAX_INPUTS_IN_DB (issue 18), a row per file
+             -- in the order they are sent, written in the transaction that inserts the job;
+             -- deleted with its results' final state or with Cleaned. WITHOUT ROWID: one
+             -- B-tree keyed (job_id, pos), no rowid table beside an index; a trivial job's
+             -- run.sh is far below the size where such rows go slower.
+             CREATE TABLE IF NOT EXISTS input_files (
+                 job_id INTEGER NOT NULL,
+                 pos INTEGER NOT NULL,
+                 name TEXT NOT NULL,
+                 bytes BLOB NOT NULL,
+                 PRIMARY KEY (job_id, pos)
+             ) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox(next_ms)
                  WHERE next_ms IS NOT NULL;
              CREATE INDEX IF NOT EXISTS webhook_outbox_by_job ON webhook_outbox(job_id);
@@ -533,6 +545,11 @@ impl SqliteDb {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.sql_err(e))?;
+        let input_files =
+            read("SELECT job_id, pos, name, bytes FROM input_files ORDER BY job_id, pos")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(|e| self.sql_err(e))?;
         let highest: i64 = tx
             .query_row(
                 "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),
@@ -551,6 +568,7 @@ impl SqliteDb {
             usage,
             rates,
             result_zips,
+            input_files,
             highest_id: highest.max(mark),
         })
     }
@@ -601,6 +619,7 @@ impl JobDb for SqliteDb {
         service: &str,
         callback: Option<&Callback>,
         resources: &JobResources,
+        inputs: &[InputFile],
         place_files: &mut dyn FnMut(i64) -> std::io::Result<()>,
     ) -> anyhow::Result<Job> {
         let mut conn = crate::sync::lock_off_worker(&self.conn);
@@ -634,6 +653,17 @@ impl JobDb for SqliteDb {
                 .map_err(|e| anyhow::anyhow!("cannot record the job-id mark: {e}"))?;
         }
         record_event(&tx, id, now, JobStatus::Queued, "Job queued", 0, None)?;
+        if !inputs.is_empty() {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO input_files (job_id, pos, name, bytes) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(|e| self.sql_err(e))?;
+            for (pos, file) in inputs.iter().enumerate() {
+                stmt.execute(params![id, pos as i64, file.name, &file.bytes[..]])
+                    .map_err(|e| self.sql_err(e))?;
+            }
+        }
         place_files(id)?;
         let job = tx
             .prepare_cached(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"))
@@ -653,6 +683,25 @@ impl JobDb for SqliteDb {
         conn.prepare_cached("SELECT zip FROM result_zips WHERE job_id = ?1")
             .and_then(|mut stmt| stmt.query_row([id], |r| r.get::<_, Vec<u8>>(0)).optional())
             .map(|zip| zip.map(bytes::Bytes::from))
+            .map_err(|e| self.sql_err(e))
+    }
+    fn input_files(&self, id: i64) -> anyhow::Result<Vec<InputFile>> {
+        self.all(
+            "SELECT name, bytes FROM input_files WHERE job_id = ?1 ORDER BY pos",
+            [id],
+            |r| {
+                Ok(InputFile {
+                    name: r.get(0)?,
+                    bytes: bytes::Bytes::from(r.get::<_, Vec<u8>>(1)?),
+                })
+            },
+        )
+    }
+    fn drop_inputs(&self, id: i64) -> anyhow::Result<()> {
+        let conn = crate::sync::lock_off_worker(&self.conn);
+        conn.prepare_cached("DELETE FROM input_files WHERE job_id = ?1")
+            .and_then(|mut stmt| stmt.execute([id]))
+            .map(|_| ())
             .map_err(|e| self.sql_err(e))
     }
     fn transition(
@@ -762,8 +811,16 @@ impl JobDb for SqliteDb {
                 tx.prepare_cached("DELETE FROM result_zips WHERE job_id = ?1")
                     .and_then(|mut stmt| stmt.execute([id]))
                     .map_err(|e| self.sql_err(e))?;
+                tx.prepare_cached("DELETE FROM input_files WHERE job_id = ?1")
+                    .and_then(|mut stmt| stmt.execute([id]))
+                    .map_err(|e| self.sql_err(e))?;
             }
             Some(job) => {
+                if change.drop_inputs {
+                    tx.prepare_cached("DELETE FROM input_files WHERE job_id = ?1")
+                        .and_then(|mut stmt| stmt.execute([id]))
+                        .map_err(|e| self.sql_err(e))?;
+                }
                 if let Some(zip) = &change.result_zip {
                     tx.prepare_cached(
                         "INSERT OR REPLACE INTO result_zips (job_id, zip) VALUES (?1, ?2)",
@@ -1132,6 +1189,7 @@ mod tests {
                 "x",
                 Some(&callback),
                 &JobResources::default(),
+                &[],
                 &mut |_| Ok(()),
             )
             .unwrap();
@@ -1157,7 +1215,7 @@ mod tests {
         let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
         for _ in 0..3 {
             store
-                .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
                 .unwrap();
         }
         drop(store);
@@ -1169,7 +1227,7 @@ mod tests {
         assert_eq!(store.mark_at_open(), 3);
         assert_eq!(
             store
-                .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
                 .unwrap()
                 .id,
             4
@@ -1180,7 +1238,7 @@ mod tests {
         let store = SqliteDb::open_with_mark(&db, &mark).unwrap();
         assert_eq!(
             store
-                .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
                 .unwrap()
                 .id,
             5
@@ -1197,7 +1255,7 @@ mod tests {
         let store = SqliteDb::open(&db).unwrap();
         for _ in 0..50 {
             let job = store
-                .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+                .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
                 .unwrap();
             store
                 .transition(
@@ -1246,11 +1304,11 @@ mod tests {
         let db = dir.path().join("db.sqlite");
         let store = SqliteDb::open(&db).unwrap();
         let cleaned = store
-            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
             .unwrap()
             .id;
         let kept = store
-            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
             .unwrap()
             .id;
         for id in [cleaned, kept] {

@@ -5,7 +5,7 @@
 
 use super::postgres::testing::Scratch;
 use super::{
-    now_ms, AbandonedRun, Callback, Change, DeliveryEnd, JobDb, JobResources, JobStatus,
+    now_ms, AbandonedRun, Callback, Change, DeliveryEnd, InputFile, JobDb, JobResources, JobStatus,
     ListFilter, ResultZip, SqliteDb, UsageRow,
 };
 
@@ -79,7 +79,188 @@ suite!(
     a_deposed_leader_changes_no_job,
     a_result_zip_is_kept_with_its_final_state_and_removed_with_cleaned,
     a_change_that_does_not_commit_keeps_no_result_zip,
+    inputs_are_kept_with_the_job_and_dropped_with_its_results,
+    a_job_insert_that_fails_leaves_no_input_rows,
 );
+
+/// Input files as an upload keeps them: given names and bytes.
+fn inputs(files: &[(&str, &[u8])]) -> Vec<InputFile> {
+    files
+        .iter()
+        .map(|(name, bytes)| InputFile {
+            name: (*name).to_owned(),
+            bytes: bytes::Bytes::copy_from_slice(bytes),
+        })
+        .collect()
+}
+
+/// A small upload's files go into the database with the job's row: read back whole and in
+/// the order given (after a reopening, as a restarted server finds them), kept by a final
+/// state that does not say to drop them, gone with one that does, with `drop_inputs` and
+/// with Cleaned; each job's own rows only.
+fn inputs_are_kept_with_the_job_and_dropped_with_its_results(backend: &Backend) {
+    let store = backend.open();
+    // Every byte value, and the largest total kept (with the other two files).
+    let script = b"#!/bin/bash\nsha256sum data/* > out.txt\n";
+    let big: Vec<u8> = (0..super::MAX_INPUTS_IN_DB - script.len())
+        .map(|i| (i * 7 % 256) as u8)
+        .collect();
+    let given = inputs(&[
+        ("run.sh", script),
+        ("data/b.bin", &big),
+        ("data/empty", b""),
+    ]);
+    let insert = |files: &[InputFile]| {
+        store
+            .insert_job(1, "x", None, &JobResources::default(), files, &mut |_| {
+                Ok(())
+            })
+            .unwrap()
+            .id
+    };
+    let kept = insert(&given);
+    let on_disk = insert(&[]);
+    let completed = insert(&inputs(&[("run.sh", b"true\n")]));
+    let dropped_later = insert(&inputs(&[("run.sh", b"exit 3\n")]));
+    let cleaned = insert(&inputs(&[("run.sh", b"sleep 1\n")]));
+    drop(store);
+    let store = backend.open();
+    assert_eq!(store.input_files(kept).unwrap(), given);
+    assert_eq!(store.input_files(on_disk).unwrap(), []);
+    assert_eq!(
+        store.input_files(completed).unwrap()[0].bytes,
+        &b"true\n"[..]
+    );
+    let moved = |id, from: JobStatus, to, change| {
+        store
+            .transition(id, &[from], to, change)
+            .unwrap()
+            .expect("moved");
+    };
+    // Running, then Failed without its results stored: the inputs stay (for
+    // /download_partial, until the janitor).
+    moved(
+        kept,
+        JobStatus::Queued,
+        JobStatus::Running,
+        Change::default(),
+    );
+    moved(
+        kept,
+        JobStatus::Running,
+        JobStatus::Failed,
+        Change::message("exit 1"),
+    );
+    assert_eq!(store.input_files(kept).unwrap(), given);
+    // Completed with its results: the inputs go in that commit, the others' stay.
+    moved(
+        completed,
+        JobStatus::Queued,
+        JobStatus::Running,
+        Change::default(),
+    );
+    moved(
+        completed,
+        JobStatus::Running,
+        JobStatus::Completed,
+        Change {
+            result_zip: Some(ResultZip(bytes::Bytes::from_static(b"PK"))),
+            drop_inputs: true,
+            ..Change::message("Job completed")
+        },
+    );
+    assert_eq!(store.input_files(completed).unwrap(), []);
+    assert_eq!(store.input_files(kept).unwrap(), given);
+    // Killed, its partial ZIP stored after the commit: dropped by the call.
+    moved(
+        dropped_later,
+        JobStatus::Queued,
+        JobStatus::Killed,
+        Change::message("terminated"),
+    );
+    assert_eq!(store.input_files(dropped_later).unwrap().len(), 1);
+    store.drop_inputs(dropped_later).unwrap();
+    assert_eq!(store.input_files(dropped_later).unwrap(), []);
+    // Cleaned: gone whatever the change says.
+    moved(
+        cleaned,
+        JobStatus::Queued,
+        JobStatus::Killed,
+        Change::message("terminated"),
+    );
+    moved(
+        cleaned,
+        JobStatus::Killed,
+        JobStatus::Cleaned,
+        Change::message("files removed"),
+    );
+    assert_eq!(store.input_files(cleaned).unwrap(), []);
+    moved(
+        kept,
+        JobStatus::Failed,
+        JobStatus::Cleaned,
+        Change::message("files removed"),
+    );
+    assert_eq!(store.input_files(kept).unwrap(), []);
+    drop(store);
+    let store = backend.open();
+    for id in [kept, completed, dropped_later, cleaned] {
+        assert_eq!(store.input_files(id).unwrap(), [], "job {id}");
+    }
+}
+
+/// An upload that does not commit leaves no input rows: not when placing its files fails
+/// after they were written, not when the database refuses one of them (a trigger, standing
+/// for a failing disk or a lost connection); and a job inserted after it, which may get the
+/// same id, has none of them.
+fn a_job_insert_that_fails_leaves_no_input_rows(backend: &Backend) {
+    let store = backend.open();
+    let files = inputs(&[("run.sh", b"true\n"), ("refused", b"x")]);
+    let placing_fails = store.insert_job(
+        1,
+        "x",
+        None,
+        &JobResources::default(),
+        &files[..1],
+        &mut |_| Err(std::io::Error::other("disk")),
+    );
+    assert!(placing_fails.is_err());
+    let postgres = store.cluster().is_some();
+    backend.exec(if postgres {
+        "CREATE FUNCTION refuse_input() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
+         CREATE TRIGGER refuse_input BEFORE INSERT ON input_files FOR EACH ROW
+             WHEN (NEW.name = 'refused') EXECUTE FUNCTION refuse_input();"
+    } else {
+        "CREATE TRIGGER refuse_input BEFORE INSERT ON input_files
+             WHEN NEW.name = 'refused' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+    });
+    let store = backend.open();
+    let refused = store.insert_job(1, "x", None, &JobResources::default(), &files, &mut |_| {
+        Ok(())
+    });
+    assert!(refused.is_err(), "{refused:?}");
+    backend.exec(if postgres {
+        "DROP TRIGGER refuse_input ON input_files; DROP FUNCTION refuse_input();"
+    } else {
+        "DROP TRIGGER refuse_input;"
+    });
+    let store = backend.open();
+    assert_eq!(store.count().unwrap(), 0);
+    let next = store
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
+        .unwrap();
+    for id in 1..=next.id {
+        assert_eq!(store.input_files(id).unwrap(), [], "job {id}");
+    }
+    // And one that commits keeps them.
+    let whole = store
+        .insert_job(1, "x", None, &JobResources::default(), &files, &mut |_| {
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(store.input_files(whole.id).unwrap(), files);
+}
 
 /// A small result ZIP goes into the database in the commit of the job's final state: read
 /// back whole (after a reopening, as a restarted server finds it), replaced by a later
@@ -88,7 +269,7 @@ fn a_result_zip_is_kept_with_its_final_state_and_removed_with_cleaned(backend: &
     let store = backend.open();
     let insert = || {
         store
-            .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
             .unwrap()
             .id
     };
@@ -175,7 +356,7 @@ fn a_result_zip_is_kept_with_its_final_state_and_removed_with_cleaned(backend: &
 fn a_change_that_does_not_commit_keeps_no_result_zip(backend: &Backend) {
     let store = backend.open();
     let id = store
-        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
         .unwrap()
         .id;
     let completed = |only_run: Option<Option<String>>| Change {
@@ -283,6 +464,7 @@ fn a_deposed_leader_changes_no_job(backend: &Backend) {
             "example",
             None,
             &JobResources::default(),
+            &[],
             &mut |_| Ok(()),
         )
         .unwrap();
@@ -401,6 +583,7 @@ fn transitions_are_guarded_and_survive_reopening(backend: &Backend) {
             "example",
             None,
             &JobResources::default(),
+            &[],
             &mut |_| Ok(()),
         )
         .unwrap();
@@ -445,6 +628,7 @@ fn a_run_given_away_is_remembered_in_the_same_commit(backend: &Backend) {
             "example",
             None,
             &JobResources::default(),
+            &[],
             &mut |_| Ok(()),
         )
         .unwrap();
@@ -505,11 +689,12 @@ fn a_notification_is_written_with_the_state_change_it_announces(backend: &Backen
             "x",
             Some(&final_only),
             &JobResources::default(),
+            &[],
             &mut |_| Ok(()),
         )
         .unwrap();
     let silent = store
-        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
         .unwrap();
     for id in [job.id, silent.id] {
         store
@@ -577,9 +762,14 @@ fn a_notification_is_written_with_the_state_change_it_announces(backend: &Backen
         on_running: true,
     };
     let job = store
-        .insert_job(1, "x", Some(&both), &JobResources::default(), &mut |_| {
-            Ok(())
-        })
+        .insert_job(
+            1,
+            "x",
+            Some(&both),
+            &JobResources::default(),
+            &[],
+            &mut |_| Ok(()),
+        )
         .unwrap();
     store
         .transition(
@@ -598,7 +788,7 @@ fn a_notification_is_written_with_the_state_change_it_announces(backend: &Backen
 fn an_unknown_status_in_the_database_is_an_error_naming_it(backend: &Backend) {
     let store = backend.open();
     let job = store
-        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
         .unwrap();
     backend.exec(&format!(
         "UPDATE jobs SET status = 'Paused' WHERE id = {}",
@@ -621,11 +811,11 @@ fn an_unknown_status_in_the_database_is_an_error_naming_it(backend: &Backend) {
 fn a_cleaned_job_keeps_no_timeline(backend: &Backend) {
     let store = backend.open();
     let cleaned = store
-        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
         .unwrap()
         .id;
     let kept = store
-        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
         .unwrap()
         .id;
     for id in [cleaned, kept] {
@@ -661,7 +851,9 @@ fn listing_filters_and_pages_newest_first(backend: &Backend) {
     let store = backend.open();
     for user in [1, 2, 1, 1] {
         store
-            .insert_job(user, "x", None, &JobResources::default(), &mut |_| Ok(()))
+            .insert_job(user, "x", None, &JobResources::default(), &[], &mut |_| {
+                Ok(())
+            })
             .unwrap();
     }
     let filter = ListFilter {
@@ -683,7 +875,7 @@ fn listing_filters_and_pages_newest_first(backend: &Backend) {
 fn a_failed_file_placement_leaves_no_job(backend: &Backend) {
     let store = backend.open();
     assert!(store
-        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Err(
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Err(
             std::io::Error::other("disk")
         ))
         .is_err());
@@ -693,7 +885,7 @@ fn a_failed_file_placement_leaves_no_job(backend: &Backend) {
 fn a_change_about_one_run_never_moves_another(backend: &Backend) {
     let store = backend.open();
     let job = store
-        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
         .unwrap();
     let run = |key: Option<&str>| Change {
         only_run: Some(key.map(str::to_owned)),
@@ -749,7 +941,7 @@ fn a_job_keeps_what_it_asked_for_across_a_reopening(backend: &Backend) {
     };
     let id = backend
         .open()
-        .insert_job(1, "x", None, &asked, &mut |_| Ok(()))
+        .insert_job(1, "x", None, &asked, &[], &mut |_| Ok(()))
         .unwrap()
         .id;
     let job = backend.open().get(id).unwrap().unwrap();
@@ -763,7 +955,7 @@ fn a_job_keeps_what_it_asked_for_across_a_reopening(backend: &Backend) {
     // A job that asked for nothing.
     let plain = backend
         .open()
-        .insert_job(1, "x", None, &JobResources::default(), &mut |_| Ok(()))
+        .insert_job(1, "x", None, &JobResources::default(), &[], &mut |_| Ok(()))
         .unwrap();
     assert_eq!(
         backend.open().get(plain.id).unwrap().unwrap().resources,
@@ -863,7 +1055,7 @@ fn a_sqlite_database_moves_to_postgres_whole() {
     };
     let insert = |user, callback: Option<&Callback>, resources: &JobResources| {
         sqlite
-            .insert_job(user, "example", callback, resources, &mut |_| Ok(()))
+            .insert_job(user, "example", callback, resources, &[], &mut |_| Ok(()))
             .unwrap()
     };
     let sent = |client: &str, dest: i64, key: &str| Change {
@@ -959,7 +1151,16 @@ fn a_sqlite_database_moves_to_postgres_whole() {
         )
         .unwrap()
         .unwrap();
-    let queued = insert(3, Some(&hook(true)), &asked);
+    let queued = sqlite
+        .insert_job(
+            3,
+            "example",
+            Some(&hook(true)),
+            &asked,
+            &inputs(&[("run.sh", b"true\n"), ("in/a.txt", b"a")]),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
 
     // Fair-share usage and a rate quota's bucket move too.
     let usage = UsageRow {
@@ -993,6 +1194,7 @@ fn a_sqlite_database_moves_to_postgres_whole() {
     assert_eq!(moved.notifications, 3);
     assert_eq!(moved.abandoned_runs, 1);
     assert_eq!(moved.result_zips, 1);
+    assert_eq!(moved.input_files, 2);
     assert_eq!(moved.next_id, 10);
     assert_eq!(pg.server_id(), sqlite.server_id());
     drop(pg);
@@ -1025,6 +1227,17 @@ fn a_sqlite_database_moves_to_postgres_whole() {
     assert_eq!(
         pg.result_zip(completed.id).unwrap().as_deref(),
         Some(&b"PK a small result"[..])
+    );
+    for id in ids {
+        assert_eq!(
+            pg.input_files(id).unwrap(),
+            sqlite.input_files(id).unwrap(),
+            "job {id}"
+        );
+    }
+    assert_eq!(
+        pg.input_files(queued.id).unwrap(),
+        inputs(&[("run.sh", b"true\n"), ("in/a.txt", b"a")])
     );
     assert_eq!(pg.usage().unwrap(), [usage]);
     assert!(
@@ -1072,6 +1285,7 @@ fn a_sqlite_database_moves_to_postgres_whole() {
             "example",
             None,
             &JobResources::default(),
+            &[],
             &mut |_| Ok(()),
         )
         .unwrap();

@@ -33,7 +33,8 @@ pub async fn import(client: &mut Object, snapshot: &Snapshot) -> anyhow::Result<
     // or runs of jobs it no longer has; the source's replace them.
     tx.batch_execute(
         "DELETE FROM job_events; DELETE FROM webhook_outbox; DELETE FROM abandoned_runs;
-         DELETE FROM user_usage; DELETE FROM upload_rate; DELETE FROM result_zips;",
+         DELETE FROM user_usage; DELETE FROM upload_rate; DELETE FROM result_zips;
+         DELETE FROM input_files;",
     )
     .await?;
     tx.execute(
@@ -194,6 +195,14 @@ pub async fn import(client: &mut Object, snapshot: &Snapshot) -> anyhow::Result<
     for (job_id, zip) in &snapshot.result_zips {
         tx.execute(&statement, &[job_id, zip]).await?;
     }
+    // Likewise one statement per input file (each job's at most MAX_INPUTS_IN_DB).
+    let statement = tx
+        .prepare("INSERT INTO input_files (job_id, pos, name, bytes) VALUES ($1, $2, $3, $4)")
+        .await?;
+    for (job_id, pos, name, bytes) in &snapshot.input_files {
+        let pos = i32::try_from(*pos)?;
+        tx.execute(&statement, &[job_id, &pos, name, bytes]).await?;
+    }
     // New uploads continue after the highest id the source handed out (a job row or an
     // upload that never committed), never on an id a platform may still hold.
     let highest = snapshot
@@ -219,6 +228,7 @@ pub async fn import(client: &mut Object, snapshot: &Snapshot) -> anyhow::Result<
         notifications: snapshot.outbox.len(),
         abandoned_runs: snapshot.abandoned.len(),
         result_zips: snapshot.result_zips.len(),
+        input_files: snapshot.input_files.len(),
         next_id,
     })
 }

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "result_zips",
         include_str!("migrations/0005_result_zips.sql"),
     ),
+    (
+        6,
+        "input_files",
+        include_str!("migrations/0006_input_files.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("jobrelay" in ASCII): every jobrelay
