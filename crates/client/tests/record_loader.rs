@@ -1,7 +1,8 @@
 //! Property test of the payload-record loader: whatever lies in `payloads/` (garbage, cut or
-//! mutated records, extreme ids) the store opens without panicking, or refuses with its clear
+//! mutated records, in files of their own or in page files, extreme ids) the store opens without panicking, or refuses with its clear
 //! error when its id counter is behind a record (never hands out an old id). `JOBRELAY_PROPTEST_CASES` sets the number of cases (default 300).
 
+use jobrelay_client::record_pages::SLOT;
 use jobrelay_client::store::PayloadStore;
 
 struct Rng(u64);
@@ -75,9 +76,32 @@ fn any_records_directory_opens_and_ids_stay_fresh() {
         let payloads = dir.path().join("payloads");
         std::fs::create_dir_all(&payloads).unwrap();
         for n in 0..rng.below(6) {
-            let name = match rng.below(5) {
+            let name = match rng.below(7) {
                 0 => format!("{n}.json.tmp"),
                 1 => format!("x{n}.json"),
+                // Page files (`record_pages`): slots of records (whole, cut or mangled), at
+                // times a hole, a page cut short, or a page named by no number.
+                2 | 3 => {
+                    let mut page = Vec::new();
+                    for _ in 0..=rng.below(3) {
+                        let mut slot = match rng.below(4) {
+                            0 => Vec::new(),
+                            _ => record(&mut rng),
+                        };
+                        slot.resize(SLOT, if rng.below(2) == 0 { b' ' } else { 0 });
+                        page.extend(slot);
+                    }
+                    if rng.below(4) == 0 {
+                        page.truncate(rng.below(page.len()));
+                    }
+                    let name = match rng.below(5) {
+                        0 => "x.page".to_owned(),
+                        1 => "18446744073709551615.page".to_owned(),
+                        _ => format!("{n}.page"),
+                    };
+                    std::fs::write(payloads.join(name), page).unwrap();
+                    continue;
+                }
                 _ => format!("{n}.json"),
             };
             std::fs::write(payloads.join(name), record(&mut rng)).unwrap();

@@ -28,8 +28,7 @@ fn slurm_client(extra: &[&str]) -> TestClient {
 
 /// The record as stored on disk (also for Completed payloads, whose /retrieve is the ZIP).
 fn stored_record(client: &TestClient, id: u64) -> serde_json::Value {
-    let path = client.data_dir().join(format!("payloads/{id}.json"));
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    support::stored_record(&client.data_dir(), id).expect("a stored record")
 }
 
 /// Ids of the Slurm jobs (any state) with this name.
@@ -327,7 +326,8 @@ async fn restart_finds_a_job_whose_id_never_reached_the_record() {
     })
     .await;
     client.proc.kill9();
-    // As if the client had died between sbatch's answer and writing the record.
+    // As if the client had died between sbatch's answer and writing the record (a record
+    // in a file of its own wins over its slot in the page file).
     let path = client.data_dir().join(format!("payloads/{id}.json"));
     let mut record = stored_record(&client, id);
     record.as_object_mut().unwrap().remove("slurm_job_id");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use support::db::TestDb;
 use support::net::addr_of;
 use support::server::{start_client, write_server_config, TestServer};
-use support::{eventually, http, Proc};
+use support::{eventually, http, stored_record, Proc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -203,6 +203,10 @@ async fn client_sigterm_finishes_a_submit_in_flight_and_refuses_new_connections(
     assert_eq!(status, 200, "answer: {answer}\n{}", client.log());
     let id = json_of(&answer)["id"].as_u64().unwrap();
     // The payload's record was written before the answer.
-    let record = dir.path().join(format!("client/payloads/{id}.json"));
-    assert!(record.exists(), "no record {}", record.display());
+    let record = stored_record(&dir.path().join("client"), id);
+    assert_eq!(
+        record.as_ref().map(|r| r["id"].clone()),
+        Some(serde_json::json!(id)),
+        "no record of payload {id}"
+    );
 }

@@ -462,3 +462,18 @@ pub async fn read_pid(path: &Path) -> i32 {
     })
     .await
 }
+
+/// A client's record of payload `id` as its data directory holds it (`record_pages`: its
+/// slot in a page file, or a file of its own, which wins), without a request; `None` when
+/// none is stored.
+pub fn stored_record(data_dir: &Path, id: u64) -> Option<serde_json::Value> {
+    use jobrelay_client::record_pages::{PER_PAGE, SLOT};
+    let payloads = data_dir.join("payloads");
+    if let Ok(bytes) = std::fs::read(payloads.join(format!("{id}.json"))) {
+        return serde_json::from_slice(&bytes).ok();
+    }
+    let page = std::fs::read(payloads.join(format!("{}.page", id / PER_PAGE))).ok()?;
+    let start = (id % PER_PAGE) as usize * SLOT;
+    let slot = page.get(start..(start + SLOT).min(page.len()))?;
+    serde_json::from_slice(slot.trim_ascii()).ok()
+}
