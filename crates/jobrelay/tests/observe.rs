@@ -64,7 +64,13 @@ async fn logs_follow_a_running_job_then_come_from_the_stored_results() {
         (body == "first\n").then_some((status, next))
     })
     .await;
-    assert_eq!(first.0, "Running");
+    // The server may not have taken the client's word that it runs yet (the log flows from
+    // the client as soon as the payload started there): not final, either way.
+    assert!(
+        first.0 == "Running" || first.0 == "Submitted",
+        "while it runs: {}",
+        first.0
+    );
     assert_eq!(first.1, "6");
     // The script writes stderr just after stdout's first line: wait for it, not only for that.
     eventually(Duration::from_secs(60), "stderr's line", || async {
