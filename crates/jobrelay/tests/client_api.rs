@@ -383,12 +383,7 @@ async fn without_cgroups_leftovers_outside_the_group_die_when_the_payload_ends()
 #[tokio::test]
 async fn run_as_leftovers_outside_the_process_group_die_when_the_payload_ends() {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::Uid::effective().is_root()
-        || nix::unistd::User::from_name("nobody")
-            .ok()
-            .flatten()
-            .is_none()
-    {
+    if !can_run_as_nobody() {
         eprintln!("skipped: needs root and the user nobody");
         return;
     }
@@ -415,12 +410,7 @@ async fn run_as_leftovers_outside_the_process_group_die_when_the_payload_ends() 
 /// Completed, still runs its own script and keeps its own result.
 #[tokio::test]
 async fn a_run_as_leftover_cannot_rewrite_a_later_payload() {
-    if !nix::unistd::Uid::effective().is_root()
-        || nix::unistd::User::from_name("nobody")
-            .ok()
-            .flatten()
-            .is_none()
-    {
+    if !can_run_as_nobody() {
         eprintln!("skipped: needs root and the user nobody");
         return;
     }
@@ -579,12 +569,7 @@ async fn marker_sweeps(client: &TestClient) -> u64 {
 #[tokio::test]
 async fn with_cgroups_a_run_as_payload_cannot_leave_its_leaf_and_needs_no_marker_sweep() {
     use std::os::unix::fs::PermissionsExt;
-    if !nix::unistd::Uid::effective().is_root()
-        || nix::unistd::User::from_name("nobody")
-            .ok()
-            .flatten()
-            .is_none()
-    {
+    if !can_run_as_nobody() {
         eprintln!("skipped: needs root and the user nobody");
         return;
     }
@@ -692,4 +677,13 @@ async fn a_killed_payload_leaves_no_memory_cgroup() {
     assert_eq!(killed["status"], "Killed", "{killed}");
     assert_eq!(killed["reason"], "killed on request", "{killed}");
     assert!(!on_disk.exists(), "{} left behind", on_disk.display());
+}
+
+/// Whether payloads can be run as `nobody` here (`--run-as` needs root and that user).
+fn can_run_as_nobody() -> bool {
+    nix::unistd::Uid::effective().is_root()
+        && nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .is_some()
 }
