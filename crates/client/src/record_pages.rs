@@ -31,6 +31,9 @@ pub struct RecordPages {
     dir: PathBuf,
     /// Payloads whose record is in a file of its own (`<id>.json`).
     own_files: Mutex<HashSet<u64>>,
+    /// The page file written last, kept open: a payload's state changes all go to one page,
+    /// and new payloads fill it in turn, so most writes need no `open`.
+    last_page: Mutex<Option<(u64, std::fs::File)>>,
 }
 
 impl RecordPages {
@@ -66,6 +69,7 @@ impl RecordPages {
         let pages = RecordPages {
             dir: dir.to_path_buf(),
             own_files: Mutex::new(own_files),
+            last_page: Mutex::new(None),
         };
         Ok((pages, in_pages))
     }
@@ -78,13 +82,18 @@ impl RecordPages {
             drop(own_files);
             bytes.resize(SLOT - 1, b' ');
             bytes.push(b'\n');
-            let page = self.dir.join(format!("{}.page", record.id / PER_PAGE));
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                // Other slots of the page are other payloads' records.
-                .truncate(false)
-                .open(page)?;
+            let page = record.id / PER_PAGE;
+            let mut last = self.last_page.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_ref().is_none_or(|(open, _)| *open != page) {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    // Other slots of the page are other payloads' records.
+                    .truncate(false)
+                    .open(self.dir.join(format!("{page}.page")))?;
+                *last = Some((page, file));
+            }
+            let (_, file) = last.as_ref().expect("opened above");
             return file.write_all_at(&bytes, (record.id % PER_PAGE) * SLOT as u64);
         }
         let path = self.dir.join(format!("{}.json", record.id));
