@@ -14,13 +14,22 @@
 //! - client → spawner: [`Start`] `{"req", "dir", "stdout", "stderr", "spec"}`: the
 //!   supervisor's `Spec`, whose `env` holds what the exec path sets on the supervisor itself
 //!   (the launch environment, the allotment's, the `JOBRELAY_PAYLOAD` marker).
-//! - spawner → client ([`Reply`]): `{"reply":"started","req","pid"}` once the forked
-//!   supervisor is in its process group (its pid), its cgroup leaf and memory cgroup, with
+//! - spawner → client ([`Reply`]): `{"reply":"started","req","pid","moved_in"}` once the
+//!   forked supervisor is in its process group (its pid), its cgroup leaf and memory cgroup, with
 //!   its logs open as stdout/stderr, stdin /dev/null, in the work directory; or
 //!   `{"reply":"failed","req","error"}` (the child told why, exited 127 and was reaped; or
 //!   it was not in place within 30 s, `JOBRELAY_SPAWNER_PLACE_TIMEOUT_MS`, and was killed);
 //!   then `{"reply":"ended","pid","code"|"signal"}` when that supervisor ends (it ends as the
 //!   payload did).
+//!
+//! A supervisor with a cgroup leaf is forked straight into it (`clone3` with
+//! `CLONE_INTO_CGROUP`, Linux 5.7), not moved there after the fork by a write to
+//! `cgroup.procs`: such a move takes the cgroup threadgroup lock for writing, which waits for
+//! an RCU grace period, 5–20 ms on an idle machine and about 1 ms back to back (BENCHMARKS.md),
+//! and the fork server waits for it before the next start. Where the kernel refuses (older
+//! kernel, a leaf that is no cgroup v2 directory), it forks and the child moves itself in as
+//! before; `moved_in` says which, and the client counts those
+//! (`jobrelay_client_cgroup_moves_total`).
 //!
 //! The child reports over a close-on-exec pipe, and the spawner answers only after it said it
 //! is in place: a client killed at any point after "started" finds the supervisor in the
@@ -65,6 +74,10 @@ pub enum Reply {
     Started {
         req: u64,
         pid: u32,
+        /// It was forked outside its cgroup and moved in by a write to `cgroup.procs` (the
+        /// kernel could not fork it straight in).
+        #[serde(default)]
+        moved_in: bool,
     },
     Failed {
         req: u64,
@@ -258,8 +271,7 @@ impl Server {
         // SAFETY: both fds were just made and are ours alone.
         let (read_end, write_end) =
             unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
-        // SAFETY: this process has one thread, so the child may do anything the parent may.
-        let pid = unsafe { libc::fork() };
+        let (pid, in_leaf) = fork_into(start.spec.cgroup.as_deref());
         if pid < 0 {
             return Reply::Failed {
                 req,
@@ -268,7 +280,7 @@ impl Server {
         }
         if pid == 0 {
             drop(read_end);
-            self.child(&start, write_end);
+            self.child(&start, in_leaf, write_end);
         }
         drop(write_end);
         let Some(said) = read_report(read_end, self.place_timeout_ms) else {
@@ -288,6 +300,7 @@ impl Server {
             return Reply::Started {
                 req,
                 pid: pid as u32,
+                moved_in: start.spec.cgroup.is_some() && !in_leaf,
             };
         }
         // It exits at once after saying why: reap it here, before the loop could.
@@ -303,7 +316,7 @@ impl Server {
     }
 
     /// In the forked child: puts itself in place, tells the parent, supervises. Never returns.
-    fn child(&self, start: &Start, report: OwnedFd) -> ! {
+    fn child(&self, start: &Start, in_leaf: bool, report: OwnedFd) -> ! {
         // SAFETY: restoring the mask and closing our copy of the signalfd; setpgid on self.
         unsafe {
             libc::sigprocmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut());
@@ -311,7 +324,7 @@ impl Server {
             libc::setpgid(0, 0);
         }
         let mut report = std::fs::File::from(report);
-        match in_place(start) {
+        match in_place(start, in_leaf) {
             Ok(()) => {
                 let _ = report.write_all(&[0]);
                 drop(report);
@@ -365,9 +378,51 @@ fn read_report(pipe: OwnedFd, timeout_ms: libc::c_int) -> Option<Vec<u8>> {
     }
 }
 
-/// The child's steps before its payload may start: cgroups, stdio, directory.
-fn in_place(start: &Start) -> Result<(), String> {
-    supervisor::join(&start.spec)?;
+/// `linux/sched.h` (libc's constant is an `c_int` it does not fit in).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks this single-threaded process: straight into the cgroup v2 directory `leaf` where the
+/// kernel can (`clone3` with `CLONE_INTO_CGROUP`), else a plain `fork`. Returns what `fork`
+/// does (0 in the child, -1 on failure) and whether the child starts in `leaf`.
+fn fork_into(leaf: Option<&Path>) -> (libc::pid_t, bool) {
+    if let Some(dir) = leaf.and_then(|leaf| std::fs::File::open(leaf).ok()) {
+        // SAFETY: clone_args is plain data; all-zero is "no flags, no pointers".
+        let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+        args.flags = CLONE_INTO_CGROUP;
+        args.exit_signal = libc::SIGCHLD as u64;
+        args.cgroup = dir.as_raw_fd() as u64;
+        // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of this process,
+        // which has one thread, so it may do anything the parent may (as after `fork`). The
+        // arguments are valid for the call. glibc's fork handlers do not run, and none is
+        // needed: no other thread can hold a lock the child would take.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut libc::clone_args,
+                std::mem::size_of::<libc::clone_args>(),
+            )
+        } as libc::pid_t;
+        // Closed in both: the child needs no handle on its cgroup.
+        drop(dir);
+        if pid >= 0 {
+            return (pid, true);
+        }
+        // ENOSYS (before 5.3), E2BIG/EINVAL (before 5.7), EBADF (no cgroup v2 directory),
+        // EBUSY/EOPNOTSUPP (not a leaf that takes processes): the fork and the write to
+        // cgroup.procs below say what is wrong, if anything is.
+    }
+    // SAFETY: this process has one thread, so the child may do anything the parent may.
+    (unsafe { libc::fork() }, false)
+}
+
+/// The child's steps before its payload may start: cgroups (the v2 leaf unless forked into
+/// it), stdio, directory.
+fn in_place(start: &Start, in_leaf: bool) -> Result<(), String> {
+    if in_leaf {
+        supervisor::join_memory(&start.spec)?;
+    } else {
+        supervisor::join(&start.spec)?;
+    }
     let stdout = open_log(&start.stdout)?;
     let stderr = open_log(&start.stderr)?;
     let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
@@ -434,7 +489,11 @@ mod tests {
     #[test]
     fn replies_read_back_as_written() {
         for reply in [
-            Reply::Started { req: 3, pid: 42 },
+            Reply::Started {
+                req: 3,
+                pid: 42,
+                moved_in: true,
+            },
             Reply::Failed {
                 req: 4,
                 error: "no".into(),

@@ -204,7 +204,11 @@ impl Conn {
 fn route(routes: &Mutex<Routes>, reply: Reply) {
     let mut routes = routes.lock().unwrap();
     match reply {
-        Reply::Started { req, pid } => {
+        Reply::Started { req, pid, moved_in } => {
+            if moved_in {
+                // Forked outside its leaf and moved in: a wait for the cgroup lock per start.
+                metrics::counter!("jobrelay_client_cgroup_moves_total").increment(1);
+            }
             let (tx, rx) = oneshot::channel();
             routes.ends.insert(pid, tx);
             let delivered = match routes.starts.remove(&req) {
@@ -247,7 +251,14 @@ mod tests {
         });
         let (tx, mut rx) = oneshot::channel();
         routes.lock().unwrap().starts.insert(5, tx);
-        route(&routes, Reply::Started { req: 5, pid: 77 });
+        route(
+            &routes,
+            Reply::Started {
+                req: 5,
+                pid: 77,
+                moved_in: false,
+            },
+        );
         let mut started = rx.try_recv().unwrap().unwrap();
         assert_eq!(started.pid, 77);
         // An "ended" that comes before anyone waits on it is kept in its channel.
@@ -262,7 +273,14 @@ mod tests {
         assert_eq!(started.ended.try_recv().unwrap().code(), Some(3));
         let (tx, mut rx) = oneshot::channel();
         routes.lock().unwrap().starts.insert(6, tx);
-        route(&routes, Reply::Started { req: 6, pid: 78 });
+        route(
+            &routes,
+            Reply::Started {
+                req: 6,
+                pid: 78,
+                moved_in: true,
+            },
+        );
         let mut started = rx.try_recv().unwrap().unwrap();
         route(
             &routes,

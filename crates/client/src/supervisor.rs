@@ -177,6 +177,11 @@ pub fn join(spec: &Spec) -> Result<(), String> {
     if let Some(leaf) = &spec.cgroup {
         crate::cgroup::join(leaf).map_err(|e| format!("cannot join the payload's cgroup: {e}"))?;
     }
+    join_memory(spec)
+}
+
+/// Joins the payload's v1 memory cgroup, if the spec has one.
+pub fn join_memory(spec: &Spec) -> Result<(), String> {
     if let Some(dir) = &spec.memory_cgroup {
         crate::memcg::join_v1(dir)
             .map_err(|e| format!("cannot join the payload's memory cgroup: {e}"))?;

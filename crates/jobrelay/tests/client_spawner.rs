@@ -275,11 +275,104 @@ async fn without_cgroups_supervisors_are_exec_d_by_the_client() {
 /// nobody reads, so opening it to join blocks, as a hung file system would) does not stop the
 /// fork server: past its place timeout it kills that child and answers "failed", and the next
 /// start is served and runs.
+/// A fork server started by the test itself, spoken to over its socket as the client does.
+struct DirectSpawner {
+    child: std::process::Child,
+    writer: std::os::unix::net::UnixStream,
+    replies: std::io::BufReader<std::os::unix::net::UnixStream>,
+    root: std::path::PathBuf,
+    work: std::path::PathBuf,
+}
+
+impl DirectSpawner {
+    /// A fork server, and a work directory with empty logs under `root`.
+    fn start(root: &std::path::Path, place_timeout_ms: u32) -> Self {
+        use std::os::fd::OwnedFd;
+        let work = root.join("work");
+        std::fs::create_dir(&work).unwrap();
+        for log in ["out", "err"] {
+            std::fs::write(work.join(log), "").unwrap();
+        }
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let child = std::process::Command::new(binary())
+            .args([SUPERVISOR_ARG, "--spawner"])
+            .env(
+                "JOBRELAY_SPAWNER_PLACE_TIMEOUT_MS",
+                place_timeout_ms.to_string(),
+            )
+            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        ours.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        DirectSpawner {
+            child,
+            writer: ours.try_clone().unwrap(),
+            replies: std::io::BufReader::new(ours),
+            root: root.to_owned(),
+            work,
+        }
+    }
+
+    /// Asks for `script` to run in the work directory, in `cgroup`, its end recorded in
+    /// `<root>/<exit>`.
+    fn request(&mut self, req: u64, cgroup: Option<&std::path::Path>, exit: &str, script: &str) {
+        use std::io::Write;
+        let line = serde_json::json!({
+            "req": req,
+            "dir": self.work,
+            "stdout": self.work.join("out"),
+            "stderr": self.work.join("err"),
+            "spec": {
+                "exit_file": self.root.join(exit),
+                "payload": req,
+                "cgroup": cgroup,
+                "run_as": null,
+                "limits": {},
+                "argv": ["/bin/sh", "-c", script],
+            },
+        })
+        .to_string()
+            + "\n";
+        self.writer.write_all(line.as_bytes()).unwrap();
+    }
+
+    fn next(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.replies
+            .read_line(&mut line)
+            .expect("a reply within 20 s");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// The "started" of the last request and the "ended" of `ends` children, in any order.
+    fn started_and_ended(&mut self, ends: usize) -> serde_json::Value {
+        let mut started = None;
+        let mut ended = 0;
+        while started.is_none() || ended < ends {
+            let reply = self.next();
+            match reply["reply"].as_str().unwrap() {
+                "started" => started = Some(reply),
+                "ended" => ended += 1,
+                other => panic!("unexpected {other}: {reply}"),
+            }
+        }
+        started.unwrap()
+    }
+}
+
+impl Drop for DirectSpawner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn a_supervisor_stuck_getting_in_place_is_killed_and_the_next_start_is_served() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::os::fd::OwnedFd;
-    use std::os::unix::net::UnixStream;
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let stuck = root.join("stuck-cgroup");
@@ -289,66 +382,22 @@ fn a_supervisor_stuck_getting_in_place_is_killed_and_the_next_start_is_served() 
         .status()
         .unwrap();
     assert!(made.success());
-    let work = root.join("work");
-    std::fs::create_dir(&work).unwrap();
-    for log in ["out", "err"] {
-        std::fs::write(work.join(log), "").unwrap();
-    }
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let spawner = std::process::Command::new(binary())
-        .args([SUPERVISOR_ARG, "--spawner"])
-        .env("JOBRELAY_SPAWNER_PLACE_TIMEOUT_MS", "500")
-        .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    /// Whatever the test's outcome: the fork server killed, and a child still stuck on the
-    /// FIFO let go (opening its other end lets its open return).
-    struct Cleanup(std::process::Child, std::path::PathBuf);
-    impl Drop for Cleanup {
+    /// Whatever the test's outcome: a child still stuck on the FIFO let go (opening its other
+    /// end lets its open return). Declared before the fork server, so it runs after its kill.
+    struct LetGo(std::path::PathBuf);
+    impl Drop for LetGo {
         fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
             use std::os::unix::fs::OpenOptionsExt;
             let _ = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(nix::libc::O_NONBLOCK)
-                .open(&self.1);
+                .open(&self.0);
         }
     }
-    let _cleanup = Cleanup(spawner, stuck.join("cgroup.procs"));
-    let request = |req: u64, cgroup: Option<&std::path::Path>, exit: &str| {
-        serde_json::json!({
-            "req": req,
-            "dir": work,
-            "stdout": work.join("out"),
-            "stderr": work.join("err"),
-            "spec": {
-                "exit_file": root.join(exit),
-                "payload": req,
-                "cgroup": cgroup,
-                "run_as": null,
-                "limits": {},
-                "argv": ["/bin/sh", "-c", "echo ran > ran.txt"],
-            },
-        })
-        .to_string()
-            + "\n"
-    };
-    let mut writer = ours.try_clone().unwrap();
-    ours.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    let mut replies = BufReader::new(ours);
-    let mut next = || {
-        let mut line = String::new();
-        replies.read_line(&mut line).expect("a reply within 20 s");
-        serde_json::from_str::<serde_json::Value>(&line).unwrap()
-    };
-    writer
-        .write_all(request(1, Some(&stuck), "exit1").as_bytes())
-        .unwrap();
-    let failed = next();
+    let _let_go = LetGo(stuck.join("cgroup.procs"));
+    let mut spawner = DirectSpawner::start(root, 500);
+    spawner.request(1, Some(&stuck), "exit1", "echo ran > ran.txt");
+    let failed = spawner.next();
     assert_eq!(failed["reply"], "failed", "{failed}");
     assert_eq!(failed["req"], 1);
     assert!(
@@ -358,23 +407,87 @@ fn a_supervisor_stuck_getting_in_place_is_killed_and_the_next_start_is_served() 
             .contains("not in place within 500 ms"),
         "{failed}"
     );
-    writer
-        .write_all(request(2, None, "exit2").as_bytes())
-        .unwrap();
-    let mut started = None;
-    let mut ended = 0;
+    spawner.request(2, None, "exit2", "echo ran > ran.txt");
     // The killed child's "ended" may come before or after the second start's replies.
-    while started.is_none() || ended < 2 {
-        let reply = next();
-        match reply["reply"].as_str().unwrap() {
-            "started" => started = Some(reply["pid"].as_u64().unwrap()),
-            "ended" => ended += 1,
-            other => panic!("unexpected {other}: {reply}"),
+    spawner.started_and_ended(2);
+    assert_eq!(
+        std::fs::read_to_string(spawner.work.join("ran.txt")).unwrap(),
+        "ran\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("exit2")).unwrap().trim(),
+        "payload 2 code 0"
+    );
+}
+
+/// This process's cgroup v2 directory, if the machine has a cgroup2 mount and we may make
+/// directories in it.
+fn own_cgroup_v2_dir() -> Option<std::path::PathBuf> {
+    let mount = std::fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"))?
+        .split_whitespace()
+        .nth(1)?
+        .to_owned();
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))?;
+    Some(std::path::Path::new(&mount).join(own.trim_start_matches('/')))
+}
+
+/// A supervisor with a real cgroup v2 leaf is forked straight into it (clone3 with
+/// CLONE_INTO_CGROUP: no write to cgroup.procs, whose lock waits for an RCU grace period):
+/// "started" says it was not moved in, and the payload's /proc/self/cgroup names the leaf.
+/// A directory that is no cgroup takes the fork-then-move path, and "started" says so.
+#[test]
+fn a_supervisor_is_forked_straight_into_its_cgroup_leaf_and_moved_in_only_where_it_cannot_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut spawner = DirectSpawner::start(root, 20_000);
+    // Not a cgroup: a directory with a plain file as cgroup.procs takes the write of "0".
+    let plain = root.join("plain-cgroup");
+    std::fs::create_dir(&plain).unwrap();
+    std::fs::write(plain.join("cgroup.procs"), "").unwrap();
+    spawner.request(1, Some(&plain), "exit1", "true");
+    let started = spawner.started_and_ended(1);
+    assert_eq!(started["moved_in"], true, "{started}");
+    assert_eq!(
+        std::fs::read_to_string(plain.join("cgroup.procs")).unwrap(),
+        "0"
+    );
+    let Some(own) = own_cgroup_v2_dir() else {
+        eprintln!("skipped the real leaf: no cgroup v2 mount here");
+        return;
+    };
+    let leaf = own.join(format!("jobrelay-test-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir(&leaf) {
+        eprintln!("skipped the real leaf: cannot make {}: {e}", leaf.display());
+        return;
+    }
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
         }
     }
-    assert_eq!(
-        std::fs::read_to_string(work.join("ran.txt")).unwrap(),
-        "ran\n"
+    let _remove = Remove(leaf.clone());
+    spawner.request(
+        2,
+        Some(&leaf),
+        "exit2",
+        "cat /proc/self/cgroup > cgroup.txt",
+    );
+    let started = spawner.started_and_ended(1);
+    assert_eq!(started["moved_in"], false, "{started}");
+    let cgroup = std::fs::read_to_string(spawner.work.join("cgroup.txt")).unwrap();
+    let name = leaf.file_name().unwrap().to_str().unwrap();
+    assert!(
+        cgroup
+            .lines()
+            .any(|l| l.starts_with("0::") && l.ends_with(&format!("/{name}"))),
+        "{cgroup}"
     );
     assert_eq!(
         std::fs::read_to_string(root.join("exit2")).unwrap().trim(),
