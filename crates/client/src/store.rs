@@ -82,6 +82,11 @@ impl PayloadStore {
         std::fs::create_dir_all(&work_dir)?;
         remove_dir_all_if_exists(&staging_dir)?;
         std::fs::create_dir_all(&staging_dir)?;
+        // Every payload's directory is made here (then renamed into work/): spread over the
+        // disk, their inodes do not all queue in one ext4 group (`spread_subdirectories`).
+        if let Err(e) = jobrelay_common::fsutil::spread_subdirectories(&staging_dir) {
+            tracing::debug!(error = %e, "staging directory: no FS_TOPDIR_FL");
+        }
 
         let node_file = data_dir.join("node-id");
         let node = match std::fs::read_to_string(&node_file) {
