@@ -385,7 +385,16 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// kernel can (`clone3` with `CLONE_INTO_CGROUP`), else a plain `fork`. Returns what `fork`
 /// does (0 in the child, -1 on failure) and whether the child starts in `leaf`.
 fn fork_into(leaf: Option<&Path>) -> (libc::pid_t, bool) {
-    if let Some(dir) = leaf.and_then(|leaf| std::fs::File::open(leaf).ok()) {
+    // O_DIRECTORY: whatever is at that path, this open never waits (a FIFO would hold the
+    // fork server itself, outside the child's place timeout).
+    let open_dir = |leaf: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK)
+            .open(leaf)
+            .ok()
+    };
+    if let Some(dir) = leaf.and_then(open_dir) {
         // SAFETY: clone_args is plain data; all-zero is "no flags, no pointers".
         let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
         args.flags = CLONE_INTO_CGROUP;

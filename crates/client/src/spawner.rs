@@ -132,6 +132,8 @@ impl Conn {
             // death must read as EOF.
         };
         let pid = child.id().unwrap_or(0);
+        // Shown from the first fork server on, so a zero reads as "none moved in".
+        metrics::counter!("jobrelay_client_cgroup_moves_total").increment(0);
         ours.set_nonblocking(true)?;
         let (read, write) = tokio::net::UnixStream::from_std(ours)?.into_split();
         let routes = Arc::new(Mutex::new(Routes {

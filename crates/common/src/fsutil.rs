@@ -111,46 +111,48 @@ const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
 pub fn spread_subdirectories(dir: &Path) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
     let handle = std::fs::File::open(dir)?;
-    let fd = handle.as_raw_fd();
-    let mut flags: libc::c_int = 0;
-    // SAFETY: FS_IOC_GETFLAGS writes one int into `flags`, which outlives the call.
-    if unsafe { libc::ioctl(fd, FS_IOC_GETFLAGS as _, &mut flags) } != 0 {
-        return unsupported_or(io::Error::last_os_error());
-    }
+    let Some(flags) = flags_of(&handle)? else {
+        return Ok(false);
+    };
     if flags & FS_TOPDIR_FL != 0 {
         return Ok(true);
     }
-    flags |= FS_TOPDIR_FL;
-    // SAFETY: FS_IOC_SETFLAGS reads one int from `flags`.
-    if unsafe { libc::ioctl(fd, FS_IOC_SETFLAGS as _, &flags) } != 0 {
-        return unsupported_or(io::Error::last_os_error());
+    let flags = flags | FS_TOPDIR_FL;
+    // SAFETY: FS_IOC_SETFLAGS reads one int from `flags`, which outlives the call.
+    if unsafe { libc::ioctl(handle.as_raw_fd(), FS_IOC_SETFLAGS as _, &flags) } != 0 {
+        return unsupported(io::Error::last_os_error()).map(|()| false);
     }
     Ok(true)
 }
 
-/// `Ok(false)` for the errors of a file system that has no such flag, else the error.
-fn unsupported_or(error: io::Error) -> io::Result<bool> {
-    match error.raw_os_error() {
-        Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => Ok(false),
-        _ => Err(error),
+/// The `FS_*_FL` flags of an open file, or `None` where its file system has none.
+fn flags_of(file: &std::fs::File) -> io::Result<Option<libc::c_int>> {
+    use std::os::fd::AsRawFd;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int into `flags`, which outlives the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_GETFLAGS as _, &mut flags) } != 0 {
+        return unsupported(io::Error::last_os_error()).map(|()| None);
     }
+    Ok(Some(flags))
 }
 
-/// Whether `dir` has the flag [`spread_subdirectories`] sets.
-pub fn spreads_subdirectories(dir: &Path) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    let handle = std::fs::File::open(dir)?;
-    let mut flags: libc::c_int = 0;
-    // SAFETY: as in `spread_subdirectories`.
-    if unsafe { libc::ioctl(handle.as_raw_fd(), FS_IOC_GETFLAGS as _, &mut flags) } != 0 {
-        return unsupported_or(io::Error::last_os_error());
+/// `Ok` for the errors of a file system that has no such flags, else the error.
+fn unsupported(error: io::Error) -> io::Result<()> {
+    match error.raw_os_error() {
+        Some(libc::ENOTTY) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => Ok(()),
+        _ => Err(error),
     }
-    Ok(flags & FS_TOPDIR_FL != 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `dir` has the flag [`spread_subdirectories`] sets.
+    fn spreads_subdirectories(dir: &Path) -> io::Result<bool> {
+        let flags = flags_of(&std::fs::File::open(dir)?)?;
+        Ok(flags.is_some_and(|f| f & FS_TOPDIR_FL != 0))
+    }
 
     #[test]
     fn a_directory_asked_to_spread_its_subdirectories_keeps_the_flag_where_the_fs_has_it() {

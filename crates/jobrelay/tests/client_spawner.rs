@@ -168,6 +168,24 @@ async fn supervisors_are_forked_by_one_fork_server_not_exec_d_per_payload() {
             format!("{name}\n").as_bytes()
         );
     }
+    // Shown once a fork server runs; the kernel forks all three into their leaves or none.
+    let metrics = client
+        .http
+        .get(client.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let moves: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("jobrelay_client_cgroup_moves_total "))
+        .expect("the cgroup moves counter is shown")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(moves == 0 || moves == 3, "{moves} of 3 starts moved in");
 }
 
 /// `kill -9` of the fork server while a payload runs: the payload runs on and ends with its
@@ -457,6 +475,19 @@ fn a_supervisor_is_forked_straight_into_its_cgroup_leaf_and_moved_in_only_where_
         std::fs::read_to_string(plain.join("cgroup.procs")).unwrap(),
         "0"
     );
+    // A FIFO where the leaf should be: neither the fork server's open of the leaf nor the
+    // child's move waits on it; the start fails at once (within the 20 s read timeout, far
+    // below this fork server's place timeout).
+    let fifo = root.join("fifo-cgroup");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    spawner.request(3, Some(&fifo), "exit3", "true");
+    let failed = spawner.next();
+    assert_eq!(failed["reply"], "failed", "{failed}");
+    assert_eq!(failed["req"], 3);
     let Some(own) = own_cgroup_v2_dir() else {
         eprintln!("skipped the real leaf: no cgroup v2 mount here");
         return;
