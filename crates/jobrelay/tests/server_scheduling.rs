@@ -18,6 +18,8 @@ on_both_databases!(
     terminate_queued_running_and_finished_jobs,
     #[tokio::test]
     terminate_while_the_job_is_being_sent_kills_the_payload_it_became,
+    #[tokio::test]
+    a_payload_that_ends_before_its_submission_is_recorded_is_still_followed,
 );
 
 const LONG: Duration = Duration::from_secs(90);
@@ -380,4 +382,48 @@ async fn terminate_while_the_job_is_being_sent_kills_the_payload_it_became(db: T
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!ran.exists(), "the job ran to its end");
     assert_eq!(job_json(&http, &server.url, id).await["status"], "Killed");
+}
+
+/// The server looks at a new payload on a client with a change feed only if the feed told of
+/// it before the Submitted commit (`early_events`). Here the payload runs to its end while
+/// the server waits before that commit: the feed's news of it finds no job, and only the note
+/// it leaves makes the job Completed (no later event comes).
+async fn a_payload_that_ends_before_its_submission_is_recorded_is_still_followed(db: TestDb) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &[]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
+    let server = TestServer::start_with_env(
+        root,
+        &config,
+        &db.args(&[]),
+        &[("JOBRELAY_TEST_PAUSE_AFTER_SUBMIT_MS", "1500")],
+    );
+    let http = http();
+    let ids = [
+        upload_job(
+            &http,
+            &server.url,
+            1,
+            "example",
+            &[("run.sh", b"echo a > out.txt\n")],
+        )
+        .await,
+        upload_job(
+            &http,
+            &server.url,
+            2,
+            "example",
+            &[("run.sh", b"echo b > out.txt\n")],
+        )
+        .await,
+    ];
+    for (id, text) in ids.into_iter().zip(["a\n", "b\n"]) {
+        wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+        let zip = download_zip(&http, &server.url, id).await;
+        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut archive.by_name("out.txt").unwrap(), &mut out).unwrap();
+        assert_eq!(out, text, "{}", server.log());
+    }
 }

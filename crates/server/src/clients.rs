@@ -46,6 +46,9 @@ pub struct ClientHandle {
     pub killing: std::sync::atomic::AtomicBool,
     /// Set for a client that joined at run time (it dials out; see [`Joined`]).
     pub joined: Option<Joined>,
+    /// Change-feed news of payloads not yet committed to their job, for the dispatcher to
+    /// claim after its commit.
+    pub early: crate::early_events::EarlyEvents,
 }
 
 impl ClientHandle {
@@ -63,6 +66,7 @@ impl ClientHandle {
             full_until: Mutex::new(None),
             killing: std::sync::atomic::AtomicBool::new(false),
             joined: None,
+            early: Default::default(),
         }
     }
 

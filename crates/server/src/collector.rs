@@ -82,7 +82,9 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
         Err(_) => {
             check_unreachable(shared, client);
             // Whatever happened meanwhile is learnt by reconciling once it answers again.
-            feed.instance = None;
+            if feed.instance.take().is_some() {
+                client.early.gap();
+            }
             tokio::time::sleep(RETRY_PAUSE).await;
             return;
         }
@@ -96,6 +98,9 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
             );
         }
         client.set_node(&page.node);
+        // Before the listing: a job committed after it, with news in the events skipped
+        // here, must be looked at by its dispatcher.
+        client.early.gap();
         if reconcile(shared, client) {
             feed.instance = Some(page.instance.clone());
             feed.after = page.next;
@@ -108,7 +113,19 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
     let read_from = feed.after;
     feed.after = page.next;
     for event in page.events {
-        let job = match shared.store.by_dest(client.base(), event.id as i64) {
+        let dest = event.id as i64;
+        let looked_up = if matches!(
+            event.status,
+            PayloadStatus::Prepared | PayloadStatus::Unknown
+        ) {
+            // Nothing to act on: no note (the dispatcher's look is not needed for it).
+            shared.store.by_dest(client.base(), dest)
+        } else {
+            client
+                .early
+                .note_unless_known(dest, || shared.store.by_dest(client.base(), dest))
+        };
+        let job = match looked_up {
             Ok(Some(job)) if JobStatus::ON_CLIENT.contains(&job.status) => job,
             Ok(_) => continue,
             Err(e) => {

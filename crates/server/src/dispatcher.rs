@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::clients::ClientHandle;
 use crate::gateway::{self, FileBody, JobFile, Submitted};
+use crate::lifecycle::{Effect, Effects};
 use crate::results;
 use crate::scheduler::Decision;
 use crate::store::{InputFile, Job, JobStatus};
@@ -319,6 +320,7 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             return;
         }
     };
+    let generation = client.early.generation();
     let record = match gateway::submit(shared, client, files, key.as_deref(), &job.resources).await
     {
         Submitted::Accepted(record) => record,
@@ -378,8 +380,9 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
         std::process::exit(86);
     }
     let node = record.node.clone().or_else(|| client.node());
-    // Submitted, then one look at the payload (anything the client reported before this
-    // commit is seen); or, terminated while it was being sent, its new payload killed.
+    // Submitted, then one look at the payload if the client may have reported it before
+    // this commit (see `early_events`); or, terminated while it was being sent, its new
+    // payload killed.
     // A commit the database failed (it restarts, say) is tried again until it answers: the
     // client holds the payload, and only this commit tells the collector to follow it. (A
     // stop meanwhile leaves the job Processing: the next start sends it again with its key.)
@@ -396,7 +399,23 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             }
         }
     };
+    let effects = without_needless_look(client, record.id as i64, generation, effects);
     crate::effects::perform(shared, effects).await;
+}
+
+/// The effects of a Submitted commit less its look at the payload, towards a client whose
+/// change feed brings the payload's news to its job from now on and had none of it before
+/// the commit (nor a gap since the `/submit` was sent, at `generation`).
+fn without_needless_look(
+    client: &ClientHandle,
+    dest: i64,
+    generation: u64,
+    mut effects: Effects,
+) -> Effects {
+    if client.has("events") && !client.early.claim(dest, generation) {
+        effects.retain(|effect| !matches!(effect, Effect::Check(_)));
+    }
+    effects
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub mod clients;
 pub mod collector;
 pub mod config;
 pub mod dispatcher;
+pub mod early_events;
 pub mod effects;
 pub mod gateway;
 pub mod http;
