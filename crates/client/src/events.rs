@@ -1,17 +1,26 @@
 //! The change feed: an in-memory, bounded log of payload state changes that callers can
 //! long-poll (`GET /events?after=SEQ&wait=SECONDS`).
+//!
+//! A waiting call is answered at once by news a caller acts on without delay: a payload's
+//! end (Completed, Failed, Invalid, Killed). A payload prepared, started or cleaned (its
+//! results were fetched and it was released, or it expired) holds the answer up to
+//! [`LINGER`] longer, so an end goes in the same page: a short job's start, end and release
+//! were three answers (and three requests of the server) where one or two do (issue 18).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use jobrelay_common::protocol::{EventsPage, PayloadEvent, PayloadRecord};
+use jobrelay_common::protocol::{EventsPage, PayloadEvent, PayloadRecord, PayloadStatus};
 use tokio::sync::watch;
 
 /// Events kept for callers that fall behind; older ones are dropped (callers then reconcile).
 const KEEP: usize = 100_000;
 /// Most events returned by one call.
 pub const PAGE: usize = 1_000;
+/// Longest a waiting call is held after news that is no end, for an end to join it. Such
+/// news reaches the server that much later at most; an end's never waits.
+pub const LINGER: Duration = Duration::from_millis(25);
 
 pub struct EventLog {
     instance: String,
@@ -19,6 +28,17 @@ pub struct EventLog {
     events: Mutex<VecDeque<PayloadEvent>>,
     /// The sequence number of the newest event.
     latest: watch::Sender<u64>,
+    /// The sequence number of the newest end of a payload ([`is_urgent`]).
+    urgent: watch::Sender<u64>,
+}
+
+/// Whether news of `status` should reach a waiting caller without [`LINGER`]: an end, not a
+/// payload prepared, started or cleaned.
+fn is_urgent(status: PayloadStatus) -> bool {
+    !matches!(
+        status,
+        PayloadStatus::Prepared | PayloadStatus::Running | PayloadStatus::Cleaned
+    )
 }
 
 impl EventLog {
@@ -28,6 +48,7 @@ impl EventLog {
             node,
             events: Mutex::new(VecDeque::new()),
             latest: watch::channel(0).0,
+            urgent: watch::channel(0).0,
         }
     }
 
@@ -49,11 +70,16 @@ impl EventLog {
         if events.len() > KEEP {
             events.pop_front();
         }
-        // Sent under the lock, so sequence numbers reach the channel in order.
+        // Sent under the lock, so sequence numbers reach the channels in order; `urgent`
+        // first, so a caller woken by `latest` already sees it.
+        if is_urgent(record.status) {
+            self.urgent.send_replace(seq);
+        }
         self.latest.send_replace(seq);
     }
 
-    /// Events after `after`; waits up to `wait` for the first one when there is none yet.
+    /// Events after `after`; waits up to `wait` for the first one when there is none yet
+    /// (and, when that one is no end, up to [`LINGER`] more for an end).
     pub async fn after(&self, after: u64, wait: Duration) -> EventsPage {
         let mut rx = self.latest.subscribe();
         let latest = *rx.borrow_and_update();
@@ -62,11 +88,25 @@ impl EventLog {
         if latest == after && !wait.is_zero() {
             // A stopping client answers at once, so the long-poll does not hold its stop.
             tokio::select! {
-                _ = tokio::time::timeout(wait, rx.wait_for(|latest| *latest > after)) => {}
+                () = self.wait_for_news(rx, after, wait) => {}
                 () = jobrelay_common::serve::stopping() => {}
             }
         }
         self.page(after)
+    }
+
+    async fn wait_for_news(&self, mut latest: watch::Receiver<u64>, after: u64, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut urgent = self.urgent.subscribe();
+        let newer = |seq: &u64| *seq > after;
+        if tokio::time::timeout_at(deadline, latest.wait_for(newer))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let linger_until = deadline.min(tokio::time::Instant::now() + LINGER);
+        let _ = tokio::time::timeout_at(linger_until, urgent.wait_for(newer)).await;
     }
 
     fn page(&self, after: u64) -> EventsPage {
@@ -99,7 +139,6 @@ impl EventLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jobrelay_common::protocol::PayloadStatus;
 
     fn record(id: u64, status: PayloadStatus) -> PayloadRecord {
         PayloadRecord {
@@ -156,5 +195,67 @@ mod tests {
             .expect("woken before the wait ran out")
             .unwrap();
         assert_eq!(page.events[0].id, 3);
+    }
+
+    async fn waiting_call(log: &std::sync::Arc<EventLog>) -> tokio::task::JoinHandle<EventsPage> {
+        let waiter = {
+            let log = log.clone();
+            tokio::spawn(async move { log.after(0, Duration::from_secs(30)).await })
+        };
+        // Let it start waiting.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        waiter
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_is_held_for_the_linger_and_an_end_within_it_goes_in_the_same_page() {
+        let log = std::sync::Arc::new(EventLog::new("n".into()));
+        let waiter = waiting_call(&log).await;
+        let started = tokio::time::Instant::now();
+        log.publish(&record(1, PayloadStatus::Running));
+        tokio::time::sleep(LINGER / 2).await;
+        assert!(!waiter.is_finished(), "a start alone is held");
+        log.publish(&record(1, PayloadStatus::Completed));
+        let page = waiter.await.unwrap();
+        let seen: Vec<_> = page.events.iter().map(|e| e.status).collect();
+        assert_eq!(seen, [PayloadStatus::Running, PayloadStatus::Completed]);
+        assert!(started.elapsed() < LINGER, "the end ended the linger");
+
+        // A start that nothing follows is answered once the linger is over.
+        let waiter = {
+            let log = log.clone();
+            tokio::spawn(async move { log.after(2, Duration::from_secs(30)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let started = tokio::time::Instant::now();
+        log.publish(&record(2, PayloadStatus::Running));
+        let page = waiter.await.unwrap();
+        assert_eq!(page.events.len(), 1);
+        assert_eq!(started.elapsed(), LINGER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_end_is_answered_at_once_and_the_linger_never_outlasts_the_wait() {
+        let log = std::sync::Arc::new(EventLog::new("n".into()));
+        let waiter = waiting_call(&log).await;
+        let started = tokio::time::Instant::now();
+        log.publish(&record(4, PayloadStatus::Killed));
+        let page = waiter.await.unwrap();
+        assert_eq!(page.events.len(), 1);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        let waiter = {
+            let log = log.clone();
+            tokio::spawn(async move { log.after(1, LINGER / 5).await })
+        };
+        tokio::time::sleep(LINGER / 10).await;
+        log.publish(&record(5, PayloadStatus::Cleaned));
+        let page = waiter.await.unwrap();
+        assert_eq!(page.events.len(), 1);
+        assert_eq!(
+            started.elapsed(),
+            LINGER / 5,
+            "held to the wait asked, not past it"
+        );
     }
 }
