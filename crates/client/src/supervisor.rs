@@ -193,9 +193,13 @@ pub fn join_memory(spec: &Spec) -> Result<(), String> {
 /// [`join`], with its stdio, directory and group in place): runs the payload, records its
 /// end and returns its code (or ends by its signal).
 pub fn supervise_forked(spec: &Spec) -> i32 {
+    // Caught by a handler that does nothing, not ignored: an ignored disposition (and a
+    // blocked signal) would pass to the payload through exec, a caught one is reset to the
+    // default there. So the payload needs no step of ours between fork and exec unless it
+    // has limits, and std then starts it with `posix_spawn` (a vfork: no copy of this
+    // process's memory, issue 18) where it can.
     for signal in DEFERRED {
-        // SAFETY: setting a disposition to SIG_IGN has no memory-safety conditions.
-        unsafe { libc::signal(signal, libc::SIG_IGN) };
+        catch_and_do_nothing(signal);
     }
     let mut command = std::process::Command::new(&spec.argv[0]);
     command.args(&spec.argv[1..]);
@@ -205,15 +209,12 @@ pub fn supervise_forked(spec: &Spec) -> i32 {
         command.uid(uid).gid(gid);
     }
     let limits = spec.limits;
-    // SAFETY: runs in the child between fork and exec; signal() and setrlimit are
-    // async-signal-safe and nothing allocates.
-    unsafe {
-        command.pre_exec(move || {
-            for signal in DEFERRED {
-                libc::signal(signal, libc::SIG_DFL);
-            }
-            confine::apply_limits(limits)
-        });
+    if !limits.is_empty() {
+        // SAFETY: runs in the child between fork and exec; setrlimit is async-signal-safe
+        // and nothing allocates.
+        unsafe {
+            command.pre_exec(move || confine::apply_limits(limits));
+        }
     }
     let exit = match command.status() {
         Ok(status) => match (status.code(), status.signal()) {
@@ -249,6 +250,20 @@ pub fn supervise_forked(spec: &Spec) -> i32 {
             }
             128 + signal
         }
+    }
+}
+
+/// Gives `signal` a handler that does nothing (restarting the calls it interrupts).
+fn catch_and_do_nothing(signal: libc::c_int) {
+    extern "C" fn nothing(_: libc::c_int) {}
+    // SAFETY: a sigaction is plain data, zeroed then filled; the handler is a function that
+    // does nothing, so it is async-signal-safe.
+    unsafe {
+        let mut action = std::mem::zeroed::<libc::sigaction>();
+        action.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(signal, &action, std::ptr::null_mut());
     }
 }
 

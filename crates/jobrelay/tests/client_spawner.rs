@@ -525,3 +525,38 @@ fn a_supervisor_is_forked_straight_into_its_cgroup_leaf_and_moved_in_only_where_
         "payload 2 code 0"
     );
 }
+
+/// The supervisor defers SIGTERM, SIGINT and SIGHUP for itself (it blocks them) and the
+/// payload gets none of that: bash starts with them neither blocked nor ignored, whether the
+/// payload is started with nothing between fork and exec (`posix_spawn`) or has limits set
+/// there, and through the fork server or an exec'd supervisor alike.
+#[tokio::test]
+async fn a_payload_starts_with_the_supervisors_deferred_signals_neither_blocked_nor_ignored() {
+    // Bits of SIGHUP (1), SIGINT (2) and SIGTERM (15) in /proc's signal masks.
+    const DEFERRED_BITS: u64 = 1 | 1 << 1 | 1 << 14;
+    let script = "grep -E '^Sig(Blk|Ign)' /proc/$$/status > masks.txt\nulimit -n > nofile.txt\n";
+    for (extra, env, nofile) in [
+        (&[][..], &[][..], None),
+        (&["--limit-open-files", "512"][..], &[][..], Some("512")),
+        (&[][..], &[("JOBRELAY_NO_CGROUP", "1")][..], None),
+    ] {
+        let client = TestClient::start_with_env(extra, env);
+        let id = client.submit_script(script).await;
+        let files = client.retrieve_zip(id).await;
+        let masks = String::from_utf8_lossy(&files["masks.txt"]).into_owned();
+        let lines: Vec<&str> = masks.lines().collect();
+        assert_eq!(lines.len(), 2, "{masks}");
+        for line in lines {
+            let (name, hex) = line.split_once(':').unwrap();
+            let mask = u64::from_str_radix(hex.trim(), 16).unwrap();
+            assert_eq!(
+                mask & DEFERRED_BITS,
+                0,
+                "{name} of the payload holds a deferred signal ({extra:?} {env:?}): {masks}"
+            );
+        }
+        if let Some(nofile) = nofile {
+            assert_eq!(String::from_utf8_lossy(&files["nofile.txt"]).trim(), nofile);
+        }
+    }
+}
