@@ -17,6 +17,7 @@ use crate::results;
 use crate::scheduler::Decision;
 use crate::store::{InputFile, Job, JobStatus};
 use crate::Shared;
+use jobrelay_common::protocol::{PayloadRecord, PayloadStatus};
 
 /// When this environment variable is set, the server exits right after a client accepted a
 /// payload and before the payload's id is committed (used by the tests of restarts).
@@ -399,20 +400,25 @@ async fn send(shared: &Arc<Shared>, client: &Arc<ClientHandle>, job: Job, delive
             }
         }
     };
-    let effects = without_needless_look(client, record.id as i64, generation, effects);
+    let effects = without_needless_look(client, &record, generation, effects);
     crate::effects::perform(shared, effects).await;
 }
 
 /// The effects of a Submitted commit less its look at the payload, towards a client whose
 /// change feed brings the payload's news to its job from now on and had none of it before
-/// the commit (nor a gap since the `/submit` was sent, at `generation`).
+/// the commit (nor a gap since the `/submit` was sent, at `generation`). A payload the
+/// client answered as more than Prepared is one it had before (a resend with the same key,
+/// after a crash of this server, say): its news may be older than the feed's place, so it
+/// keeps the look.
 fn without_needless_look(
     client: &ClientHandle,
-    dest: i64,
+    record: &PayloadRecord,
     generation: u64,
     mut effects: Effects,
 ) -> Effects {
-    if client.has("events") && !client.early.claim(dest, generation) {
+    let claimed = client.early.claim(record.id as i64, generation);
+    let fresh = record.status == PayloadStatus::Prepared;
+    if client.has("events") && fresh && !claimed {
         effects.retain(|effect| !matches!(effect, Effect::Check(_)));
     }
     effects
