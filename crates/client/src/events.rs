@@ -197,10 +197,15 @@ mod tests {
         assert_eq!(page.events[0].id, 3);
     }
 
-    async fn waiting_call(log: &std::sync::Arc<EventLog>) -> tokio::task::JoinHandle<EventsPage> {
+    /// A call of `after(after, wait)` on its own task, already waiting.
+    async fn waiting_call(
+        log: &std::sync::Arc<EventLog>,
+        after: u64,
+        wait: Duration,
+    ) -> tokio::task::JoinHandle<EventsPage> {
         let waiter = {
             let log = log.clone();
-            tokio::spawn(async move { log.after(0, Duration::from_secs(30)).await })
+            tokio::spawn(async move { log.after(after, wait).await })
         };
         // Let it start waiting.
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -210,7 +215,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_start_is_held_for_the_linger_and_an_end_within_it_goes_in_the_same_page() {
         let log = std::sync::Arc::new(EventLog::new("n".into()));
-        let waiter = waiting_call(&log).await;
+        let waiter = waiting_call(&log, 0, Duration::from_secs(30)).await;
         let started = tokio::time::Instant::now();
         log.publish(&record(1, PayloadStatus::Running));
         tokio::time::sleep(LINGER / 2).await;
@@ -222,11 +227,7 @@ mod tests {
         assert!(started.elapsed() < LINGER, "the end ended the linger");
 
         // A start that nothing follows is answered once the linger is over.
-        let waiter = {
-            let log = log.clone();
-            tokio::spawn(async move { log.after(2, Duration::from_secs(30)).await })
-        };
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        let waiter = waiting_call(&log, 2, Duration::from_secs(30)).await;
         let started = tokio::time::Instant::now();
         log.publish(&record(2, PayloadStatus::Running));
         let page = waiter.await.unwrap();
@@ -237,18 +238,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_end_is_answered_at_once_and_the_linger_never_outlasts_the_wait() {
         let log = std::sync::Arc::new(EventLog::new("n".into()));
-        let waiter = waiting_call(&log).await;
+        let waiter = waiting_call(&log, 0, Duration::from_secs(30)).await;
         let started = tokio::time::Instant::now();
         log.publish(&record(4, PayloadStatus::Killed));
         let page = waiter.await.unwrap();
         assert_eq!(page.events.len(), 1);
         assert_eq!(started.elapsed(), Duration::ZERO);
 
-        let waiter = {
-            let log = log.clone();
-            tokio::spawn(async move { log.after(1, LINGER / 5).await })
-        };
-        tokio::time::sleep(LINGER / 10).await;
+        let waiter = waiting_call(&log, 1, LINGER / 5).await;
+        tokio::time::sleep(LINGER / 10 - Duration::from_millis(1)).await;
         log.publish(&record(5, PayloadStatus::Cleaned));
         let page = waiter.await.unwrap();
         assert_eq!(page.events.len(), 1);

@@ -201,6 +201,9 @@ pub fn supervise_forked(spec: &Spec) -> i32 {
     for signal in DEFERRED {
         catch_and_do_nothing(signal);
     }
+    // std's fork path empties the child's signal mask, `posix_spawn` passes this one on:
+    // empty it here, so the payload never starts with a signal blocked by an ancestor.
+    unblock_all_signals();
     let mut command = std::process::Command::new(&spec.argv[0]);
     command.args(&spec.argv[1..]);
     command.envs(spec.env.iter().map(|(k, v)| (k, v)));
@@ -250,6 +253,17 @@ pub fn supervise_forked(spec: &Spec) -> i32 {
             }
             128 + signal
         }
+    }
+}
+
+/// Empties this thread's signal mask.
+fn unblock_all_signals() {
+    // SAFETY: a sigset_t is plain data that sigemptyset initialises; pthread_sigmask is
+    // given a valid pointer to it.
+    unsafe {
+        let mut none = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     }
 }
 

@@ -534,7 +534,10 @@ fn a_supervisor_is_forked_straight_into_its_cgroup_leaf_and_moved_in_only_where_
 async fn a_payload_starts_with_the_supervisors_deferred_signals_neither_blocked_nor_ignored() {
     // Bits of SIGHUP (1), SIGINT (2) and SIGTERM (15) in /proc's signal masks.
     const DEFERRED_BITS: u64 = 1 | 1 << 1 | 1 << 14;
-    let script = "grep -E '^Sig(Blk|Ign)' /proc/$$/status > masks.txt\nulimit -n > nofile.txt\n";
+    // masks.txt: bash's own masks; blocked.txt: those of grep, a child of bash, which starts
+    // with the mask bash was given (bash itself blocks SIGCHLD at times).
+    let script = "grep -E '^Sig(Blk|Ign)' /proc/$$/status > masks.txt\nulimit -n > nofile.txt\n\
+                  grep -E '^SigBlk' /proc/self/status > blocked.txt\n";
     for (extra, env, nofile) in [
         (&[][..], &[][..], None),
         (&["--limit-open-files", "512"][..], &[][..], Some("512")),
@@ -555,6 +558,13 @@ async fn a_payload_starts_with_the_supervisors_deferred_signals_neither_blocked_
                 "{name} of the payload holds a deferred signal ({extra:?} {env:?}): {masks}"
             );
         }
+        let blocked = String::from_utf8_lossy(&files["blocked.txt"]).into_owned();
+        let (_, hex) = blocked.trim().split_once(':').unwrap();
+        assert_eq!(
+            u64::from_str_radix(hex.trim(), 16).unwrap(),
+            0,
+            "the payload started with signals blocked ({extra:?} {env:?}): {blocked}"
+        );
         if let Some(nofile) = nofile {
             assert_eq!(String::from_utf8_lossy(&files["nofile.txt"]).trim(), nofile);
         }

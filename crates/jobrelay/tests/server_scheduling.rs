@@ -420,10 +420,7 @@ async fn a_payload_that_ends_before_its_submission_is_recorded_is_still_followed
     ];
     for (id, text) in ids.into_iter().zip(["a\n", "b\n"]) {
         wait_status(&http, &server.url, id, &["Completed"], LONG).await;
-        let zip = download_zip(&http, &server.url, id).await;
-        let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
-        let mut out = String::new();
-        std::io::Read::read_to_string(&mut archive.by_name("out.txt").unwrap(), &mut out).unwrap();
-        assert_eq!(out, text, "{}", server.log());
+        let entries = unzip(&download_zip(&http, &server.url, id).await);
+        assert_eq!(entries["out.txt"], text.as_bytes(), "{}", server.log());
     }
 }
