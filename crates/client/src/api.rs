@@ -165,6 +165,7 @@ async fn info(State(state): State<AppState>) -> ApiResult<Json<ClientInfo>> {
             "events",
             "key",
             "release",
+            "release_in_events",
             "kill",
             "retrieve_partial",
             "log",
@@ -339,7 +340,10 @@ async fn release(
     })
     .await?;
     match outcome {
-        Ok(record) => Ok(Json(record)),
+        Ok(record) => {
+            counted_release("request");
+            Ok(Json(record))
+        }
         Err(Refused::InState(record)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("payload {id} has not finished ({})", record.status),
@@ -372,6 +376,7 @@ async fn events(
             })
             .transpose()
     };
+    let releases = release_list(query.get("release"))?;
     let after = number("after")?.unwrap_or(0.0) as u64;
     // Clamped before the conversion: `from_secs_f64` panics past u64::MAX seconds (wait=1e99).
     let wait = Duration::from_secs_f64(
@@ -379,7 +384,64 @@ async fn events(
             .unwrap_or(0.0)
             .min(MAX_EVENTS_WAIT.as_secs_f64()),
     );
+    if !releases.is_empty() {
+        let store = state.store.clone();
+        blocking::run("releasing payloads", RELEASE_LIMIT, move || {
+            release_all(&store, &releases)
+        })
+        .await?;
+    }
     Ok(Json(state.store.events.after(after, wait).await).into_response())
+}
+
+/// Counts a payload released by `/release` (`by="request"`) or `/events` (`by="events"`).
+fn counted_release(by: &'static str) {
+    metrics::counter!("jobrelay_client_releases_total", "by" => by).increment(1);
+}
+
+/// Most payloads one `/events` call may release.
+const MOST_RELEASES_PER_CALL: usize = 1_000;
+
+/// `release=ID,ID,…` of `/events` (extension `release_in_events`): payloads whose results the
+/// server has stored, released as `POST /release/{id}` would before the feed is read.
+fn release_list(raw: Option<&String>) -> ApiResult<Vec<u64>> {
+    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let ids: Vec<u64> = raw
+        .split(',')
+        .map(|id| id.parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("release must be payload ids separated by commas, not {raw:?}"),
+            )
+        })?;
+    if ids.len() > MOST_RELEASES_PER_CALL {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "release names {} payloads; at most {MOST_RELEASES_PER_CALL} per call",
+                ids.len()
+            ),
+        ));
+    }
+    Ok(ids)
+}
+
+/// Releases what it can of `ids`: one unknown or not finished is skipped (and logged), as
+/// `/release` would refuse it; the others are released all the same.
+fn release_all(store: &PayloadStore, ids: &[u64]) {
+    for &id in ids {
+        match store.clean(id, "released by the server") {
+            Ok(_) => counted_release("events"),
+            Err(Refused::InState(record)) => {
+                tracing::warn!(id, status = %record.status, "not releasing a payload that has not finished")
+            }
+            Err(Refused::NotFound) => tracing::info!(id, "no payload to release"),
+        }
+    }
 }
 
 /// `GET /log/{id}?stream=stdout|stderr&offset=N`: up to 1 MiB of the payload's output from

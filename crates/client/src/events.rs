@@ -1,11 +1,12 @@
 //! The change feed: an in-memory, bounded log of payload state changes that callers can
 //! long-poll (`GET /events?after=SEQ&wait=SECONDS`).
 //!
-//! A waiting call is answered at once by news a caller acts on without delay: a payload's
-//! end (Completed, Failed, Invalid, Killed). A payload prepared, started or cleaned (its
-//! results were fetched and it was released, or it expired) holds the answer up to
-//! [`LINGER`] longer, so an end goes in the same page: a short job's start, end and release
-//! were three answers (and three requests of the server) where one or two do (issue 18).
+//! News wakes a waiting call by how soon its caller acts on it ([`Urgency`]): a payload's
+//! end (Completed, Failed, Invalid, Killed) at once; a payload prepared or started after
+//! up to [`LINGER`] more, so an end goes in the same page; a payload cleaned (released by
+//! the server or expired) not at all: it goes in the next page that other news sends. A
+//! short job's start, end and release were three answers (and three requests of the
+//! server) where one does (issue 18).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -28,17 +29,29 @@ pub struct EventLog {
     events: Mutex<VecDeque<PayloadEvent>>,
     /// The sequence number of the newest event.
     latest: watch::Sender<u64>,
-    /// The sequence number of the newest end of a payload ([`is_urgent`]).
+    /// The sequence number of the newest event that wakes a waiting call (no [`Urgency::Quiet`]).
+    news: watch::Sender<u64>,
+    /// The sequence number of the newest end of a payload ([`Urgency::Now`]).
     urgent: watch::Sender<u64>,
 }
 
-/// Whether news of `status` should reach a waiting caller without [`LINGER`]: an end, not a
-/// payload prepared, started or cleaned.
-fn is_urgent(status: PayloadStatus) -> bool {
-    !matches!(
-        status,
-        PayloadStatus::Prepared | PayloadStatus::Running | PayloadStatus::Cleaned
-    )
+/// How soon news of a payload's new state is sent to a caller waiting for news.
+#[derive(Debug, PartialEq)]
+enum Urgency {
+    /// An end: the caller fetches the results.
+    Now,
+    /// Prepared or started: held up to [`LINGER`] for an end to join it.
+    Linger,
+    /// Cleaned: the caller released it (or lost it long ago); sent with the next news.
+    Quiet,
+}
+
+fn urgency(status: PayloadStatus) -> Urgency {
+    match status {
+        PayloadStatus::Prepared | PayloadStatus::Running => Urgency::Linger,
+        PayloadStatus::Cleaned => Urgency::Quiet,
+        _ => Urgency::Now,
+    }
 }
 
 impl EventLog {
@@ -48,6 +61,7 @@ impl EventLog {
             node,
             events: Mutex::new(VecDeque::new()),
             latest: watch::channel(0).0,
+            news: watch::channel(0).0,
             urgent: watch::channel(0).0,
         }
     }
@@ -70,36 +84,43 @@ impl EventLog {
         if events.len() > KEEP {
             events.pop_front();
         }
-        // Sent under the lock, so sequence numbers reach the channels in order; `urgent`
-        // first, so a caller woken by `latest` already sees it.
-        if is_urgent(record.status) {
+        // Sent under the lock, so sequence numbers reach the channels in order; the more
+        // urgent first, so a caller woken by one already sees the others.
+        let urgency = urgency(record.status);
+        if urgency == Urgency::Now {
             self.urgent.send_replace(seq);
+        }
+        if urgency != Urgency::Quiet {
+            self.news.send_replace(seq);
         }
         self.latest.send_replace(seq);
     }
 
-    /// Events after `after`; waits up to `wait` for the first one when there is none yet
-    /// (and, when that one is no end, up to [`LINGER`] more for an end).
+    /// Events after `after`; waits up to `wait` for news when there is none yet (and, when
+    /// that is no end, up to [`LINGER`] more for an end). Quiet events after `after` are
+    /// no news: they are answered with the next, or when the wait is over.
     pub async fn after(&self, after: u64, wait: Duration) -> EventsPage {
-        let mut rx = self.latest.subscribe();
-        let latest = *rx.borrow_and_update();
+        // `news` before `latest`: news published between the two reads is seen by the wait.
+        let newest_news = *self.news.borrow();
+        let latest = *self.latest.borrow();
         // `after` beyond the latest event comes from a previous instance: answer at once
         // (truncated), so the caller reconciles without waiting.
-        if latest == after && !wait.is_zero() {
+        if newest_news <= after && after <= latest && !wait.is_zero() {
             // A stopping client answers at once, so the long-poll does not hold its stop.
             tokio::select! {
-                () = self.wait_for_news(rx, after, wait) => {}
+                () = self.wait_for_news(after, wait) => {}
                 () = jobrelay_common::serve::stopping() => {}
             }
         }
         self.page(after)
     }
 
-    async fn wait_for_news(&self, mut latest: watch::Receiver<u64>, after: u64, wait: Duration) {
+    async fn wait_for_news(&self, after: u64, wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
+        let mut news = self.news.subscribe();
         let mut urgent = self.urgent.subscribe();
         let newer = |seq: &u64| *seq > after;
-        if tokio::time::timeout_at(deadline, latest.wait_for(newer))
+        if tokio::time::timeout_at(deadline, news.wait_for(newer))
             .await
             .is_err()
         {
@@ -247,7 +268,7 @@ mod tests {
 
         let waiter = waiting_call(&log, 1, LINGER / 5).await;
         tokio::time::sleep(LINGER / 10 - Duration::from_millis(1)).await;
-        log.publish(&record(5, PayloadStatus::Cleaned));
+        log.publish(&record(5, PayloadStatus::Prepared));
         let page = waiter.await.unwrap();
         assert_eq!(page.events.len(), 1);
         assert_eq!(
@@ -255,5 +276,40 @@ mod tests {
             LINGER / 5,
             "held to the wait asked, not past it"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cleaned_payload_wakes_no_caller_and_goes_with_the_next_news() {
+        let log = std::sync::Arc::new(EventLog::new("n".into()));
+        log.publish(&record(1, PayloadStatus::Completed));
+        // Quiet news before the call is no reason to answer it either.
+        log.publish(&record(1, PayloadStatus::Cleaned));
+        let waiter = waiting_call(&log, 1, Duration::from_secs(30)).await;
+        log.publish(&record(2, PayloadStatus::Cleaned));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!waiter.is_finished(), "a cleaned payload is no news");
+        log.publish(&record(3, PayloadStatus::Failed));
+        let page = waiter.await.unwrap();
+        let seen: Vec<_> = page.events.iter().map(|e| (e.id, e.status)).collect();
+        assert_eq!(
+            seen,
+            [
+                (1, PayloadStatus::Cleaned),
+                (2, PayloadStatus::Cleaned),
+                (3, PayloadStatus::Failed)
+            ]
+        );
+        assert_eq!(page.next, 4);
+
+        // With no other news, the quiet ones are answered when the wait is over.
+        let started = tokio::time::Instant::now();
+        let waiter = waiting_call(&log, 4, Duration::from_secs(5)).await;
+        log.publish(&record(4, PayloadStatus::Cleaned));
+        let page = waiter.await.unwrap();
+        assert_eq!(page.events.len(), 1);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // And a call that does not wait gets them at once.
+        log.publish(&record(5, PayloadStatus::Cleaned));
+        assert_eq!(log.after(5, Duration::ZERO).await.events.len(), 1);
     }
 }

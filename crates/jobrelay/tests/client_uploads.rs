@@ -315,3 +315,94 @@ async fn release_and_max_age_remove_work_directories() {
         .unwrap();
     assert_eq!(partial.status(), 410);
 }
+
+/// `release_in_events`: `GET /events?release=ID,…` releases finished payloads as
+/// `/release/{id}` would, skips one that has not finished, refuses a malformed list with a
+/// JSON 400 (releasing nothing), and the Cleaned news it makes wakes no waiting call.
+#[tokio::test]
+async fn the_change_feed_releases_the_payloads_it_is_given() {
+    let client = TestClient::start(&[]);
+    let info = client.http.get(client.url("/info")).send().await.unwrap();
+    let info: serde_json::Value = info.json().await.unwrap();
+    assert!(info["features"]
+        .as_array()
+        .unwrap()
+        .contains(&"release_in_events".into()));
+    let done = [
+        client.submit_script("echo a > a\n").await,
+        client.submit_script("echo b > b\n").await,
+    ];
+    let running = client.submit_script("sleep 300\n").await;
+    for id in done {
+        client.wait_for(id, "Completed").await;
+    }
+    client.wait_for(running, "Running").await;
+    let feed = |query: String| {
+        let http = client.http.clone();
+        let url = client.url(&format!("/events?{query}"));
+        async move { http.get(url).send().await.unwrap() }
+    };
+    let latest: serde_json::Value = feed("after=0".into()).await.json().await.unwrap();
+    let after = latest["next"].as_u64().unwrap();
+
+    for bad in ["1,x", "1,,2", "-1", "1;2"] {
+        let answer = feed(format!("after={after}&release={bad}")).await;
+        assert_eq!(answer.status(), 400, "release={bad}");
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("release"),
+            "{body}"
+        );
+    }
+    let too_many = vec!["1"; 1_001].join(",");
+    assert_eq!(
+        feed(format!("after={after}&release={too_many}"))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(client.record(done[0]).await["status"], "Completed");
+
+    // Released with a waiting call: their Cleaned news does not answer it, the wait does.
+    let started = std::time::Instant::now();
+    let release = format!("{},{},{running},99999", done[0], done[1]);
+    let page: serde_json::Value = feed(format!("after={after}&wait=2&release={release}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    let cleaned: Vec<_> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["id"].as_u64().unwrap(), e["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(cleaned, [(done[0], "Cleaned"), (done[1], "Cleaned")]);
+    for id in done {
+        let record = client.record(id).await;
+        assert_eq!(record["status"], "Cleaned");
+        assert!(!std::path::Path::new(record["loc"].as_str().unwrap()).exists());
+    }
+    assert_eq!(client.record(running).await["status"], "Running");
+    let metrics = client
+        .http
+        .get(client.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "jobrelay_client_releases_total{by=\"events\"} 2"),
+        "{metrics}"
+    );
+    let _ = client.kill(running).await;
+}

@@ -1,7 +1,8 @@
 //! Where a job's results are kept (issue 18): a result ZIP of at most 256 KiB in the
 //! database, in the commit of the job's final state, with no file of its own; a larger one as
 //! `<data>/results/<id>.zip`. Both answer every download the same way, survive a `kill -9`
-//! right after the job completed, and go when the job expires.
+//! right after the job completed, and go when the job expires. Once they are stored, the
+//! client's copy is released: through its change feed, or on its own when the feed is quiet.
 
 mod support;
 
@@ -289,4 +290,113 @@ async fn expiry_removes_a_result_kept_in_the_database(db: TestDb) {
     .await;
     assert_eq!(answer.1[0].as_deref(), Some("application/json"));
     assert!(tree(&data.join("results")).is_empty());
+}
+
+/// The status of payload `dest` on the client at `base`, and how many payloads it released by
+/// each way (`jobrelay_client_releases_total`: `/events` and `/release`).
+async fn on_client(http: &reqwest::Client, base: &str, dest: u64) -> (String, u64, u64) {
+    let answer = http
+        .get(format!("{base}/retrieve/{dest}"))
+        .send()
+        .await
+        .unwrap();
+    let status = if answer.headers()["content-type"] == "application/zip" {
+        "Completed".to_owned()
+    } else {
+        let record: serde_json::Value = answer.json().await.unwrap();
+        record["status"].as_str().unwrap().to_owned()
+    };
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let released = |by: &str| {
+        let name = format!("jobrelay_client_releases_total{{by=\"{by}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&name))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    (status, released("events"), released("request"))
+}
+
+/// Releases ride the client's change feed (`release_in_events`, issue 18): with the release on
+/// its own put off past the test (`JOBRELAY_TEST_RELEASE_FLUSH_MS`), a finished job's payload
+/// stays on the client while the feed has no news, is released by the `/events` call that
+/// follows the next job's news, with no `POST /release`; and a graceful stop sends the
+/// releases still queued.
+#[tokio::test]
+async fn releases_ride_the_change_feed_and_a_graceful_stop_sends_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &[]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
+    let server = TestServer::start_with_env(
+        root,
+        &config,
+        &[],
+        &[("JOBRELAY_TEST_RELEASE_FLUSH_MS", "600000")],
+    );
+    let http = http();
+    let job = |text: &'static str| {
+        let (http, url) = (http.clone(), server.url.clone());
+        async move { upload_job(&http, &url, 1, "example", &[("run.sh", text.as_bytes())]).await }
+    };
+    let first = job("echo a > out.txt\n").await;
+    wait_status(&http, &server.url, first, &["Completed"], LONG).await;
+    // The first payload on a new client is 1. Its release waits for the feed's next call.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        on_client(&http, &client.url, 1).await,
+        ("Completed".into(), 0, 0)
+    );
+
+    let second = job("echo b > out.txt\n").await;
+    wait_status(&http, &server.url, second, &["Completed"], LONG).await;
+    eventually(LONG, "the first payload released", || async {
+        (on_client(&http, &client.url, 1).await.0 == "Cleaned").then_some(())
+    })
+    .await;
+    // The second one's waits: nothing came on the feed after its end.
+    assert_eq!(
+        on_client(&http, &client.url, 2).await,
+        ("Completed".into(), 1, 0)
+    );
+
+    drop(server);
+    assert_eq!(
+        on_client(&http, &client.url, 2).await,
+        ("Cleaned".into(), 1, 1)
+    );
+}
+
+/// A release that no `/events` call takes (nothing happens on the client after the job's end)
+/// is sent on its own after `pending_releases::FLUSH_AFTER` (500 ms).
+#[tokio::test]
+async fn a_release_the_feed_does_not_take_is_sent_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let client = start_client(root, "client", &[]);
+    let config = write_server_config(root, &[("example", vec![client.url.clone()], 5, 10)]);
+    let server = TestServer::start(root, &config, &[]);
+    let http = http();
+    let id = upload_job(
+        &http,
+        &server.url,
+        1,
+        "example",
+        &[("run.sh", b"echo a > out.txt\n")],
+    )
+    .await;
+    wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+    let released = eventually(LONG, "the payload released", || async {
+        let seen = on_client(&http, &client.url, 1).await;
+        (seen.0 == "Cleaned").then_some(seen)
+    })
+    .await;
+    assert_eq!(released, ("Cleaned".into(), 0, 1));
 }

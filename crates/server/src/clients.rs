@@ -49,6 +49,8 @@ pub struct ClientHandle {
     /// Change-feed news of payloads not yet committed to their job, for the dispatcher to
     /// claim after its commit.
     pub early: crate::early_events::EarlyEvents,
+    /// Releases waiting for the next `/events` call ([`crate::gateway::release`]).
+    pub releases: crate::pending_releases::PendingReleases,
 }
 
 impl ClientHandle {
@@ -67,6 +69,7 @@ impl ClientHandle {
             killing: std::sync::atomic::AtomicBool::new(false),
             joined: None,
             early: Default::default(),
+            releases: Default::default(),
         }
     }
 

@@ -48,6 +48,7 @@ pub mod joined;
 pub mod leader;
 pub mod lifecycle;
 pub mod migrate;
+pub mod pending_releases;
 pub mod probe;
 pub mod ratelimit;
 pub mod requests;
@@ -136,8 +137,16 @@ impl RunningServer {
             .await;
         }
         self.shared.job_tasks.stop().await;
+        // Releases still queued would keep the clients' copies until their max-age.
+        let flush = gateway::flush_releases(&self.shared);
+        if tokio::time::timeout(RELEASES_AT_STOP, flush).await.is_err() {
+            tracing::info!("gave up releasing payloads at the stop; the clients expire them");
+        }
     }
 }
+
+/// How long a graceful stop spends sending the releases still queued.
+const RELEASES_AT_STOP: Duration = Duration::from_secs(2);
 
 /// Opens the database, recovers what a previous process left, and starts serving.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {

@@ -17,7 +17,7 @@ use crate::Shared;
 /// still carries the abandoned run's key is killed (a client whose records went back may have
 /// given its id to another job); a finished one is released, its result never taken. A run
 /// stays recorded until this is done, across restarts of the server.
-pub async fn kill_abandoned(shared: &Arc<Shared>, client: &ClientHandle) {
+pub async fn kill_abandoned(shared: &Arc<Shared>, client: &Arc<ClientHandle>) {
     let runs = match shared.store.abandoned_on(client.base()) {
         Ok(runs) => runs,
         Err(e) => {

@@ -4,8 +4,11 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 
-use super::{exchange, url, Failure, To, SMALL_REQUEST};
+use std::sync::Arc;
+
+use super::{exchange, url, Failure, To, RELEASE_IN_EVENTS, SMALL_REQUEST};
 use crate::clients::ClientHandle;
+use crate::pending_releases::flush_after;
 use crate::Shared;
 
 /// Timeout of `/kill`: the client answers once the process group is gone, which takes up
@@ -67,12 +70,47 @@ pub async fn kill(shared: &Shared, client: &ClientHandle, dest: i64) -> Killed {
     }
 }
 
-/// `POST /release/{dest}`: the client may remove its copy of the payload (the results are
-/// stored). Best effort, and only towards a client with the `release` extension.
-pub async fn release(shared: &Shared, client: &ClientHandle, dest: i64) {
+/// The client may remove its copy of the payload (the results are stored). Best effort, and
+/// only towards a client with the `release` extension. Towards one that takes releases in
+/// `/events` (`release_in_events`) it is queued for the next call of its collector, and sent
+/// on its own if none takes it within [`flush_after`]; else `POST /release/{dest}` now.
+pub async fn release(shared: &Arc<Shared>, client: &Arc<ClientHandle>, dest: i64) {
     if !client.has("release") {
         return;
     }
+    if client.has("events") && client.has(RELEASE_IN_EVENTS) {
+        if client.releases.push(dest) {
+            flush_later(shared, client);
+        }
+        return;
+    }
+    release_now(shared, client, dest).await;
+}
+
+/// Sends what is still queued once [`flush_after`] is over.
+pub(super) fn flush_later(shared: &Arc<Shared>, client: &Arc<ClientHandle>) {
+    let (shared, client) = (shared.clone(), client.clone());
+    // Not a term's task: a release is no leader's business, and a flush due that a new term
+    // dropped would leave the queue without one.
+    shared.clone().job_tasks.spawn_for_process(async move {
+        tokio::time::sleep(flush_after()).await;
+        for dest in client.releases.flush() {
+            release_now(&shared, &client, dest).await;
+        }
+    });
+}
+
+/// Sends every release still queued, for every client (a server stopping).
+pub async fn flush_releases(shared: &Shared) {
+    for client in shared.clients.all() {
+        for dest in client.releases.flush() {
+            release_now(shared, &client, dest).await;
+        }
+    }
+}
+
+/// `POST /release/{dest}`.
+async fn release_now(shared: &Shared, client: &ClientHandle, dest: i64) {
     let request = client
         .http
         .post(url(&client.endpoint, To::Release(dest)))

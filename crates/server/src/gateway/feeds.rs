@@ -1,6 +1,7 @@
 //! What changes on a client: its change feed (`GET /events`) and a payload's logs
 //! (`GET /log/{id}`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -18,18 +19,28 @@ const EVENTS_WAIT_SECS: u64 = 20;
 const EVENTS_MARGIN: Duration = Duration::from_secs(15);
 
 /// `GET /events` after sequence number `after`: with `long_poll` the client holds the call
-/// until something changes (or its wait is over), else it answers at once.
+/// until something changes (or its wait is over), else it answers at once. The call carries
+/// the releases queued for the client ([`super::release`]); if it fails they are queued
+/// again.
 pub async fn events(
-    shared: &Shared,
-    client: &ClientHandle,
+    shared: &Arc<Shared>,
+    client: &Arc<ClientHandle>,
     after: u64,
     long_poll: bool,
 ) -> Result<EventsPage, String> {
     let wait = if long_poll { EVENTS_WAIT_SECS } else { 0 };
+    let releases = client.releases.take_for_call();
     let page = async {
         let response = client
             .http
-            .get(url(&client.endpoint, To::Events { after, wait }))
+            .get(url(
+                &client.endpoint,
+                To::Events {
+                    after,
+                    wait,
+                    releases: &releases,
+                },
+            ))
             .timeout(Duration::from_secs(EVENTS_WAIT_SECS) + EVENTS_MARGIN)
             .send()
             .await
@@ -45,7 +56,13 @@ pub async fn events(
     .await;
     match &page {
         Ok(_) => clients::reached(client),
-        Err(why) => clients::failed(&shared.lifecycle, client, why),
+        Err(why) => {
+            // Whether the client released them is not known: again is harmless.
+            if client.releases.put_back(releases) {
+                super::control::flush_later(shared, client);
+            }
+            clients::failed(&shared.lifecycle, client, why)
+        }
     }
     page
 }

@@ -30,7 +30,7 @@ use crate::clients::{self, ClientHandle};
 use crate::config::ClientEndpoint;
 use crate::Shared;
 
-pub use control::{kill, release, Killed};
+pub use control::{flush_releases, kill, release, Killed};
 pub use feeds::{events, log, Log};
 pub use health::{load, probe, Probe, REFUSES_TOKEN};
 pub use retrieve::{look, retrieve, retrieve_partial, ResultZip, Retrieved};
@@ -39,6 +39,9 @@ pub use submit::{submit, FileBody, JobFile, Submitted};
 /// Timeout of the small requests (`/info`, `/health`, `/load`, `/release`, `/log`, a look
 /// at one payload).
 pub const SMALL_REQUEST: Duration = Duration::from_secs(10);
+
+/// The client's extension that takes releases in `/events` (`release=ID,…`).
+pub const RELEASE_IN_EVENTS: &str = "release_in_events";
 
 /// How long a connection to a client may wait idle in the pool
 /// ([`jobrelay_common::serve::pool_idle`]; the server assumes its clients run with the
@@ -106,6 +109,8 @@ enum To<'a> {
     Events {
         after: u64,
         wait: u64,
+        /// Payloads to release (`release_in_events`).
+        releases: &'a [i64],
     },
     Log {
         dest: i64,
@@ -128,7 +133,22 @@ fn url(endpoint: &ClientEndpoint, to: To) -> String {
         To::Kill(dest) => format!("{}/{dest}", endpoint.kill),
         To::RetrievePartial(dest) => format!("{base}/retrieve_partial/{dest}"),
         To::Release(dest) => format!("{base}/release/{dest}"),
-        To::Events { after, wait } => format!("{base}/events?after={after}&wait={wait}"),
+        To::Events {
+            after,
+            wait,
+            releases: [],
+        } => format!("{base}/events?after={after}&wait={wait}"),
+        To::Events {
+            after,
+            wait,
+            releases,
+        } => {
+            let releases: Vec<String> = releases.iter().map(i64::to_string).collect();
+            format!(
+                "{base}/events?after={after}&wait={wait}&release={}",
+                releases.join(",")
+            )
+        }
         To::Log {
             dest,
             stream,
@@ -217,10 +237,22 @@ mod tests {
                 &endpoint,
                 To::Events {
                     after: 12,
-                    wait: 20
+                    wait: 20,
+                    releases: &[]
                 }
             ),
             "http://127.0.0.1:9000/events?after=12&wait=20"
+        );
+        assert_eq!(
+            url(
+                &endpoint,
+                To::Events {
+                    after: 12,
+                    wait: 0,
+                    releases: &[3, 40]
+                }
+            ),
+            "http://127.0.0.1:9000/events?after=12&wait=0&release=3,40"
         );
         let log = To::Log {
             dest: 3,
