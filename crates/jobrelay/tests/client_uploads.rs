@@ -389,15 +389,7 @@ async fn the_change_feed_releases_the_payloads_it_is_given() {
         assert!(!std::path::Path::new(record["loc"].as_str().unwrap()).exists());
     }
     assert_eq!(client.record(running).await["status"], "Running");
-    let metrics = client
-        .http
-        .get(client.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&client.http, &client.proc.url).await;
     assert!(
         metrics
             .lines()

@@ -295,25 +295,9 @@ async fn expiry_removes_a_result_kept_in_the_database(db: TestDb) {
 /// The status of payload `dest` on the client at `base`, and how many payloads it released by
 /// each way (`jobrelay_client_releases_total`: `/events` and `/release`).
 async fn on_client(http: &reqwest::Client, base: &str, dest: u64) -> (String, u64, u64) {
-    let answer = http
-        .get(format!("{base}/retrieve/{dest}"))
-        .send()
-        .await
-        .unwrap();
-    let status = if answer.headers()["content-type"] == "application/zip" {
-        "Completed".to_owned()
-    } else {
-        let record: serde_json::Value = answer.json().await.unwrap();
-        record["status"].as_str().unwrap().to_owned()
-    };
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let record = record_at(http, base, dest).await;
+    let status = record["status"].as_str().unwrap().to_owned();
+    let metrics = metrics_text(http, base).await;
     let released = |by: &str| {
         let name = format!("jobrelay_client_releases_total{{by=\"{by}\"}} ");
         metrics

@@ -292,6 +292,33 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// The record of payload `id` on the client at `base` (`/retrieve`, asserted 200); for
+/// Completed, whose answer is the ZIP, a marker object `{"id", "status": "Completed", "zip"}`.
+pub async fn record_at(http: &reqwest::Client, base: &str, id: u64) -> serde_json::Value {
+    let response = http
+        .get(format!("{base}/retrieve/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    if response.headers()["content-type"] == "application/zip" {
+        serde_json::json!({"id": id, "status": "Completed", "zip": true})
+    } else {
+        response.json().await.unwrap()
+    }
+}
+
+/// The text of `GET {base}/metrics`.
+pub async fn metrics_text(http: &reqwest::Client, base: &str) -> String {
+    http.get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A client started for one test, with its data directory in a temporary folder.
 pub struct TestClient {
     pub proc: Proc,
@@ -376,18 +403,7 @@ impl TestClient {
     }
 
     pub async fn record(&self, id: u64) -> serde_json::Value {
-        let response = self
-            .http
-            .get(self.url(&format!("/retrieve/{id}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        if response.headers()["content-type"] == "application/zip" {
-            serde_json::json!({"id": id, "status": "Completed", "zip": true})
-        } else {
-            response.json().await.unwrap()
-        }
+        record_at(&self.http, &self.proc.url, id).await
     }
 
     /// Waits until the payload reaches `status` and returns its record (JSON; for Completed a

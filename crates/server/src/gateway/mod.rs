@@ -136,18 +136,14 @@ fn url(endpoint: &ClientEndpoint, to: To) -> String {
         To::Events {
             after,
             wait,
-            releases: [],
-        } => format!("{base}/events?after={after}&wait={wait}"),
-        To::Events {
-            after,
-            wait,
             releases,
         } => {
-            let releases: Vec<String> = releases.iter().map(i64::to_string).collect();
-            format!(
-                "{base}/events?after={after}&wait={wait}&release={}",
-                releases.join(",")
-            )
+            let mut url = format!("{base}/events?after={after}&wait={wait}");
+            for (n, dest) in releases.iter().enumerate() {
+                url.push_str(if n == 0 { "&release=" } else { "," });
+                url.push_str(&dest.to_string());
+            }
+            url
         }
         To::Log {
             dest,
