@@ -16,6 +16,7 @@ pub mod forkserver;
 pub mod janitor;
 pub mod load;
 pub mod memcg;
+pub mod pid_window;
 pub mod process;
 pub mod pull;
 pub mod record_pages;

@@ -15,6 +15,7 @@ use tokio::process::Child;
 use crate::cgroup;
 use crate::confine::{self, Confinement};
 use crate::forkserver::Start;
+use crate::pid_window::{self, Candidates};
 use crate::supervisor::{self, Spec};
 use tokio::time::Instant;
 
@@ -141,10 +142,50 @@ pub enum Tracker {
     /// The payload's cgroup leaf, and its marker when the leaf alone does not hold all of it:
     /// a process running as the client's own user can move itself out of the leaf, so the
     /// marker is swept too at every end. A payload of another user (`--run-as`) cannot (the
-    /// cgroup tree is the client's), so its leaf is the whole story and no sweep reads every
+    /// cgroup tree is the client's), so its leaf is the whole story and no sweep reads any
     /// process's environment at its end.
-    Cgroup(PathBuf, Option<String>),
-    Marker(String),
+    Cgroup(PathBuf, Option<Marked>),
+    Marker(Marked),
+}
+
+/// A payload's marker, and when known, the moment its processes started from: a sweep then
+/// reads only the processes started since ([`pid_window`]).
+#[derive(Debug, Clone)]
+pub struct Marked {
+    marker: String,
+    since: Option<pid_window::Since>,
+}
+
+impl Marked {
+    /// Found by reading every process's environment (a payload the client did not start in
+    /// this run of its own).
+    pub fn anywhere(marker: &str) -> Marked {
+        Marked {
+            marker: marker.to_owned(),
+            since: None,
+        }
+    }
+
+    /// Started after `since` (taken before its supervisor started, with its pid).
+    pub fn since(marker: &str, since: Option<pid_window::Since>) -> Marked {
+        Marked {
+            marker: marker.to_owned(),
+            since,
+        }
+    }
+
+    /// The live processes carrying the marker.
+    pub fn pids(&self) -> Vec<i32> {
+        let candidates = self
+            .since
+            .map_or(Candidates::Any, |since| since.candidates_now());
+        marked_among(&self.marker, candidates)
+    }
+
+    /// SIGKILL to each; how many were signalled.
+    pub fn kill(&self) -> usize {
+        kill_pids(self.pids())
+    }
 }
 
 impl Tracker {
@@ -152,7 +193,7 @@ impl Tracker {
     pub fn alive(&self) -> bool {
         match self {
             Tracker::Cgroup(leaf, _) => cgroup::populated(leaf),
-            Tracker::Marker(marker) => !marked(marker).is_empty(),
+            Tracker::Marker(marked) => !marked.pids().is_empty(),
         }
     }
 
@@ -161,14 +202,14 @@ impl Tracker {
     pub fn supervisor_alive(&self) -> bool {
         let pids = match self {
             // Its own first step joins the leaf: until then it carries only the marker.
-            Tracker::Cgroup(leaf, marker) => {
+            Tracker::Cgroup(leaf, marked) => {
                 let mut pids = cgroup::pids(leaf);
-                if let Some(marker) = marker.as_deref().filter(|_| pids.is_empty()) {
-                    pids = marked(marker);
+                if let Some(marked) = marked.as_ref().filter(|_| pids.is_empty()) {
+                    pids = marked.pids();
                 }
                 pids
             }
-            Tracker::Marker(marker) => marked(marker),
+            Tracker::Marker(marked) => marked.pids(),
         };
         // This very binary with the supervisor's argument: a script named like the argument
         // (`bash __jobrelay-payload-supervisor &`) is not taken for it.
@@ -200,7 +241,7 @@ impl Tracker {
         let pids = match self {
             Tracker::Cgroup(leaf, _) if signal == Signal::SIGKILL => return cgroup::kill(leaf),
             Tracker::Cgroup(leaf, _) => cgroup::pids(leaf),
-            Tracker::Marker(marker) => marked(marker),
+            Tracker::Marker(marked) => marked.pids(),
         };
         for pid in pids {
             let _ = kill(Pid::from_raw(pid), signal);
@@ -211,27 +252,27 @@ impl Tracker {
     /// cgroup. Called at every end of a payload: its own, a kill, a restart.
     pub async fn kill_all(&self) {
         match self {
-            Tracker::Cgroup(leaf, marker) => {
+            Tracker::Cgroup(leaf, marked) => {
                 cgroup::kill_and_remove(leaf, LEFTOVER_LIMIT).await;
-                if let Some(marker) = marker {
-                    kill_all_marked(marker).await;
+                if let Some(marked) = marked {
+                    kill_all_marked(marked).await;
                 }
             }
-            Tracker::Marker(marker) => kill_all_marked(marker).await,
+            Tracker::Marker(marked) => kill_all_marked(marked).await,
         }
     }
 
     /// SIGKILL to every process of the payload, without waiting (client shutdown).
     pub fn kill_now(&self) {
         match self {
-            Tracker::Cgroup(leaf, marker) => {
+            Tracker::Cgroup(leaf, marked) => {
                 cgroup::kill(leaf);
-                if let Some(marker) = marker {
-                    kill_marked(marker);
+                if let Some(marked) = marked {
+                    marked.kill();
                 }
             }
-            Tracker::Marker(marker) => {
-                kill_marked(marker);
+            Tracker::Marker(marked) => {
+                marked.kill();
             }
         }
     }
@@ -245,11 +286,11 @@ fn runs_as_us(pid: i32) -> bool {
         .is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw())
 }
 
-/// SIGKILL to every process carrying `marker`, again until a scan finds nobody (a process may
-/// fork between scan and kill), within [`LEFTOVER_LIMIT`].
-async fn kill_all_marked(marker: &str) {
+/// SIGKILL to every process carrying the marker, again until a scan finds nobody (a process
+/// may fork between scan and kill), within [`LEFTOVER_LIMIT`].
+async fn kill_all_marked(marked: &Marked) {
     let deadline = Instant::now() + LEFTOVER_LIMIT;
-    while kill_marked(marker) > 0 && Instant::now() < deadline {
+    while marked.kill() > 0 && Instant::now() < deadline {
         tokio::time::sleep(POLL).await;
     }
 }
@@ -304,42 +345,63 @@ pub fn describe(status: ExitStatus) -> (Option<i32>, Option<i32>) {
 /// Kills every process whose environment carries `marker` (left behind by a client process
 /// that died, or detached from its payload's group). Returns how many were signalled.
 pub fn kill_marked(marker: &str) -> usize {
-    marked(marker)
-        .into_iter()
+    kill_pids(marked(marker))
+}
+
+fn kill_pids(pids: Vec<i32>) -> usize {
+    pids.into_iter()
         .filter(|pid| kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok())
         .count()
 }
 
-/// Pids of the live processes whose environment carries `marker`.
+/// Pids of the live processes whose environment carries `marker`, reading every process's.
 pub fn marked(marker: &str) -> Vec<i32> {
-    metrics::counter!("jobrelay_client_marker_sweeps_total").increment(1);
+    marked_among(marker, Candidates::Any)
+}
+
+/// A window at most this long is looked at pid by pid (a pid nobody has is one failed open);
+/// a longer one by listing `/proc`.
+const PROBE_AT_MOST: u64 = 2_048;
+
+/// Pids of the live processes among `candidates` whose environment carries `marker`.
+fn marked_among(marker: &str, candidates: Candidates) -> Vec<i32> {
+    let scope = if candidates == Candidates::Any {
+        "all"
+    } else {
+        "window"
+    };
+    metrics::counter!("jobrelay_client_marker_sweeps_total", "scope" => scope).increment(1);
     let wanted = format!("{MARKER_VAR}={marker}");
+    let own = std::process::id() as i32;
+    // A zombie's environ reads empty, so the dead are not found.
+    let carries = |pid: i32| {
+        pid != own
+            && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == wanted.as_bytes())
+            })
+    };
+    if let Some(pids) = candidates
+        .pids()
+        .filter(|_| candidates.len() <= PROBE_AT_MOST)
+    {
+        // A thread's id reads its process's environment: the signal goes to the process.
+        return pids
+            .filter_map(|pid| i32::try_from(pid).ok())
+            .filter(|pid| carries(*pid))
+            .collect();
+    }
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let own = std::process::id() as i32;
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // A zombie's environ reads empty, so the dead are not found.
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if pid != own
-            && environ
-                .split(|b| *b == 0)
-                .any(|var| var == wanted.as_bytes())
-        {
-            found.push(pid);
-        }
-    }
-    found
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| candidates.contains(*pid))
+        .filter_map(|pid| i32::try_from(pid).ok())
+        .filter(|pid| carries(*pid))
+        .collect()
 }
 
 #[cfg(test)]

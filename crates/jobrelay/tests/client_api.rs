@@ -542,11 +542,17 @@ async fn with_cgroups_a_leftover_that_leaves_its_cgroup_dies_too() {
         !pid_alive(pid),
         "the leftover that left its cgroup survived"
     );
-    assert!(marker_sweeps(&client).await >= 1, "the marker was swept");
+    // Swept among the processes started since the payload's supervisor, which found it.
+    assert!(
+        marker_sweeps(&client, "window").await >= 1,
+        "the marker was swept among the pids handed out since the payload started"
+    );
+    assert_eq!(marker_sweeps(&client, "all").await, 0, "no full sweep");
 }
 
-/// How many times the client has read every process's environment for a payload's marker.
-async fn marker_sweeps(client: &TestClient) -> u64 {
+/// How many times the client has read the environment of processes for a payload's marker:
+/// `scope` "all" (every process) or "window" (those started since the payload's supervisor).
+async fn marker_sweeps(client: &TestClient, scope: &str) -> u64 {
     let metrics = client
         .http
         .get(client.url("/metrics"))
@@ -558,7 +564,11 @@ async fn marker_sweeps(client: &TestClient) -> u64 {
         .unwrap();
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix("jobrelay_client_marker_sweeps_total "))
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "jobrelay_client_marker_sweeps_total{{scope=\"{scope}\"}} "
+            ))
+        })
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
@@ -605,7 +615,8 @@ async fn with_cgroups_a_run_as_payload_cannot_leave_its_leaf_and_needs_no_marker
     assert!(!pid_alive(pid), "the run-as leftover survived");
     let second = client.submit_script("echo ok > out.txt\n").await;
     client.wait_for(second, "Completed").await;
-    assert_eq!(marker_sweeps(&client).await, 0);
+    assert_eq!(marker_sweeps(&client, "all").await, 0);
+    assert_eq!(marker_sweeps(&client, "window").await, 0);
 }
 
 /// A payload with a memory cgroup that is killed on request leaves no cgroup behind, and its

@@ -29,7 +29,8 @@ use crate::cgroup::CgroupTree;
 use crate::confine::Confinement;
 use crate::exits::ExitFiles;
 use crate::memcg::{Enforcement, PayloadMemory};
-use crate::process::{self, Tracker};
+use crate::pid_window;
+use crate::process::{self, Marked, Tracker};
 use crate::spawner::{self, Spawner};
 use crate::supervisor::Exit;
 
@@ -198,12 +199,18 @@ impl LocalExecutor {
             .run_as
             .as_ref()
             .is_some_and(|r| r.uid != nix::unistd::geteuid().as_raw());
-        let tracker = match &leaf {
-            // A payload of another user cannot leave its leaf, and its supervisor (the
-            // client's user) joins it before it starts the payload, by either path.
-            Some(leaf) if another_user => Tracker::Cgroup(leaf.clone(), None),
-            Some(leaf) => Tracker::Cgroup(leaf.clone(), Some(marker.to_owned())),
-            None => Tracker::Marker(marker.to_owned()),
+        // Before its supervisor starts: every process that can carry its marker starts
+        // after this, so the sweeps at its end read only those (`pid_window`).
+        let since = pid_window::Since::now();
+        let tracker_of = |supervisor: Option<u32>| {
+            let marked = Marked::since(marker, since.zip(supervisor).map(|(s, p)| s.started(p)));
+            match &leaf {
+                // A payload of another user cannot leave its leaf, and its supervisor (the
+                // client's user) joins it before it starts the payload, by either path.
+                Some(leaf) if another_user => Tracker::Cgroup(leaf.clone(), None),
+                Some(leaf) => Tracker::Cgroup(leaf.clone(), Some(marked)),
+                None => Tracker::Marker(marked),
+            }
         };
         // With a leaf, the fork server; without (a forked supervisor would not carry the
         // marker a restarted client looks for), or when no fork server can be had, an exec.
@@ -217,8 +224,8 @@ impl LocalExecutor {
                 Err(spawner::StartError::Failed(e)) => return Err(failed(e)),
                 Err(spawner::StartError::Lost) => {
                     // A supervisor may have been forked before the fork server went: nothing
-                    // of this payload may run on.
-                    tracker.kill_all().await;
+                    // of this payload may run on (its pid unknown, every process is looked at).
+                    tracker_of(None).kill_all().await;
                     return Err(failed(
                         "the payload fork server went away before it answered".into(),
                     ));
@@ -236,6 +243,7 @@ impl LocalExecutor {
                 (Waiter::Child(Box::new(child)), pgid)
             }
         };
+        let tracker = tracker_of(Some(pgid).filter(|pid| *pid != 0));
         self.live
             .lock()
             .unwrap()
@@ -262,8 +270,8 @@ impl LocalExecutor {
         let memory = self.memory.of_payload(&id.to_string(), leaf.as_deref());
         let tracker = match leaf {
             // Its supervisor may not have joined the leaf before the last client died.
-            Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf, Some(marker.to_owned())),
-            _ => Tracker::Marker(marker.to_owned()),
+            Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf, Some(Marked::anywhere(marker))),
+            _ => Tracker::Marker(Marked::anywhere(marker)),
         };
         if self.exits.read(id).is_none() && !tracker.supervisor_alive() {
             // Nothing to follow; the caller kills what is left (`kill_leftovers_of`).
@@ -293,8 +301,8 @@ impl LocalExecutor {
         let leaf = self.cgroups.as_ref().map(|tree| tree.leaf(&id.to_string()));
         let memory = self.memory.of_payload(&id.to_string(), leaf.as_deref());
         let tracker = match leaf {
-            Some(leaf) => process::Tracker::Cgroup(leaf, Some(marker.to_owned())),
-            None => process::Tracker::Marker(marker.to_owned()),
+            Some(leaf) => process::Tracker::Cgroup(leaf, Some(Marked::anywhere(marker))),
+            None => process::Tracker::Marker(Marked::anywhere(marker)),
         };
         tracker.kill_all().await;
         if let Some(memory) = memory {
