@@ -76,18 +76,14 @@ async fn upload_across_sigterm(
     stream.write_all(&body[..half]).await.unwrap();
     stream.flush().await.unwrap();
     // The signal must find the request being read: until its handler has started (its staging
-    // directory exists), the connection is an idle one that a graceful stop may close, as
-    // HTTP allows (on a loaded machine the headers can still sit in the socket's buffer).
+    // directory `upload-*` exists), the connection is an idle one that a graceful stop may
+    // close, as HTTP allows (on a loaded machine the headers can still sit in the socket's
+    // buffer). On a shared database the staging folder holds the server's own folder from
+    // its start, and the upload's directory inside that: any entry would not do.
     eventually(
         Duration::from_secs(30),
         "the upload's handler to start receiving",
-        || async {
-            std::fs::read_dir(staging)
-                .ok()?
-                .next()
-                .is_some()
-                .then_some(())
-        },
+        || async { has_upload_dir(staging, 2).then_some(()) },
     )
     .await;
 
@@ -110,13 +106,21 @@ async fn upload_across_sigterm(
         process.log()
     );
 
-    stream.write_all(&body[half..]).await.unwrap();
+    if let Err(e) = stream.write_all(&body[half..]).await {
+        panic!("sending the rest of the upload: {e}\n{}", process.log());
+    }
     stream.flush().await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer))
         .await
         .expect("answer within 30 s")
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "reading the answer: {e} after {:?}\n{}",
+                String::from_utf8_lossy(&answer),
+                process.log()
+            )
+        });
     let answer = String::from_utf8_lossy(&answer).into_owned();
     let status = answer
         .split_whitespace()
@@ -137,6 +141,20 @@ async fn upload_across_sigterm(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (status, json)
+}
+
+/// Whether an upload's staging directory (`upload-*`) is in `dir` or below it, at most
+/// `depth` levels down.
+fn has_upload_dir(dir: &std::path::Path, depth: usize) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        entry.file_name().to_string_lossy().starts_with("upload-")
+            || (depth > 1
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+                && has_upload_dir(&entry.path(), depth - 1))
+    })
 }
 
 /// Finds the JSON object in a (possibly chunked) HTTP body.
