@@ -5,8 +5,9 @@
 //! inode freed in the last minutes when it looks for a free one, so each file made after a
 //! stream of payloads scans thousands of them (BENCHMARKS.md, issue 18's profile). So payload
 //! `id` records its end in the slot file `runs/s<id % SLOTS>`, overwritten in place and never
-//! removed, with the id in the record: a slot's older record, of an earlier payload, does not
-//! count for this one. When another payload still in flight holds that slot (a long run
+//! removed, with the id and the run (the payload record's `created_ms`) in the record: a
+//! slot's older record, of an earlier payload or of an earlier run under the same id (an
+//! orphan of a wiped client), does not count for this one. When another payload still in flight holds that slot (a long run
 //! `SLOTS` ids older), it falls back to a file of its own, `runs/<id>`, removed once the
 //! payload's final state is recorded. After a restart the client does not know which of the
 //! two an adopted payload's supervisor was given, so it reads both and keeps the slot held
@@ -71,11 +72,11 @@ impl ExitFiles {
         held.entry(slot).or_insert((id, true));
     }
 
-    /// How payload `id`'s run ended, if its supervisor recorded it (in its slot or in a file
-    /// of its own).
-    pub fn read(&self, id: u64) -> Option<Exit> {
-        supervisor::read_exit(&self.slot_file(id % SLOTS), id)
-            .or_else(|| supervisor::read_exit(&self.own_file(id), id))
+    /// How payload `id`'s run `run` (its record's `created_ms`, when known) ended, if its
+    /// supervisor recorded it (in its slot or in a file of its own).
+    pub fn read(&self, id: u64, run: Option<u64>) -> Option<Exit> {
+        supervisor::read_exit(&self.slot_file(id % SLOTS), id, run)
+            .or_else(|| supervisor::read_exit(&self.own_file(id), id, run))
     }
 
     /// Payload `id`'s final state is recorded: its slot is free again (its record stays until
@@ -132,19 +133,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let exits = ExitFiles::new(dir.path());
         let first = exits.claim(3);
-        write_exit(&first, Some(3), Exit::Code(7)).unwrap();
-        assert_eq!(exits.read(3), Some(Exit::Code(7)));
+        write_exit(&first, Some(3), None, Exit::Code(7)).unwrap();
+        assert_eq!(exits.read(3, None), Some(Exit::Code(7)));
         exits.release(3);
         let again = exits.claim(3 + SLOTS);
         assert_eq!(again, first, "the freed slot is reused");
         assert_eq!(
-            exits.read(3 + SLOTS),
+            exits.read(3 + SLOTS, None),
             None,
             "payload 3's record is not its own"
         );
-        write_exit(&again, Some(3 + SLOTS), Exit::Signal(9)).unwrap();
-        assert_eq!(exits.read(3 + SLOTS), Some(Exit::Signal(9)));
-        assert_eq!(exits.read(3), None, "overwritten: payload 3 is settled");
+        write_exit(&again, Some(3 + SLOTS), None, Exit::Signal(9)).unwrap();
+        assert_eq!(exits.read(3 + SLOTS, None), Some(Exit::Signal(9)));
+        assert_eq!(
+            exits.read(3, None),
+            None,
+            "overwritten: payload 3 is settled"
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
@@ -155,17 +160,17 @@ mod tests {
         let long = exits.claim(5);
         let other = exits.claim(5 + SLOTS);
         assert_ne!(long, other);
-        write_exit(&other, Some(5 + SLOTS), Exit::Code(0)).unwrap();
-        write_exit(&long, Some(5), Exit::Code(1)).unwrap();
-        assert_eq!(exits.read(5 + SLOTS), Some(Exit::Code(0)));
-        assert_eq!(exits.read(5), Some(Exit::Code(1)));
+        write_exit(&other, Some(5 + SLOTS), None, Exit::Code(0)).unwrap();
+        write_exit(&long, Some(5), None, Exit::Code(1)).unwrap();
+        assert_eq!(exits.read(5 + SLOTS, None), Some(Exit::Code(0)));
+        assert_eq!(exits.read(5, None), Some(Exit::Code(1)));
         let mut recorded = exits.recorded();
         recorded.sort();
         assert_eq!(recorded, vec![5, 5 + SLOTS]);
         exits.release(5 + SLOTS);
         assert!(!other.exists());
         assert_eq!(
-            exits.read(5),
+            exits.read(5, None),
             Some(Exit::Code(1)),
             "the slot's holder is untouched"
         );
@@ -179,8 +184,8 @@ mod tests {
         let newer = exits.claim(9 + SLOTS);
         assert_eq!(newer, dir.path().join((9 + SLOTS).to_string()));
         // An adopted payload's supervisor may have been given a file of its own.
-        write_exit(&dir.path().join("9"), Some(9), Exit::Code(0)).unwrap();
-        assert_eq!(exits.read(9), Some(Exit::Code(0)));
+        write_exit(&dir.path().join("9"), Some(9), None, Exit::Code(0)).unwrap();
+        assert_eq!(exits.read(9, None), Some(Exit::Code(0)));
         exits.release(9);
         assert!(!dir.path().join("9").exists());
         assert_eq!(exits.claim(9 + 2 * SLOTS), dir.path().join("s9"));
@@ -191,13 +196,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let exits = ExitFiles::new(dir.path());
         std::fs::write(dir.path().join("12"), "code 4\n").unwrap();
-        assert_eq!(exits.read(12), Some(Exit::Code(4)));
+        assert_eq!(exits.read(12, None), Some(Exit::Code(4)));
         std::fs::write(dir.path().join("s12"), "code 5\n").unwrap();
         assert_eq!(
-            exits.read(12 + SLOTS),
+            exits.read(12 + SLOTS, None),
             None,
             "a slot's record must name its payload"
         );
-        assert_eq!(exits.read(12), Some(Exit::Code(4)));
+        assert_eq!(exits.read(12, None), Some(Exit::Code(4)));
     }
 }

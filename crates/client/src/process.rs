@@ -55,14 +55,14 @@ pub struct Prepared {
 
 /// Prepares the supervisor (`supervisor`) of `bash run.sh` in `dir`: stdin from /dev/null and
 /// stdout/stderr going to files in `dir`, confined as `confinement` says; it records the
-/// run's end in `exit` (a file, and the payload the record names) and runs in `cgroup` and `memory_cgroup` (a v1 one, `memcg`) if
+/// run's end in `exit` (a file, the payload and the run the record names) and runs in `cgroup` and `memory_cgroup` (a v1 one, `memcg`) if
 /// given.
 pub fn prepare_run(
     dir: &Path,
     marker: &str,
     confinement: &Confinement,
     extra_env: &[(String, String)],
-    exit: (&Path, u64),
+    exit: (&Path, u64, Option<u64>),
     cgroup: Option<&Path>,
     memory_cgroup: Option<&Path>,
 ) -> std::io::Result<Prepared> {
@@ -75,6 +75,7 @@ pub fn prepare_run(
     let spec = Spec {
         exit_file: exit.0.to_path_buf(),
         payload: Some(exit.1),
+        run: exit.2,
         cgroup: cgroup.map(Path::to_path_buf),
         memory_cgroup: memory_cgroup.map(Path::to_path_buf),
         run_as: launch.run_as,

@@ -293,15 +293,19 @@ impl Runner {
                 // exists, so a client killed between the start and the Running record does not
                 // start the payload a second time after a restart (recovery fails it instead).
                 let allotment = self.allotment(id, gpu_ids.clone());
-                let _ = self.store.transition(id, &[PayloadStatus::Prepared], |r| {
-                    r.started_ms = Some(now_ms());
-                    r.gpu_ids = gpu_ids.clone();
-                });
+                let run = self
+                    .store
+                    .transition(id, &[PayloadStatus::Prepared], |r| {
+                        r.started_ms = Some(now_ms());
+                        r.gpu_ids = gpu_ids.clone();
+                    })
+                    .ok()
+                    .and_then(|r| r.created_ms);
                 let mut attempt: u32 = 0;
                 let accepted = loop {
                     match self
                         .executor
-                        .start(&dir, &marker, &name, attempt > 0, &allotment)
+                        .start(&dir, &marker, run, &name, attempt > 0, &allotment)
                         .await
                     {
                         Ok(accepted) => break accepted,

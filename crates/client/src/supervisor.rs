@@ -34,6 +34,11 @@ pub struct Spec {
     /// file is reused by later payloads).
     #[serde(default)]
     pub payload: Option<u64>,
+    /// Which run of that payload id this is (its record's `created_ms`), named in the record
+    /// too: a client whose records were wiped or restored gives an id again, and the end of
+    /// an orphaned earlier run under that id must not count for the new one.
+    #[serde(default)]
+    pub run: Option<u64>,
     /// The payload's cgroup, joined before the payload starts.
     pub cgroup: Option<PathBuf>,
     /// The payload's cgroup v1 memory cgroup (`memcg`), joined too.
@@ -83,49 +88,85 @@ impl Exit {
     }
 }
 
-/// Length of an exit record: each is padded to it, so one overwrites the last in full.
-const RECORD_LEN: usize = 64;
+/// Length of an exit record: each is padded to it, so one overwrites the last in full (the
+/// longest, `payload <u64> run <u64> signal <i32>`, is 65 bytes).
+const RECORD_LEN: usize = 96;
 
 /// The recorded end of payload `id`'s run in `path`, if its supervisor wrote one there: a
-/// record that names `id` (`payload <id> code 0`), or one of the older form without an id
-/// (`code 0`) in a file named by `id` alone (written by an earlier version's supervisor).
-pub fn read_exit(path: &Path, id: u64) -> Option<Exit> {
+/// record that names `id` (`payload <id> run <run> code 0`) and, when both sides know it, the
+/// same `run`; one without a run (`payload <id> code 0`, an earlier version's supervisor); or
+/// one of the oldest form without an id (`code 0`) in a file named by `id` alone.
+pub fn read_exit(path: &Path, id: u64, run: Option<u64>) -> Option<Exit> {
     let text = std::fs::read_to_string(path).ok()?;
-    match parse_record(&text) {
-        Some((Some(named), exit)) => (named == id).then_some(exit),
-        Some((None, exit)) => {
-            let own = path.file_name()? == std::ffi::OsStr::new(&id.to_string());
-            own.then_some(exit)
+    let record = parse_record(&text)?;
+    match record.payload {
+        Some(named) => {
+            let same_run = match (record.run, run) {
+                (Some(theirs), Some(ours)) => theirs == ours,
+                _ => true,
+            };
+            (named == id && same_run).then_some(record.exit)
         }
-        None => None,
+        None => {
+            let own = path.file_name()? == std::ffi::OsStr::new(&id.to_string());
+            own.then_some(record.exit)
+        }
     }
 }
 
 /// The payload a record in `path` names, if it names one.
 pub fn recorded_payload(path: &Path) -> Option<u64> {
-    parse_record(&std::fs::read_to_string(path).ok()?).and_then(|(id, _)| id)
+    parse_record(&std::fs::read_to_string(path).ok()?)?.payload
 }
 
-fn parse_record(text: &str) -> Option<(Option<u64>, Exit)> {
+struct Record {
+    payload: Option<u64>,
+    run: Option<u64>,
+    exit: Exit,
+}
+
+fn parse_record(text: &str) -> Option<Record> {
     let text = text.trim();
-    match text.strip_prefix("payload ") {
+    let Some(rest) = text.strip_prefix("payload ") else {
+        return Some(Record {
+            payload: None,
+            run: None,
+            exit: Exit::parse(text)?,
+        });
+    };
+    let (id, rest) = rest.split_once(' ')?;
+    let payload = Some(id.parse().ok()?);
+    let (run, exit) = match rest.strip_prefix("run ") {
         Some(rest) => {
-            let (id, exit) = rest.split_once(' ')?;
-            Some((Some(id.parse().ok()?), Exit::parse(exit)?))
+            let (run, exit) = rest.split_once(' ')?;
+            (Some(run.parse().ok()?), exit)
         }
-        None => Some((None, Exit::parse(text)?)),
-    }
+        None => (None, rest),
+    };
+    Some(Record {
+        payload,
+        run,
+        exit: Exit::parse(exit)?,
+    })
 }
 
 /// Records `exit` of payload `id` in `path`: one write at its start, of a record padded to
 /// [`RECORD_LEN`], into the file as it is (made only if missing): no new file for a slot used
 /// before (`exits`). A write cut short by a crash cannot be half a record: it is one `write`
 /// of less than a page.
-pub fn write_exit(path: &Path, id: Option<u64>, exit: Exit) -> std::io::Result<()> {
+pub fn write_exit(
+    path: &Path,
+    id: Option<u64>,
+    run: Option<u64>,
+    exit: Exit,
+) -> std::io::Result<()> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let mut record = match id {
-        Some(id) => format!("payload {id} {}", exit.text().trim_end()),
-        None => exit.text().trim_end().to_owned(),
+    let exit_text = exit.text();
+    let exit_text = exit_text.trim_end();
+    let mut record = match (id, run) {
+        (Some(id), Some(run)) => format!("payload {id} run {run} {exit_text}"),
+        (Some(id), None) => format!("payload {id} {exit_text}"),
+        (None, _) => exit_text.to_owned(),
     };
     let pad = RECORD_LEN.saturating_sub(record.len() + 1);
     record.extend(std::iter::repeat_n(' ', pad));
@@ -230,7 +271,7 @@ pub fn supervise_forked(spec: &Spec) -> i32 {
             Exit::Code(127)
         }
     };
-    if let Err(e) = write_exit(&spec.exit_file, spec.payload, exit) {
+    if let Err(e) = write_exit(&spec.exit_file, spec.payload, spec.run, exit) {
         // The client then goes by this process's own status (or, after a restart, finds
         // nothing recorded: the run counts as interrupted).
         eprintln!("jobrelay: cannot record how run.sh ended: {e}");
@@ -299,20 +340,46 @@ mod tests {
     fn a_record_counts_only_for_the_payload_it_names_and_overwrites_a_longer_one() {
         let dir = tempfile::tempdir().unwrap();
         let slot = dir.path().join("s1");
-        write_exit(&slot, Some(123_456_789), Exit::Signal(15)).unwrap();
-        write_exit(&slot, Some(1), Exit::Code(0)).unwrap();
+        write_exit(&slot, Some(123_456_789), None, Exit::Signal(15)).unwrap();
+        write_exit(&slot, Some(1), None, Exit::Code(0)).unwrap();
         assert_eq!(std::fs::metadata(&slot).unwrap().len(), RECORD_LEN as u64);
-        assert_eq!(read_exit(&slot, 1), Some(Exit::Code(0)));
-        assert_eq!(read_exit(&slot, 123_456_789), None);
+        assert_eq!(read_exit(&slot, 1, None), Some(Exit::Code(0)));
+        assert_eq!(read_exit(&slot, 123_456_789, None), None);
         assert_eq!(recorded_payload(&slot), Some(1));
         // The older form, without an id, only in a file named by the payload's id.
         let own = dir.path().join("7");
-        write_exit(&own, None, Exit::Code(2)).unwrap();
-        assert_eq!(read_exit(&own, 7), Some(Exit::Code(2)));
-        assert_eq!(read_exit(&own, 8), None);
+        write_exit(&own, None, None, Exit::Code(2)).unwrap();
+        assert_eq!(read_exit(&own, 7, None), Some(Exit::Code(2)));
+        assert_eq!(read_exit(&own, 8, None), None);
         std::fs::write(&slot, "code 3\n").unwrap();
-        assert_eq!(read_exit(&slot, 1), None);
+        assert_eq!(read_exit(&slot, 1, None), None);
         std::fs::write(&slot, "payload x code 3\n").unwrap();
-        assert_eq!(read_exit(&slot, 1), None);
+        assert_eq!(read_exit(&slot, 1, None), None);
+    }
+
+    #[test]
+    fn a_record_of_another_run_under_the_same_id_does_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let slot = dir.path().join("s1");
+        // An orphan of a wiped client's earlier payload 1 records its end.
+        write_exit(&slot, Some(1), Some(1_000), Exit::Code(1)).unwrap();
+        assert_eq!(read_exit(&slot, 1, Some(2_000)), None, "not this run's end");
+        assert_eq!(read_exit(&slot, 1, Some(1_000)), Some(Exit::Code(1)));
+        // A reader that does not know the run, and a record of an earlier supervisor that
+        // does not name one, go by the id alone.
+        assert_eq!(read_exit(&slot, 1, None), Some(Exit::Code(1)));
+        write_exit(&slot, Some(1), None, Exit::Code(0)).unwrap();
+        assert_eq!(read_exit(&slot, 1, Some(2_000)), Some(Exit::Code(0)));
+        // The longest record still fits, and a shorter one overwrites it in full.
+        write_exit(
+            &slot,
+            Some(u64::MAX),
+            Some(u64::MAX),
+            Exit::Signal(i32::MIN),
+        )
+        .unwrap();
+        write_exit(&slot, Some(2), Some(3), Exit::Code(0)).unwrap();
+        assert_eq!(std::fs::metadata(&slot).unwrap().len(), RECORD_LEN as u64);
+        assert_eq!(read_exit(&slot, 2, Some(3)), Some(Exit::Code(0)));
     }
 }

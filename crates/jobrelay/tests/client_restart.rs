@@ -300,9 +300,22 @@ async fn exit_files_of_settled_payloads_are_removed_at_start() {
     }
     let runs = client.data_dir().join("runs");
     let slot = runs.join(format!("s{}", id % 64));
-    assert_eq!(
-        std::fs::read_to_string(&slot).unwrap().trim(),
-        format!("payload {id} code 0")
+    // The record names the payload and its run (the record's created_ms): an orphan of an
+    // earlier run under the same id, on a client whose records were wiped, does not count.
+    let record = std::fs::read_to_string(&slot).unwrap();
+    let run: u64 = record
+        .trim()
+        .strip_prefix(&format!("payload {id} run "))
+        .and_then(|rest| rest.strip_suffix(" code 0"))
+        .and_then(|run| run.parse().ok())
+        .unwrap_or_else(|| panic!("{record:?}"));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        run <= now_ms && run + 600_000 > now_ms,
+        "the run is the record's created_ms: {run}"
     );
     assert!(!runs.join(id.to_string()).exists(), "no file of its own");
     assert_eq!(

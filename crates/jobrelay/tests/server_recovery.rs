@@ -405,7 +405,25 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results(db: Tes
     std::fs::write(&flag1, "").unwrap();
     std::fs::write(&flag2, "").unwrap();
     for (id, name) in [(job1, "job1"), (job2, "job2")] {
-        wait_status(&http, &server.url, id, &["Completed"], LONG).await;
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            let job = job_record(&http, &server.url, id).await;
+            if job["status"] == "Completed" {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let history = http
+                    .get(format!("{}/jobs/{id}/events", server.url))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                panic!("job {id} not Completed: {job}\n{history}\n{}", server.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let entries = unzip(&download_zip(&http, &server.url, id).await);
         assert_eq!(
             entries["out.txt"],

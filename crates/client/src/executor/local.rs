@@ -63,6 +63,9 @@ enum Waiter {
 
 pub struct LocalJob {
     id: u64,
+    /// Which run of payload `id` it is (its record's `created_ms`): only an exit record of
+    /// this run counts (a wiped client gives ids again; an orphan of the old run may end).
+    run: Option<u64>,
     waiter: Waiter,
     /// Adopted after a restart (not started by this client process).
     adopted: bool,
@@ -141,6 +144,7 @@ impl LocalExecutor {
         &self,
         dir: &Path,
         marker: &str,
+        run: Option<u64>,
         allotment: &Allotment,
     ) -> Result<LocalJob, String> {
         let id = id_of(dir)?;
@@ -190,7 +194,7 @@ impl LocalExecutor {
             marker,
             &confinement,
             &allotment.env(),
-            (&exit_file, id),
+            (&exit_file, id, run),
             leaf.as_deref(),
             memory.as_ref().and_then(PayloadMemory::to_join),
         )
@@ -250,6 +254,7 @@ impl LocalExecutor {
             .insert(id, (pgid, tracker.clone()));
         Ok(LocalJob {
             id,
+            run,
             waiter,
             adopted: false,
             pgid,
@@ -273,7 +278,7 @@ impl LocalExecutor {
             Some(leaf) if leaf.exists() => Tracker::Cgroup(leaf, Some(Marked::anywhere(marker))),
             _ => Tracker::Marker(Marked::anywhere(marker)),
         };
-        if self.exits.read(id).is_none() && !tracker.supervisor_alive() {
+        if self.exits.read(id, record.created_ms).is_none() && !tracker.supervisor_alive() {
             // Nothing to follow; the caller kills what is left (`kill_leftovers_of`).
             return None;
         }
@@ -281,6 +286,7 @@ impl LocalExecutor {
         self.live.lock().unwrap().insert(id, (0, tracker.clone()));
         Some(LocalJob {
             id,
+            run: record.created_ms,
             waiter: Waiter::Nothing,
             adopted: true,
             pgid: 0,
@@ -382,11 +388,11 @@ impl LocalJob {
         let status = self.wait_status().await;
         if status.is_none() {
             // No child to wait for: its supervisor's exit file, or nobody left.
-            while self.exits.read(self.id).is_none() && self.tracker.supervisor_alive() {
+            while self.exits.read(self.id, self.run).is_none() && self.tracker.supervisor_alive() {
                 tokio::time::sleep(ADOPTED_POLL).await;
             }
         }
-        let mut ended = match (self.exits.read(self.id), status) {
+        let mut ended = match (self.exits.read(self.id, self.run), status) {
             (Some(exit), _) => finish(exit),
             (None, Some(status)) => finish_exited(status),
             // Its supervisor died with it and recorded nothing: an interruption.
@@ -433,7 +439,7 @@ impl LocalJob {
         if status.is_none() {
             status = self.wait_status().await;
         }
-        let (exit_code, signal) = match (self.exits.read(self.id), status) {
+        let (exit_code, signal) = match (self.exits.read(self.id, self.run), status) {
             (Some(exit), _) => exit.parts(),
             (None, Some(status)) => status.map(process::describe).unwrap_or((None, None)),
             (None, None) => (None, Some(Signal::SIGKILL as i32)),

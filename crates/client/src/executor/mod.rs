@@ -114,18 +114,20 @@ impl Executor {
     /// `job_name` names it where the executor has names (Slurm). `retrying`: an earlier
     /// attempt failed in a way that may still have started it (Slurm: look the job up by its
     /// name before submitting again). `allotment`: what the payload is given (its
-    /// environment says so; the memory is a limit where the executor can set one).
+    /// environment says so; the memory is a limit where the executor can set one). `run`:
+    /// which run of the payload id this is (its record's `created_ms`), for its exit record.
     pub async fn start(
         &self,
         dir: &Path,
         marker: &str,
+        run: Option<u64>,
         job_name: &str,
         retrying: bool,
         allotment: &Allotment,
     ) -> Result<Accepted, StartError> {
         match self {
             Executor::Local(local) => local
-                .start(dir, marker, allotment)
+                .start(dir, marker, run, allotment)
                 .await
                 .map(|job| Accepted {
                     job: Job::Local(job),
