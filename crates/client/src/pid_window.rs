@@ -217,6 +217,11 @@ mod tests {
         Since { then, first: None }.started(first)
     }
 
+    /// Whether the window from `then` (supervisor `first`) to `now` is given up for any pid.
+    fn any_pid(then: Counters, first: u32, now: Counters) -> bool {
+        since(then, first).candidates(&now) == Candidates::Any
+    }
+
     #[test]
     fn the_counters_are_read_from_the_kernels_text() {
         assert_eq!(
@@ -270,53 +275,29 @@ mod tests {
     fn enough_forks_for_a_whole_lap_mean_any_pid() {
         // 100 tasks then: 300 steps, plus 4 per fork; 8,100 forks may have gone round the
         // 32,468 pids of the lap.
-        assert_eq!(
-            since(at(1_000, 0), 1_001).candidates(&at(1_010, 8_100)),
-            Candidates::Any
-        );
-        assert_ne!(
-            since(at(1_000, 0), 1_001).candidates(&at(1_010, 7_000)),
-            Candidates::Any
-        );
+        assert!(any_pid(at(1_000, 0), 1_001, at(1_010, 8_100)));
+        assert!(!any_pid(at(1_000, 0), 1_001, at(1_010, 7_000)));
         // A lower pid_max since shortens the lap.
         let lower = Counters {
             pid_max: 4_000,
             ..at(1_010, 1_000)
         };
-        assert_eq!(
-            since(at(1_000, 0), 1_001).candidates(&lower),
-            Candidates::Any
-        );
+        assert!(any_pid(at(1_000, 0), 1_001, lower));
     }
 
     #[test]
     fn readings_that_do_not_fit_mean_any_pid() {
         // The cursor moved farther than the forks allow (ns_last_pid written, or a frozen
         // fork counter): 10 forks cannot move it 5,000 on.
-        assert_eq!(
-            since(at(1_000, 50), 1_001).candidates(&at(6_000, 60)),
-            Candidates::Any
-        );
+        assert!(any_pid(at(1_000, 50), 1_001, at(6_000, 60)));
         // Moved back a little: as a wrap that is almost a lap.
-        assert_eq!(
-            since(at(1_000, 50), 1_001).candidates(&at(990, 60)),
-            Candidates::Any
-        );
+        assert!(any_pid(at(1_000, 50), 1_001, at(990, 60)));
         // A cursor that did not move (a frozen last pid) cannot hold the supervisor.
-        assert_eq!(
-            since(at(1_000, 50), 1_001).candidates(&at(1_000, 60)),
-            Candidates::Any
-        );
+        assert!(any_pid(at(1_000, 50), 1_001, at(1_000, 60)));
         // The supervisor's pid outside the window.
-        assert_eq!(
-            since(at(1_000, 50), 2_000).candidates(&at(1_010, 60)),
-            Candidates::Any
-        );
+        assert!(any_pid(at(1_000, 50), 2_000, at(1_010, 60)));
         // A fork counter that went back.
-        assert_eq!(
-            since(at(1_000, 50), 1_001).candidates(&at(1_010, 40)),
-            Candidates::Any
-        );
+        assert!(any_pid(at(1_000, 50), 1_001, at(1_010, 40)));
         // No supervisor pid given.
         let unstarted = Since {
             then: at(1_000, 50),

@@ -388,14 +388,7 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results(db: Tes
         },
     )
     .await;
-    let history: serde_json::Value = http
-        .get(format!("{}/jobs/{job1}/events", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = job_history(&http, &server.url, job1).await;
     assert!(
         history.to_string().contains("not this job's run"),
         "the reason is recorded: {history}"
@@ -405,25 +398,22 @@ async fn a_wiped_client_giving_a_payload_id_again_does_not_cross_results(db: Tes
     std::fs::write(&flag1, "").unwrap();
     std::fs::write(&flag2, "").unwrap();
     for (id, name) in [(job1, "job1"), (job2, "job2")] {
-        let deadline = std::time::Instant::now() + LONG;
-        loop {
-            let job = job_record(&http, &server.url, id).await;
-            if job["status"] == "Completed" {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                let history = http
-                    .get(format!("{}/jobs/{id}/events", server.url))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
-                panic!("job {id} not Completed: {job}\n{history}\n{}", server.log());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Any final state ends the wait: a job that failed says why at once.
+        let job = wait_status(
+            &http,
+            &server.url,
+            id,
+            &["Completed", "Failed", "Killed", "Invalid"],
+            LONG,
+        )
+        .await;
+        assert_eq!(
+            job["status"],
+            "Completed",
+            "job {id}: {job}\n{}\n{}",
+            job_history(&http, &server.url, id).await,
+            server.log()
+        );
         let entries = unzip(&download_zip(&http, &server.url, id).await);
         assert_eq!(
             entries["out.txt"],

@@ -204,8 +204,10 @@ impl LocalExecutor {
             .as_ref()
             .is_some_and(|r| r.uid != nix::unistd::geteuid().as_raw());
         // Before its supervisor starts: every process that can carry its marker starts
-        // after this, so the sweeps at its end read only those (`pid_window`).
-        let since = pid_window::Since::now();
+        // after this, so the sweeps at its end read only those (`pid_window`). A payload of
+        // another user in a leaf is never swept: nothing to read for it.
+        let swept = !(leaf.is_some() && another_user);
+        let since = swept.then(pid_window::Since::now).flatten();
         let tracker_of = |supervisor: Option<u32>| {
             let marked = Marked::since(marker, since.zip(supervisor).map(|(s, p)| s.started(p)));
             match &leaf {

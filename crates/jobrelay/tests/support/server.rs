@@ -182,6 +182,17 @@ pub async fn job_record(http: &reqwest::Client, server: &str, id: i64) -> serde_
         .unwrap()
 }
 
+/// The job's history, `GET /jobs/{id}/events` (JSON).
+pub async fn job_history(http: &reqwest::Client, server: &str, id: i64) -> serde_json::Value {
+    http.get(format!("{server}/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Waits until the job is in one of `statuses`; returns its JSON.
 pub async fn wait_status(
     http: &reqwest::Client,
