@@ -935,9 +935,16 @@ async fn clients_come_and_go_under_a_stream_of_jobs(jobs: usize) {
 
     let runs = count_lines(&log);
     let mut twice = Vec::new();
-    for (_, name) in &ids {
+    for (id, name) in &ids {
         let starts = runs.get(&format!("start {name}")).copied().unwrap_or(0);
-        assert!((1..=2).contains(&starts), "{name} started {starts} times");
+        if !(1..=2).contains(&starts) {
+            panic!(
+                "{name} started {starts} times: {}\nhistory: {}\nserver log:\n{}",
+                job_record(&http, &server.url, *id).await,
+                job_history(&http, &server.url, *id).await,
+                server.log()
+            );
+        }
         if starts == 2 {
             twice.push(name.clone());
         }
