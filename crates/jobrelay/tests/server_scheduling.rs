@@ -424,3 +424,79 @@ async fn a_payload_that_ends_before_its_submission_is_recorded_is_still_followed
         assert_eq!(entries["out.txt"], text.as_bytes(), "{}", server.log());
     }
 }
+
+/// `send_ahead = 1` on a service with one client of one slot: while a job runs, the next one
+/// is on the client already (Submitted, in its queue) and a third waits on the server; the
+/// one sent ahead starts only once the running one has ended, so the slot is never exceeded.
+/// A service without `send_ahead` keeps its next job Queued on the server meanwhile.
+#[tokio::test]
+async fn a_job_sent_ahead_waits_in_the_clients_queue_and_never_exceeds_its_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("marks")).unwrap();
+    std::fs::create_dir_all(root.join("gates")).unwrap();
+    let ahead_client = start_client(root, "ahead-client", &["--slots", "1"]);
+    let plain_client = start_client(root, "plain-client", &["--slots", "1"]);
+    let config = root.join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[services.ahead]\nclients = [{:?}]\nruns_per_user = 10\nmax_runs = 10\nsend_ahead = 1\n\n\
+             [services.plain]\nclients = [{:?}]\nruns_per_user = 10\nmax_runs = 10\n",
+            ahead_client.url, plain_client.url
+        ),
+    )
+    .unwrap();
+    let server = TestServer::start(root, &config, &[]);
+    let http = http();
+    let upload = |service: &'static str, name: &'static str| {
+        let http = http.clone();
+        let url = server.url.clone();
+        let script = gated_script(root, name);
+        async move { upload_job(&http, &url, 1, service, &[("run.sh", script.as_bytes())]).await }
+    };
+    let (a1, a2, a3) = (
+        upload("ahead", "a1").await,
+        upload("ahead", "a2").await,
+        upload("ahead", "a3").await,
+    );
+    let (p1, p2) = (upload("plain", "p1").await, upload("plain", "p2").await);
+    wait_started(root, &["a1", "p1"]).await;
+    let sent = wait_status(&http, &server.url, a2, &["Submitted"], LONG).await;
+    assert_eq!(sent["client"], ahead_client.url.as_str(), "{sent}");
+    let ahead = statuses(&http, &server.url, &[a3, p2]).await;
+    assert_eq!(
+        ahead,
+        ["Queued", "Queued"],
+        "one ahead at most; none without send_ahead"
+    );
+    assert_eq!(
+        started(root),
+        ["a1", "p1"],
+        "the job sent ahead waits for the slot"
+    );
+
+    // a1 ends: a2 takes the slot on the client and a3 goes ahead in its turn.
+    std::fs::write(root.join("gates/a1"), "").unwrap();
+    wait_status(&http, &server.url, a1, &["Completed"], LONG).await;
+    wait_started(root, &["a1", "a2", "p1"]).await;
+    wait_status(&http, &server.url, a3, &["Submitted"], LONG).await;
+    assert_eq!(started(root), ["a1", "a2", "p1"], "a3 waits for a2's slot");
+
+    for name in ["a2", "a3", "p1", "p2"] {
+        std::fs::write(root.join("gates").join(name), "").unwrap();
+    }
+    for id in [a2, a3, p1, p2] {
+        let job = wait_status(&http, &server.url, id, &["Completed", "Failed"], LONG).await;
+        assert_eq!(job["status"], "Completed", "{job}");
+    }
+    assert_eq!(started(root), ["a1", "a2", "a3", "p1", "p2"]);
+}
+
+/// Waits until exactly `names` have marked their start.
+async fn wait_started(root: &Path, names: &[&str]) {
+    eventually(LONG, &format!("{names:?} started"), || async {
+        (started(root) == names).then_some(())
+    })
+    .await;
+}

@@ -192,6 +192,10 @@ pub struct ServiceConfig {
     /// How long a job whose turn came may wait for room before a client is held for it
     /// (`None`: never).
     pub reserve_after: Option<Duration>,
+    /// Jobs of one core (no memory, no GPU asked) its only healthy client may hold beyond its
+    /// slots, queued there to start the moment a slot frees (`scheduler::set_send_ahead`);
+    /// 0: none.
+    pub send_ahead: usize,
     /// Uploads a user may make per hour, with a burst; `None`: no limit.
     pub rate: Option<crate::ratelimit::RateQuota>,
     /// The token a client must give to join this service at run time; `None`: it cannot.
@@ -202,6 +206,10 @@ pub struct ServiceConfig {
 pub const DEFAULT_FAIR_SHARE_HALF_LIFE: Duration = Duration::from_secs(3600);
 /// Default wait for room after which a client is held for a job: ten minutes.
 pub const DEFAULT_RESERVE_AFTER: Duration = Duration::from_secs(600);
+
+/// Most jobs a service's `send_ahead` may queue on its client beyond its slots: a few cover
+/// the server's round trip; more would only hold jobs back from a client that joins later.
+pub const MAX_SEND_AHEAD: usize = 16;
 
 /// What a service's jobs get when they ask for nothing, and the most they may ask for
 /// (`None`: no default, or no limit).
@@ -271,6 +279,7 @@ impl ServiceConfig {
             resources: ResourceRules::default(),
             policy: crate::scheduler::Policy::RoundRobin,
             reserve_after: Some(DEFAULT_RESERVE_AFTER),
+            send_ahead: 0,
             rate: None,
             join_token: None,
         }
@@ -465,6 +474,8 @@ struct TomlService {
     fair_share_half_life: Option<Amount>,
     /// A duration; 0 never holds a client.
     reserve_after: Option<Amount>,
+    /// Jobs sent ahead to a lone client beyond its slots (0 to MAX_SEND_AHEAD).
+    send_ahead: Option<usize>,
     max_jobs_per_user_per_hour: Option<u32>,
     burst: Option<u32>,
 }
@@ -621,6 +632,13 @@ pub fn services_joinable(
         let rate = service
             .rate()
             .map_err(|e| anyhow::anyhow!("service {name:?}: {e}"))?;
+        let send_ahead = service.send_ahead.unwrap_or(0);
+        if send_ahead > MAX_SEND_AHEAD {
+            anyhow::bail!(
+                "service {name:?}: send_ahead is at most {MAX_SEND_AHEAD} (jobs queued on a \
+                 client beyond its slots), not {send_ahead}"
+            );
+        }
         let own_join_token = service
             .join_token_file
             .as_deref()
@@ -640,6 +658,7 @@ pub fn services_joinable(
                 resources,
                 policy,
                 reserve_after,
+                send_ahead,
                 rate,
                 join_token: own_join_token,
             },
@@ -905,6 +924,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_service_file_in_deploy_reads() {
+        let services =
+            services_from(Some(include_str!("../../../deploy/server.toml")), env(&[])).unwrap();
+        assert_eq!(services["docking"].max_runs, 16);
+        assert_eq!(services["docking"].send_ahead, 0);
+        assert_eq!(services["nmr"].send_ahead, 2);
+    }
+
+    #[test]
     fn scheduling_policy_and_rate_quota_keys() {
         use crate::scheduler::Policy;
         let services = services_from(
@@ -917,6 +945,7 @@ mod tests {
                 policy = "fair_share"
                 fair_share_half_life = "2h"
                 reserve_after = "90s"
+                send_ahead = 2
                 max_jobs_per_user_per_hour = 30
                 burst = 5
                 [services.fair_defaults]
@@ -943,6 +972,8 @@ mod tests {
                 burst: 5
             })
         );
+        assert_eq!(plain.send_ahead, 0, "nothing sent ahead unless asked");
+        assert_eq!(fair.send_ahead, 2);
         let defaults = &services["fair_defaults"];
         assert_eq!(defaults.policy, Policy::FairShare { half_life_s: 3600 });
         assert_eq!(defaults.reserve_after, None, "0 never holds a client");
@@ -961,6 +992,8 @@ mod tests {
             ("burst = 3", "burst needs"),
             ("max_jobs_per_user_per_hour = 0", "at least 1"),
             ("reserve_after = \"soon\"", "service \"x\""),
+            ("send_ahead = 100", "send_ahead is at most 16"),
+            ("send_ahead = -1", "send_ahead"),
         ] {
             let text = format!("[services.x]\nclients = [\"http://h:1\"]\n{bad}\n");
             let e = services_from(Some(&text), env(&[]))

@@ -502,6 +502,7 @@ fn schedule_of(config: &ServerConfig) -> Schedule {
         let sid = sched.add_service(service.runs_per_user, service.max_runs, ids);
         sched.set_policy(sid, service.policy);
         sched.set_reserve_after(sid, service.reserve_after.map(|d| d.as_secs_f64()));
+        sched.set_send_ahead(sid, service.send_ahead);
         service_ids.insert(name.clone(), sid);
     }
     if let Some(users) = &config.users {

@@ -22,6 +22,11 @@
 //! are not counted on it (one job per slot, as before). Capacity is shared by every service
 //! a client serves.
 //!
+//! Sent ahead: a service may let its only healthy client hold a few jobs beyond its slots
+//! ([`Scheduler::set_send_ahead`], the service's `send_ahead`), which wait in the client's
+//! own queue and start there the moment a slot frees, without a round trip through the
+//! server.
+//!
 //! Whose turn: round-robin by default. Under [`Policy::FairShare`] the users with a turn are
 //! kept in order of their recent usage divided by their weight ([`crate::usage`]: decayed
 //! core-seconds of finished and running jobs), the least first, ties to whoever was served
@@ -528,6 +533,8 @@ struct ServiceState {
     reserve_after: Option<f64>,
     /// Jobs parked for lack of room, by when they have waited too long.
     deadlines: BTreeSet<(Key, JobId)>,
+    /// Jobs its only healthy client may hold beyond its slots ([`Scheduler::set_send_ahead`]).
+    send_ahead: usize,
     /// The scheduler's time, copied here for the turn order.
     now: f64,
 }
@@ -645,6 +652,18 @@ impl Scheduler {
     /// never).
     pub fn set_reserve_after(&mut self, service: ServiceId, secs: Option<f64>) {
         self.services[service].reserve_after = secs;
+    }
+
+    /// Up to `jobs` jobs of `service` sent ahead to its client when every slot there is
+    /// taken: they wait in the client's own queue (first in, first out) and start the moment
+    /// a slot frees there, without a round trip through the server (issue 18). Only while
+    /// the service has one healthy client (with two, a job queued behind a long run on one
+    /// would wait while the other idles), only to a client that says how many slots it has
+    /// (its queue is then its own), and only a job that asks one core and no memory or GPU:
+    /// whichever job ends to free the slot asked at least that much, so starting it there
+    /// never takes more than the client has. 0 (the default): never.
+    pub fn set_send_ahead(&mut self, service: ServiceId, jobs: usize) {
+        self.services[service].send_ahead = jobs;
     }
 
     /// A user's fair-share weight (default 1): their usage counts divided by it.
@@ -1102,7 +1121,29 @@ impl Scheduler {
         s.clients.iter().any(|&id| {
             let c = &self.clients[id];
             c.healthy && c.free_slots(s.max_runs) > 0
-        })
+        }) || self.ahead_client(service).is_some()
+    }
+
+    /// The client that may take a job of `service` sent ahead now (see
+    /// [`Scheduler::set_send_ahead`]): the service's only healthy client, when it advertises
+    /// its slots, every one of them is taken and it holds fewer than `send_ahead` jobs beyond
+    /// them.
+    fn ahead_client(&self, service: ServiceId) -> Option<ClientId> {
+        let s = &self.services[service];
+        if s.send_ahead == 0 {
+            return None;
+        }
+        let mut healthy = s
+            .clients
+            .iter()
+            .copied()
+            .filter(|&id| self.clients[id].healthy);
+        let (Some(id), None) = (healthy.next(), healthy.next()) else {
+            return None;
+        };
+        let c = &self.clients[id];
+        let slots = c.slots?;
+        (c.active >= slots && c.active < slots + s.send_ahead).then_some(id)
     }
 
     /// Holds a client for each job of `service` that has waited for room longer than
@@ -1194,6 +1235,22 @@ impl Scheduler {
             })
             .min_by(|a, b| b.1.cmp(&a.1).then(a.2.total_cmp(&b.2)).then(a.0.cmp(&b.0)))
             .map(|(id, _, _)| id)
+            .or_else(|| self.place_ahead(service, job, ask))
+    }
+
+    /// Where a job that fits nowhere now may be sent ahead ([`Scheduler::set_send_ahead`]):
+    /// the service's ahead client, unless it is held for another job, and only a job of one
+    /// core that asks no memory and no GPU.
+    fn place_ahead(&self, service: ServiceId, job: JobId, ask: &Ask) -> Option<ClientId> {
+        if ask.cores != 1 || ask.memory_mb != 0 || ask.gpus != 0 {
+            return None;
+        }
+        let id = self.ahead_client(service)?;
+        let c = &self.clients[id];
+        if c.reserved_for.is_some_and(|j| j != job) {
+            return None;
+        }
+        Some(id)
     }
 
     /// Why a job asking `ask` could never run in `service` (named `name`): every client of
@@ -1461,6 +1518,92 @@ mod tests {
         assert!(s.finish(2) && s.finish(3));
         assert_eq!(s.active(0), 0);
         assert_eq!(s.active_on_client(0), 0);
+    }
+
+    #[test]
+    fn a_single_client_takes_jobs_ahead_of_its_slots_and_no_more() {
+        let mut s = single(10, 10, Some(2));
+        s.set_client_capacity(
+            0,
+            Some(Capacity {
+                cores: 2,
+                memory_mb: 4096,
+                gpus: 1,
+            }),
+        );
+        s.set_send_ahead(0, 1);
+        for j in 1..=5 {
+            s.enqueue(0, 7, j, Ask::default());
+        }
+        // Two fill the slots, one more waits in the client's own queue.
+        assert_eq!(jobs(&s.decide()), vec![1, 2, 3]);
+        assert!(s.decide().is_empty(), "one ahead at most");
+        assert_eq!(s.active_on_client(0), 3);
+        // Job 1 ended there: job 3 takes its slot on the client, job 4 goes ahead.
+        assert!(s.leave_client(1));
+        assert_eq!(jobs(&s.decide()), vec![4]);
+        assert!(s.decide().is_empty());
+        assert!(s.leave_client(2) && s.leave_client(3) && s.leave_client(4));
+        assert_eq!(jobs(&s.decide()), vec![5]);
+        assert_eq!(s.active_on_client(0), 1);
+    }
+
+    #[test]
+    fn no_job_goes_ahead_that_could_take_more_than_a_freed_slot_gives() {
+        let capacity = Capacity {
+            cores: 4,
+            memory_mb: 4096,
+            gpus: 1,
+        };
+        let asks = [
+            cores(2),
+            Ask {
+                memory_mb: 100,
+                ..Ask::default()
+            },
+            Ask {
+                gpus: 1,
+                ..Ask::default()
+            },
+        ];
+        for ask in asks {
+            let mut s = single(10, 10, Some(1));
+            s.set_client_capacity(0, Some(capacity));
+            s.set_send_ahead(0, 2);
+            s.enqueue(0, 7, 1, Ask::default());
+            s.enqueue(0, 7, 2, ask);
+            assert_eq!(jobs(&s.decide()), vec![1], "{ask:?}");
+            assert!(s.decide().is_empty(), "{ask:?} waits on the server");
+            assert!(s.leave_client(1));
+            assert_eq!(jobs(&s.decide()), vec![2], "{ask:?}");
+        }
+    }
+
+    #[test]
+    fn jobs_go_ahead_only_to_a_lone_healthy_client() {
+        // Two healthy clients: a job queued behind a long run on one would wait while the
+        // other idles, so none goes ahead.
+        let mut s = Scheduler::new();
+        let (a, b) = (s.add_client(), s.add_client());
+        s.set_client(a, true, Some(1), 0.0);
+        s.set_client(b, true, Some(1), 0.0);
+        let service = s.add_service(10, 10, vec![a, b]);
+        s.set_send_ahead(service, 1);
+        for j in 1..=4 {
+            s.enqueue(service, 7, j, Ask::default());
+        }
+        assert_eq!(jobs(&s.decide()).len(), 2);
+        assert!(s.decide().is_empty());
+        // One of them goes away: the other is now alone and takes one ahead.
+        s.set_client(b, false, Some(1), 0.0);
+        assert_eq!(jobs(&s.decide()), vec![3]);
+        assert_eq!(s.active_on_client(a), 2);
+        // Not set: nothing goes ahead.
+        let mut s = single(10, 10, Some(1));
+        s.enqueue(0, 7, 1, Ask::default());
+        s.enqueue(0, 7, 2, Ask::default());
+        assert_eq!(jobs(&s.decide()), vec![1]);
+        assert!(s.decide().is_empty());
     }
 
     /// One service with one healthy client of `slots` slots.
