@@ -62,6 +62,11 @@ pub struct Args {
     /// Runs of the throughput and many-clients measurements (median over them).
     #[arg(long)]
     pub runs: Option<usize>,
+    /// `send_ahead` of the bench's service (jobs its one client may hold beyond its slots,
+    /// README "Scheduling"); 0, the server's default, writes no key (a binary from before
+    /// the key reads the file too).
+    #[arg(long, default_value_t = 0)]
+    pub send_ahead: usize,
     /// Peers run in the throughput scenario, in the same run as jobrelay and its floor:
     /// `hyperqueue` (HyperQueue from PyPI in a virtualenv of the cache directory, made if
     /// missing) or `reference=PATH` (a job-orchestrator binary). Repeatable; a peer that

@@ -97,6 +97,8 @@ struct Env {
     /// The server answers `GET /download/{id}?wait=` with the ZIP once the job completed.
     download_wait: bool,
     force_poll: bool,
+    /// The service's `send_ahead` (0: the key is not written).
+    send_ahead: usize,
     seq: std::sync::atomic::AtomicUsize,
 }
 
@@ -137,13 +139,14 @@ impl Env {
     ) -> anyhow::Result<Proc> {
         let list: Vec<String> = client_urls.iter().map(|c| format!("{c:?}")).collect();
         let config = dir.join("server.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[services.bench]\nclients = [{}]\nruns_per_user = {runs_per_user}\nmax_runs = {max_runs}\n",
-                list.join(", ")
-            ),
-        )?;
+        let mut text = format!(
+            "[services.bench]\nclients = [{}]\nruns_per_user = {runs_per_user}\nmax_runs = {max_runs}\n",
+            list.join(", ")
+        );
+        if self.send_ahead > 0 {
+            text.push_str(&format!("send_ahead = {}\n", self.send_ahead));
+        }
+        std::fs::write(&config, text)?;
         let mut args: Vec<String> = vec![
             "server".into(),
             "--port".into(),
@@ -338,6 +341,7 @@ pub async fn run_all(args: Args) -> anyhow::Result<(Vec<Row>, Value)> {
         long_poll: false,
         download_wait: false,
         force_poll: args.follow == Follow::Poll,
+        send_ahead: args.send_ahead,
         seq: Default::default(),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -417,6 +421,7 @@ pub async fn run_all(args: Args) -> anyhow::Result<(Vec<Row>, Value)> {
             bail!("the server has no GET /jobs/{{id}}?wait=");
         }
     }
+    doc["send_ahead"] = json!(env.send_ahead);
     doc["follow"] = json!(if env.force_poll || !env.long_poll {
         "poll GET /jobs/{id} every 1 ms, then GET /download/{id}"
     } else if env.download_wait {
@@ -637,6 +642,7 @@ fn share(env: &Env) -> Arc<EnvRef> {
         long_poll: env.long_poll,
         download_wait: env.download_wait,
         force_poll: env.force_poll,
+        send_ahead: env.send_ahead,
         seq: Default::default(),
     }))
 }
@@ -753,8 +759,13 @@ async fn throughput_and_idle(
         rows.push(Row {
             section: "3".into(),
             what: format!(
-                "throughput: {jobs} trivial jobs, {} concurrent users, median of {runs} runs",
-                counts.users
+                "throughput: {jobs} trivial jobs, {} concurrent users, median of {runs} runs{}",
+                counts.users,
+                if env.send_ahead > 0 {
+                    format!(", send_ahead {}", env.send_ahead)
+                } else {
+                    String::new()
+                }
             ),
             value: format!("{:.0} jobs/s", s.p50),
             spread: format!("min {:.0} / max {:.0}", s.min, s.max),
