@@ -113,18 +113,18 @@ async fn events_round(shared: &Arc<Shared>, client: &Arc<ClientHandle>, feed: &m
     let read_from = feed.after;
     feed.after = page.next;
     for event in page.events {
-        let dest = event.id as i64;
-        let looked_up = if matches!(
+        if matches!(
             event.status,
             PayloadStatus::Prepared | PayloadStatus::Unknown
         ) {
-            // Nothing to act on: no note (the dispatcher's look is not needed for it).
-            shared.store.by_dest(client.base(), dest)
-        } else {
-            client
-                .early
-                .note_unless_known(dest, || shared.store.by_dest(client.base(), dest))
-        };
+            // Nothing to act on, so no lookup (one read of the database per job saved) and no
+            // note (the dispatcher's look is not needed for it).
+            continue;
+        }
+        let dest = event.id as i64;
+        let looked_up = client
+            .early
+            .note_unless_known(dest, || shared.store.by_dest(client.base(), dest));
         let job = match looked_up {
             Ok(Some(job)) if JobStatus::ON_CLIENT.contains(&job.status) => job,
             Ok(_) => continue,
