@@ -1580,6 +1580,33 @@ mod tests {
     }
 
     #[test]
+    fn no_job_goes_ahead_to_a_client_held_for_a_starving_one() {
+        let mut s = single(10, 10, Some(1));
+        s.set_client_capacity(
+            0,
+            Some(Capacity {
+                cores: 2,
+                memory_mb: 0,
+                gpus: 0,
+            }),
+        );
+        s.set_send_ahead(0, 1);
+        s.set_reserve_after(0, Some(60.0));
+        s.set_time(0.0);
+        s.enqueue(0, 1, 1, Ask::default());
+        s.enqueue(0, 2, 2, cores(2));
+        assert_eq!(jobs(&s.decide()), vec![1], "two cores never go ahead");
+        // Past the bound the client is held for job 2: job 3 would go ahead but for that.
+        s.set_time(61.0);
+        s.enqueue(0, 3, 3, Ask::default());
+        assert!(s.decide().is_empty());
+        assert_eq!(s.reserved_client(2), Some(0));
+        assert!(s.leave_client(1) && s.finish(1));
+        // The held job goes once the client is empty, and job 3 goes ahead behind it.
+        assert_eq!(jobs(&s.decide()), vec![2, 3]);
+    }
+
+    #[test]
     fn jobs_go_ahead_only_to_a_lone_healthy_client() {
         // Two healthy clients: a job queued behind a long run on one would wait while the
         // other idles, so none goes ahead.
